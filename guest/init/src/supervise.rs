@@ -1,0 +1,86 @@
+//! PID 1 duties: wait for the workload while reaping every orphan, forward
+//! termination signals, and take the machine down when the workload ends.
+
+use nix::sys::reboot::{RebootMode, reboot};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::bootdev::BootDevice;
+
+/// Signals PID 1 handles synchronously: children ending, and the ones it
+/// passes on to the workload.
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// Blocks the signals we wait for with `sigwait`, so none is lost between
+/// spawning the workload and waiting for it.
+pub fn block_signals() -> nix::Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    for sig in FORWARDED {
+        set.add(sig);
+    }
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    Ok(set)
+}
+
+/// Shell-style exit status of a finished process.
+fn shell_status(status: WaitStatus) -> Option<u32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code as u32 & 0xff),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as u32),
+        _ => None,
+    }
+}
+
+/// Waits until `workload` ends, reaping any other child on the way.
+pub fn wait_for(workload: i32, signals: &SigSet) -> u32 {
+    let workload = Pid::from_raw(workload);
+    loop {
+        // Reap everything that has already ended before sleeping again:
+        // one SIGCHLD may stand for many children.
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(status) => {
+                    if status.pid() == Some(workload) {
+                        if let Some(code) = shell_status(status) {
+                            return code;
+                        }
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break, // ECHILD: nothing left to reap
+            }
+        }
+        match signals.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                // Forward to the workload's whole process group.
+                let _ = kill(Pid::from_raw(-workload.as_raw()), sig);
+            }
+        }
+    }
+}
+
+/// Reports `status`, ends every other process, flushes filesystems and
+/// resets the machine, which is how mm-vmm learns the guest is done.
+pub fn power_off(boot_device: Option<&BootDevice>, status: u32) -> ! {
+    if let Some(dev) = boot_device {
+        dev.report_exit_status(status);
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // reboot(2) only returns on failure; PID 1 must never exit.
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,208 @@
+//! Everything the guest finds in memory at its first instruction: the
+//! kernel (ELF vmlinux or bzImage), the initramfs, the command line, the
+//! zero page with its e820 map, the MP table, the boot GDT and page tables.
+
+use std::fs::File;
+use std::path::Path;
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult, load_cmdline};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::gdt::BOOT_GDT;
+use crate::layout::*;
+
+const E820_RAM: u32 = 1;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x100_0000;
+/// A bzImage's 64-bit entry point is this far past where it is loaded.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open kernel {path}: {source}")]
+    OpenKernel {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is neither an ELF vmlinux nor a bzImage ({reason})")]
+    BadKernel { path: String, reason: String },
+    #[error("cannot read initramfs {path}: {source}")]
+    OpenInitrd {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
+    InitrdTooLarge { path: String, size: u64 },
+    #[error("kernel command line is too long or invalid: {0}")]
+    Cmdline(String),
+    #[error("cannot write boot data into guest memory: {0}")]
+    Memory(String),
+}
+
+/// What the vCPU set-up needs to know about the loaded kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    pub entry: GuestAddress,
+}
+
+fn mem_err(e: impl std::fmt::Display) -> BootError {
+    BootError::Memory(e.to_string())
+}
+
+/// Loads `path` into guest memory, ELF first, bzImage second.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<(KernelLoaderResult, GuestAddress), BootError> {
+    let shown = path.display().to_string();
+    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+        path: shown.clone(),
+        source,
+    })?;
+    let elf_err = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        Ok(result) => {
+            let entry = result.kernel_load;
+            return Ok((result, entry));
+        }
+        Err(e) => e,
+    };
+    match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        Ok(result) => {
+            let entry = result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET);
+            Ok((result, entry))
+        }
+        Err(bz_err) => Err(BootError::BadKernel {
+            path: shown,
+            reason: format!("ELF: {elf_err}; bzImage: {bz_err}"),
+        }),
+    }
+}
+
+/// End of RAM below the MMIO gap.
+fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1
+}
+
+/// Loads the initramfs page-aligned at the top of low RAM.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
+    let shown = path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| BootError::OpenInitrd {
+        path: shown.clone(),
+        source,
+    })?;
+    let size = data.len() as u64;
+    let top = low_ram_end(mem);
+    let start = top
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= kernel_end);
+    let Some(start) = start else {
+        return Err(BootError::InitrdTooLarge { path: shown, size });
+    };
+    mem.write_slice(&data, GuestAddress(start))
+        .map_err(mem_err)?;
+    Ok((start, size))
+}
+
+/// Identity-maps the first GiB with 2 MiB pages and writes the boot GDT.
+fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
+        .map_err(mem_err)?;
+    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
+        .map_err(mem_err)?;
+    for i in 0..512u64 {
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))
+            .map_err(mem_err)?;
+    }
+    for (i, entry) in BOOT_GDT.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + i as u64 * 8))
+            .map_err(mem_err)?;
+    }
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
+        .map_err(mem_err)?;
+    Ok(())
+}
+
+fn add_e820(params: &mut boot_params, addr: u64, size: u64) -> Result<(), BootError> {
+    let i = usize::from(params.e820_entries);
+    let slot = params
+        .e820_table
+        .get_mut(i)
+        .ok_or_else(|| mem_err("e820 table full"))?;
+    slot.addr = addr;
+    slot.size = size;
+    slot.r#type = E820_RAM;
+    params.e820_entries += 1;
+    Ok(())
+}
+
+/// Builds the command line the guest sees.
+pub fn build_cmdline(parts: &[&str]) -> Result<Cmdline, BootError> {
+    let mut cmdline =
+        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    for part in parts.iter().filter(|p| !p.trim().is_empty()) {
+        cmdline
+            .insert_str(part.trim())
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
+    Ok(cmdline)
+}
+
+/// Puts kernel, initramfs, command line and boot tables into guest memory.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &Cmdline,
+    cpus: u8,
+) -> Result<LoadedKernel, BootError> {
+    let (result, entry) = load_kernel(mem, kernel)?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    write_boot_tables(mem)?;
+    crate::mptable::write(mem, cpus).map_err(mem_err)?;
+
+    let mut params = boot_params::default();
+    params.hdr = result.setup_header.unwrap_or(setup_header {
+        boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+        header: KERNEL_HDR_MAGIC,
+        kernel_alignment: KERNEL_MIN_ALIGNMENT,
+        ..Default::default()
+    });
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len() as u32)
+        .unwrap_or(0)
+        + 1;
+    if let Some(path) = initrd {
+        let (start, size) = load_initrd(mem, path, result.kernel_end)?;
+        params.hdr.ramdisk_image = start as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    add_e820(&mut params, 0, EBDA_START)?;
+    add_e820(&mut params, HIMEM_START, low_ram_end(mem) - HIMEM_START)?;
+    if mem.last_addr().raw_value() >= MMIO_GAP_END {
+        add_e820(
+            &mut params,
+            MMIO_GAP_END,
+            mem.last_addr().raw_value() + 1 - MMIO_GAP_END,
+        )?;
+    }
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+        &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
+        mem,
+    )
+    .map_err(mem_err)?;
+    Ok(LoadedKernel { entry })
+}

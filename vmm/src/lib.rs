@@ -1,0 +1,15 @@
+//! mm-vmm: one microVM per process. KVM, guest RAM in a memfd, vCPU threads
+//! and the few legacy devices a Linux guest needs; see `../shared/DESIGN.md`.
+
+pub mod boot;
+pub mod cpuid;
+pub mod devices;
+pub mod gdt;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod pvm;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{Vm, VmConfig, VmError, VmOutcome};

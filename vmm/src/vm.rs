@@ -1,0 +1,248 @@
+//! A microVM assembled from its spec, in the order Firecracker's builder
+//! uses: KVM, memory, in-kernel interrupt controllers, boot data, devices,
+//! vCPUs. Nothing touches the host beyond /dev/kvm and one memfd, so an
+//! error at any step leaves nothing behind.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Instant;
+
+use base64::Engine;
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_superio::{I8042Device, Serial};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::boot::{self, BootError};
+use crate::devices::Bus;
+use crate::devices::boot_device::BootDevice;
+use crate::devices::serial::{EventFdTrigger, SerialOutput};
+use crate::layout::{BOOT_DEVICE_START, COM1_IRQ, KVM_TSS_ADDRESS};
+use crate::memory::{GuestRam, MemoryError};
+use crate::pvm::{PVM_CMDLINE, PvmMode};
+use crate::vcpu::{Vcpu, VcpuError, VcpuStop};
+
+/// Kernel parameters every guest gets: console on COM1, reset through the
+/// i8042 (the only reboot method that works on PVM), reboot on panic, and
+/// no IOAPIC timer check (it waits for ticks, which is slow when emulated).
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 no_timer_check";
+/// Most vCPUs we offer; the guest kernel is built with NR_CPUS=32.
+pub const MAX_CPUS: u8 = 32;
+
+/// Everything needed to build one microVM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel parameters, appended after ours.
+    pub extra_cmdline: String,
+    /// The workload mm-init runs; empty means its default shell.
+    pub command: Vec<String>,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub serial: SerialOutput,
+    pub pvm: PvmMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("--cpus {0}: must be between 1 and {MAX_CPUS}")]
+    BadCpuCount(u8),
+    #[error("KVM is not available: /dev/kvm does not exist on this host")]
+    NoKvm,
+    #[error("permission denied opening /dev/kvm: run as root or as a member of its group")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("kernel {0}: no such file")]
+    KernelMissing(PathBuf),
+    #[error("initramfs {0}: no such file")]
+    InitrdMissing(PathBuf),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot open the serial output: {0}")]
+    Serial(std::io::Error),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// How a guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// mm-init reported the workload's exit status, then reset.
+    Exited(u32),
+    /// The guest reset without reporting a status (a kernel panic, or an
+    /// init that is not mm-init).
+    ResetWithoutStatus,
+}
+
+pub struct Vm {
+    // Kept alive for the VM's lifetime: the fds own the KVM objects.
+    _vm: VmFd,
+    _ram: GuestRam,
+    vcpus: Vec<Vcpu>,
+    bus: Arc<Bus>,
+    start: Instant,
+}
+
+/// Encodes the workload for mm-init's `mm.cmd=` (see guest/init/src/settings.rs).
+pub fn encode_command(command: &[String]) -> String {
+    let json = serde_json::to_vec(command).expect("strings always serialise");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => VmError::NoKvm,
+        libc::EACCES | libc::EPERM => VmError::KvmPermission,
+        _ => VmError::KvmOpen(e),
+    })
+}
+
+impl Vm {
+    pub fn build(config: &VmConfig, start: Instant) -> Result<Vm, VmError> {
+        if config.cpus == 0 || config.cpus > MAX_CPUS {
+            return Err(VmError::BadCpuCount(config.cpus));
+        }
+        if !config.kernel.is_file() {
+            return Err(VmError::KernelMissing(config.kernel.clone()));
+        }
+        if let Some(initrd) = config.initrd.as_ref().filter(|p| !p.is_file()) {
+            return Err(VmError::InitrdMissing(initrd.clone()));
+        }
+        let kvm = open_kvm()?;
+        let pvm = config.pvm.resolve();
+        if pvm {
+            tracing::info!(
+                "PVM host detected: filtering CPUID and adding `{PVM_CMDLINE}` to the kernel command line"
+            );
+        }
+        let ram = GuestRam::new(config.memory_mib)?;
+
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        for (slot, region) in ram.memory.iter().enumerate() {
+            let host = ram
+                .memory
+                .get_host_address(region.start_addr())
+                .expect("region is mapped");
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which the
+            // Vm keeps for as long as the KVM VM exists.
+            unsafe { vm.set_user_memory_region(mem_region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let bootdev = format!("mm.bootdev={:#x}", BOOT_DEVICE_START);
+        let pvm_params = if pvm { PVM_CMDLINE } else { "" };
+        let cmd = if config.command.is_empty() {
+            String::new()
+        } else {
+            format!("mm.cmd={}", encode_command(&config.command))
+        };
+        let cmdline = boot::build_cmdline(&[
+            BASE_CMDLINE,
+            &bootdev,
+            pvm_params,
+            &config.extra_cmdline,
+            &cmd,
+        ])?;
+        let kernel = boot::load(
+            &ram.memory,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &cmdline,
+            config.cpus,
+        )?;
+
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let serial = Serial::new(
+            EventFdTrigger(serial_irq),
+            config.serial.open().map_err(VmError::Serial)?,
+        );
+        let reset = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let bus = Arc::new(Bus {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset))),
+            boot_device: BootDevice::new(start),
+        });
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vcpu = Vcpu { index, fd };
+            vcpu.configure(&supported, config.cpus, pvm, kernel.entry.0)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            _vm: vm,
+            _ram: ram,
+            vcpus,
+            bus,
+            start,
+        })
+    }
+
+    /// Runs the guest to its end. vCPU threads still inside KVM_RUN are
+    /// left to the process exit that follows.
+    pub fn run(mut self) -> Result<VmOutcome, VmError> {
+        let (tx, rx) = mpsc::channel();
+        for vcpu in self.vcpus.drain(..) {
+            let bus = Arc::clone(&self.bus);
+            let tx = tx.clone();
+            let start = self.start;
+            std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index))
+                .spawn(move || vcpu.run(bus, start, tx))
+                .map_err(VmError::Thread)?;
+        }
+        drop(tx);
+        match rx.recv() {
+            Ok((_, VcpuStop::Reset)) => Ok(match self.bus.boot_device.exit_status() {
+                Some(status) => VmOutcome::Exited(status),
+                None => VmOutcome::ResetWithoutStatus,
+            }),
+            Ok((_, VcpuStop::Failed(e))) => Err(e.into()),
+            Err(_) => Ok(VmOutcome::ResetWithoutStatus),
+        }
+    }
+}
