@@ -28,7 +28,7 @@ use crate::vcpu::{Vcpu, VcpuError, VcpuStop};
 /// Kernel parameters every guest gets: console on COM1, reset through the
 /// i8042 (the only reboot method that works on PVM), reboot on panic, and
 /// no IOAPIC timer check (it waits for ticks, which is slow when emulated).
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 no_timer_check";
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 no_timer_check";
 /// Most vCPUs we offer; the guest kernel is built with NR_CPUS=32.
 pub const MAX_CPUS: u8 = 32;
 
