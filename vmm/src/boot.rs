@@ -25,17 +25,11 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel {path}: {source}")]
-    OpenKernel {
-        path: String,
-        source: std::io::Error,
-    },
+    OpenKernel { path: String, source: std::io::Error },
     #[error("{path} is neither an ELF vmlinux nor a bzImage ({reason})")]
     BadKernel { path: String, reason: String },
     #[error("cannot read initramfs {path}: {source}")]
-    OpenInitrd {
-        path: String,
-        source: std::io::Error,
-    },
+    OpenInitrd { path: String, source: std::io::Error },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
     InitrdTooLarge { path: String, size: u64 },
     #[error("kernel command line is too long or invalid: {0}")]
@@ -55,15 +49,9 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
 }
 
 /// Loads `path` into guest memory, ELF first, bzImage second.
-fn load_kernel(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-) -> Result<(KernelLoaderResult, GuestAddress), BootError> {
+fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(KernelLoaderResult, GuestAddress), BootError> {
     let shown = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
-        path: shown.clone(),
-        source,
-    })?;
+    let mut file = File::open(path).map_err(|source| BootError::OpenKernel { path: shown.clone(), source })?;
     let elf_err = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(result) => {
             let entry = result.kernel_load;
@@ -76,10 +64,7 @@ fn load_kernel(
             let entry = result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET);
             Ok((result, entry))
         }
-        Err(bz_err) => Err(BootError::BadKernel {
-            path: shown,
-            reason: format!("ELF: {elf_err}; bzImage: {bz_err}"),
-        }),
+        Err(bz_err) => Err(BootError::BadKernel { path: shown, reason: format!("ELF: {elf_err}; bzImage: {bz_err}") }),
     }
 }
 
@@ -89,55 +74,36 @@ fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
 }
 
 /// Loads the initramfs page-aligned at the top of low RAM.
-fn load_initrd(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    kernel_end: u64,
-) -> Result<(u64, u64), BootError> {
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
     let shown = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| BootError::OpenInitrd {
-        path: shown.clone(),
-        source,
-    })?;
+    let data = std::fs::read(path).map_err(|source| BootError::OpenInitrd { path: shown.clone(), source })?;
     let size = data.len() as u64;
     let top = low_ram_end(mem);
-    let start = top
-        .checked_sub(size)
-        .map(|a| a & !0xfff)
-        .filter(|a| *a >= kernel_end);
+    let start = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= kernel_end);
     let Some(start) = start else {
         return Err(BootError::InitrdTooLarge { path: shown, size });
     };
-    mem.write_slice(&data, GuestAddress(start))
-        .map_err(mem_err)?;
+    mem.write_slice(&data, GuestAddress(start)).map_err(mem_err)?;
     Ok((start, size))
 }
 
 /// Identity-maps the first GiB with 2 MiB pages and writes the boot GDT.
 fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
-    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
-        .map_err(mem_err)?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
-        .map_err(mem_err)?;
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START)).map_err(mem_err)?;
+    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START)).map_err(mem_err)?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))
-            .map_err(mem_err)?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8)).map_err(mem_err)?;
     }
     for (i, entry) in BOOT_GDT.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + i as u64 * 8))
-            .map_err(mem_err)?;
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + i as u64 * 8)).map_err(mem_err)?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(mem_err)?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(mem_err)?;
     Ok(())
 }
 
 fn add_e820(params: &mut boot_params, addr: u64, size: u64) -> Result<(), BootError> {
     let i = usize::from(params.e820_entries);
-    let slot = params
-        .e820_table
-        .get_mut(i)
-        .ok_or_else(|| mem_err("e820 table full"))?;
+    let slot = params.e820_table.get_mut(i).ok_or_else(|| mem_err("e820 table full"))?;
     slot.addr = addr;
     slot.size = size;
     slot.r#type = E820_RAM;
@@ -147,12 +113,9 @@ fn add_e820(params: &mut boot_params, addr: u64, size: u64) -> Result<(), BootEr
 
 /// Builds the command line the guest sees.
 pub fn build_cmdline(parts: &[&str]) -> Result<Cmdline, BootError> {
-    let mut cmdline =
-        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     for part in parts.iter().filter(|p| !p.trim().is_empty()) {
-        cmdline
-            .insert_str(part.trim())
-            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        cmdline.insert_str(part.trim()).map_err(|e| BootError::Cmdline(e.to_string()))?;
     }
     Ok(cmdline)
 }
@@ -166,25 +129,20 @@ pub fn load(
     cpus: u8,
 ) -> Result<LoadedKernel, BootError> {
     let (result, entry) = load_kernel(mem, kernel)?;
-    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     write_boot_tables(mem)?;
     crate::mptable::write(mem, cpus).map_err(mem_err)?;
 
-    let mut params = boot_params::default();
-    params.hdr = result.setup_header.unwrap_or(setup_header {
+    let hdr = result.setup_header.unwrap_or(setup_header {
         boot_flag: KERNEL_BOOT_FLAG_MAGIC,
         header: KERNEL_HDR_MAGIC,
         kernel_alignment: KERNEL_MIN_ALIGNMENT,
         ..Default::default()
     });
+    let mut params = boot_params { hdr, ..Default::default() };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline
-        .as_cstring()
-        .map(|c| c.as_bytes().len() as u32)
-        .unwrap_or(0)
-        + 1;
+    params.hdr.cmdline_size = cmdline.as_cstring().map(|c| c.as_bytes().len() as u32).unwrap_or(0) + 1;
     if let Some(path) = initrd {
         let (start, size) = load_initrd(mem, path, result.kernel_end)?;
         params.hdr.ramdisk_image = start as u32;
@@ -193,11 +151,7 @@ pub fn load(
     add_e820(&mut params, 0, EBDA_START)?;
     add_e820(&mut params, HIMEM_START, low_ram_end(mem) - HIMEM_START)?;
     if mem.last_addr().raw_value() >= MMIO_GAP_END {
-        add_e820(
-            &mut params,
-            MMIO_GAP_END,
-            mem.last_addr().raw_value() + 1 - MMIO_GAP_END,
-        )?;
+        add_e820(&mut params, MMIO_GAP_END, mem.last_addr().raw_value() + 1 - MMIO_GAP_END)?;
     }
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),

@@ -31,10 +31,8 @@ const KVM_FEATURE_CLOCKSOURCE: u32 = 1 << 0;
 const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
 const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
-const PVM_KVM_FEATURES: u32 = KVM_FEATURE_CLOCKSOURCE
-    | KVM_FEATURE_NOP_IO_DELAY
-    | KVM_FEATURE_CLOCKSOURCE2
-    | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
+const PVM_KVM_FEATURES: u32 =
+    KVM_FEATURE_CLOCKSOURCE | KVM_FEATURE_NOP_IO_DELAY | KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
 
 /// How one vCPU should see the machine.
 #[derive(Debug, Clone, Copy)]
@@ -123,35 +121,13 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], topo: Topology, pvm: bool) {
 mod tests {
     use super::*;
 
-    fn entry(
-        function: u32,
-        index: u32,
-        eax: u32,
-        ebx: u32,
-        ecx: u32,
-        edx: u32,
-    ) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax,
-            ebx,
-            ecx,
-            edx,
-            ..Default::default()
-        }
+    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
     }
 
     fn host_like() -> Vec<kvm_cpuid_entry2> {
         vec![
-            entry(
-                0x1,
-                0,
-                0,
-                0x0000_0800,
-                u32::MAX & !LEAF1_ECX_HYPERVISOR,
-                u32::MAX,
-            ),
+            entry(0x1, 0, 0, 0x0000_0800, !LEAF1_ECX_HYPERVISOR, u32::MAX),
             entry(0x7, 0, 0, u32::MAX, u32::MAX, u32::MAX),
             entry(0xb, 1, 9, 9, 9, 9),
             entry(0xd, 0, 7, 7, 7, 7),
@@ -162,18 +138,8 @@ mod tests {
     #[test]
     fn pvm_hides_what_the_emulator_lacks() {
         let mut e = host_like();
-        normalize(
-            &mut e,
-            Topology {
-                cpu_index: 1,
-                cpu_count: 2,
-            },
-            true,
-        );
-        assert_eq!(
-            e[0].ecx & (LEAF1_ECX_CX16 | LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE),
-            0
-        );
+        normalize(&mut e, Topology { cpu_index: 1, cpu_count: 2 }, true);
+        assert_eq!(e[0].ecx & (LEAF1_ECX_CX16 | LEAF1_ECX_POPCNT | LEAF1_ECX_XSAVE), 0);
         assert_ne!(e[0].ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(e[0].ebx >> 24, 1, "APIC id");
         assert_eq!((e[0].ebx >> 16) & 0xff, 2, "logical count");
@@ -188,14 +154,7 @@ mod tests {
     #[test]
     fn hardware_kvm_keeps_host_features() {
         let mut e = host_like();
-        normalize(
-            &mut e,
-            Topology {
-                cpu_index: 0,
-                cpu_count: 1,
-            },
-            false,
-        );
+        normalize(&mut e, Topology { cpu_index: 0, cpu_count: 1 }, false);
         assert_ne!(e[0].ecx & LEAF1_ECX_XSAVE, 0);
         assert_ne!(e[1].ebx & LEAF7_EBX_SMAP, 0);
         assert_eq!(e[4].eax, u32::MAX);

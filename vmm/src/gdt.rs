@@ -38,11 +38,7 @@ pub fn segment(index: u16) -> kvm_segment {
     let present = bit(47);
     kvm_segment {
         base: ((d >> 16) & 0xff_ffff) | ((d >> 32) & 0xff00_0000),
-        limit: if granular {
-            (raw_limit << 12) | 0xfff
-        } else {
-            raw_limit
-        },
+        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector: index * 8,
         type_: ((d >> 40) & 0xf) as u8,
         present,

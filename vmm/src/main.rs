@@ -49,10 +49,7 @@ fn main() -> ExitCode {
     let start = Instant::now();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MM_LOG")
-                .unwrap_or_else(|_| "mm_vmm=info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MM_LOG").unwrap_or_else(|_| "mm_vmm=info".into()))
         .with_target(false)
         .init();
     let args = Args::parse();
@@ -68,9 +65,7 @@ fn main() -> ExitCode {
     };
     let outcome = Vm::build(&config, start).and_then(Vm::run);
     match outcome {
-        Ok(VmOutcome::Exited(status)) => {
-            ExitCode::from(u8::try_from(status).unwrap_or(VMM_FAILURE))
-        }
+        Ok(VmOutcome::Exited(status)) => ExitCode::from(u8::try_from(status).unwrap_or(VMM_FAILURE)),
         Ok(VmOutcome::ResetWithoutStatus) => {
             eprintln!(
                 "mm-vmm: the guest reset without reporting an exit status (kernel panic, or an init other than mm-init)"

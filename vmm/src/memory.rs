@@ -51,10 +51,7 @@ pub fn ram_ranges(mib: u64) -> Vec<(GuestAddress, u64)> {
     if bytes <= MMIO_GAP_START {
         vec![(GuestAddress(0), bytes)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START),
-            (GuestAddress(MMIO_GAP_END), bytes - MMIO_GAP_START),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), bytes - MMIO_GAP_START)]
     }
 }
 
@@ -65,10 +62,7 @@ impl GuestRam {
         }
         let host = host_memory_mib();
         if mib > host {
-            return Err(MemoryError::TooLarge {
-                requested: mib,
-                host,
-            });
+            return Err(MemoryError::TooLarge { requested: mib, host });
         }
         // SAFETY: memfd_create takes a NUL-terminated name and flags and
         // returns a new fd or -1; we check before wrapping it.
@@ -78,9 +72,7 @@ impl GuestRam {
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd
-            .set_len(mib << 20)
-            .map_err(|source| MemoryError::Resize { mib, source })?;
+        memfd.set_len(mib << 20).map_err(|source| MemoryError::Resize { mib, source })?;
 
         let mut offset = 0;
         let mut regions = Vec::new();
@@ -107,21 +99,12 @@ mod tests {
     fn large_guests_continue_above_4g() {
         let r = ram_ranges(4096);
         assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
-        assert_eq!(
-            r[1],
-            (GuestAddress(MMIO_GAP_END), (4096 << 20) - MMIO_GAP_START)
-        );
+        assert_eq!(r[1], (GuestAddress(MMIO_GAP_END), (4096 << 20) - MMIO_GAP_START));
     }
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(matches!(
-            GuestRam::new(1),
-            Err(MemoryError::TooSmall { .. })
-        ));
-        assert!(matches!(
-            GuestRam::new(1 << 40),
-            Err(MemoryError::TooLarge { .. })
-        ));
+        assert!(matches!(GuestRam::new(1), Err(MemoryError::TooSmall { .. })));
+        assert!(matches!(GuestRam::new(1 << 40), Err(MemoryError::TooLarge { .. })));
     }
 }

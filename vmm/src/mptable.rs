@@ -35,10 +35,7 @@ pub enum MpTableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |acc, b| acc.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)).wrapping_neg()
 }
 
 /// Builds the floating pointer structure followed by the configuration
@@ -68,16 +65,7 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     entry_count += 1;
     for irq in 0..IOAPIC_PINS {
         // ISA IRQ n is IOAPIC pin n; conforming polarity and trigger.
-        entries.extend_from_slice(&[
-            ENTRY_IO_INTERRUPT,
-            INT_TYPE_INT,
-            0,
-            0,
-            0,
-            irq,
-            ioapic_id,
-            irq,
-        ]);
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
         entry_count += 1;
     }
     // LINT0 of every local APIC is the legacy PIC (ExtINT), LINT1 is NMI.
@@ -139,10 +127,7 @@ mod tests {
         assert_eq!(sum(table), 0);
         let count = u16::from_le_bytes([table[34], table[35]]);
         assert_eq!(count, 2 + 1 + 1 + u16::from(IOAPIC_PINS) + 2);
-        assert_eq!(
-            len,
-            44 + 2 * 20 + (1 + 1 + usize::from(IOAPIC_PINS) + 2) * 8
-        );
+        assert_eq!(len, 44 + 2 * 20 + (1 + 1 + usize::from(IOAPIC_PINS) + 2) * 8);
         // The first processor entry is the enabled boot CPU.
         assert_eq!(&table[44..48], &[ENTRY_PROCESSOR, 0, APIC_VERSION, 3]);
     }

@@ -47,11 +47,7 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {cpu}: {what}: {source}")]
-    Kvm {
-        cpu: u8,
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { cpu: u8, what: &'static str, source: kvm_ioctls::Error },
     #[error(
         "vCPU {cpu}: the hypervisor could not run guest code at rip={rip:#x} (KVM internal error, suberror {suberror}); on PVM hosts see the host's dmesg for the instruction"
     )]
@@ -83,53 +79,24 @@ pub struct Vcpu {
 impl Vcpu {
     /// Sets CPUID, MSRs, FPU and LAPIC; on the boot vCPU also the registers
     /// that start it at `entry` in long mode.
-    pub fn configure(
-        &self,
-        supported: &CpuId,
-        cpu_count: u8,
-        pvm: bool,
-        entry: u64,
-    ) -> Result<(), VcpuError> {
+    pub fn configure(&self, supported: &CpuId, cpu_count: u8, pvm: bool, entry: u64) -> Result<(), VcpuError> {
         let cpu = self.index;
         let mut entries = supported.as_slice().to_vec();
-        cpuid::normalize(
-            &mut entries,
-            Topology {
-                cpu_index: cpu,
-                cpu_count,
-            },
-            pvm,
-        );
-        let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::UnexpectedExit {
-            cpu,
-            exit: "CPUID table too large".into(),
-        })?;
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm(cpu, "KVM_SET_CPUID2"))?;
+        cpuid::normalize(&mut entries, Topology { cpu_index: cpu, cpu_count }, pvm);
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|_| VcpuError::UnexpectedExit { cpu, exit: "CPUID table too large".into() })?;
+        self.fd.set_cpuid2(&cpuid).map_err(kvm(cpu, "KVM_SET_CPUID2"))?;
 
         for (index, data) in BOOT_MSRS {
-            let msrs = Msrs::from_entries(&[kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            }])
-            .expect("one MSR always fits");
+            let msrs = Msrs::from_entries(&[kvm_msr_entry { index, data, ..Default::default() }])
+                .expect("one MSR always fits");
             match self.fd.set_msrs(&msrs) {
                 Ok(1) => {}
-                _ => tracing::debug!(
-                    cpu,
-                    msr = format!("{index:#x}"),
-                    "host refused boot MSR; skipped"
-                ),
+                _ => tracing::debug!(cpu, msr = format!("{index:#x}"), "host refused boot MSR; skipped"),
             }
         }
 
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(kvm(cpu, "KVM_SET_FPU"))?;
 
         let mut lapic = self.fd.get_lapic().map_err(kvm(cpu, "KVM_GET_LAPIC"))?;
@@ -140,9 +107,7 @@ impl Vcpu {
                 lapic.regs[reg + i] = b as libc::c_char;
             }
         }
-        self.fd
-            .set_lapic(&lapic)
-            .map_err(kvm(cpu, "KVM_SET_LAPIC"))?;
+        self.fd.set_lapic(&lapic).map_err(kvm(cpu, "KVM_SET_LAPIC"))?;
 
         if cpu == 0 {
             self.configure_boot_registers(entry)?;
@@ -170,9 +135,7 @@ impl Vcpu {
         sregs.cr4 |= X86_CR4_PAE;
         sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
         sregs.efer |= EFER_LME | EFER_LMA;
-        self.fd
-            .set_sregs(&sregs)
-            .map_err(kvm(cpu, "KVM_SET_SREGS"))?;
+        self.fd.set_sregs(&sregs).map_err(kvm(cpu, "KVM_SET_SREGS"))?;
 
         let regs = kvm_regs {
             rflags: 0x2,
@@ -208,8 +171,7 @@ impl Vcpu {
                 Ok(VcpuExit::InternalError) => {
                     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
                     // the `internal` member of the union is the valid one.
-                    let suberror =
-                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
                     break VcpuStop::Failed(VcpuError::InternalError { cpu, rip, suberror });
                 }
@@ -218,18 +180,11 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Intr) => {}
                 Ok(other) => {
-                    break VcpuStop::Failed(VcpuError::UnexpectedExit {
-                        cpu,
-                        exit: format!("{other:?}"),
-                    });
+                    break VcpuStop::Failed(VcpuError::UnexpectedExit { cpu, exit: format!("{other:?}") });
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => {
-                    break VcpuStop::Failed(VcpuError::Kvm {
-                        cpu,
-                        what: "KVM_RUN",
-                        source: e,
-                    });
+                    break VcpuStop::Failed(VcpuError::Kvm { cpu, what: "KVM_RUN", source: e });
                 }
             }
         };
@@ -241,17 +196,10 @@ fn log_first_run(cpu: u8, vmm_start: Instant) {
     if cpu != 0 {
         return;
     }
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime only writes the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let monotonic_ns = ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128;
     let ms = vmm_start.elapsed().as_secs_f64() * 1000.0;
-    tracing::info!(
-        monotonic_ns = monotonic_ns as u64,
-        since_start_ms = format!("{ms:.2}"),
-        "first KVM_RUN"
-    );
+    tracing::info!(monotonic_ns = monotonic_ns as u64, since_start_ms = format!("{ms:.2}"), "first KVM_RUN");
 }

@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use base64::Engine;
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
-};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
@@ -62,10 +60,7 @@ pub enum VmError {
     #[error("initramfs {0}: no such file")]
     InitrdMissing(PathBuf),
     #[error("{what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -131,27 +126,17 @@ impl Vm {
         let kvm = open_kvm()?;
         let pvm = config.pvm.resolve();
         if pvm {
-            tracing::info!(
-                "PVM host detected: filtering CPUID and adding `{PVM_CMDLINE}` to the kernel command line"
-            );
+            tracing::info!("PVM host detected: filtering CPUID and adding `{PVM_CMDLINE}` to the kernel command line");
         }
         let ram = GuestRam::new(config.memory_mib)?;
 
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         for (slot, region) in ram.memory.iter().enumerate() {
-            let host = ram
-                .memory
-                .get_host_address(region.start_addr())
-                .expect("region is mapped");
+            let host = ram.memory.get_host_address(region.start_addr()).expect("region is mapped");
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -161,8 +146,7 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping owned by `ram`, which the
             // Vm keeps for as long as the KVM VM exists.
-            unsafe { vm.set_user_memory_region(mem_region) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(mem_region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
         let bootdev = format!("mm.bootdev={:#x}", BOOT_DEVICE_START);
@@ -172,28 +156,12 @@ impl Vm {
         } else {
             format!("mm.cmd={}", encode_command(&config.command))
         };
-        let cmdline = boot::build_cmdline(&[
-            BASE_CMDLINE,
-            &bootdev,
-            pvm_params,
-            &config.extra_cmdline,
-            &cmd,
-        ])?;
-        let kernel = boot::load(
-            &ram.memory,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &cmdline,
-            config.cpus,
-        )?;
+        let cmdline = boot::build_cmdline(&[BASE_CMDLINE, &bootdev, pvm_params, &config.extra_cmdline, &cmd])?;
+        let kernel = boot::load(&ram.memory, &config.kernel, config.initrd.as_deref(), &cmdline, config.cpus)?;
 
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD"))?;
-        let serial = Serial::new(
-            EventFdTrigger(serial_irq),
-            config.serial.open().map_err(VmError::Serial)?,
-        );
+        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
+        let serial = Serial::new(EventFdTrigger(serial_irq), config.serial.open().map_err(VmError::Serial)?);
         let reset = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let bus = Arc::new(Bus {
             serial: Mutex::new(serial),
@@ -201,25 +169,15 @@ impl Vm {
             boot_device: BootDevice::new(start),
         });
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let vcpu = Vcpu { index, fd };
             vcpu.configure(&supported, config.cpus, pvm, kernel.entry.0)?;
             vcpus.push(vcpu);
         }
-        Ok(Vm {
-            _vm: vm,
-            _ram: ram,
-            vcpus,
-            bus,
-            start,
-        })
+        Ok(Vm { _vm: vm, _ram: ram, vcpus, bus, start })
     }
 
     /// Runs the guest to its end. vCPU threads still inside KVM_RUN are

@@ -25,8 +25,7 @@ pub struct BootDevice {
 impl BootDevice {
     pub fn open(addr: u64) -> std::io::Result<Self> {
         let mem = OpenOptions::new().read(true).write(true).open("/dev/mem")?;
-        let offset =
-            libc::off_t::try_from(addr).map_err(|_| std::io::Error::other("address too large"))?;
+        let offset = libc::off_t::try_from(addr).map_err(|_| std::io::Error::other("address too large"))?;
         // SAFETY: a fresh shared mapping of one page of /dev/mem; nothing else
         // in this process aliases it, and it is unmapped in Drop.
         let page = unsafe {
@@ -45,24 +44,12 @@ impl BootDevice {
     pub fn mark_userspace_started(&self) {
         // SAFETY: offset 0 lies inside the mapped page; a volatile store is
         // what turns into one MMIO write the VMM sees.
-        unsafe {
-            self.page
-                .as_ptr()
-                .cast::<u8>()
-                .write_volatile(USERSPACE_STARTED)
-        }
+        unsafe { self.page.as_ptr().cast::<u8>().write_volatile(USERSPACE_STARTED) }
     }
 
     pub fn report_exit_status(&self, status: u32) {
         // SAFETY: offset 4 is inside the page and 4-byte aligned.
-        unsafe {
-            self.page
-                .as_ptr()
-                .cast::<u8>()
-                .add(EXIT_STATUS_OFFSET)
-                .cast::<u32>()
-                .write_volatile(status)
-        }
+        unsafe { self.page.as_ptr().cast::<u8>().add(EXIT_STATUS_OFFSET).cast::<u32>().write_volatile(status) }
     }
 }
 

@@ -23,37 +23,12 @@ const STARTED_MARKER: &str = "mm-init: user space started";
 
 fn mount_pseudo_filesystems() {
     let mounts: [(&str, &str, &str, MsFlags); 6] = [
-        (
-            "proc",
-            "/proc",
-            "proc",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        ),
-        (
-            "sysfs",
-            "/sys",
-            "sysfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        ),
+        ("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC),
+        ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC),
         ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID),
-        (
-            "devpts",
-            "/dev/pts",
-            "devpts",
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        ),
-        (
-            "tmpfs",
-            "/dev/shm",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        ),
-        (
-            "tmpfs",
-            "/tmp",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        ),
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC),
+        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
+        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
     ];
     for (source, target, fstype, flags) in mounts {
         let _ = std::fs::create_dir_all(target);
@@ -83,15 +58,13 @@ fn main() {
             supervise::power_off(None, 125);
         }
     };
-    let boot_device = settings
-        .boot_device
-        .and_then(|addr| match BootDevice::open(addr) {
-            Ok(dev) => Some(dev),
-            Err(e) => {
-                eprintln!("mm-init: boot device at {addr:#x}: {e}");
-                None
-            }
-        });
+    let boot_device = settings.boot_device.and_then(|addr| match BootDevice::open(addr) {
+        Ok(dev) => Some(dev),
+        Err(e) => {
+            eprintln!("mm-init: boot device at {addr:#x}: {e}");
+            None
+        }
+    });
     if let Some(dev) = &boot_device {
         dev.mark_userspace_started();
     }
@@ -116,10 +89,7 @@ fn run_workload(settings: &Settings) -> u32 {
     let mut command = Command::new(&settings.command[0]);
     command
         .args(&settings.command[1..])
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("HOME", "/root")
         .env("TERM", "linux")
         .current_dir("/");
@@ -136,11 +106,7 @@ fn run_workload(settings: &Settings) -> u32 {
         Ok(child) => child,
         Err(e) => {
             eprintln!("mm-init: cannot run {:?}: {e}", settings.command[0]);
-            return if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
+            return if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
         }
     };
     supervise::wait_for(child.id() as i32, &signals)

@@ -36,14 +36,8 @@ pub enum SettingsError {
 fn decode_string_list(param: &'static str, value: &str) -> Result<Vec<String>, SettingsError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(value.trim_end_matches('='))
-        .map_err(|e| SettingsError::Base64 {
-            param,
-            reason: e.to_string(),
-        })?;
-    serde_json::from_slice(&bytes).map_err(|e| SettingsError::Json {
-        param,
-        reason: e.to_string(),
-    })
+        .map_err(|e| SettingsError::Base64 { param, reason: e.to_string() })?;
+    serde_json::from_slice(&bytes).map_err(|e| SettingsError::Json { param, reason: e.to_string() })
 }
 
 /// Encodes a list of strings the way [`Settings::parse`] expects it; mm-vmm
@@ -57,12 +51,8 @@ impl Settings {
     /// Parses the whole kernel command line; parameters that are not ours
     /// are ignored.
     pub fn parse(cmdline: &str) -> Result<Self, SettingsError> {
-        let mut settings = Settings {
-            command: vec!["/bin/sh".to_string()],
-            env: Vec::new(),
-            boot_device: None,
-            hostname: None,
-        };
+        let mut settings =
+            Settings { command: vec!["/bin/sh".to_string()], env: Vec::new(), boot_device: None, hostname: None };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
                 continue;
@@ -77,8 +67,8 @@ impl Settings {
                 "mm.env" => settings.env = decode_string_list("mm.env", value)?,
                 "mm.bootdev" => {
                     let hex = value.trim_start_matches("0x");
-                    let addr = u64::from_str_radix(hex, 16)
-                        .map_err(|_| SettingsError::BootDevice(value.to_string()))?;
+                    let addr =
+                        u64::from_str_radix(hex, 16).map_err(|_| SettingsError::BootDevice(value.to_string()))?;
                     settings.boot_device = Some(addr);
                 }
                 "mm.hostname" => settings.hostname = Some(value.to_string()),
@@ -102,15 +92,8 @@ mod tests {
 
     #[test]
     fn round_trips_a_command_with_spaces_and_quotes() {
-        let cmd = vec![
-            "sh".to_string(),
-            "-c".to_string(),
-            "echo 'a  b' \"c\"; exit 7".to_string(),
-        ];
-        let line = format!(
-            "console=ttyS0 mm.cmd={} mm.bootdev=0xc0000000 mm.hostname=vm1",
-            encode_string_list(&cmd)
-        );
+        let cmd = vec!["sh".to_string(), "-c".to_string(), "echo 'a  b' \"c\"; exit 7".to_string()];
+        let line = format!("console=ttyS0 mm.cmd={} mm.bootdev=0xc0000000 mm.hostname=vm1", encode_string_list(&cmd));
         let s = Settings::parse(&line).unwrap();
         assert_eq!(s.command, cmd);
         assert_eq!(s.boot_device, Some(0xc000_0000));
@@ -119,22 +102,10 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(
-            Settings::parse("mm.cmd=!!!"),
-            Err(SettingsError::Base64 { .. })
-        ));
+        assert!(matches!(Settings::parse("mm.cmd=!!!"), Err(SettingsError::Base64 { .. })));
         let not_json = URL_SAFE_NO_PAD.encode(b"{\"a\":1}");
-        assert!(matches!(
-            Settings::parse(&format!("mm.cmd={not_json}")),
-            Err(SettingsError::Json { .. })
-        ));
-        assert_eq!(
-            Settings::parse(&format!("mm.cmd={}", encode_string_list(&[]))),
-            Err(SettingsError::EmptyCommand)
-        );
-        assert!(matches!(
-            Settings::parse("mm.bootdev=zz"),
-            Err(SettingsError::BootDevice(_))
-        ));
+        assert!(matches!(Settings::parse(&format!("mm.cmd={not_json}")), Err(SettingsError::Json { .. })));
+        assert_eq!(Settings::parse(&format!("mm.cmd={}", encode_string_list(&[]))), Err(SettingsError::EmptyCommand));
+        assert!(matches!(Settings::parse("mm.bootdev=zz"), Err(SettingsError::BootDevice(_))));
     }
 }

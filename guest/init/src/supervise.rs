@@ -10,14 +10,8 @@ use crate::bootdev::BootDevice;
 
 /// Signals PID 1 handles synchronously: children ending, and the ones it
 /// passes on to the workload.
-const FORWARDED: [Signal; 6] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-];
+const FORWARDED: [Signal; 6] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
 
 /// Blocks the signals we wait for with `sigwait`, so none is lost between
 /// spawning the workload and waiting for it.
@@ -50,10 +44,10 @@ pub fn wait_for(workload: i32, signals: &SigSet) -> u32 {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => break,
                 Ok(status) => {
-                    if status.pid() == Some(workload) {
-                        if let Some(code) = shell_status(status) {
-                            return code;
-                        }
+                    if status.pid() == Some(workload)
+                        && let Some(code) = shell_status(status)
+                    {
+                        return code;
                     }
                 }
                 Err(nix::errno::Errno::EINTR) => continue,

@@ -22,10 +22,7 @@ pub struct BootDevice {
 
 impl BootDevice {
     pub fn new(vmm_start: Instant) -> Self {
-        BootDevice {
-            vmm_start,
-            reported: Mutex::new(Reported::default()),
-        }
+        BootDevice { vmm_start, reported: Mutex::new(Reported::default()) }
     }
 
     pub fn read(&self, _offset: u64, data: &mut [u8]) {
@@ -39,10 +36,7 @@ impl BootDevice {
                 let now = Instant::now();
                 reported.userspace_started = Some(now);
                 let ms = now.duration_since(self.vmm_start).as_secs_f64() * 1000.0;
-                tracing::info!(
-                    since_start_ms = format!("{ms:.1}"),
-                    "guest user space started"
-                );
+                tracing::info!(since_start_ms = format!("{ms:.1}"), "guest user space started");
             }
             (EXIT_STATUS_OFFSET, bytes) if bytes.len() == 4 => {
                 let status = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);

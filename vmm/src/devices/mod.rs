@@ -10,9 +10,7 @@ use std::sync::Mutex;
 
 use vm_superio::I8042Device;
 
-use crate::layout::{
-    BOOT_DEVICE_SIZE, BOOT_DEVICE_START, COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT,
-};
+use crate::layout::{BOOT_DEVICE_SIZE, BOOT_DEVICE_START, COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use boot_device::BootDevice;
 use serial::{EventFdTrigger, SerialConsole};
 
@@ -28,18 +26,10 @@ impl Bus {
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         match port {
             COM1_PORT..=0x3ff if data.len() == 1 => {
-                data[0] = self
-                    .serial
-                    .lock()
-                    .expect("serial lock")
-                    .read((port - COM1_PORT) as u8);
+                data[0] = self.serial.lock().expect("serial lock").read((port - COM1_PORT) as u8);
             }
             I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
-                data[0] = self
-                    .i8042
-                    .lock()
-                    .expect("i8042 lock")
-                    .read((port - I8042_DATA_PORT) as u8);
+                data[0] = self.i8042.lock().expect("i8042 lock").read((port - I8042_DATA_PORT) as u8);
             }
             // Nothing else is there: reads float high, as on real hardware.
             _ => data.fill(0xff),
@@ -51,12 +41,7 @@ impl Bus {
         match port {
             COM1_PORT..=0x3ff if data.len() == 1 => {
                 let offset = (port - COM1_PORT) as u8;
-                if let Err(e) = self
-                    .serial
-                    .lock()
-                    .expect("serial lock")
-                    .write(offset, data[0])
-                {
+                if let Err(e) = self.serial.lock().expect("serial lock").write(offset, data[0]) {
                     tracing::warn!("serial: {e:?}");
                 }
             }

@@ -73,18 +73,9 @@ mod tests {
 
     #[test]
     fn parses_outputs() {
-        assert_eq!(
-            "stdout".parse::<SerialOutput>().unwrap(),
-            SerialOutput::Stdout
-        );
-        assert_eq!(
-            "none".parse::<SerialOutput>().unwrap(),
-            SerialOutput::Discard
-        );
-        assert_eq!(
-            "/tmp/x".parse::<SerialOutput>().unwrap(),
-            SerialOutput::File("/tmp/x".into())
-        );
+        assert_eq!("stdout".parse::<SerialOutput>().unwrap(), SerialOutput::Stdout);
+        assert_eq!("none".parse::<SerialOutput>().unwrap(), SerialOutput::Discard);
+        assert_eq!("/tmp/x".parse::<SerialOutput>().unwrap(), SerialOutput::File("/tmp/x".into()));
         assert!("".parse::<SerialOutput>().is_err());
     }
 }

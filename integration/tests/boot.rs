@@ -1,0 +1,59 @@
+//! Boots real microVMs with mm-vmm on our kernel and initramfs.
+//!
+//! Cold boots are slow on PVM hosts (~75 s), so each test boots once and
+//! checks as much as that one guest can show.
+
+use mm_integration::guest::Boot;
+use mm_integration::kvm_available;
+
+/// ≥ 500 short processes: per round a 4-stage pipeline whose output is
+/// checked, and 8 background jobs whose exit statuses are checked one by
+/// one. Any crash (a SIGSEGV is status 139) counts as a failure.
+const STRESS: &str = r#"n=0; bad=0; i=0
+while [ $i -lt 45 ]; do
+  r=$(echo hello world | tr a-z A-Z | cut -c1-5 | wc -c); n=$((n+4))
+  [ "$r" = 6 ] || { bad=$((bad+1)); echo "BAD pipeline $i: [$r]"; }
+  p=""; for j in 1 2 3 4 5 6 7 8; do /bin/true & p="$p $!"; done; n=$((n+8))
+  for q in $p; do wait $q; s=$?; [ $s = 0 ] || { bad=$((bad+1)); echo "BAD job $i: status $s"; }; done
+  i=$((i+1))
+done
+echo "STRESS processes=$n failures=$bad"
+[ $bad = 0 ]"#;
+
+#[test]
+fn echo_reaches_the_console_and_the_exit_status_comes_back() {
+    if !kvm_available("echo_reaches_the_console_and_the_exit_status_comes_back") {
+        return;
+    }
+    let run = Boot::new(&["sh", "-c", "echo hello from the guest; exit 7"]).run().unwrap();
+    assert!(
+        run.stdout.lines().any(|l| l.trim() == "hello from the guest"),
+        "console:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(run.stdout.contains("mm-init: user space started"));
+    assert_eq!(run.status, Some(7), "stderr:\n{}", run.stderr);
+    assert!(run.stderr.contains("first KVM_RUN"), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn two_vcpus_come_online_and_user_space_survives_500_processes() {
+    if !kvm_available("two_vcpus_come_online_and_user_space_survives_500_processes") {
+        return;
+    }
+    let script = format!("echo cpus-online=$(cat /sys/devices/system/cpu/online); {STRESS}");
+    let run = Boot::new(&["sh", "-c", &script]).cpus(2).run().unwrap();
+    let context = format!("console:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("cpus-online=0-1"), "{context}");
+    let summary = run.stdout.lines().find(|l| l.starts_with("STRESS ")).unwrap_or_else(|| panic!("{context}"));
+    let processes: u32 = summary
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("processes="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{context}"));
+    assert!(processes >= 500, "only {processes} processes ran");
+    assert!(summary.ends_with("failures=0"), "{context}");
+    assert!(!run.stdout.contains("segfault"), "a guest process crashed:\n{context}");
+    assert_eq!(run.status, Some(0), "{context}");
+}
