@@ -8,6 +8,7 @@ pub mod gdt;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod profile;
 pub mod pvm;
 pub mod vcpu;
 pub mod vm;

@@ -40,6 +40,10 @@ struct Args {
     /// Apply the PVM host adjustments: auto-detected by default.
     #[arg(long, value_enum, default_value_t = PvmMode::Auto)]
     pvm: PvmMode,
+    /// Debugging aid: sample vCPU 0's guest RIP every millisecond and write
+    /// a histogram here at exit.
+    #[arg(long)]
+    profile_guest: Option<PathBuf>,
     /// The workload for mm-init to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         memory_mib: args.memory_mib,
         serial: args.serial,
         pvm: args.pvm,
+        profile_guest: args.profile_guest,
     };
     let outcome = Vm::build(&config, start).and_then(Vm::run);
     match outcome {

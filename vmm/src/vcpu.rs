@@ -15,6 +15,7 @@ use crate::cpuid::{self, Topology};
 use crate::devices::Bus;
 use crate::gdt;
 use crate::layout::*;
+use crate::profile::Samples;
 
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
@@ -149,7 +150,7 @@ impl Vcpu {
     }
 
     /// Runs the guest until it resets or fails; the reason goes to `stops`.
-    pub fn run(mut self, bus: Arc<Bus>, vmm_start: Instant, stops: Sender<(u8, VcpuStop)>) {
+    pub fn run(mut self, bus: Arc<Bus>, vmm_start: Instant, stops: Sender<(u8, VcpuStop)>, samples: Option<Arc<Samples>>) {
         let cpu = self.index;
         let mut first = true;
         let stop = loop {
@@ -178,17 +179,27 @@ impl Vcpu {
                 Ok(VcpuExit::FailEntry(reason, _)) => {
                     break VcpuStop::Failed(VcpuError::FailEntry { cpu, reason });
                 }
-                Ok(VcpuExit::Intr) => {}
+                Ok(VcpuExit::Intr) => self.sample(samples.as_deref()),
                 Ok(other) => {
                     break VcpuStop::Failed(VcpuError::UnexpectedExit { cpu, exit: format!("{other:?}") });
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => self.sample(samples.as_deref()),
                 Err(e) => {
                     break VcpuStop::Failed(VcpuError::Kvm { cpu, what: "KVM_RUN", source: e });
                 }
             }
         };
         let _ = stops.send((cpu, stop));
+    }
+}
+
+impl Vcpu {
+    fn sample(&self, samples: Option<&Samples>) {
+        if let Some(samples) = samples
+            && let Ok(regs) = self.fd.get_regs()
+        {
+            samples.record(regs.rip);
+        }
     }
 }
 

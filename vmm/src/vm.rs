@@ -5,7 +5,8 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Instant;
+use std::os::unix::thread::JoinHandleExt;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
@@ -20,6 +21,7 @@ use crate::devices::boot_device::BootDevice;
 use crate::devices::serial::{EventFdTrigger, SerialOutput};
 use crate::layout::{BOOT_DEVICE_START, COM1_IRQ, KVM_TSS_ADDRESS};
 use crate::memory::{GuestRam, MemoryError};
+use crate::profile::{self, Samples};
 use crate::pvm::{PVM_CMDLINE, PvmMode};
 use crate::vcpu::{Vcpu, VcpuError, VcpuStop};
 
@@ -43,6 +45,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub serial: SerialOutput,
     pub pvm: PvmMode,
+    /// Write a histogram of vCPU 0's guest RIP, sampled every millisecond.
+    pub profile_guest: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +100,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     bus: Arc<Bus>,
     start: Instant,
+    profile_guest: Option<PathBuf>,
 }
 
 /// Encodes the workload for mm-init's `mm.cmd=` (see guest/init/src/settings.rs).
@@ -177,24 +182,42 @@ impl Vm {
             vcpu.configure(&supported, config.cpus, pvm, kernel.entry.0)?;
             vcpus.push(vcpu);
         }
-        Ok(Vm { _vm: vm, _ram: ram, vcpus, bus, start })
+        Ok(Vm { _vm: vm, _ram: ram, vcpus, bus, start, profile_guest: config.profile_guest.clone() })
     }
 
     /// Runs the guest to its end. vCPU threads still inside KVM_RUN are
     /// left to the process exit that follows.
     pub fn run(mut self) -> Result<VmOutcome, VmError> {
         let (tx, rx) = mpsc::channel();
+        let samples = match &self.profile_guest {
+            Some(_) => {
+                profile::install_kick_handler().map_err(VmError::Thread)?;
+                Some(Arc::new(Samples::default()))
+            }
+            None => None,
+        };
         for vcpu in self.vcpus.drain(..) {
             let bus = Arc::clone(&self.bus);
             let tx = tx.clone();
             let start = self.start;
-            std::thread::Builder::new()
+            let vcpu_samples = if vcpu.index == 0 { samples.clone() } else { None };
+            let profiled = vcpu_samples.is_some();
+            let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
-                .spawn(move || vcpu.run(bus, start, tx))
+                .spawn(move || vcpu.run(bus, start, tx, vcpu_samples))
                 .map_err(VmError::Thread)?;
+            if profiled {
+                profile::start_kicker(handle.as_pthread_t(), Duration::from_millis(1));
+            }
         }
         drop(tx);
-        match rx.recv() {
+        let stop = rx.recv();
+        if let (Some(samples), Some(path)) = (&samples, &self.profile_guest)
+            && let Err(e) = samples.write(path)
+        {
+            tracing::warn!("cannot write the guest profile to {}: {e}", path.display());
+        }
+        match stop {
             Ok((_, VcpuStop::Reset)) => Ok(match self.bus.boot_device.exit_status() {
                 Some(status) => VmOutcome::Exited(status),
                 None => VmOutcome::ResetWithoutStatus,
