@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod devices;
 pub mod guest;
 
 /// The repository root (this crate lives in `integration/`).
@@ -47,6 +48,15 @@ pub fn guest_initramfs() -> Result<PathBuf> {
     static INITRAMFS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     INITRAMFS
         .get_or_init(|| run_script("guest/rootfs/build-initramfs.sh").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// The built-in root filesystem as an ext4 image (a read-only base).
+pub fn guest_rootfs() -> Result<PathBuf> {
+    static ROOTFS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    ROOTFS
+        .get_or_init(|| run_script("guest/rootfs/build-rootfs.sh").map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
 }

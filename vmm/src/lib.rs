@@ -2,6 +2,7 @@
 //! and the few legacy devices a Linux guest needs; see `../shared/DESIGN.md`.
 
 pub mod boot;
+pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod gdt;
@@ -11,6 +12,7 @@ pub mod mptable;
 pub mod profile;
 pub mod pvm;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use vm::{Vm, VmConfig, VmError, VmOutcome};

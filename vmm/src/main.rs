@@ -11,6 +11,7 @@ use std::time::Instant;
 use clap::Parser;
 use mm_vmm::devices::serial::SerialOutput;
 use mm_vmm::pvm::PvmMode;
+use mm_vmm::vm::DeviceSpec;
 use mm_vmm::{Vm, VmConfig, VmOutcome};
 
 /// Status for "mm-vmm failed", as `docker run` uses 125 for its own errors.
@@ -44,6 +45,13 @@ struct Args {
     /// a histogram here at exit.
     #[arg(long)]
     profile_guest: Option<PathBuf>,
+    /// A virtio device served by a vhost-user back end: `KIND=SOCKET` with
+    /// KIND block, net or vsock. Repeatable; the guest sees them in order.
+    #[arg(long = "device", value_name = "KIND=SOCKET")]
+    devices: Vec<DeviceSpec>,
+    /// Serve the control socket here (`reconnect INDEX SOCKET`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// The workload for mm-init to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -67,6 +75,8 @@ fn main() -> ExitCode {
         serial: args.serial,
         pvm: args.pvm,
         profile_guest: args.profile_guest,
+        devices: args.devices,
+        control_socket: args.control,
     };
     let outcome = Vm::build(&config, start).and_then(Vm::run);
     match outcome {

@@ -48,7 +48,7 @@ impl Samples {
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let samples = self.0.lock().expect("samples lock");
         let mut rows: Vec<(u64, u32)> = samples.iter().map(|(rip, n)| (*rip, *n)).collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        rows.sort_by_key(|row| std::cmp::Reverse(row.1));
         let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
         for (rip, n) in rows {
             writeln!(out, "{n} {rip:#x}")?;

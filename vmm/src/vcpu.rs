@@ -150,7 +150,13 @@ impl Vcpu {
     }
 
     /// Runs the guest until it resets or fails; the reason goes to `stops`.
-    pub fn run(mut self, bus: Arc<Bus>, vmm_start: Instant, stops: Sender<(u8, VcpuStop)>, samples: Option<Arc<Samples>>) {
+    pub fn run(
+        mut self,
+        bus: Arc<Bus>,
+        vmm_start: Instant,
+        stops: Sender<(u8, VcpuStop)>,
+        samples: Option<Arc<Samples>>,
+    ) {
         let cpu = self.index;
         let mut first = true;
         let stop = loop {

@@ -3,14 +3,16 @@
 //! vCPUs. Nothing touches the host beyond /dev/kvm and one memfd, so an
 //! error at any step leaves nothing behind.
 
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
-use std::os::unix::thread::JoinHandleExt;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VmFd};
+use std::os::unix::net::UnixStream;
+
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -19,11 +21,14 @@ use crate::boot::{self, BootError};
 use crate::devices::Bus;
 use crate::devices::boot_device::BootDevice;
 use crate::devices::serial::{EventFdTrigger, SerialOutput};
-use crate::layout::{BOOT_DEVICE_START, COM1_IRQ, KVM_TSS_ADDRESS};
+use crate::layout::{BOOT_DEVICE_SIZE, BOOT_DEVICE_START, COM1_IRQ, KVM_TSS_ADDRESS};
 use crate::memory::{GuestRam, MemoryError};
 use crate::profile::{self, Samples};
 use crate::pvm::{PVM_CMDLINE, PvmMode};
 use crate::vcpu::{Vcpu, VcpuError, VcpuStop};
+use crate::virtio::DeviceKind;
+use crate::virtio::mmio::{MMIO_SIZE, MmioDevice, QUEUE_NOTIFY_OFFSET};
+use crate::virtio::vhost_user::{FrontendError, VhostUserDevice};
 
 /// Kernel parameters every guest gets: console on COM1, reset through the
 /// i8042 (the only reboot method that works on PVM), reboot on panic, and
@@ -47,6 +52,29 @@ pub struct VmConfig {
     pub pvm: PvmMode,
     /// Write a histogram of vCPU 0's guest RIP, sampled every millisecond.
     pub profile_guest: Option<PathBuf>,
+    /// Virtio devices, each served by a vhost-user back end process.
+    pub devices: Vec<DeviceSpec>,
+    /// Where to serve the control socket, if anywhere.
+    pub control_socket: Option<PathBuf>,
+}
+
+/// One virtio device: its kind and the vhost-user socket of its back end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub kind: DeviceKind,
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    /// `KIND=SOCKET`, e.g. `block=/run/mm/vm1/block.sock`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, socket) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected KIND=SOCKET"))?;
+        if socket.is_empty() {
+            return Err(format!("{s:?}: empty socket path"));
+        }
+        Ok(DeviceSpec { kind: kind.parse()?, socket: PathBuf::from(socket) })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +105,20 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("too many devices: at most {MAX_DEVICES}")]
+    TooManyDevices,
+    #[error("cannot connect to the {kind} back end at {socket}: {source}")]
+    DeviceConnect { kind: &'static str, socket: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+    #[error("cannot serve the control socket at {path}: {source}")]
+    Control { path: PathBuf, source: std::io::Error },
 }
+
+/// IRQ of the first virtio device; the serial port has 4 and the IOAPIC
+/// has 24 pins, so up to 19 devices fit.
+const FIRST_VIRTIO_IRQ: u32 = 5;
+pub const MAX_DEVICES: usize = 19;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
@@ -107,6 +148,29 @@ pub struct Vm {
 pub fn encode_command(command: &[String]) -> String {
     let json = serde_json::to_vec(command).expect("strings always serialise");
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+/// Connects to a device's back end and wires its queue notifications
+/// (ioeventfds on QueueNotify) and interrupt (an irqfd) into KVM.
+fn connect_device(vm: &VmFd, ram: &GuestRam, spec: &DeviceSpec, base: u64, irq: u32) -> Result<MmioDevice, VmError> {
+    let kind = spec.kind.name();
+    let stream = UnixStream::connect(&spec.socket).map_err(|source| VmError::DeviceConnect {
+        kind,
+        socket: spec.socket.clone(),
+        source,
+    })?;
+    let backend = VhostUserDevice::connect(spec.kind, stream)?;
+    let mut kicks = Vec::new();
+    for queue in 0..spec.kind.num_queues() {
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm.register_ioevent(&kick, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), queue as u32)
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        kicks.push(kick);
+    }
+    let call = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&call, irq).map_err(kvm_err("KVM_IRQFD"))?;
+    let memfd = ram.memfd.try_clone().map_err(VmError::EventFd)?;
+    Ok(MmioDevice::new(backend, ram.memory.clone(), memfd, kicks, call))
 }
 
 fn open_kvm() -> Result<Kvm, VmError> {
@@ -154,6 +218,19 @@ impl Vm {
             unsafe { vm.set_user_memory_region(mem_region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
+        if config.devices.len() > MAX_DEVICES {
+            return Err(VmError::TooManyDevices);
+        }
+        let mut virtio = Vec::new();
+        let mut device_params = Vec::new();
+        for (i, spec) in config.devices.iter().enumerate() {
+            let base = BOOT_DEVICE_START + BOOT_DEVICE_SIZE + i as u64 * MMIO_SIZE;
+            let irq = FIRST_VIRTIO_IRQ + i as u32;
+            virtio.push((base, Mutex::new(connect_device(&vm, &ram, spec, base, irq)?)));
+            device_params.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        }
+        let device_params = device_params.join(" ");
+
         let bootdev = format!("mm.bootdev={:#x}", BOOT_DEVICE_START);
         let pvm_params = if pvm { PVM_CMDLINE } else { "" };
         let cmd = if config.command.is_empty() {
@@ -161,7 +238,8 @@ impl Vm {
         } else {
             format!("mm.cmd={}", encode_command(&config.command))
         };
-        let cmdline = boot::build_cmdline(&[BASE_CMDLINE, &bootdev, pvm_params, &config.extra_cmdline, &cmd])?;
+        let cmdline =
+            boot::build_cmdline(&[BASE_CMDLINE, &bootdev, &device_params, pvm_params, &config.extra_cmdline, &cmd])?;
         let kernel = boot::load(&ram.memory, &config.kernel, config.initrd.as_deref(), &cmdline, config.cpus)?;
 
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -172,7 +250,12 @@ impl Vm {
             serial: Mutex::new(serial),
             i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset))),
             boot_device: BootDevice::new(start),
+            virtio,
         });
+        if let Some(path) = &config.control_socket {
+            crate::control::serve(path, Arc::clone(&bus))
+                .map_err(|source| VmError::Control { path: path.clone(), source })?;
+        }
 
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));

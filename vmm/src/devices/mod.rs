@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use vm_superio::I8042Device;
 
 use crate::layout::{BOOT_DEVICE_SIZE, BOOT_DEVICE_START, COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT};
+use crate::virtio::mmio::{MMIO_SIZE, MmioDevice};
 use boot_device::BootDevice;
 use serial::{EventFdTrigger, SerialConsole};
 
@@ -20,6 +21,8 @@ pub struct Bus {
     pub serial: Mutex<SerialConsole>,
     pub i8042: Mutex<I8042Device<EventFdTrigger>>,
     pub boot_device: BootDevice,
+    /// Virtio-mmio devices and their base addresses.
+    pub virtio: Vec<(u64, Mutex<MmioDevice>)>,
 }
 
 impl Bus {
@@ -59,9 +62,15 @@ impl Bus {
         false
     }
 
+    fn virtio_at(&self, addr: u64) -> Option<(u64, &Mutex<MmioDevice>)> {
+        self.virtio.iter().find(|(base, _)| (*base..*base + MMIO_SIZE).contains(&addr)).map(|(base, dev)| (*base, dev))
+    }
+
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         if (BOOT_DEVICE_START..BOOT_DEVICE_START + BOOT_DEVICE_SIZE).contains(&addr) {
             self.boot_device.read(addr - BOOT_DEVICE_START, data);
+        } else if let Some((base, dev)) = self.virtio_at(addr) {
+            dev.lock().expect("virtio lock").read(addr - base, data);
         } else {
             data.fill(0xff);
         }
@@ -70,6 +79,8 @@ impl Bus {
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         if (BOOT_DEVICE_START..BOOT_DEVICE_START + BOOT_DEVICE_SIZE).contains(&addr) {
             self.boot_device.write(addr - BOOT_DEVICE_START, data);
+        } else if let Some((base, dev)) = self.virtio_at(addr) {
+            dev.lock().expect("virtio lock").write(addr - base, data);
         }
     }
 }

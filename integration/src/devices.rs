@@ -1,0 +1,103 @@
+//! Device back-end processes (`mm-device`) for tests and benchmarks, each
+//! listening on its own socket in a scratch directory, ended by pid when
+//! dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::workspace_binary;
+
+/// A running `mm-device` process and the vhost-user socket it serves.
+pub struct DeviceProcess {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl DeviceProcess {
+    /// Starts `mm-device KIND --socket SOCKET ARGS...` and waits until the
+    /// socket exists.
+    pub fn spawn(kind: &str, socket: &Path, args: &[&str]) -> Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(workspace_binary("mm-device")?)
+            .arg(kind)
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawning mm-device")?;
+        let mut process = DeviceProcess { child, socket: socket.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Some(status) = process.child.try_wait()? {
+                bail!("mm-device {kind} exited with {status} before listening");
+            }
+            if Instant::now() > deadline {
+                bail!("mm-device {kind} did not create {} within 30 s", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(process)
+    }
+
+    /// A block back end serving `image`.
+    pub fn block(socket: &Path, image: &Path) -> Result<Self> {
+        Self::spawn("block", socket, &["--image", image.to_str().context("image path is not UTF-8")?])
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the process (by its pid) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.kill();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("mm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch(dir))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A private, writable copy of the built-in ext4 root (sparse).
+pub fn rootfs_copy(dest: &Path) -> Result<()> {
+    let base = crate::guest_rootfs()?;
+    let status = Command::new("cp").arg("--sparse=always").arg(&base).arg(dest).status()?;
+    if !status.success() {
+        bail!("copying {} failed", base.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! The vhost-user front end: mm-vmm tells a device process where guest RAM
+//! and the rings are, and hands it the eventfds KVM uses for queue
+//! notifications and interrupts. After that the data path never touches
+//! mm-vmm. Everything set up here is remembered, so a restarted back end can
+//! be given the same state again (`reconnect`), in-flight table included.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::DeviceKind;
+
+/// Protocol features we can use: config space, acknowledged requests (so
+/// set-up errors surface at the step that caused them), and the in-flight
+/// table that makes a back-end restart lose nothing.
+const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    .union(VhostUserProtocolFeatures::MQ);
+const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("vhost-user {device} back end: {step}: {source}")]
+    Protocol { device: &'static str, step: &'static str, source: vhost::Error },
+    #[error("vhost-user {device} back end: ring address {addr:#x} is not in guest RAM")]
+    BadRingAddress { device: &'static str, addr: u64 },
+    #[error("vhost-user {device} back end: the restarted back end offers features {new:#x}, not {old:#x}")]
+    FeaturesChanged { device: &'static str, old: u64, new: u64 },
+}
+
+/// Where one queue lives, as the guest driver configured it
+/// (guest-physical addresses).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueSetup {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// The eventfds a device's queues are wired to: one kick per queue (a KVM
+/// ioeventfd on the QueueNotify register) and one interrupt (a KVM irqfd).
+pub struct QueueEvents<'a> {
+    pub kicks: &'a [EventFd],
+    pub call: &'a EventFd,
+}
+
+/// What the guest driver activated, kept for replay on reconnect.
+#[derive(Debug, Clone)]
+struct Activation {
+    acked_features: u64,
+    queues: Vec<QueueSetup>,
+}
+
+pub struct VhostUserDevice {
+    kind: DeviceKind,
+    frontend: Frontend,
+    /// Features the back end offers, without the vhost-user-only bit.
+    device_features: u64,
+    backend_speaks_protocol: bool,
+    protocol: VhostUserProtocolFeatures,
+    config: Vec<u8>,
+    inflight: Option<(VhostUserInflight, File)>,
+    activation: Option<Activation>,
+}
+
+impl VhostUserDevice {
+    fn err(&self, step: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError + use<> {
+        let device = self.kind.name();
+        move |source| FrontendError::Protocol { device, step, source }
+    }
+
+    /// Opens a session with a back end and learns what it offers.
+    pub fn connect(kind: DeviceKind, stream: UnixStream) -> Result<Self, FrontendError> {
+        let frontend = Frontend::from_stream(stream, kind.num_queues() as u64);
+        let mut device = VhostUserDevice {
+            kind,
+            frontend,
+            device_features: 0,
+            backend_speaks_protocol: false,
+            protocol: VhostUserProtocolFeatures::empty(),
+            config: vec![0; kind.config_size()],
+            inflight: None,
+            activation: None,
+        };
+        device.handshake()?;
+        if device.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            let size = kind.config_size() as u32;
+            let empty = vec![0u8; kind.config_size()];
+            let flags = vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE;
+            let (_, config) = device.frontend.get_config(0, size, flags, &empty).map_err(device.err("GET_CONFIG"))?;
+            device.config = config;
+        }
+        Ok(device)
+    }
+
+    fn handshake(&mut self) -> Result<(), FrontendError> {
+        self.frontend.set_owner().map_err(self.err("SET_OWNER"))?;
+        let features = self.frontend.get_features().map_err(self.err("GET_FEATURES"))?;
+        self.backend_speaks_protocol = features & PROTOCOL_FEATURES_BIT != 0;
+        self.device_features = features & !PROTOCOL_FEATURES_BIT;
+        if self.backend_speaks_protocol {
+            let offered = self.frontend.get_protocol_features().map_err(self.err("GET_PROTOCOL_FEATURES"))?;
+            self.protocol = offered & WANTED_PROTOCOL;
+            self.frontend.set_protocol_features(self.protocol).map_err(self.err("SET_PROTOCOL_FEATURES"))?;
+        }
+        Ok(())
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// Features to offer the guest driver.
+    pub fn device_features(&self) -> u64 {
+        self.device_features
+    }
+
+    /// The device's config space, as the back end reported it.
+    pub fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    /// Gives the back end guest RAM, the in-flight table and the rings, and
+    /// starts them. `base` returns, per queue, the ring index to start at.
+    fn start(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        memfd: &File,
+        activation: &Activation,
+        events: &QueueEvents,
+        base: impl Fn(&QueueSetup) -> u16,
+    ) -> Result<(), FrontendError> {
+        let mut features = activation.acked_features & self.device_features;
+        if self.backend_speaks_protocol {
+            features |= PROTOCOL_FEATURES_BIT;
+        }
+        self.frontend.set_features(features).map_err(self.err("SET_FEATURES"))?;
+
+        let regions: Vec<VhostUserMemoryRegionInfo> = mem
+            .iter()
+            .map(|region| VhostUserMemoryRegionInfo {
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                mmap_offset: region.file_offset().map(|f| f.start()).unwrap_or(0),
+                mmap_handle: memfd.as_raw_fd(),
+            })
+            .collect();
+        self.frontend.set_mem_table(&regions).map_err(self.err("SET_MEM_TABLE"))?;
+
+        if self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            match &self.inflight {
+                Some((info, file)) => {
+                    let fd = file.as_raw_fd();
+                    self.frontend.set_inflight_fd(info, fd).map_err(self.err("SET_INFLIGHT_FD"))?;
+                }
+                None => {
+                    let queue_size = activation.queues.iter().map(|q| q.size).max().unwrap_or(0);
+                    let request = VhostUserInflight::new(0, 0, activation.queues.len() as u16, queue_size);
+                    let table = self.frontend.get_inflight_fd(&request).map_err(self.err("GET_INFLIGHT_FD"))?;
+                    self.inflight = Some(table);
+                }
+            }
+        }
+
+        for (index, queue) in activation.queues.iter().enumerate() {
+            if queue.size == 0 {
+                continue;
+            }
+            let host = |addr: u64| {
+                mem.get_host_address(GuestAddress(addr))
+                    .map(|p| p as u64)
+                    .map_err(|_| FrontendError::BadRingAddress { device: self.kind.name(), addr })
+            };
+            let ring = VringConfigData {
+                queue_max_size: super::MAX_QUEUE_SIZE,
+                queue_size: queue.size,
+                flags: 0,
+                desc_table_addr: host(queue.desc)?,
+                used_ring_addr: host(queue.used)?,
+                avail_ring_addr: host(queue.avail)?,
+                log_addr: None,
+            };
+            self.frontend.set_vring_num(index, queue.size).map_err(self.err("SET_VRING_NUM"))?;
+            self.frontend.set_vring_addr(index, &ring).map_err(self.err("SET_VRING_ADDR"))?;
+            self.frontend.set_vring_base(index, base(queue)).map_err(self.err("SET_VRING_BASE"))?;
+            self.frontend.set_vring_call(index, events.call).map_err(self.err("SET_VRING_CALL"))?;
+            self.frontend.set_vring_kick(index, &events.kicks[index]).map_err(self.err("SET_VRING_KICK"))?;
+            if self.backend_speaks_protocol {
+                self.frontend.set_vring_enable(index, true).map_err(self.err("SET_VRING_ENABLE"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest driver set DRIVER_OK: start the device.
+    pub fn activate(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        memfd: &File,
+        acked_features: u64,
+        queues: &[QueueSetup],
+        events: &QueueEvents,
+    ) -> Result<(), FrontendError> {
+        let activation = Activation { acked_features, queues: queues.to_vec() };
+        self.start(mem, memfd, &activation, events, |_| 0)?;
+        self.activation = Some(activation);
+        Ok(())
+    }
+
+    /// Replaces a back end that died: a fresh session over `stream`, then
+    /// the same features, memory, in-flight table and rings. Each ring
+    /// resumes at the used index the guest can see; requests that were in
+    /// flight are resubmitted by the back end from the in-flight table.
+    pub fn reconnect(
+        &mut self,
+        stream: UnixStream,
+        mem: &GuestMemoryMmap,
+        memfd: &File,
+        events: &QueueEvents,
+    ) -> Result<(), FrontendError> {
+        let old_features = self.device_features;
+        self.frontend = Frontend::from_stream(stream, self.kind.num_queues() as u64);
+        self.handshake()?;
+        if self.device_features != old_features {
+            return Err(FrontendError::FeaturesChanged {
+                device: self.kind.name(),
+                old: old_features,
+                new: self.device_features,
+            });
+        }
+        let Some(activation) = self.activation.clone() else {
+            return Ok(()); // the driver had not started the device yet
+        };
+        self.start(mem, memfd, &activation, events, |q| used_index(mem, q))
+    }
+
+    /// The guest reset the device: stop every ring (GET_VRING_BASE stops a
+    /// ring in vhost-user) and forget the activation.
+    pub fn reset(&mut self) {
+        if let Some(activation) = self.activation.take() {
+            for index in 0..activation.queues.len() {
+                let _ = self.frontend.get_vring_base(index);
+            }
+        }
+        self.inflight = None;
+    }
+}
+
+/// The used ring's index as the guest sees it: everything before it is
+/// done, whatever the back end that died had or had not finished.
+fn used_index(mem: &GuestMemoryMmap, queue: &QueueSetup) -> u16 {
+    use vm_memory::Bytes;
+    mem.read_obj::<u16>(GuestAddress(queue.used + 2)).map(u16::from_le).unwrap_or(0)
+}
