@@ -1,0 +1,12 @@
+//! mm-device: one vhost-user back end per process (DESIGN.md, "Processes on
+//! one host"). Each device parses guest-controlled data in its own jailed
+//! process, so a bug in one reaches nothing but that device.
+//!
+//! * `block`: raw disk images, with in-flight request tracking so a
+//!   restarted process resubmits what its predecessor had not finished.
+//! * `net`: a TAP fd handed in by the broker.
+//! * `vsock`: Firecracker's hybrid vsock over unix sockets.
+
+pub mod block;
+pub mod net;
+pub mod vsock;

@@ -1,0 +1,1 @@
+//! The net back end (being written).

@@ -1,0 +1,1 @@
+//! The vsock back end (being written).
