@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the MicroMachines guest kernel (an ELF vmlinux) from Debian's
-# linux-source-6.1, our config fragment and our PVM patches, and caches it in
-# the state directory under a hash of all three. Prints the vmlinux path.
+# Builds the MicroMachines guest kernel from Debian's linux-source-6.1, our
+# config fragment and our PVM patches, and caches it in the state directory
+# under a hash of all three and this script. Prints the vmlinux path; a
+# bzImage of the same kernel sits beside it (mm-vmm boots either; the ELF
+# vmlinux skips the decompressor, which is slow under PVM).
 #
 #   guest/kernel/build.sh [--print-path]
 #
@@ -14,7 +16,7 @@ tarball=/usr/src/linux-source-6.1.tar.xz
 [ -f "$tarball" ] || { echo "build.sh: $tarball missing (apt-get install linux-source-6.1)" >&2; exit 1; }
 
 src_version="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
-key="$( { echo "$src_version"; cat "$here/config.fragment"; cat "$here"/patches/*.patch; } | sha256sum | cut -c1-16)"
+key="$( { echo "$src_version"; cat "$0" "$here/config.fragment" "$here"/patches/*.patch; } | sha256sum | cut -c1-16)"
 out="$state/kernel/$key"
 if [ "${1:-}" = "--print-path" ]; then echo "$out/vmlinux"; exit 0; fi
 if [ -f "$out/vmlinux" ]; then echo "$out/vmlinux"; exit 0; fi
@@ -34,8 +36,8 @@ while IFS= read -r line; do
 	case "$line" in CONFIG_*=y) grep -qx "$line" .config || { echo "build.sh: $line did not stick" >&2; missing=1; } ;; esac
 done < "$here/config.fragment"
 [ "$missing" = 0 ] || exit 1
-make -s -j"${MM_KERNEL_JOBS:-$(nproc)}" vmlinux >&2
+make -s -j"${MM_KERNEL_JOBS:-$(nproc)}" vmlinux bzImage >&2
 mkdir -p "$out.tmp"
-cp vmlinux .config System.map "$out.tmp/"
+cp vmlinux .config System.map arch/x86/boot/bzImage "$out.tmp/"
 rm -rf "$out" && mv "$out.tmp" "$out"
 echo "$out/vmlinux"

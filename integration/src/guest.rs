@@ -18,6 +18,8 @@ pub struct Boot {
     pub memory_mib: u64,
     pub extra_cmdline: String,
     pub command: Vec<String>,
+    /// Boot the bzImage built beside the vmlinux instead of the vmlinux.
+    pub bzimage: bool,
 }
 
 impl Boot {
@@ -28,7 +30,13 @@ impl Boot {
             memory_mib: 128,
             extra_cmdline: String::new(),
             command: command.iter().map(|s| s.to_string()).collect(),
+            bzimage: false,
         }
+    }
+
+    pub fn bzimage(mut self) -> Self {
+        self.bzimage = true;
+        self
     }
 
     pub fn cpus(mut self, cpus: u8) -> Self {
@@ -38,9 +46,13 @@ impl Boot {
 
     /// The mm-vmm command line, ready to spawn.
     pub fn command(&self) -> Result<Command> {
+        let mut kernel = guest_kernel()?;
+        if self.bzimage {
+            kernel.set_file_name("bzImage");
+        }
         let mut cmd = Command::new(workspace_binary("mm-vmm")?);
         cmd.arg("--kernel")
-            .arg(guest_kernel()?)
+            .arg(kernel)
             .arg("--initrd")
             .arg(guest_initramfs()?)
             .arg("--cpus")

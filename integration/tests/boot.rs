@@ -57,3 +57,14 @@ fn two_vcpus_come_online_and_user_space_survives_500_processes() {
     assert!(!run.stdout.contains("segfault"), "a guest process crashed:\n{context}");
     assert_eq!(run.status, Some(0), "{context}");
 }
+
+#[test]
+fn a_bzimage_boots_to_user_space_too() {
+    if !kvm_available("a_bzimage_boots_to_user_space_too") {
+        return;
+    }
+    let run = Boot::new(&["sh", "-c", "echo bzimage-ok"]).bzimage().run().unwrap();
+    let context = format!("console:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.lines().any(|l| l.trim() == "bzimage-ok"), "{context}");
+    assert_eq!(run.status, Some(0), "{context}");
+}

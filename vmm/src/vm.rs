@@ -142,6 +142,7 @@ pub struct Vm {
     bus: Arc<Bus>,
     start: Instant,
     profile_guest: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
 }
 
 /// Encodes the workload for mm-init's `mm.cmd=` (see guest/init/src/settings.rs).
@@ -265,7 +266,15 @@ impl Vm {
             vcpu.configure(&supported, config.cpus, pvm, kernel.entry.0)?;
             vcpus.push(vcpu);
         }
-        Ok(Vm { _vm: vm, _ram: ram, vcpus, bus, start, profile_guest: config.profile_guest.clone() })
+        Ok(Vm {
+            _vm: vm,
+            _ram: ram,
+            vcpus,
+            bus,
+            start,
+            profile_guest: config.profile_guest.clone(),
+            control_socket: config.control_socket.clone(),
+        })
     }
 
     /// Runs the guest to its end. vCPU threads still inside KVM_RUN are
@@ -295,6 +304,9 @@ impl Vm {
         }
         drop(tx);
         let stop = rx.recv();
+        if let Some(path) = &self.control_socket {
+            let _ = std::fs::remove_file(path);
+        }
         if let (Some(samples), Some(path)) = (&samples, &self.profile_guest)
             && let Err(e) = samples.write(path)
         {
