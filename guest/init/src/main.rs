@@ -9,6 +9,7 @@
 mod bootdev;
 mod settings;
 mod supervise;
+mod tools;
 
 use std::io::Write;
 use std::process::Command;
@@ -43,8 +44,13 @@ fn mount_pseudo_filesystems() {
 
 fn main() {
     if std::process::id() != 1 {
-        eprintln!("mm-init: must run as PID 1 inside a microVM");
-        std::process::exit(2);
+        // Not PID 1: run one of the built-in tools (see tools.rs).
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        if args.is_empty() {
+            eprintln!("mm-init: must run as PID 1 inside a microVM (or: mm-init TOOL ARGS)");
+            std::process::exit(2);
+        }
+        std::process::exit(tools::run(&args));
     }
     mount_pseudo_filesystems();
     println!("{STARTED_MARKER}");
