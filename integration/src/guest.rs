@@ -1,10 +1,13 @@
 //! Booting the built-in guest (our kernel + busybox/mm-init initramfs) with
 //! mm-vmm, for tests and benchmarks.
 
-use std::process::Command;
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::{Run, guest_initramfs, guest_kernel, run_with_timeout, workspace_binary};
 
@@ -20,6 +23,12 @@ pub struct Boot {
     pub command: Vec<String>,
     /// Boot the bzImage built beside the vmlinux instead of the vmlinux.
     pub bzimage: bool,
+    /// Use the built-in initramfs as the root (else a block device must
+    /// carry it: see `root_on_block`).
+    pub initramfs: bool,
+    /// `KIND=SOCKET` virtio devices, in guest order.
+    pub devices: Vec<String>,
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Boot {
@@ -31,7 +40,29 @@ impl Boot {
             extra_cmdline: String::new(),
             command: command.iter().map(|s| s.to_string()).collect(),
             bzimage: false,
+            initramfs: true,
+            devices: Vec::new(),
+            control_socket: None,
         }
+    }
+
+    /// Root filesystem on the first block device (served at `socket`)
+    /// instead of the initramfs.
+    pub fn root_on_block(mut self, socket: &Path) -> Self {
+        self.initramfs = false;
+        self.devices.insert(0, format!("block={}", socket.display()));
+        self.extra_cmdline = format!("root=/dev/vda rw init=/init {}", self.extra_cmdline).trim().to_string();
+        self
+    }
+
+    pub fn device(mut self, kind: &str, socket: &Path) -> Self {
+        self.devices.push(format!("{kind}={}", socket.display()));
+        self
+    }
+
+    pub fn control(mut self, socket: &Path) -> Self {
+        self.control_socket = Some(socket.to_path_buf());
+        self
     }
 
     pub fn bzimage(mut self) -> Self {
@@ -51,14 +82,17 @@ impl Boot {
             kernel.set_file_name("bzImage");
         }
         let mut cmd = Command::new(workspace_binary("mm-vmm")?);
-        cmd.arg("--kernel")
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(guest_initramfs()?)
-            .arg("--cpus")
-            .arg(self.cpus.to_string())
-            .arg("--memory-mib")
-            .arg(self.memory_mib.to_string());
+        cmd.arg("--kernel").arg(kernel);
+        if self.initramfs {
+            cmd.arg("--initrd").arg(guest_initramfs()?);
+        }
+        for device in &self.devices {
+            cmd.arg("--device").arg(device);
+        }
+        if let Some(control) = &self.control_socket {
+            cmd.arg("--control").arg(control);
+        }
+        cmd.arg("--cpus").arg(self.cpus.to_string()).arg("--memory-mib").arg(self.memory_mib.to_string());
         if !self.extra_cmdline.is_empty() {
             cmd.arg("--cmdline").arg(&self.extra_cmdline);
         }
@@ -68,5 +102,90 @@ impl Boot {
 
     pub fn run(&self) -> Result<Run> {
         run_with_timeout(self.command()?, BOOT_TIMEOUT)
+    }
+
+    /// Starts the guest and hands back its console line by line.
+    pub fn spawn(&self) -> Result<RunningGuest> {
+        let mut child = self.command()?.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = BufReader::new(stderr).read_to_string(&mut text);
+            text
+        });
+        Ok(RunningGuest { child, lines, console: Vec::new(), stderr: Some(stderr) })
+    }
+}
+
+/// A guest started with [`Boot::spawn`].
+pub struct RunningGuest {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every console line seen so far.
+    pub console: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl RunningGuest {
+    /// Waits for a console line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.console.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => {
+                    bail!("no console line with {needle:?} within {timeout:?}; console:\n{}", self.console.join("\n"))
+                }
+            }
+        }
+    }
+
+    /// Waits for the guest to end; returns mm-vmm's exit status, the whole
+    /// console and mm-vmm's stderr.
+    pub fn finish(mut self, timeout: Duration) -> Result<Run> {
+        let start = Instant::now();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.console.push(line);
+                }
+                let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+                let stdout = std::mem::take(&mut self.console).join("\n");
+                return Ok(Run { status: status.code(), stdout, stderr, elapsed: start.elapsed() });
+            }
+            while let Ok(line) = self.lines.try_recv() {
+                self.console.push(line);
+            }
+            if Instant::now() > deadline {
+                bail!("guest still running after {timeout:?}; console:\n{}", self.console.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own, not yet reaped child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
     }
 }
