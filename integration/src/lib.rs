@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod devices;
 pub mod guest;
+pub mod netns;
 
 /// The repository root (this crate lives in `integration/`).
 pub fn repo_root() -> PathBuf {
