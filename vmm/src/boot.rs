@@ -73,17 +73,19 @@ fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1
 }
 
-/// Loads the initramfs page-aligned at the top of low RAM.
+/// Loads the initramfs page-aligned at the top of low RAM, reading the file
+/// straight into guest memory.
 fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
     let shown = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| BootError::OpenInitrd { path: shown.clone(), source })?;
-    let size = data.len() as u64;
+    let open_err = |source| BootError::OpenInitrd { path: shown.clone(), source };
+    let mut file = File::open(path).map_err(open_err)?;
+    let size = file.metadata().map_err(open_err)?.len();
     let top = low_ram_end(mem);
     let start = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= kernel_end);
     let Some(start) = start else {
         return Err(BootError::InitrdTooLarge { path: shown, size });
     };
-    mem.write_slice(&data, GuestAddress(start)).map_err(mem_err)?;
+    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize).map_err(mem_err)?;
     Ok((start, size))
 }
 
@@ -128,7 +130,9 @@ pub fn load(
     cmdline: &Cmdline,
     cpus: u8,
 ) -> Result<LoadedKernel, BootError> {
+    let t = std::time::Instant::now();
     let (result, entry) = load_kernel(mem, kernel)?;
+    tracing::debug!(us = t.elapsed().as_micros() as u64, "kernel copied");
     load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     write_boot_tables(mem)?;
     crate::mptable::write(mem, cpus).map_err(mem_err)?;
@@ -144,7 +148,9 @@ pub fn load(
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline.as_cstring().map(|c| c.as_bytes().len() as u32).unwrap_or(0) + 1;
     if let Some(path) = initrd {
+        let t = std::time::Instant::now();
         let (start, size) = load_initrd(mem, path, result.kernel_end)?;
+        tracing::debug!(us = t.elapsed().as_micros() as u64, "initramfs copied");
         params.hdr.ramdisk_image = start as u32;
         params.hdr.ramdisk_size = size as u32;
     }

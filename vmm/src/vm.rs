@@ -151,6 +151,70 @@ pub fn encode_command(command: &[String]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
 }
 
+/// The MMIO base and IRQ of virtio device `index`.
+fn device_slot(index: usize) -> (u64, u32) {
+    (BOOT_DEVICE_START + BOOT_DEVICE_SIZE + index as u64 * MMIO_SIZE, FIRST_VIRTIO_IRQ + index as u32)
+}
+
+/// The guest's kernel command line: ours, the devices, the PVM fix-ups,
+/// the caller's extras, and the workload for mm-init.
+fn kernel_cmdline(config: &VmConfig, pvm: bool) -> Result<linux_loader::cmdline::Cmdline, VmError> {
+    let devices: Vec<String> = (0..config.devices.len())
+        .map(|i| {
+            let (base, irq) = device_slot(i);
+            format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+        })
+        .collect();
+    let bootdev = format!("mm.bootdev={:#x}", BOOT_DEVICE_START);
+    let pvm_params = if pvm { PVM_CMDLINE } else { "" };
+    let cmd =
+        if config.command.is_empty() { String::new() } else { format!("mm.cmd={}", encode_command(&config.command)) };
+    Ok(boot::build_cmdline(&[BASE_CMDLINE, &bootdev, &devices.join(" "), pvm_params, &config.extra_cmdline, &cmd])?)
+}
+
+/// The KVM VM with its interrupt controllers, guest RAM registered, the
+/// virtio devices connected and the legacy devices on a bus.
+fn create_machine(kvm: &Kvm, ram: &GuestRam, config: &VmConfig, start: Instant) -> Result<(VmFd, Arc<Bus>), VmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    for (slot, region) in ram.memory.iter().enumerate() {
+        let mem_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `ram`, which the
+        // Vm keeps for as long as the KVM VM exists.
+        unsafe { vm.set_user_memory_region(mem_region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+
+    let mut virtio = Vec::new();
+    for (i, spec) in config.devices.iter().enumerate() {
+        let (base, irq) = device_slot(i);
+        virtio.push((base, Mutex::new(connect_device(&vm, ram, spec, base, irq)?)));
+    }
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
+    let serial = Serial::new(EventFdTrigger(serial_irq), config.serial.open().map_err(VmError::Serial)?);
+    let reset = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    let bus = Arc::new(Bus {
+        serial: Mutex::new(serial),
+        i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset))),
+        boot_device: BootDevice::new(start),
+        virtio,
+    });
+    if let Some(path) = &config.control_socket {
+        crate::control::serve(path, Arc::clone(&bus))
+            .map_err(|source| VmError::Control { path: path.clone(), source })?;
+    }
+    Ok((vm, bus))
+}
+
 /// Connects to a device's back end and wires its queue notifications
 /// (ioeventfds on QueueNotify) and interrupt (an irqfd) into KVM.
 fn connect_device(vm: &VmFd, ram: &GuestRam, spec: &DeviceSpec, base: u64, irq: u32) -> Result<MmioDevice, VmError> {
@@ -193,70 +257,31 @@ impl Vm {
         if let Some(initrd) = config.initrd.as_ref().filter(|p| !p.is_file()) {
             return Err(VmError::InitrdMissing(initrd.clone()));
         }
+        let step = |what: &str| tracing::debug!(since_start_us = start.elapsed().as_micros() as u64, "{what}");
         let kvm = open_kvm()?;
+        step("opened /dev/kvm");
         let pvm = config.pvm.resolve();
         if pvm {
             tracing::info!("PVM host detected: filtering CPUID and adding `{PVM_CMDLINE}` to the kernel command line");
         }
         let ram = GuestRam::new(config.memory_mib)?;
-
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        for (slot, region) in ram.memory.iter().enumerate() {
-            let host = ram.memory.get_host_address(region.start_addr()).expect("region is mapped");
-            let mem_region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `ram`, which the
-            // Vm keeps for as long as the KVM VM exists.
-            unsafe { vm.set_user_memory_region(mem_region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-
+        step("guest RAM mapped");
         if config.devices.len() > MAX_DEVICES {
             return Err(VmError::TooManyDevices);
         }
-        let mut virtio = Vec::new();
-        let mut device_params = Vec::new();
-        for (i, spec) in config.devices.iter().enumerate() {
-            let base = BOOT_DEVICE_START + BOOT_DEVICE_SIZE + i as u64 * MMIO_SIZE;
-            let irq = FIRST_VIRTIO_IRQ + i as u32;
-            virtio.push((base, Mutex::new(connect_device(&vm, &ram, spec, base, irq)?)));
-            device_params.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        }
-        let device_params = device_params.join(" ");
+        let cmdline = kernel_cmdline(config, pvm)?;
 
-        let bootdev = format!("mm.bootdev={:#x}", BOOT_DEVICE_START);
-        let pvm_params = if pvm { PVM_CMDLINE } else { "" };
-        let cmd = if config.command.is_empty() {
-            String::new()
-        } else {
-            format!("mm.cmd={}", encode_command(&config.command))
-        };
-        let cmdline =
-            boot::build_cmdline(&[BASE_CMDLINE, &bootdev, &device_params, pvm_params, &config.extra_cmdline, &cmd])?;
-        let kernel = boot::load(&ram.memory, &config.kernel, config.initrd.as_deref(), &cmdline, config.cpus)?;
-
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
-        let serial = Serial::new(EventFdTrigger(serial_irq), config.serial.open().map_err(VmError::Serial)?);
-        let reset = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        let bus = Arc::new(Bus {
-            serial: Mutex::new(serial),
-            i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset))),
-            boot_device: BootDevice::new(start),
-            virtio,
+        // Copying the kernel and initramfs into guest RAM is the slowest
+        // step of set-up, and the KVM objects do not need it: do both at once.
+        let (kernel, machine) = std::thread::scope(|scope| {
+            let loader = scope
+                .spawn(|| boot::load(&ram.memory, &config.kernel, config.initrd.as_deref(), &cmdline, config.cpus));
+            let machine = create_machine(&kvm, &ram, config, start);
+            (loader.join().expect("the kernel loader thread panicked"), machine)
         });
-        if let Some(path) = &config.control_socket {
-            crate::control::serve(path, Arc::clone(&bus))
-                .map_err(|source| VmError::Control { path: path.clone(), source })?;
-        }
+        let (vm, bus) = machine?;
+        let kernel = kernel?;
+        step("VM created, kernel and initramfs loaded");
 
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
