@@ -19,6 +19,10 @@ src_version="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
 key="$( { echo "$src_version"; cat "$0" "$here/config.fragment" "$here"/patches/*.patch; } | sha256sum | cut -c1-16)"
 out="$state/kernel/$key"
 if [ "${1:-}" = "--print-path" ]; then echo "$out/vmlinux"; exit 0; fi
+# One builder at a time: parallel tests and benchmarks may all ask at once.
+mkdir -p "$state/kernel"
+exec 9>"$state/kernel/.lock"
+flock 9
 if [ -f "$out/vmlinux" ]; then echo "$out/vmlinux"; exit 0; fi
 
 work="$(mktemp -d "${TMPDIR:-/var/tmp}/mm-kernel.XXXXXX")"

@@ -13,6 +13,10 @@ init="$(bash "$here/build-mm-init.sh")"
 
 key="$(cat "$init" /bin/busybox "$here/populate.sh" "$0" | sha256sum | cut -c1-16)"
 out="$state/initramfs/$key.cpio"
+# One builder at a time: parallel tests and benchmarks may all ask at once.
+mkdir -p "$state/initramfs"
+exec 9>"$state/initramfs/.lock"
+flock 9
 if [ -f "$out" ]; then echo "$out"; exit 0; fi
 
 root="$(mktemp -d "${TMPDIR:-/var/tmp}/mm-initramfs.XXXXXX")"

@@ -13,6 +13,10 @@ init="$(bash "$here/build-mm-init.sh")"
 
 key="$( (cat "$init" /bin/busybox "$here/populate.sh" "$0"; echo "$size_mib") | sha256sum | cut -c1-16)"
 out="$state/rootfs/$key.ext4"
+# One builder at a time: parallel tests and benchmarks may all ask at once.
+mkdir -p "$state/rootfs"
+exec 9>"$state/rootfs/.lock"
+flock 9
 if [ -f "$out" ]; then echo "$out"; exit 0; fi
 
 root="$(mktemp -d "${TMPDIR:-/var/tmp}/mm-rootfs.XXXXXX")"

@@ -1,0 +1,90 @@
+//! The reference: QEMU's `microvm` machine booting the same kernel,
+//! initramfs and command line as mm-vmm, with the same RAM and vCPUs.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::BootConfig;
+
+/// Debian's `qemu-system-x86` puts the binary here.
+pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// The machine: microvm without option ROMs or RTC, with the legacy ISA
+/// serial port, PIT and PIC that our guest kernel (no ACPI) expects.
+const MACHINE: &str = "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on";
+
+/// Installs QEMU (`apt-get install -y qemu-system-x86`) if it is missing,
+/// retrying once after `apt-get update` because a fresh machine may have
+/// no package lists yet.
+pub fn ensure_installed() -> Result<()> {
+    if Path::new(QEMU).exists() {
+        return Ok(());
+    }
+    eprintln!("mm-bench: {QEMU} missing: apt-get install -y qemu-system-x86");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "qemu-system-x86"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+    };
+    if !install().context("running apt-get")?.success() {
+        let updated = Command::new("apt-get").arg("update").stdout(Stdio::null()).status();
+        if !updated.context("running apt-get update")?.success() || !install()?.success() {
+            bail!("apt-get install qemu-system-x86 failed (run as root?)");
+        }
+    }
+    if !Path::new(QEMU).exists() {
+        bail!("qemu-system-x86 installed, but {QEMU} is still missing");
+    }
+    Ok(())
+}
+
+/// `QEMU emulator version 7.2.22 (...)`, the first line of `--version`.
+pub fn version() -> Result<String> {
+    let out = Command::new(QEMU).arg("--version").output().context("running qemu --version")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().next().unwrap_or_default().trim().to_string())
+}
+
+/// The QEMU invocation booting `kernel` and `initrd` with `cmdline`.
+///
+/// `-cpu host,-arch-capabilities`: PVM cannot set that MSR (PVM.md #1).
+/// `-nodefaults -no-user-config`: no default devices or config files, so
+/// QEMU's cost is what microvm needs. `-no-reboot`: the guest's reset at the
+/// end of the workload makes QEMU exit (our boot device is absent, so
+/// mm-init skips it and just resets).
+pub fn command(config: &BootConfig, kernel: &Path, initrd: &Path, cmdline: &str) -> Command {
+    let mut cmd = Command::new(QEMU);
+    cmd.args(["-M", MACHINE, "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-m", &config.memory_mib.to_string()])
+        .args(["-smp", &config.cpus.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-no-reboot", "-append", cmdline]);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_uses_the_same_guest() {
+        let config =
+            BootConfig { cpus: 2, memory_mib: 96, extra_cmdline: String::new(), workload: vec!["true".into()] };
+        let cmd = command(&config, Path::new("/k"), Path::new("/i"), "console=ttyS0 a=b");
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let after = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(after("-m"), "96");
+        assert_eq!(after("-smp"), "2");
+        assert_eq!(after("-kernel"), "/k");
+        assert_eq!(after("-initrd"), "/i");
+        assert_eq!(after("-append"), "console=ttyS0 a=b");
+    }
+}
