@@ -10,3 +10,7 @@
 pub mod block;
 pub mod net;
 pub mod vsock;
+
+/// A vhost-user front end for device tests without KVM (see the module docs).
+#[cfg(any(test, feature = "test-frontend"))]
+pub mod test_frontend;

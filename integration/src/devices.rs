@@ -2,6 +2,8 @@
 //! listening on its own socket in a scratch directory, ended by pid when
 //! dropped.
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,15 +22,30 @@ impl DeviceProcess {
     /// Starts `mm-device KIND --socket SOCKET ARGS...` and waits until the
     /// socket exists.
     pub fn spawn(kind: &str, socket: &Path, args: &[&str]) -> Result<Self> {
+        Self::spawn_with_fds(kind, socket, args, &[])
+    }
+
+    /// Like `spawn`, with `fds` inherited by the child at the given numbers
+    /// (e.g. a TAP fd for `mm-device net --tap-fd N`).
+    pub fn spawn_with_fds(kind: &str, socket: &Path, args: &[&str], fds: &[(&OwnedFd, RawFd)]) -> Result<Self> {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new(workspace_binary("mm-device")?)
-            .arg(kind)
-            .arg("--socket")
-            .arg(socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawning mm-device")?;
+        let mut cmd = Command::new(workspace_binary("mm-device")?);
+        cmd.arg(kind).arg("--socket").arg(socket).args(args).stdin(Stdio::null());
+        let pairs: Vec<(RawFd, RawFd)> = fds.iter().map(|(fd, target)| (fd.as_raw_fd(), *target)).collect();
+        // SAFETY: the closure runs between fork and exec and only calls
+        // dup2, which is async-signal-safe; dup2 also clears CLOEXEC on the
+        // target, so exactly these fds are inherited.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (fd, target) in &pairs {
+                    if libc::dup2(*fd, *target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawning mm-device")?;
         let mut process = DeviceProcess { child, socket: socket.to_path_buf() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {

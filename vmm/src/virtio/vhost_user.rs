@@ -8,7 +8,9 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -110,6 +112,11 @@ impl VhostUserDevice {
             let offered = self.frontend.get_protocol_features().map_err(self.err("GET_PROTOCOL_FEATURES"))?;
             self.protocol = offered & WANTED_PROTOCOL;
             self.frontend.set_protocol_features(self.protocol).map_err(self.err("SET_PROTOCOL_FEATURES"))?;
+            if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Ask for an ack on every request, so a set-up step the back
+                // end rejects fails here, naming the step.
+                self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
         }
         Ok(())
     }
@@ -165,8 +172,11 @@ impl VhostUserDevice {
                 None => {
                     let queue_size = activation.queues.iter().map(|q| q.size).max().unwrap_or(0);
                     let request = VhostUserInflight::new(0, 0, activation.queues.len() as u16, queue_size);
-                    let table = self.frontend.get_inflight_fd(&request).map_err(self.err("GET_INFLIGHT_FD"))?;
-                    self.inflight = Some(table);
+                    let (info, file) = self.frontend.get_inflight_fd(&request).map_err(self.err("GET_INFLIGHT_FD"))?;
+                    // The spec (and QEMU) hand the table straight back, so
+                    // the back end tracks into the region we keep.
+                    self.frontend.set_inflight_fd(&info, file.as_raw_fd()).map_err(self.err("SET_INFLIGHT_FD"))?;
+                    self.inflight = Some((info, file));
                 }
             }
         }

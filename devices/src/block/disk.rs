@@ -1,0 +1,213 @@
+//! The raw image file, and moving bytes between it and guest memory without
+//! a bounce buffer: `pread`/`pwrite` straight into the guest's pages.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vmm_sys_util::fallocate::{FallocateMode, fallocate};
+
+use super::chain::Segment;
+use super::config::SECTOR_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("cannot size disk image {path}: {source}")]
+    Size { path: String, source: std::io::Error },
+    #[error("disk I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("guest buffer is not in guest memory")]
+    GuestMemory,
+    #[error("unexpected end of the image file")]
+    ShortIo,
+}
+
+/// An open raw image. Capacity is fixed at open time, in whole sectors (a
+/// trailing partial sector is not exposed).
+#[derive(Debug)]
+pub struct DiskImage {
+    file: File,
+    capacity_sectors: u64,
+    read_only: bool,
+}
+
+impl DiskImage {
+    /// Opens `path` read-write, or read-only when asked (then the guest
+    /// cannot change it even by a back-end bug).
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| DiskError::Open { path: path.display().to_string(), source })?;
+        Self::from_file(file, read_only).map_err(|e| match e {
+            DiskError::Io(source) => DiskError::Size { path: path.display().to_string(), source },
+            other => other,
+        })
+    }
+
+    /// Wraps an already open file (a regular file or a block device: the
+    /// size comes from seeking to the end, which works for both).
+    pub fn from_file(mut file: File, read_only: bool) -> Result<Self, DiskError> {
+        let size = file.seek(SeekFrom::End(0))?;
+        Ok(DiskImage { file, capacity_sectors: size / SECTOR_SIZE, read_only })
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The image file (for tests and the fuzzer's checks).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads the image at `offset` into the guest buffers `data`.
+    pub fn read_to_guest(&self, mem: &GuestMemoryMmap, data: &[Segment], mut offset: u64) -> Result<u64, DiskError> {
+        let mut done = 0;
+        for seg in data {
+            for slice in mem.get_slices(seg.addr, seg.len as usize) {
+                let slice = slice.map_err(|_| DiskError::GuestMemory)?;
+                self.pread_exact(&slice, offset)?;
+                offset += slice.len() as u64;
+                done += slice.len() as u64;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Writes the guest buffers `data` to the image at `offset`.
+    pub fn write_from_guest(&self, mem: &GuestMemoryMmap, data: &[Segment], mut offset: u64) -> Result<(), DiskError> {
+        for seg in data {
+            for slice in mem.get_slices(seg.addr, seg.len as usize) {
+                let slice = slice.map_err(|_| DiskError::GuestMemory)?;
+                self.pwrite_all(&slice, offset)?;
+                offset += slice.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn pread_exact(&self, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
+        let guard = slice.ptr_guard_mut();
+        let mut done = 0usize;
+        while done < guard.len() {
+            let off = offset.checked_add(done as u64).ok_or(DiskError::ShortIo)?;
+            // SAFETY: the pointer and length come from a VolatileSlice of
+            // mapped guest memory that `guard` keeps alive; pread writes at
+            // most `len - done` bytes inside it. Guest memory is shared with
+            // the guest anyway, so concurrent changes are no UB hazard for a
+            // raw syscall write.
+            let n = unsafe {
+                libc::pread64(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    guard.len() - done,
+                    off as libc::off64_t,
+                )
+            };
+            match n {
+                0 => return Err(DiskError::ShortIo),
+                n if n < 0 => {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(err.into());
+                    }
+                }
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
+    fn pwrite_all(&self, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
+        let guard = slice.ptr_guard();
+        let mut done = 0usize;
+        while done < guard.len() {
+            let off = offset.checked_add(done as u64).ok_or(DiskError::ShortIo)?;
+            // SAFETY: as in pread_exact; pwrite only reads the buffer.
+            let n = unsafe {
+                libc::pwrite64(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    guard.len() - done,
+                    off as libc::off64_t,
+                )
+            };
+            match n {
+                0 => return Err(DiskError::ShortIo),
+                n if n < 0 => {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(err.into());
+                    }
+                }
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable: a guest `sync` that returned
+    /// means the data is on the host's disk.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// Deallocates a range. Discard is a hint, so a file system that cannot
+    /// punch holes is not an error.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(e.errno()) => Ok(()),
+            Err(e) => Err(std::io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    }
+
+    /// Makes a range read back as zeroes: punch a hole when the driver
+    /// allows deallocation, else zero the range in place; fall back to
+    /// writing zeroes where the file system supports neither.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        // true: punch a hole; false: zero in place.
+        let attempts: &[bool] = if unmap { &[true, false] } else { &[false] };
+        for &punch in attempts {
+            let mode = if punch { FallocateMode::PunchHole } else { FallocateMode::ZeroRange };
+            match fallocate(&self.file, mode, true, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if unsupported(e.errno()) => continue,
+                Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno()).into()),
+            }
+        }
+        self.write_zero_bytes(offset, len)
+    }
+
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        use std::os::unix::fs::FileExt;
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn unsupported(errno: i32) -> bool {
+    errno == libc::EOPNOTSUPP || errno == libc::ENOSYS || errno == libc::EINVAL
+}

@@ -1,0 +1,77 @@
+//! Guest memory as the front end describes it (SET_MEM_TABLE): each region
+//! is a file (mm-vmm's memfd) mapped here, plus the front end's own virtual
+//! address for it, because vring addresses arrive as front-end virtual
+//! addresses (DESIGN.md, "Wire protocols") and must be turned into guest
+//! addresses before `virtio_queue` can use them.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("memory table has {regions} regions but {files} files")]
+    FileCount { regions: usize, files: usize },
+    #[error("cannot map guest memory region at {gpa:#x} (+{size:#x}): {source}")]
+    Map { gpa: u64, size: u64, source: vm_memory::mmap::FromRangesError },
+    #[error("guest memory regions overlap or are invalid: {0}")]
+    Layout(vm_memory::GuestRegionCollectionError),
+    #[error("region size {0:#x} does not fit this host")]
+    TooLarge(u64),
+    #[error("region at {gpa:#x} maps past the end of its file (a touch would SIGBUS)")]
+    PastEof { gpa: u64 },
+    #[error("cannot inspect a memory region's file: {0}")]
+    Stat(std::io::Error),
+}
+
+/// One region's front-end virtual address range and where it sits in the guest.
+#[derive(Debug, Clone, Copy)]
+struct VaRange {
+    user_addr: u64,
+    size: u64,
+    gpa: u64,
+}
+
+/// The mapped guest memory and the front end's VA → guest address map.
+#[derive(Debug, Clone)]
+pub struct MemoryTable {
+    pub mem: Arc<GuestMemoryMmap>,
+    ranges: Vec<VaRange>,
+}
+
+impl MemoryTable {
+    /// Maps every region of a SET_MEM_TABLE message.
+    pub fn map(regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<Self, MemoryError> {
+        if regions.len() != files.len() {
+            return Err(MemoryError::FileCount { regions: regions.len(), files: files.len() });
+        }
+        let mut mapped = Vec::with_capacity(regions.len());
+        let mut ranges = Vec::with_capacity(regions.len());
+        for (region, file) in regions.iter().zip(files) {
+            let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+            let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+            let meta = file.metadata().map_err(MemoryError::Stat)?;
+            if meta.file_type().is_file() && region.mmap_offset.checked_add(size).is_none_or(|end| end > meta.len()) {
+                return Err(MemoryError::PastEof { gpa });
+            }
+            let file = FileOffset::new(file, region.mmap_offset);
+            let mmap = GuestRegionMmap::from_range(GuestAddress(gpa), len, Some(file))
+                .map_err(|source| MemoryError::Map { gpa, size, source })?;
+            mapped.push(mmap);
+            ranges.push(VaRange { user_addr: region.user_addr, size, gpa });
+        }
+        let mem = GuestMemoryMmap::from_regions(mapped).map_err(MemoryError::Layout)?;
+        Ok(MemoryTable { mem: Arc::new(mem), ranges })
+    }
+
+    /// The guest address behind front-end virtual address `va`, if a region
+    /// holds it.
+    pub fn va_to_guest(&self, va: u64) -> Option<GuestAddress> {
+        self.ranges
+            .iter()
+            .find(|r| va >= r.user_addr && va - r.user_addr < r.size)
+            .map(|r| GuestAddress(r.gpa + (va - r.user_addr)))
+    }
+}

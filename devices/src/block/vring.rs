@@ -1,0 +1,278 @@
+//! One virtqueue of the block device: what the front end configured, the
+//! `virtio_queue::Queue` built from it, and draining it. The worker thread
+//! owns every `Vring` while it runs; the request handler gets them back
+//! (by stopping the worker) before changing anything.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::chain::DescTable;
+use super::config::MAX_QUEUE_SIZE;
+use super::execute::{BlockDisk, process_chain};
+use super::inflight::QueueInflight;
+use super::memory::MemoryTable;
+
+/// Ring addresses as the front end sent them (its virtual addresses).
+#[derive(Debug, Clone, Copy)]
+pub struct RingAddrs {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VringError {
+    #[error("ring address {0:#x} is not in any memory region")]
+    Untranslatable(u64),
+    #[error("queue size {0} is not a power of two up to {MAX_QUEUE_SIZE}")]
+    BadSize(u16),
+    #[error("ring does not fit in guest memory")]
+    Invalid,
+    #[error("cannot read the used index: {0}")]
+    UsedIndex(vm_memory::GuestMemoryError),
+}
+
+#[derive(Debug)]
+pub struct Vring {
+    pub queue: Queue,
+    pub size: u16,
+    pub addrs: Option<RingAddrs>,
+    /// SET_VRING_BASE: the avail index to resume at.
+    pub base: u16,
+    pub kick: Option<File>,
+    pub call: Option<File>,
+    /// SET_VRING_ENABLE state (meaningful with VHOST_USER_F_PROTOCOL_FEATURES).
+    pub enabled: bool,
+    /// Started: has a kick fd and resolved addresses; stopped by GET_VRING_BASE.
+    pub started: bool,
+    pub inflight: Option<QueueInflight>,
+    /// Requests a killed predecessor left in flight, oldest first.
+    pub resubmit: VecDeque<u16>,
+}
+
+impl Vring {
+    pub fn new() -> Self {
+        Vring {
+            // MAX_QUEUE_SIZE is a nonzero power of two, which is all new() checks.
+            queue: Queue::new(MAX_QUEUE_SIZE).unwrap_or_default(),
+            size: 0,
+            addrs: None,
+            base: 0,
+            kick: None,
+            call: None,
+            enabled: false,
+            started: false,
+            inflight: None,
+            resubmit: VecDeque::new(),
+        }
+    }
+
+    /// Points the queue at the rings, translated through `memory`.
+    pub fn resolve(&mut self, memory: &MemoryTable, event_idx: bool) -> Result<(), VringError> {
+        let addrs = self.addrs.ok_or(VringError::Invalid)?;
+        let gpa = |va: u64| memory.va_to_guest(va).ok_or(VringError::Untranslatable(va));
+        let (desc, avail, used) = (gpa(addrs.desc)?, gpa(addrs.avail)?, gpa(addrs.used)?);
+        self.queue.try_set_size(self.size).map_err(|_| VringError::BadSize(self.size))?;
+        self.queue.try_set_desc_table_address(desc).map_err(|_| VringError::Invalid)?;
+        self.queue.try_set_avail_ring_address(avail).map_err(|_| VringError::Invalid)?;
+        self.queue.try_set_used_ring_address(used).map_err(|_| VringError::Invalid)?;
+        self.queue.set_event_idx(event_idx);
+        self.queue.set_ready(true);
+        if !self.queue.is_valid(&*memory.mem) {
+            self.queue.set_ready(false);
+            return Err(VringError::Invalid);
+        }
+        Ok(())
+    }
+
+    /// Starts the ring: resume at SET_VRING_BASE's index, or, when a table
+    /// says requests were in flight, at used index + their number, with
+    /// them queued for resubmission.
+    pub fn start(&mut self, memory: &MemoryTable, event_idx: bool) -> Result<(), VringError> {
+        self.resolve(memory, event_idx)?;
+        let used_addr = GuestAddress(self.queue.used_ring()).checked_add(2).ok_or(VringError::Invalid)?;
+        let used_idx =
+            memory.mem.load::<u16>(used_addr, Ordering::Acquire).map(u16::from_le).map_err(VringError::UsedIndex)?;
+        self.queue.set_next_used(used_idx);
+        self.queue.set_next_avail(self.base);
+        self.resubmit.clear();
+        if let Some(inflight) = &mut self.inflight {
+            let recovery = inflight.recover(used_idx);
+            if !recovery.resubmit.is_empty() || recovery.next_avail != self.base {
+                tracing::info!(
+                    resubmit = recovery.resubmit.len(),
+                    next_avail = recovery.next_avail,
+                    "block: resuming after a restart",
+                );
+            }
+            self.queue.set_next_avail(recovery.next_avail);
+            self.resubmit = recovery.resubmit.into();
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    /// Stops the ring (GET_VRING_BASE) and returns the avail index to
+    /// resume at.
+    pub fn stop(&mut self) -> u16 {
+        let next = self.queue.next_avail();
+        self.started = false;
+        self.kick = None;
+        self.queue.set_ready(false);
+        self.base = next;
+        next
+    }
+
+    fn signal(&self) {
+        if let Some(mut call) = self.call.as_ref()
+            && let Err(e) = call.write(&1u64.to_ne_bytes())
+        {
+            tracing::warn!("block: cannot signal the call eventfd: {e}");
+        }
+    }
+
+    fn complete(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+        if let Some(inflight) = &self.inflight {
+            inflight.pre_put(head);
+        }
+        if let Err(e) = self.queue.add_used(mem, head, len) {
+            tracing::warn!(head, "block: cannot publish a used element: {e}");
+            return;
+        }
+        if let Some(inflight) = &self.inflight {
+            inflight.post_put(head, self.queue.next_used());
+        }
+    }
+
+    /// Runs everything the ring holds: leftovers of a predecessor first,
+    /// then the avail ring until it is empty (re-checking after re-enabling
+    /// notifications, with EVENT_IDX), then signals the driver once.
+    pub fn process(&mut self, mem: &GuestMemoryMmap, disk: &BlockDisk, indirect: bool, hooks: &Hooks) -> Flow {
+        let table = DescTable { addr: GuestAddress(self.queue.desc_table()), queue_size: self.size, indirect };
+        let mut completed = 0usize;
+        while let Some(head) = self.resubmit.pop_front() {
+            let len = process_chain(mem, table, head, disk);
+            self.complete(mem, head, len);
+            completed += 1;
+        }
+        loop {
+            if self.queue.event_idx_enabled() {
+                let _ = self.queue.disable_notification(mem);
+            }
+            while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                if head >= self.size {
+                    tracing::debug!(head, "block: avail ring names a descriptor outside the table");
+                    continue;
+                }
+                if let Some(inflight) = &mut self.inflight {
+                    inflight.mark(head);
+                }
+                if hooks.crash_now(CrashPoint::Marked) {
+                    return Flow::Crashed;
+                }
+                let len = process_chain(mem, table, head, disk);
+                if hooks.crash_now(CrashPoint::Executed) {
+                    return Flow::Crashed;
+                }
+                if hooks.crash_at(CrashPoint::Published) {
+                    if let Some(inflight) = &self.inflight {
+                        inflight.pre_put(head);
+                    }
+                    let _ = self.queue.add_used(mem, head, len);
+                    hooks.crash_now(CrashPoint::Published);
+                    return Flow::Crashed;
+                }
+                self.complete(mem, head, len);
+                hooks.count();
+                completed += 1;
+            }
+            if !self.queue.event_idx_enabled() || !self.queue.enable_notification(mem).unwrap_or(false) {
+                break;
+            }
+        }
+        if completed > 0 && self.queue.needs_notification(mem).unwrap_or(true) {
+            self.signal();
+        }
+        Flow::Continue
+    }
+}
+
+/// What the worker does after draining a ring.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// A test hook simulated SIGKILL: stop touching anything.
+    Crashed,
+}
+
+/// Where a test can make the worker "die" (as if SIGKILLed) while a request
+/// is in flight, to prove a successor loses and duplicates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Popped and marked in flight, not run.
+    Marked,
+    /// Run (data written), used element not published.
+    Executed,
+    /// Used element published, in-flight mark not yet cleared.
+    Published,
+}
+
+/// Test hooks; inert in production (`Hooks::default()`).
+#[derive(Debug, Default, Clone)]
+pub struct Hooks {
+    #[cfg(test)]
+    pub crash: Option<std::sync::Arc<CrashHook>>,
+}
+
+/// Crash at `point` once `after` requests have completed.
+#[cfg(test)]
+#[derive(Debug)]
+pub struct CrashHook {
+    pub point: CrashPoint,
+    pub after: usize,
+    pub completed: std::sync::atomic::AtomicUsize,
+    pub crashed: std::sync::atomic::AtomicBool,
+}
+
+impl Hooks {
+    #[cfg(test)]
+    fn crash_at(&self, point: CrashPoint) -> bool {
+        self.crash.as_ref().is_some_and(|h| h.point == point && h.completed.load(Ordering::SeqCst) >= h.after)
+    }
+    #[cfg(not(test))]
+    fn crash_at(&self, _point: CrashPoint) -> bool {
+        false
+    }
+
+    fn crash_now(&self, point: CrashPoint) -> bool {
+        let now = self.crash_at(point);
+        #[cfg(test)]
+        if now && let Some(h) = &self.crash {
+            h.crashed.store(true, Ordering::SeqCst);
+        }
+        now
+    }
+
+    fn count(&self) {
+        #[cfg(test)]
+        if let Some(h) = &self.crash {
+            h.completed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a simulated crash happened (the handler then starts no new
+    /// worker, as a dead process would not).
+    pub fn crashed(&self) -> bool {
+        #[cfg(test)]
+        if let Some(h) = &self.crash {
+            return h.crashed.load(Ordering::SeqCst);
+        }
+        false
+    }
+}

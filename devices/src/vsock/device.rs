@@ -1,0 +1,246 @@
+//! The vhost-user side of the vsock device: rx (0), tx (1) and event (2)
+//! queues, and the muxer's epoll nested in the daemon's, all on the
+//! daemon's single worker thread.
+//!
+//! tx: every chain is one guest packet, copied out of guest memory and
+//! handed to the muxer. rx: while the muxer has packets and the guest has
+//! buffers, each buffer gets one packet; host data is read only then, so
+//! a guest that posts no buffers costs nothing and loses nothing. The event
+//! queue is never used (we do not migrate, so never send TRANSPORT_RESET).
+
+use std::io::{self, Read, Write};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+
+use super::muxer::Muxer;
+use super::packet::{HDR_LEN, Header, MAX_PAYLOAD, Op};
+
+pub const RX_QUEUE: u16 = 0;
+pub const TX_QUEUE: u16 = 1;
+pub const EVENT_QUEUE: u16 = 2;
+pub const NUM_QUEUES: usize = 3;
+/// Event id of the muxer's epoll fd (ids up to NUM_QUEUES are the daemon's).
+pub const MUXER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+pub struct VsockBackend {
+    muxer: Muxer,
+    guest_cid: u64,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    buf: Vec<u8>,
+    /// We stopped reading tx because resets pile up; resume after rx.
+    tx_stalled: bool,
+    exit: (EventConsumer, EventNotifier),
+}
+
+impl VsockBackend {
+    pub fn new(guest_cid: u64, muxer: Muxer) -> io::Result<Self> {
+        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        Ok(VsockBackend { muxer, guest_cid, mem: None, buf: Vec::with_capacity(MAX_PAYLOAD), tx_stalled: false, exit })
+    }
+
+    pub fn muxer_fd(&self) -> std::os::fd::RawFd {
+        self.muxer.epoll_fd()
+    }
+
+    pub fn exit_notifier(&self) -> &EventNotifier {
+        &self.exit.1
+    }
+
+    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = &self.mem else { return Ok(()) };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() {
+            return Ok(());
+        }
+        let queue = state.get_queue_mut();
+        let mut used = 0;
+        self.tx_stalled = false;
+        'outer: loop {
+            let _ = queue.disable_notification(&*mem);
+            loop {
+                if self.muxer.resets_full() {
+                    self.tx_stalled = true;
+                    break 'outer;
+                }
+                let Some(chain) = queue.pop_descriptor_chain(&*mem) else { break };
+                let head = chain.head_index();
+                match read_packet(&mem, chain, &mut self.buf) {
+                    Some(hdr) => self.muxer.on_guest_packet(&hdr, &self.buf),
+                    None => tracing::debug!("vsock tx: dropped a malformed chain"),
+                }
+                if let Err(e) = queue.add_used(&*mem, head, 0) {
+                    tracing::warn!("vsock tx: used ring: {e}");
+                    break 'outer;
+                }
+                used += 1;
+            }
+            match queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = &self.mem else { return Ok(()) };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Ok(());
+        }
+        let queue = state.get_queue_mut();
+        let mut used = 0;
+        while self.muxer.has_packet() {
+            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                // Out of buffers: the guest kicks when it adds some.
+                match queue.enable_notification(&*mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let len = match Writer::new(&*mem, chain) {
+                Ok(mut w) if w.available_bytes() >= HDR_LEN => {
+                    let max = (w.available_bytes() - HDR_LEN).min(MAX_PAYLOAD);
+                    let Some(mut hdr) = self.muxer.next_packet(&mut self.buf, max) else {
+                        queue.go_to_previous_position();
+                        break;
+                    };
+                    hdr.len = self.buf.len() as u32;
+                    if w.write_all(&hdr.to_bytes()).and_then(|()| w.write_all(&self.buf)).is_err() {
+                        tracing::warn!("vsock rx: writing a guest buffer failed");
+                    }
+                    w.bytes_written() as u32
+                }
+                // Unusable buffer: returned empty, the packet stays with us.
+                _ => 0,
+            };
+            queue.add_used(&*mem, head, len).map_err(|e| io::Error::other(e.to_string()))?;
+            used += 1;
+        }
+        if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn process_rx_and_resume_tx(&mut self, vrings: &[VringRwLock]) -> io::Result<()> {
+        self.process_rx(&vrings[RX_QUEUE as usize])?;
+        if self.tx_stalled && !self.muxer.resets_full() {
+            self.process_tx(&vrings[TX_QUEUE as usize])?;
+            self.process_rx(&vrings[RX_QUEUE as usize])?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies one guest packet out of a tx chain: the header, and for RW its
+/// payload into `buf` (cleared otherwise). `None` if the chain is too short,
+/// outside guest memory, or claims more payload than it holds or we allow.
+fn read_packet(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, buf: &mut Vec<u8>) -> Option<Header> {
+    let mut reader: Reader<'_> = Reader::new(mem, chain).ok()?;
+    let mut raw = [0u8; HDR_LEN];
+    reader.read_exact(&mut raw).ok()?;
+    let hdr = Header::from_bytes(&raw);
+    buf.clear();
+    if hdr.op() == Some(Op::Rw) {
+        let len = hdr.len as usize;
+        if len > MAX_PAYLOAD || len > reader.available_bytes() {
+            return None;
+        }
+        buf.resize(len, 0);
+        reader.read_exact(buf).ok()?;
+    }
+    Some(hdr)
+}
+
+impl VhostUserBackendMut for VsockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&mut self) {
+        self.muxer.reset_all();
+        self.tx_stalled = false;
+    }
+
+    /// mm-vmm stops the rings (GET_VRING_BASE) when the guest resets the
+    /// device; the guest's connections are gone with it.
+    fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        if queue_index == u32::from(TX_QUEUE) {
+            self.reset_device();
+        }
+        Ok(())
+    }
+
+    fn set_event_idx(&mut self, _enabled: bool) {
+        // The queues know (the daemon sets it on them); we ask them.
+    }
+
+    /// The config space is the guest's CID (le64).
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        crate::net::read_config(&self.guest_cid.to_le_bytes(), offset, size)
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
+        match device_event {
+            RX_QUEUE => self.process_rx_and_resume_tx(vrings),
+            TX_QUEUE => {
+                self.process_tx(&vrings[TX_QUEUE as usize])?;
+                self.process_rx_and_resume_tx(vrings)
+            }
+            EVENT_QUEUE => Ok(()),
+            MUXER_EVENT => {
+                self.muxer.process_events();
+                self.process_rx_and_resume_tx(vrings)
+            }
+            other => Err(io::Error::other(format!("vsock: unknown event {other}"))),
+        }
+    }
+}
