@@ -12,4 +12,5 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 bash guest/kernel/build.sh >/dev/null
 bash guest/rootfs/build-initramfs.sh >/dev/null
 cargo build --workspace --bins --quiet
+bash scripts/fuzz.sh
 cargo test --workspace --no-fail-fast
