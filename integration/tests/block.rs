@@ -34,15 +34,15 @@ fn root_on_virtio_blk_keeps_a_synced_file_across_reboots() {
     assert!(run.stdout.lines().any(|l| l.trim() == token), "console:\n{}", run.stdout);
 }
 
-/// The guest writes 128 distinct 64 KiB blocks to /dev/vdb with fsync,
+/// The guest writes 40 distinct 64 KiB blocks to /dev/vdb with fsync,
 /// then reads each back with O_DIRECT and compares checksums.
 const WRITE_THEN_VERIFY: &str = r#"echo WRITING
-i=0; while [ $i -lt 128 ]; do
+i=0; while [ $i -lt 40 ]; do
   yes "block-$i-pattern" | head -c 65536 | dd of=/dev/vdb bs=65536 seek=$i conv=notrunc,fsync 2>/dev/null || echo "WRITE-FAILED $i"
   i=$((i+1))
 done
 echo WRITES-DONE
-i=0; bad=0; while [ $i -lt 128 ]; do
+i=0; bad=0; while [ $i -lt 40 ]; do
   a=$(dd if=/dev/vdb bs=65536 skip=$i count=1 iflag=direct 2>/dev/null | md5sum)
   b=$(yes "block-$i-pattern" | head -c 65536 | md5sum)
   [ "$a" = "$b" ] || { bad=$((bad+1)); echo "MISMATCH $i"; }

@@ -16,10 +16,14 @@ pub enum PvmMode {
 }
 
 /// Kernel parameters a guest needs on PVM: `mm_pvm` switches on our kernel
-/// patches (syscall fix-up, no int3 self-test, no fwait), and the rest hide
-/// instructions the emulator lacks, because PVM ignores the CPUID we set
-/// for XSAVE, POPCNT and SMAP.
-pub const PVM_CMDLINE: &str = "mm_pvm noxsave clearcpuid=cx16,popcnt,smap,erms,fsrm,rep_good";
+/// patches (syscall fix-up, no int3 self-test, no fwait), `noxsave` and
+/// `clearcpuid` hide instructions the emulator lacks (PVM ignores the CPUID
+/// we set for XSAVE, POPCNT and SMAP) or runs one byte at a time (the `rep`
+/// string forms), and RCU stall reports are off: with guest kernel code
+/// ~1000x slower a busy host makes false stalls, and the NMI backtrace such
+/// a report sends hits an instruction the emulator cannot run.
+pub const PVM_CMDLINE: &str =
+    "mm_pvm noxsave clearcpuid=cx16,popcnt,smap,erms,fsrm,rep_good rcupdate.rcu_cpu_stall_suppress=1";
 
 pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
