@@ -34,32 +34,31 @@ fn run_script(script: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(last))
 }
 
+type Artifact = OnceLock<std::result::Result<PathBuf, String>>;
+
+/// Runs a build script once per process and remembers its answer (the
+/// scripts themselves cache across processes, by content hash).
+fn built_once(cell: &'static Artifact, script: &str) -> Result<PathBuf> {
+    cell.get_or_init(|| run_script(script).map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+}
+
 /// The guest kernel (`vmlinux`), built from Debian's linux-source on first
-/// use and cached by content hash.
+/// use; a bzImage of the same kernel sits beside it.
 pub fn guest_kernel() -> Result<PathBuf> {
-    static KERNEL: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    KERNEL
-        .get_or_init(|| run_script("guest/kernel/build.sh").map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
+    static KERNEL: Artifact = OnceLock::new();
+    built_once(&KERNEL, "guest/kernel/build.sh")
 }
 
 /// The built-in initramfs (busybox + mm-init).
 pub fn guest_initramfs() -> Result<PathBuf> {
-    static INITRAMFS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    INITRAMFS
-        .get_or_init(|| run_script("guest/rootfs/build-initramfs.sh").map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
+    static INITRAMFS: Artifact = OnceLock::new();
+    built_once(&INITRAMFS, "guest/rootfs/build-initramfs.sh")
 }
 
 /// The built-in root filesystem as an ext4 image (a read-only base).
 pub fn guest_rootfs() -> Result<PathBuf> {
-    static ROOTFS: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    ROOTFS
-        .get_or_init(|| run_script("guest/rootfs/build-rootfs.sh").map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
+    static ROOTFS: Artifact = OnceLock::new();
+    built_once(&ROOTFS, "guest/rootfs/build-rootfs.sh")
 }
 
 /// A binary of this workspace, from the same target directory as the
