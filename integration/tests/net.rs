@@ -12,9 +12,12 @@ use mm_integration::netns::TestNetwork;
 const TAP_FD: i32 = 3;
 
 const SERVER: &str = "ip addr add 10.77.0.1/24 dev eth0 && ip link set eth0 up && echo NET-UP && \
-    nc -l -p 5000 > /tmp/received && echo \"RECEIVED $(md5sum < /tmp/received)\" && \
-    ping -c 3 -W 5 10.77.0.2 > /tmp/ping && echo PING-OK";
+    nc -l -p 5000 > /tmp/received && echo \"RECEIVED $(md5sum < /tmp/received)\"";
+/// The client pings the server (waiting for it to come up), then sends
+/// 1 MiB of random bytes over TCP.
 const CLIENT: &str = "ip addr add 10.77.0.2/24 dev eth0 && ip link set eth0 up && \
+    i=0; until ping -c 1 -W 2 10.77.0.1 > /dev/null; do i=$((i+1)); [ $i -gt 120 ] && exit 1; done; \
+    ping -c 3 10.77.0.1 > /tmp/ping && echo PING-OK && \
     head -c 1048576 /dev/urandom > /tmp/data && echo \"SENT $(md5sum < /tmp/data)\" && \
     i=0; until nc 10.77.0.1 5000 < /tmp/data; do i=$((i+1)); [ $i -gt 60 ] && exit 1; sleep 1; done; echo SEND-DONE";
 
@@ -54,7 +57,7 @@ fn two_microvms_on_a_bridge_ping_and_transfer() {
     let sent = checksum(&client_run.stdout, "SENT").unwrap_or_else(|| panic!("{context}"));
     let received = checksum(&server_run.stdout, "RECEIVED").unwrap_or_else(|| panic!("{context}"));
     assert_eq!(sent, received, "{context}");
-    assert!(server_run.stdout.contains("PING-OK"), "{context}");
+    assert!(client_run.stdout.contains("PING-OK"), "{context}");
     assert_eq!(client_run.status, Some(0), "{context}");
     assert_eq!(server_run.status, Some(0), "{context}");
 }
