@@ -74,6 +74,23 @@ pub fn process_chain(mem: &GuestMemoryMmap, table: DescTable, head: u16, disk: &
             };
         }
     };
+    match &request.kind {
+        RequestKind::In { sector, len, .. } => {
+            tracing::debug!(head, sector, len, cap = disk.image.capacity_sectors(), "block: trace: IN")
+        }
+        RequestKind::Out { sector, len, .. } => {
+            tracing::debug!(head, sector, len, cap = disk.image.capacity_sectors(), "block: trace: OUT")
+        }
+        other => tracing::debug!(
+            head,
+            cap = disk.image.capacity_sectors(),
+            "block: trace: other {}",
+            match other {
+                RequestKind::Flush => "flush",
+                _ => "misc",
+            }
+        ),
+    }
     let (code, written) = match execute(mem, &request, disk) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {

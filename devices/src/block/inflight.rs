@@ -203,6 +203,23 @@ impl QueueInflight {
         }
     }
 
+    /// Debug description of the queue's area.
+    pub fn dump(&self) -> String {
+        let t = &self.table;
+        let marked: Vec<(u16, u64)> = (0..self.desc_num())
+            .filter(|&h| t.read_u8(self.desc_off(h) + D_INFLIGHT_OFF) == 1)
+            .map(|h| (h, t.read_u64(self.desc_off(h) + D_COUNTER_OFF)))
+            .collect();
+        format!(
+            "version={} used_idx={} last_batch_head={} desc_num={} marked={:?}",
+            t.read_u16(self.base + VERSION_OFF),
+            t.read_u16(self.base + USED_IDX_OFF),
+            t.read_u16(self.base + LAST_BATCH_HEAD_OFF),
+            self.desc_num(),
+            marked
+        )
+    }
+
     /// A request was popped: mark it before running it.
     pub fn mark(&mut self, head: u16) {
         if head >= self.desc_num() {

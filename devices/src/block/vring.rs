@@ -102,7 +102,13 @@ impl Vring {
         self.queue.set_next_avail(self.base);
         self.resubmit.clear();
         if let Some(inflight) = &mut self.inflight {
+            let avail_idx = memory
+                .mem
+                .load::<u16>(GuestAddress(self.queue.avail_ring()).unchecked_add(2), Ordering::Acquire)
+                .unwrap_or(0);
+            tracing::debug!(used_idx, avail_idx, base = self.base, "block: trace: start, table {}", inflight.dump());
             let recovery = inflight.recover(used_idx);
+            tracing::debug!(?recovery, "block: trace: recovery");
             if !recovery.resubmit.is_empty() || recovery.next_avail != self.base {
                 tracing::info!(
                     resubmit = recovery.resubmit.len(),
@@ -147,6 +153,7 @@ impl Vring {
         if let Some(inflight) = &self.inflight {
             inflight.post_put(head, self.queue.next_used());
         }
+        tracing::debug!(head, len, next_used = self.queue.next_used(), "block: trace: done");
     }
 
     /// Runs everything the ring holds: leftovers of a predecessor first,
@@ -156,6 +163,7 @@ impl Vring {
         let table = DescTable { addr: GuestAddress(self.queue.desc_table()), queue_size: self.size, indirect };
         let mut completed = 0usize;
         while let Some(head) = self.resubmit.pop_front() {
+            tracing::debug!(head, "block: trace: resubmit");
             let len = process_chain(mem, table, head, disk);
             self.complete(mem, head, len);
             completed += 1;
@@ -166,6 +174,7 @@ impl Vring {
             }
             while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
+                tracing::debug!(head, next_avail = self.queue.next_avail(), "block: trace: pop");
                 if head >= self.size {
                     tracing::debug!(head, "block: avail ring names a descriptor outside the table");
                     continue;

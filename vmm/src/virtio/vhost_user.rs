@@ -250,7 +250,13 @@ impl VhostUserDevice {
         let Some(activation) = self.activation.clone() else {
             return Ok(()); // the driver had not started the device yet
         };
-        self.start(mem, memfd, &activation, events, |q| used_index(mem, q))
+        self.start(mem, memfd, &activation, events, |q| used_index(mem, q))?;
+        // The old back end may have died between publishing a used element
+        // and raising the interrupt, and the new one has nothing to complete
+        // for it: raise one now. A spurious interrupt costs the driver a
+        // look at its rings; a lost one would hang it.
+        let _ = events.call.write(1);
+        Ok(())
     }
 
     /// The guest reset the device: stop every ring (GET_VRING_BASE stops a

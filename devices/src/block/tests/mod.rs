@@ -6,6 +6,7 @@ mod inflight;
 mod malformed;
 mod parse;
 mod requests;
+mod stress;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
