@@ -99,62 +99,23 @@ impl DiskImage {
 
     fn pread_exact(&self, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
         let guard = slice.ptr_guard_mut();
-        let mut done = 0usize;
-        while done < guard.len() {
-            let off = offset.checked_add(done as u64).ok_or(DiskError::ShortIo)?;
-            // SAFETY: the pointer and length come from a VolatileSlice of
-            // mapped guest memory that `guard` keeps alive; pread writes at
-            // most `len - done` bytes inside it. Guest memory is shared with
-            // the guest anyway, so concurrent changes are no UB hazard for a
-            // raw syscall write.
-            let n = unsafe {
-                libc::pread64(
-                    self.file.as_raw_fd(),
-                    guard.as_ptr().add(done).cast(),
-                    guard.len() - done,
-                    off as libc::off64_t,
-                )
-            };
-            match n {
-                0 => return Err(DiskError::ShortIo),
-                n if n < 0 => {
-                    let err = std::io::Error::last_os_error();
-                    if err.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(err.into());
-                    }
-                }
-                n => done += n as usize,
-            }
-        }
-        Ok(())
+        let fd = self.file.as_raw_fd();
+        // SAFETY: the pointer and length come from a VolatileSlice of mapped
+        // guest memory that `guard` keeps alive; pread writes at most
+        // `len - done` bytes inside it. Guest memory is shared with the guest
+        // anyway, so concurrent changes are no UB hazard for a raw syscall.
+        retry_io(guard.len(), offset, |done, off| unsafe {
+            libc::pread64(fd, guard.as_ptr().add(done).cast(), guard.len() - done, off)
+        })
     }
 
     fn pwrite_all(&self, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
         let guard = slice.ptr_guard();
-        let mut done = 0usize;
-        while done < guard.len() {
-            let off = offset.checked_add(done as u64).ok_or(DiskError::ShortIo)?;
-            // SAFETY: as in pread_exact; pwrite only reads the buffer.
-            let n = unsafe {
-                libc::pwrite64(
-                    self.file.as_raw_fd(),
-                    guard.as_ptr().add(done).cast(),
-                    guard.len() - done,
-                    off as libc::off64_t,
-                )
-            };
-            match n {
-                0 => return Err(DiskError::ShortIo),
-                n if n < 0 => {
-                    let err = std::io::Error::last_os_error();
-                    if err.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(err.into());
-                    }
-                }
-                n => done += n as usize,
-            }
-        }
-        Ok(())
+        let fd = self.file.as_raw_fd();
+        // SAFETY: as in pread_exact; pwrite only reads the buffer.
+        retry_io(guard.len(), offset, |done, off| unsafe {
+            libc::pwrite64(fd, guard.as_ptr().add(done).cast(), guard.len() - done, off)
+        })
     }
 
     /// Makes every completed write durable: a guest `sync` that returned
@@ -210,4 +171,26 @@ impl DiskImage {
 
 fn unsupported(errno: i32) -> bool {
     errno == libc::EOPNOTSUPP || errno == libc::ENOSYS || errno == libc::EINVAL
+}
+
+/// Repeats a positioned read or write until `len` bytes are done: `op(done,
+/// file offset)` moves the rest and returns what the syscall returned. A
+/// zero return (end of file, or a device that takes nothing) is a short I/O;
+/// EINTR is retried.
+fn retry_io(len: usize, offset: u64, mut op: impl FnMut(usize, libc::off64_t) -> isize) -> Result<(), DiskError> {
+    let mut done = 0usize;
+    while done < len {
+        let off = offset.checked_add(done as u64).ok_or(DiskError::ShortIo)?;
+        match op(done, off as libc::off64_t) {
+            0 => return Err(DiskError::ShortIo),
+            n if n < 0 => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err.into());
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
