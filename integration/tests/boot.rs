@@ -53,9 +53,6 @@ fn two_vcpus_come_online() {
 }
 
 #[test]
-#[ignore = "on PVM hosts 500 process starts take longer than a CI run can wait (no run finished within 20 \
-            minutes on a busy host; no crash seen with the AVX fix). Run with: cargo test -p mm-integration \
-            --test boot -- --ignored"]
 fn user_space_survives_500_processes() {
     if !kvm_available("user_space_survives_500_processes") {
         return;
