@@ -3,22 +3,62 @@
 //! its front-end connection already queued) or, for manual use and tests,
 //! on a socket path it creates (`--socket`). It returns when the front end
 //! hangs up.
+//!
+//! By default it confines itself (DESIGN.md, "Jails and policies"): unless
+//! already inside a jail (the broker's, or its own), it re-executes itself
+//! through `mm-jailer` with only what its device needs — the listening
+//! socket as fd 4, the TAP as fd 5, the disk image or the vsock socket
+//! directory bound in — waits for that copy and exits as it did. The jailed
+//! copy installs its device's seccomp policy before it serves.
+//! `--no-jail` and `--no-seccomp` exist for debugging only.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use mm_devices::block::{BlockConfig, serve_block};
 use mm_devices::net::{MacAddr, NetConfig, serve_net};
 use mm_devices::vsock::{VsockConfig, serve_vsock};
+use mm_jailer::{BindMount, SelfJail};
+use mm_policies::Policy;
+
+/// Where the jailed copy finds the listening socket and the TAP.
+const JAILED_LISTEN_FD: RawFd = 4;
+const JAILED_TAP_FD: RawFd = 5;
 
 #[derive(Debug, Parser)]
 #[command(name = "mm-device", version, about = "A MicroMachines vhost-user device back end")]
 struct Cli {
     #[command(subcommand)]
     device: Device,
+    #[command(flatten)]
+    confinement: Confinement,
+}
+
+/// How the process is confined (debugging escape hatches included).
+#[derive(Debug, Clone, Args)]
+struct Confinement {
+    /// DEBUGGING ONLY: serve unjailed (no namespaces, no pivot_root, full
+    /// privileges). The seccomp filter still applies unless --no-seccomp.
+    #[arg(long, global = true)]
+    no_jail: bool,
+    /// DEBUGGING ONLY: serve without the seccomp filter.
+    #[arg(long, global = true)]
+    no_seccomp: bool,
+    /// The microVM's unprivileged uid inside the jail (default: the caller's,
+    /// with every capability dropped).
+    #[arg(long, global = true)]
+    jail_uid: Option<u32>,
+    #[arg(long, global = true)]
+    jail_gid: Option<u32>,
+    /// Tests only: make escape attempts instead of serving
+    /// (`jail=OTHER_DISK`, `socket`, `ptrace` or `userns`).
+    #[arg(long, global = true, hide = true)]
+    test_escape: Option<String>,
 }
 
 /// Where the vhost-user front end (mm-vmm) reaches us.
@@ -45,6 +85,10 @@ enum Device {
         /// Device serial (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
         #[arg(long)]
         serial: Option<String>,
+        /// Testing only: sleep this long before running each request, so a
+        /// test's SIGKILL finds requests in flight.
+        #[arg(long, hide = true)]
+        test_request_delay_ms: Option<u64>,
     },
     /// A network interface on a TAP fd the broker opened.
     Net {
@@ -100,9 +144,10 @@ fn main() -> Result<()> {
         )
         .init();
     match Cli::parse().device {
-        Device::Block { endpoint, image, read_only, serial } => {
+        Device::Block { endpoint, image, read_only, serial, test_request_delay_ms } => {
             let listener = endpoint.listener()?;
-            serve_block(BlockConfig { image, read_only, serial }, listener)?;
+            let test_request_delay = test_request_delay_ms.map(std::time::Duration::from_millis);
+            serve_block(BlockConfig { image, read_only, serial, test_request_delay }, listener)?;
         }
         Device::Net { endpoint, tap_fd, mac } => {
             let listener = endpoint.listener()?;

@@ -157,6 +157,15 @@ impl RunningGuest {
         }
     }
 
+    /// Takes in the console lines printed so far, without waiting, and
+    /// says whether any contains `needle`.
+    pub fn has_printed(&mut self, needle: &str) -> bool {
+        while let Ok(line) = self.lines.try_recv() {
+            self.console.push(line);
+        }
+        self.console.iter().any(|line| line.contains(needle))
+    }
+
     /// Waits for the guest to end; returns mm-vmm's exit status, the whole
     /// console and mm-vmm's stderr.
     pub fn finish(mut self, timeout: Duration) -> Result<Run> {

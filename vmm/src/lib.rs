@@ -5,6 +5,7 @@ pub mod boot;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod endpoint;
 pub mod gdt;
 pub mod layout;
 pub mod memory;

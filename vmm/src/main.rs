@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use mm_vmm::devices::serial::SerialOutput;
+use mm_vmm::endpoint::Endpoint;
 use mm_vmm::pvm::PvmMode;
 use mm_vmm::vm::DeviceSpec;
 use mm_vmm::{Vm, VmConfig, VmOutcome};
@@ -49,9 +50,10 @@ struct Args {
     /// KIND block, net or vsock. Repeatable; the guest sees them in order.
     #[arg(long = "device", value_name = "KIND=SOCKET")]
     devices: Vec<DeviceSpec>,
-    /// Serve the control socket here (`reconnect INDEX SOCKET`).
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
+    /// The control channel (`reconnect INDEX [SOCKET]`): a socket path to
+    /// serve, or `fd:N`, an inherited connected socket (the broker's).
+    #[arg(long, value_name = "PATH|fd:N")]
+    control: Option<Endpoint>,
     /// The workload for mm-init to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use std::os::unix::net::UnixStream;
 
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -21,6 +20,7 @@ use crate::boot::{self, BootError};
 use crate::devices::Bus;
 use crate::devices::boot_device::BootDevice;
 use crate::devices::serial::{EventFdTrigger, SerialOutput};
+use crate::endpoint::Endpoint;
 use crate::layout::{BOOT_DEVICE_SIZE, BOOT_DEVICE_START, COM1_IRQ, KVM_TSS_ADDRESS};
 use crate::memory::{GuestRam, MemoryError};
 use crate::profile::{self, Samples};
@@ -55,25 +55,23 @@ pub struct VmConfig {
     /// Virtio devices, each served by a vhost-user back end process.
     pub devices: Vec<DeviceSpec>,
     /// Where to serve the control socket, if anywhere.
-    pub control_socket: Option<PathBuf>,
+    pub control_socket: Option<Endpoint>,
 }
 
 /// One virtio device: its kind and the vhost-user socket of its back end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
     pub kind: DeviceKind,
-    pub socket: PathBuf,
+    pub socket: Endpoint,
 }
 
 impl std::str::FromStr for DeviceSpec {
     type Err = String;
-    /// `KIND=SOCKET`, e.g. `block=/run/mm/vm1/block.sock`.
+    /// `KIND=SOCKET`, e.g. `block=/run/mm/vm1/block.sock`, or `KIND=fd:N`
+    /// for an inherited connected socket.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, socket) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected KIND=SOCKET"))?;
-        if socket.is_empty() {
-            return Err(format!("{s:?}: empty socket path"));
-        }
-        Ok(DeviceSpec { kind: kind.parse()?, socket: PathBuf::from(socket) })
+        Ok(DeviceSpec { kind: kind.parse()?, socket: socket.parse().map_err(|e| format!("{s:?}: {e}"))? })
     }
 }
 
@@ -108,11 +106,11 @@ pub enum VmError {
     #[error("too many devices: at most {MAX_DEVICES}")]
     TooManyDevices,
     #[error("cannot connect to the {kind} back end at {socket}: {source}")]
-    DeviceConnect { kind: &'static str, socket: PathBuf, source: std::io::Error },
+    DeviceConnect { kind: &'static str, socket: String, source: std::io::Error },
     #[error(transparent)]
     Frontend(#[from] FrontendError),
     #[error("cannot serve the control socket at {path}: {source}")]
-    Control { path: PathBuf, source: std::io::Error },
+    Control { path: String, source: std::io::Error },
 }
 
 /// IRQ of the first virtio device; the serial port has 4 and the IOAPIC
@@ -142,7 +140,7 @@ pub struct Vm {
     bus: Arc<Bus>,
     start: Instant,
     profile_guest: Option<PathBuf>,
-    control_socket: Option<PathBuf>,
+    control_socket: Option<Endpoint>,
 }
 
 /// Encodes the workload for mm-init's `mm.cmd=` (see guest/init/src/settings.rs).
@@ -210,7 +208,7 @@ fn create_machine(kvm: &Kvm, ram: &GuestRam, config: &VmConfig, start: Instant) 
     });
     if let Some(path) = &config.control_socket {
         crate::control::serve(path, Arc::clone(&bus))
-            .map_err(|source| VmError::Control { path: path.clone(), source })?;
+            .map_err(|source| VmError::Control { path: path.to_string(), source })?;
     }
     Ok((vm, bus))
 }
@@ -219,9 +217,9 @@ fn create_machine(kvm: &Kvm, ram: &GuestRam, config: &VmConfig, start: Instant) 
 /// (ioeventfds on QueueNotify) and interrupt (an irqfd) into KVM.
 fn connect_device(vm: &VmFd, ram: &GuestRam, spec: &DeviceSpec, base: u64, irq: u32) -> Result<MmioDevice, VmError> {
     let kind = spec.kind.name();
-    let stream = UnixStream::connect(&spec.socket).map_err(|source| VmError::DeviceConnect {
+    let stream = spec.socket.connect().map_err(|source| VmError::DeviceConnect {
         kind,
-        socket: spec.socket.clone(),
+        socket: spec.socket.to_string(),
         source,
     })?;
     let backend = VhostUserDevice::connect(spec.kind, stream)?;
@@ -329,7 +327,7 @@ impl Vm {
         }
         drop(tx);
         let stop = rx.recv();
-        if let Some(path) = &self.control_socket {
+        if let Some(Endpoint::Path(path)) = &self.control_socket {
             let _ = std::fs::remove_file(path);
         }
         if let (Some(samples), Some(path)) = (&samples, &self.profile_guest)

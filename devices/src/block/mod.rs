@@ -58,6 +58,18 @@ pub struct BlockConfig {
     /// The serial the guest reads with VIRTIO_BLK_T_GET_ID (and sees as
     /// /dev/disk/by-id/virtio-<serial>); at most 20 bytes are used.
     pub serial: Option<String>,
+    /// Testing only: a pause before each request runs, so that a test's
+    /// SIGKILL lands while requests are in flight (see `Hooks`).
+    pub test_request_delay: Option<std::time::Duration>,
+}
+
+impl BlockConfig {
+    fn hooks(&self) -> Hooks {
+        if let Some(delay) = self.test_request_delay {
+            tracing::warn!(?delay, "block: TESTING ONLY: every request is delayed");
+        }
+        Hooks::with_request_delay(self.test_request_delay)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,13 +109,13 @@ pub fn serve_block(config: BlockConfig, listener: UnixListener) -> Result<(), Bl
         }
     };
     drop(listener);
-    serve_disk(disk, stream, Hooks::default())
+    serve_disk(disk, stream, config.hooks())
 }
 
 /// Serves an already connected stream (a socketpair end) until the front
 /// end hangs up.
 pub fn serve_block_stream(config: BlockConfig, stream: UnixStream) -> Result<(), BlockError> {
-    serve_disk(open_disk(&config)?, stream, Hooks::default())
+    serve_disk(open_disk(&config)?, stream, config.hooks())
 }
 
 fn serve_disk(disk: Arc<BlockDisk>, stream: UnixStream, hooks: Hooks) -> Result<(), BlockError> {

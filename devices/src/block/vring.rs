@@ -185,6 +185,9 @@ impl Vring {
                 if hooks.crash_now(CrashPoint::Marked) {
                     return Flow::Crashed;
                 }
+                if let Some(delay) = hooks.request_delay {
+                    std::thread::sleep(delay);
+                }
                 let len = process_chain(mem, table, head, disk);
                 if hooks.crash_now(CrashPoint::Executed) {
                     return Flow::Crashed;
@@ -235,6 +238,12 @@ pub enum CrashPoint {
 /// Test hooks; inert in production (`Hooks::default()`).
 #[derive(Debug, Default, Clone)]
 pub struct Hooks {
+    /// Sleep this long after marking each request in flight, before running
+    /// it (`mm-device block --test-request-delay-ms`): the guest is far
+    /// slower than this back end, so without it a SIGKILL at a random
+    /// moment almost never finds a request in flight, and the kill test
+    /// would not test recovery.
+    pub request_delay: Option<std::time::Duration>,
     #[cfg(test)]
     pub crash: Option<std::sync::Arc<CrashHook>>,
 }
@@ -250,6 +259,13 @@ pub struct CrashHook {
 }
 
 impl Hooks {
+    /// Production hooks, but for the testing delay.
+    // The test-only fields exist only under cfg(test).
+    #[allow(clippy::needless_update)]
+    pub fn with_request_delay(request_delay: Option<std::time::Duration>) -> Self {
+        Hooks { request_delay, ..Hooks::default() }
+    }
+
     #[cfg(test)]
     fn crash_at(&self, point: CrashPoint) -> bool {
         self.crash.as_ref().is_some_and(|h| h.point == point && h.completed.load(Ordering::SeqCst) >= h.after)

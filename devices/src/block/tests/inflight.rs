@@ -17,7 +17,7 @@ const REQUESTS: u64 = 4;
 /// mm-vmm sends; Some(0): a stale value the in-flight table must override).
 fn crash_and_recover(point: CrashPoint, get_only: bool, base: Option<u16>) {
     let hook = Arc::new(CrashHook { point, after: 1, completed: AtomicUsize::new(0), crashed: AtomicBool::new(false) });
-    let mut rig = Rig::connected(MIB, false, Hooks { crash: Some(Arc::clone(&hook)) });
+    let mut rig = Rig::connected(MIB, false, Hooks { crash: Some(Arc::clone(&hook)), ..Hooks::default() });
     if get_only {
         // As mm-vmm does on first start: GET_INFLIGHT_FD without SET.
         rig.fe.set_features(u64::MAX).unwrap();

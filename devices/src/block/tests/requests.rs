@@ -256,8 +256,12 @@ fn serve_block_accepts_the_queued_connection() {
     let listener = UnixListener::bind(&path).unwrap();
     let stream = UnixStream::connect(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
-    let config =
-        crate::block::BlockConfig { image: image.path.clone(), read_only: false, serial: Some("listen".into()) };
+    let config = crate::block::BlockConfig {
+        image: image.path.clone(),
+        read_only: false,
+        serial: Some("listen".into()),
+        test_request_delay: None,
+    };
     let backend = std::thread::spawn(move || crate::block::serve_block(config, listener));
     let memory = crate::test_frontend::TestMemory::new(MEM_BASE, MEM_SIZE).unwrap();
     let fe = TestFrontend::connect(stream, memory, 1).unwrap();
