@@ -1,0 +1,113 @@
+@0xd2692d399556eec1;
+# mm-broker's interface to its clients (mmctl today; the controller later).
+#
+# Capabilities, not ids: `Broker.createVm` and `Broker.getVm` return a `Vm`
+# capability, and holding it is what lets a client act on that microVM.
+# The socket that serves `Broker` is owner-only (root), so the bootstrap
+# capability itself is the admin's.
+
+interface Broker {
+  createVm @0 (spec :VmSpec) -> (vm :Vm);
+  # Creates a microVM from `spec` and boots it. Fails with a clear message
+  # for a duplicate name, an unknown image or not enough host memory.
+
+  getVm @1 (name :Text) -> (vm :Vm);
+  # The microVM called `name` (or whose id starts with it).
+
+  listVms @2 () -> (vms :List(VmInfo));
+
+  version @3 () -> (version :Text);
+}
+
+struct VmSpec {
+  name @0 :Text;          # empty: the broker picks one
+  image @1 :Text;         # empty or "builtin": the built-in busybox image
+  cpus @2 :UInt8;
+  memoryMib @3 :UInt32;
+  command @4 :List(Text); # empty: the image's default (`sh`)
+  env @5 :List(EnvVar);
+  autoRemove @6 :Bool;    # remove once stopped (`mmctl run --rm`)
+}
+
+struct EnvVar {
+  name @0 :Text;
+  value @1 :Text;
+}
+
+struct VmInfo {
+  id @0 :Text;
+  name @1 :Text;
+  image @2 :Text;
+  state @3 :Text;        # created | starting | running | stopping | stopped | failed | lost
+  reason @4 :Text;       # why it is failed / lost / stopped, when known
+  cpus @5 :UInt8;
+  memoryMib @6 :UInt32;
+  exitCode @7 :Int32;    # the workload's exit status once stopped; -1 if none
+  createdAt @8 :Text;    # RFC 3339
+  pids @9 :List(Process);
+  ip @10 :Text;
+  command @11 :List(Text);
+}
+
+struct Process {
+  role @0 :Text;         # vmm | block-root | vsock | net ...
+  pid @1 :Int32;
+  restarts @2 :UInt32;
+}
+
+interface Vm {
+  info @0 () -> (info :VmInfo);
+
+  start @1 ();
+  # Boots a stopped microVM again (same disk).
+
+  stop @2 (timeoutMs :UInt32) -> (info :VmInfo);
+  # Asks the guest to shut down; after `timeoutMs`, ends it by force.
+
+  remove @3 (force :Bool);
+  # Deletes the microVM and its disk; refused while running unless `force`.
+
+  logs @4 (follow :Bool, sink :ByteSink);
+  # Streams the console log into `sink` from the start; with `follow`,
+  # keeps streaming until the microVM stops, then calls `sink.done`.
+
+  exec @5 (request :ExecRequest, output :ExecOutput) -> (session :ExecSession);
+  # Runs a command in the guest through the exec agent. Output arrives on
+  # `output`; `session` carries stdin, resizes and signals.
+
+  audit @6 () -> (lines :List(Text));
+  # The microVM's audit log, one JSON object per line.
+
+  wait @7 () -> (info :VmInfo);
+  # Returns once the microVM is no longer running.
+}
+
+interface ByteSink {
+  write @0 (data :Data);
+  done @1 ();
+}
+
+struct ExecRequest {
+  argv @0 :List(Text);
+  env @1 :List(EnvVar);
+  cwd @2 :Text;          # empty: /
+  user @3 :Text;         # empty: root
+  tty @4 :Bool;
+  rows @5 :UInt16;
+  cols @6 :UInt16;
+}
+
+interface ExecOutput {
+  stdout @0 (data :Data);
+  stderr @1 (data :Data);
+  exit @2 (code :Int32, signal :Int32, error :Text);
+  # The command ended: with `code` (signal 0), or killed by `signal`, or
+  # could not run at all (`error` non-empty).
+}
+
+interface ExecSession {
+  stdin @0 (data :Data);
+  closeStdin @1 ();
+  resize @2 (rows :UInt16, cols :UInt16);
+  signal @3 (signal :Int32);
+}

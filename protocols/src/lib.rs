@@ -1,0 +1,12 @@
+//! MicroMachines' control-plane schemas (`protocols/*.capnp`), compiled by
+//! `capnpc` at build time. See DESIGN.md, "Wire protocols".
+
+#[allow(clippy::all, clippy::pedantic, unused_qualifications, missing_docs)]
+pub mod broker_capnp {
+    include!(concat!(env!("OUT_DIR"), "/broker_capnp.rs"));
+}
+
+/// The default path of the broker's unix socket.
+pub const DEFAULT_BROKER_SOCKET: &str = "/run/micromachines/broker.sock";
+/// The environment variable that overrides it for `mmctl`.
+pub const BROKER_SOCKET_ENV: &str = "MM_BROKER_SOCKET";
