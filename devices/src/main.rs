@@ -16,7 +16,6 @@ use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -140,24 +139,134 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MM_LOG").unwrap_or_else(|_| "mm_devices=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MM_LOG")
+                .unwrap_or_else(|_| "mm_devices=warn,mm_jailer=warn,mm_device=warn".into()),
         )
         .init();
-    match Cli::parse().device {
+    let cli = Cli::parse();
+    if !cli.confinement.no_jail && !mm_jailer::is_jailed() {
+        let code = run_jailed(&cli)?;
+        std::process::exit(i32::from(code));
+    }
+    if cli.confinement.no_jail {
+        tracing::warn!("mm-device: --no-jail: serving UNJAILED, with this process's full privileges (debugging only)");
+    }
+    let confinement = cli.confinement;
+    match cli.device {
         Device::Block { endpoint, image, read_only, serial, test_request_delay_ms } => {
             let listener = endpoint.listener()?;
+            confine(&confinement, Policy::Block)?;
             let test_request_delay = test_request_delay_ms.map(std::time::Duration::from_millis);
             serve_block(BlockConfig { image, read_only, serial, test_request_delay }, listener)?;
         }
         Device::Net { endpoint, tap_fd, mac } => {
             let listener = endpoint.listener()?;
             let tap = inherited(tap_fd, "--tap-fd")?;
+            confine(&confinement, Policy::Net)?;
             serve_net(NetConfig { tap, mac }, listener)?;
         }
         Device::Vsock { endpoint, guest_cid, uds } => {
             let listener = endpoint.listener()?;
+            confine(&confinement, Policy::Vsock)?;
             serve_vsock(VsockConfig { guest_cid, uds_path: uds }, listener)?;
         }
     }
     Ok(())
+}
+
+/// Installs the device's policy (unless --no-seccomp), then runs the escape
+/// probes if a test asked for them instead of serving.
+fn confine(confinement: &Confinement, policy: Policy) -> Result<()> {
+    if confinement.no_seccomp {
+        tracing::warn!("mm-device: --no-seccomp: serving WITHOUT a seccomp filter (debugging only)");
+    } else {
+        mm_policies::install(policy)?;
+    }
+    if let Some(probe) = &confinement.test_escape {
+        match probe.strip_prefix("jail=") {
+            Some(other_disk) => mm_jailer::probes::jail(Path::new(other_disk)),
+            None => mm_jailer::probes::seccomp(probe).map_err(anyhow::Error::msg)?,
+        }
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
+/// Our own command line with the values of some `--flag value` (or
+/// `--flag=value`) options replaced, for the jailed copy.
+fn rewrite_args(replace: impl Fn(&str, &str) -> Option<String>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1).peekable();
+    while let Some(arg) = args.next() {
+        if let Some((flag, value)) = arg.split_once('=').filter(|(f, _)| f.starts_with("--")) {
+            let value = replace(flag, value).unwrap_or_else(|| value.to_string());
+            out.push(format!("{flag}={value}").into());
+        } else if let Some(new) = args.peek().and_then(|value| replace(&arg, value)) {
+            args.next();
+            out.extend([arg.into(), new.into()]);
+        } else {
+            out.push(arg.into());
+        }
+    }
+    out
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("{}", path.display()))
+}
+
+/// Re-executes this binary in a jail holding only what the device needs
+/// (the listener as fd 4, the TAP as fd 5, the image or the vsock socket
+/// directory), and returns the status to exit with.
+fn run_jailed(cli: &Cli) -> Result<u8> {
+    let c = &cli.confinement;
+    let (kind, endpoint) = match &cli.device {
+        Device::Block { endpoint, .. } => ("block", endpoint),
+        Device::Net { endpoint, .. } => ("net", endpoint),
+        Device::Vsock { endpoint, .. } => ("vsock", endpoint),
+    };
+    // The listener is made here, so the jail needs no directory to bind in.
+    let listener = endpoint.listener()?;
+    let mut jail = SelfJail::new(kind, Vec::new(), c.jail_uid, c.jail_gid)?;
+    let spec = &mut jail.spec;
+    spec.fds.push((listener.as_raw_fd(), JAILED_LISTEN_FD));
+    spec.limits.memory_bytes = Some(512 << 20);
+    spec.limits.pids = Some(64);
+    // Only a disk image is ever written, and never extended.
+    spec.limits.file_size = Some(0);
+    let mut tap = None;
+    match &cli.device {
+        Device::Block { image, read_only, .. } => {
+            let image = std::fs::canonicalize(image).with_context(|| format!("disk image {}", image.display()))?;
+            spec.mounts.push(if *read_only { BindMount::read_only(&image) } else { BindMount::writable(&image) });
+            let size = std::fs::metadata(&image)?.len();
+            // A block device reports 0: no file-size limit then.
+            spec.limits.file_size = (size > 0).then_some(size);
+        }
+        Device::Net { tap_fd, .. } => {
+            let fd = inherited(*tap_fd, "--tap-fd")?;
+            spec.fds.push((fd.as_raw_fd(), JAILED_TAP_FD));
+            tap = Some(fd);
+        }
+        Device::Vsock { uds, .. } => {
+            let dir = absolute(uds)?.parent().context("--uds has no directory")?.to_path_buf();
+            spec.mounts.push(BindMount::writable(dir));
+        }
+    }
+    spec.args = rewrite_args(|flag, value| match flag {
+        "--socket" | "--listen-fd" => Some(format!("{JAILED_LISTEN_FD}")),
+        "--tap-fd" => Some(format!("{JAILED_TAP_FD}")),
+        "--image" | "--uds" => absolute(Path::new(value)).ok().map(|p| p.display().to_string()),
+        _ => None,
+    })
+    .into_iter()
+    .map(|a| match a.to_str() {
+        Some("--socket") => "--listen-fd".into(),
+        Some(s) if s.starts_with("--socket=") => format!("--listen-fd={JAILED_LISTEN_FD}").into(),
+        _ => a,
+    })
+    .collect();
+    let reason = jail.run()?;
+    drop((listener, tap));
+    Ok(mm_jailer::exit_code(&reason))
 }
