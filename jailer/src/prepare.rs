@@ -68,7 +68,13 @@ fn under(root: &Path, inside: &Path) -> PathBuf {
 /// static binary).
 fn libraries(exec: &Path) -> Result<Vec<PathBuf>, JailError> {
     let err = |detail: String| JailError::Libraries { exec: exec.to_path_buf(), detail };
-    let out = Command::new("ldd").arg(exec).output().map_err(|e| err(format!("running ldd: {e}")))?;
+    // stdin inherited, not /dev/null: a host without /dev (tests hide it)
+    // can still be asked.
+    let out = Command::new("ldd")
+        .arg(exec)
+        .stdin(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| err(format!("running ldd: {e}")))?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);

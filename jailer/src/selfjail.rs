@@ -44,7 +44,7 @@ impl SelfJail {
     }
 
     /// Starts the jailed copy, waits for it, and says on stderr how it
-    /// ended if that was not a clean exit.
+    /// ended if a signal or its seccomp filter killed it.
     pub fn run(self) -> Result<ExitReason, JailError> {
         if self.spec.uid == 0 {
             tracing::warn!(
@@ -55,9 +55,16 @@ impl SelfJail {
         }
         let mut child: JailedChild = crate::spawn(&self.spec)?;
         let reason = child.wait()?;
-        if reason != ExitReason::Exited(0) {
+        if !matches!(reason, ExitReason::Exited(_)) {
             eprintln!("{}", child.describe(&reason));
         }
         Ok(reason)
     }
+}
+
+/// Only root can build a jail (new namespaces, mounts, cgroups, another
+/// uid); a binary started by anyone else runs unjailed, and says so.
+pub fn can_jail() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

@@ -3,8 +3,17 @@
 //! Exit status: the workload's (0–255, 128+N for a signal) when mm-init
 //! reported one; 125 when mm-vmm itself failed (bad input, KVM error, a
 //! guest the hypervisor could not run) or the guest reset without a status.
+//!
+//! Unless told otherwise it runs jailed (DESIGN.md, "Jails and policies"):
+//! when started outside a jail it re-executes itself through `mm-jailer`
+//! with only what it needs bound in (kernel, initramfs, /dev/kvm, the
+//! device and control sockets or their fds at the same numbers, the serial
+//! and profile files' directories) and mirrors the jailed copy's status.
+//! Inside, every thread installs its seccomp policy. `--no-jail` and
+//! `--no-seccomp` exist for debugging only.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -54,6 +63,18 @@ struct Args {
     /// serve, or `fd:N`, an inherited connected socket (the broker's).
     #[arg(long, value_name = "PATH|fd:N")]
     control: Option<Endpoint>,
+    /// DEBUGGING ONLY: run unjailed, with this process's full privileges.
+    #[arg(long)]
+    no_jail: bool,
+    /// DEBUGGING ONLY: run without seccomp filters.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// The microVM's unprivileged uid and gid inside the jail (default: the
+    /// caller's, with every capability dropped).
+    #[arg(long)]
+    jail_uid: Option<u32>,
+    #[arg(long)]
+    jail_gid: Option<u32>,
     /// The workload for mm-init to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -67,6 +88,25 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let args = Args::parse();
+    if !args.no_jail && !mm_jailer::is_jailed() {
+        if mm_jailer::can_jail() {
+            return match run_jailed(&args) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("mm-vmm: cannot start the jailed VMM: {e:#}");
+                    ExitCode::from(VMM_FAILURE)
+                }
+            };
+        }
+        tracing::warn!("not root: cannot build a jail, running UNJAILED (seccomp still applies)");
+    } else if args.no_jail {
+        tracing::warn!("--no-jail: running UNJAILED, with this process's full privileges (debugging only)");
+    }
+    if args.no_seccomp {
+        tracing::warn!("--no-seccomp: running WITHOUT seccomp filters (debugging only)");
+    } else {
+        mm_vmm::vm::enable_seccomp();
+    }
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -94,4 +134,97 @@ fn main() -> ExitCode {
             ExitCode::from(VMM_FAILURE)
         }
     }
+}
+
+/// The directory a file will be created in.
+fn parent_dir(path: &Path) -> Option<PathBuf> {
+    std::path::absolute(path).ok()?.parent().map(Path::to_path_buf)
+}
+
+/// Re-executes mm-vmm in a jail with only what this VM needs, waits for
+/// it and returns the status to exit with.
+fn run_jailed(args: &Args) -> anyhow::Result<u8> {
+    use mm_jailer::BindMount;
+    let mut jail = mm_jailer::SelfJail::new("vmm", Vec::new(), args.jail_uid, args.jail_gid)?;
+    let spec = &mut jail.spec;
+    // Guest RAM, plus room for our own memory and the kernel's copies.
+    spec.limits.memory_bytes = Some((args.memory_mib + 256) << 20);
+    spec.limits.pids = Some(u64::from(args.cpus) + 16);
+    spec.limits.file_size = Some(4 << 30);
+    let mut rewritten: Vec<(&str, PathBuf)> = Vec::new();
+    // Files are bound at their real paths; a missing one is left out, so
+    // the jailed copy reports it as it always has.
+    for (flag, path) in [("--kernel", Some(&args.kernel)), ("--initrd", args.initrd.as_ref())] {
+        if let Some(real) = path.and_then(|p| std::fs::canonicalize(p).ok()) {
+            spec.mounts.push(BindMount::read_only(&real));
+            rewritten.push((flag, real));
+        }
+    }
+    if Path::new("/dev/kvm").exists() {
+        spec.mounts.push(BindMount::device("/dev/kvm"));
+    }
+    // Inherited sockets keep their numbers; socket paths are bound in.
+    for endpoint in args.devices.iter().map(|d| &d.socket).chain(args.control.iter()) {
+        match endpoint {
+            Endpoint::Fd { fd, .. } => spec.fds.push((*fd, *fd)),
+            Endpoint::Path(path) if args.control.as_ref() != Some(endpoint) => {
+                spec.mounts.push(BindMount::read_only(std::path::absolute(path)?));
+            }
+            Endpoint::Path(_) => {}
+        }
+    }
+    // The control socket is created there, and `reconnect` names new back
+    // ends' sockets beside it (until the broker passes them as fds).
+    let mut writable_dirs: Vec<PathBuf> = Vec::new();
+    if let Some(Endpoint::Path(path)) = &args.control {
+        writable_dirs.extend(parent_dir(path));
+    }
+    if let SerialOutput::File(path) = &args.serial {
+        writable_dirs.extend(parent_dir(path));
+    }
+    writable_dirs.extend(args.profile_guest.as_deref().and_then(parent_dir));
+    writable_dirs.sort();
+    writable_dirs.dedup();
+    spec.mounts.extend(writable_dirs.into_iter().map(BindMount::writable));
+    // The jail has no /sys: decide about PVM here.
+    let pvm = if args.pvm.resolve() { "on" } else { "off" };
+    spec.args = rewrite_args(&rewritten, pvm);
+    Ok(mm_jailer::exit_code(&jail.run()?))
+}
+
+/// Our command line for the jailed copy: absolute paths for the files that
+/// were bound, and PVM decided.
+fn rewrite_args(paths: &[(&str, PathBuf)], pvm: &str) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            out.push(arg);
+            out.extend(args.by_ref());
+            break;
+        }
+        let text = arg.to_string_lossy().to_string();
+        let (flag, inline) = match text.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (text.clone(), None),
+        };
+        let replacement = if flag == "--pvm" {
+            Some(PathBuf::from(pvm))
+        } else {
+            paths.iter().find(|(f, _)| *f == flag).map(|(_, p)| p.clone())
+        };
+        match (replacement, inline) {
+            (Some(value), Some(_)) => out.push(format!("{flag}={}", value.display()).into()),
+            (Some(value), None) => {
+                args.next();
+                out.extend([arg, value.into_os_string()]);
+            }
+            (None, _) => out.push(arg),
+        }
+    }
+    if !out.iter().any(|a| a.to_string_lossy().starts_with("--pvm")) {
+        let at = out.iter().position(|a| a == "--").unwrap_or(out.len());
+        out.splice(at..at, ["--pvm".into(), pvm.into()]);
+    }
+    out
 }

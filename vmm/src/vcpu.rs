@@ -55,6 +55,8 @@ pub enum VcpuError {
     InternalError { cpu: u8, rip: u64, suberror: u32 },
     #[error("vCPU {cpu}: KVM failed to enter the guest (hardware reason {reason:#x})")]
     FailEntry { cpu: u8, reason: u64 },
+    #[error("vCPU {cpu}: cannot install the vCPU seccomp filter: {message}")]
+    Seccomp { cpu: u8, message: String },
     #[error("vCPU {cpu}: unexpected exit from KVM_RUN: {exit}")]
     UnexpectedExit { cpu: u8, exit: String },
 }

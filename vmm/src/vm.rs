@@ -5,6 +5,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use base64::Engine;
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use mm_policies::Policy;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -109,8 +111,45 @@ pub enum VmError {
     DeviceConnect { kind: &'static str, socket: String, source: std::io::Error },
     #[error(transparent)]
     Frontend(#[from] FrontendError),
+    #[error(transparent)]
+    Seccomp(#[from] mm_policies::PolicyError),
     #[error("cannot serve the control socket at {path}: {source}")]
     Control { path: String, source: std::io::Error },
+}
+
+/// Whether [`Vm::run`] confines each thread with its seccomp policy
+/// (mm-policies). Off unless mm-vmm's `main` turns it on, so that library
+/// users running a VM inside a test or benchmark process keep that process
+/// unfiltered.
+static SECCOMP: AtomicBool = AtomicBool::new(false);
+
+/// Makes this process's VM threads install their seccomp policies: vCPU
+/// threads theirs before the first KVM_RUN, the control thread its own, the
+/// main thread `vmm_main` once every vCPU runs.
+pub fn enable_seccomp() {
+    SECCOMP.store(true, Ordering::SeqCst);
+}
+
+fn seccomp_enabled() -> bool {
+    SECCOMP.load(Ordering::SeqCst)
+}
+
+/// Starts the control thread under the control policy. A thread inherits the
+/// filter of the thread that creates it, so a short-lived thread installs
+/// the policy and then starts the control thread.
+fn serve_control(endpoint: &Endpoint, bus: Arc<Bus>) -> std::io::Result<()> {
+    if !seccomp_enabled() {
+        return crate::control::serve(endpoint, bus);
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                mm_policies::install(Policy::VmmControl).map_err(std::io::Error::other)?;
+                crate::control::serve(endpoint, bus)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the control set-up thread panicked")))
+    })
 }
 
 /// IRQ of the first virtio device; the serial port has 4 and the IOAPIC
@@ -207,8 +246,7 @@ fn create_machine(kvm: &Kvm, ram: &GuestRam, config: &VmConfig, start: Instant) 
         virtio,
     });
     if let Some(path) = &config.control_socket {
-        crate::control::serve(path, Arc::clone(&bus))
-            .map_err(|source| VmError::Control { path: path.to_string(), source })?;
+        serve_control(path, Arc::clone(&bus)).map_err(|source| VmError::Control { path: path.to_string(), source })?;
     }
     Ok((vm, bus))
 }
@@ -311,6 +349,8 @@ impl Vm {
             }
             None => None,
         };
+        let seccomp = seccomp_enabled();
+        let mut kick_target = None;
         for vcpu in self.vcpus.drain(..) {
             let bus = Arc::clone(&self.bus);
             let tx = tx.clone();
@@ -319,13 +359,28 @@ impl Vm {
             let profiled = vcpu_samples.is_some();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
-                .spawn(move || vcpu.run(bus, start, tx, vcpu_samples))
+                .spawn(move || {
+                    if seccomp && let Err(e) = mm_policies::install(Policy::VmmVcpu) {
+                        let error = VcpuError::Seccomp { cpu: vcpu.index, message: e.to_string() };
+                        let _ = tx.send((vcpu.index, VcpuStop::Failed(error)));
+                        return;
+                    }
+                    vcpu.run(bus, start, tx, vcpu_samples)
+                })
                 .map_err(VmError::Thread)?;
             if profiled {
-                profile::start_kicker(handle.as_pthread_t(), Duration::from_millis(1));
+                kick_target = Some(handle.as_pthread_t());
             }
         }
         drop(tx);
+        // Every vCPU runs: from here the main thread only waits and tears
+        // down. The profiler's kicker starts after, so it inherits this filter.
+        if seccomp {
+            mm_policies::install(Policy::VmmMain)?;
+        }
+        if let Some(thread) = kick_target {
+            profile::start_kicker(thread, Duration::from_millis(1));
+        }
         let stop = rx.recv();
         if let Some(Endpoint::Path(path)) = &self.control_socket {
             let _ = std::fs::remove_file(path);
