@@ -72,15 +72,15 @@ pub fn monotonic_ns() -> u64 {
 
 /// Our child, killed (by its pid, through `Child::kill`) and reaped when
 /// dropped unreaped: no error path leaves a VMM behind.
-struct Guard(Option<Child>);
+pub(crate) struct Guard(pub(crate) Option<Child>);
 
 impl Guard {
-    fn child(&mut self) -> &mut Child {
+    pub(crate) fn child(&mut self) -> &mut Child {
         self.0.as_mut().expect("child not yet reaped")
     }
 
     /// Waits up to `timeout` for the child to exit; kills it if it does not.
-    fn wait_or_kill(&mut self, timeout: Duration) -> Result<Ending> {
+    pub(crate) fn wait_or_kill(&mut self, timeout: Duration) -> Result<Ending> {
         let deadline = Instant::now() + timeout;
         let mut child = self.0.take().expect("child not yet reaped");
         loop {
@@ -107,7 +107,7 @@ impl Drop for Guard {
 }
 
 /// Reads `pipe` line by line, sending each with the time it arrived.
-fn console_reader(pipe: impl Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
+pub(crate) fn console_reader(pipe: impl Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut reader = BufReader::new(pipe);

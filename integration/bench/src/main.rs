@@ -3,14 +3,20 @@
 //! because on PVM hosts the guest dominates every absolute figure (see
 //! shared/PVM.md) and only the comparison says something about the VMM.
 //!
-//! `mm-bench boot --runs N [--json] [--out PATH]`: see README.md.
+//! `mm-bench boot --runs N [--json] [--out PATH]`,
+//! `mm-bench block|net|vsock [--json]`: see README.md.
 
+mod block;
 mod boot;
+mod devbench;
 mod machine;
 mod mmvmm;
+mod net;
 mod procmem;
 mod qemu;
 mod report;
+mod vm;
+mod vsock;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +41,12 @@ struct Cli {
 enum Bench {
     /// Boot time to user space, VMM set-up time and VMM host memory, mm-vmm vs QEMU microvm.
     Boot(BootArgs),
+    /// virtio-blk: sequential read/write MiB/s and 4 KiB random-read IOPS in the guest, vs QEMU and the host.
+    Block(block::BlockArgs),
+    /// virtio-net: guest <-> host TCP throughput through a TAP in a private network namespace, vs QEMU.
+    Net(net::NetArgs),
+    /// Hybrid vsock: round-trip latency (median, p99) and echo throughput.
+    Vsock(vsock::VsockArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +108,9 @@ impl System {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Bench::Boot(args) => boot_bench(args),
+        Bench::Block(args) => block::run(args),
+        Bench::Net(args) => net::run(args),
+        Bench::Vsock(args) => vsock::run(args),
     }
 }
 

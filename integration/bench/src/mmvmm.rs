@@ -2,6 +2,7 @@
 //! it gives the guest (so QEMU can be given the very same one), and the
 //! figures mm-vmm logs on stderr.
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -11,7 +12,19 @@ use crate::BootConfig;
 
 /// The mm-vmm invocation for one benchmark boot.
 pub fn command(config: &BootConfig) -> Result<Command> {
+    command_with_devices(config, std::iter::empty())
+}
+
+/// The same with virtio devices: `(kind, socket)` of running `mm-device`s,
+/// in guest order.
+pub fn command_with_devices<'a>(
+    config: &BootConfig,
+    devices: impl IntoIterator<Item = (&'a str, &'a Path)>,
+) -> Result<Command> {
     let mut boot = Boot::new(&[]).cpus(config.cpus);
+    for (kind, socket) in devices {
+        boot = boot.device(kind, socket);
+    }
     boot.memory_mib = config.memory_mib;
     boot.extra_cmdline = config.extra_cmdline.clone();
     boot.command = config.workload.clone();
