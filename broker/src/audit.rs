@@ -1,0 +1,98 @@
+//! The per-microVM audit log: one JSON object per line in
+//! `vms/<id>/audit.jsonl`, appended and never rewritten. It records every
+//! process spawn, exit (code or signal; for SIGSYS the forbidden syscall),
+//! restart, and every control call with its caller.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    path: PathBuf,
+}
+
+impl AuditLog {
+    pub fn new(dir: &Path) -> Self {
+        AuditLog { path: dir.join("audit.jsonl") }
+    }
+
+    /// Appends `{"time": ..., "event": event, ...fields}`. A failure to
+    /// write is logged, not returned: losing an audit line must not stop
+    /// supervision, but it must be visible.
+    pub fn record(&self, event: &str, fields: Value) {
+        let mut line = Map::new();
+        line.insert("time".into(), Value::String(now_rfc3339()));
+        line.insert("event".into(), Value::String(event.into()));
+        if let Value::Object(fields) = fields {
+            line.extend(fields);
+        }
+        let text = Value::Object(line).to_string();
+        let written =
+            OpenOptions::new().create(true).append(true).open(&self.path).and_then(|mut file| writeln!(file, "{text}"));
+        if let Err(e) = written {
+            tracing::error!(path = %self.path.display(), "cannot append to the audit log: {e}: {text}");
+        }
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> std::io::Result<Vec<String>> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => Ok(text.lines().map(str::to_string).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The current UTC time as RFC 3339 with milliseconds.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    rfc3339(now.as_secs() as i64, now.subsec_millis())
+}
+
+/// Formats a Unix time (UTC) as `YYYY-MM-DDThh:mm:ss.mmmZ` (civil-from-days,
+/// H. Hinnant's algorithm: exact for the proleptic Gregorian calendar).
+fn rfc3339(secs: i64, millis: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(rfc3339(1_795_910_400 + 3_723, 999), "2026-11-29T01:02:03.999Z");
+    }
+
+    #[test]
+    fn appends_json_lines() {
+        let dir = std::env::temp_dir().join(format!("mm-audit-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = AuditLog::new(&dir);
+        log.record("spawn", serde_json::json!({"role": "vmm", "pid": 42}));
+        log.record("exit", serde_json::json!({"role": "vmm", "code": 0}));
+        let lines = log.lines().unwrap();
+        assert_eq!(lines.len(), 2);
+        let first: Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(first["event"], "spawn");
+        assert_eq!(first["pid"], 42);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

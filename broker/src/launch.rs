@@ -1,0 +1,230 @@
+//! Turning a microVM record into running processes: one `mm-device` per
+//! device and mm-vmm, each handed exactly its fds.
+//!
+//! The vhost-user connection of each device is made here: the broker binds
+//! a listener at a private path (in the microVM's 0700 directory), connects
+//! mm-vmm's end to it, unlinks the path, and passes the listener (one
+//! connection queued) to the device as `--listen-fd 10` and the connected
+//! end to mm-vmm as `--device KIND=fd:N`. So no jail needs a shared path,
+//! and nobody else can reach either end. mm-vmm's control channel is a
+//! socketpair (`--control fd:N`); a restarted device's new connection is
+//! sent over it with SCM_RIGHTS.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+
+use crate::BrokerConfig;
+use crate::process::Process;
+use crate::record::VmRecord;
+
+/// The exec agent's vsock port and the hybrid vsock socket's name.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// Each microVM's writable root disk.
+pub const ROOT_DISK: &str = "root.ext4";
+/// The serial console, appended by mm-vmm.
+pub const CONSOLE_LOG: &str = "console.log";
+
+/// The first fd number handed to a child: 3 is the jail's seccomp report
+/// pipe (`mm_jailer::REPORT_FD`), the rest of the low numbers are kept free.
+const FIRST_FD: RawFd = 10;
+
+/// A device of a microVM: how to (re)start its back end.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// Audit/log name: `block-root`, `vsock`.
+    pub role: String,
+    /// `block`, `net` or `vsock`: mm-device's subcommand and mm-vmm's KIND.
+    pub kind: &'static str,
+    pub args: Vec<OsString>,
+}
+
+/// The devices every microVM gets, in guest order (the root disk must be
+/// first: it becomes /dev/vda).
+pub fn devices_for(dir: &Path, record: &VmRecord) -> Vec<DeviceSpec> {
+    vec![
+        DeviceSpec {
+            role: "block-root".into(),
+            kind: "block",
+            args: vec!["--image".into(), dir.join(ROOT_DISK).into(), "--serial".into(), "root".into()],
+        },
+        DeviceSpec {
+            role: "vsock".into(),
+            kind: "vsock",
+            args: vec![
+                "--guest-cid".into(),
+                record.guest_cid.to_string().into(),
+                "--uds".into(),
+                dir.join(VSOCK_SOCKET).into(),
+            ],
+        },
+    ]
+}
+
+/// Makes `fds[i].0` appear as `fds[i].1` in the child, and nothing else
+/// beyond stdio (everything of ours is CLOEXEC).
+fn inherit_fds(cmd: &mut Command, fds: Vec<(RawFd, RawFd)>) {
+    // SAFETY: the closure runs between fork and exec and calls only fcntl
+    // and dup2, which are async-signal-safe. Sources are first moved above
+    // every target, so a source numbered like another pair's target is not
+    // clobbered; dup2 clears CLOEXEC on each target.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut moved = Vec::with_capacity(fds.len());
+            for (source, target) in &fds {
+                let high = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, 100);
+                if high < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                moved.push((high, *target));
+            }
+            for (high, target) in moved {
+                if libc::dup2(high, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+fn log_file(dir: &Path, role: &str) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(dir.join(format!("{role}.log")))
+}
+
+/// A listener with mm-vmm's connection already queued, and that connection.
+fn vhost_user_pair(dir: &Path, role: &str) -> std::io::Result<(UnixListener, UnixStream)> {
+    let path: PathBuf = dir.join(format!(".{role}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let connected = UnixStream::connect(&path);
+    let _ = std::fs::remove_file(&path);
+    Ok((listener, connected?))
+}
+
+/// Starts one device back end; returns it and mm-vmm's end of its socket.
+pub fn spawn_device(
+    config: &BrokerConfig,
+    dir: &Path,
+    spec: &DeviceSpec,
+    record_uid: u32,
+) -> std::io::Result<(Process, UnixStream)> {
+    let (listener, vmm_end) = vhost_user_pair(dir, &spec.role)?;
+    let mut cmd = Command::new(config.bin_dir.join("mm-device"));
+    cmd.arg(spec.kind).args(["--listen-fd", &FIRST_FD.to_string()]).args(&spec.args);
+    cmd.args(jail_args(config, record_uid));
+    cmd.stdin(Stdio::null()).stdout(log_file(dir, &spec.role)?).stderr(log_file(dir, &spec.role)?);
+    inherit_fds(&mut cmd, vec![(listener.as_raw_fd(), FIRST_FD)]);
+    let child = cmd.spawn()?;
+    drop(listener);
+    Ok((Process::spawned(&spec.role, child)?, vmm_end))
+}
+
+/// Starts mm-vmm with the given device connections (guest order); returns
+/// it and the broker's end of its control channel.
+pub fn spawn_vmm(
+    config: &BrokerConfig,
+    dir: &Path,
+    record: &VmRecord,
+    devices: &[(&DeviceSpec, UnixStream)],
+) -> std::io::Result<(Process, UnixStream)> {
+    let (control, vmm_control) = UnixStream::pair()?;
+    let mut cmd = Command::new(config.bin_dir.join("mm-vmm"));
+    cmd.arg("--kernel").arg(&config.kernel);
+    // TODO(jail): mm-vmm under the microVM's uid cannot open /dev/kvm yet
+    // (the jail must give the uid access to its /dev/kvm node).
+    cmd.args(jail_args(config, record.uid()).into_iter().skip(4));
+    cmd.args(["--cpus", &record.cpus.to_string(), "--memory-mib", &record.memory_mib.to_string()]);
+    // The console goes to mm-vmm's stdout, a file opened here in append
+    // mode: mm-vmm needs no path for it, and a restart adds to the log.
+    cmd.args(["--serial", "stdout"]);
+    cmd.arg("--cmdline").arg(guest_cmdline(record));
+    let mut fds = Vec::new();
+    for (index, (spec, stream)) in devices.iter().enumerate() {
+        let fd = FIRST_FD + index as RawFd;
+        cmd.arg("--device").arg(format!("{}=fd:{fd}", spec.kind));
+        fds.push((stream.as_raw_fd(), fd));
+    }
+    let control_fd = FIRST_FD + devices.len() as RawFd;
+    cmd.arg("--control").arg(format!("fd:{control_fd}"));
+    fds.push((vmm_control.as_raw_fd(), control_fd));
+    cmd.arg("--").args(&record.command);
+    let console = OpenOptions::new().create(true).append(true).open(dir.join(CONSOLE_LOG))?;
+    cmd.stdin(Stdio::null()).stdout(console).stderr(log_file(dir, "vmm")?);
+    inherit_fds(&mut cmd, fds);
+    let child = cmd.spawn()?;
+    Ok((Process::spawned("vmm", child)?, control))
+}
+
+/// The jail options every process of one microVM gets: its own uid/gid.
+fn jail_args(config: &BrokerConfig, uid: u32) -> Vec<String> {
+    let mut args = vec!["--jail-uid".to_string(), uid.to_string(), "--jail-gid".to_string(), uid.to_string()];
+    if config.no_seccomp {
+        args.push("--no-seccomp".into());
+    }
+    if config.no_jail {
+        args.push("--no-jail".into());
+    }
+    args
+}
+
+/// Kernel parameters for mm-init: root on the first disk, hostname, env.
+fn guest_cmdline(record: &VmRecord) -> String {
+    // `quiet`: the console (`mmctl logs`, `mmctl run`) shows the workload,
+    // not the kernel's boot messages; errors still print.
+    let mut line = format!("quiet root=/dev/vda rw init=/init mm.hostname={}", record.name);
+    if !record.env.is_empty() {
+        let env: Vec<String> = record.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let json = serde_json::to_vec(&env).expect("strings always serialise");
+        line.push_str(" mm.env=");
+        line.push_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json));
+    }
+    line
+}
+
+/// Gives the microVM its own writable copy of the image (sparse-aware),
+/// and hands its directory and disk to its uid: its jailed block process
+/// opens the disk, and its vsock process makes its sockets in the directory.
+pub fn prepare_vm_dir(config: &BrokerConfig, dir: &Path, uid: u32) -> std::io::Result<()> {
+    let target = dir.join(ROOT_DISK);
+    if !target.exists() {
+        copy_image(config, dir, &target)?; // a restart keeps the disk
+    }
+    std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
+    std::os::unix::fs::chown(&target, Some(uid), Some(uid))
+}
+
+fn copy_image(config: &BrokerConfig, dir: &Path, target: &Path) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{ROOT_DISK}.tmp"));
+    let status = Command::new("cp")
+        .arg("--sparse=always")
+        .arg("--reflink=auto")
+        .arg(&config.builtin_image)
+        .arg(&tmp)
+        .status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!("copying {} failed: {status}", config.builtin_image.display())));
+    }
+    std::fs::rename(&tmp, target)
+}
+
+/// Sends a new back-end connection for device `index` to mm-vmm and waits
+/// for its one-line answer.
+pub fn send_reconnect(control: &UnixStream, index: usize, backend: &UnixStream) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let line = format!("reconnect {index}\n");
+    control.send_with_fd(line.as_bytes(), backend.as_raw_fd())?;
+    let mut reply = String::new();
+    BufReader::new(control).read_line(&mut reply)?;
+    match reply.trim() {
+        "ok" => Ok(()),
+        other => Err(std::io::Error::other(format!("mm-vmm refused the reconnect: {other}"))),
+    }
+}

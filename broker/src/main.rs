@@ -1,0 +1,134 @@
+//! `mm-broker`: the per-host supervisor. Serves `protocols/broker.capnp`
+//! on an owner-only unix socket; see the crate docs of `mm_broker`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use anyhow::{Context, Result};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use clap::Parser;
+use mm_broker::BrokerConfig;
+use mm_broker::registry::Registry;
+use mm_broker::rpc::BrokerServer;
+use mm_protocols::broker_capnp::broker;
+use tokio::net::UnixListener;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+#[derive(Debug, Parser)]
+#[command(name = "mm-broker", version, about = "MicroMachines per-host broker")]
+struct Args {
+    /// Where microVM records, disks, consoles and audit logs live.
+    #[arg(long, default_value = "/var/lib/micromachines/broker")]
+    state_dir: PathBuf,
+    /// The Cap'n Proto socket for mmctl (made owner-only).
+    #[arg(long, default_value = mm_protocols::DEFAULT_BROKER_SOCKET)]
+    socket: PathBuf,
+    /// The guest kernel (vmlinux) microVMs boot.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// The built-in image (an ext4 root filesystem).
+    #[arg(long)]
+    builtin_image: PathBuf,
+    /// Directory with mm-vmm and mm-device (default: beside mm-broker).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Host memory in MiB never given to microVMs.
+    #[arg(long, default_value_t = 512)]
+    reserved_memory_mib: u64,
+    /// DEBUGGING ONLY: run every microVM process without its seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// DEBUGGING ONLY: run every microVM process unjailed.
+    #[arg(long)]
+    no_jail: bool,
+}
+
+/// Biggest message a client may send, in 8-byte words (1 MiB): nothing in
+/// the protocol needs more, and a hostile client must not make us allocate.
+const TRAVERSAL_LIMIT_WORDS: usize = 128 * 1024;
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MM_LOG").unwrap_or_else(|_| "mm_broker=info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let bin_dir = match args.bin_dir {
+        Some(dir) => dir,
+        None => std::env::current_exe()?.parent().context("mm-broker has no directory")?.to_path_buf(),
+    };
+    for (what, path) in [("--kernel", &args.kernel), ("--builtin-image", &args.builtin_image)] {
+        anyhow::ensure!(path.is_file(), "{what} {}: no such file", path.display());
+    }
+    let config = Rc::new(BrokerConfig {
+        state_dir: args.state_dir,
+        bin_dir,
+        kernel: args.kernel,
+        builtin_image: args.builtin_image,
+        reserved_memory_mib: args.reserved_memory_mib,
+        no_seccomp: args.no_seccomp,
+        no_jail: args.no_jail,
+    });
+    if config.no_jail {
+        tracing::warn!("--no-jail: DEBUGGING ONLY, microVM processes run UNJAILED with the broker's privileges");
+    }
+    if config.no_seccomp {
+        tracing::warn!("--no-seccomp: DEBUGGING ONLY, microVM processes run WITHOUT their seccomp filters");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(config, args.socket))
+}
+
+async fn serve(config: Rc<BrokerConfig>, socket: PathBuf) -> Result<()> {
+    let registry = Registry::load(Rc::clone(&config)).context("loading the state directory")?;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %socket.display(), state_dir = %config.state_dir.display(), "mm-broker ready");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    continue;
+                }
+            },
+            _ = terminate.recv() => {
+                // MicroVMs keep running; the next broker re-adopts them.
+                tracing::info!("SIGTERM: exiting, microVMs keep running");
+                let _ = std::fs::remove_file(&socket);
+                return Ok(());
+            }
+        };
+        let caller = match stream.peer_cred() {
+            Ok(cred) => format!("uid {} pid {}", cred.uid(), cred.pid().unwrap_or(0)),
+            Err(_) => "unknown".into(),
+        };
+        let server = BrokerServer { registry: Rc::clone(&registry), caller: caller.clone() };
+        let client: broker::Client = capnp_rpc::new_client(server);
+        let (reader, writer) = stream.into_split();
+        let mut options = capnp::message::ReaderOptions::new();
+        options.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS));
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(reader.compat()),
+            futures::io::BufWriter::new(writer.compat_write()),
+            rpc_twoparty_capnp::Side::Server,
+            options,
+        );
+        let rpc = RpcSystem::new(Box::new(network), Some(client.client));
+        tokio::task::spawn_local(async move {
+            if let Err(e) = rpc.await {
+                tracing::info!(%caller, "client connection ended: {e}");
+            }
+        });
+    }
+}

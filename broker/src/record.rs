@@ -1,0 +1,161 @@
+//! What the broker remembers about a microVM, on disk in
+//! `vms/<id>/record.json` (written to a temporary file and renamed, so a
+//! crash leaves the old record or the new one, never half of one). After a
+//! restart the broker reads every record and re-adopts or reports what the
+//! records say was running.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle states, named as Fly's Machines API names them where they
+/// overlap; `lost` is a microVM the broker cannot account for after a
+/// restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Created,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+    Lost,
+}
+
+impl VmState {
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+            VmState::Lost => "lost",
+        }
+    }
+
+    /// Processes exist for the microVM in this state.
+    pub fn is_live(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Stopping)
+    }
+}
+
+/// One process of a microVM, as recorded for re-adoption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    /// `vmm`, `block-root`, `vsock`, ...
+    pub role: String,
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat: tells a re-used pid from ours.
+    pub start_time: u64,
+    pub restarts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub cpus: u8,
+    pub memory_mib: u32,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub auto_remove: bool,
+    pub state: VmState,
+    pub reason: String,
+    pub exit_code: Option<i32>,
+    pub created_at: String,
+    /// The guest's vsock context id (unique among this host's microVMs).
+    pub guest_cid: u32,
+    pub processes: Vec<ProcessRecord>,
+}
+
+/// The first uid/gid given to microVMs: each gets `FIRST_VM_UID + guest_cid`,
+/// unique on this host and far above regular users.
+pub const FIRST_VM_UID: u32 = 200_000;
+
+impl VmRecord {
+    /// The unprivileged uid and gid this microVM's processes run as.
+    pub fn uid(&self) -> u32 {
+        FIRST_VM_UID + self.guest_cid
+    }
+
+    pub fn load(dir: &Path) -> std::io::Result<VmRecord> {
+        let text = std::fs::read_to_string(dir.join("record.json"))?;
+        serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join("record.json.tmp");
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, dir.join("record.json"))
+    }
+}
+
+/// Field 22 (starttime) of /proc/PID/stat, or None if no such process.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A valid microVM name: what `mmctl` and DNS-ish tooling can both carry.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 63
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("web-1"));
+        assert!(valid_name("a"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name("../etc"));
+        assert!(!valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn our_own_start_time_is_readable() {
+        let me = std::process::id() as i32;
+        assert!(process_start_time(me).is_some());
+        assert_eq!(process_start_time(me), process_start_time(me));
+        assert!(process_start_time(i32::MAX).is_none());
+    }
+
+    #[test]
+    fn a_record_round_trips_through_disk() {
+        let dir = std::env::temp_dir().join(format!("mm-record-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = VmRecord {
+            id: "abc".into(),
+            name: "web".into(),
+            image: "builtin".into(),
+            cpus: 1,
+            memory_mib: 256,
+            command: vec!["sh".into()],
+            env: vec![("A".into(), "b".into())],
+            auto_remove: false,
+            state: VmState::Running,
+            reason: String::new(),
+            exit_code: None,
+            created_at: "2026-11-29T00:00:00.000Z".into(),
+            guest_cid: 3,
+            processes: vec![ProcessRecord { role: "vmm".into(), pid: 1, start_time: 2, restarts: 0 }],
+        };
+        record.save(&dir).unwrap();
+        assert_eq!(VmRecord::load(&dir).unwrap(), record);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

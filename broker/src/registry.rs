@@ -1,0 +1,206 @@
+//! Every microVM this broker knows, by id, loaded from the state directory
+//! at start (and re-adopted), created and removed through the API.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::rc::Rc;
+
+use serde_json::json;
+
+use crate::audit::{AuditLog, now_rfc3339};
+use crate::record::{VmRecord, VmState, valid_name};
+use crate::vm::Vm;
+use crate::{BrokerConfig, BrokerError};
+
+/// Most vCPUs and memory one microVM may ask for.
+const MAX_CPUS: u8 = 32;
+const MIN_MEMORY_MIB: u32 = 64;
+const MAX_MEMORY_MIB: u32 = 64 * 1024;
+
+/// What a client asks for (from `VmSpec`).
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub name: String,
+    pub image: String,
+    pub cpus: u8,
+    pub memory_mib: u32,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub auto_remove: bool,
+}
+
+pub struct Registry {
+    pub config: Rc<BrokerConfig>,
+    vms: RefCell<BTreeMap<String, Rc<Vm>>>,
+    /// Broker-wide events (creations, removals): survives `rm`.
+    pub audit: AuditLog,
+}
+
+impl Registry {
+    /// Loads every record under `vms/` and re-adopts live microVMs.
+    pub fn load(config: Rc<BrokerConfig>) -> std::io::Result<Rc<Registry>> {
+        std::fs::create_dir_all(config.vms_dir())?;
+        let registry = Rc::new(Registry {
+            audit: AuditLog::new(&config.state_dir),
+            config: Rc::clone(&config),
+            vms: RefCell::new(BTreeMap::new()),
+        });
+        for entry in std::fs::read_dir(config.vms_dir())? {
+            let dir = entry?.path();
+            match VmRecord::load(&dir) {
+                Ok(record) => {
+                    let vm = Vm::new(Rc::clone(&config), dir, record.clone());
+                    vm.readopt();
+                    registry.vms.borrow_mut().insert(record.id, vm);
+                }
+                Err(e) => tracing::warn!("ignoring {}: unreadable record: {e}", dir.display()),
+            }
+        }
+        Ok(registry)
+    }
+
+    pub fn list(&self) -> Vec<Rc<Vm>> {
+        self.vms.borrow().values().cloned().collect()
+    }
+
+    /// By exact name, exact id, or unique id prefix.
+    pub fn find(&self, name: &str) -> Result<Rc<Vm>, BrokerError> {
+        let vms = self.vms.borrow();
+        if let Some(vm) = vms.values().find(|vm| vm.name() == name) {
+            return Ok(Rc::clone(vm));
+        }
+        let matches: Vec<_> = vms.iter().filter(|(id, _)| !name.is_empty() && id.starts_with(name)).collect();
+        match matches.as_slice() {
+            [(_, vm)] => Ok(Rc::clone(vm)),
+            _ => Err(BrokerError::UnknownVm(name.to_string())),
+        }
+    }
+
+    /// Validates `request`, writes the microVM's directory and record, and
+    /// starts it.
+    pub fn create(&self, mut request: CreateRequest, caller: &str) -> Result<Rc<Vm>, BrokerError> {
+        if request.image.is_empty() {
+            request.image = "builtin".into();
+        }
+        if request.image != "builtin" {
+            return Err(BrokerError::UnknownImage(request.image));
+        }
+        if request.cpus == 0 {
+            request.cpus = 1;
+        }
+        if request.cpus > MAX_CPUS {
+            return Err(BrokerError::BadSpec(format!("cpus {}: at most {MAX_CPUS}", request.cpus)));
+        }
+        if request.memory_mib == 0 {
+            request.memory_mib = 256;
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&request.memory_mib) {
+            return Err(BrokerError::BadSpec(format!(
+                "memory {} MiB: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}",
+                request.memory_mib
+            )));
+        }
+        if let Some((key, _)) = request.env.iter().find(|(k, _)| k.is_empty() || k.contains('=') || k.contains('\0')) {
+            return Err(BrokerError::BadSpec(format!("bad environment variable name {key:?}")));
+        }
+        let available = available_memory_mib().saturating_sub(self.config.reserved_memory_mib);
+        if u64::from(request.memory_mib) > available {
+            return Err(BrokerError::NoMemory { wanted: request.memory_mib.into(), available });
+        }
+        let id = random_id()?;
+        if request.name.is_empty() {
+            request.name = format!("vm-{}", &id[..6]);
+        }
+        if !valid_name(&request.name) {
+            return Err(BrokerError::BadName(request.name));
+        }
+        if self.find(&request.name).is_ok_and(|vm| vm.name() == request.name) {
+            return Err(BrokerError::DuplicateName(request.name));
+        }
+        let record = VmRecord {
+            id: id.clone(),
+            name: request.name,
+            image: request.image,
+            cpus: request.cpus,
+            memory_mib: request.memory_mib,
+            command: if request.command.is_empty() { vec!["sh".into()] } else { request.command },
+            env: request.env,
+            auto_remove: request.auto_remove,
+            state: VmState::Created,
+            reason: String::new(),
+            exit_code: None,
+            created_at: now_rfc3339(),
+            guest_cid: self.free_cid(),
+            processes: Vec::new(),
+        };
+        let dir = self.config.vms_dir().join(&id);
+        create_private_dir(&dir).map_err(BrokerError::io(format!("creating {}", dir.display())))?;
+        record.save(&dir).map_err(BrokerError::io("saving the record"))?;
+        let vm = Vm::new(Rc::clone(&self.config), dir, record.clone());
+        self.audit.record("create", json!({ "caller": caller, "id": id, "name": record.name }));
+        vm.audit.record(
+            "create",
+            json!({ "caller": caller, "spec": {
+                "cpus": record.cpus, "memory_mib": record.memory_mib, "command": record.command, "image": record.image,
+            }}),
+        );
+        self.vms.borrow_mut().insert(id, Rc::clone(&vm));
+        vm.start(caller)?;
+        Ok(vm)
+    }
+
+    /// Forgets a microVM that is not running and deletes its directory.
+    pub fn remove(&self, vm: &Rc<Vm>, caller: &str) -> Result<(), BrokerError> {
+        let state = vm.state();
+        if state.is_live() {
+            return Err(BrokerError::WrongState {
+                name: vm.name(),
+                state: state.name().into(),
+                what: "stop it first, or remove with force",
+            });
+        }
+        let record = vm.record();
+        self.audit.record("remove", json!({ "caller": caller, "id": record.id, "name": record.name }));
+        self.vms.borrow_mut().remove(&record.id);
+        match std::fs::remove_dir_all(&vm.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()), // auto-removed
+            Err(e) => Err(BrokerError::io(format!("removing {}", vm.dir.display()))(e)),
+        }
+    }
+
+    /// Forgets a microVM whose directory is gone (auto-removed).
+    pub fn forget_removed(&self) {
+        self.vms.borrow_mut().retain(|_, vm| vm.dir.exists());
+    }
+
+    fn free_cid(&self) -> u32 {
+        let used: Vec<u32> = self.vms.borrow().values().map(|vm| vm.record().guest_cid).collect();
+        (3..).find(|cid| !used.contains(cid)).unwrap_or(3)
+    }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// 12 random hex digits.
+fn random_id() -> Result<String, BrokerError> {
+    let mut bytes = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(BrokerError::io("reading /dev/urandom"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// MemAvailable from /proc/meminfo, in MiB.
+fn available_memory_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}

@@ -1,0 +1,239 @@
+//! The Cap'n Proto face of the broker (`protocols/broker.capnp`): one
+//! `Broker` capability per client connection (it knows the caller, from
+//! the socket's peer credentials, for the audit log), and one `Vm`
+//! capability per microVM a client created or looked up.
+//!
+//! Errors travel as `"<kind>: <message>"` so `mmctl` can map them to exit
+//! codes: `not-found`, `conflict`, `invalid`, `no-memory`, `internal`.
+
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use mm_protocols::broker_capnp::{broker, byte_sink, vm, vm_info};
+use serde_json::json;
+
+use crate::BrokerError;
+use crate::launch::CONSOLE_LOG;
+use crate::record::VmRecord;
+use crate::registry::{CreateRequest, Registry};
+use crate::vm::Vm;
+
+impl BrokerError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BrokerError::UnknownVm(_) => "not-found",
+            BrokerError::DuplicateName(_) | BrokerError::WrongState { .. } => "conflict",
+            BrokerError::BadName(_) | BrokerError::UnknownImage(_) | BrokerError::BadSpec(_) => "invalid",
+            BrokerError::NoMemory { .. } => "no-memory",
+            BrokerError::Io { .. } => "internal",
+        }
+    }
+}
+
+fn rpc_err(e: BrokerError) -> capnp::Error {
+    capnp::Error::failed(format!("{}: {e}", e.kind()))
+}
+
+fn text(reader: capnp::text::Reader<'_>) -> Result<String, capnp::Error> {
+    reader.to_string().map_err(|e| capnp::Error::failed(format!("invalid: text is not UTF-8: {e}")))
+}
+
+/// The bootstrap capability of one client connection.
+pub struct BrokerServer {
+    pub registry: Rc<Registry>,
+    /// `uid U pid P` of the peer, for the audit log.
+    pub caller: String,
+}
+
+impl broker::Server for BrokerServer {
+    async fn create_vm(
+        self: Rc<Self>,
+        params: broker::CreateVmParams,
+        mut results: broker::CreateVmResults,
+    ) -> Result<(), capnp::Error> {
+        let spec = params.get()?.get_spec()?;
+        let mut request = CreateRequest {
+            name: text(spec.get_name()?)?,
+            image: text(spec.get_image()?)?,
+            cpus: spec.get_cpus(),
+            memory_mib: spec.get_memory_mib(),
+            auto_remove: spec.get_auto_remove(),
+            ..CreateRequest::default()
+        };
+        for arg in spec.get_command()?.iter() {
+            request.command.push(text(arg?)?);
+        }
+        for var in spec.get_env()?.iter() {
+            request.env.push((text(var.get_name()?)?, text(var.get_value()?)?));
+        }
+        let vm = self.registry.create(request, &self.caller).map_err(rpc_err)?;
+        results.get().set_vm(capnp_rpc::new_client(VmServer::new(&self, vm)));
+        Ok(())
+    }
+
+    async fn get_vm(
+        self: Rc<Self>,
+        params: broker::GetVmParams,
+        mut results: broker::GetVmResults,
+    ) -> Result<(), capnp::Error> {
+        self.registry.forget_removed();
+        let name = text(params.get()?.get_name()?)?;
+        let vm = self.registry.find(&name).map_err(rpc_err)?;
+        results.get().set_vm(capnp_rpc::new_client(VmServer::new(&self, vm)));
+        Ok(())
+    }
+
+    async fn list_vms(
+        self: Rc<Self>,
+        _: broker::ListVmsParams,
+        mut results: broker::ListVmsResults,
+    ) -> Result<(), capnp::Error> {
+        self.registry.forget_removed();
+        let vms = self.registry.list();
+        let mut list = results.get().init_vms(vms.len() as u32);
+        for (i, vm) in vms.iter().enumerate() {
+            fill_info(&vm.record(), list.reborrow().get(i as u32));
+        }
+        Ok(())
+    }
+
+    async fn version(
+        self: Rc<Self>,
+        _: broker::VersionParams,
+        mut results: broker::VersionResults,
+    ) -> Result<(), capnp::Error> {
+        results.get().set_version(env!("CARGO_PKG_VERSION"));
+        Ok(())
+    }
+}
+
+pub fn fill_info(record: &VmRecord, mut info: vm_info::Builder<'_>) {
+    info.set_id(&record.id);
+    info.set_name(&record.name);
+    info.set_image(&record.image);
+    info.set_state(record.state.name());
+    info.set_reason(&record.reason);
+    info.set_cpus(record.cpus);
+    info.set_memory_mib(record.memory_mib);
+    info.set_exit_code(record.exit_code.unwrap_or(-1));
+    info.set_created_at(&record.created_at);
+    info.set_ip("");
+    {
+        let mut command = info.reborrow().init_command(record.command.len() as u32);
+        for (i, arg) in record.command.iter().enumerate() {
+            command.set(i as u32, arg);
+        }
+    }
+    let mut pids = info.init_pids(record.processes.len() as u32);
+    for (i, p) in record.processes.iter().enumerate() {
+        let mut entry = pids.reborrow().get(i as u32);
+        entry.set_role(&p.role);
+        entry.set_pid(if record.state.is_live() { p.pid } else { 0 });
+        entry.set_restarts(p.restarts);
+    }
+}
+
+/// A capability for one microVM.
+pub struct VmServer {
+    registry: Rc<Registry>,
+    vm: Rc<Vm>,
+    caller: String,
+}
+
+impl VmServer {
+    fn new(broker: &BrokerServer, vm: Rc<Vm>) -> Self {
+        VmServer { registry: Rc::clone(&broker.registry), vm, caller: broker.caller.clone() }
+    }
+}
+
+impl vm::Server for VmServer {
+    async fn info(self: Rc<Self>, _: vm::InfoParams, mut results: vm::InfoResults) -> Result<(), capnp::Error> {
+        fill_info(&self.vm.record(), results.get().init_info());
+        Ok(())
+    }
+
+    async fn start(self: Rc<Self>, _: vm::StartParams, _: vm::StartResults) -> Result<(), capnp::Error> {
+        self.vm.start(&self.caller).map_err(rpc_err)
+    }
+
+    async fn stop(self: Rc<Self>, params: vm::StopParams, mut results: vm::StopResults) -> Result<(), capnp::Error> {
+        let timeout = Duration::from_millis(u64::from(params.get()?.get_timeout_ms()));
+        self.vm.stop(timeout, &self.caller).await.map_err(rpc_err)?;
+        fill_info(&self.vm.record(), results.get().init_info());
+        Ok(())
+    }
+
+    async fn remove(self: Rc<Self>, params: vm::RemoveParams, _: vm::RemoveResults) -> Result<(), capnp::Error> {
+        if params.get()?.get_force() {
+            self.vm.stop(Duration::ZERO, &self.caller).await.map_err(rpc_err)?;
+        }
+        self.registry.remove(&self.vm, &self.caller).map_err(rpc_err)
+    }
+
+    async fn logs(self: Rc<Self>, params: vm::LogsParams, _: vm::LogsResults) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let follow = params.get_follow();
+        let sink = params.get_sink()?;
+        stream_console(&self.vm, follow, sink).await
+    }
+
+    async fn audit(self: Rc<Self>, _: vm::AuditParams, mut results: vm::AuditResults) -> Result<(), capnp::Error> {
+        let lines = self.vm.audit.lines().map_err(|e| capnp::Error::failed(format!("internal: {e}")))?;
+        let mut list = results.get().init_lines(lines.len() as u32);
+        for (i, line) in lines.iter().enumerate() {
+            list.set(i as u32, line);
+        }
+        Ok(())
+    }
+
+    async fn wait(self: Rc<Self>, _: vm::WaitParams, mut results: vm::WaitResults) -> Result<(), capnp::Error> {
+        self.vm.wait_stopped().await;
+        fill_info(&self.vm.record(), results.get().init_info());
+        Ok(())
+    }
+
+    fn exec(
+        self: Rc<Self>,
+        params: vm::ExecParams,
+        results: vm::ExecResults,
+    ) -> impl Future<Output = Result<(), capnp::Error>> + 'static {
+        self.vm.audit.record("exec", json!({ "caller": self.caller }));
+        crate::exec::serve_exec(self.vm.dir.clone(), params, results)
+    }
+}
+
+/// Sends the console log to `sink` in chunks; with `follow`, keeps going
+/// until the microVM is no longer running and everything is sent.
+async fn stream_console(vm: &Rc<Vm>, follow: bool, sink: byte_sink::Client) -> Result<(), capnp::Error> {
+    use tokio::io::AsyncReadExt;
+    let path = vm.dir.join(CONSOLE_LOG);
+    let mut offset = 0u64;
+    loop {
+        let live = vm.state().is_live();
+        let mut chunk = Vec::new();
+        if let Ok(mut file) = tokio::fs::File::open(&path).await {
+            use tokio::io::AsyncSeekExt;
+            file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| capnp::Error::failed(e.to_string()))?;
+            file.take(64 * 1024).read_to_end(&mut chunk).await.map_err(|e| capnp::Error::failed(e.to_string()))?;
+        }
+        if !chunk.is_empty() {
+            offset += chunk.len() as u64;
+            let mut request = sink.write_request();
+            request.get().set_data(&chunk);
+            request.send().promise.await?;
+            continue;
+        }
+        if !follow || !live {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.done_request().send().promise.await?;
+    Ok(())
+}
+
+/// Runs a command in the guest and returns its exit code (for `stop`).
+pub async fn exec_simple(dir: &Path, argv: &[&str]) -> Result<i32, String> {
+    crate::exec::run_simple(dir, argv).await
+}

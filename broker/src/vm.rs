@@ -1,0 +1,375 @@
+//! One microVM's lifecycle: start (spawn its processes), supervise them
+//! (restart a dead device and reconnect it; end the microVM when mm-vmm
+//! ends), stop (graceful, then forced), remove. Every change of state is
+//! saved to the record and published to waiters; every process event goes
+//! to the audit log.
+
+use std::cell::RefCell;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::audit::AuditLog;
+use crate::launch::{self, DeviceSpec};
+use crate::process::{Exit, Process};
+use crate::record::{ProcessRecord, VmRecord, VmState};
+use crate::{BrokerConfig, BrokerError};
+
+/// mm-vmm's exit code for "mm-vmm itself failed".
+const VMM_FAILURE: i32 = 125;
+
+/// What the supervisor task can be told.
+#[derive(Debug)]
+enum Order {
+    /// End the microVM now (SIGKILL mm-vmm; devices follow).
+    Kill,
+}
+
+/// A started microVM: mm-vmm, its devices, and mm-vmm's control channel.
+type Spawned = (Process, Vec<(DeviceSpec, Process)>, UnixStream);
+
+/// What woke the supervisor.
+enum Event {
+    Vmm(Exit),
+    Device(usize, Exit),
+    Order(Order),
+}
+
+pub struct Vm {
+    pub dir: PathBuf,
+    config: Rc<BrokerConfig>,
+    record: RefCell<VmRecord>,
+    pub audit: AuditLog,
+    orders: RefCell<Option<mpsc::UnboundedSender<Order>>>,
+    state: watch::Sender<VmState>,
+}
+
+impl Vm {
+    pub fn new(config: Rc<BrokerConfig>, dir: PathBuf, record: VmRecord) -> Rc<Vm> {
+        let (state, _) = watch::channel(record.state);
+        Rc::new(Vm {
+            audit: AuditLog::new(&dir),
+            dir,
+            config,
+            record: RefCell::new(record),
+            orders: RefCell::new(None),
+            state,
+        })
+    }
+
+    pub fn record(&self) -> VmRecord {
+        self.record.borrow().clone()
+    }
+
+    pub fn name(&self) -> String {
+        self.record.borrow().name.clone()
+    }
+
+    pub fn state(&self) -> VmState {
+        self.record.borrow().state
+    }
+
+    /// Changes the record (and saves it, and tells waiters of the state).
+    fn update(&self, change: impl FnOnce(&mut VmRecord)) {
+        let mut record = self.record.borrow_mut();
+        let before = record.state;
+        change(&mut record);
+        if let Err(e) = record.save(&self.dir) {
+            tracing::error!(vm = %record.name, "cannot save the record: {e}");
+        }
+        if record.state != before {
+            tracing::info!(vm = %record.name, from = before.name(), to = record.state.name(), "state");
+            self.state.send_replace(record.state);
+        }
+    }
+
+    fn set_state(&self, state: VmState, reason: &str) {
+        self.update(|r| {
+            r.state = state;
+            r.reason = reason.to_string();
+        });
+    }
+
+    /// Waits until the microVM is not live (stopped, failed, lost).
+    pub async fn wait_stopped(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| !s.is_live()).await;
+    }
+
+    /// Spawns the devices and mm-vmm and starts supervising them.
+    pub fn start(self: &Rc<Vm>, caller: &str) -> Result<(), BrokerError> {
+        let state = self.state();
+        if state.is_live() {
+            return Err(BrokerError::WrongState {
+                name: self.name(),
+                state: state.name().into(),
+                what: "it is already running",
+            });
+        }
+        self.audit.record("start", json!({ "caller": caller }));
+        self.update(|r| {
+            r.state = VmState::Starting;
+            r.reason.clear();
+            r.exit_code = None;
+            r.processes.clear();
+        });
+        match self.spawn_all() {
+            Ok((vmm, devices, control)) => {
+                self.set_state(VmState::Running, "");
+                let (tx, rx) = mpsc::unbounded_channel();
+                *self.orders.borrow_mut() = Some(tx);
+                tokio::task::spawn_local(Rc::clone(self).supervise(vmm, devices, Some(control), rx));
+                Ok(())
+            }
+            Err(e) => {
+                self.set_state(VmState::Failed, &format!("cannot start: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn_all(&self) -> Result<Spawned, BrokerError> {
+        let record = self.record();
+        launch::prepare_vm_dir(&self.config, &self.dir, record.uid())
+            .map_err(BrokerError::io("preparing the root disk"))?;
+        let specs = launch::devices_for(&self.dir, &record);
+        let mut devices = Vec::new();
+        let mut connections = Vec::new();
+        for spec in &specs {
+            let spawned = launch::spawn_device(&self.config, &self.dir, spec, record.uid());
+            let (process, vmm_end) = match spawned {
+                Ok(pair) => pair,
+                Err(e) => {
+                    for (_, process) in &devices {
+                        let process: &Process = process;
+                        process.signal(libc::SIGKILL);
+                    }
+                    return Err(BrokerError::io(format!("starting the {} device", spec.role))(e));
+                }
+            };
+            self.audit_spawn(&process);
+            connections.push((spec, vmm_end));
+            devices.push((spec.clone(), process));
+        }
+        let (vmm, control) = launch::spawn_vmm(&self.config, &self.dir, &record, &connections).map_err(|e| {
+            for (_, process) in &devices {
+                process.signal(libc::SIGKILL);
+            }
+            BrokerError::io("starting mm-vmm")(e)
+        })?;
+        self.audit_spawn(&vmm);
+        Ok((vmm, devices, control))
+    }
+
+    fn audit_spawn(&self, process: &Process) {
+        self.audit.record("spawn", json!({ "role": process.role, "pid": process.pid }));
+        let entry =
+            ProcessRecord { role: process.role.clone(), pid: process.pid, start_time: process.start_time, restarts: 0 };
+        self.update(|r| match r.processes.iter_mut().find(|p| p.role == entry.role) {
+            Some(existing) => {
+                existing.pid = entry.pid;
+                existing.start_time = entry.start_time;
+                existing.restarts += 1;
+            }
+            None => r.processes.push(entry),
+        });
+    }
+
+    fn audit_exit(&self, process: &Process, exit: Exit) {
+        let mut fields = json!({ "role": process.role, "pid": process.pid });
+        if let (Some(fields), serde_json::Value::Object(extra)) = (fields.as_object_mut(), exit.json()) {
+            fields.extend(extra);
+        }
+        if exit == Exit::Signal(libc::SIGSYS) {
+            // The seccomp report, if the process wrote one to its log.
+            if let Some(line) = last_line_containing(&self.dir.join(format!("{}.log", process.role)), "seccomp") {
+                fields["seccomp"] = json!(line);
+            }
+        }
+        self.audit.record("exit", fields);
+    }
+
+    /// Watches the processes until mm-vmm ends. `control` is None for a
+    /// microVM re-adopted after a broker restart (its channel died with
+    /// the old broker), so a device that dies then cannot be replaced.
+    async fn supervise(
+        self: Rc<Vm>,
+        mut vmm: Process,
+        mut devices: Vec<(DeviceSpec, Process)>,
+        control: Option<UnixStream>,
+        mut orders: mpsc::UnboundedReceiver<Order>,
+    ) {
+        let vmm_exit = loop {
+            let event = {
+                let waits: Vec<_> = devices
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, (_, p))| Box::pin(async move { (i, p.wait().await) }))
+                    .collect();
+                let any_device = async move {
+                    if waits.is_empty() {
+                        std::future::pending().await
+                    } else {
+                        futures::future::select_all(waits).await
+                    }
+                };
+                tokio::select! {
+                    exit = vmm.wait() => Event::Vmm(exit),
+                    ((index, exit), _, _) = any_device => Event::Device(index, exit),
+                    Some(order) = orders.recv() => Event::Order(order),
+                }
+            };
+            match event {
+                Event::Vmm(exit) => break exit,
+                Event::Device(index, exit) => {
+                    self.audit_exit(&devices[index].1, exit);
+                    self.replace_device(&mut devices, index, control.as_ref()).await;
+                }
+                Event::Order(Order::Kill) => vmm.signal(libc::SIGKILL),
+            }
+        };
+        self.audit_exit(&vmm, vmm_exit);
+        // Device processes end when mm-vmm hangs up; make sure of it.
+        for (_, device) in &mut devices {
+            if tokio::time::timeout(Duration::from_secs(2), device.wait()).await.is_err() {
+                device.signal(libc::SIGKILL);
+            }
+            let exit = device.wait().await;
+            self.audit_exit(device, exit);
+        }
+        *self.orders.borrow_mut() = None;
+        let stopping = self.state() == VmState::Stopping;
+        let (state, reason, code) = match vmm_exit {
+            Exit::Code(VMM_FAILURE) => {
+                let why = last_line_containing(&self.dir.join("vmm.log"), "")
+                    .unwrap_or_else(|| "mm-vmm failed (exit 125)".into());
+                (VmState::Failed, why, None)
+            }
+            Exit::Code(code) => (VmState::Stopped, format!("the workload exited with code {code}"), Some(code)),
+            Exit::Signal(_) if stopping => (VmState::Stopped, "stopped by request (forced)".into(), None),
+            Exit::Signal(_) => (VmState::Failed, format!("mm-vmm {}", vmm_exit.describe()), None),
+            Exit::Unknown => (VmState::Stopped, vmm_exit.describe(), None),
+        };
+        self.update(|r| {
+            r.state = state;
+            r.reason = reason;
+            r.exit_code = code;
+        });
+        if self.record.borrow().auto_remove {
+            self.audit.record("remove", json!({ "caller": "broker (auto-remove)" }));
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                tracing::warn!("cannot remove {}: {e}", self.dir.display());
+            }
+        }
+    }
+
+    /// A device died: start a fresh one from the same spec and hand its
+    /// connection to mm-vmm, which replays the set-up (the guest sees a
+    /// stall, not an error).
+    async fn replace_device(&self, devices: &mut [(DeviceSpec, Process)], index: usize, control: Option<&UnixStream>) {
+        let spec = devices[index].0.clone();
+        let Some(control) = control else {
+            self.audit.record(
+                "restart-impossible",
+                json!({ "role": spec.role, "reason": "control channel lost with a previous broker" }),
+            );
+            return;
+        };
+        // A device that dies at once would otherwise be restarted in a loop.
+        let restarts = self.record.borrow().processes.iter().find(|p| p.role == spec.role).map_or(0, |p| p.restarts);
+        if restarts >= 3 {
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(restarts.min(25)))).await;
+        }
+        let uid = self.record.borrow().uid();
+        match launch::spawn_device(&self.config, &self.dir, &spec, uid) {
+            Ok((process, vmm_end)) => {
+                self.audit_spawn(&process);
+                let sent = launch::send_reconnect(control, index, &vmm_end);
+                devices[index].1 = process;
+                match sent {
+                    Ok(()) => self.audit.record("restart", json!({ "role": spec.role, "pid": devices[index].1.pid })),
+                    Err(e) => self.audit.record("restart-failed", json!({ "role": spec.role, "error": e.to_string() })),
+                }
+            }
+            Err(e) => self.audit.record("restart-failed", json!({ "role": spec.role, "error": e.to_string() })),
+        }
+    }
+
+    /// Asks the guest to shut down; after `timeout`, ends it by force.
+    pub async fn stop(self: &Rc<Vm>, timeout: Duration, caller: &str) -> Result<(), BrokerError> {
+        let state = self.state();
+        if !state.is_live() {
+            return Ok(());
+        }
+        self.audit.record("stop", json!({ "caller": caller, "timeout_ms": timeout.as_millis() as u64 }));
+        self.set_state(VmState::Stopping, "stop requested");
+        // Graceful: SIGTERM to the guest's init, which forwards it to the
+        // workload and powers off when the workload ends.
+        let graceful = crate::rpc::exec_simple(&self.dir, &["kill", "-TERM", "1"]).await;
+        if let Err(e) = &graceful {
+            tracing::info!(vm = %self.name(), "graceful stop not possible ({e}); forcing");
+        }
+        let stopped = graceful.is_ok() && tokio::time::timeout(timeout, self.wait_stopped()).await.is_ok();
+        if !stopped {
+            self.audit.record("kill", json!({ "caller": caller, "reason": "stop timeout" }));
+            if let Some(orders) = self.orders.borrow().as_ref() {
+                let _ = orders.send(Order::Kill);
+            }
+            self.wait_stopped().await;
+        }
+        Ok(())
+    }
+
+    /// Re-adopts the processes a previous broker left running, or reports
+    /// the microVM lost.
+    pub fn readopt(self: &Rc<Vm>) {
+        let record = self.record();
+        if !record.state.is_live() {
+            return;
+        }
+        let find = |role: &str| record.processes.iter().find(|p| p.role == role);
+        let vmm = find("vmm").and_then(|p| Process::adopt("vmm", p.pid, p.start_time));
+        let specs = launch::devices_for(&self.dir, &record);
+        let devices: Vec<(DeviceSpec, Option<Process>)> = specs
+            .into_iter()
+            .map(|spec| {
+                let process = find(&spec.role).and_then(|p| Process::adopt(&spec.role, p.pid, p.start_time));
+                (spec, process)
+            })
+            .collect();
+        match vmm {
+            Some(vmm) if devices.iter().all(|(_, p)| p.is_some()) => {
+                let devices = devices.into_iter().filter_map(|(s, p)| p.map(|p| (s, p))).collect();
+                self.audit.record("readopt", json!({ "vmm_pid": vmm.pid }));
+                self.set_state(VmState::Running, "re-adopted after a broker restart");
+                let (tx, rx) = mpsc::unbounded_channel();
+                *self.orders.borrow_mut() = Some(tx);
+                tokio::task::spawn_local(Rc::clone(self).supervise(vmm, devices, None, rx));
+            }
+            vmm => {
+                let reason = match &vmm {
+                    Some(_) => "a device process ended while the broker was down; the microVM was ended".to_string(),
+                    None => "mm-vmm ended while the broker was down (exit status unknown)".to_string(),
+                };
+                if let Some(vmm) = &vmm {
+                    vmm.signal(libc::SIGKILL);
+                }
+                for process in devices.iter().filter_map(|(_, p)| p.as_ref()) {
+                    process.signal(libc::SIGKILL);
+                }
+                self.audit.record("lost", json!({ "reason": reason }));
+                self.set_state(VmState::Lost, &reason);
+            }
+        }
+    }
+}
+
+/// The last line of a log file containing `needle`.
+fn last_line_containing(path: &std::path::Path, needle: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().rev().find(|l| l.contains(needle) && !l.trim().is_empty()).map(|l| l.trim().to_string())
+}

@@ -1,0 +1,271 @@
+//! `mmctl`: the MicroMachines admin CLI. Talks Cap'n Proto to the host's
+//! mm-broker (`--socket`, `$MM_BROKER_SOCKET`, or the default path).
+//!
+//! Errors are one line on stderr and an exit code: 1 other, 2 invalid
+//! input, 3 unknown microVM, 4 conflict (duplicate name, wrong state),
+//! 5 not enough host memory, 6 broker not reachable, 125 the microVM
+//! failed. `run` in the foreground and `exec` exit with the workload's code.
+
+mod client;
+mod output;
+mod streams;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use mm_protocols::broker_capnp::{broker, vm};
+
+use client::{CliError, exit};
+use output::{Format, VmInfo};
+
+#[derive(Debug, Parser)]
+#[command(name = "mmctl", version, about = "Run and manage MicroMachines microVMs")]
+struct Cli {
+    /// The broker's socket (default: $MM_BROKER_SOCKET or /run/micromachines/broker.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Output format for ps, inspect, run --detach, stop.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// Create and boot a microVM; in the foreground, stream its console and
+    /// exit with the workload's status.
+    Run {
+        /// Image (only the built-in image exists today).
+        #[arg(default_value = "builtin")]
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        cpus: u8,
+        /// Guest memory, in MiB (suffixes M and G accepted).
+        #[arg(long, default_value = "256M", value_parser = parse_memory)]
+        memory: u32,
+        /// KEY=VALUE for the workload; repeatable.
+        #[arg(long = "env", short = 'e', value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Return once it is started, printing its id.
+        #[arg(long, short = 'd')]
+        detach: bool,
+        /// Remove it once it stops.
+        #[arg(long)]
+        rm: bool,
+        /// The workload, after `--` (default: the image's, `sh`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List microVMs.
+    Ps,
+    /// Show one microVM.
+    Inspect { vm: String },
+    /// Print a microVM's console.
+    Logs {
+        vm: String,
+        /// Keep printing until the microVM stops.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Run a command in a running microVM.
+    Exec {
+        vm: String,
+        /// Keep stdin open and forward it.
+        #[arg(long, short = 'i')]
+        interactive: bool,
+        /// Allocate a terminal.
+        #[arg(long, short = 't')]
+        tty: bool,
+        #[arg(long, short = 'e', value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        #[arg(long, short = 'w')]
+        workdir: Option<String>,
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Stop a microVM: SIGTERM to its init, SIGKILL after the timeout.
+    Stop {
+        vm: String,
+        /// Seconds to wait for a graceful stop.
+        #[arg(long, short = 't', default_value_t = 10)]
+        time: u32,
+    },
+    /// Boot a stopped microVM again (same disk).
+    Start { vm: String },
+    /// Remove microVMs (and their disks).
+    Rm {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        /// Stop them first if running.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Print a microVM's audit log (JSON lines).
+    Audit { vm: String },
+}
+
+fn parse_memory(s: &str) -> Result<u32, String> {
+    let (digits, factor) = match s.strip_suffix(['G', 'g']) {
+        Some(d) => (d, 1024),
+        None => (s.strip_suffix(['M', 'm']).unwrap_or(s), 1),
+    };
+    digits
+        .parse::<u32>()
+        .ok()
+        .and_then(|v| v.checked_mul(factor))
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is not a memory size (e.g. 256M, 1G)"))
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let local = tokio::task::LocalSet::new();
+    let code = match local.block_on(&runtime, run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mmctl: {}", e.message);
+            e.code
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn get_vm(broker: &broker::Client, name: &str) -> Result<vm::Client, CliError> {
+    let mut request = broker.get_vm_request();
+    request.get().set_name(name);
+    Ok(request.send().promise.await?.get()?.get_vm()?)
+}
+
+async fn info(vm: &vm::Client) -> Result<VmInfo, CliError> {
+    let reply = vm.info_request().send().promise.await?;
+    Ok(VmInfo::read(reply.get()?.get_info()?)?)
+}
+
+async fn run(cli: Cli) -> Result<i32, CliError> {
+    let broker = client::connect(&client::socket_path(cli.socket)).await?;
+    let format = cli.output;
+    match cli.command {
+        Verb::Run { image, name, cpus, memory, env, detach, rm, command } => {
+            let mut request = broker.create_vm_request();
+            {
+                let mut spec = request.get().init_spec();
+                spec.set_name(name.as_deref().unwrap_or(""));
+                spec.set_image(&image);
+                spec.set_cpus(cpus);
+                spec.set_memory_mib(memory);
+                spec.set_auto_remove(rm);
+                let mut list = spec.reborrow().init_command(command.len() as u32);
+                for (i, arg) in command.iter().enumerate() {
+                    list.set(i as u32, arg);
+                }
+                let mut vars = spec.init_env(env.len() as u32);
+                for (i, (k, v)) in env.iter().enumerate() {
+                    let mut var = vars.reborrow().get(i as u32);
+                    var.set_name(k);
+                    var.set_value(v);
+                }
+            }
+            let vm = request.send().promise.await?.get()?.get_vm()?;
+            if detach {
+                let info = info(&vm).await?;
+                match format {
+                    Format::Json => output::print_one(&info, format),
+                    Format::Table => println!("{}", info.name),
+                }
+                return Ok(0);
+            }
+            streams::print_logs(&vm, true).await?;
+            let reply = vm.wait_request().send().promise.await?;
+            let info = VmInfo::read(reply.get()?.get_info()?)?;
+            match (info.state.as_str(), info.exit_code) {
+                (_, Some(code)) => Ok(code),
+                ("failed", None) => {
+                    Err(CliError::new(exit::VM_FAILED, format!("microVM {} failed: {}", info.name, info.reason)))
+                }
+                _ => Err(CliError::new(exit::ERROR, format!("microVM {} {}: {}", info.name, info.state, info.reason))),
+            }
+        }
+        Verb::Ps => {
+            let reply = broker.list_vms_request().send().promise.await?;
+            let mut vms = Vec::new();
+            for vm in reply.get()?.get_vms()?.iter() {
+                vms.push(VmInfo::read(vm)?);
+            }
+            output::print_list(&vms, format);
+            Ok(0)
+        }
+        Verb::Inspect { vm } => {
+            output::print_one(&info(&get_vm(&broker, &vm).await?).await?, format);
+            Ok(0)
+        }
+        Verb::Logs { vm, follow } => {
+            streams::print_logs(&get_vm(&broker, &vm).await?, follow).await?;
+            Ok(0)
+        }
+        Verb::Exec { vm, interactive, tty, env, workdir, user, command } => {
+            let vm = get_vm(&broker, &vm).await?;
+            let options = streams::ExecOptions { interactive, tty, env, workdir, user, command };
+            streams::exec(&vm, options).await
+        }
+        Verb::Stop { vm, time } => {
+            let vm = get_vm(&broker, &vm).await?;
+            let mut request = vm.stop_request();
+            request.get().set_timeout_ms(time.saturating_mul(1000));
+            let reply = request.send().promise.await?;
+            let info = VmInfo::read(reply.get()?.get_info()?)?;
+            match format {
+                Format::Json => output::print_one(&info, format),
+                Format::Table => println!("{}", info.name),
+            }
+            Ok(0)
+        }
+        Verb::Start { vm } => {
+            let handle = get_vm(&broker, &vm).await?;
+            handle.start_request().send().promise.await?;
+            println!("{vm}");
+            Ok(0)
+        }
+        Verb::Rm { vms, force } => {
+            let mut failed = None;
+            for name in vms {
+                let result = async {
+                    let vm = get_vm(&broker, &name).await?;
+                    let mut request = vm.remove_request();
+                    request.get().set_force(force);
+                    request.send().promise.await?;
+                    Ok::<(), CliError>(())
+                }
+                .await;
+                match result {
+                    Ok(()) => println!("{name}"),
+                    Err(e) => {
+                        eprintln!("mmctl: {}", e.message);
+                        failed = Some(e.code);
+                    }
+                }
+            }
+            Ok(failed.unwrap_or(0))
+        }
+        Verb::Audit { vm } => {
+            let vm = get_vm(&broker, &vm).await?;
+            let reply = vm.audit_request().send().promise.await?;
+            for line in reply.get()?.get_lines()?.iter() {
+                println!("{}", line?.to_string().unwrap_or_default());
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Printing microVMs as a table or as JSON (`--output`).
+
+use mm_protocols::broker_capnp::vm_info;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessInfo {
+    pub role: String,
+    pub pid: i32,
+    pub restarts: u32,
+}
+
+/// A microVM as mmctl shows it (`ip` is empty until networking lands).
+#[derive(Debug, Serialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub state: String,
+    pub reason: String,
+    pub cpus: u8,
+    pub memory_mib: u32,
+    pub exit_code: Option<i32>,
+    pub created_at: String,
+    pub ip: String,
+    pub command: Vec<String>,
+    pub processes: Vec<ProcessInfo>,
+}
+
+fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    Ok(t?.to_string().unwrap_or_default())
+}
+
+impl VmInfo {
+    pub fn read(info: vm_info::Reader<'_>) -> capnp::Result<VmInfo> {
+        let mut processes = Vec::new();
+        for p in info.get_pids()?.iter() {
+            processes.push(ProcessInfo { role: text(p.get_role())?, pid: p.get_pid(), restarts: p.get_restarts() });
+        }
+        let mut command = Vec::new();
+        for arg in info.get_command()?.iter() {
+            command.push(arg?.to_string().unwrap_or_default());
+        }
+        Ok(VmInfo {
+            id: text(info.get_id())?,
+            name: text(info.get_name())?,
+            image: text(info.get_image())?,
+            state: text(info.get_state())?,
+            reason: text(info.get_reason())?,
+            cpus: info.get_cpus(),
+            memory_mib: info.get_memory_mib(),
+            exit_code: Some(info.get_exit_code()).filter(|c| *c >= 0),
+            created_at: text(info.get_created_at())?,
+            ip: text(info.get_ip())?,
+            command,
+            processes,
+        })
+    }
+}
+
+/// `mmctl ps`.
+pub fn print_list(vms: &[VmInfo], format: Format) {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(vms).expect("serialisable")),
+        Format::Table => {
+            println!(
+                "{:<14} {:<20} {:<9} {:>4} {:>7} {:<16} {:<24} COMMAND",
+                "ID", "NAME", "STATE", "CPUS", "MEM", "IP", "CREATED"
+            );
+            for vm in vms {
+                println!(
+                    "{:<14} {:<20} {:<9} {:>4} {:>7} {:<16} {:<24} {}",
+                    vm.id,
+                    vm.name,
+                    vm.state,
+                    vm.cpus,
+                    format!("{}M", vm.memory_mib),
+                    if vm.ip.is_empty() { "-" } else { &vm.ip },
+                    vm.created_at,
+                    vm.command.join(" ")
+                );
+            }
+        }
+    }
+}
+
+/// `mmctl inspect`.
+pub fn print_one(vm: &VmInfo, format: Format) {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(vm).expect("serialisable")),
+        Format::Table => {
+            println!("id:        {}", vm.id);
+            println!("name:      {}", vm.name);
+            println!("image:     {}", vm.image);
+            println!(
+                "state:     {}{}",
+                vm.state,
+                if vm.reason.is_empty() { String::new() } else { format!(" ({})", vm.reason) }
+            );
+            println!("cpus:      {}", vm.cpus);
+            println!("memory:    {} MiB", vm.memory_mib);
+            println!("ip:        {}", if vm.ip.is_empty() { "-" } else { &vm.ip });
+            println!("created:   {}", vm.created_at);
+            println!("command:   {}", vm.command.join(" "));
+            if let Some(code) = vm.exit_code {
+                println!("exit code: {code}");
+            }
+            for p in &vm.processes {
+                println!("process:   {:<11} pid {:<8} restarts {}", p.role, p.pid, p.restarts);
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The streaming verbs: console logs into stdout (a `ByteSink` we serve),
+//! and exec (an `ExecOutput` we serve, stdin sent to the `ExecSession`).
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::rc::Rc;
+
+use mm_protocols::broker_capnp::{byte_sink, exec_output, vm};
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+use crate::client::{CliError, exit};
+
+/// Writes what the broker sends to our stdout; `done` ends the wait.
+struct StdoutSink {
+    done: RefCell<Option<oneshot::Sender<()>>>,
+}
+
+impl byte_sink::Server for StdoutSink {
+    async fn write(
+        self: Rc<Self>,
+        params: byte_sink::WriteParams,
+        _: byte_sink::WriteResults,
+    ) -> Result<(), capnp::Error> {
+        let data = params.get()?.get_data()?;
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (`mmctl logs | head`) ends the stream quietly.
+        if out.write_all(data).and_then(|()| out.flush()).is_err() {
+            std::process::exit(0);
+        }
+        Ok(())
+    }
+
+    async fn done(self: Rc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> Result<(), capnp::Error> {
+        if let Some(done) = self.done.borrow_mut().take() {
+            let _ = done.send(());
+        }
+        Ok(())
+    }
+}
+
+/// Prints the console; with `follow`, until the microVM stops.
+pub async fn print_logs(vm: &vm::Client, follow: bool) -> Result<(), CliError> {
+    let (tx, rx) = oneshot::channel();
+    let sink: byte_sink::Client = capnp_rpc::new_client(StdoutSink { done: RefCell::new(Some(tx)) });
+    let mut request = vm.logs_request();
+    request.get().set_follow(follow);
+    request.get().set_sink(sink);
+    request.send().promise.await?;
+    let _ = rx.await;
+    Ok(())
+}
+
+pub struct ExecOptions {
+    pub interactive: bool,
+    pub tty: bool,
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub command: Vec<String>,
+}
+
+/// How an exec ended.
+enum Ended {
+    Code(i32),
+    Signal(i32),
+    Error(String),
+}
+
+/// Receives the command's output and its end.
+struct Output {
+    ended: RefCell<Option<oneshot::Sender<Ended>>>,
+}
+
+impl Output {
+    fn finish(&self, ended: Ended) {
+        if let Some(tx) = self.ended.borrow_mut().take() {
+            let _ = tx.send(ended);
+        }
+    }
+}
+
+impl exec_output::Server for Output {
+    async fn stdout(
+        self: Rc<Self>,
+        params: exec_output::StdoutParams,
+        _: exec_output::StdoutResults,
+    ) -> Result<(), capnp::Error> {
+        let data = params.get()?.get_data()?;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(data).and_then(|()| out.flush());
+        Ok(())
+    }
+
+    async fn stderr(
+        self: Rc<Self>,
+        params: exec_output::StderrParams,
+        _: exec_output::StderrResults,
+    ) -> Result<(), capnp::Error> {
+        let data = params.get()?.get_data()?;
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(data).and_then(|()| err.flush());
+        Ok(())
+    }
+
+    async fn exit(
+        self: Rc<Self>,
+        params: exec_output::ExitParams,
+        _: exec_output::ExitResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let error = params.get_error()?.to_string().unwrap_or_default();
+        self.finish(if !error.is_empty() {
+            Ended::Error(error)
+        } else if params.get_signal() != 0 {
+            Ended::Signal(params.get_signal())
+        } else {
+            Ended::Code(params.get_code())
+        });
+        Ok(())
+    }
+}
+
+/// Runs a command in the guest; returns its exit code (128+N for a signal).
+pub async fn exec(vm: &vm::Client, options: ExecOptions) -> Result<i32, CliError> {
+    let (tx, rx) = oneshot::channel();
+    let output: exec_output::Client = capnp_rpc::new_client(Output { ended: RefCell::new(Some(tx)) });
+    let mut request = vm.exec_request();
+    {
+        let mut req = request.get().init_request();
+        req.set_tty(options.tty);
+        req.set_cwd(options.workdir.as_deref().unwrap_or(""));
+        req.set_user(options.user.as_deref().unwrap_or(""));
+        let (rows, cols) = terminal_size().unwrap_or((24, 80));
+        req.set_rows(rows);
+        req.set_cols(cols);
+        let mut argv = req.reborrow().init_argv(options.command.len() as u32);
+        for (i, arg) in options.command.iter().enumerate() {
+            argv.set(i as u32, arg);
+        }
+        let mut env = req.init_env(options.env.len() as u32);
+        for (i, (k, v)) in options.env.iter().enumerate() {
+            let mut var = env.reborrow().get(i as u32);
+            var.set_name(k);
+            var.set_value(v);
+        }
+    }
+    request.get().set_output(output);
+    let reply = request.send().promise.await?;
+    let session = reply.get()?.get_session()?;
+    if options.interactive {
+        tokio::task::spawn_local(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut request = session.stdin_request();
+                        request.get().set_data(&buf[..n]);
+                        if request.send().promise.await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = session.close_stdin_request().send().promise.await;
+        });
+    } else {
+        let _ = session.close_stdin_request().send().promise.await;
+    }
+    match rx.await {
+        Ok(Ended::Code(code)) => Ok(code),
+        Ok(Ended::Signal(sig)) => Ok(128 + sig),
+        Ok(Ended::Error(message)) => Err(CliError::new(126, message)),
+        Err(_) => Err(CliError::new(exit::ERROR, "the exec session ended without an exit status")),
+    }
+}
+
+/// Rows and columns of our terminal, if stdout is one.
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize into `size`, which we own.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    (rc == 0 && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
+}
