@@ -45,6 +45,10 @@ pub struct CommonArgs {
     /// RAM of both guests, MiB.
     #[arg(long, default_value_t = 128)]
     pub memory_mib: u64,
+    /// Extra kernel parameters for both guests (e.g. `idle=poll` to see
+    /// what halting costs).
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
 }
 
 impl CommonArgs {
@@ -53,7 +57,7 @@ impl CommonArgs {
     }
 
     pub fn boot_config(&self, workload: Vec<String>) -> BootConfig {
-        BootConfig { cpus: self.cpus, memory_mib: self.memory_mib, extra_cmdline: String::new(), workload }
+        BootConfig { cpus: self.cpus, memory_mib: self.memory_mib, extra_cmdline: self.cmdline.clone(), workload }
     }
 
     pub fn systems(&self) -> Vec<System> {
@@ -325,8 +329,8 @@ impl DeviceReport {
             m.kernel,
             if m.pvm { "yes" } else { "no" }
         );
-        let num = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
-        let ratio = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+        let num = |v: Option<f64>| v.map(figure).unwrap_or_else(|| "-".into());
+        let ratio = |v: Option<f64>| v.map(ratio_text).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
             "{:<22} {:>6} {:>11} {:>11} {:>11} {:>8} {:>8}",
@@ -388,6 +392,21 @@ impl DeviceReport {
     }
 }
 
+/// A figure with about three significant digits: the device figures span
+/// 0.1 MiB/s in a guest to thousands on the host.
+fn figure(v: f64) -> String {
+    match v.abs() {
+        a if a >= 100.0 => format!("{v:.1}"),
+        a if a >= 1.0 => format!("{v:.2}"),
+        _ => format!("{v:.3}"),
+    }
+}
+
+/// A ratio, in scientific notation when tiny (ours/host on PVM).
+fn ratio_text(r: f64) -> String {
+    if r != 0.0 && r.abs() < 0.001 { format!("{r:.2e}") } else { format!("{r:.3}") }
+}
+
 /// MiB/s from bytes and nanoseconds.
 pub fn mib_per_s(bytes: u64, ns: u64) -> Option<f64> {
     (ns > 0).then(|| bytes as f64 / (1 << 20) as f64 / (ns as f64 / 1e9))
@@ -430,6 +449,15 @@ mod tests {
         let qemu = "console=ttyS0 mm.bootdev=0xc0000000 noxsave mm.cmd=x virtio_mmio.device=512@0xfeb00e00:12";
         assert_eq!(without_device_entries(mm), without_device_entries(qemu));
         assert_ne!(without_device_entries(mm), without_device_entries("console=ttyS0 mm.cmd=x"));
+    }
+
+    #[test]
+    fn figures_keep_small_values_readable() {
+        assert_eq!(figure(3572.34), "3572.3");
+        assert_eq!(figure(4.574), "4.57");
+        assert_eq!(figure(0.07615), "0.076");
+        assert_eq!(ratio_text(0.456), "0.456");
+        assert_eq!(ratio_text(0.0000213), "2.13e-5");
     }
 
     #[test]
