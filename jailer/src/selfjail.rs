@@ -53,6 +53,7 @@ impl SelfJail {
                 self.spec.name
             );
         }
+        sweep_stale(&self.spec.jail_base);
         let mut child: JailedChild = crate::spawn(&self.spec)?;
         let reason = child.wait()?;
         if !matches!(reason, ExitReason::Exited(_)) {
@@ -67,4 +68,44 @@ impl SelfJail {
 pub fn can_jail() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Removes what self-jails left behind when their supervising process was
+/// SIGKILLed (its jailed copy dies with it, by PDEATHSIG, but nobody
+/// removes the root directory and cgroups): entries named `<kind>-<pid>`
+/// whose pid is gone and whose cgroups hold no process.
+fn sweep_stale(jail_base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(jail_base) else { return };
+    let hierarchies = crate::Hierarchies::detect().unwrap_or_default();
+    let cgroup_roots: Vec<std::path::PathBuf> = hierarchies
+        .unified
+        .iter()
+        .chain(hierarchies.v1.iter().map(|(_, p)| p))
+        .map(|p| p.join(crate::CGROUP_PARENT))
+        .collect();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.rsplit_once('-').and_then(|(_, pid)| pid.parse::<libc::pid_t>().ok()) else { continue };
+        // SAFETY: kill with signal 0 only checks whether the pid exists.
+        if pid <= 0
+            || unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+        {
+            continue;
+        }
+        let cgroups: Vec<std::path::PathBuf> =
+            cgroup_roots.iter().map(|root| root.join(&name)).filter(|d| d.is_dir()).collect();
+        let busy = cgroups
+            .iter()
+            .any(|d| std::fs::read_to_string(d.join("cgroup.procs")).map_or(true, |p| !p.trim().is_empty()));
+        if busy {
+            continue;
+        }
+        for dir in cgroups {
+            let _ = std::fs::remove_dir(dir);
+        }
+        if std::fs::remove_dir(entry.path()).is_ok() {
+            tracing::info!("removed the stale jail {name}");
+        }
+    }
 }
