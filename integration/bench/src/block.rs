@@ -110,51 +110,51 @@ pub fn run(args: BlockArgs) -> Result<()> {
     let sockets = Scratch::new("bench-block")?;
     let socket = sockets.path("block.sock");
 
-    drop_cache(&image)?;
-    eprintln!("mm-bench: block: host: blk-bench on the image file ({secs} s per phase)");
-    let host_out = devbench::run_host_tool(&devbench::mm_init_binary()?, &["blk-bench", image_arg, &secs.to_string()])?;
-    let host = vm::parse_results(&host_out.lines().map(str::to_string).collect::<Vec<_>>());
-    let host_figures = figures(&host)?;
-
+    let mm_init = devbench::mm_init_binary()?;
+    let mut host_runs = Vec::new();
     let mut runs = Vec::new();
-    let mut system_figures = Vec::new();
-    for system in args.common.systems() {
+    // (system, figures) of every boot; None for the host's runs.
+    let mut all: Vec<(Option<System>, [Option<f64>; 3])> = Vec::new();
+    for run in 1..=args.common.runs {
         drop_cache(&image)?;
-        let _device = match system {
-            System::Mm => Some(DeviceProcess::block(&socket, &image)?),
-            System::Qemu => None,
-        };
-        let device = GuestDevice {
-            mm: Some(("block", socket.as_path())),
-            // QEMU's defaults (cache=writeback, aio=threads) are its usual
-            // in-process back end: through the host page cache like ours.
-            qemu_args: vec![
-                "-drive".into(),
-                format!("id=disk0,file={image_arg},format=raw,if=none"),
-                "-device".into(),
-                "virtio-blk-device,drive=disk0".into(),
-            ],
-            qemu_fds: Vec::new(),
-        };
-        let mut started = devbench::start(system, &config, &device, &log_dir)?;
-        let results = started.vm.results(deadline(args.common.timeout_secs))?;
-        let f = figures(&results).with_context(|| format!("{} guest results", system.name()))?;
-        eprintln!(
-            "mm-bench: block: {}: seq_read {:?} MiB/s, seq_write {:?} MiB/s, rand_read {:?} IOPS",
-            system.name(),
-            f[0],
-            f[1],
-            f[2]
-        );
-        system_figures.push((system, f));
-        runs.push(devbench::finish(started, results, &config, &mut warnings)?);
+        eprintln!("mm-bench: block: run {run} host: blk-bench on the image file ({secs} s per phase)");
+        let out = devbench::run_host_tool(&mm_init, &["blk-bench", image_arg, &secs.to_string()])?;
+        let host = vm::parse_results(&out.lines().map(str::to_string).collect::<Vec<_>>());
+        all.push((None, figures(&host)?));
+        host_runs.push(host);
+        for system in args.common.systems() {
+            drop_cache(&image)?;
+            let _device = match system {
+                System::Mm => Some(DeviceProcess::block(&socket, &image)?),
+                System::Qemu => None,
+            };
+            let device = GuestDevice {
+                mm: Some(("block", socket.as_path())),
+                // QEMU's defaults (cache=writeback, aio=threads) are its usual
+                // in-process back end: through the host page cache like ours.
+                qemu_args: vec![
+                    "-drive".into(),
+                    format!("id=disk0,file={image_arg},format=raw,if=none"),
+                    "-device".into(),
+                    "virtio-blk-device,drive=disk0".into(),
+                ],
+                qemu_fds: Vec::new(),
+            };
+            let mut started = devbench::start(system, run, &config, &device, &log_dir)?;
+            let results = started.vm.results(deadline(args.common.timeout_secs))?;
+            let f = figures(&results).with_context(|| format!("{} guest results", system.name()))?;
+            all.push((Some(system), f));
+            runs.push(devbench::finish(started, results, &config, &mut warnings)?);
+        }
     }
 
-    let of = |system: System, i: usize| system_figures.iter().find(|(s, _)| *s == system).and_then(|(_, f)| f[i]);
+    let of = |who: Option<System>, i: usize| devbench::median(all.iter().filter(|(s, _)| *s == who).map(|(_, f)| f[i]));
     let metrics: Vec<Metric> = [("seq_read", "MiB/s"), ("seq_write", "MiB/s"), ("rand_read_4k", "IOPS")]
         .iter()
         .enumerate()
-        .map(|(i, (name, unit))| Metric::new(name, unit, true, host_figures[i], of(System::Mm, i), of(System::Qemu, i)))
+        .map(|(i, (name, unit))| {
+            Metric::new(name, unit, true, of(None, i), of(Some(System::Mm), i), of(Some(System::Qemu), i))
+        })
         .collect();
     let mut targets = Vec::new();
     for m in &metrics {
@@ -172,9 +172,10 @@ pub fn run(args: BlockArgs) -> Result<()> {
         parameters: serde_json::json!({
             "image_mib": args.image_mib,
             "secs_per_phase": secs,
+            "runs": args.common.runs,
             "image": image_arg,
         }),
-        raw: serde_json::json!({ "host": host }),
+        raw: serde_json::json!({ "host": host_runs }),
         metrics,
         targets,
         systems: runs,

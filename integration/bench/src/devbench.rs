@@ -29,6 +29,10 @@ pub struct CommonArgs {
     /// Where to write the JSON result [default: <workspace>/target/bench/<bench>.json].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Boots per system; the systems alternate (mm, qemu, mm, qemu, …) so
+    /// that changes in the host's load hit both alike. Figures are medians.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
     /// Seconds each measured phase may run (a phase also ends when its data is done).
     #[arg(long, default_value_t = 10)]
     pub secs: u64,
@@ -90,13 +94,14 @@ pub struct GuestDevice<'a> {
 /// A booted guest of one system, with what the report needs about its start.
 pub struct Started {
     pub system: System,
+    pub run: usize,
     pub vm: Vm,
     pub other_vms_running: usize,
     pub loadavg_at_start: String,
 }
 
 /// Boots `config` on `system` with `device`; the guest runs its workload.
-pub fn start(system: System, config: &BootConfig, device: &GuestDevice, log_dir: &Path) -> Result<Started> {
+pub fn start(system: System, run: usize, config: &BootConfig, device: &GuestDevice, log_dir: &Path) -> Result<Started> {
     qemu::ensure_installed()?;
     let command = match system {
         System::Mm => {
@@ -117,15 +122,16 @@ pub fn start(system: System, config: &BootConfig, device: &GuestDevice, log_dir:
     };
     let others = machine::other_vmms().len();
     let loadavg = machine::loadavg();
-    eprintln!("mm-bench: {}: booting ({others} other VM(s) running, load {loadavg})", system.name());
-    let vm = Vm::spawn(system.name(), command, Some(log_dir.join(system.name())))?;
-    Ok(Started { system, vm, other_vms_running: others, loadavg_at_start: loadavg })
+    eprintln!("mm-bench: run {run} {}: booting ({others} other VM(s) running, load {loadavg})", system.name());
+    let vm = Vm::spawn(system.name(), command, Some(log_dir.join(format!("{}-{run}", system.name()))))?;
+    Ok(Started { system, run, vm, other_vms_running: others, loadavg_at_start: loadavg })
 }
 
 /// One system's run, as recorded in the JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct SystemRun {
     pub system: &'static str,
+    pub run: usize,
     pub version: String,
     /// Spawn → `mm-init: user space started` on the console.
     pub boot_to_init_ms: Option<f64>,
@@ -148,14 +154,14 @@ pub fn finish(
     config: &BootConfig,
     warnings: &mut Vec<String>,
 ) -> Result<SystemRun> {
-    let Started { system, vm, other_vms_running, loadavg_at_start } = started;
+    let Started { system, run, vm, other_vms_running, loadavg_at_start } = started;
     let boot_to_init_ms = vm.boot_to_init.map(|d| d.as_secs_f64() * 1e3);
     let end: VmEnd = vm.finish(match system {
         System::Mm => Duration::from_secs(120),
         System::Qemu => Duration::ZERO,
     })?;
-    let name = system.name();
-    check_cmdline(system, &end.console, &mmvmm::kernel_cmdline(config)?, warnings)?;
+    let name = format!("run {run} {}", system.name());
+    check_cmdline(&name, &end.console, &mmvmm::kernel_cmdline(config)?, warnings)?;
     if system == System::Mm && !matches!(end.ending, boot::Ending::Exited(s) if s.success()) {
         warnings.push(format!("{name}: mm-vmm ended with {} (figures were taken before)", end.ending));
     }
@@ -167,7 +173,8 @@ pub fn finish(
         System::Qemu => qemu::version()?,
     };
     Ok(SystemRun {
-        system: name,
+        system: system.name(),
+        run,
         version,
         boot_to_init_ms,
         total_ms: end.total.as_secs_f64() * 1e3,
@@ -189,16 +196,15 @@ fn without_device_entries(cmdline: &str) -> Vec<&str> {
 /// Both guests must have booted with the same command line apart from
 /// their device entries: a comparison between different ones would be
 /// meaningless, so a difference is fatal.
-fn check_cmdline(system: System, console: &str, expected: &str, warnings: &mut Vec<String>) -> Result<()> {
+fn check_cmdline(name: &str, console: &str, expected: &str, warnings: &mut Vec<String>) -> Result<()> {
     match boot::printed_cmdline(console) {
         Some(printed) if without_device_entries(printed) == without_device_entries(expected) => Ok(()),
         Some(printed) => bail!(
-            "{}: the guest kernel got a different command line:\n  printed:  {printed}\n  expected: {expected} \
-             (+ virtio_mmio.device entries)",
-            system.name()
+            "{name}: the guest kernel got a different command line:\n  printed:  {printed}\n  expected: {expected} \
+             (+ virtio_mmio.device entries)"
         ),
         None => {
-            warnings.push(format!("{}: the guest did not print its kernel command line", system.name()));
+            warnings.push(format!("{name}: the guest did not print its kernel command line"));
             Ok(())
         }
     }
@@ -360,7 +366,7 @@ impl DeviceReport {
         }
         for s in &self.systems {
             let boot = s.boot_to_init_ms.map(|v| format!("{:.1} s", v / 1e3)).unwrap_or_else(|| "-".into());
-            let _ = writeln!(out, "{}: {}, boot to init {boot}, {}", s.system, s.version, s.ending);
+            let _ = writeln!(out, "run {} {}: {}, boot to init {boot}, {}", s.run, s.system, s.version, s.ending);
         }
         for n in &self.notes {
             let _ = writeln!(out, "note: {n}");
@@ -405,6 +411,11 @@ fn figure(v: f64) -> String {
 /// A ratio, in scientific notation when tiny (ours/host on PVM).
 fn ratio_text(r: f64) -> String {
     if r != 0.0 && r.abs() < 0.001 { format!("{r:.2e}") } else { format!("{r:.3}") }
+}
+
+/// The median of the values present (None if none are).
+pub fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    crate::report::stats(&values.into_iter().flatten().collect::<Vec<_>>()).map(|s| s.median)
 }
 
 /// MiB/s from bytes and nanoseconds.
@@ -470,6 +481,8 @@ mod tests {
         assert_eq!(mib_per_s(1 << 21, 1_000_000_000), Some(2.0));
         assert_eq!(per_s(500, 500_000_000), Some(1000.0));
         assert_eq!(per_s(1, 0), None);
+        assert_eq!(median([Some(3.0), None, Some(1.0), Some(2.0)]), Some(2.0));
+        assert_eq!(median([None]), None);
         assert!(Target::at_least("t".into(), Some(1.0), 1.0, "here").met);
         assert!(!Target::at_least("t".into(), None, 1.0, "here").met);
     }

@@ -194,84 +194,97 @@ pub fn run(args: NetArgs) -> Result<()> {
 
     let mut views = Vec::new();
     let mut runs = Vec::new();
-    for (i, system) in args.common.systems().into_iter().enumerate() {
-        let guest_ip = format!("10.78.0.{}", i + 2);
-        let mac = format!("02:00:0a:4e:00:{:02x}", i + 2);
-        let script = format!(
-            "ip addr add {guest_ip}/24 dev eth0 && ip link set eth0 up && exec /init tcp-bench {HOST_IP}:{PORT} {secs}"
-        );
-        let config = args.common.boot_config(vec!["sh".into(), "-c".into(), script]);
-        let tap = network.tap(&format!("mmb-{}", system.name()))?;
-        let socket = sockets.path("net.sock");
-        let _device = match system {
-            System::Mm => Some(DeviceProcess::spawn_with_fds(
-                "net",
-                &socket,
-                &["--tap-fd", &TAP_FD.to_string(), "--mac", &mac],
-                &[(&tap, TAP_FD)],
-            )?),
-            System::Qemu => None,
-        };
-        let device = GuestDevice {
-            mm: Some(("net", socket.as_path())),
-            // vhost=off: QEMU's own in-process virtio-net, the counterpart
-            // of our back end process (and /dev/vhost-net is absent here).
-            qemu_args: vec![
-                "-netdev".into(),
-                format!("tap,id=net0,fd={TAP_FD},vhost=off"),
-                "-device".into(),
-                format!("virtio-net-device,netdev=net0,mac={mac}"),
-            ],
-            qemu_fds: vec![(&tap, TAP_FD)],
-        };
-        let until = deadline(args.common.timeout_secs);
-        let server = serve(ns.clone(), format!("{HOST_IP}:{PORT}"), secs, until)?;
-        let mut started = devbench::start(system, &config, &device, &log_dir)?;
-        let results: Results = started.vm.results(until)?;
-        let view = server.join().map_err(|_| anyhow::anyhow!("host server panicked"))??;
-        eprintln!(
-            "mm-bench: net: {}: guest->host {:?} MiB/s, host->guest {:?} MiB/s",
-            system.name(),
-            rate(view.guest_to_host),
-            rate(view.host_to_guest)
-        );
-        views.push((system, view));
-        runs.push(devbench::finish(started, results, &config, &mut warnings)?);
-        drop(tap);
+    let mut setups = Vec::new();
+    for run in 1..=args.common.runs {
+        for system in args.common.systems() {
+            // One address and MAC per system, so the namespace's ARP cache
+            // never holds the other guest's MAC for an address.
+            let n = if system == System::Mm { 2 } else { 3 };
+            let (guest_ip, mac) = (format!("10.78.0.{n}"), format!("02:00:0a:4e:00:{n:02x}"));
+            let script = format!(
+                "ip addr add {guest_ip}/24 dev eth0 && ip link set eth0 up && \
+                 exec /init tcp-bench {HOST_IP}:{PORT} {secs}"
+            );
+            let config = args.common.boot_config(vec!["sh".into(), "-c".into(), script]);
+            if setups.is_empty() {
+                setups.push(GuestSetup::new(&config)?);
+            }
+            // The TAP goes away with its last fd, after this run.
+            let tap = network.tap(&format!("mmb-{}-{run}", system.name()))?;
+            let socket = sockets.path("net.sock");
+            let _device = match system {
+                System::Mm => Some(DeviceProcess::spawn_with_fds(
+                    "net",
+                    &socket,
+                    &["--tap-fd", &TAP_FD.to_string(), "--mac", &mac],
+                    &[(&tap, TAP_FD)],
+                )?),
+                System::Qemu => None,
+            };
+            let device = GuestDevice {
+                mm: Some(("net", socket.as_path())),
+                // vhost=off: QEMU's own in-process virtio-net, the counterpart
+                // of our back end process (and /dev/vhost-net is absent here).
+                qemu_args: vec![
+                    "-netdev".into(),
+                    format!("tap,id=net0,fd={TAP_FD},vhost=off"),
+                    "-device".into(),
+                    format!("virtio-net-device,netdev=net0,mac={mac}"),
+                ],
+                qemu_fds: vec![(&tap, TAP_FD)],
+            };
+            let until = deadline(args.common.timeout_secs);
+            let server = serve(ns.clone(), format!("{HOST_IP}:{PORT}"), secs, until)?;
+            let mut started = devbench::start(system, run, &config, &device, &log_dir)?;
+            let results: Results = started.vm.results(until)?;
+            let view = server.join().map_err(|_| anyhow::anyhow!("host server panicked"))??;
+            eprintln!(
+                "mm-bench: net: run {run} {}: guest->host {:?} MiB/s, host->guest {:?} MiB/s",
+                system.name(),
+                rate(view.guest_to_host),
+                rate(view.host_to_guest)
+            );
+            views.push((system, run, view));
+            runs.push(devbench::finish(started, results, &config, &mut warnings)?);
+        }
     }
 
-    let of = |system: System| views.iter().find(|(s, _)| *s == system).map(|(_, v)| *v).unwrap_or_default();
-    let (mm, qemu) = (of(System::Mm), of(System::Qemu));
+    let of = |system: System, f: fn(&HostView) -> Option<Transfer>| {
+        devbench::median(views.iter().filter(|(s, _, _)| *s == system).map(|(_, _, v)| rate(f(v))))
+    };
     let metrics = vec![
         Metric::new(
             "tcp_guest_to_host",
             "MiB/s",
             true,
             rate(host.guest_to_host),
-            rate(mm.guest_to_host),
-            rate(qemu.guest_to_host),
+            of(System::Mm, |v| v.guest_to_host),
+            of(System::Qemu, |v| v.guest_to_host),
         ),
         Metric::new(
             "tcp_host_to_guest",
             "MiB/s",
             true,
             rate(host.host_to_guest),
-            rate(mm.host_to_guest),
-            rate(qemu.host_to_guest),
+            of(System::Mm, |v| v.host_to_guest),
+            of(System::Qemu, |v| v.host_to_guest),
         ),
     ];
-    let guest_config = args.common.boot_config(vec!["sh".into(), "-c".into(), "… tcp-bench …".into()]);
+    let raw_runs: Vec<serde_json::Value> =
+        views.iter().map(|(s, run, v)| serde_json::json!({ "system": s.name(), "run": run, "host_view": v })).collect();
+    let guest = setups.pop().context("no guest was booted")?;
     let report = DeviceReport {
         benchmark: "net",
         unix_time: 0,
         source: String::new(),
         machine,
-        guest: GuestSetup::new(&guest_config)?,
+        guest,
         parameters: serde_json::json!({
             "secs_per_direction": secs,
+            "runs": args.common.runs,
             "netns": ns,
         }),
-        raw: serde_json::json!({ "host_loopback": host, "mm": mm, "qemu": qemu }),
+        raw: serde_json::json!({ "host_loopback": host, "runs": raw_runs }),
         metrics,
         targets: Vec::new(),
         systems: runs,

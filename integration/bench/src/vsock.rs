@@ -164,7 +164,7 @@ pub fn run(args: VsockArgs) -> Result<()> {
     let _device = DeviceProcess::spawn("vsock", &socket, &["--guest-cid", "3", "--uds", uds_arg])?;
     let device = GuestDevice { mm: Some(("vsock", socket.as_path())), qemu_args: Vec::new(), qemu_fds: Vec::new() };
     let until = deadline(args.common.timeout_secs);
-    let mut started = devbench::start(System::Mm, &config, &device, &log_dir)?;
+    let mut started = devbench::start(System::Mm, 1, &config, &device, &log_dir)?;
     started.vm.wait_for(&format!("vsock-echo listening on {PORT}"), until)?;
     let stream = UnixStream::connect(&uds).with_context(|| format!("connecting to {uds_arg}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
