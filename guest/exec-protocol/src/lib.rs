@@ -1,0 +1,66 @@
+//! The exec agent's wire protocol, shared by the guest (mm-init's agent) and
+//! the host (the broker, through [`ExecClient`]).
+//!
+//! The agent listens on vsock port [`EXEC_PORT`]. Each connection runs one
+//! command: the host sends one [`Frame::Request`], then both sides send
+//! frames until the guest sends [`Frame::Exit`] (or [`Frame::Error`]) and
+//! closes. A frame is
+//!
+//! ```text
+//! [type: u8][len: u32 big-endian][payload: len bytes]
+//! ```
+//!
+//! with `len` at most [`MAX_PAYLOAD`]; a longer length is a protocol error,
+//! never an allocation, since either side may be hostile or broken.
+//!
+//! | type | direction | name | payload |
+//! |---|---|---|---|
+//! | `0x01` | host → guest | request | JSON [`ExecRequest`] (first frame only) |
+//! | `0x02` | host → guest | stdin | bytes |
+//! | `0x03` | host → guest | stdin EOF | empty |
+//! | `0x04` | host → guest | resize | rows u16 BE, cols u16 BE |
+//! | `0x05` | host → guest | signal | signal number i32 BE |
+//! | `0x81` | guest → host | stdout | bytes (with a tty: the terminal's output) |
+//! | `0x82` | guest → host | stderr | bytes (never with a tty) |
+//! | `0x83` | guest → host | exit | kind u8 (0 exited, 1 killed by a signal), code or signal i32 BE |
+//! | `0x84` | guest → host | error | UTF-8 message; the guest closes after it |
+
+mod client;
+mod frame;
+mod request;
+
+pub use client::{ExecClient, ExecError, ExecReceiver, ExecSender, Output};
+pub use frame::{Frame, MAX_PAYLOAD, ProtocolError, decode, read_frame, write_frame};
+pub use request::{ExecRequest, ExitStatus};
+
+/// The vsock port the guest agent listens on.
+pub const EXEC_PORT: u32 = 1024;
+
+/// Frame type bytes (see the table in the crate documentation).
+pub mod frame_type {
+    pub const REQUEST: u8 = 0x01;
+    pub const STDIN: u8 = 0x02;
+    pub const STDIN_EOF: u8 = 0x03;
+    pub const RESIZE: u8 = 0x04;
+    pub const SIGNAL: u8 = 0x05;
+    pub const STDOUT: u8 = 0x81;
+    pub const STDERR: u8 = 0x82;
+    pub const EXIT: u8 = 0x83;
+    pub const ERROR: u8 = 0x84;
+}
+
+/// Fuzzing entry point (see `fuzz/`): decodes frames from arbitrary bytes,
+/// which must never panic, and re-encodes every frame that decoded, which
+/// must give back the same bytes' meaning.
+#[doc(hidden)]
+pub fn fuzz_decode(mut data: &[u8]) {
+    while let Ok(Some((frame, used))) = decode(data) {
+        assert!(used >= frame::HEADER && used <= data.len());
+        let mut again = Vec::new();
+        frame.encode_into(&mut again).expect("a decoded frame re-encodes");
+        let (back, n) = decode(&again).expect("re-encoded frame decodes").expect("complete");
+        assert_eq!(n, again.len());
+        assert_eq!(back, frame);
+        data = &data[used..];
+    }
+}
