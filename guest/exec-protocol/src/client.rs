@@ -5,7 +5,7 @@
 //! to clone across threads) and an [`ExecReceiver`] (an iterator over the
 //! command's output), for interactive use.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -251,6 +251,8 @@ impl Iterator for ExecReceiver {
 
 #[cfg(test)]
 mod tests {
+    use std::io::BufRead;
+
     use super::*;
 
     /// A fake agent on the other end of a socketpair.

@@ -105,9 +105,9 @@ impl Frame {
     fn parse(kind: u8, payload: &[u8]) -> Result<Frame, ProtocolError> {
         let bad = |kind| ProtocolError::BadPayload { kind, len: payload.len() };
         Ok(match kind {
-            t::REQUEST => Frame::Request(
-                serde_json::from_slice(payload).map_err(|e| ProtocolError::BadRequest(e.to_string()))?,
-            ),
+            t::REQUEST => {
+                Frame::Request(serde_json::from_slice(payload).map_err(|e| ProtocolError::BadRequest(e.to_string()))?)
+            }
             t::STDIN => Frame::Stdin(payload.to_vec()),
             t::STDIN_EOF if payload.is_empty() => Frame::StdinEof,
             t::STDIN_EOF => return Err(bad("stdin EOF")),

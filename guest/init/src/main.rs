@@ -4,8 +4,10 @@
 //! runs the workload from the kernel command line with the console as its
 //! stdio, reaps every orphan, forwards termination signals to the workload,
 //! reports the workload's exit status to mm-vmm and then resets the machine,
-//! which ends mm-vmm. It stays single-threaded on purpose: see PVM.md.
+//! which ends mm-vmm. Its only threads are the exec agent's (agent/), which
+//! PID 1 starts when the guest has a vsock device; see PVM.md.
 
+mod agent;
 mod bootdev;
 mod settings;
 mod supervise;
@@ -78,6 +80,7 @@ fn main() {
         let _ = nix::unistd::sethostname(name);
     }
 
+    agent::start();
     let status = run_workload(&settings);
     supervise::power_off(boot_device.as_ref(), status);
 }

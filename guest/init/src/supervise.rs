@@ -34,7 +34,8 @@ fn shell_status(status: WaitStatus) -> Option<u32> {
     }
 }
 
-/// Waits until `workload` ends, reaping any other child on the way.
+/// Waits until `workload` ends, reaping any other child on the way and
+/// handing the exec agent's children's statuses to their sessions.
 pub fn wait_for(workload: i32, signals: &SigSet) -> u32 {
     let workload = Pid::from_raw(workload);
     loop {
@@ -44,10 +45,14 @@ pub fn wait_for(workload: i32, signals: &SigSet) -> u32 {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => break,
                 Ok(status) => {
-                    if status.pid() == Some(workload)
-                        && let Some(code) = shell_status(status)
-                    {
-                        return code;
+                    if status.pid() == Some(workload) {
+                        if let Some(code) = shell_status(status) {
+                            return code;
+                        }
+                    } else {
+                        // The exec agent's commands: their sessions wait
+                        // for these statuses (agent/children.rs).
+                        crate::agent::children::deliver(status);
                     }
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
