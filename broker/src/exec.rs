@@ -1,15 +1,208 @@
-//! Exec in a guest through its agent (vsock port 1024, reached through the
-//! microVM's hybrid vsock socket): bridges the agent's frames to the
-//! client's `ExecOutput`/`ExecSession` capabilities.
+//! Exec in a guest through its agent in mm-init (vsock port
+//! `mm_exec_protocol::EXEC_PORT`, reached through the microVM's hybrid vsock
+//! socket), bridged to the client's capabilities: the agent's output frames
+//! become `ExecOutput` calls, and the client's `ExecSession` calls become
+//! stdin, resize and signal frames.
+//!
+//! The agent's client is blocking, so the connection's reading side runs on
+//! its own thread and hands frames to this (single-threaded, Cap'n Proto)
+//! event loop through a channel; each `ExecOutput` call is awaited before
+//! the next, which is the flow control back to the guest.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
 
-use mm_protocols::broker_capnp::vm;
+use mm_exec_protocol::{EXEC_PORT, ExecClient, ExecError, ExecRequest, ExecSender, ExitStatus, Output};
+use mm_protocols::broker_capnp::{exec_output, exec_session, vm};
+use tokio::sync::mpsc;
 
-pub async fn serve_exec(_dir: PathBuf, _params: vm::ExecParams, _results: vm::ExecResults) -> Result<(), capnp::Error> {
-    Err(capnp::Error::failed("internal: exec is not wired yet".into()))
+use crate::launch::VSOCK_SOCKET;
+
+/// The guest may still be booting: how long to retry a refused connection.
+const AGENT_WAIT: Duration = Duration::from_secs(5);
+
+fn failed(message: impl std::fmt::Display) -> capnp::Error {
+    capnp::Error::failed(format!("internal: {message}"))
 }
 
-pub async fn run_simple(_dir: &Path, _argv: &[&str]) -> Result<i32, String> {
-    Err("exec agent not wired yet".into())
+/// Connects to the agent, retrying while nobody listens yet.
+fn connect(dir: &Path) -> Result<ExecClient, ExecError> {
+    let deadline = std::time::Instant::now() + AGENT_WAIT;
+    loop {
+        match ExecClient::connect_hybrid_vsock(dir.join(VSOCK_SOCKET), EXEC_PORT) {
+            Err(ExecError::Refused { .. } | ExecError::Connect { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn read_request(params: &vm::ExecParams) -> Result<(ExecRequest, exec_output::Client), capnp::Error> {
+    let params = params.get()?;
+    let request = params.get_request()?;
+    let text = |t: capnp::text::Reader<'_>| {
+        t.to_string().map_err(|e| capnp::Error::failed(format!("invalid: text is not UTF-8: {e}")))
+    };
+    let mut argv = Vec::new();
+    for arg in request.get_argv()?.iter() {
+        argv.push(text(arg?)?);
+    }
+    if argv.is_empty() {
+        return Err(capnp::Error::failed("invalid: exec needs a command".into()));
+    }
+    let mut exec = ExecRequest::new(argv);
+    for var in request.get_env()?.iter() {
+        exec = exec.env(text(var.get_name()?)?, text(var.get_value()?)?);
+    }
+    let cwd = text(request.get_cwd()?)?;
+    if !cwd.is_empty() {
+        exec = exec.cwd(cwd);
+    }
+    let user = text(request.get_user()?)?;
+    if !user.is_empty() {
+        exec = exec.user(user);
+    }
+    if request.get_tty() {
+        exec = exec.tty(request.get_rows().max(1), request.get_cols().max(1));
+    }
+    Ok((exec, params.get_output()?))
+}
+
+/// `Vm.exec`: starts the command and returns its session at once; output
+/// and the exit status follow on `output`.
+pub async fn serve_exec(
+    dir: PathBuf,
+    params: vm::ExecParams,
+    mut results: vm::ExecResults,
+) -> Result<(), capnp::Error> {
+    let (request, output) = read_request(&params)?;
+    let started = tokio::task::spawn_blocking(move || connect(&dir)?.start(&request))
+        .await
+        .map_err(failed)?
+        .map_err(|e| capnp::Error::failed(format!("conflict: cannot reach the guest's exec agent: {e}")))?;
+    let (sender, receiver) = started;
+    let (tx, mut rx) = mpsc::channel::<Result<Output, ExecError>>(16);
+    std::thread::Builder::new()
+        .name("exec-reader".into())
+        .spawn(move || {
+            for item in receiver {
+                if tx.blocking_send(item).is_err() {
+                    return; // the client went away
+                }
+            }
+        })
+        .map_err(failed)?;
+    let pump_sender = sender.clone();
+    tokio::task::spawn_local(async move {
+        while let Some(item) = rx.recv().await {
+            let delivered = match item {
+                Ok(Output::Stdout(data)) => {
+                    let mut call = output.stdout_request();
+                    call.get().set_data(&data);
+                    call.send().promise.await.map(|_| ())
+                }
+                Ok(Output::Stderr(data)) => {
+                    let mut call = output.stderr_request();
+                    call.get().set_data(&data);
+                    call.send().promise.await.map(|_| ())
+                }
+                Ok(Output::Exit(status)) => {
+                    let mut call = output.exit_request();
+                    match status {
+                        ExitStatus::Exited(code) => call.get().set_code(code),
+                        ExitStatus::Signaled(signal) => call.get().set_signal(signal),
+                    }
+                    let _ = call.send().promise.await;
+                    break;
+                }
+                Err(e) => {
+                    let mut call = output.exit_request();
+                    call.get().set_error(e.to_string());
+                    let _ = call.send().promise.await;
+                    break;
+                }
+            };
+            if delivered.is_err() {
+                // The client is gone: end the command rather than leave it
+                // running unattended.
+                let _ = pump_sender.signal(libc::SIGKILL);
+                break;
+            }
+        }
+        pump_sender.shutdown();
+    });
+    results.get().set_session(capnp_rpc::new_client(Session { sender: Rc::new(sender) }));
+    Ok(())
+}
+
+/// The client's handle on a running exec.
+struct Session {
+    sender: Rc<ExecSender>,
+}
+
+impl Session {
+    /// Runs a (short, blocking) send on the blocking pool.
+    async fn send(
+        &self,
+        op: impl FnOnce(&ExecSender) -> Result<(), ExecError> + Send + 'static,
+    ) -> Result<(), capnp::Error> {
+        let sender = ExecSender::clone(&self.sender);
+        tokio::task::spawn_blocking(move || op(&sender))
+            .await
+            .map_err(failed)?
+            .map_err(|e| capnp::Error::failed(format!("conflict: the exec has ended: {e}")))
+    }
+}
+
+impl exec_session::Server for Session {
+    async fn stdin(
+        self: Rc<Self>,
+        params: exec_session::StdinParams,
+        _: exec_session::StdinResults,
+    ) -> Result<(), capnp::Error> {
+        let data = params.get()?.get_data()?.to_vec();
+        self.send(move |s| s.stdin(&data)).await
+    }
+
+    async fn close_stdin(
+        self: Rc<Self>,
+        _: exec_session::CloseStdinParams,
+        _: exec_session::CloseStdinResults,
+    ) -> Result<(), capnp::Error> {
+        self.send(|s| s.close_stdin()).await
+    }
+
+    async fn resize(
+        self: Rc<Self>,
+        params: exec_session::ResizeParams,
+        _: exec_session::ResizeResults,
+    ) -> Result<(), capnp::Error> {
+        let (rows, cols) = (params.get()?.get_rows(), params.get()?.get_cols());
+        self.send(move |s| s.resize(rows, cols)).await
+    }
+
+    async fn signal(
+        self: Rc<Self>,
+        params: exec_session::SignalParams,
+        _: exec_session::SignalResults,
+    ) -> Result<(), capnp::Error> {
+        let signal = params.get()?.get_signal();
+        self.send(move |s| s.signal(signal)).await
+    }
+}
+
+/// Runs `argv` in the guest with no stdin and discards its output;
+/// returns its shell-style exit code. For the broker's own use (stop).
+pub async fn run_simple(dir: &Path, argv: &[&str]) -> Result<i32, String> {
+    let dir = dir.to_path_buf();
+    let request = ExecRequest::new(argv.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let client = connect(&dir).map_err(|e| e.to_string())?;
+        client.run(&request, std::io::empty(), std::io::sink(), std::io::sink()).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map(ExitStatus::shell_code)
 }

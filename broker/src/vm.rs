@@ -205,9 +205,12 @@ impl Vm {
     ) {
         let vmm_exit = loop {
             let event = {
+                // Only devices still running: one that ended and could not
+                // be replaced must not wake us again and again.
                 let waits: Vec<_> = devices
                     .iter_mut()
                     .enumerate()
+                    .filter(|(_, (_, p))| !p.has_exited())
                     .map(|(i, (_, p))| Box::pin(async move { (i, p.wait().await) }))
                     .collect();
                 let any_device = async move {
@@ -234,7 +237,7 @@ impl Vm {
         };
         self.audit_exit(&vmm, vmm_exit);
         // Device processes end when mm-vmm hangs up; make sure of it.
-        for (_, device) in &mut devices {
+        for (_, device) in devices.iter_mut().filter(|(_, p)| !p.has_exited()) {
             if tokio::time::timeout(Duration::from_secs(2), device.wait()).await.is_err() {
                 device.signal(libc::SIGKILL);
             }

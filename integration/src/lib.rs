@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod broker;
 pub mod devices;
 pub mod guest;
 pub mod netns;

@@ -1,0 +1,135 @@
+//! A real `mm-broker` for end-to-end tests, in a scratch state directory
+//! with its own socket, driven through the real `mmctl`. Dropping it
+//! removes every microVM it still has (`mmctl rm -f`) and then ends the
+//! broker by its pid, so nothing is left behind.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::devices::Scratch;
+use crate::{Run, guest_kernel, guest_rootfs, run_with_timeout, workspace_binary};
+
+pub struct TestBroker {
+    child: Option<Child>,
+    pub dir: Scratch,
+    pub socket: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl TestBroker {
+    /// Starts a broker; `extra_args` go on its command line.
+    pub fn start(name: &str, extra_args: &[&str]) -> Result<TestBroker> {
+        let dir = Scratch::new(name)?;
+        let socket = dir.path("broker.sock");
+        let mut broker =
+            TestBroker { child: None, dir, socket, extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path("broker.log"))?;
+        let child = Command::new(workspace_binary("mm-broker")?)
+            .arg("--state-dir")
+            .arg(self.dir.path("state"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--kernel")
+            .arg(guest_kernel()?)
+            .arg("--builtin-image")
+            .arg(guest_rootfs()?)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning mm-broker")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("mm-broker exited with {status}; log:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("mm-broker did not listen within 20 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the broker (microVMs keep running) and starts a new one on
+    /// the same state directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let _ = std::fs::remove_file(&self.socket);
+        self.spawn()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own unreaped child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("broker.log")).unwrap_or_default()
+    }
+
+    /// Runs `mmctl ARGS` against this broker.
+    pub fn mmctl(&self, args: &[&str], timeout: Duration) -> Result<Run> {
+        let mut cmd = Command::new(workspace_binary("mmctl")?);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        run_with_timeout(cmd, timeout)
+    }
+
+    /// `mmctl inspect -o json VM` as JSON.
+    pub fn inspect(&self, vm: &str) -> Result<serde_json::Value> {
+        let run = self.mmctl(&["inspect", "-o", "json", vm], Duration::from_secs(30))?;
+        if run.status != Some(0) {
+            bail!("mmctl inspect {vm} failed: {}", run.stderr);
+        }
+        Ok(serde_json::from_str(&run.stdout)?)
+    }
+
+    /// Polls until `vm`'s console log contains `needle`.
+    pub fn wait_for_log(&self, vm: &str, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.mmctl(&["logs", vm], Duration::from_secs(30))?;
+            if run.stdout.contains(needle) {
+                return Ok(run.stdout);
+            }
+            if Instant::now() > deadline {
+                bail!("{vm}'s console has no {needle:?} after {timeout:?}:\n{}", run.stdout);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if self.child.is_some()
+            && let Ok(run) = self.mmctl(&["ps", "-o", "json"], Duration::from_secs(30))
+            && let Ok(serde_json::Value::Array(vms)) = serde_json::from_str::<serde_json::Value>(&run.stdout)
+        {
+            for vm in vms {
+                if let Some(id) = vm["id"].as_str() {
+                    let _ = self.mmctl(&["rm", "-f", id], Duration::from_secs(60));
+                }
+            }
+        }
+        self.kill();
+    }
+}

@@ -1,0 +1,265 @@
+//! mm-broker and mmctl end to end: real broker, real microVMs, real jails.
+//! Boots are slow on PVM hosts (~40 s), so one test walks a microVM
+//! through its whole life (run in the foreground, run detached, ps,
+//! inspect, logs, device kills, broker restart, stop, rm) with two boots;
+//! the bad-input test boots nothing.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use mm_integration::broker::TestBroker;
+use mm_integration::guest::BOOT_TIMEOUT;
+use mm_integration::kvm_available;
+
+const QUICK: Duration = Duration::from_secs(60);
+
+/// Extra broker flags for debugging a run by hand (e.g. `--no-jail`).
+fn broker_args() -> Vec<String> {
+    std::env::var("MM_TEST_BROKER_ARGS").map(|s| s.split_whitespace().map(str::to_string).collect()).unwrap_or_default()
+}
+
+fn start_broker(name: &str) -> TestBroker {
+    let args = broker_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TestBroker::start(name, &args).unwrap()
+}
+
+fn pids(info: &serde_json::Value) -> Vec<(String, i64, i64)> {
+    info["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["role"].as_str().unwrap().to_string(), p["pid"].as_i64().unwrap(), p["restarts"].as_i64().unwrap()))
+        .collect()
+}
+
+fn audit(broker: &TestBroker, vm: &str) -> Vec<serde_json::Value> {
+    let run = broker.mmctl(&["audit", vm], QUICK).unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn a_microvm_lives_its_whole_life_through_mmctl() {
+    if !kvm_available("a_microvm_lives_its_whole_life_through_mmctl") {
+        return;
+    }
+    let mut broker = start_broker("broker-life");
+
+    // Foreground: the console is streamed and the workload's status returned.
+    let run = broker
+        .mmctl(&["run", "--name", "fg", "--rm", "--", "sh", "-c", "echo hello from $(hostname); exit 3"], BOOT_TIMEOUT)
+        .unwrap();
+    assert!(run.stdout.contains("hello from fg"), "stdout:\n{}\nstderr:\n{}\n{}", run.stdout, run.stderr, broker.log());
+    assert_eq!(run.status, Some(3), "stderr: {}", run.stderr);
+    let ps = broker.mmctl(&["ps", "-o", "json"], QUICK).unwrap();
+    assert_eq!(ps.stdout.trim(), "[]", "--rm left the microVM behind");
+
+    // Detached: a workload that writes, syncs and reads back its disk forever.
+    let ticker = "i=0; while true; do i=$((i+1)); echo tick $i > /tick; sync; echo \"$(cat /tick) ok\"; sleep 1; done";
+    let run =
+        broker.mmctl(&["run", "-d", "--name", "bg", "--memory", "192M", "--", "sh", "-c", ticker], QUICK).unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout.trim(), "bg");
+    let dup = broker.mmctl(&["run", "-d", "--name", "bg", "--", "true"], QUICK).unwrap();
+    assert_eq!(dup.status, Some(4), "a duplicate name is a conflict: {}", dup.stderr);
+    assert!(dup.stderr.contains("already exists"), "{}", dup.stderr);
+
+    let ps = broker.mmctl(&["ps"], QUICK).unwrap();
+    assert!(ps.stdout.lines().any(|l| l.contains("bg") && l.contains("running")), "{}", ps.stdout);
+    let info = broker.inspect("bg").unwrap();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["memory_mib"], 192);
+    broker.wait_for_log("bg", "tick 2 ok", BOOT_TIMEOUT).unwrap();
+
+    // Each device process killed in turn: restarted, reconnected, audited,
+    // and the guest's disk keeps working.
+    let before = pids(&info);
+    for (role, pid, _) in before.iter().filter(|(role, _, _)| role != "vmm") {
+        // SAFETY: kill(2) on a pid the broker reported as this microVM's
+        // device process, which this test's broker started.
+        assert_eq!(unsafe { libc::kill(*pid as i32, libc::SIGKILL) }, 0, "kill {role} {pid}");
+        std::thread::sleep(Duration::from_secs(2));
+        let events = audit(&broker, "bg");
+        let killed = events.iter().any(|e| e["event"] == "exit" && e["pid"] == *pid && e["signal_name"] == "SIGKILL");
+        assert!(killed, "no exit event for {role} {pid}: {events:#?}");
+        assert!(events.iter().any(|e| e["event"] == "restart" && e["role"] == *role), "{events:#?}");
+    }
+    let after = pids(&broker.inspect("bg").unwrap());
+    for (role, pid, restarts) in after.iter().filter(|(role, _, _)| role != "vmm") {
+        let old = before.iter().find(|(r, _, _)| r == role).unwrap();
+        assert_ne!(*pid, old.1, "{role} was not replaced");
+        assert_eq!(*restarts, 1, "{role}");
+    }
+    let seen = broker.mmctl(&["logs", "bg"], QUICK).unwrap().stdout;
+    let last_tick =
+        seen.lines().filter_map(|l| l.strip_prefix("tick ")?.strip_suffix(" ok")?.parse::<u32>().ok()).max();
+    let next = format!("tick {} ok", last_tick.unwrap() + 2);
+    broker.wait_for_log("bg", &next, Duration::from_secs(120)).unwrap();
+    let run = exec_when_ready(&broker, "bg", &["sh", "-c", "echo after-kills > /probe && sync && cat /probe"]);
+    assert_eq!(run.status, Some(0), "exec after the device kills: {}", run.stderr);
+    assert_eq!(run.stdout.trim(), "after-kills");
+
+    // The broker dies and comes back: the microVM is re-adopted.
+    broker.restart().unwrap();
+    let info = broker.inspect("bg").unwrap();
+    assert_eq!(info["state"], "running", "{info:#}");
+    assert!(audit(&broker, "bg").iter().any(|e| e["event"] == "readopt"));
+
+    // Stop (graceful, then forced) and remove.
+    let run = broker.mmctl(&["stop", "-t", "20", "bg"], Duration::from_secs(120)).unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(broker.inspect("bg").unwrap()["state"], "stopped");
+    let run = broker.mmctl(&["rm", "bg"], QUICK).unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let ps = broker.mmctl(&["ps", "-o", "json"], QUICK).unwrap();
+    assert_eq!(ps.stdout.trim(), "[]");
+    let left: Vec<_> = std::fs::read_dir(broker.dir.path("state/vms")).unwrap().collect();
+    assert!(left.is_empty(), "rm left {left:?}");
+}
+
+#[test]
+fn mmctl_and_the_broker_refuse_bad_input_and_keep_serving() {
+    let broker = start_broker("broker-bad");
+    let check = |args: &[&str], code: i32, needle: &str| {
+        let run = broker.mmctl(args, QUICK).unwrap();
+        assert_eq!(run.status, Some(code), "mmctl {args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(needle), "mmctl {args:?}: {}", run.stderr);
+        // Our own errors are one line; clap's usage errors carry its hint.
+        if run.stderr.starts_with("mmctl:") {
+            assert_eq!(run.stderr.lines().count(), 1, "one clear line: {}", run.stderr);
+        }
+    };
+    check(&["inspect", "nosuch"], 3, "no microVM named \"nosuch\"");
+    check(&["stop", "nosuch"], 3, "nosuch");
+    check(&["run", "--memory", "lots", "--", "true"], 2, "not a memory size");
+    check(&["run", "--memory", "60G", "--", "true"], 5, "not enough memory");
+    check(&["run", "--name", "../etc", "--", "true"], 2, "invalid name");
+    check(&["run", "docker.io/library/nginx", "--", "true"], 2, "unknown image");
+    let mut cmd = std::process::Command::new(mm_integration::workspace_binary("mmctl").unwrap());
+    cmd.args(["--socket", "/nonexistent/broker.sock", "ps"]);
+    let run = mm_integration::run_with_timeout(cmd, QUICK).unwrap();
+    assert_eq!(run.status, Some(6), "{}", run.stderr);
+    assert!(run.stderr.contains("cannot reach mm-broker"), "{}", run.stderr);
+
+    // Hostile peers on the Cap'n Proto socket: garbage, a message claiming
+    // to be enormous, a truncated one. Each gets dropped; the broker lives.
+    let hostile: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\n\r\n garbage garbage garbage",
+        &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x0f],
+        &[0, 0, 0, 0, 2, 0, 0, 0, 0, 0],
+    ];
+    for bytes in hostile {
+        let mut stream = UnixStream::connect(&broker.socket).unwrap();
+        let _ = stream.write_all(bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut Vec::new());
+    }
+    let ps = broker.mmctl(&["ps", "-o", "json"], QUICK).unwrap();
+    assert_eq!(ps.status, Some(0), "the broker stopped serving after hostile input: {}\n{}", ps.stderr, broker.log());
+    assert!(broker.pid().is_some());
+}
+
+/// `mmctl exec`, retried while the guest is still booting (the agent is
+/// not listening yet).
+fn exec_when_ready(broker: &TestBroker, vm: &str, args: &[&str]) -> mm_integration::Run {
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    let mut full = vec!["exec", vm, "--"];
+    full.extend_from_slice(args);
+    loop {
+        let run = broker.mmctl(&full, QUICK).unwrap();
+        let booting = run.stderr.contains("exec agent") && run.status == Some(4);
+        if !booting || std::time::Instant::now() > deadline {
+            return run;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// Host-side leftovers of a process the jailer ran: its jail root and its
+/// cgroups (named `<role>-<pid>`).
+fn jail_leftovers(pid: i64) -> Vec<std::path::PathBuf> {
+    let suffix = format!("-{pid}");
+    let mut dirs = vec![std::path::PathBuf::from(mm_jailer::DEFAULT_JAIL_BASE)];
+    for hierarchy in ["memory", "pids", "unified"] {
+        dirs.push(std::path::Path::new("/sys/fs/cgroup").join(hierarchy).join(mm_jailer::CGROUP_PARENT));
+    }
+    dirs.iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(&suffix)))
+        .collect()
+}
+
+#[test]
+fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
+    if !kvm_available("three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind") {
+        return;
+    }
+    let broker = start_broker("broker-three");
+    let names = ["one", "two", "three"];
+    for name in names {
+        let run = broker
+            .mmctl(
+                &["run", "-d", "--name", name, "--memory", "128M", "--", "sh", "-c", "while true; do sleep 5; done"],
+                QUICK,
+            )
+            .unwrap();
+        assert_eq!(run.status, Some(0), "{}\n{}", run.stderr, broker.log());
+    }
+    let mut pids = Vec::new();
+    for name in names {
+        let run = exec_when_ready(&broker, name, &["sh", "-c", "echo $(hostname) says hi; echo to-stderr >&2; exit 4"]);
+        assert_eq!(run.status, Some(4), "exec in {name}: {}", run.stderr);
+        assert_eq!(run.stdout.trim(), format!("{name} says hi"));
+        assert_eq!(run.stderr.trim(), "to-stderr");
+        pids.extend(super_pids(&broker, name));
+    }
+    // stdin reaches the command, byte for byte.
+    let mut cmd = std::process::Command::new(mm_integration::workspace_binary("mmctl").unwrap());
+    cmd.arg("--socket").arg(&broker.socket).args(["exec", "-i", "two", "--", "md5sum"]);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    child.stdin.take().unwrap().write_all(&data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let want = md5_of(&data);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&want), "{:?}", String::from_utf8_lossy(&out.stdout));
+
+    for name in names {
+        let run = broker.mmctl(&["stop", "-t", "60", name], Duration::from_secs(180)).unwrap();
+        assert_eq!(run.status, Some(0), "{}", run.stderr);
+        let info = broker.inspect(name).unwrap();
+        assert_eq!(info["state"], "stopped", "{info:#}");
+        // Graceful: init forwarded SIGTERM to the workload (143 = 128 + 15).
+        assert_eq!(info["exit_code"], 143, "{info:#}");
+        let run = broker.mmctl(&["rm", name], QUICK).unwrap();
+        assert_eq!(run.status, Some(0), "{}", run.stderr);
+    }
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} outlived its microVM");
+        assert!(jail_leftovers(pid).is_empty(), "jail of {pid} left behind: {:?}", jail_leftovers(pid));
+    }
+    let left: Vec<_> = std::fs::read_dir(broker.dir.path("state/vms")).unwrap().collect();
+    assert!(left.is_empty(), "rm left {left:?}");
+}
+
+fn super_pids(broker: &TestBroker, vm: &str) -> Vec<i64> {
+    pids(&broker.inspect(vm).unwrap()).into_iter().map(|(_, pid, _)| pid).collect()
+}
+
+/// MD5 through the host's md5sum (the guest's answer is compared to it).
+fn md5_of(data: &[u8]) -> String {
+    let mut child = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
