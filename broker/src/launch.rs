@@ -137,9 +137,7 @@ pub fn spawn_vmm(
     let (control, vmm_control) = UnixStream::pair()?;
     let mut cmd = Command::new(config.bin_dir.join("mm-vmm"));
     cmd.arg("--kernel").arg(&config.kernel);
-    // TODO(jail): mm-vmm under the microVM's uid cannot open /dev/kvm yet
-    // (the jail must give the uid access to its /dev/kvm node).
-    cmd.args(jail_args(config, record.uid()).into_iter().skip(4));
+    cmd.args(jail_args(config, record.uid()));
     cmd.args(["--cpus", &record.cpus.to_string(), "--memory-mib", &record.memory_mib.to_string()]);
     // The console goes to mm-vmm's stdout, a file opened here in append
     // mode: mm-vmm needs no path for it, and a restart adds to the log.

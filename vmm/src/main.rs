@@ -75,6 +75,10 @@ struct Args {
     jail_uid: Option<u32>,
     #[arg(long)]
     jail_gid: Option<u32>,
+    /// An open /dev/kvm to use instead of opening it (the broker's, or the
+    /// one the jail passes in: the jail has no /dev/kvm node).
+    #[arg(long, value_name = "N")]
+    kvm_fd: Option<std::os::fd::RawFd>,
     /// The workload for mm-init to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         profile_guest: args.profile_guest,
         devices: args.devices,
         control_socket: args.control,
+        kvm_fd: args.kvm_fd,
     };
     let outcome = Vm::build(&config, start).and_then(Vm::run);
     match outcome {
@@ -141,6 +146,9 @@ fn parent_dir(path: &Path) -> Option<PathBuf> {
     std::path::absolute(path).ok()?.parent().map(Path::to_path_buf)
 }
 
+/// Where the jailed copy finds /dev/kvm (below the broker's first fd, 10).
+const JAILED_KVM_FD: std::os::fd::RawFd = 9;
+
 /// Re-executes mm-vmm in a jail with only what this VM needs, waits for
 /// it and returns the status to exit with.
 fn run_jailed(args: &Args) -> anyhow::Result<u8> {
@@ -160,8 +168,17 @@ fn run_jailed(args: &Args) -> anyhow::Result<u8> {
             rewritten.push((flag, real));
         }
     }
-    if Path::new("/dev/kvm").exists() {
-        spec.mounts.push(BindMount::device("/dev/kvm"));
+    // KVM comes in as an fd opened here, before the jail drops to the
+    // microVM's uid (which has no access to /dev/kvm): the jail holds no
+    // device node at all. Without /dev/kvm the jailed copy reports it.
+    let mut kvm_fd = args.kvm_fd;
+    match (args.kvm_fd, std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm")) {
+        (Some(fd), _) => spec.fds.push((fd, fd)),
+        (None, Ok(kvm)) => {
+            spec.fds.push((std::os::fd::IntoRawFd::into_raw_fd(kvm), JAILED_KVM_FD));
+            kvm_fd = Some(JAILED_KVM_FD);
+        }
+        (None, Err(_)) => {}
     }
     // Inherited sockets keep their numbers; socket paths are bound in.
     for endpoint in args.devices.iter().map(|d| &d.socket).chain(args.control.iter()) {
@@ -189,6 +206,10 @@ fn run_jailed(args: &Args) -> anyhow::Result<u8> {
     // The jail has no /sys: decide about PVM here.
     let pvm = if args.pvm.resolve() { "on" } else { "off" };
     spec.args = rewrite_args(&rewritten, pvm);
+    if let (None, Some(fd)) = (args.kvm_fd, kvm_fd) {
+        let at = spec.args.iter().position(|a| a == "--").unwrap_or(spec.args.len());
+        spec.args.splice(at..at, ["--kvm-fd".into(), fd.to_string().into()]);
+    }
     Ok(mm_jailer::exit_code(&jail.run()?))
 }
 

@@ -58,6 +58,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceSpec>,
     /// Where to serve the control socket, if anywhere.
     pub control_socket: Option<Endpoint>,
+    /// An already open /dev/kvm (`--kvm-fd`), taken over by the VM.
+    pub kvm_fd: Option<std::os::fd::RawFd>,
 }
 
 /// One virtio device: its kind and the vhost-user socket of its back end.
@@ -274,7 +276,20 @@ fn connect_device(vm: &VmFd, ram: &GuestRam, spec: &DeviceSpec, base: u64, irq: 
     Ok(MmioDevice::new(backend, ram.memory.clone(), memfd, kicks, call))
 }
 
-fn open_kvm() -> Result<Kvm, VmError> {
+fn open_kvm(fd: Option<std::os::fd::RawFd>) -> Result<Kvm, VmError> {
+    if let Some(fd) = fd {
+        // SAFETY: fstat only reads the fd table and writes `stat`.
+        let is_open = unsafe {
+            let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+            libc::fstat(fd, stat.as_mut_ptr()) == 0
+        };
+        if !is_open {
+            return Err(VmError::KvmOpen(kvm_ioctls::Error::new(libc::EBADF)));
+        }
+        // SAFETY: the fd was handed to us as an open /dev/kvm for this VM
+        // alone (`--kvm-fd`); nothing else in this process owns it.
+        return Ok(unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
     Kvm::new().map_err(|e| match e.errno() {
         libc::ENOENT => VmError::NoKvm,
         libc::EACCES | libc::EPERM => VmError::KvmPermission,
@@ -294,7 +309,7 @@ impl Vm {
             return Err(VmError::InitrdMissing(initrd.clone()));
         }
         let step = |what: &str| tracing::debug!(since_start_us = start.elapsed().as_micros() as u64, "{what}");
-        let kvm = open_kvm()?;
+        let kvm = open_kvm(config.kvm_fd)?;
         step("opened /dev/kvm");
         let pvm = config.pvm.resolve();
         if pvm {
