@@ -1,7 +1,8 @@
 //! mm-broker and mmctl end to end: real broker, real microVMs, real jails.
 //! Boots are slow on PVM hosts (~40 s), so one test walks a microVM
 //! through its whole life (run in the foreground, run detached, ps,
-//! inspect, logs, device kills, broker restart, stop, rm) with two boots;
+//! inspect, logs, exec, device kills, broker restart, stop, start, rm) with
+//! three boots;
 //! the bad-input test boots nothing.
 
 use std::io::Write;
@@ -107,11 +108,22 @@ fn a_microvm_lives_its_whole_life_through_mmctl() {
     assert_eq!(info["state"], "running", "{info:#}");
     assert!(audit(&broker, "bg").iter().any(|e| e["event"] == "readopt"));
 
-    // Stop (graceful, then forced) and remove.
-    let run = broker.mmctl(&["stop", "-t", "20", "bg"], Duration::from_secs(120)).unwrap();
+    // Stop (graceful: init forwards SIGTERM to the workload), start again
+    // on the same disk, then remove while running (force).
+    let run = broker.mmctl(&["stop", "-t", "60", "bg"], Duration::from_secs(180)).unwrap();
     assert_eq!(run.status, Some(0), "{}", run.stderr);
-    assert_eq!(broker.inspect("bg").unwrap()["state"], "stopped");
-    let run = broker.mmctl(&["rm", "bg"], QUICK).unwrap();
+    let info = broker.inspect("bg").unwrap();
+    assert_eq!(info["state"], "stopped", "{info:#}");
+    assert_eq!(info["exit_code"], 143, "not a graceful stop: {info:#}");
+    let refused = broker.mmctl(&["rm", "--", "no-such-vm"], QUICK).unwrap();
+    assert_eq!(refused.status, Some(3), "{}", refused.stderr);
+    let run = broker.mmctl(&["start", "bg"], QUICK).unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let run = exec_when_ready(&broker, "bg", &["cat", "/probe"]);
+    assert_eq!(run.stdout.trim(), "after-kills", "the disk did not survive a stop and start: {}", run.stderr);
+    let refused = broker.mmctl(&["rm", "bg"], QUICK).unwrap();
+    assert_eq!(refused.status, Some(4), "rm of a running microVM needs -f: {}", refused.stderr);
+    let run = broker.mmctl(&["rm", "-f", "bg"], Duration::from_secs(120)).unwrap();
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     let ps = broker.mmctl(&["ps", "-o", "json"], QUICK).unwrap();
     assert_eq!(ps.stdout.trim(), "[]");
