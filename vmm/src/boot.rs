@@ -48,37 +48,10 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
     BootError::Memory(e.to_string())
 }
 
-/// Populates the page tables for guest RAM `[start, start + len)` in one
-/// `madvise(MADV_POPULATE_WRITE)`, before a file is read into it.
-///
-/// Why: copying the kernel into fresh memfd pages otherwise takes one page
-/// fault per 4 KiB page, and where the host is itself a guest (PVM) every
-/// fault is a round trip to the outer hypervisor; populating the range in
-/// one call takes the same pages without the faults. Best effort: on a
-/// kernel without MADV_POPULATE_WRITE (before 5.14) the read faults as before.
-fn prefault(mem: &GuestMemoryMmap, start: u64, len: u64) {
-    let end = low_ram_end(mem).min(start.saturating_add(len));
-    let Some(len) = end.checked_sub(start).filter(|len| *len > 0) else { return };
-    let Ok(host) = mem.get_host_address(GuestAddress(start)) else { return };
-    // madvise needs a page-aligned start; the mapping starts page-aligned.
-    let offset = host as usize % 4096;
-    // SAFETY: the range lies inside one live mapping of guest RAM (it is
-    // below the end of low RAM and the only region there starts at 0);
-    // MADV_POPULATE_WRITE only faults pages in, it changes no contents.
-    let rc = unsafe { libc::madvise(host.sub(offset).cast(), len as usize + offset, libc::MADV_POPULATE_WRITE) };
-    if rc != 0 {
-        tracing::debug!("MADV_POPULATE_WRITE failed: {}", std::io::Error::last_os_error());
-    }
-}
-
 /// Loads `path` into guest memory, ELF first, bzImage second.
 fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(KernelLoaderResult, GuestAddress), BootError> {
     let shown = path.display().to_string();
     let mut file = File::open(path).map_err(|source| BootError::OpenKernel { path: shown.clone(), source })?;
-    // Kernels load at HIMEM_START and take about their file's size.
-    if let Ok(meta) = file.metadata() {
-        prefault(mem, HIMEM_START, meta.len());
-    }
     let elf_err = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(result) => {
             let entry = result.kernel_load;
@@ -112,7 +85,6 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u
     let Some(start) = start else {
         return Err(BootError::InitrdTooLarge { path: shown, size });
     };
-    prefault(mem, start, size);
     mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize).map_err(mem_err)?;
     Ok((start, size))
 }
