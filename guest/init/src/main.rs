@@ -107,9 +107,23 @@ fn run_workload(settings: &Settings) -> u32 {
             command.env(key, value);
         }
     }
-    // std clears the signal mask in the child, so the workload does not
-    // inherit the signals blocked here; its own process group lets us
-    // forward signals to the whole job.
+    // The workload must not inherit the signals blocked here for sigwait.
+    // std's spawn was seen NOT to clear them here (the workload's shell had
+    // SIGTERM and SIGCHLD blocked: `mmctl stop` could not end it, and
+    // ash's `wait` slept forever), so clear the mask explicitly. Its own
+    // process group lets us forward signals to the whole job.
+    // SAFETY: the closure runs between fork and exec and calls only
+    // sigemptyset and sigprocmask, which are async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(empty.as_mut_ptr());
+            if libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let child = match command.spawn() {
         Ok(child) => child,
