@@ -380,22 +380,32 @@ impl DeviceReport {
     /// Writes the JSON to `out` and prints the table (and the JSON with `json`).
     pub fn emit(mut self, out: &Path, json: bool) -> Result<()> {
         self.source = crate::source_revision();
-        self.unix_time =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let text = serde_json::to_string_pretty(&self)?;
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        std::fs::write(out, format!("{text}\n")).with_context(|| format!("writing {}", out.display()))?;
-        if json {
-            eprint!("{}", self.table());
-            println!("{text}");
-        } else {
-            print!("{}", self.table());
-        }
-        eprintln!("mm-bench: wrote {}", out.display());
-        Ok(())
+        self.unix_time = unix_time();
+        write_and_print(&self, &self.table(), out, json)
     }
+}
+
+/// Seconds since the epoch, stamped on each JSON result.
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Writes `report` as JSON to `out` and prints `table`; with `json` the JSON
+/// goes to stdout and the table to stderr, so `mm-bench … --json | jq` works.
+pub fn write_and_print(report: &impl Serialize, table: &str, out: &Path, json: bool) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(out, format!("{text}\n")).with_context(|| format!("writing {}", out.display()))?;
+    if json {
+        eprint!("{table}");
+        println!("{text}");
+    } else {
+        print!("{table}");
+    }
+    eprintln!("mm-bench: wrote {}", out.display());
+    Ok(())
 }
 
 /// A figure with about three significant digits: the device figures span

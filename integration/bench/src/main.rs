@@ -4,11 +4,14 @@
 //! shared/PVM.md) and only the comparison says something about the VMM.
 //!
 //! `mm-bench boot --runs N [--json] [--out PATH]`,
-//! `mm-bench block|net|vsock [--json]`: see README.md.
+//! `mm-bench block|net|vsock [--json]`,
+//! `mm-bench exec [--execs M] [--runs N] [--json]` (mmctl through a real
+//! mm-broker; nothing to compare with in QEMU): see README.md.
 
 mod block;
 mod boot;
 mod devbench;
+mod exec;
 mod machine;
 mod mmvmm;
 mod net;
@@ -47,6 +50,8 @@ enum Bench {
     Net(net::NetArgs),
     /// Hybrid vsock: round-trip latency (median, p99) and echo throughput.
     Vsock(vsock::VsockArgs),
+    /// mmctl through a real mm-broker: `exec VM -- true` latency (median, p99) and `run --rm -- true` end to end.
+    Exec(exec::ExecArgs),
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +116,7 @@ fn main() -> Result<()> {
         Bench::Block(args) => block::run(args),
         Bench::Net(args) => net::run(args),
         Bench::Vsock(args) => vsock::run(args),
+        Bench::Exec(args) => exec::run(args),
     }
 }
 

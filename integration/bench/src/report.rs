@@ -63,6 +63,15 @@ pub fn stats(values: &[f64]) -> Option<Stats> {
     Some(Stats { median, max: sorted[n - 1] })
 }
 
+/// The `q`-quantile (0..=1) of sorted values, nearest rank.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 /// One system's summary and its runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct SystemReport {
@@ -359,5 +368,15 @@ mod tests {
         assert!(report.targets.iter().all(|t| !t.met));
         assert!(report.table().contains("NOT MET"));
         assert!(SystemReport::new("x".into(), Vec::new()).is_err());
+    }
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+        assert_eq!(quantile(&[7.0], 0.99), 7.0);
+        assert!(quantile(&[], 0.5).is_nan());
     }
 }

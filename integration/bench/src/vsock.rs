@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::System;
 use crate::devbench::{self, CommonArgs, DeviceReport, GuestDevice, GuestSetup, Metric, deadline};
 use crate::machine::Machine;
+use crate::report::quantile;
 use crate::vm::Results;
 
 const PORT: u32 = 5000;
@@ -52,15 +53,6 @@ pub struct Figures {
     /// Bytes echoed (each crossed both ways) and the time they took.
     pub echo_bytes: u64,
     pub echo_ns: u64,
-}
-
-/// The `q`-quantile (0..=1) of sorted values, nearest rank.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 /// Ping-pong then bulk echo over `stream`, whose peer echoes everything.
@@ -225,19 +217,4 @@ pub fn run(args: VsockArgs) -> Result<()> {
         warnings,
     };
     report.emit(&out, args.common.json)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_by_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&v, 0.5), 50.0);
-        assert_eq!(quantile(&v, 0.99), 99.0);
-        assert_eq!(quantile(&v, 1.0), 100.0);
-        assert_eq!(quantile(&[7.0], 0.99), 7.0);
-        assert!(quantile(&[], 0.5).is_nan());
-    }
 }
