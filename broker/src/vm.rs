@@ -255,7 +255,11 @@ impl Vm {
             Exit::Code(code) => (VmState::Stopped, format!("the workload exited with code {code}"), Some(code)),
             Exit::Signal(_) if stopping => (VmState::Stopped, "stopped by request (forced)".into(), None),
             Exit::Signal(_) => (VmState::Failed, format!("mm-vmm {}", vmm_exit.describe()), None),
-            Exit::Unknown => (VmState::Stopped, vmm_exit.describe(), None),
+            // Adopted after a broker restart: mm-vmm's log says how it ended.
+            Exit::Unknown => match logged_workload_status(&self.dir.join("vmm.log")) {
+                Some(code) => (VmState::Stopped, format!("the workload exited with code {code}"), Some(code)),
+                None => (VmState::Stopped, vmm_exit.describe(), None),
+            },
         };
         self.update(|r| {
             r.state = state;
@@ -369,6 +373,13 @@ impl Vm {
             }
         }
     }
+}
+
+/// The workload's status as mm-vmm logged it at exit (`mm-vmm: the
+/// workload exited with status N`), from its last run.
+fn logged_workload_status(path: &std::path::Path) -> Option<i32> {
+    let line = last_line_containing(path, "the workload exited with status ")?;
+    line.rsplit(' ').next()?.parse().ok()
 }
 
 /// The last line of a log file containing `needle`.

@@ -246,9 +246,14 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
         let run = broker.mmctl(&["stop", "-t", "60", name], Duration::from_secs(180)).unwrap();
         assert_eq!(run.status, Some(0), "{}", run.stderr);
         let info = broker.inspect(name).unwrap();
-        assert_eq!(info["state"], "stopped", "{info:#}");
+        let context = || {
+            let console = broker.mmctl(&["logs", name], QUICK).map(|r| r.stdout).unwrap_or_default();
+            let audit = broker.mmctl(&["audit", name], QUICK).map(|r| r.stdout).unwrap_or_default();
+            format!("{info:#}\nconsole:\n{console}\naudit:\n{audit}\nbroker:\n{}", broker.log())
+        };
+        assert_eq!(info["state"], "stopped", "{}", context());
         // Graceful: init forwarded SIGTERM to the workload (143 = 128 + 15).
-        assert_eq!(info["exit_code"], 143, "{info:#}");
+        assert_eq!(info["exit_code"], 143, "{}", context());
         let run = broker.mmctl(&["rm", name], QUICK).unwrap();
         assert_eq!(run.status, Some(0), "{}", run.stderr);
     }

@@ -127,7 +127,12 @@ fn main() -> ExitCode {
     };
     let outcome = Vm::build(&config, start).and_then(Vm::run);
     match outcome {
-        Ok(VmOutcome::Exited(status)) => ExitCode::from(u8::try_from(status).unwrap_or(VMM_FAILURE)),
+        Ok(VmOutcome::Exited(status)) => {
+            // Also in the log: a supervisor that is not our parent (a
+            // restarted broker) learns the status from here.
+            eprintln!("mm-vmm: the workload exited with status {status}");
+            ExitCode::from(u8::try_from(status).unwrap_or(VMM_FAILURE))
+        }
         Ok(VmOutcome::ResetWithoutStatus) => {
             eprintln!(
                 "mm-vmm: the guest reset without reporting an exit status (kernel panic, or an init other than mm-init)"
