@@ -193,16 +193,33 @@ impl exec_session::Server for Session {
     }
 }
 
-/// Runs `argv` in the guest with no stdin and discards its output;
-/// returns its shell-style exit code. For the broker's own use (stop).
-pub async fn run_simple(dir: &Path, argv: &[&str]) -> Result<i32, String> {
+/// How a broker-side exec went.
+#[derive(Debug)]
+pub enum SimpleExec {
+    /// It ran; its shell-style exit code.
+    Exited(i32),
+    /// The request reached the agent but the connection ended first: the
+    /// command may have run (e.g. `kill -TERM 1` takes the guest down).
+    Interrupted(String),
+    /// The agent could not be reached (no guest, not booted, no agent).
+    Unreachable(String),
+}
+
+/// Runs `argv` in the guest with no stdin and discards its output. For the
+/// broker's own use (stop).
+pub async fn run_simple(dir: &Path, argv: &[&str]) -> SimpleExec {
     let dir = dir.to_path_buf();
     let request = ExecRequest::new(argv.iter().map(|s| s.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let client = connect(&dir).map_err(|e| e.to_string())?;
-        client.run(&request, std::io::empty(), std::io::sink(), std::io::sink()).map_err(|e| e.to_string())
+    let outcome = tokio::task::spawn_blocking(move || {
+        let client = match connect(&dir) {
+            Ok(client) => client,
+            Err(e) => return SimpleExec::Unreachable(e.to_string()),
+        };
+        match client.run(&request, std::io::empty(), std::io::sink(), std::io::sink()) {
+            Ok(status) => SimpleExec::Exited(status.shell_code()),
+            Err(e) => SimpleExec::Interrupted(e.to_string()),
+        }
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map(ExitStatus::shell_code)
+    .await;
+    outcome.unwrap_or_else(|e| SimpleExec::Unreachable(e.to_string()))
 }

@@ -6,7 +6,6 @@
 //! Errors travel as `"<kind>: <message>"` so `mmctl` can map them to exit
 //! codes: `not-found`, `conflict`, `invalid`, `no-memory`, `internal`.
 
-use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -231,9 +230,4 @@ async fn stream_console(vm: &Rc<Vm>, follow: bool, sink: byte_sink::Client) -> R
     }
     sink.done_request().send().promise.await?;
     Ok(())
-}
-
-/// Runs a command in the guest and returns its exit code (for `stop`).
-pub async fn exec_simple(dir: &Path, argv: &[&str]) -> Result<i32, String> {
-    crate::exec::run_simple(dir, argv).await
 }

@@ -316,11 +316,19 @@ impl Vm {
         self.set_state(VmState::Stopping, "stop requested");
         // Graceful: SIGTERM to the guest's init, which forwards it to the
         // workload and powers off when the workload ends.
-        let graceful = crate::rpc::exec_simple(&self.dir, &["kill", "-TERM", "1"]).await;
-        if let Err(e) = &graceful {
-            tracing::info!(vm = %self.name(), "graceful stop not possible ({e}); forcing");
-        }
-        let stopped = graceful.is_ok() && tokio::time::timeout(timeout, self.wait_stopped()).await.is_ok();
+        let asked = match crate::exec::run_simple(&self.dir, &["kill", "-TERM", "1"]).await {
+            crate::exec::SimpleExec::Exited(_) => true,
+            // The guest started going down before the agent answered.
+            crate::exec::SimpleExec::Interrupted(e) => {
+                tracing::debug!(vm = %self.name(), "the stop request's connection ended early: {e}");
+                true
+            }
+            crate::exec::SimpleExec::Unreachable(e) => {
+                tracing::info!(vm = %self.name(), "graceful stop not possible ({e}); forcing");
+                false
+            }
+        };
+        let stopped = asked && tokio::time::timeout(timeout, self.wait_stopped()).await.is_ok();
         if !stopped {
             self.audit.record("kill", json!({ "caller": caller, "reason": "stop timeout" }));
             if let Some(orders) = self.orders.borrow().as_ref() {
