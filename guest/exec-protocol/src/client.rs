@@ -80,6 +80,12 @@ impl ExecClient {
         ExecClient { stream }
     }
 
+    /// The connection, e.g. to set read timeouts before [`Self::start`]
+    /// (clones made by `start` share them).
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
     /// Sends the request and splits the connection for streaming use.
     pub fn start(self, request: &ExecRequest) -> Result<(ExecSender, ExecReceiver), ExecError> {
         let mut writer = self.stream.try_clone()?;
