@@ -26,8 +26,10 @@ use crate::record::VmRecord;
 
 /// The exec agent's vsock port and the hybrid vsock socket's name.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
-/// Each microVM's writable root disk.
-pub const ROOT_DISK: &str = "root.ext4";
+/// Each microVM's own disk: the upper layer of its root overlay.
+pub const WRITABLE_DISK: &str = "rw.ext4";
+/// Its size (sparse: it takes only what the guest writes).
+const WRITABLE_DISK_BYTES: u64 = 1 << 30;
 /// The serial console, appended by mm-vmm.
 pub const CONSOLE_LOG: &str = "console.log";
 
@@ -45,14 +47,26 @@ pub struct DeviceSpec {
     pub args: Vec<OsString>,
 }
 
-/// The devices every microVM gets, in guest order (the root disk must be
-/// first: it becomes /dev/vda).
-pub fn devices_for(dir: &Path, record: &VmRecord) -> Vec<DeviceSpec> {
+/// The devices every microVM gets, in guest order: the image's shared
+/// base, read-only (/dev/vda, the kernel's root), the microVM's own disk
+/// (/dev/vdb, laid over it by mm-init as an overlay), and vsock.
+pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<DeviceSpec> {
     vec![
         DeviceSpec {
             role: "block-root".into(),
             kind: "block",
-            args: vec!["--image".into(), dir.join(ROOT_DISK).into(), "--serial".into(), "root".into()],
+            args: vec![
+                "--image".into(),
+                config.builtin_image.clone().into(),
+                "--read-only".into(),
+                "--serial".into(),
+                "root".into(),
+            ],
+        },
+        DeviceSpec {
+            role: "block-rw".into(),
+            kind: "block",
+            args: vec!["--image".into(), dir.join(WRITABLE_DISK).into(), "--serial".into(), "rw".into()],
         },
         DeviceSpec {
             role: "vsock".into(),
@@ -176,7 +190,7 @@ fn jail_args(config: &BrokerConfig, uid: u32) -> Vec<String> {
 fn guest_cmdline(record: &VmRecord) -> String {
     // `quiet`: the console (`mmctl logs`, `mmctl run`) shows the workload,
     // not the kernel's boot messages; errors still print.
-    let mut line = format!("quiet root=/dev/vda rw init=/init mm.hostname={}", record.name);
+    let mut line = format!("quiet root=/dev/vda ro init=/init mm.overlay=/dev/vdb mm.hostname={}", record.name);
     if !record.env.is_empty() {
         let env: Vec<String> = record.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let json = serde_json::to_vec(&env).expect("strings always serialise");
@@ -186,30 +200,27 @@ fn guest_cmdline(record: &VmRecord) -> String {
     line
 }
 
-/// Gives the microVM its own writable copy of the image (sparse-aware),
-/// and hands its directory and disk to its uid: its jailed block process
+/// Makes the microVM's own disk (an empty, sparse ext4 that mm-init lays
+/// over the shared base) unless it exists (a restart keeps it), and hands
+/// the directory and disk to the microVM's uid: its jailed block process
 /// opens the disk, and its vsock process makes its sockets in the directory.
-pub fn prepare_vm_dir(config: &BrokerConfig, dir: &Path, uid: u32) -> std::io::Result<()> {
-    let target = dir.join(ROOT_DISK);
+pub fn prepare_vm_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
+    let target = dir.join(WRITABLE_DISK);
     if !target.exists() {
-        copy_image(config, dir, &target)?; // a restart keeps the disk
+        let tmp = dir.join(format!("{WRITABLE_DISK}.tmp"));
+        std::fs::File::create(&tmp)?.set_len(WRITABLE_DISK_BYTES)?;
+        let status = Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-L", "mm-rw", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(&tmp)
+            .stdin(Stdio::null())
+            .status()?;
+        if !status.success() {
+            return Err(std::io::Error::other(format!("mke2fs {} failed: {status}", tmp.display())));
+        }
+        std::fs::rename(&tmp, &target)?;
     }
     std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
     std::os::unix::fs::chown(&target, Some(uid), Some(uid))
-}
-
-fn copy_image(config: &BrokerConfig, dir: &Path, target: &Path) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{ROOT_DISK}.tmp"));
-    let status = Command::new("cp")
-        .arg("--sparse=always")
-        .arg("--reflink=auto")
-        .arg(&config.builtin_image)
-        .arg(&tmp)
-        .status()?;
-    if !status.success() {
-        return Err(std::io::Error::other(format!("copying {} failed: {status}", config.builtin_image.display())));
-    }
-    std::fs::rename(&tmp, target)
 }
 
 /// Sends a new back-end connection for device `index` to mm-vmm and waits

@@ -134,9 +134,8 @@ impl Vm {
 
     fn spawn_all(&self) -> Result<Spawned, BrokerError> {
         let record = self.record();
-        launch::prepare_vm_dir(&self.config, &self.dir, record.uid())
-            .map_err(BrokerError::io("preparing the root disk"))?;
-        let specs = launch::devices_for(&self.dir, &record);
+        launch::prepare_vm_dir(&self.dir, record.uid()).map_err(BrokerError::io("preparing the writable disk"))?;
+        let specs = launch::devices_for(&self.config, &self.dir, &record);
         let mut devices = Vec::new();
         let mut connections = Vec::new();
         for spec in &specs {
@@ -348,7 +347,7 @@ impl Vm {
         }
         let find = |role: &str| record.processes.iter().find(|p| p.role == role);
         let vmm = find("vmm").and_then(|p| Process::adopt("vmm", p.pid, p.start_time));
-        let specs = launch::devices_for(&self.dir, &record);
+        let specs = launch::devices_for(&self.config, &self.dir, &record);
         let devices: Vec<(DeviceSpec, Option<Process>)> = specs
             .into_iter()
             .map(|spec| {

@@ -9,6 +9,7 @@
 
 mod agent;
 mod bootdev;
+mod overlay;
 mod settings;
 mod supervise;
 mod tools;
@@ -66,6 +67,14 @@ fn main() {
             supervise::power_off(None, 125);
         }
     };
+    if let Some(device) = &settings.overlay {
+        if let Err(e) = overlay::switch_root(device) {
+            eprintln!("mm-init: cannot set up the writable root on {device}: {e}");
+            supervise::power_off(None, 125);
+        }
+        // The pseudo filesystems stayed behind with the old root.
+        mount_pseudo_filesystems();
+    }
     let boot_device = settings.boot_device.and_then(|addr| match BootDevice::open(addr) {
         Ok(dev) => Some(dev),
         Err(e) => {

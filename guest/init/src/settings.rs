@@ -19,6 +19,9 @@ pub struct Settings {
     pub boot_device: Option<u64>,
     /// Hostname to set.
     pub hostname: Option<String>,
+    /// `mm.overlay=DEV`: the microVM's own writable disk, laid over the
+    /// read-only root as an overlay (see overlay.rs).
+    pub overlay: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -51,8 +54,13 @@ impl Settings {
     /// Parses the whole kernel command line; parameters that are not ours
     /// are ignored.
     pub fn parse(cmdline: &str) -> Result<Self, SettingsError> {
-        let mut settings =
-            Settings { command: vec!["/bin/sh".to_string()], env: Vec::new(), boot_device: None, hostname: None };
+        let mut settings = Settings {
+            command: vec!["/bin/sh".to_string()],
+            env: Vec::new(),
+            boot_device: None,
+            hostname: None,
+            overlay: None,
+        };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
                 continue;
@@ -72,6 +80,7 @@ impl Settings {
                     settings.boot_device = Some(addr);
                 }
                 "mm.hostname" => settings.hostname = Some(value.to_string()),
+                "mm.overlay" => settings.overlay = Some(value.to_string()),
                 _ => {}
             }
         }
@@ -93,10 +102,14 @@ mod tests {
     #[test]
     fn round_trips_a_command_with_spaces_and_quotes() {
         let cmd = vec!["sh".to_string(), "-c".to_string(), "echo 'a  b' \"c\"; exit 7".to_string()];
-        let line = format!("console=ttyS0 mm.cmd={} mm.bootdev=0xc0000000 mm.hostname=vm1", encode_string_list(&cmd));
+        let line = format!(
+            "console=ttyS0 mm.cmd={} mm.bootdev=0xc0000000 mm.hostname=vm1 mm.overlay=/dev/vdb",
+            encode_string_list(&cmd)
+        );
         let s = Settings::parse(&line).unwrap();
         assert_eq!(s.command, cmd);
         assert_eq!(s.boot_device, Some(0xc000_0000));
+        assert_eq!(s.overlay.as_deref(), Some("/dev/vdb"));
         assert_eq!(s.hostname.as_deref(), Some("vm1"));
     }
 
