@@ -21,6 +21,8 @@ use crate::{BrokerConfig, BrokerError};
 
 /// mm-vmm's exit code for "mm-vmm itself failed".
 const VMM_FAILURE: i32 = 125;
+/// How a self-jailed process reports that its jailed half died by SIGSYS.
+const SIGSYS_EXIT: i32 = 128 + libc::SIGSYS;
 
 /// What the supervisor task can be told.
 #[derive(Debug)]
@@ -183,13 +185,20 @@ impl Vm {
         if let (Some(fields), serde_json::Value::Object(extra)) = (fields.as_object_mut(), exit.json()) {
             fields.extend(extra);
         }
-        if exit == Exit::Signal(libc::SIGSYS) {
-            // The seccomp report, if the process wrote one to its log.
-            if let Some(line) = last_line_containing(&self.dir.join(format!("{}.log", process.role)), "seccomp") {
-                fields["seccomp"] = json!(line);
-            }
+        if let Some(report) = self.seccomp_report(&process.role, exit) {
+            fields["seccomp"] = json!(report);
         }
         self.audit.record("exit", fields);
+    }
+
+    /// For a process killed by its seccomp filter, the jail's report (it
+    /// names the syscall) from the process's log. A self-jailed process's
+    /// outer half exits with 128 + SIGSYS rather than by the signal.
+    fn seccomp_report(&self, role: &str, exit: Exit) -> Option<String> {
+        if !matches!(exit, Exit::Signal(libc::SIGSYS) | Exit::Code(SIGSYS_EXIT)) {
+            return None;
+        }
+        last_line_containing(&self.dir.join(format!("{role}.log")), "killed by seccomp")
     }
 
     /// Watches the processes until mm-vmm ends. `control` is None for a
@@ -250,6 +259,9 @@ impl Vm {
                 let why = last_line_containing(&self.dir.join("vmm.log"), "")
                     .unwrap_or_else(|| "mm-vmm failed (exit 125)".into());
                 (VmState::Failed, why, None)
+            }
+            Exit::Code(SIGSYS_EXIT) if self.seccomp_report("vmm", vmm_exit).is_some() => {
+                (VmState::Failed, self.seccomp_report("vmm", vmm_exit).unwrap_or_default(), None)
             }
             Exit::Code(code) => (VmState::Stopped, format!("the workload exited with code {code}"), Some(code)),
             Exit::Signal(_) if stopping => (VmState::Stopped, "stopped by request (forced)".into(), None),
