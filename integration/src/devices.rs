@@ -31,20 +31,7 @@ impl DeviceProcess {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(workspace_binary("mm-device")?);
         cmd.arg(kind).arg("--socket").arg(socket).args(args).stdin(Stdio::null());
-        let pairs: Vec<(RawFd, RawFd)> = fds.iter().map(|(fd, target)| (fd.as_raw_fd(), *target)).collect();
-        // SAFETY: the closure runs between fork and exec and only calls
-        // dup2, which is async-signal-safe; dup2 also clears CLOEXEC on the
-        // target, so exactly these fds are inherited.
-        unsafe {
-            cmd.pre_exec(move || {
-                for (fd, target) in &pairs {
-                    if libc::dup2(*fd, *target) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        inherit_fds(&mut cmd, fds);
         let child = cmd.spawn().context("spawning mm-device")?;
         let mut process = DeviceProcess { child, socket: socket.to_path_buf() };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -84,6 +71,25 @@ impl Drop for DeviceProcess {
             let _ = self.kill();
         }
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Makes `cmd`'s child inherit each fd at the given number (a TAP for
+/// `mm-device net --tap-fd N` or QEMU's `-netdev tap,fd=N`).
+pub fn inherit_fds(cmd: &mut Command, fds: &[(&OwnedFd, RawFd)]) {
+    let pairs: Vec<(RawFd, RawFd)> = fds.iter().map(|(fd, target)| (fd.as_raw_fd(), *target)).collect();
+    // SAFETY: the closure runs between fork and exec and only calls dup2,
+    // which is async-signal-safe; dup2 also clears CLOEXEC on the target,
+    // so exactly these fds are inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (fd, target) in &pairs {
+                if libc::dup2(*fd, *target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 

@@ -149,14 +149,7 @@ fn boot_bench(args: BootArgs) -> Result<()> {
     let initrd = mm_integration::guest_initramfs()?;
     let cmdline = mmvmm::kernel_cmdline(&config)?;
     let machine = Machine::detect();
-    let guest = GuestSetup {
-        kernel: kernel.display().to_string(),
-        initramfs: initrd.display().to_string(),
-        cmdline: cmdline.clone(),
-        cpus: config.cpus,
-        memory_mib: config.memory_mib,
-        workload: config.workload.clone(),
-    };
+    let guest = GuestSetup::new(&config)?;
     eprintln!("mm-bench: {} boot(s) each of mm-vmm ({}) and QEMU microvm", args.runs, mm_vmm.display());
     eprintln!("mm-bench: kernel command line: {cmdline}");
 

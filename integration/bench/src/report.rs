@@ -116,10 +116,24 @@ impl SystemReport {
 pub struct GuestSetup {
     pub kernel: String,
     pub initramfs: String,
+    /// Apart from each VMM's `virtio_mmio.device=` entries.
     pub cmdline: String,
     pub cpus: u8,
     pub memory_mib: u64,
     pub workload: Vec<String>,
+}
+
+impl GuestSetup {
+    pub fn new(config: &crate::BootConfig) -> anyhow::Result<Self> {
+        Ok(GuestSetup {
+            kernel: mm_integration::guest_kernel()?.display().to_string(),
+            initramfs: mm_integration::guest_initramfs()?.display().to_string(),
+            cmdline: crate::mmvmm::kernel_cmdline(config)?,
+            cpus: config.cpus,
+            memory_mib: config.memory_mib,
+            workload: config.workload.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]

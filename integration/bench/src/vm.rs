@@ -6,8 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -21,24 +19,7 @@ use crate::boot::{Ending, Guard, MARKER, console_reader, tail};
 /// The prefix of every result line the guest tools print (guest/init/src/tools.rs).
 pub const RESULT_PREFIX: &str = "mmbench:";
 
-/// Makes `cmd`'s child inherit each fd at the given number (e.g. a TAP for
-/// QEMU's `-netdev tap,fd=N`).
-pub fn inherit_fds(cmd: &mut Command, fds: &[(&OwnedFd, RawFd)]) {
-    let pairs: Vec<(RawFd, RawFd)> = fds.iter().map(|(fd, target)| (fd.as_raw_fd(), *target)).collect();
-    // SAFETY: the closure runs between fork and exec and only calls dup2,
-    // which is async-signal-safe; dup2 clears CLOEXEC on the target, so
-    // exactly these fds are inherited.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (fd, target) in &pairs {
-                if libc::dup2(*fd, *target) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-}
+pub use mm_integration::devices::inherit_fds;
 
 /// A guest whose console we are reading. Its console and stderr are saved
 /// as `<log_base>.console` and `.stderr` when it ends, also on errors.
