@@ -189,7 +189,7 @@ pub fn run(mut spec: BootSpec) -> Result<BootRun> {
         }
     };
     // Sample at once: the guest is running its workload and will soon end.
-    let memory = procmem::sample(&[pid], &spec.guest_ram)
+    let memory = procmem::sample(&procmem::process_tree(pid), &spec.guest_ram)
         .with_context(|| format!("sampling the memory of {program} (pid {pid}) at the marker"))?;
 
     let ending = guard.wait_or_kill(spec.exit_timeout)?;

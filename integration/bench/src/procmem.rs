@@ -161,11 +161,16 @@ pub fn guest_ram<'a>(mappings: &'a [Mapping], which: &GuestRam) -> Vec<&'a Mappi
     }
 }
 
-/// Samples one process from its rollup and smaps texts.
-pub fn sample_texts(rollup: &str, smaps: &str, which: &GuestRam) -> Result<Sample> {
+/// Samples one process from its rollup and smaps texts. With `require_ram`
+/// false, a process without the guest-RAM mapping (a jailed mm-vmm's outer
+/// half) counts with none.
+pub fn sample_texts(rollup: &str, smaps: &str, which: &GuestRam, require_ram: bool) -> Result<Sample> {
     let whole = parse_rollup(rollup)?;
     let mappings = parse_smaps(smaps);
     let ram = guest_ram(&mappings, which);
+    if ram.is_empty() && !require_ram {
+        return Ok(whole);
+    }
     if ram.is_empty() {
         let large: Vec<String> = mappings
             .iter()
@@ -195,10 +200,31 @@ pub fn sample(pids: &[u32], which: &GuestRam) -> Result<Sample> {
         // pages in between, so the two agree to within a few pages.
         let rollup = read("smaps_rollup")?;
         let smaps = read("smaps")?;
-        let one = sample_texts(&rollup, &smaps, which).with_context(|| format!("pid {pid}"))?;
+        let one = sample_texts(&rollup, &smaps, which, pids.len() == 1).with_context(|| format!("pid {pid}"))?;
         total.add(&one);
     }
+    if total.guest_ram_mappings == 0 {
+        bail!("no guest-RAM mapping ({which:?}) in any of the processes {pids:?}");
+    }
     Ok(total)
+}
+
+/// `pid` and all its descendants (a jailed mm-vmm is two processes: the
+/// jail's outer half and the VMM in its own PID namespace), from
+/// `/proc/PID/task/TID/children`.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut next = 0;
+    while next < all.len() {
+        let current = all[next];
+        next += 1;
+        let tasks = std::fs::read_dir(format!("/proc/{current}/task")).into_iter().flatten().flatten();
+        for task in tasks {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            all.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+    }
+    all
 }
 
 #[cfg(test)]
@@ -263,7 +289,7 @@ Pss_Shmem:         39000 kB
 
     #[test]
     fn mm_guest_ram_is_the_memfd() {
-        let s = sample_texts(ROLLUP, MM_SMAPS, &GuestRam::Named("mm-guest-ram")).unwrap();
+        let s = sample_texts(ROLLUP, MM_SMAPS, &GuestRam::Named("mm-guest-ram"), true).unwrap();
         assert_eq!(s.guest_ram_pss_kib, 39000);
         assert_eq!(s.guest_ram_rss_kib, 40000);
         assert_eq!(s.guest_ram_mappings, 1);
@@ -291,7 +317,7 @@ Rss:                   8 kB
 Pss:                   8 kB
 ";
         let rollup = "Rss: 50000 kB\nPss: 45000 kB\n";
-        let s = sample_texts(rollup, smaps, &GuestRam::AnonymousOfSize(128 * 1024)).unwrap();
+        let s = sample_texts(rollup, smaps, &GuestRam::AnonymousOfSize(128 * 1024), true).unwrap();
         // The named file of the same size is not RAM; of two anonymous
         // candidates the one the guest has touched wins.
         assert_eq!(s.guest_ram_pss_kib, 30000);
@@ -301,7 +327,17 @@ Pss:                   8 kB
 
     #[test]
     fn missing_guest_ram_is_an_error() {
-        let err = sample_texts(ROLLUP, MM_SMAPS, &GuestRam::AnonymousOfSize(64 * 1024));
+        let err = sample_texts(ROLLUP, MM_SMAPS, &GuestRam::AnonymousOfSize(64 * 1024), true);
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn the_process_tree_holds_a_child() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let tree = process_tree(std::process::id());
+        assert_eq!(tree[0], std::process::id());
+        assert!(tree.contains(&child.id()), "{tree:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }
