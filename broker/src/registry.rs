@@ -104,7 +104,19 @@ impl Registry {
         if let Some((key, _)) = request.env.iter().find(|(k, _)| k.is_empty() || k.contains('=') || k.contains('\0')) {
             return Err(BrokerError::BadSpec(format!("bad environment variable name {key:?}")));
         }
-        let available = available_memory_mib().saturating_sub(self.config.reserved_memory_mib);
+        // Guest RAM is touched lazily, so MemAvailable alone would let
+        // microVMs promise more than the host has: count what running
+        // ones may still claim against MemTotal too.
+        let committed: u64 = self
+            .vms
+            .borrow()
+            .values()
+            .filter(|vm| vm.state().is_live())
+            .map(|vm| u64::from(vm.record().memory_mib))
+            .sum();
+        let available = meminfo_mib("MemAvailable")
+            .min(meminfo_mib("MemTotal").saturating_sub(committed))
+            .saturating_sub(self.config.reserved_memory_mib);
         if u64::from(request.memory_mib) > available {
             return Err(BrokerError::NoMemory { wanted: request.memory_mib.into(), available });
         }
@@ -195,12 +207,25 @@ fn random_id() -> Result<String, BrokerError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// MemAvailable from /proc/meminfo, in MiB.
-fn available_memory_mib() -> u64 {
+/// A /proc/meminfo field (`MemTotal`, `MemAvailable`), in MiB; 0 if absent.
+fn meminfo_mib(field: &str) -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kib| kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_meminfo_fields() {
+        let total = meminfo_mib("MemTotal");
+        assert!(total > 0);
+        assert!(meminfo_mib("MemAvailable") <= total);
+        assert_eq!(meminfo_mib("NoSuchField"), 0);
+    }
 }

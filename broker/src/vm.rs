@@ -31,6 +31,30 @@ enum Order {
     Kill,
 }
 
+/// How often a device may be replaced before the broker gives up on the
+/// microVM: a device that crashes at once would otherwise be restarted
+/// forever (and fill the audit log).
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// The restarts of one device within the last [`RESTART_WINDOW`].
+#[derive(Debug, Default)]
+struct RestartBudget {
+    recent: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl RestartBudget {
+    /// Records a restart at `now`; false once more than [`MAX_RESTARTS`]
+    /// happened within the window.
+    fn allow(&mut self, now: std::time::Instant) -> bool {
+        while self.recent.front().is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW) {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+        self.recent.len() <= MAX_RESTARTS
+    }
+}
+
 /// A started microVM: mm-vmm, its devices, and mm-vmm's control channel.
 type Spawned = (Process, Vec<(DeviceSpec, Process)>, UnixStream);
 
@@ -211,6 +235,8 @@ impl Vm {
         control: Option<UnixStream>,
         mut orders: mpsc::UnboundedReceiver<Order>,
     ) {
+        let mut budgets: Vec<RestartBudget> = devices.iter().map(|_| RestartBudget::default()).collect();
+        let mut given_up: Option<String> = None;
         let vmm_exit = loop {
             let event = {
                 // Only devices still running: one that ended and could not
@@ -238,7 +264,18 @@ impl Vm {
                 Event::Vmm(exit) => break exit,
                 Event::Device(index, exit) => {
                     self.audit_exit(&devices[index].1, exit);
-                    self.replace_device(&mut devices, index, control.as_ref()).await;
+                    if budgets[index].allow(std::time::Instant::now()) {
+                        self.replace_device(&mut devices, index, control.as_ref()).await;
+                    } else {
+                        let why = format!(
+                            "the {} device crashed more than {MAX_RESTARTS} times in {} s",
+                            devices[index].0.role,
+                            RESTART_WINDOW.as_secs()
+                        );
+                        self.audit.record("give-up", json!({ "role": devices[index].0.role, "reason": why }));
+                        given_up = Some(why);
+                        vmm.signal(libc::SIGKILL);
+                    }
                 }
                 Event::Order(Order::Kill) => vmm.signal(libc::SIGKILL),
             }
@@ -254,7 +291,26 @@ impl Vm {
         }
         *self.orders.borrow_mut() = None;
         let stopping = self.state() == VmState::Stopping;
-        let (state, reason, code) = match vmm_exit {
+        let (state, reason, code) = match (vmm_exit, given_up) {
+            (_, Some(why)) => (VmState::Failed, why, None),
+            (vmm_exit, None) => self.ending(vmm_exit, stopping),
+        };
+        self.update(|r| {
+            r.state = state;
+            r.reason = reason;
+            r.exit_code = code;
+        });
+        if self.record.borrow().auto_remove {
+            self.audit.record("remove", json!({ "caller": "broker (auto-remove)" }));
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                tracing::warn!("cannot remove {}: {e}", self.dir.display());
+            }
+        }
+    }
+
+    /// The state, reason and exit code a microVM ends with when mm-vmm ends.
+    fn ending(&self, vmm_exit: Exit, stopping: bool) -> (VmState, String, Option<i32>) {
+        match vmm_exit {
             Exit::Code(VMM_FAILURE) => {
                 let why = last_line_containing(&self.dir.join("vmm.log"), "")
                     .unwrap_or_else(|| "mm-vmm failed (exit 125)".into());
@@ -271,17 +327,6 @@ impl Vm {
                 Some(code) => (VmState::Stopped, format!("the workload exited with code {code}"), Some(code)),
                 None => (VmState::Stopped, vmm_exit.describe(), None),
             },
-        };
-        self.update(|r| {
-            r.state = state;
-            r.reason = reason;
-            r.exit_code = code;
-        });
-        if self.record.borrow().auto_remove {
-            self.audit.record("remove", json!({ "caller": "broker (auto-remove)" }));
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                tracing::warn!("cannot remove {}: {e}", self.dir.display());
-            }
         }
     }
 
@@ -405,4 +450,23 @@ fn logged_workload_status(path: &std::path::Path) -> Option<i32> {
 fn last_line_containing(path: &std::path::Path, needle: &str) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     text.lines().rev().find(|l| l.contains(needle) && !l.trim().is_empty()).map(|l| l.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_device_may_restart_five_times_a_minute() {
+        let mut budget = RestartBudget::default();
+        let start = Instant::now();
+        for i in 0..MAX_RESTARTS {
+            assert!(budget.allow(start + Duration::from_secs(i as u64)), "restart {i}");
+        }
+        assert!(!budget.allow(start + Duration::from_secs(10)), "the sixth within a minute");
+        // Once the early ones are older than the window, it may again.
+        let later = start + RESTART_WINDOW + Duration::from_secs(11);
+        assert!(budget.allow(later));
+    }
 }
