@@ -303,15 +303,7 @@ impl DeviceReport {
             "{} benchmark: {} vCPU, {} MiB, {}",
             self.benchmark, self.guest.cpus, self.guest.memory_mib, self.parameters
         );
-        let _ = writeln!(
-            out,
-            "machine: {}, {} CPUs, {} MiB RAM, Linux {}, PVM: {}",
-            m.cpu_model,
-            m.nproc,
-            m.mem_total_kib / 1024,
-            m.kernel,
-            if m.pvm { "yes" } else { "no" }
-        );
+        let _ = writeln!(out, "{m}");
         let num = |v: Option<f64>| v.map(figure).unwrap_or_else(|| "-".into());
         let ratio = |v: Option<f64>| v.map(ratio_text).unwrap_or_else(|| "-".into());
         let _ = writeln!(

@@ -151,17 +151,7 @@ impl ExecReport {
         if let Some(g) = &self.guest {
             let _ = writeln!(out, "guest: built-in image, {} vCPU, {} MiB", g.cpus, g.memory_mib);
         }
-        let _ = writeln!(
-            out,
-            "machine: {}, {} CPUs, {} MiB RAM, Linux {}, PVM: {}, load {} -> {}",
-            m.cpu_model,
-            m.nproc,
-            m.mem_total_kib / 1024,
-            m.kernel,
-            if m.pvm { "yes" } else { "no" },
-            m.loadavg_at_start,
-            self.loadavg_at_end
-        );
+        let _ = writeln!(out, "{m}, load {} -> {}", m.loadavg_at_start, self.loadavg_at_end);
         let _ = writeln!(
             out,
             "{:<14} {:>4} {:>7} {:>10} {:>10} {:>10}",

@@ -26,6 +26,22 @@ fn value_of<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().filter_map(|l| l.split_once(':')).find(|(k, _)| k.trim() == key).map(|(_, v)| v.trim())
 }
 
+/// `machine: MODEL, N CPUs, M MiB RAM, Linux K, PVM: yes|no`, the line
+/// every benchmark's table starts with.
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "machine: {}, {} CPUs, {} MiB RAM, Linux {}, PVM: {}",
+            self.cpu_model,
+            self.nproc,
+            self.mem_total_kib / 1024,
+            self.kernel,
+            if self.pvm { "yes" } else { "no" }
+        )
+    }
+}
+
 impl Machine {
     pub fn detect() -> Machine {
         let cpuinfo = read("/proc/cpuinfo");

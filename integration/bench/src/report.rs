@@ -243,15 +243,7 @@ impl Report {
             "boot benchmark: {} run(s) each, {} vCPU, {} MiB, workload {:?}",
             self.runs, self.guest.cpus, self.guest.memory_mib, self.guest.workload
         );
-        let _ = writeln!(
-            out,
-            "machine: {}, {} CPUs, {} MiB RAM, Linux {}, PVM: {}",
-            m.cpu_model,
-            m.nproc,
-            m.mem_total_kib / 1024,
-            m.kernel,
-            if m.pvm { "yes" } else { "no" }
-        );
+        let _ = writeln!(out, "{m}");
         let _ =
             writeln!(out, "{:<18} {:>22} {:>22} {:>8}", "metric", "mm median / max", "qemu median / max", "mm/qemu");
         for (name, mm, qemu, ratio) in rows {
