@@ -18,6 +18,7 @@ use mm_protocols::broker_capnp::{exec_output, exec_session, vm};
 use tokio::sync::mpsc;
 
 use crate::launch::VSOCK_SOCKET;
+use crate::rpc::text;
 
 /// The guest may still be booting: how long to retry a refused connection.
 const AGENT_WAIT: Duration = Duration::from_secs(5);
@@ -42,9 +43,6 @@ fn connect(dir: &Path) -> Result<ExecClient, ExecError> {
 fn read_request(params: &vm::ExecParams) -> Result<(ExecRequest, exec_output::Client), capnp::Error> {
     let params = params.get()?;
     let request = params.get_request()?;
-    let text = |t: capnp::text::Reader<'_>| {
-        t.to_string().map_err(|e| capnp::Error::failed(format!("invalid: text is not UTF-8: {e}")))
-    };
     let mut argv = Vec::new();
     for arg in request.get_argv()?.iter() {
         argv.push(text(arg?)?);

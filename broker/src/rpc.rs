@@ -34,7 +34,7 @@ fn rpc_err(e: BrokerError) -> capnp::Error {
     capnp::Error::failed(format!("{}: {e}", e.kind()))
 }
 
-fn text(reader: capnp::text::Reader<'_>) -> Result<String, capnp::Error> {
+pub(crate) fn text(reader: capnp::text::Reader<'_>) -> Result<String, capnp::Error> {
     reader.to_string().map_err(|e| capnp::Error::failed(format!("invalid: text is not UTF-8: {e}")))
 }
 

@@ -310,14 +310,17 @@ impl Vm {
 
     /// The state, reason and exit code a microVM ends with when mm-vmm ends.
     fn ending(&self, vmm_exit: Exit, stopping: bool) -> (VmState, String, Option<i32>) {
+        // A self-jailed mm-vmm whose jailed half its filter killed.
+        if vmm_exit == Exit::Code(SIGSYS_EXIT)
+            && let Some(report) = self.seccomp_report("vmm", vmm_exit)
+        {
+            return (VmState::Failed, report, None);
+        }
         match vmm_exit {
             Exit::Code(VMM_FAILURE) => {
                 let why = last_line_containing(&self.dir.join("vmm.log"), "")
                     .unwrap_or_else(|| "mm-vmm failed (exit 125)".into());
                 (VmState::Failed, why, None)
-            }
-            Exit::Code(SIGSYS_EXIT) if self.seccomp_report("vmm", vmm_exit).is_some() => {
-                (VmState::Failed, self.seccomp_report("vmm", vmm_exit).unwrap_or_default(), None)
             }
             Exit::Code(code) => (VmState::Stopped, format!("the workload exited with code {code}"), Some(code)),
             Exit::Signal(_) if stopping => (VmState::Stopped, "stopped by request (forced)".into(), None),
