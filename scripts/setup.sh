@@ -10,6 +10,8 @@ packages=(
 	qemu-system-x86                                                      # benchmark peer
 	capnproto libclang-dev                                               # protocols, bindgen
 	build-essential util-linux                                           # cc, unshare, setpriv
+	iproute2 nftables openssh-client                                     # microVM networking, SSH tests
+	postgresql libpq-dev                                                 # controller (diesel)
 )
 missing=()
 for p in "${packages[@]}"; do
