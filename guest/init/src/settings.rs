@@ -5,6 +5,8 @@
 //! because the kernel's command-line parser only understands double quotes and
 //! would split or mangle anything else.
 
+use std::net::Ipv4Addr;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -22,6 +24,43 @@ pub struct Settings {
     /// `mm.overlay=DEV`: the microVM's own writable disk, laid over the
     /// read-only root as an overlay (see overlay.rs).
     pub overlay: Option<String>,
+    /// `mm.ip=ADDR/PREFIX`: eth0's address (see network.rs).
+    pub address: Option<Ipv4Net>,
+    /// `mm.gw=ADDR`: the default route.
+    pub gateway: Option<Ipv4Addr>,
+    /// `mm.dns=ADDR[,ADDR…]`: name servers for `/etc/resolv.conf`.
+    pub dns: Vec<Ipv4Addr>,
+    /// `mm.ssh=`: OpenSSH `authorized_keys` lines for mm-init's SSH server
+    /// (base64url JSON, like `mm.cmd`). Public keys only: the command line
+    /// is readable by every process in the guest.
+    pub ssh_keys: Vec<String>,
+}
+
+/// An IPv4 address with its prefix length, as in `10.200.0.5/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    /// The netmask, e.g. 255.255.255.0 for /24.
+    pub fn netmask(&self) -> Ipv4Addr {
+        let bits = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+        Ipv4Addr::from(bits)
+    }
+}
+
+impl std::str::FromStr for Ipv4Net {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (addr, prefix) = s.split_once('/').ok_or(())?;
+        let prefix: u8 = prefix.parse().map_err(|_| ())?;
+        if prefix > 32 {
+            return Err(());
+        }
+        Ok(Ipv4Net { addr: addr.parse().map_err(|_| ())?, prefix })
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -34,6 +73,8 @@ pub enum SettingsError {
     EmptyCommand,
     #[error("mm.bootdev: not a hexadecimal address: {0:?}")]
     BootDevice(String),
+    #[error("{param}: not an IPv4 address{suffix}: {value:?}")]
+    Address { param: &'static str, suffix: &'static str, value: String },
 }
 
 fn decode_string_list(param: &'static str, value: &str) -> Result<Vec<String>, SettingsError> {
@@ -50,6 +91,14 @@ pub fn encode_string_list(items: &[String]) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(items).expect("strings always serialise"))
 }
 
+fn parse_address<T: std::str::FromStr>(
+    param: &'static str,
+    suffix: &'static str,
+    value: &str,
+) -> Result<T, SettingsError> {
+    value.parse().map_err(|_| SettingsError::Address { param, suffix, value: value.to_string() })
+}
+
 impl Settings {
     /// Parses the whole kernel command line; parameters that are not ours
     /// are ignored.
@@ -60,6 +109,10 @@ impl Settings {
             boot_device: None,
             hostname: None,
             overlay: None,
+            address: None,
+            gateway: None,
+            dns: Vec::new(),
+            ssh_keys: Vec::new(),
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
@@ -81,6 +134,13 @@ impl Settings {
                 }
                 "mm.hostname" => settings.hostname = Some(value.to_string()),
                 "mm.overlay" => settings.overlay = Some(value.to_string()),
+                "mm.ip" => settings.address = Some(parse_address("mm.ip", "/PREFIX", value)?),
+                "mm.gw" => settings.gateway = Some(parse_address("mm.gw", "", value)?),
+                "mm.dns" => {
+                    settings.dns =
+                        value.split(',').map(|one| parse_address("mm.dns", "", one)).collect::<Result<_, _>>()?;
+                }
+                "mm.ssh" => settings.ssh_keys = decode_string_list("mm.ssh", value)?,
                 _ => {}
             }
         }
@@ -120,5 +180,24 @@ mod tests {
         assert!(matches!(Settings::parse(&format!("mm.cmd={not_json}")), Err(SettingsError::Json { .. })));
         assert_eq!(Settings::parse(&format!("mm.cmd={}", encode_string_list(&[]))), Err(SettingsError::EmptyCommand));
         assert!(matches!(Settings::parse("mm.bootdev=zz"), Err(SettingsError::BootDevice(_))));
+        assert!(matches!(Settings::parse("mm.ip=10.0.0.1"), Err(SettingsError::Address { .. })));
+        assert!(matches!(Settings::parse("mm.ip=10.0.0.1/33"), Err(SettingsError::Address { .. })));
+        assert!(matches!(Settings::parse("mm.dns=1.1.1.1,x"), Err(SettingsError::Address { .. })));
+    }
+
+    #[test]
+    fn reads_the_network_and_ssh_keys() {
+        let keys = vec!["ssh-ed25519 AAAAC3Nza test@host".to_string()];
+        let line = format!(
+            "mm.ip=10.200.0.5/24 mm.gw=10.200.0.1 mm.dns=10.200.0.1,9.9.9.9 mm.ssh={}",
+            encode_string_list(&keys)
+        );
+        let s = Settings::parse(&line).unwrap();
+        let net = s.address.unwrap();
+        assert_eq!((net.addr, net.prefix), (Ipv4Addr::new(10, 200, 0, 5), 24));
+        assert_eq!(net.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(s.gateway, Some(Ipv4Addr::new(10, 200, 0, 1)));
+        assert_eq!(s.dns, vec![Ipv4Addr::new(10, 200, 0, 1), Ipv4Addr::new(9, 9, 9, 9)]);
+        assert_eq!(s.ssh_keys, keys);
     }
 }
