@@ -9,6 +9,7 @@
 
 mod agent;
 mod bootdev;
+mod network;
 mod overlay;
 mod settings;
 mod supervise;
@@ -88,6 +89,7 @@ fn main() {
     if let Some(name) = &settings.hostname {
         let _ = nix::unistd::sethostname(name);
     }
+    network::configure(&settings);
 
     agent::start();
     let status = run_workload(&settings);
