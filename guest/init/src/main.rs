@@ -12,6 +12,7 @@ mod bootdev;
 mod network;
 mod overlay;
 mod settings;
+mod ssh;
 mod supervise;
 mod tools;
 
@@ -92,6 +93,7 @@ fn main() {
     network::configure(&settings);
 
     agent::start();
+    ssh::start(&settings.ssh_keys);
     let status = run_workload(&settings);
     supervise::power_off(boot_device.as_ref(), status);
 }
