@@ -1,0 +1,233 @@
+//! `/v1/hosts`: the brokers the scheduler places machines on. Cluster-admin
+//! only: hosts are infrastructure, not tenant data.
+//!
+//! STAND-INS: `POST /v1/hosts` and `POST /v1/hosts/{name}/machines/{id}/state`
+//! exist until brokers register and report over their mTLS Cap'n Proto
+//! session (later work). They call the same store functions the session
+//! will, so the scheduler and the state machine are exercised now.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::extract::Caller;
+use super::machines::{Machine, view as machine_view};
+use super::problem::{ApiError, Problem};
+use super::{AppState, validate};
+use crate::db::models::{HostRow, string_map};
+use crate::machine::MachineState;
+use crate::scheduler::HostCapacity;
+use crate::store::{hosts as store, machines as machines_store};
+
+/// A host's registration (for now through the admin stand-in).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHost {
+    pub name: String,
+    /// Where the broker can be reached (informational until the session).
+    pub address: String,
+    /// vCPUs offered to microVMs.
+    pub cpus: i32,
+    /// Memory in MB offered to microVMs.
+    pub memory_mb: i64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub name: String,
+    pub address: String,
+    pub cpus: i32,
+    pub memory_mb: i64,
+    pub labels: BTreeMap<String, String>,
+    /// ready, cordoned, draining, or drained (draining with no machines).
+    pub status: String,
+    pub cordoned: bool,
+    pub draining: bool,
+    pub used_cpus: i64,
+    pub used_memory_mb: i64,
+    /// Machines placed here that are not destroyed.
+    pub machines: i64,
+    pub registered_at: DateTime<Utc>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostList {
+    pub hosts: Vec<Host>,
+}
+
+fn view(row: HostRow, usage: Option<(HostCapacity, i64)>) -> Host {
+    let (used_cpus, used_memory_mb, machines) =
+        usage.map(|(c, n)| (c.used_cpus, c.used_memory_mb, n)).unwrap_or_default();
+    let status = match (row.cordoned, row.draining) {
+        (_, true) if machines == 0 => "drained",
+        (_, true) => "draining",
+        (true, false) => "cordoned",
+        (false, false) => "ready",
+    };
+    Host {
+        labels: string_map(&row.labels),
+        name: row.name,
+        address: row.address,
+        cpus: row.cpus,
+        memory_mb: row.memory_mb,
+        status: status.to_owned(),
+        cordoned: row.cordoned,
+        draining: row.draining,
+        used_cpus,
+        used_memory_mb,
+        machines,
+        registered_at: row.registered_at,
+        last_heartbeat_at: row.last_heartbeat_at,
+    }
+}
+
+async fn load(state: &AppState, name: String) -> Result<Host, ApiError> {
+    let (row, usage) = state
+        .db
+        .run(move |c| {
+            let row = store::get(c, &name)?;
+            let usage = store::capacity(c, "")?.into_iter().find(|(h, _)| h.name == name);
+            Ok::<_, crate::store::StoreError>((row, usage))
+        })
+        .await?;
+    Ok(view(row, usage))
+}
+
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
+    responses((status = 200, body = HostList), (status = 403, body = Problem)))]
+pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<HostList>, ApiError> {
+    caller.require_cluster_admin()?;
+    let rows = state.db.run(store::list).await?;
+    Ok(Json(HostList { hosts: rows.into_iter().map(|(row, c, n)| view(row, Some((c, n)))).collect() }))
+}
+
+/// STAND-IN for broker registration over mTLS: registers a host or updates
+/// its address, capacity and labels (cordon and drain are kept).
+#[utoipa::path(post, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
+    request_body = RegisterHost,
+    responses((status = 201, body = Host), (status = 200, description = "Updated", body = Host),
+        (status = 403, body = Problem), (status = 422, body = Problem)))]
+pub async fn register(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Json(body): Json<RegisterHost>,
+) -> Result<(StatusCode, Json<Host>), ApiError> {
+    caller.require_cluster_admin()?;
+    validate::name("host name", &body.name)?;
+    validate::labels("labels", &body.labels)?;
+    if body.cpus < 1 || body.memory_mb < 1 {
+        return Err(ApiError::invalid("cpus and memory_mb must be positive"));
+    }
+    if body.address.is_empty() || body.address.len() > 255 {
+        return Err(ApiError::invalid("address must be 1 to 255 characters"));
+    }
+    let spec = store::HostSpec {
+        name: body.name.clone(),
+        address: body.address,
+        cpus: body.cpus,
+        memory_mb: body.memory_mb,
+        labels: body.labels,
+    };
+    let (_, new) = state.db.run(move |c| store::register(c, &spec)).await?;
+    let host = load(&state, body.name).await?;
+    Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, Json(host)))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path)),
+    responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Host>, ApiError> {
+    caller.require_cluster_admin()?;
+    Ok(Json(load(&state, name).await?))
+}
+
+async fn set_flags(
+    state: Arc<AppState>,
+    caller: Caller,
+    name: String,
+    cordoned: bool,
+    draining: bool,
+) -> Result<Json<Host>, ApiError> {
+    caller.require_cluster_admin()?;
+    let n = name.clone();
+    state.db.run(move |c| store::set_flags(c, &n, cordoned, draining)).await?;
+    Ok(Json(load(&state, name).await?))
+}
+
+/// No new machines are placed here; the ones there stay.
+#[utoipa::path(post, path = "/v1/hosts/{name}/cordon", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path)),
+    responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn cordon(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Host>, ApiError> {
+    set_flags(state, caller, name, true, false).await
+}
+
+/// Back in the pool (also ends a drain).
+#[utoipa::path(post, path = "/v1/hosts/{name}/uncordon", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path)),
+    responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn uncordon(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Host>, ApiError> {
+    set_flags(state, caller, name, false, false).await
+}
+
+/// Cordons the host and has the leading controller move its machines
+/// elsewhere. For now only machines no broker has started (created) move;
+/// moving ones that ran needs the broker session.
+#[utoipa::path(post, path = "/v1/hosts/{name}/drain", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path)),
+    responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn drain(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Host>, ApiError> {
+    set_flags(state, caller, name, true, true).await
+}
+
+/// A state a broker observed.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportState {
+    pub state: MachineState,
+}
+
+/// STAND-IN for the broker session's observed-state report: the machine
+/// placed on this host is now in `state`.
+#[utoipa::path(post, path = "/v1/hosts/{name}/machines/{id}/state", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path), ("id" = Uuid, Path)),
+    request_body = ReportState,
+    responses((status = 200, body = Machine), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, body = Problem)))]
+pub async fn report_state(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((name, id)): Path<(String, Uuid)>,
+    Json(body): Json<ReportState>,
+) -> Result<Json<Machine>, ApiError> {
+    caller.require_cluster_admin()?;
+    let row = state.db.run(move |c| machines_store::observe(c, &name, id, body.state)).await?;
+    state.notify_change();
+    Ok(Json(machine_view(row)?))
+}

@@ -1,0 +1,476 @@
+//! `/v1/namespaces/{namespace}/machines`: the machine lifecycle, shaped
+//! after Fly's Machines API (same state names, `previous_state`, a wait
+//! endpoint, leases, idempotent create).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::extract::{Caller, IdempotencyKey, LeaseNonce};
+use super::problem::{ApiError, Problem};
+use super::{AppState, validate};
+use crate::auth::Role;
+use crate::db::models::{MachineRow, string_map};
+use crate::machine::{Action, MachineState};
+use crate::store::machines::{self as store, Created, ListFilter};
+
+/// The guest's size.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Guest {
+    /// vCPUs, 1 to 64.
+    pub cpus: i32,
+    /// Guest memory in MB, 64 to 1048576.
+    pub memory_mb: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// The root filesystem image.
+    pub image: String,
+    pub guest: Guest,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Where the machine may run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Labels the host must carry, each with exactly this value.
+    #[serde(default)]
+    pub host_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMachine {
+    /// Unique among the namespace's machines that are not destroyed;
+    /// generated when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub config: MachineConfig,
+    /// For filtering (`?label=key=value`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// Who holds a machine's lease (the nonce is only ever shown to its holder).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LeaseInfo {
+    pub owner: String,
+    pub description: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Machine {
+    pub id: Uuid,
+    pub name: String,
+    pub namespace: String,
+    pub state: MachineState,
+    pub previous_state: Option<MachineState>,
+    /// The host it is placed on.
+    pub host: Option<String>,
+    pub config: MachineConfig,
+    pub labels: BTreeMap<String, String>,
+    pub placement: Placement,
+    pub lease: Option<LeaseInfo>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MachineList {
+    pub machines: Vec<Machine>,
+    /// Pass as `page_token` (with the same filters) for the next page;
+    /// absent on the last page.
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MachineEvent {
+    pub state: MachineState,
+    pub previous_state: Option<MachineState>,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MachineEvents {
+    pub events: Vec<MachineEvent>,
+}
+
+/// A row as the API shows it.
+pub fn view(row: MachineRow) -> Result<Machine, ApiError> {
+    let now = Utc::now();
+    let lease = row.active_lease(now).map(|(_, expires_at)| LeaseInfo {
+        owner: row.lease_owner.clone().unwrap_or_default(),
+        description: row.lease_description.clone().unwrap_or_default(),
+        expires_at,
+    });
+    let state = parse_state(&row.state)?;
+    let previous_state = row.previous_state.as_deref().map(parse_state).transpose()?;
+    Ok(Machine {
+        id: row.id,
+        name: row.name,
+        namespace: row.namespace,
+        state,
+        previous_state,
+        host: row.host_name,
+        config: MachineConfig {
+            image: row.image,
+            guest: Guest { cpus: row.cpus, memory_mb: row.memory_mb },
+            env: string_map(&row.env),
+        },
+        labels: string_map(&row.labels),
+        placement: Placement { host_labels: string_map(&row.host_labels) },
+        lease,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+fn parse_state(s: &str) -> Result<MachineState, ApiError> {
+    s.parse().map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e)))
+}
+
+fn check(body: &CreateMachine) -> Result<(), ApiError> {
+    if let Some(name) = &body.name {
+        validate::name("machine name", name)?;
+    }
+    let image = &body.config.image;
+    if image.is_empty() || image.len() > 512 || image.chars().any(char::is_control) {
+        return Err(ApiError::invalid("config.image must be 1 to 512 characters without control characters"));
+    }
+    if !(1..=64).contains(&body.config.guest.cpus) {
+        return Err(ApiError::invalid("config.guest.cpus must be 1 to 64"));
+    }
+    if !(64..=1_048_576).contains(&body.config.guest.memory_mb) {
+        return Err(ApiError::invalid("config.guest.memory_mb must be 64 to 1048576"));
+    }
+    validate::env(&body.config.env)?;
+    validate::labels("labels", &body.labels)?;
+    validate::labels("placement.host_labels", &body.placement.host_labels)
+}
+
+/// Creates a machine and places it on a host. With an `Idempotency-Key`,
+/// repeating the request (same key, same body) returns the machine the
+/// first one made, with status 200 and `Idempotent-Replayed: true`; the
+/// same key with a different body is refused with 422.
+#[utoipa::path(post, path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
+    params(("namespace" = String, Path),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries of this create safe")),
+    request_body = CreateMachine,
+    responses((status = 201, body = Machine), (status = 200, description = "Replayed by Idempotency-Key", body = Machine),
+        (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem),
+        (status = 503, description = "No host has room", body = Problem)))]
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(namespace): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    Json(body): Json<CreateMachine>,
+) -> Result<Response, ApiError> {
+    caller.require(&namespace, Role::Operator)?;
+    check(&body)?;
+    let idempotency = key.map(|key| {
+        let canonical = serde_json::to_vec(&body).expect("a parsed request serialises");
+        (key, format!("{:x}", Sha256::digest(canonical)))
+    });
+    let request = store::CreateMachine {
+        namespace,
+        name: body.name,
+        image: body.config.image,
+        cpus: body.config.guest.cpus,
+        memory_mb: body.config.guest.memory_mb,
+        env: body.config.env,
+        labels: body.labels,
+        host_labels: body.placement.host_labels,
+        idempotency,
+    };
+    let created = state.db.run(move |c| store::create(c, request)).await?;
+    Ok(match created {
+        Created::New(row) => {
+            state.notify_change();
+            (StatusCode::CREATED, Json(view(row)?)).into_response()
+        }
+        Created::Replayed(row) => {
+            let mut headers = HeaderMap::new();
+            headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+            (StatusCode::OK, headers, Json(view(row)?)).into_response()
+        }
+    })
+}
+
+const DEFAULT_PAGE_SIZE: i64 = 50;
+const MAX_PAGE_SIZE: i64 = 500;
+
+fn encode_cursor(seq: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
+}
+
+fn decode_cursor(token: &str) -> Result<i64, ApiError> {
+    let bad = || ApiError::bad_request("page_token is not a token this API returned");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    text.strip_prefix("seq:").and_then(|n| n.parse().ok()).ok_or_else(bad)
+}
+
+/// Parsed by hand rather than with `Query<T>` because `state` and `label`
+/// may repeat, and unknown parameters must be refused, not ignored.
+fn parse_list_query(raw: Option<&str>) -> Result<ListFilter, ApiError> {
+    let mut filter = ListFilter { page_size: DEFAULT_PAGE_SIZE, ..ListFilter::default() };
+    for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "state" => {
+                for state in value.split(',').filter(|s| !s.is_empty()) {
+                    filter.states.push(state.parse().map_err(|e| ApiError::bad_request(format!("state: {e}")))?);
+                }
+            }
+            "label" => {
+                let (k, v) = validate::label_filter(&value)?;
+                filter.labels.insert(k, v);
+            }
+            "include_destroyed" => {
+                filter.include_destroyed =
+                    value.parse().map_err(|_| ApiError::bad_request("include_destroyed must be true or false"))?;
+            }
+            "page_size" => {
+                filter.page_size = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+                    .ok_or_else(|| ApiError::bad_request(format!("page_size must be 1 to {MAX_PAGE_SIZE}")))?;
+            }
+            "page_token" => filter.after_seq = Some(decode_cursor(&value)?),
+            other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    Ok(filter)
+}
+
+/// Lists machines, oldest first, a page at a time.
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
+    params(("namespace" = String, Path),
+        ("state" = Option<String>, Query, description = "Only these states (comma-separated or repeated); by default every state but destroyed"),
+        ("label" = Option<String>, Query, description = "key=value; repeat to require several"),
+        ("include_destroyed" = Option<bool>, Query),
+        ("page_size" = Option<i64>, Query, description = "1 to 500, default 50"),
+        ("page_token" = Option<String>, Query, description = "next_page_token of the previous page")),
+    responses((status = 200, body = MachineList), (status = 400, body = Problem), (status = 404, body = Problem)))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(namespace): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<MachineList>, ApiError> {
+    caller.require(&namespace, Role::Viewer)?;
+    let filter = parse_list_query(query.as_deref())?;
+    let (rows, more) = state.db.run(move |c| store::list(c, &namespace, &filter)).await?;
+    let next_page_token = if more { rows.last().map(|r| encode_cursor(r.seq)) } else { None };
+    let machines = rows.into_iter().map(view).collect::<Result<_, _>>()?;
+    Ok(Json(MachineList { machines, next_page_token }))
+}
+
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines/{id}", tag = "machines", security(("bearer" = [])),
+    params(("namespace" = String, Path), ("id" = Uuid, Path)),
+    responses((status = 200, body = Machine), (status = 404, body = Problem)))]
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, id)): Path<(String, Uuid)>,
+) -> Result<Json<Machine>, ApiError> {
+    caller.require(&namespace, Role::Viewer)?;
+    let row = state.db.run(move |c| store::get(c, &namespace, id)).await?;
+    Ok(Json(view(row)?))
+}
+
+async fn act(
+    state: Arc<AppState>,
+    caller: Caller,
+    namespace: String,
+    id: Uuid,
+    action: Action,
+    nonce: Option<String>,
+) -> Result<Json<Machine>, ApiError> {
+    caller.require(&namespace, Role::Operator)?;
+    let reason = format!("{action:?} by {}", caller.0.sub);
+    let row = state.db.run(move |c| store::transition(c, &namespace, id, action, nonce.as_deref(), &reason)).await?;
+    state.notify_change();
+    Ok(Json(view(row)?))
+}
+
+/// Asks for the machine to run (created, stopped or failed → starting).
+#[utoipa::path(post, path = "/v1/namespaces/{namespace}/machines/{id}/start", tag = "machines",
+    security(("bearer" = [])),
+    params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
+    responses((status = 200, body = Machine), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn start(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, id)): Path<(String, Uuid)>,
+    LeaseNonce(nonce): LeaseNonce,
+) -> Result<Json<Machine>, ApiError> {
+    act(state, caller, namespace, id, Action::Start, nonce).await
+}
+
+/// Asks for the machine to stop (starting or started → stopping).
+#[utoipa::path(post, path = "/v1/namespaces/{namespace}/machines/{id}/stop", tag = "machines",
+    security(("bearer" = [])),
+    params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
+    responses((status = 200, body = Machine), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn stop(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, id)): Path<(String, Uuid)>,
+    LeaseNonce(nonce): LeaseNonce,
+) -> Result<Json<Machine>, ApiError> {
+    act(state, caller, namespace, id, Action::Stop, nonce).await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Also destroy a machine that may be running.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Destroys the machine: a created one at once, others through destroying.
+#[utoipa::path(delete, path = "/v1/namespaces/{namespace}/machines/{id}", tag = "machines",
+    security(("bearer" = [])),
+    params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header),
+        DeleteQuery),
+    responses((status = 200, body = Machine), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, id)): Path<(String, Uuid)>,
+    Query(query): Query<DeleteQuery>,
+    LeaseNonce(nonce): LeaseNonce,
+) -> Result<Json<Machine>, ApiError> {
+    act(state, caller, namespace, id, Action::Destroy { force: query.force }, nonce).await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// The state to wait for (default started).
+    pub state: Option<MachineState>,
+    /// Seconds, 1 to 300 (default 60).
+    pub timeout: Option<u64>,
+}
+
+/// Blocks until the machine is in `state`; 408 when `timeout` passes first.
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines/{id}/wait", tag = "machines",
+    security(("bearer" = [])),
+    params(("namespace" = String, Path), ("id" = Uuid, Path), WaitQuery),
+    responses((status = 200, body = Machine), (status = 404, body = Problem),
+        (status = 408, description = "Timed out", body = Problem),
+        (status = 409, description = "Destroyed, so it never will", body = Problem)))]
+pub async fn wait(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, id)): Path<(String, Uuid)>,
+    Query(query): Query<WaitQuery>,
+) -> Result<Json<Machine>, ApiError> {
+    caller.require(&namespace, Role::Viewer)?;
+    let target = query.state.unwrap_or(MachineState::Started);
+    let timeout = query.timeout.unwrap_or(60);
+    if !(1..=300).contains(&timeout) {
+        return Err(ApiError::bad_request("timeout must be 1 to 300 seconds"));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    let mut changes = state.changes.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let ns = namespace.clone();
+        let row = state.db.run(move |c| store::get(c, &ns, id)).await?;
+        let machine = view(row)?;
+        if machine.state == target {
+            return Ok(Json(machine));
+        }
+        if machine.state == MachineState::Destroyed {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid-state",
+                format!("machine is destroyed and will never be {target}"),
+            ));
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(state.wait_poll) => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "wait-timeout", format!(
+                    "machine is still {} after {timeout} s of waiting for {target}", machine.state)));
+            }
+        }
+    }
+}
+
+/// The machine's state transitions and moves, oldest first.
+#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines/{id}/events", tag = "machines",
+    security(("bearer" = [])),
+    params(("namespace" = String, Path), ("id" = Uuid, Path)),
+    responses((status = 200, body = MachineEvents), (status = 404, body = Problem)))]
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, id)): Path<(String, Uuid)>,
+) -> Result<Json<MachineEvents>, ApiError> {
+    caller.require(&namespace, Role::Viewer)?;
+    let rows = state.db.run(move |c| store::events(c, &namespace, id)).await?;
+    let events = rows
+        .into_iter()
+        .map(|r| {
+            Ok(MachineEvent {
+                state: parse_state(&r.state)?,
+                previous_state: r.previous_state.as_deref().map(parse_state).transpose()?,
+                reason: r.reason,
+                at: r.at,
+            })
+        })
+        .collect::<Result<_, ApiError>>()?;
+    Ok(Json(MachineEvents { events }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trip_and_garbage() {
+        assert_eq!(decode_cursor(&encode_cursor(42)).unwrap(), 42);
+        assert!(decode_cursor("!!").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("seq:x")).is_err());
+    }
+
+    #[test]
+    fn list_query() {
+        let f = parse_list_query(Some("state=started,stopped&label=a=b&label=c=d&page_size=10")).unwrap();
+        assert_eq!(f.states, [MachineState::Started, MachineState::Stopped]);
+        assert_eq!(f.labels.len(), 2);
+        assert_eq!(f.page_size, 10);
+        assert!(parse_list_query(Some("bogus=1")).is_err());
+        assert!(parse_list_query(Some("page_size=0")).is_err());
+        assert!(parse_list_query(Some("state=running")).is_err());
+    }
+}

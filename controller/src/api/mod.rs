@@ -1,0 +1,116 @@
+//! The REST API under `/v1`.
+//!
+//! Every route is registered through `utoipa_axum::routes!`, which takes
+//! the path and method from the handler's `#[utoipa::path]`: the router and
+//! the OpenAPI document are built from the same declarations, so the
+//! document cannot miss a route (the integration tests check both ways).
+
+pub mod extract;
+pub mod hosts;
+pub mod leases;
+pub mod machines;
+pub mod namespaces;
+pub mod problem;
+pub mod tokens;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::DefaultBodyLimit;
+use tokio::sync::watch;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::Keys;
+use crate::db::Db;
+use crate::ratelimit::Limiter;
+
+/// What every handler shares.
+pub struct AppState {
+    pub db: Db,
+    pub keys: Keys,
+    pub limiter: Limiter,
+    /// Bumped after every machine change this controller makes, so waiters
+    /// re-check at once; changes made by other controllers are seen by the
+    /// waiters' periodic re-check (`wait_poll`).
+    pub changes: watch::Sender<u64>,
+    pub wait_poll: Duration,
+}
+
+impl AppState {
+    pub fn notify_change(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "MicroMachines controller",
+        description = "Namespaces, machines, hosts and API tokens of a MicroMachines cluster. \
+            Errors are RFC 9457 problem documents (application/problem+json) carrying the request id \
+            that is also in the X-Request-Id header.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
+    modifiers(&BearerAuth),
+    components(schemas(problem::Problem))
+)]
+struct ApiDoc;
+
+/// The API's router and its OpenAPI document.
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(namespaces::list, namespaces::create))
+        .routes(routes!(namespaces::get, namespaces::delete))
+        .routes(routes!(machines::list, machines::create))
+        .routes(routes!(machines::get, machines::delete))
+        .routes(routes!(machines::start))
+        .routes(routes!(machines::stop))
+        .routes(routes!(machines::wait))
+        .routes(routes!(machines::events))
+        .routes(routes!(leases::get_lease, leases::acquire_lease, leases::release_lease))
+        .routes(routes!(hosts::list, hosts::register))
+        .routes(routes!(hosts::get))
+        .routes(routes!(hosts::cordon))
+        .routes(routes!(hosts::uncordon))
+        .routes(routes!(hosts::drain))
+        .routes(routes!(hosts::report_state))
+        .routes(routes!(tokens::list, tokens::create))
+        .routes(routes!(tokens::revoke))
+        .routes(routes!(openapi_json))
+        .with_state(state)
+        .split_for_parts();
+    let document = Arc::new(api.clone());
+    let router = router
+        .layer(axum::Extension(document))
+        .fallback(problem::no_route)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(problem::request_context));
+    (router, api)
+}
+
+/// This document. The one route that needs no token: it describes the API,
+/// it does not reveal anything in it.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi_json(
+    axum::Extension(document): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
+) -> Json<utoipa::openapi::OpenApi> {
+    Json((*document).clone())
+}

@@ -1,0 +1,226 @@
+//! RFC 9457 problem details, and the request id every response carries.
+//!
+//! Every error leaves as `application/problem+json` with a `request_id`
+//! member equal to the `X-Request-Id` response header, so a user's bug
+//! report can be matched to the controller's log line. Errors that axum
+//! produces itself (a 405, a rejected path parameter, a JSON body that does
+//! not parse) are rewritten into the same shape by [`request_context`], so
+//! no handler has to remember to.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::AuthError;
+use crate::db::DbError;
+use crate::store::StoreError;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem (`urn:micromachines:problem:<kind>`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The request path.
+    pub instance: String,
+    /// Also in the `X-Request-Id` header.
+    pub request_id: String,
+}
+
+#[derive(Debug, Clone)]
+struct RequestContext {
+    id: String,
+    path: String,
+}
+
+tokio::task_local! {
+    // The handler runs inside the middleware's future, so errors built
+    // anywhere below it can name the request without threading it through.
+    static REQUEST: RequestContext;
+}
+
+/// An error on its way to becoming a problem response.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub detail: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError { status, kind, detail: detail.into(), retry_after: None }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+    }
+
+    pub fn invalid(detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not-found", detail)
+    }
+
+    pub fn forbidden(detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+
+    pub fn conflict(detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        StoreError::Db(e).into()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let detail = e.to_string();
+        match e {
+            StoreError::NotFound { .. } => ApiError::not_found(detail),
+            StoreError::Conflict(_) => ApiError::conflict(detail),
+            StoreError::Transition(_) => ApiError::new(StatusCode::CONFLICT, "invalid-state", detail),
+            StoreError::LeaseHeld { .. } => ApiError::new(StatusCode::CONFLICT, "lease-held", detail),
+            StoreError::NoCapacity(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "insufficient-capacity", detail)
+            }
+            StoreError::IdempotencyMismatch(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused", detail)
+            }
+            StoreError::Db(DbError::Checkout(_)) => {
+                tracing::error!("{detail}");
+                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database-unavailable", detail);
+                e.retry_after = Some(1);
+                e
+            }
+            StoreError::Db(_) | StoreError::Corrupt(_) => {
+                let id = current_request_id().unwrap_or_default();
+                tracing::error!(request_id = %id, "{detail}");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; the controller's log has the details under this request id",
+                )
+            }
+        }
+    }
+}
+
+fn current_request_id() -> Option<String> {
+    REQUEST.try_with(|r| r.id.clone()).ok()
+}
+
+fn title(status: StatusCode) -> &'static str {
+    status.canonical_reason().unwrap_or("Error")
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (request_id, path) = REQUEST.try_with(|r| (r.id.clone(), r.path.clone())).unwrap_or_default();
+        let problem = Problem {
+            kind: format!("urn:micromachines:problem:{}", self.kind),
+            title: title(self.status).to_owned(),
+            status: self.status.as_u16(),
+            detail: self.detail,
+            instance: path,
+            request_id,
+        };
+        let body = serde_json::to_vec(&problem).expect("a problem always serialises");
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"mm-controller\""));
+        }
+        response
+    }
+}
+
+/// A client's own request id is kept if it is short and plain; anything
+/// else is replaced, so the id is always safe to log and echo.
+fn accept_request_id(value: Option<&HeaderValue>) -> Option<String> {
+    let value = value?.to_str().ok()?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    (!value.is_empty() && value.len() <= 64 && value.chars().all(plain)).then(|| value.to_owned())
+}
+
+/// Kinds for statuses axum produces on its own.
+fn kind_for(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad-request",
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid-request",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+/// Middleware: assigns the request id, runs the request with it in scope,
+/// turns any non-problem error response into a problem, and sets
+/// `X-Request-Id`.
+pub async fn request_context(request: Request, next: Next) -> Response {
+    let id = accept_request_id(request.headers().get(REQUEST_ID)).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let context = RequestContext { id: id.clone(), path: request.uri().path().to_owned() };
+    let mut response = REQUEST
+        .scope(context.clone(), async move {
+            let response = next.run(request).await;
+            let status = response.status();
+            let is_problem = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == PROBLEM_JSON);
+            if !(status.is_client_error() || status.is_server_error()) || is_problem {
+                return response;
+            }
+            let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+            // axum's own rejections explain themselves in a short text body.
+            let text = axum::body::to_bytes(response.into_body(), 4096).await.unwrap_or_default();
+            let detail = String::from_utf8_lossy(&text).trim().to_owned();
+            let detail = if detail.is_empty() { title(status).to_owned() } else { detail };
+            let mut rewritten = ApiError::new(status, kind_for(status), detail).into_response();
+            if let Some(value) = retry_after {
+                rewritten.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            rewritten
+        })
+        .await;
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    response.headers_mut().insert(REQUEST_ID, value);
+    response
+}
+
+/// The router's fallback: a path no route matches.
+pub async fn no_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no-route", "no such API route; see /v1/openapi.json")
+}
+
+/// An empty body with a status (the body limit is enforced on it too).
+pub fn empty(status: StatusCode) -> Response {
+    (status, Body::empty()).into_response()
+}

@@ -1,0 +1,107 @@
+//! Input rules shared by the handlers. Checked before any database work so
+//! a bad request costs nothing and changes nothing.
+
+use std::collections::BTreeMap;
+
+use super::problem::ApiError;
+
+/// DNS-label style names (namespaces, machines, hosts): they end up in
+/// URLs, logs and host-side paths.
+pub fn name(what: &str, value: &str) -> Result<(), ApiError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{what} {value:?} must be 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"
+        )))
+    }
+}
+
+/// Label maps (machine labels, host labels, placement constraints).
+pub fn labels(what: &str, map: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if map.len() > 64 {
+        return Err(ApiError::invalid(format!("{what}: at most 64 labels")));
+    }
+    for (key, value) in map {
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+        if !key_ok {
+            return Err(ApiError::invalid(format!(
+                "{what}: label key {key:?} must be 1 to 63 letters, digits, '-', '_', '.' or '/'"
+            )));
+        }
+        if value.len() > 255 || value.chars().any(char::is_control) {
+            return Err(ApiError::invalid(format!(
+                "{what}: label {key:?} has a value longer than 255 bytes or with control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Environment variables for the guest.
+pub fn env(map: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if map.len() > 256 {
+        return Err(ApiError::invalid("config.env: at most 256 variables"));
+    }
+    for key in map.keys() {
+        let ok = !key.is_empty()
+            && key.len() <= 255
+            && !key.as_bytes()[0].is_ascii_digit()
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(ApiError::invalid(format!("config.env: {key:?} is not a valid variable name")));
+        }
+    }
+    Ok(())
+}
+
+/// A label filter `key=value`.
+pub fn label_filter(raw: &str) -> Result<(String, String), ApiError> {
+    raw.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| ApiError::bad_request(format!("label filter {raw:?} is not key=value")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(name("n", "prod-1").is_ok());
+        for bad in ["", "-a", "a-", "A", "a_b", &"x".repeat(64)] {
+            assert!(name("n", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn label_maps() {
+        let ok: BTreeMap<_, _> = [("region".to_string(), "fra".to_string())].into();
+        assert!(labels("l", &ok).is_ok());
+        let bad: BTreeMap<_, _> = [("a b".to_string(), String::new())].into();
+        assert!(labels("l", &bad).is_err());
+    }
+
+    #[test]
+    fn env_names() {
+        let ok: BTreeMap<_, _> = [("PATH_2".to_string(), "x".to_string())].into();
+        assert!(env(&ok).is_ok());
+        let bad: BTreeMap<_, _> = [("2X".to_string(), "x".to_string())].into();
+        assert!(env(&bad).is_err());
+    }
+
+    #[test]
+    fn label_filters() {
+        assert_eq!(label_filter("a=b=c").unwrap(), ("a".to_string(), "b=c".to_string()));
+        assert!(label_filter("=x").is_err());
+        assert!(label_filter("novalue").is_err());
+    }
+}

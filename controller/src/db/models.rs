@@ -1,0 +1,147 @@
+//! Rows as diesel reads and writes them. JSONB columns are
+//! `serde_json::Value` here and become typed maps at the API edge, so a
+//! malformed row shows up as an error there rather than a panic here.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::schema::{api_tokens, hosts, idempotency_keys, machine_events, machines, namespaces, revoked_tokens};
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = namespaces)]
+pub struct NamespaceRow {
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = hosts)]
+pub struct HostRow {
+    pub name: String,
+    pub address: String,
+    pub cpus: i32,
+    pub memory_mb: i64,
+    pub labels: serde_json::Value,
+    pub cordoned: bool,
+    pub draining: bool,
+    pub registered_at: DateTime<Utc>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = machines)]
+pub struct MachineRow {
+    pub id: Uuid,
+    pub seq: i64,
+    pub namespace: String,
+    pub name: String,
+    pub state: String,
+    pub previous_state: Option<String>,
+    pub image: String,
+    pub cpus: i32,
+    pub memory_mb: i64,
+    pub env: serde_json::Value,
+    pub labels: serde_json::Value,
+    pub host_labels: serde_json::Value,
+    pub host_name: Option<String>,
+    pub lease_nonce: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_description: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl MachineRow {
+    /// The lease, if one is held and has not expired at `now`.
+    pub fn active_lease(&self, now: DateTime<Utc>) -> Option<(&str, DateTime<Utc>)> {
+        match (&self.lease_nonce, self.lease_expires_at) {
+            (Some(nonce), Some(expires)) if expires > now => Some((nonce.as_str(), expires)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = machines)]
+pub struct NewMachine {
+    pub id: Uuid,
+    pub namespace: String,
+    pub name: String,
+    pub state: String,
+    pub image: String,
+    pub cpus: i32,
+    pub memory_mb: i64,
+    pub env: serde_json::Value,
+    pub labels: serde_json::Value,
+    pub host_labels: serde_json::Value,
+    pub host_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = machine_events)]
+pub struct MachineEventRow {
+    pub id: i64,
+    pub machine_id: Uuid,
+    pub state: String,
+    pub previous_state: Option<String>,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = machine_events)]
+pub struct NewMachineEvent<'a> {
+    pub machine_id: Uuid,
+    pub state: &'a str,
+    pub previous_state: Option<&'a str>,
+    pub reason: &'a str,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = idempotency_keys)]
+pub struct IdempotencyRow {
+    pub namespace: String,
+    pub key: String,
+    pub request_sha256: String,
+    pub machine_id: Uuid,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = api_tokens)]
+pub struct TokenRow {
+    pub jti: String,
+    pub subject: String,
+    pub roles: serde_json::Value,
+    pub cluster_admin: bool,
+    pub description: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = revoked_tokens)]
+pub struct RevokedRow {
+    pub jti: String,
+    pub revoked_by: String,
+    pub revoked_at: DateTime<Utc>,
+}
+
+/// A JSONB object of strings as a map; anything else reads as empty (the
+/// API only ever writes string maps).
+pub fn string_map(value: &serde_json::Value) -> BTreeMap<String, String> {
+    value
+        .as_object()
+        .map(|object| object.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
+        .unwrap_or_default()
+}
+
+/// A map as a JSONB object.
+pub fn json_map(map: &BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::Value::Object(map.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect())
+}

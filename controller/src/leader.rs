@@ -1,0 +1,142 @@
+//! Leader election and the reconcile loop.
+//!
+//! Several controllers may serve the API against one database; exactly one
+//! runs the loop that changes things on its own (re-placing machines off
+//! draining hosts, housekeeping; later, marking lost brokers' machines and
+//! re-placing them). The leader is whoever holds a session-level Postgres
+//! advisory lock, taken with `pg_try_advisory_lock` on a dedicated
+//! connection: if that controller dies or loses its connection, Postgres
+//! drops the lock with the session and another controller takes it on its
+//! next tick. No lease timing to tune, no split brain while the database is
+//! the single source of truth.
+//!
+//! Placement at create time does not need the leader: it is serialised by a
+//! transaction-level advisory lock instead (see `store::machines::create`),
+//! so every controller can answer a create synchronously and refuse clearly
+//! when nothing fits.
+//!
+//! The loop runs on its own OS thread: it only does blocking diesel work and
+//! must keep its one connection for as long as it leads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool};
+use tokio::sync::watch;
+
+use crate::db::{Db, lock_keys};
+use crate::store::{StoreError, machines};
+
+/// How long an idempotency key is remembered.
+const IDEMPOTENCY_KEY_AGE: chrono::Duration = chrono::Duration::hours(24);
+/// Machines moved per pass, so one pass holds the placement lock briefly.
+const MOVES_PER_PASS: i64 = 100;
+
+/// The running loop; stops (and gives up leadership) when dropped.
+pub struct Leader {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    leading: Arc<AtomicBool>,
+}
+
+impl Leader {
+    pub fn spawn(db: Db, interval: Duration, changes: watch::Sender<u64>) -> Leader {
+        let (stop, stopped) = mpsc::channel();
+        let leading = Arc::new(AtomicBool::new(false));
+        let flag = leading.clone();
+        let thread = std::thread::Builder::new()
+            .name("mm-controller-leader".into())
+            .spawn(move || run(db, interval, changes, stopped, flag))
+            .expect("spawning the leader thread");
+        Leader { stop: Some(stop), thread: Some(thread), leading }
+    }
+
+    /// Whether this controller holds the lock (as of its last tick).
+    pub fn is_leader(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = Bool)]
+    locked: bool,
+}
+
+fn try_lock(conn: &mut PgConnection) -> QueryResult<bool> {
+    let row: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
+        .bind::<BigInt, _>(lock_keys::LEADER)
+        .get_result(conn)?;
+    Ok(row.locked)
+}
+
+fn run(db: Db, interval: Duration, changes: watch::Sender<u64>, stopped: mpsc::Receiver<()>, leading: Arc<AtomicBool>) {
+    let mut conn: Option<PgConnection> = None;
+    let mut is_leader = false;
+    loop {
+        tick(&db, &mut conn, &mut is_leader, &changes);
+        if is_leader != leading.swap(is_leader, Ordering::SeqCst) {
+            tracing::info!(leader = is_leader, "reconcile loop leadership changed");
+        }
+        match stopped.recv_timeout(interval) {
+            Err(RecvTimeoutError::Timeout) => continue,
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    // Closing the session releases the lock at once for the next leader.
+    leading.store(false, Ordering::SeqCst);
+    drop(conn);
+}
+
+/// One pass. Any error drops the connection, and with it the lock, so a
+/// controller that cannot reach the database does not keep others from
+/// leading.
+fn tick(db: &Db, conn: &mut Option<PgConnection>, is_leader: &mut bool, changes: &watch::Sender<u64>) {
+    let result = (|| -> Result<(), String> {
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(db.dedicated_connection().map_err(|e| e.to_string())?),
+        };
+        // Only ask while not leading: a session lock taken twice must be
+        // released twice, and a leader's lost session shows up as a query
+        // error below anyway.
+        if !*is_leader {
+            *is_leader = try_lock(c).map_err(|e| e.to_string())?;
+        }
+        if *is_leader {
+            reconcile(c, changes).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!("reconcile loop: {e}; reconnecting on the next tick");
+        *conn = None;
+        *is_leader = false;
+    }
+}
+
+/// What the leader does each tick.
+fn reconcile(conn: &mut PgConnection, changes: &watch::Sender<u64>) -> Result<(), StoreError> {
+    let moved = machines::replace_from_draining(conn, MOVES_PER_PASS)?;
+    for m in &moved {
+        tracing::info!(machine = %m.machine, from = ?m.from, to = %m.to, "re-placed machine");
+    }
+    if !moved.is_empty() {
+        changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+    machines::expire_idempotency_keys(conn, IDEMPOTENCY_KEY_AGE)?;
+    Ok(())
+}

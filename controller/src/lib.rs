@@ -1,0 +1,128 @@
+//! `mm-controller`: the cluster's control plane.
+//!
+//! Desired state lives in PostgreSQL (through diesel, migrations embedded
+//! and applied at start), so a controller keeps nothing that a restart could
+//! lose and several controllers can serve one database. The REST API
+//! (`api`) authenticates JWTs and enforces namespace-scoped roles on every
+//! route; the scheduler (`scheduler`) is a pure function the create path
+//! calls under a placement lock; one controller at a time (`leader`) runs
+//! the reconcile loop.
+//!
+//! Not yet here: the brokers' mTLS Cap'n Proto session (hosts are
+//! registered through an admin stand-in endpoint for now), re-placing the
+//! machines of a lost broker, exec and logs.
+
+pub mod api;
+pub mod auth;
+pub mod db;
+pub mod leader;
+pub mod machine;
+pub mod ratelimit;
+pub mod scheduler;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::AppState;
+use crate::auth::{KeyError, Keys};
+use crate::db::{Db, DbError};
+use crate::leader::Leader;
+use crate::ratelimit::{Limiter, RateLimit};
+
+/// Everything a controller needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    /// At least 32 bytes.
+    pub jwt_hs256_secret: Vec<u8>,
+    /// PEM, for tokens minted by an external issuer.
+    pub jwt_rs256_public_key_pem: Option<Vec<u8>>,
+    pub rate_limit: RateLimit,
+    pub max_body_bytes: usize,
+    pub max_connections: u32,
+    /// How often the leader reconciles (and others try to lead).
+    pub reconcile_interval: Duration,
+    /// How often a waiter re-reads the database for changes made by other
+    /// controllers.
+    pub wait_poll_interval: Duration,
+}
+
+impl Config {
+    /// A configuration with the defaults the binary uses.
+    pub fn new(database_url: impl Into<String>, jwt_hs256_secret: impl Into<Vec<u8>>) -> Config {
+        Config {
+            database_url: database_url.into(),
+            jwt_hs256_secret: jwt_hs256_secret.into(),
+            jwt_rs256_public_key_pem: None,
+            rate_limit: RateLimit { per_second: 20.0, burst: 40 },
+            max_body_bytes: 64 * 1024,
+            max_connections: 16,
+            reconcile_interval: Duration::from_secs(1),
+            wait_poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("starting the database connection task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A started controller: the database is migrated and the reconcile loop
+/// runs. Dropping it stops the loop (and gives up leadership).
+pub struct Controller {
+    state: Arc<AppState>,
+    max_body_bytes: usize,
+    leader: Leader,
+}
+
+impl Controller {
+    pub async fn start(config: Config) -> Result<Controller, StartError> {
+        let keys = Keys::new(&config.jwt_hs256_secret, config.jwt_rs256_public_key_pem.as_deref())?;
+        let (url, max) = (config.database_url.clone(), config.max_connections);
+        let db = tokio::task::spawn_blocking(move || Db::connect(&url, max)).await??;
+        let (changes, _) = watch::channel(0);
+        let leader = Leader::spawn(db.clone(), config.reconcile_interval, changes.clone());
+        let state = Arc::new(AppState {
+            db,
+            keys,
+            limiter: Limiter::new(config.rate_limit),
+            changes,
+            wait_poll: config.wait_poll_interval,
+        });
+        Ok(Controller { state, max_body_bytes: config.max_body_bytes, leader })
+    }
+
+    /// The HTTP API.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone(), self.max_body_bytes).0
+    }
+
+    /// The OpenAPI document the router serves.
+    pub fn openapi(&self) -> utoipa::openapi::OpenApi {
+        api::router(self.state.clone(), self.max_body_bytes).1
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.is_leader()
+    }
+
+    /// Serves the API until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
+    }
+}

@@ -1,0 +1,135 @@
+//! `mm-controller`: serves the REST API; `mm-controller mint-token` prints a
+//! token signed with the HS256 secret (how the first cluster admin gets in).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use mm_controller::auth::{Claims, Keys, Role};
+use mm_controller::ratelimit::RateLimit;
+use mm_controller::{Config, Controller};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mm-controller",
+    version,
+    about = "MicroMachines cluster controller",
+    args_conflicts_with_subcommands = true
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// PostgreSQL URL, e.g. postgres://mm@localhost/mm or
+    /// postgres:///mm?host=/run/postgresql.
+    #[arg(long, env = "MM_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    secret: Secret,
+    /// PEM RSA public key for RS256 tokens from an external issuer.
+    #[arg(long)]
+    jwt_rs256_public_key: Option<PathBuf>,
+    /// Sustained requests per second per token.
+    #[arg(long, default_value_t = 20.0)]
+    rate_limit_per_second: f64,
+    /// Burst of requests per token.
+    #[arg(long, default_value_t = 40)]
+    rate_limit_burst: u32,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_body_bytes: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct Secret {
+    /// HS256 secret (at least 32 bytes); prefer the environment variable,
+    /// which other users cannot read from the process list.
+    #[arg(long, env = "MM_JWT_HS256_SECRET", hide_env_values = true)]
+    jwt_hs256_secret: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prints a token signed with the HS256 secret (not recorded in the
+    /// database, but revocable by its id).
+    MintToken {
+        #[command(flatten)]
+        secret: Secret,
+        #[arg(long)]
+        subject: String,
+        /// NAMESPACE=ROLE (admin, operator, viewer); repeatable.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long)]
+        cluster_admin: bool,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+    },
+}
+
+fn secret(secret: Secret) -> Result<Vec<u8>> {
+    Ok(secret.jwt_hs256_secret.context("--jwt-hs256-secret (or MM_JWT_HS256_SECRET) is required")?.into_bytes())
+}
+
+fn mint(secret: Vec<u8>, subject: String, roles: Vec<String>, cluster_admin: bool, ttl: i64) -> Result<()> {
+    let keys = Keys::new(&secret, None)?;
+    let mut map = BTreeMap::new();
+    for role in roles {
+        let (ns, r) = role.split_once('=').with_context(|| format!("--role {role:?} is not NAMESPACE=ROLE"))?;
+        let r: Role = serde_json::from_value(serde_json::Value::String(r.to_owned()))
+            .with_context(|| format!("unknown role {r:?} (admin, operator, viewer)"))?;
+        map.insert(ns.to_owned(), r);
+    }
+    if map.is_empty() && !cluster_admin {
+        bail!("give at least one --role or --cluster-admin");
+    }
+    let now = chrono::Utc::now().timestamp();
+    let claims = Claims {
+        sub: subject,
+        jti: uuid::Uuid::new_v4().to_string(),
+        exp: now + ttl,
+        iat: Some(now),
+        roles: map,
+        cluster_admin,
+    };
+    println!("{}", keys.mint(&claims));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    if let Some(Command::MintToken { secret: s, subject, roles, cluster_admin, ttl }) = args.command {
+        return mint(secret(s)?, subject, roles, cluster_admin, ttl);
+    }
+    let database_url = args.database_url.context("--database-url (or MM_DATABASE_URL) is required")?;
+    let mut config = Config::new(database_url, secret(args.secret)?);
+    if let Some(path) = &args.jwt_rs256_public_key {
+        config.jwt_rs256_public_key_pem =
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    config.rate_limit = RateLimit { per_second: args.rate_limit_per_second, burst: args.rate_limit_burst };
+    config.max_body_bytes = args.max_body_bytes;
+    let controller = Controller::start(config).await.context("starting the controller")?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(listen = %args.listen, "mm-controller serving /v1");
+    controller.serve(listener, shutdown_signal()).await.context("serving HTTP")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

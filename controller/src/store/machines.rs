@@ -1,0 +1,389 @@
+//! Machines: create with placement and idempotency, transitions, leases,
+//! listing, and re-placement for the reconcile loop.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use uuid::Uuid;
+
+use super::{StoreError, hosts};
+use crate::db::lock_keys;
+use crate::db::models::{
+    IdempotencyRow, MachineEventRow, MachineRow, NewMachine, NewMachineEvent, json_map, string_map,
+};
+use crate::db::schema::{hosts as hosts_t, idempotency_keys, machine_events, machines, namespaces};
+use crate::machine::{Action, MachineState, next_state};
+use crate::scheduler::{self, Request};
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct CreateMachine {
+    pub namespace: String,
+    pub name: Option<String>,
+    pub image: String,
+    pub cpus: i32,
+    pub memory_mb: i64,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub host_labels: BTreeMap<String, String>,
+    /// The `Idempotency-Key` and a digest of the request it came with.
+    pub idempotency: Option<(String, String)>,
+}
+
+/// The outcome of a create.
+pub enum Created {
+    New(MachineRow),
+    /// An earlier request with the same idempotency key and body made it.
+    Replayed(MachineRow),
+}
+
+/// Serialises placement with every other controller for the rest of the
+/// transaction.
+fn lock_placement(conn: &mut PgConnection) -> Result<(), StoreError> {
+    diesel::sql_query("SELECT pg_advisory_xact_lock($1)").bind::<BigInt, _>(lock_keys::PLACEMENT).execute(conn)?;
+    Ok(())
+}
+
+fn record(conn: &mut PgConnection, id: Uuid, state: &str, previous: Option<&str>, reason: &str) -> QueryResult<()> {
+    diesel::insert_into(machine_events::table)
+        .values(NewMachineEvent { machine_id: id, state, previous_state: previous, reason })
+        .execute(conn)
+        .map(drop)
+}
+
+/// Creates and places a machine in one transaction under the placement
+/// lock. The idempotency key is checked and written inside the same
+/// transaction, so a client that retries after a timeout, a dropped
+/// connection or a controller crash gets the one machine that committed,
+/// whichever controller it reaches.
+pub fn create(conn: &mut PgConnection, req: CreateMachine) -> Result<Created, StoreError> {
+    conn.transaction(|conn| {
+        lock_placement(conn)?;
+        let ns_exists: Option<String> =
+            namespaces::table.find(&req.namespace).select(namespaces::name).first(conn).optional()?;
+        if ns_exists.is_none() {
+            return Err(StoreError::not_found("namespace", &req.namespace));
+        }
+        if let Some((key, digest)) = &req.idempotency {
+            let earlier: Option<IdempotencyRow> = idempotency_keys::table
+                .find((&req.namespace, key))
+                .select(IdempotencyRow::as_select())
+                .first(conn)
+                .optional()?;
+            if let Some(earlier) = earlier {
+                if &earlier.request_sha256 != digest {
+                    return Err(StoreError::IdempotencyMismatch(key.clone()));
+                }
+                return Ok(Created::Replayed(get(conn, &req.namespace, earlier.machine_id)?));
+            }
+        }
+        let id = Uuid::new_v4();
+        let name = req.name.clone().unwrap_or_else(|| format!("m-{}", &id.simple().to_string()[..12]));
+        let taken: i64 = machines::table
+            .filter(machines::namespace.eq(&req.namespace))
+            .filter(machines::name.eq(&name))
+            .filter(machines::state.ne(MachineState::Destroyed.as_str()))
+            .count()
+            .get_result(conn)?;
+        if taken > 0 {
+            return Err(StoreError::Conflict(format!("a machine named {name:?} already exists in this namespace")));
+        }
+        let capacity: Vec<_> = hosts::capacity(conn, &req.namespace)?.into_iter().map(|(c, _)| c).collect();
+        let request = Request { cpus: i64::from(req.cpus), memory_mb: req.memory_mb, host_labels: &req.host_labels };
+        let host = scheduler::place(&capacity, request)?.name.clone();
+        let row = diesel::insert_into(machines::table)
+            .values(NewMachine {
+                id,
+                namespace: req.namespace.clone(),
+                name,
+                state: MachineState::Created.as_str().to_owned(),
+                image: req.image.clone(),
+                cpus: req.cpus,
+                memory_mb: req.memory_mb,
+                env: json_map(&req.env),
+                labels: json_map(&req.labels),
+                host_labels: json_map(&req.host_labels),
+                host_name: Some(host.clone()),
+            })
+            .returning(MachineRow::as_returning())
+            .get_result(conn)?;
+        record(conn, id, "created", None, &format!("created; placed on host {host}"))?;
+        if let Some((key, digest)) = &req.idempotency {
+            diesel::insert_into(idempotency_keys::table)
+                .values((
+                    idempotency_keys::namespace.eq(&req.namespace),
+                    idempotency_keys::key.eq(key),
+                    idempotency_keys::request_sha256.eq(digest),
+                    idempotency_keys::machine_id.eq(id),
+                ))
+                .execute(conn)?;
+        }
+        Ok(Created::New(row))
+    })
+}
+
+pub fn get(conn: &mut PgConnection, namespace: &str, id: Uuid) -> Result<MachineRow, StoreError> {
+    machines::table
+        .filter(machines::id.eq(id))
+        .filter(machines::namespace.eq(namespace))
+        .select(MachineRow::as_select())
+        .first(conn)
+        .optional()?
+        .ok_or_else(|| StoreError::not_found("machine", id.to_string()))
+}
+
+fn get_for_update(conn: &mut PgConnection, namespace: &str, id: Uuid) -> Result<MachineRow, StoreError> {
+    machines::table
+        .filter(machines::id.eq(id))
+        .filter(machines::namespace.eq(namespace))
+        .select(MachineRow::as_select())
+        .for_update()
+        .first(conn)
+        .optional()?
+        .ok_or_else(|| StoreError::not_found("machine", id.to_string()))
+}
+
+/// Filters and the cursor of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Any of these states; empty means every state but destroyed (unless
+    /// `include_destroyed`).
+    pub states: Vec<MachineState>,
+    /// Every one of these labels, with exactly these values.
+    pub labels: BTreeMap<String, String>,
+    pub include_destroyed: bool,
+    /// Only machines after this `seq` (the cursor).
+    pub after_seq: Option<i64>,
+    pub page_size: i64,
+}
+
+/// One page, and whether more follow.
+pub fn list(
+    conn: &mut PgConnection,
+    namespace: &str,
+    filter: &ListFilter,
+) -> Result<(Vec<MachineRow>, bool), StoreError> {
+    let mut query = machines::table
+        .filter(machines::namespace.eq(namespace))
+        .select(MachineRow::as_select())
+        .order(machines::seq.asc())
+        .limit(filter.page_size + 1)
+        .into_boxed();
+    if !filter.states.is_empty() {
+        query = query.filter(machines::state.eq_any(filter.states.iter().map(|s| s.as_str()).collect::<Vec<_>>()));
+    } else if !filter.include_destroyed {
+        query = query.filter(machines::state.ne(MachineState::Destroyed.as_str()));
+    }
+    if !filter.labels.is_empty() {
+        query = query.filter(machines::labels.contains(json_map(&filter.labels)));
+    }
+    if let Some(after) = filter.after_seq {
+        query = query.filter(machines::seq.gt(after));
+    }
+    let mut rows = query.load(conn)?;
+    let more = rows.len() as i64 > filter.page_size;
+    rows.truncate(filter.page_size as usize);
+    Ok((rows, more))
+}
+
+/// Refuses a mutation of a leased machine unless `nonce` is the lease's.
+fn check_lease(row: &MachineRow, nonce: Option<&str>, now: DateTime<Utc>) -> Result<(), StoreError> {
+    match row.active_lease(now) {
+        Some((held, _)) if nonce == Some(held) => Ok(()),
+        Some((_, expires_at)) => {
+            Err(StoreError::LeaseHeld { owner: row.lease_owner.clone().unwrap_or_default(), expires_at })
+        }
+        None => Ok(()),
+    }
+}
+
+fn apply(conn: &mut PgConnection, row: MachineRow, action: Action, reason: &str) -> Result<MachineRow, StoreError> {
+    let current: MachineState = row.state.parse()?;
+    let Some(next) = next_state(current, action)? else {
+        return Ok(row);
+    };
+    let mut update = diesel::update(machines::table.find(row.id))
+        .set((
+            machines::state.eq(next.as_str()),
+            machines::previous_state.eq(current.as_str()),
+            machines::updated_at.eq(Utc::now()),
+        ))
+        .returning(MachineRow::as_returning())
+        .get_result(conn)?;
+    if next == MachineState::Destroyed {
+        // Nothing can be done to a destroyed machine; its lease goes too.
+        update = diesel::update(machines::table.find(row.id))
+            .set((
+                machines::lease_nonce.eq(None::<String>),
+                machines::lease_owner.eq(None::<String>),
+                machines::lease_description.eq(None::<String>),
+                machines::lease_expires_at.eq(None::<DateTime<Utc>>),
+            ))
+            .returning(MachineRow::as_returning())
+            .get_result(conn)?;
+    }
+    record(conn, row.id, next.as_str(), Some(current.as_str()), reason)?;
+    Ok(update)
+}
+
+/// A user's start, stop or delete, with the lease check, under a row lock.
+pub fn transition(
+    conn: &mut PgConnection,
+    namespace: &str,
+    id: Uuid,
+    action: Action,
+    lease_nonce: Option<&str>,
+    reason: &str,
+) -> Result<MachineRow, StoreError> {
+    conn.transaction(|conn| {
+        let row = get_for_update(conn, namespace, id)?;
+        check_lease(&row, lease_nonce, Utc::now())?;
+        apply(conn, row, action, reason)
+    })
+}
+
+/// A broker's report of a machine's observed state; the machine must be
+/// placed on `host`. Leases do not apply: they order clients, not brokers.
+pub fn observe(conn: &mut PgConnection, host: &str, id: Uuid, state: MachineState) -> Result<MachineRow, StoreError> {
+    conn.transaction(|conn| {
+        let row: MachineRow = machines::table
+            .filter(machines::id.eq(id))
+            .filter(machines::host_name.eq(host))
+            .select(MachineRow::as_select())
+            .for_update()
+            .first(conn)
+            .optional()?
+            .ok_or_else(|| StoreError::not_found("machine on this host", id.to_string()))?;
+        apply(conn, row, Action::Observed(state), &format!("host {host} reports {state}"))
+    })
+}
+
+pub fn events(conn: &mut PgConnection, namespace: &str, id: Uuid) -> Result<Vec<MachineEventRow>, StoreError> {
+    get(conn, namespace, id)?;
+    Ok(machine_events::table
+        .filter(machine_events::machine_id.eq(id))
+        .order(machine_events::id.asc())
+        .select(MachineEventRow::as_select())
+        .load(conn)?)
+}
+
+/// Takes or extends a lease. With the current nonce the lease is extended
+/// (same nonce); without one, a new lease is granted only if none is active.
+/// Returns the row, the nonce and whether the lease is new.
+pub fn acquire_lease(
+    conn: &mut PgConnection,
+    namespace: &str,
+    id: Uuid,
+    ttl: Duration,
+    owner: &str,
+    description: &str,
+    presented: Option<&str>,
+) -> Result<(MachineRow, String, bool), StoreError> {
+    conn.transaction(|conn| {
+        let row = get_for_update(conn, namespace, id)?;
+        if row.state == MachineState::Destroyed.as_str() {
+            return Err(StoreError::Conflict("cannot lease a destroyed machine".into()));
+        }
+        let now = Utc::now();
+        check_lease(&row, presented, now)?;
+        let (nonce, new) = match row.active_lease(now) {
+            Some((held, _)) => (held.to_owned(), false),
+            None => (Uuid::new_v4().simple().to_string(), true),
+        };
+        let (lease_owner, lease_description) = if new {
+            (Some(owner.to_owned()), Some(description.to_owned()))
+        } else {
+            (row.lease_owner.clone(), row.lease_description.clone())
+        };
+        let changes = (
+            machines::lease_nonce.eq(Some(nonce.clone())),
+            machines::lease_owner.eq(lease_owner),
+            machines::lease_description.eq(lease_description),
+            machines::lease_expires_at.eq(Some(now + ttl)),
+        );
+        let row = diesel::update(machines::table.find(id))
+            .set(changes)
+            .returning(MachineRow::as_returning())
+            .get_result(conn)?;
+        Ok((row, nonce, new))
+    })
+}
+
+/// Ends the active lease; only its holder (the nonce) may.
+pub fn release_lease(
+    conn: &mut PgConnection,
+    namespace: &str,
+    id: Uuid,
+    presented: Option<&str>,
+) -> Result<(), StoreError> {
+    conn.transaction(|conn| {
+        let row = get_for_update(conn, namespace, id)?;
+        let now = Utc::now();
+        if row.active_lease(now).is_none() {
+            return Err(StoreError::not_found("lease on machine", id.to_string()));
+        }
+        check_lease(&row, presented, now)?;
+        diesel::update(machines::table.find(id))
+            .set((
+                machines::lease_nonce.eq(None::<String>),
+                machines::lease_owner.eq(None::<String>),
+                machines::lease_description.eq(None::<String>),
+                machines::lease_expires_at.eq(None::<DateTime<Utc>>),
+            ))
+            .execute(conn)?;
+        Ok(())
+    })
+}
+
+/// One move made by [`replace_from_draining`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub machine: Uuid,
+    pub from: Option<String>,
+    pub to: String,
+}
+
+/// Re-places machines that sit on a draining host, or on none, and that no
+/// broker has started yet (`created`): moving those loses nothing. Machines
+/// that ran keep their disk on their host and move only when the broker
+/// session can migrate them (later work). Machines that fit nowhere stay
+/// and are retried on the next pass.
+pub fn replace_from_draining(conn: &mut PgConnection, limit: i64) -> Result<Vec<Moved>, StoreError> {
+    conn.transaction(|conn| {
+        lock_placement(conn)?;
+        let draining: Vec<String> =
+            hosts_t::table.filter(hosts_t::draining.eq(true)).select(hosts_t::name).load(conn)?;
+        let stranded: Vec<MachineRow> = machines::table
+            .filter(machines::state.eq(MachineState::Created.as_str()))
+            .filter(machines::host_name.is_null().or(machines::host_name.eq_any(&draining)))
+            .order(machines::seq.asc())
+            .limit(limit)
+            .select(MachineRow::as_select())
+            .for_update()
+            .load(conn)?;
+        let mut moved = Vec::new();
+        for row in stranded {
+            let capacity: Vec<_> = hosts::capacity(conn, &row.namespace)?.into_iter().map(|(c, _)| c).collect();
+            let host_labels = string_map(&row.host_labels);
+            let request = Request { cpus: i64::from(row.cpus), memory_mb: row.memory_mb, host_labels: &host_labels };
+            let Ok(host) = scheduler::place(&capacity, request) else { continue };
+            let to = host.name.clone();
+            diesel::update(machines::table.find(row.id))
+                .set((machines::host_name.eq(&to), machines::updated_at.eq(Utc::now())))
+                .execute(conn)?;
+            let from = row.host_name.clone();
+            let reason = format!("moved from host {} to host {to}: drain", from.as_deref().unwrap_or("(none)"));
+            record(conn, row.id, &row.state, row.previous_state.as_deref(), &reason)?;
+            moved.push(Moved { machine: row.id, from, to });
+        }
+        Ok(moved)
+    })
+}
+
+/// Forgets idempotency keys older than `age`.
+pub fn expire_idempotency_keys(conn: &mut PgConnection, age: Duration) -> Result<usize, StoreError> {
+    Ok(diesel::delete(idempotency_keys::table.filter(idempotency_keys::created_at.lt(Utc::now() - age)))
+        .execute(conn)?)
+}
