@@ -27,6 +27,7 @@ struct VmSpec {
   command @4 :List(Text); # empty: the image's default (`sh`)
   env @5 :List(EnvVar);
   autoRemove @6 :Bool;    # remove once stopped (`mmctl run --rm`)
+  sshKeys @7 :List(Text); # authorized_keys lines for the guest's SSH server
 }
 
 struct EnvVar {
@@ -45,8 +46,9 @@ struct VmInfo {
   exitCode @7 :Int32;    # the workload's exit status once stopped; -1 if none
   createdAt @8 :Text;    # RFC 3339
   pids @9 :List(Process);
-  ip @10 :Text;
+  ip @10 :Text;          # the guest's address on the microVM network; empty if none
   command @11 :List(Text);
+  mac @12 :Text;
 }
 
 struct Process {
@@ -80,6 +82,15 @@ interface Vm {
 
   wait @7 () -> (info :VmInfo);
   # Returns once the microVM is no longer running.
+
+  connect @8 (port :UInt16, toClient :ByteSink) -> (toGuest :ByteSink);
+  # A TCP connection to `port` on the guest's address, made by the broker
+  # from inside the microVM network (which the host may have no route
+  # into): `mmctl ssh` and `mmctl port-forward` ride on it. Bytes from the
+  # guest arrive on `toClient` (then `done` at the guest's end of stream);
+  # the client writes to `toGuest`, and `done` half-closes the connection.
+  # Each `write` returns once the bytes are handed to the socket, so a
+  # client that awaits its writes gets flow control.
 }
 
 interface ByteSink {

@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use base64::Engine;
 
 use crate::BrokerConfig;
+use crate::network::Network;
 use crate::process::Process;
 use crate::record::VmRecord;
 
@@ -45,13 +46,19 @@ pub struct DeviceSpec {
     /// `block`, `net` or `vsock`: mm-device's subcommand and mm-vmm's KIND.
     pub kind: &'static str,
     pub args: Vec<OsString>,
+    /// For `net`: the TAP the broker opens and hands over as [`TAP_FD`].
+    pub tap: Option<String>,
 }
+
+/// Where a net device finds its TAP (after the listener, [`FIRST_FD`]).
+const TAP_FD: RawFd = FIRST_FD + 1;
 
 /// The devices every microVM gets, in guest order: the image's shared
 /// base, read-only (/dev/vda, the kernel's root), the microVM's own disk
-/// (/dev/vdb, laid over it by mm-init as an overlay), and vsock.
+/// (/dev/vdb, laid over it by mm-init as an overlay), vsock, and a network
+/// interface on its own TAP when the microVM has an address.
 pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<DeviceSpec> {
-    vec![
+    let mut devices = vec![
         DeviceSpec {
             role: "block-root".into(),
             kind: "block",
@@ -62,11 +69,13 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
                 "--serial".into(),
                 "root".into(),
             ],
+            tap: None,
         },
         DeviceSpec {
             role: "block-rw".into(),
             kind: "block",
             args: vec!["--image".into(), dir.join(WRITABLE_DISK).into(), "--serial".into(), "rw".into()],
+            tap: None,
         },
         DeviceSpec {
             role: "vsock".into(),
@@ -77,8 +86,18 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
                 "--uds".into(),
                 dir.join(VSOCK_SOCKET).into(),
             ],
+            tap: None,
         },
-    ]
+    ];
+    if let (Some(_), Some(mac)) = (&config.network, &record.mac) {
+        devices.push(DeviceSpec {
+            role: "net".into(),
+            kind: "net",
+            args: vec!["--tap-fd".into(), TAP_FD.to_string().into(), "--mac".into(), mac.into()],
+            tap: Some(Network::tap_name(&record.id)),
+        });
+    }
+    devices
 }
 
 /// Makes `fds[i].0` appear as `fds[i].1` in the child, and nothing else
@@ -134,9 +153,18 @@ pub fn spawn_device(
     cmd.arg(spec.kind).args(["--listen-fd", &FIRST_FD.to_string()]).args(&spec.args);
     cmd.args(jail_args(config, record_uid));
     cmd.stdin(Stdio::null()).stdout(log_file(dir, &spec.role)?).stderr(log_file(dir, &spec.role)?);
-    inherit_fds(&mut cmd, vec![(listener.as_raw_fd(), FIRST_FD)]);
+    let mut fds = vec![(listener.as_raw_fd(), FIRST_FD)];
+    let tap = match (&spec.tap, &config.network) {
+        (Some(name), Some(network)) => Some(network.open_tap(name).map_err(std::io::Error::other)?),
+        (Some(name), None) => return Err(std::io::Error::other(format!("TAP {name} but the broker has no network"))),
+        (None, _) => None,
+    };
+    if let Some(tap) = &tap {
+        fds.push((tap.as_raw_fd(), TAP_FD));
+    }
+    inherit_fds(&mut cmd, fds);
     let child = cmd.spawn()?;
-    drop(listener);
+    drop((listener, tap));
     Ok((Process::spawned(&spec.role, child)?, vmm_end))
 }
 
@@ -156,7 +184,7 @@ pub fn spawn_vmm(
     // The console goes to mm-vmm's stdout, a file opened here in append
     // mode: mm-vmm needs no path for it, and a restart adds to the log.
     cmd.args(["--serial", "stdout"]);
-    cmd.arg("--cmdline").arg(guest_cmdline(record));
+    cmd.arg("--cmdline").arg(guest_cmdline(config, record));
     let mut fds = Vec::new();
     for (index, (spec, stream)) in devices.iter().enumerate() {
         let fd = FIRST_FD + index as RawFd;
@@ -186,18 +214,30 @@ fn jail_args(config: &BrokerConfig, uid: u32) -> Vec<String> {
     args
 }
 
-/// Kernel parameters for mm-init: root on the first disk, hostname, env.
-fn guest_cmdline(record: &VmRecord) -> String {
+/// Kernel parameters for mm-init: root on the first disk, hostname, env,
+/// network and SSH keys.
+fn guest_cmdline(config: &BrokerConfig, record: &VmRecord) -> String {
     // `quiet`: the console (`mmctl logs`, `mmctl run`) shows the workload,
     // not the kernel's boot messages; errors still print.
     let mut line = format!("quiet root=/dev/vda ro init=/init mm.overlay=/dev/vdb mm.hostname={}", record.name);
     if !record.env.is_empty() {
         let env: Vec<String> = record.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let json = serde_json::to_vec(&env).expect("strings always serialise");
-        line.push_str(" mm.env=");
-        line.push_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json));
+        push_string_list(&mut line, "mm.env", &env);
+    }
+    if let (Some(network), Some(ip)) = (&config.network, record.ip) {
+        line.push_str(&network.guest_params(ip));
+    }
+    if !record.ssh_keys.is_empty() {
+        push_string_list(&mut line, "mm.ssh", &record.ssh_keys);
     }
     line
+}
+
+/// ` PARAM=<base64url JSON list>`: how mm-init takes values that may hold
+/// spaces or quotes (guest/init/src/settings.rs).
+fn push_string_list(line: &mut String, param: &str, items: &[String]) {
+    let json = serde_json::to_vec(items).expect("strings always serialise");
+    line.push_str(&format!(" {param}={}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)));
 }
 
 /// Makes the microVM's own disk (an empty, sparse ext4 that mm-init lays

@@ -9,7 +9,9 @@
 
 pub mod audit;
 pub mod exec;
+pub mod forward;
 pub mod launch;
+pub mod network;
 pub mod process;
 pub mod record;
 pub mod registry;
@@ -35,6 +37,8 @@ pub struct BrokerConfig {
     pub no_seccomp: bool,
     /// DEBUGGING ONLY: start every process with `--no-jail`.
     pub no_jail: bool,
+    /// The microVM network (set up at start), or none (`--no-network`).
+    pub network: Option<network::Network>,
 }
 
 impl BrokerConfig {
@@ -61,6 +65,8 @@ pub enum BrokerError {
     WrongState { name: String, state: String, what: &'static str },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
 }
 
 impl BrokerError {

@@ -8,7 +8,11 @@ use std::rc::Rc;
 use anyhow::{Context, Result};
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
 use clap::Parser;
+use std::net::Ipv4Addr;
+
 use mm_broker::BrokerConfig;
+use mm_broker::network::ipam::Ipv4Net;
+use mm_broker::network::{Network, NetworkConfig};
 use mm_broker::registry::Registry;
 use mm_broker::rpc::BrokerServer;
 use mm_protocols::broker_capnp::broker;
@@ -42,6 +46,63 @@ struct Args {
     /// DEBUGGING ONLY: run every microVM process unjailed.
     #[arg(long)]
     no_jail: bool,
+    #[command(flatten)]
+    network: NetworkArgs,
+}
+
+/// The microVM network (README, "Networking").
+#[derive(Debug, clap::Args)]
+struct NetworkArgs {
+    /// The guests' IPv4 network; its first address is the gateway's.
+    #[arg(long, default_value = "10.100.0.0/24")]
+    network_cidr: Ipv4Net,
+    /// The network namespace (created if missing) that holds the bridge.
+    #[arg(long, default_value = "micromachines")]
+    netns: String,
+    /// Put the bridge in the broker's own network namespace instead: guests
+    /// and host can then reach each other directly.
+    #[arg(long, conflicts_with = "netns")]
+    bridge_in_host_netns: bool,
+    /// The bridge's name.
+    #[arg(long, default_value = "mmbr0")]
+    bridge: String,
+    /// Host interface for the guests' egress (NAT); without it, none.
+    #[arg(long)]
+    uplink: Option<String>,
+    /// The /30 between the namespace and the host, used with --uplink.
+    #[arg(long, default_value = "169.254.100.0/30")]
+    transit_cidr: String,
+    /// A name server for the guests' /etc/resolv.conf (repeatable).
+    #[arg(long)]
+    dns: Vec<Ipv4Addr>,
+    /// No network at all: microVMs get no interface.
+    #[arg(long, conflicts_with_all = ["netns", "bridge_in_host_netns", "uplink"])]
+    no_network: bool,
+}
+
+impl NetworkArgs {
+    fn setup(self) -> Result<Option<Network>> {
+        if self.no_network {
+            return Ok(None);
+        }
+        let transit = parse_transit(&self.transit_cidr)?;
+        let config = NetworkConfig {
+            cidr: self.network_cidr,
+            netns: (!self.bridge_in_host_netns).then_some(self.netns),
+            bridge: self.bridge,
+            uplink: self.uplink,
+            transit,
+            dns: self.dns,
+        };
+        Ok(Some(Network::setup(config).context("setting up the microVM network")?))
+    }
+}
+
+/// The transit network must be exactly a /30 (two addresses).
+fn parse_transit(text: &str) -> Result<Ipv4Net> {
+    let (addr, prefix) = text.split_once('/').context("--transit-cidr: expected ADDR/30")?;
+    anyhow::ensure!(prefix == "30", "--transit-cidr {text}: must be a /30");
+    Ok(Ipv4Net { addr: addr.parse().with_context(|| format!("--transit-cidr {text}"))?, prefix: 30 })
 }
 
 /// Biggest message a client may send, in 8-byte words (1 MiB): nothing in
@@ -71,6 +132,7 @@ fn main() -> Result<()> {
         reserved_memory_mib: args.reserved_memory_mib,
         no_seccomp: args.no_seccomp,
         no_jail: args.no_jail,
+        network: args.network.setup()?,
     });
     if config.no_jail {
         tracing::warn!("--no-jail: DEBUGGING ONLY, microVM processes run UNJAILED with the broker's privileges");

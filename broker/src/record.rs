@@ -70,6 +70,15 @@ pub struct VmRecord {
     /// The guest's vsock context id (unique among this host's microVMs).
     pub guest_cid: u32,
     pub processes: Vec<ProcessRecord>,
+    /// The guest's address on the microVM network, held until `rm` (the
+    /// records are the address allocation: see network/ipam.rs).
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// `authorized_keys` lines for mm-init's SSH server.
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
 }
 
 /// The first uid/gid given to microVMs: each gets `FIRST_VM_UID + guest_cid`,
@@ -153,6 +162,9 @@ mod tests {
             created_at: "2026-11-29T00:00:00.000Z".into(),
             guest_cid: 3,
             processes: vec![ProcessRecord { role: "vmm".into(), pid: 1, start_time: 2, restarts: 0 }],
+            ip: Some(std::net::Ipv4Addr::new(10, 100, 0, 2)),
+            mac: Some("02:6d:0a:64:00:02".into()),
+            ssh_keys: vec!["ssh-ed25519 AAAA test".into()],
         };
         record.save(&dir).unwrap();
         assert_eq!(VmRecord::load(&dir).unwrap(), record);

@@ -13,6 +13,10 @@ use crate::record::{VmRecord, VmState, valid_name};
 use crate::vm::Vm;
 use crate::{BrokerConfig, BrokerError};
 
+/// The most the SSH keys may take on the kernel command line (2 KiB in
+/// all on x86): room for a few ed25519 keys, or one RSA key.
+const MAX_SSH_KEYS_BYTES: usize = 1000;
+
 /// Most vCPUs and memory one microVM may ask for.
 const MAX_CPUS: u8 = 32;
 const MIN_MEMORY_MIB: u32 = 64;
@@ -28,6 +32,7 @@ pub struct CreateRequest {
     pub command: Vec<String>,
     pub env: Vec<(String, String)>,
     pub auto_remove: bool,
+    pub ssh_keys: Vec<String>,
 }
 
 pub struct Registry {
@@ -120,6 +125,14 @@ impl Registry {
         if u64::from(request.memory_mib) > available {
             return Err(BrokerError::NoMemory { wanted: request.memory_mib.into(), available });
         }
+        validate_ssh_keys(&request.ssh_keys)?;
+        let address = match &self.config.network {
+            Some(network) => {
+                let used: Vec<_> = self.vms.borrow().values().filter_map(|vm| vm.record().ip).collect();
+                Some(network.allocate(&used)?)
+            }
+            None => None,
+        };
         let id = random_id()?;
         if request.name.is_empty() {
             request.name = format!("vm-{}", &id[..6]);
@@ -145,6 +158,9 @@ impl Registry {
             created_at: now_rfc3339(),
             guest_cid: self.free_cid(),
             processes: Vec::new(),
+            ip: address.as_ref().map(|(ip, _)| *ip),
+            mac: address.map(|(_, mac)| mac),
+            ssh_keys: request.ssh_keys,
         };
         let dir = self.config.vms_dir().join(&id);
         create_private_dir(&dir).map_err(BrokerError::io(format!("creating {}", dir.display())))?;
@@ -155,6 +171,7 @@ impl Registry {
             "create",
             json!({ "caller": caller, "spec": {
                 "cpus": record.cpus, "memory_mib": record.memory_mib, "command": record.command, "image": record.image,
+                "ip": record.ip, "ssh_keys": record.ssh_keys.len(),
             }}),
         );
         self.vms.borrow_mut().insert(id, Rc::clone(&vm));
@@ -193,6 +210,33 @@ impl Registry {
     }
 }
 
+/// Public keys only, one per line, of a type OpenSSH knows, and few enough
+/// to fit the kernel command line.
+fn validate_ssh_keys(keys: &[String]) -> Result<(), BrokerError> {
+    const TYPES: [&str; 4] = ["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-", "sk-"];
+    for key in keys {
+        let mut words = key.split_ascii_whitespace();
+        let (kind, data) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let base64 = |c: char| c.is_ascii_alphanumeric() || "+/=".contains(c);
+        if !TYPES.iter().any(|t| kind.starts_with(t))
+            || data.is_empty()
+            || !data.chars().all(base64)
+            || key.contains('\n')
+        {
+            let shown: String = key.chars().take(40).collect();
+            return Err(BrokerError::BadSpec(format!("not an SSH public key: {shown:?}")));
+        }
+    }
+    // base64url of the JSON list, as the kernel command line will carry it.
+    let encoded = serde_json::to_vec(keys).map_or(0, |json| json.len().div_ceil(3) * 4);
+    if encoded > MAX_SSH_KEYS_BYTES {
+        return Err(BrokerError::BadSpec(format!(
+            "the SSH keys take {encoded} bytes of the guest's kernel command line, at most {MAX_SSH_KEYS_BYTES}: pass fewer keys, or ed25519 ones"
+        )));
+    }
+    Ok(())
+}
+
 fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
@@ -220,6 +264,17 @@ fn meminfo_mib(field: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ssh_keys_are_checked() {
+        let ed = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGs= me@host".to_string();
+        assert!(validate_ssh_keys(std::slice::from_ref(&ed)).is_ok());
+        assert!(validate_ssh_keys(&[]).is_ok());
+        for bad in ["", "hello", "ssh-ed25519", "ssh-ed25519 not*base64", "-----BEGIN OPENSSH PRIVATE KEY-----"] {
+            assert!(validate_ssh_keys(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        assert!(validate_ssh_keys(&vec![ed; 20]).is_err());
+    }
 
     #[test]
     fn reads_meminfo_fields() {

@@ -25,7 +25,8 @@ impl BrokerError {
             BrokerError::DuplicateName(_) | BrokerError::WrongState { .. } => "conflict",
             BrokerError::BadName(_) | BrokerError::UnknownImage(_) | BrokerError::BadSpec(_) => "invalid",
             BrokerError::NoMemory { .. } => "no-memory",
-            BrokerError::Io { .. } => "internal",
+            BrokerError::Network(crate::network::NetworkError::Full(_)) => "no-memory",
+            BrokerError::Io { .. } | BrokerError::Network(_) => "internal",
         }
     }
 }
@@ -65,6 +66,9 @@ impl broker::Server for BrokerServer {
         }
         for var in spec.get_env()?.iter() {
             request.env.push((text(var.get_name()?)?, text(var.get_value()?)?));
+        }
+        for key in spec.get_ssh_keys()?.iter() {
+            request.ssh_keys.push(text(key?)?);
         }
         let vm = self.registry.create(request, &self.caller).map_err(rpc_err)?;
         results.get().set_vm(capnp_rpc::new_client(VmServer::new(&self, vm)));
@@ -117,7 +121,8 @@ pub fn fill_info(record: &VmRecord, mut info: vm_info::Builder<'_>) {
     info.set_memory_mib(record.memory_mib);
     info.set_exit_code(record.exit_code.unwrap_or(-1));
     info.set_created_at(&record.created_at);
-    info.set_ip("");
+    info.set_ip(record.ip.map(|ip| ip.to_string()).unwrap_or_default());
+    info.set_mac(record.mac.as_deref().unwrap_or_default());
     {
         let mut command = info.reborrow().init_command(record.command.len() as u32);
         for (i, arg) in record.command.iter().enumerate() {
@@ -199,6 +204,31 @@ impl vm::Server for VmServer {
     ) -> impl Future<Output = Result<(), capnp::Error>> + 'static {
         self.vm.audit.record("exec", json!({ "caller": self.caller }));
         crate::exec::serve_exec(self.vm.dir.clone(), params, results)
+    }
+
+    async fn connect(
+        self: Rc<Self>,
+        params: vm::ConnectParams,
+        mut results: vm::ConnectResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let port = params.get_port();
+        let to_client = params.get_to_client()?;
+        let (network, ip) = match (&self.registry.config.network, self.vm.record().ip) {
+            (Some(network), Some(ip)) => (network.clone(), ip),
+            _ => return Err(capnp::Error::failed("invalid: this microVM has no network".into())),
+        };
+        if !self.vm.state().is_live() {
+            return Err(rpc_err(BrokerError::WrongState {
+                name: self.vm.name(),
+                state: self.vm.state().name().into(),
+                what: "start it first",
+            }));
+        }
+        self.vm.audit.record("connect", json!({ "caller": self.caller, "port": port }));
+        let to_guest = crate::forward::connect(&network, ip, port, to_client).await?;
+        results.get().set_to_guest(to_guest);
+        Ok(())
     }
 }
 

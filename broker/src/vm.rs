@@ -289,6 +289,13 @@ impl Vm {
             let exit = device.wait().await;
             self.audit_exit(device, exit);
         }
+        // The TAP is persistent (it outlives a restarted net device); the
+        // next start makes a fresh one.
+        if let Some(network) = &self.config.network {
+            for tap in devices.iter().filter_map(|(spec, _)| spec.tap.as_deref()) {
+                network.remove_tap(tap);
+            }
+        }
         *self.orders.borrow_mut() = None;
         let stopping = self.state() == VmState::Stopping;
         let (state, reason, code) = match (vmm_exit, given_up) {

@@ -1,7 +1,8 @@
 //! A real `mm-broker` for end-to-end tests, in a scratch state directory
-//! with its own socket, driven through the real `mmctl`. Dropping it
-//! removes every microVM it still has (`mmctl rm -f`) and then ends the
-//! broker by its pid, so nothing is left behind.
+//! with its own socket and its own microVM network namespace, driven
+//! through the real `mmctl`. Dropping it removes every microVM it still has
+//! (`mmctl rm -f`), ends the broker by its pid and deletes the namespace,
+//! so nothing is left behind.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,22 +18,47 @@ pub struct TestBroker {
     pub dir: Scratch,
     pub socket: PathBuf,
     extra_args: Vec<String>,
+    /// The namespace the broker puts its bridge in (deleted on drop).
+    pub netns: Option<String>,
+    /// A test's namespace the broker itself runs in (its "host"), if any.
+    host_netns: Option<String>,
 }
 
 impl TestBroker {
-    /// Starts a broker; `extra_args` go on its command line.
+    /// Starts a broker; `extra_args` go on its command line. Its microVM
+    /// network gets a namespace of its own (`mm-test-PID-NAME`) unless the
+    /// arguments choose otherwise.
     pub fn start(name: &str, extra_args: &[&str]) -> Result<TestBroker> {
+        Self::start_in(None, name, extra_args)
+    }
+
+    /// Starts a broker inside the test's network namespace `host_netns`,
+    /// which plays the host's root namespace for it.
+    pub fn start_in(host_netns: Option<&str>, name: &str, extra_args: &[&str]) -> Result<TestBroker> {
         let dir = Scratch::new(name)?;
         let socket = dir.path("broker.sock");
+        let mut extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let chooses = ["--netns", "--bridge-in-host-netns", "--no-network"];
+        let netns = if extra_args.iter().any(|a| chooses.contains(&a.as_str())) {
+            extra_args.iter().position(|a| a == "--netns").and_then(|i| extra_args.get(i + 1).cloned())
+        } else {
+            let netns = format!("mm-test-{}-{name}", std::process::id());
+            extra_args.extend(["--netns".to_string(), netns.clone()]);
+            Some(netns)
+        };
         let mut broker =
-            TestBroker { child: None, dir, socket, extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
+            TestBroker { child: None, dir, socket, extra_args, netns, host_netns: host_netns.map(str::to_string) };
         broker.spawn()?;
         Ok(broker)
     }
 
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path("broker.log"))?;
-        let child = Command::new(workspace_binary("mm-broker")?)
+        let mut cmd = Command::new(workspace_binary("mm-broker")?);
+        if let Some(netns) = &self.host_netns {
+            crate::netns::enter_before_exec(&mut cmd, netns)?;
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(self.dir.path("state"))
             .arg("--socket")
@@ -86,11 +112,32 @@ impl TestBroker {
         std::fs::read_to_string(self.dir.path("broker.log")).unwrap_or_default()
     }
 
-    /// Runs `mmctl ARGS` against this broker.
-    pub fn mmctl(&self, args: &[&str], timeout: Duration) -> Result<Run> {
+    /// `mmctl --socket SOCKET ARGS`, to run as the caller likes.
+    pub fn mmctl_command(&self, args: &[&str]) -> Result<Command> {
         let mut cmd = Command::new(workspace_binary("mmctl")?);
         cmd.arg("--socket").arg(&self.socket).args(args);
-        run_with_timeout(cmd, timeout)
+        Ok(cmd)
+    }
+
+    /// Runs `mmctl ARGS` against this broker.
+    pub fn mmctl(&self, args: &[&str], timeout: Duration) -> Result<Run> {
+        run_with_timeout(self.mmctl_command(args)?, timeout)
+    }
+
+    /// `mmctl exec VM -- ARGS`, retried while the guest is still booting
+    /// (its exec agent not listening yet), for up to `timeout`.
+    pub fn exec_when_ready(&self, vm: &str, args: &[&str], timeout: Duration) -> Result<Run> {
+        let deadline = Instant::now() + timeout;
+        let mut full = vec!["exec", vm, "--"];
+        full.extend_from_slice(args);
+        loop {
+            let run = self.mmctl(&full, Duration::from_secs(120))?;
+            let booting = run.stderr.contains("exec agent") && run.status == Some(4);
+            if !booting || Instant::now() > deadline {
+                return Ok(run);
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
 
     /// `mmctl inspect -o json VM` as JSON.
@@ -131,5 +178,8 @@ impl Drop for TestBroker {
             }
         }
         self.kill();
+        if let Some(netns) = &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        }
     }
 }

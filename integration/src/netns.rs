@@ -13,7 +13,7 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
-fn ip(args: &[&str]) -> Result<()> {
+pub fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output().context("running ip")?;
     if !out.status.success() {
         bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
@@ -37,25 +37,35 @@ impl TestNetwork {
         Ok(net)
     }
 
-    /// Creates TAP `name` inside the namespace, enslaved to br0, and
-    /// returns its fd (opened with a virtio-net header, no packet info).
-    pub fn tap(&self, name: &str) -> Result<OwnedFd> {
+    /// Runs `work` on a thread that has joined the namespace (the fds it
+    /// makes stay in it); the caller's threads stay where they are.
+    pub fn run<T: Send>(&self, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         let ns = File::open(format!("/run/netns/{}", self.name)).context("opening the namespace")?;
-        let name_owned = name.to_string();
-        // setns affects only the calling thread: open the TAP from a
-        // short-lived thread so the test's own threads stay where they are.
-        let fd = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             scope
-                .spawn(move || -> Result<OwnedFd> {
+                .spawn(move || {
                     // SAFETY: setns on a valid namespace fd, for this thread only.
                     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                         bail!("setns: {}", std::io::Error::last_os_error());
                     }
-                    open_tap(&name_owned)
+                    work()
                 })
                 .join()
-                .expect("tap thread panicked")
-        })?;
+                .expect("namespace thread panicked")
+        })
+    }
+
+    /// A TCP listener on `addr` inside the namespace.
+    pub fn listen(&self, addr: &str) -> Result<std::net::TcpListener> {
+        let addr = addr.to_string();
+        self.run(move || std::net::TcpListener::bind(&addr).with_context(|| format!("listening on {addr}")))
+    }
+
+    /// Creates TAP `name` inside the namespace, enslaved to br0, and
+    /// returns its fd (opened with a virtio-net header, no packet info).
+    pub fn tap(&self, name: &str) -> Result<OwnedFd> {
+        let name_owned = name.to_string();
+        let fd = self.run(move || open_tap(&name_owned))?;
         ip(&["-n", &self.name, "link", "set", name, "master", "br0"])?;
         ip(&["-n", &self.name, "link", "set", name, "up"])?;
         Ok(fd)
@@ -78,6 +88,23 @@ fn open_tap(name: &str) -> Result<OwnedFd> {
         bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
     }
     Ok(OwnedFd::from(tun))
+}
+
+/// Makes `cmd` run in the network namespace `netns` (setns after fork).
+pub fn enter_before_exec(cmd: &mut Command, netns: &str) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let ns = File::open(format!("/run/netns/{netns}")).with_context(|| format!("opening namespace {netns}"))?;
+    // SAFETY: between fork and exec the closure calls only setns(2), which
+    // is async-signal-safe; `ns` stays open (moved into the closure).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 impl Drop for TestNetwork {

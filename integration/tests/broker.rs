@@ -174,20 +174,9 @@ fn mmctl_and_the_broker_refuse_bad_input_and_keep_serving() {
     assert!(broker.pid().is_some());
 }
 
-/// `mmctl exec`, retried while the guest is still booting (the agent is
-/// not listening yet).
+/// `mmctl exec`, retried while the guest is still booting.
 fn exec_when_ready(broker: &TestBroker, vm: &str, args: &[&str]) -> mm_integration::Run {
-    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
-    let mut full = vec!["exec", vm, "--"];
-    full.extend_from_slice(args);
-    loop {
-        let run = broker.mmctl(&full, QUICK).unwrap();
-        let booting = run.stderr.contains("exec agent") && run.status == Some(4);
-        if !booting || std::time::Instant::now() > deadline {
-            return run;
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    broker.exec_when_ready(vm, args, BOOT_TIMEOUT).unwrap()
 }
 
 /// Host-side leftovers of a process the jailer ran: its jail root and its

@@ -9,6 +9,7 @@
 mod client;
 mod output;
 mod streams;
+mod tunnel;
 
 use std::path::PathBuf;
 
@@ -55,6 +56,10 @@ enum Verb {
         /// Remove it once it stops.
         #[arg(long)]
         rm: bool,
+        /// A public key file allowed to log in over SSH; repeatable
+        /// (default: ~/.ssh/id_*.pub).
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<PathBuf>,
         /// The workload, after `--` (default: the image's, `sh`).
         #[arg(last = true)]
         command: Vec<String>,
@@ -107,6 +112,32 @@ enum Verb {
     },
     /// Print a microVM's audit log (JSON lines).
     Audit { vm: String },
+    /// Log in to a microVM with OpenSSH, through the broker (no route to
+    /// the guest needed); with a command, run it there.
+    Ssh {
+        /// The microVM (with --print-config: default all).
+        #[arg(required_unless_present = "print_config")]
+        vm: Option<String>,
+        /// Print an ssh_config for `ssh -F FILE NAME.mm` instead.
+        #[arg(long)]
+        print_config: bool,
+        #[arg(long, short = 'l', default_value = "root")]
+        user: String,
+        /// The private key to use (default: ssh's own choice).
+        #[arg(long, short = 'i')]
+        identity: Option<PathBuf>,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Serve 127.0.0.1:HOSTPORT, forwarding each connection to GUESTPORT.
+    PortForward {
+        vm: String,
+        /// HOSTPORT:GUESTPORT, or GUESTPORT (any free host port; printed).
+        ports: String,
+    },
+    /// Connect stdin and stdout to a TCP port of a microVM (what ssh's
+    /// ProxyCommand runs).
+    Proxy { vm: String, port: u16 },
 }
 
 fn parse_memory(s: &str) -> Result<u32, String> {
@@ -154,11 +185,23 @@ async fn info(vm: &vm::Client) -> Result<VmInfo, CliError> {
     Ok(VmInfo::read(reply.get()?.get_info()?)?)
 }
 
+async fn list(broker: &broker::Client) -> Result<Vec<VmInfo>, CliError> {
+    let reply = broker.list_vms_request().send().promise.await?;
+    let mut vms = Vec::new();
+    for vm in reply.get()?.get_vms()?.iter() {
+        vms.push(VmInfo::read(vm)?);
+    }
+    Ok(vms)
+}
+
 async fn run(cli: Cli) -> Result<i32, CliError> {
-    let broker = client::connect(&client::socket_path(cli.socket)).await?;
+    let socket = client::socket_path(cli.socket);
+    let broker = client::connect(&socket).await?;
     let format = cli.output;
     match cli.command {
-        Verb::Run { image, name, cpus, memory, env, detach, rm, command } => {
+        Verb::Run { image, name, cpus, memory, env, detach, rm, ssh_keys, command } => {
+            let key_files = if ssh_keys.is_empty() { tunnel::default_ssh_keys() } else { ssh_keys };
+            let keys = tunnel::read_ssh_keys(&key_files)?;
             let mut request = broker.create_vm_request();
             {
                 let mut spec = request.get().init_spec();
@@ -170,6 +213,10 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 let mut list = spec.reborrow().init_command(command.len() as u32);
                 for (i, arg) in command.iter().enumerate() {
                     list.set(i as u32, arg);
+                }
+                let mut list = spec.reborrow().init_ssh_keys(keys.len() as u32);
+                for (i, key) in keys.iter().enumerate() {
+                    list.set(i as u32, key);
                 }
                 let mut vars = spec.init_env(env.len() as u32);
                 for (i, (k, v)) in env.iter().enumerate() {
@@ -199,12 +246,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             }
         }
         Verb::Ps => {
-            let reply = broker.list_vms_request().send().promise.await?;
-            let mut vms = Vec::new();
-            for vm in reply.get()?.get_vms()?.iter() {
-                vms.push(VmInfo::read(vm)?);
-            }
-            output::print_list(&vms, format);
+            output::print_list(&list(&broker).await?, format);
             Ok(0)
         }
         Verb::Inspect { vm } => {
@@ -259,6 +301,16 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             }
             Ok(failed.unwrap_or(0))
         }
+        Verb::Ssh { vm: None, .. } => tunnel::print_config(&list(&broker).await?, &socket),
+        Verb::Ssh { vm: Some(vm), print_config, user, identity, command } => {
+            let info = info(&get_vm(&broker, &vm).await?).await?;
+            if print_config {
+                return tunnel::print_config(&[info], &socket);
+            }
+            Err(tunnel::ssh(&info, &socket, &user, identity.as_deref(), &command))
+        }
+        Verb::PortForward { vm, ports } => tunnel::port_forward(get_vm(&broker, &vm).await?, &vm, &ports).await,
+        Verb::Proxy { vm, port } => tunnel::proxy(&get_vm(&broker, &vm).await?, port).await,
         Verb::Audit { vm } => {
             let vm = get_vm(&broker, &vm).await?;
             let reply = vm.audit_request().send().promise.await?;

@@ -16,7 +16,7 @@ pub struct ProcessInfo {
     pub restarts: u32,
 }
 
-/// A microVM as mmctl shows it (`ip` is empty until networking lands).
+/// A microVM as mmctl shows it (`ip` and `mac` are empty when it has no network).
 #[derive(Debug, Serialize)]
 pub struct VmInfo {
     pub id: String,
@@ -29,6 +29,7 @@ pub struct VmInfo {
     pub exit_code: Option<i32>,
     pub created_at: String,
     pub ip: String,
+    pub mac: String,
     pub command: Vec<String>,
     pub processes: Vec<ProcessInfo>,
 }
@@ -58,6 +59,7 @@ impl VmInfo {
             exit_code: Some(info.get_exit_code()).filter(|c| *c >= 0),
             created_at: text(info.get_created_at())?,
             ip: text(info.get_ip())?,
+            mac: text(info.get_mac())?,
             command,
             processes,
         })
@@ -106,6 +108,7 @@ pub fn print_one(vm: &VmInfo, format: Format) {
             println!("cpus:      {}", vm.cpus);
             println!("memory:    {} MiB", vm.memory_mib);
             println!("ip:        {}", if vm.ip.is_empty() { "-" } else { &vm.ip });
+            println!("mac:       {}", if vm.mac.is_empty() { "-" } else { &vm.mac });
             println!("created:   {}", vm.created_at);
             println!("command:   {}", vm.command.join(" "));
             if let Some(code) = vm.exit_code {

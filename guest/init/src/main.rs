@@ -1,11 +1,13 @@
 //! mm-init: PID 1 of every MicroMachines guest.
 //!
 //! It mounts the pseudo filesystems, tells mm-vmm that user space has started,
-//! runs the workload from the kernel command line with the console as its
-//! stdio, reaps every orphan, forwards termination signals to the workload,
-//! reports the workload's exit status to mm-vmm and then resets the machine,
-//! which ends mm-vmm. Its only threads are the exec agent's (agent/), which
-//! PID 1 starts when the guest has a vsock device; see PVM.md.
+//! configures the network (network.rs), runs the workload from the kernel
+//! command line with the console as its stdio, reaps every orphan, forwards
+//! termination signals to the workload, reports the workload's exit status
+//! to mm-vmm and then resets the machine, which ends mm-vmm. Its only
+//! threads are the exec agent's (agent/, when the guest has a vsock device)
+//! and the SSH server's (ssh/, on TCP port 22); PID 1's own work stays on
+//! the main thread (see PVM.md).
 
 mod agent;
 mod bootdev;

@@ -1,0 +1,264 @@
+//! The microVM network end to end, through a real broker: addresses, SSH
+//! with a real OpenSSH client, guest-to-guest traffic, port-forwarding,
+//! address reuse across `rm` and a broker restart, egress NAT, and the
+//! host kept out of reach unless it opts in.
+//!
+//! Traffic goes only to loopback and to addresses inside namespaces these
+//! tests (or their brokers) create: the "host" and "internet" of the
+//! egress test are namespaces too, so nothing touches the machine's own
+//! networks. Boots are slow on PVM, so the two tests boot six guests in all
+//! (two of them are only created, checked and removed).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use mm_integration::broker::TestBroker;
+use mm_integration::devices::Scratch;
+use mm_integration::guest::BOOT_TIMEOUT;
+use mm_integration::netns::{TestNetwork, ip};
+use mm_integration::{kvm_available, run_with_timeout};
+
+const QUICK: Duration = Duration::from_secs(60);
+
+fn ps(broker: &TestBroker) -> Vec<serde_json::Value> {
+    let run = broker.mmctl(&["ps", "-o", "json"], QUICK).unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    serde_json::from_str::<serde_json::Value>(&run.stdout).unwrap().as_array().unwrap().clone()
+}
+
+fn ip_of(broker: &TestBroker, vm: &str) -> Ipv4Addr {
+    let info = broker.inspect(vm).unwrap();
+    info["ip"].as_str().unwrap().parse().unwrap_or_else(|_| panic!("{vm} has no address: {info}"))
+}
+
+fn run_detached(broker: &TestBroker, name: &str, extra: &[&str]) {
+    let mut args = vec!["run", "-d", "--name", name];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sleep", "1000000"]);
+    let run = broker.mmctl(&args, QUICK).unwrap();
+    assert_eq!(run.status, Some(0), "mmctl run {name}: {}", run.stderr);
+}
+
+/// Runs a shell script in `vm` (retrying while it boots); asserts success.
+fn sh(broker: &TestBroker, vm: &str, script: &str) -> String {
+    let run = broker.exec_when_ready(vm, &["sh", "-c", script], BOOT_TIMEOUT).unwrap();
+    assert_eq!(run.status, Some(0), "{vm}: {script}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+    run.stdout
+}
+
+fn keygen(dir: &Scratch, name: &str) -> std::path::PathBuf {
+    let key = dir.path(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .stdin(Stdio::null())
+        .status()
+        .expect("ssh-keygen (apt-get install openssh-client)");
+    assert!(status.success());
+    key
+}
+
+/// A plain OpenSSH client with the config `mmctl ssh --print-config` wrote.
+fn plain_ssh(config: &Path, home: &Path, key: &Path, host: &str, command: &str) -> mm_integration::Run {
+    let mut cmd = Command::new("ssh");
+    cmd.env("HOME", home).arg("-F").arg(config).arg("-i").arg(key);
+    cmd.args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30", host, command]);
+    run_with_timeout(cmd, QUICK).unwrap()
+}
+
+/// `mmctl ssh`, retried while the guest's SSH server is not up yet.
+fn mmctl_ssh_when_ready(
+    broker: &TestBroker,
+    home: &Path,
+    key: &Path,
+    vm: &str,
+    command: &[&str],
+) -> mm_integration::Run {
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    let key = key.to_str().unwrap();
+    let mut args = vec!["ssh", "-i", key, vm, "--"];
+    args.extend_from_slice(command);
+    loop {
+        let mut cmd = broker.mmctl_command(&args).unwrap();
+        cmd.env("HOME", home);
+        let run = run_with_timeout(cmd, QUICK).unwrap();
+        let not_up = run.status == Some(255) && run.stderr.contains("cannot connect");
+        if !not_up || std::time::Instant::now() > deadline {
+            return run;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn microvms_get_addresses_reach_each_other_and_take_ssh_and_port_forwards() {
+    if !kvm_available("microvms_get_addresses_reach_each_other_and_take_ssh_and_port_forwards") {
+        return;
+    }
+    let scratch = Scratch::new("network-keys").unwrap();
+    let good = keygen(&scratch, "good");
+    let bad = keygen(&scratch, "bad");
+    let home = scratch.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut broker = TestBroker::start("net", &["--network-cidr", "10.123.0.0/24"]).unwrap();
+    let good_pub = format!("{}.pub", good.display());
+    run_detached(&broker, "a", &["--ssh-key", &good_pub]);
+    run_detached(&broker, "b", &["--ssh-key", &good_pub]);
+
+    // Addresses: distinct, in the configured network, shown by ps and inspect.
+    let (ip_a, ip_b) = (ip_of(&broker, "a"), ip_of(&broker, "b"));
+    assert_eq!(ip_a, Ipv4Addr::new(10, 123, 0, 2));
+    assert_eq!(ip_b, Ipv4Addr::new(10, 123, 0, 3));
+    let listed: Vec<String> = ps(&broker).iter().map(|vm| vm["ip"].as_str().unwrap().to_string()).collect();
+    assert!(listed.contains(&ip_a.to_string()) && listed.contains(&ip_b.to_string()), "{listed:?}");
+
+    // The guest configured itself from the command line.
+    let shown = sh(&broker, "a", "ip -4 addr show eth0; ip route; cat /etc/hosts");
+    assert!(shown.contains(&format!("inet {ip_a}/24")), "{shown}");
+    assert!(shown.contains("default via 10.123.0.1"), "{shown}");
+
+    // Guest to guest: ping, then 256 KiB over TCP checked by md5. (Guest
+    // networking on PVM hosts runs at ~0.15 MiB/s, so the payload is small.)
+    sh(&broker, "b", "(nc -l -p 5000 > /tmp/received 2>/dev/null) </dev/null >/dev/null 2>&1 &");
+    let sent = sh(
+        &broker,
+        "a",
+        &format!(
+            "ping -c 2 -W 5 {ip_b} > /dev/null && head -c 262144 /dev/urandom > /tmp/data && \
+             i=0; until nc {ip_b} 5000 < /tmp/data; do i=$((i+1)); [ $i -gt 30 ] && exit 1; sleep 1; done; \
+             md5sum < /tmp/data"
+        ),
+    );
+    let received = sh(&broker, "b", "while pidof nc > /dev/null; do sleep 0.5; done; md5sum < /tmp/received");
+    assert_eq!(sent.split_whitespace().next(), received.split_whitespace().next(), "sent {sent} received {received}");
+
+    // SSH with the real OpenSSH client, through the broker (the host has no
+    // route into the namespace): `mmctl ssh`, then a plain `ssh -F`.
+    let run = mmctl_ssh_when_ready(&broker, &home, &good, "a", &["echo ssh-ok; hostname; exit 3"]);
+    assert_eq!(run.status, Some(3), "mmctl ssh: {}\n{}", run.stdout, run.stderr);
+    assert_eq!(run.stdout.lines().collect::<Vec<_>>(), ["ssh-ok", "a"], "{}", run.stderr);
+    let config_run = broker.mmctl(&["ssh", "--print-config"], QUICK).unwrap();
+    assert_eq!(config_run.status, Some(0), "{}", config_run.stderr);
+    let config = scratch.path("ssh_config");
+    std::fs::write(&config, &config_run.stdout).unwrap();
+    let run = plain_ssh(&config, &home, &good, "b.mm", "hostname");
+    assert_eq!((run.status, run.stdout.trim()), (Some(0), "b"), "{}", run.stderr);
+    let refused = plain_ssh(&config, &home, &bad, "a.mm", "echo should-not-run");
+    assert_eq!(refused.status, Some(255), "a wrong key must be refused: {}", refused.stdout);
+    assert!(refused.stderr.contains("Permission denied"), "{}", refused.stderr);
+    assert!(!refused.stdout.contains("should-not-run"));
+
+    // Port-forward: a server in b answers a client on 127.0.0.1.
+    sh(&broker, "b", "(while true; do echo pong-from-b | nc -l -p 8080; done) </dev/null >/dev/null 2>&1 &");
+    let mut forward = broker.mmctl_command(&["port-forward", "b", "0:8080"]).unwrap();
+    let mut forward = forward.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null()).spawn().unwrap();
+    let mut first_line = String::new();
+    BufReader::new(forward.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
+    let local = first_line.split_whitespace().nth(1).unwrap_or_else(|| panic!("{first_line:?}")).to_string();
+    assert!(local.starts_with("127.0.0.1:"), "listens on loopback only: {first_line}");
+    let answer = (0..30)
+        .find_map(|_| {
+            let mut reply = String::new();
+            let read = std::net::TcpStream::connect(&local).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                s.read_to_string(&mut reply)
+            });
+            if read.is_ok() && reply.contains("pong-from-b") {
+                return Some(reply);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            None
+        })
+        .expect("no answer through the port-forward");
+    assert_eq!(answer.trim(), "pong-from-b");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(forward.id() as i32, libc::SIGTERM) };
+    let _ = forward.wait();
+
+    // Addresses are held while stopped, survive a broker restart, and are
+    // given out again only after `rm`.
+    assert_eq!(broker.mmctl(&["stop", "-t", "20", "b"], QUICK).unwrap().status, Some(0));
+    broker.restart().unwrap();
+    assert_eq!((ip_of(&broker, "a"), ip_of(&broker, "b")), (ip_a, ip_b));
+    let run = mmctl_ssh_when_ready(&broker, &home, &good, "a", &["echo after-restart"]);
+    assert_eq!((run.status, run.stdout.trim()), (Some(0), "after-restart"), "{}", run.stderr);
+    run_detached(&broker, "c", &[]);
+    assert_eq!(ip_of(&broker, "c"), Ipv4Addr::new(10, 123, 0, 4), "b is stopped, not removed: its address is kept");
+    for vm in ["a", "c"] {
+        assert_eq!(broker.mmctl(&["rm", "-f", vm], QUICK).unwrap().status, Some(0));
+    }
+    run_detached(&broker, "d", &[]);
+    assert_eq!(ip_of(&broker, "d"), ip_a, "a's address is free once a is removed");
+    assert_eq!(broker.mmctl(&["rm", "-f", "d", "b"], QUICK).unwrap().status, Some(0));
+}
+
+/// Accepts on `listener` for the test's lifetime and reports each peer.
+fn record_peers(listener: TcpListener) -> mpsc::Receiver<std::net::SocketAddr> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if let Ok(peer) = stream.peer_addr() {
+                let _ = tx.send(peer);
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn guests_get_egress_but_reach_the_host_only_when_it_opts_in() {
+    if !kvm_available("guests_get_egress_but_reach_the_host_only_when_it_opts_in") {
+        return;
+    }
+    // "host" plays the machine's root namespace, "inet" the outside world,
+    // joined by a veth pair: host's up0 (198.51.100.1) is the uplink.
+    let host = TestNetwork::new("host").unwrap();
+    let inet = TestNetwork::new("inet").unwrap();
+    ip(&["-n", &host.name, "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", &inet.name]).unwrap();
+    ip(&["-n", &host.name, "addr", "add", "198.51.100.1/24", "dev", "up0"]).unwrap();
+    ip(&["-n", &host.name, "link", "set", "up0", "up"]).unwrap();
+    ip(&["-n", &inet.name, "addr", "add", "198.51.100.2/24", "dev", "wan0"]).unwrap();
+    ip(&["-n", &inet.name, "link", "set", "wan0", "up"]).unwrap();
+    let outside = record_peers(inet.listen("198.51.100.2:7000").unwrap());
+    let host_service = record_peers(host.listen("0.0.0.0:7001").unwrap());
+
+    // Default: the bridge in the broker's own namespace, egress via up0.
+    let isolated =
+        TestBroker::start_in(Some(&host.name), "egress", &["--uplink", "up0", "--network-cidr", "10.124.0.0/24"])
+            .unwrap();
+    // Opt-in: the bridge in the "host" namespace itself.
+    let opted_in = TestBroker::start_in(
+        Some(&host.name),
+        "hostbridge",
+        &["--bridge-in-host-netns", "--bridge", "mmbr9", "--network-cidr", "10.125.0.0/24"],
+    )
+    .unwrap();
+    run_detached(&isolated, "e", &[]);
+    run_detached(&opted_in, "f", &[]);
+
+    // Egress works, masqueraded onto the uplink's address.
+    let out = sh(&isolated, "e", "nc -w 10 198.51.100.2 7000 < /dev/null && echo EGRESS-OK");
+    assert!(out.contains("EGRESS-OK"), "{out}");
+    let peer = outside.recv_timeout(QUICK).expect("the outside saw no connection");
+    assert_eq!(peer.ip(), Ipv4Addr::new(198, 51, 100, 1), "egress must be NATed onto the uplink");
+
+    // But the host itself is out of reach: its uplink address, the transit
+    // address, and the guests' gateway (which is in the broker's namespace,
+    // not the host's).
+    let probe = "for t in 198.51.100.1 169.254.100.1 10.124.0.1; do \
+                 if nc -w 3 $t 7001 < /dev/null; then echo REACHED-$t; else echo BLOCKED-$t; fi; done";
+    let out = sh(&isolated, "e", probe);
+    assert!(!out.contains("REACHED"), "{out}");
+    assert_eq!(out.matches("BLOCKED").count(), 3, "{out}");
+    assert!(host_service.try_recv().is_err(), "the host's service saw a guest connection");
+
+    // A host that opted in is reachable from its guests.
+    let out = sh(&opted_in, "f", "nc -w 10 10.125.0.1 7001 < /dev/null && echo HOST-REACHED");
+    assert!(out.contains("HOST-REACHED"), "{out}");
+    let peer = host_service.recv_timeout(QUICK).expect("the host's service saw no connection");
+    assert_eq!(peer.ip(), Ipv4Addr::new(10, 125, 0, 2));
+}
