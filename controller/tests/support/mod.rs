@@ -1,0 +1,181 @@
+//! Shared by the integration tests: a real PostgreSQL (`pg`), a real
+//! controller serving HTTP on 127.0.0.1, a client, and token minting.
+
+#![allow(dead_code)]
+
+pub mod pg;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use mm_controller::auth::{Claims, Keys, Role};
+use mm_controller::{Config, Controller};
+use reqwest::{Method, StatusCode, header::HeaderMap};
+use serde_json::{Value, json};
+
+pub const SECRET: &[u8] = b"integration-test-secret-0123456789abcdef";
+
+/// A controller serving HTTP on 127.0.0.1; stops when dropped.
+pub struct Server {
+    pub base: String,
+    pub addr: SocketAddr,
+    pub controller: Controller,
+    pub database_url: String,
+    task: tokio::task::JoinHandle<()>,
+    client: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A response, body parsed as JSON when there is one.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an RFC 9457 problem with this status whose request id matches
+    /// the header; returns its detail.
+    #[track_caller]
+    pub fn problem(&self, status: u16) -> &str {
+        assert_eq!(self.status.as_u16(), status, "{:#}", self.body);
+        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{:#}", self.body);
+        assert_eq!(self.body["status"], status);
+        let id = self.header("x-request-id").expect("X-Request-Id");
+        assert_eq!(self.body["request_id"], id);
+        assert!(self.body["type"].as_str().unwrap().starts_with("urn:micromachines:problem:"));
+        self.body["detail"].as_str().unwrap()
+    }
+}
+
+/// Starts a controller on `database_url` with test-friendly settings, then
+/// `tweak`.
+pub async fn serve_with(database_url: &str, tweak: impl FnOnce(&mut Config)) -> Server {
+    let mut config = Config::new(database_url, SECRET);
+    config.reconcile_interval = std::time::Duration::from_millis(100);
+    config.wait_poll_interval = std::time::Duration::from_millis(100);
+    config.rate_limit.burst = 10_000;
+    config.rate_limit.per_second = 10_000.0;
+    tweak(&mut config);
+    let controller = Controller::start(config).await.expect("controller starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = controller.router();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    Server {
+        base: format!("http://{addr}"),
+        addr,
+        controller,
+        database_url: database_url.to_owned(),
+        task,
+        client: reqwest::Client::new(),
+    }
+}
+
+/// A controller on a fresh database.
+pub async fn serve() -> Server {
+    let url = tokio::task::spawn_blocking(pg::fresh_database).await.unwrap();
+    serve_with(&url, |_| {}).await
+}
+
+impl Server {
+    /// Sends a request; `body` is sent as JSON.
+    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        self.send(request).await
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.base))
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("HTTP request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Reply { status, headers, body }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Reply {
+        self.call(Method::POST, path, Some(token), Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Reply {
+        self.call(Method::DELETE, path, Some(token), None).await
+    }
+
+    /// Creates a namespace (as `admin`), asserting success.
+    pub async fn namespace(&self, admin: &str, name: &str) {
+        let r = self.post("/v1/namespaces", admin, json!({ "name": name })).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:#}", r.body);
+    }
+
+    /// Registers a host (as `admin`), asserting success.
+    pub async fn host(&self, admin: &str, name: &str, cpus: i32, memory_mb: i64, labels: Value) -> Value {
+        let body = json!({ "name": name, "address": format!("{name}.test:7000"), "cpus": cpus,
+            "memory_mb": memory_mb, "labels": labels });
+        let r = self.post("/v1/hosts", admin, body).await;
+        assert!(r.status.is_success(), "{:#}", r.body);
+        r.body
+    }
+
+    /// Creates a machine (as `token`), asserting success; returns it.
+    pub async fn machine(&self, token: &str, namespace: &str, body: Value) -> Value {
+        let r = self.post(&format!("/v1/namespaces/{namespace}/machines"), token, body).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:#}", r.body);
+        r.body
+    }
+}
+
+/// A small machine spec.
+pub fn spec(name: &str) -> Value {
+    json!({ "name": name, "config": { "image": "alpine", "guest": { "cpus": 1, "memory_mb": 128 } } })
+}
+
+pub fn claims(subject: &str, roles: &[(&str, Role)], cluster_admin: bool, exp_in: i64) -> Claims {
+    Claims {
+        sub: subject.to_owned(),
+        jti: uuid::Uuid::new_v4().to_string(),
+        exp: chrono::Utc::now().timestamp() + exp_in,
+        iat: None,
+        roles: roles.iter().map(|(ns, r)| (ns.to_string(), *r)).collect::<BTreeMap<_, _>>(),
+        cluster_admin,
+    }
+}
+
+/// A token signed with the test secret.
+pub fn token(subject: &str, roles: &[(&str, Role)], cluster_admin: bool) -> String {
+    Keys::new(SECRET, None).unwrap().mint(&claims(subject, roles, cluster_admin, 3600))
+}
+
+pub fn cluster_admin() -> String {
+    token("root", &[], true)
+}
