@@ -1,0 +1,182 @@
+//! Bad input and bad credentials: each gets a clear 4xx problem document,
+//! and none changes anything.
+
+mod support;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mm_controller::auth::{Keys, Role};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use support::{claims, cluster_admin, serve, spec};
+
+async fn machine_count(s: &support::Server, root: &str) -> usize {
+    let list = s.get("/v1/namespaces/ns/machines?include_destroyed=true", root).await;
+    list.body["machines"].as_array().unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_are_refused_and_change_nothing() {
+    let s = serve().await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    s.host(&root, "h1", 8, 8192, json!({})).await;
+    let create = || s.request(Method::POST, "/v1/namespaces/ns/machines").bearer_auth(&root);
+
+    let r = s.send(create().header("content-type", "application/json").body("{\"name\": ")).await;
+    assert!(r.problem(400).contains("EOF"), "{:#}", r.body);
+    let mut unknown = spec("a");
+    unknown["colour"] = json!("red");
+    assert!(s.send(create().json(&unknown)).await.problem(422).contains("unknown field `colour`"));
+    let mut nested = spec("a");
+    nested["config"]["guest"]["gpus"] = json!(1);
+    assert!(s.send(create().json(&nested)).await.problem(422).contains("unknown field `gpus`"));
+    let mut wrong_type = spec("a");
+    wrong_type["config"]["guest"]["cpus"] = json!("two");
+    s.send(create().json(&wrong_type)).await.problem(422);
+    s.send(create().body(serde_json::to_vec(&spec("a")).unwrap())).await.problem(415);
+    let mut huge = spec("a");
+    huge["config"]["env"] = json!({ "BIG": "x".repeat(100 * 1024) });
+    s.send(create().json(&huge)).await.problem(413);
+    let mut zero = spec("a");
+    zero["config"]["guest"]["cpus"] = json!(0);
+    assert!(s.send(create().json(&zero)).await.problem(422).contains("cpus"));
+    let mut bad_env = spec("a");
+    bad_env["config"]["env"] = json!({ "1X": "y" });
+    s.send(create().json(&bad_env)).await.problem(422);
+    let mut bad_label = spec("a");
+    bad_label["labels"] = json!({ "a key": "y" });
+    s.send(create().json(&bad_label)).await.problem(422);
+    s.send(create().header("Idempotency-Key", "").json(&spec("a"))).await.problem(400);
+
+    // Paths, methods and queries.
+    s.get("/v1/namespaces/ns/machines/not-a-uuid", &root).await.problem(400);
+    let missing = s.get(&format!("/v1/namespaces/ns/machines/{}", uuid::Uuid::nil()), &root).await;
+    missing.problem(404);
+    assert_eq!(s.get("/v1/nothing/here", &root).await.body["type"], "urn:micromachines:problem:no-route");
+    s.get("/v1/nothing/here", &root).await.problem(404);
+    s.call(Method::PUT, "/v1/namespaces", Some(&root), None).await.problem(405);
+    s.delete(&format!("/v1/namespaces/ns/machines/{}?force=maybe", uuid::Uuid::nil()), &root).await.problem(400);
+
+    assert_eq!(machine_count(&s, &root).await, 0);
+    // And the request id a client sends is the one it gets back.
+    let tagged = s.send(s.request(Method::GET, "/v1/nothing").header("X-Request-Id", "client-123")).await;
+    assert_eq!(tagged.header("x-request-id"), Some("client-123"));
+    assert_eq!(tagged.body["request_id"], "client-123");
+    let hostile = s.send(s.request(Method::GET, "/v1/nothing").header("X-Request-Id", "a b\"c")).await;
+    assert_ne!(hostile.header("x-request-id"), Some("a b\"c"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_get_401_and_change_nothing() {
+    let s = serve().await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    s.host(&root, "h1", 8, 8192, json!({})).await;
+    let attempt = |auth: Option<String>| {
+        let mut r = s.request(Method::POST, "/v1/namespaces/ns/machines").json(&spec("x"));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        s.send(r)
+    };
+    let missing = attempt(None).await;
+    assert!(missing.problem(401).contains("missing bearer token"));
+    assert_eq!(missing.header("www-authenticate"), Some("Bearer realm=\"mm-controller\""));
+    assert!(attempt(Some("Basic cm9vdDpyb290".into())).await.problem(401).contains("Bearer"));
+    attempt(Some("Bearer not-a-jwt".into())).await.problem(401);
+
+    let operator = [("ns", Role::Operator)];
+    let foreign = Keys::new(b"some-other-secret-that-is-long-enough", None).unwrap();
+    let forged = foreign.mint(&claims("mallory", &operator, true, 3600));
+    assert!(attempt(Some(format!("Bearer {forged}"))).await.problem(401).contains("signature"));
+    let ours = Keys::new(support::SECRET, None).unwrap();
+    let expired = ours.mint(&claims("alice", &operator, false, -3600));
+    assert!(attempt(Some(format!("Bearer {expired}"))).await.problem(401).contains("expired"));
+    // "none" and other algorithms are refused outright.
+    let mut header = Header::new(Algorithm::HS512);
+    header.typ = Some("JWT".into());
+    let hs512 = jsonwebtoken::encode(
+        &header,
+        &claims("alice", &operator, false, 3600),
+        &EncodingKey::from_secret(support::SECRET),
+    )
+    .unwrap();
+    assert!(attempt(Some(format!("Bearer {hs512}"))).await.problem(401).contains("HS512"));
+
+    // A token minted through the API works until it is revoked.
+    let minted = s.post("/v1/tokens", &root, json!({"subject": "ci", "roles": {"ns": "operator"}})).await;
+    assert_eq!(minted.status, StatusCode::CREATED, "{:#}", minted.body);
+    let token = minted.body["token"].as_str().unwrap().to_owned();
+    let jti = minted.body["jti"].as_str().unwrap().to_owned();
+    assert_eq!(s.get("/v1/namespaces/ns/machines", &token).await.status, StatusCode::OK);
+    assert_eq!(s.delete(&format!("/v1/tokens/{jti}"), &root).await.status, StatusCode::NO_CONTENT);
+    assert!(attempt(Some(format!("Bearer {token}"))).await.problem(401).contains("revoked"));
+    let listed = s.get("/v1/tokens", &root).await;
+    let entry = listed.body["tokens"].as_array().unwrap().iter().find(|t| t["jti"] == jti.as_str()).unwrap().clone();
+    assert_eq!(entry["revoked"], true);
+    assert!(entry.get("token").is_none(), "the secret is never listed");
+
+    let list = s.get("/v1/namespaces/ns/machines?include_destroyed=true", &root).await;
+    assert_eq!(list.body["machines"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_tokens_from_an_external_issuer() {
+    let dir = std::env::temp_dir().join(format!("mm-controller-rsa-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let private = dir.join("key.pem");
+    let public = dir.join("pub.pem");
+    let ok = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .arg(&private)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl genpkey");
+    let ok = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl pkey -pubout");
+    let private_pem = std::fs::read(&private).unwrap();
+    let public_pem = std::fs::read(&public).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let url = tokio::task::spawn_blocking(support::pg::fresh_database).await.unwrap();
+    let pem = public_pem.clone();
+    let s = support::serve_with(&url, move |c| c.jwt_rs256_public_key_pem = Some(pem)).await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    let key = EncodingKey::from_rsa_pem(&private_pem).unwrap();
+    let external = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &claims("idp-user", &[("ns", Role::Viewer)], false, 600),
+        &key,
+    )
+    .unwrap();
+    assert_eq!(s.get("/v1/namespaces/ns", &external).await.status, StatusCode::OK);
+    // The public key used as an HMAC secret (algorithm confusion) fails.
+    let confused = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims("x", &[("ns", Role::Admin)], true, 600),
+        &EncodingKey::from_secret(&public_pem),
+    )
+    .unwrap();
+    s.get("/v1/namespaces/ns", &confused).await.problem(401);
+    // External token ids can be revoked by a cluster admin.
+    let jti = jsonwebtoken::decode::<mm_controller::auth::Claims>(
+        &external,
+        &jsonwebtoken::DecodingKey::from_rsa_pem(&public_pem).unwrap(),
+        &jsonwebtoken::Validation::new(Algorithm::RS256),
+    )
+    .unwrap()
+    .claims
+    .jti;
+    assert_eq!(s.delete(&format!("/v1/tokens/{jti}"), &root).await.status, StatusCode::NO_CONTENT);
+    s.get("/v1/namespaces/ns", &external).await.problem(401);
+}

@@ -1,0 +1,117 @@
+//! The OpenAPI document: served without a token, parses as OpenAPI 3.1, its
+//! references resolve, it lists exactly the API's routes, and every route
+//! it lists is really routed.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use support::{cluster_admin, serve};
+
+/// Every route of the API, written out by hand: the document must match it
+/// exactly, so neither can grow a route the other does not know.
+const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/namespaces"),
+    ("POST", "/v1/namespaces"),
+    ("GET", "/v1/namespaces/{namespace}"),
+    ("DELETE", "/v1/namespaces/{namespace}"),
+    ("GET", "/v1/namespaces/{namespace}/machines"),
+    ("POST", "/v1/namespaces/{namespace}/machines"),
+    ("GET", "/v1/namespaces/{namespace}/machines/{id}"),
+    ("DELETE", "/v1/namespaces/{namespace}/machines/{id}"),
+    ("POST", "/v1/namespaces/{namespace}/machines/{id}/start"),
+    ("POST", "/v1/namespaces/{namespace}/machines/{id}/stop"),
+    ("GET", "/v1/namespaces/{namespace}/machines/{id}/wait"),
+    ("GET", "/v1/namespaces/{namespace}/machines/{id}/events"),
+    ("GET", "/v1/namespaces/{namespace}/machines/{id}/lease"),
+    ("POST", "/v1/namespaces/{namespace}/machines/{id}/lease"),
+    ("DELETE", "/v1/namespaces/{namespace}/machines/{id}/lease"),
+    ("GET", "/v1/hosts"),
+    ("POST", "/v1/hosts"),
+    ("GET", "/v1/hosts/{name}"),
+    ("POST", "/v1/hosts/{name}/cordon"),
+    ("POST", "/v1/hosts/{name}/uncordon"),
+    ("POST", "/v1/hosts/{name}/drain"),
+    ("POST", "/v1/hosts/{name}/machines/{id}/state"),
+    ("GET", "/v1/tokens"),
+    ("POST", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/{jti}"),
+    ("GET", "/v1/openapi.json"),
+];
+
+fn collect_refs(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                if k == "$ref" {
+                    out.push(v.as_str().unwrap().to_owned());
+                } else {
+                    collect_refs(v, out);
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_refs(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_matches_the_router() {
+    let s = serve().await;
+    let r = s.call(Method::GET, "/v1/openapi.json", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let doc = r.body;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
+    // It deserialises as an OpenAPI document.
+    let parsed: utoipa::openapi::OpenApi = serde_json::from_value(doc.clone()).expect("a valid OpenAPI document");
+    assert_eq!(parsed.info.title, "MicroMachines controller");
+    assert_eq!(serde_json::to_value(s.controller.openapi()).unwrap(), doc, "served document is the router's");
+
+    // References resolve.
+    let mut refs = Vec::new();
+    collect_refs(&doc, &mut refs);
+    assert!(!refs.is_empty());
+    for reference in refs {
+        let name = reference.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("odd $ref {reference}"));
+        assert!(doc["components"]["schemas"].get(name).is_some(), "dangling $ref {reference}");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+
+    // Exactly the API's routes.
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                documented.insert((method.to_uppercase(), path.clone()));
+                let op = &item[method];
+                assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()), "{method} {path} has no responses");
+                if path != "/v1/openapi.json" {
+                    assert_eq!(
+                        op["security"],
+                        serde_json::json!([{"bearer": []}]),
+                        "{method} {path} is not marked bearer"
+                    );
+                }
+            }
+        }
+    }
+    let expected: BTreeSet<_> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(documented, expected);
+
+    // Every documented route is routed: nothing answers with the router's
+    // fallback or 405.
+    let root = cluster_admin();
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{namespace}", "nope")
+            .replace("{id}", &uuid::Uuid::nil().to_string())
+            .replace("{name}", "nope")
+            .replace("{jti}", "nope");
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let r = s.send(s.request(method.clone(), &concrete).bearer_auth(&root).json(&serde_json::json!({}))).await;
+        assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {concrete}");
+        assert_ne!(r.body["type"], "urn:micromachines:problem:no-route", "{method} {concrete}");
+    }
+}
