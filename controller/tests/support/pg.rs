@@ -103,6 +103,8 @@ impl PgCluster {
     }
 
     /// Stops the cluster once this process is gone, however it ended.
+    // Never waited for on purpose: it outlives this process by design.
+    #[allow(clippy::zombie_processes)]
     fn spawn_watchdog(&self) {
         let pg_ctl = self.bin.join("pg_ctl");
         let data = self.dir.join("data");
