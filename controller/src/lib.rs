@@ -105,12 +105,12 @@ impl Controller {
 
     /// The HTTP API.
     pub fn router(&self) -> axum::Router {
-        api::router(self.state.clone(), self.max_body_bytes).0
+        api::router(self.state.clone(), self.max_body_bytes)
     }
 
     /// The OpenAPI document the router serves.
     pub fn openapi(&self) -> utoipa::openapi::OpenApi {
-        api::router(self.state.clone(), self.max_body_bytes).1
+        api::openapi()
     }
 
     pub fn is_leader(&self) -> bool {

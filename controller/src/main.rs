@@ -54,6 +54,9 @@ struct Secret {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Prints the OpenAPI document (for client generators and API
+    /// testers; the server also serves it at /v1/openapi.json).
+    Openapi,
     /// Prints a token signed with the HS256 secret (not recorded in the
     /// database, but revocable by its id).
     MintToken {
@@ -107,8 +110,15 @@ async fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    if let Some(Command::MintToken { secret: s, subject, roles, cluster_admin, ttl }) = args.command {
-        return mint(secret(s)?, subject, roles, cluster_admin, ttl);
+    match args.command {
+        Some(Command::MintToken { secret: s, subject, roles, cluster_admin, ttl }) => {
+            return mint(secret(s)?, subject, roles, cluster_admin, ttl);
+        }
+        Some(Command::Openapi) => {
+            println!("{}", mm_controller::api::openapi().to_pretty_json()?);
+            return Ok(());
+        }
+        None => {}
     }
     let database_url = args.database_url.context("--database-url (or MM_DATABASE_URL) is required")?;
     let mut config = Config::new(database_url, secret(args.secret)?);

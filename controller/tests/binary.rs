@@ -1,5 +1,5 @@
 //! The `mm-controller` binary itself: `mint-token` prints a usable token,
-//! the server starts on a real database, serves, and stops on SIGTERM.
+//! `openapi` prints the document, the server starts on a real database, serves, and stops on SIGTERM.
 
 mod support;
 
@@ -34,6 +34,12 @@ async fn mint_a_token_serve_and_stop() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&short.stderr).contains("at least 32 bytes"));
+
+    // The document needs no database.
+    let doc = Command::new(BIN).arg("openapi").output().unwrap();
+    assert!(doc.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&doc.stdout).unwrap();
+    assert!(doc["paths"]["/v1/namespaces/{namespace}/machines"].is_object());
 
     let url = tokio::task::spawn_blocking(support::pg::fresh_database).await.unwrap();
     let port = free_port();

@@ -79,13 +79,18 @@ async fn the_document_matches_the_router() {
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 
-    // Exactly the API's routes.
+    // Exactly the API's routes, each with a unique operationId (client
+    // generators name methods after them).
     let mut documented = BTreeSet::new();
+    let mut operation_ids = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {
             if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
                 documented.insert((method.to_uppercase(), path.clone()));
                 let op = &item[method];
+                let operation_id =
+                    op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path}: no operationId"));
+                assert!(operation_ids.insert(operation_id.to_owned()), "duplicate operationId {operation_id}");
                 assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()), "{method} {path} has no responses");
                 if path != "/v1/openapi.json" {
                     assert_eq!(

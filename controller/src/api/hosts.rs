@@ -103,7 +103,7 @@ async fn load(state: &AppState, name: String) -> Result<Host, ApiError> {
     Ok(view(row, usage))
 }
 
-#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "hosts_list", path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
     responses((status = 200, body = HostList), (status = 403, body = Problem)))]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<HostList>, ApiError> {
     caller.require_cluster_admin()?;
@@ -113,7 +113,7 @@ pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<
 
 /// STAND-IN for broker registration over mTLS: registers a host or updates
 /// its address, capacity and labels (cordon and drain are kept).
-#[utoipa::path(post, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "hosts_register", path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
     request_body = RegisterHost,
     responses((status = 201, body = Host), (status = 200, description = "Updated", body = Host),
         (status = 403, body = Problem), (status = 422, body = Problem)))]
@@ -143,7 +143,7 @@ pub async fn register(
     Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, Json(host)))
 }
 
-#[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "hosts_get", path = "/v1/hosts/{name}", tag = "hosts", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get(
@@ -169,7 +169,7 @@ async fn set_flags(
 }
 
 /// No new machines are placed here; the ones there stay.
-#[utoipa::path(post, path = "/v1/hosts/{name}/cordon", tag = "hosts", security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "hosts_cordon", path = "/v1/hosts/{name}/cordon", tag = "hosts", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn cordon(
@@ -181,7 +181,7 @@ pub async fn cordon(
 }
 
 /// Back in the pool (also ends a drain).
-#[utoipa::path(post, path = "/v1/hosts/{name}/uncordon", tag = "hosts", security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "hosts_uncordon", path = "/v1/hosts/{name}/uncordon", tag = "hosts", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn uncordon(
@@ -195,7 +195,7 @@ pub async fn uncordon(
 /// Cordons the host and has the leading controller move its machines
 /// elsewhere. For now only machines no broker has started (created) move;
 /// moving ones that ran needs the broker session.
-#[utoipa::path(post, path = "/v1/hosts/{name}/drain", tag = "hosts", security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "hosts_drain", path = "/v1/hosts/{name}/drain", tag = "hosts", security(("bearer" = [])),
     params(("name" = String, Path)),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn drain(
@@ -215,7 +215,7 @@ pub struct ReportState {
 
 /// STAND-IN for the broker session's observed-state report: the machine
 /// placed on this host is now in `state`.
-#[utoipa::path(post, path = "/v1/hosts/{name}/machines/{id}/state", tag = "hosts", security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "hosts_report_state", path = "/v1/hosts/{name}/machines/{id}/state", tag = "hosts", security(("bearer" = [])),
     params(("name" = String, Path), ("id" = Uuid, Path)),
     request_body = ReportState,
     responses((status = 200, body = Machine), (status = 403, body = Problem), (status = 404, body = Problem),

@@ -43,7 +43,7 @@ pub struct Lease {
 }
 
 /// The active lease, without its nonce.
-#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
+#[utoipa::path(get, operation_id = "machines_get_lease", path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path)),
     responses((status = 200, body = LeaseInfo), (status = 404, description = "No active lease", body = Problem)))]
@@ -59,7 +59,7 @@ pub async fn get_lease(
 
 /// Takes a lease (201), or extends the caller's own when its nonce is sent
 /// (200, same nonce).
-#[utoipa::path(post, path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
+#[utoipa::path(post, operation_id = "machines_acquire_lease", path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
     request_body = AcquireLease,
@@ -99,7 +99,7 @@ pub async fn acquire_lease(
 }
 
 /// Releases the lease; needs its nonce.
-#[utoipa::path(delete, path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
+#[utoipa::path(delete, operation_id = "machines_release_lease", path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = String, Header)),
     responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]

@@ -173,7 +173,7 @@ fn check(body: &CreateMachine) -> Result<(), ApiError> {
 /// repeating the request (same key, same body) returns the machine the
 /// first one made, with status 200 and `Idempotent-Replayed: true`; the
 /// same key with a different body is refused with 422.
-#[utoipa::path(post, path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "machines_create", path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
     params(("namespace" = String, Path),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries of this create safe")),
     request_body = CreateMachine,
@@ -266,7 +266,7 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListFilter, ApiError> {
 }
 
 /// Lists machines, oldest first, a page at a time.
-#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "machines_list", path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
     params(("namespace" = String, Path),
         ("state" = Option<String>, Query, description = "Only these states (comma-separated or repeated); by default every state but destroyed"),
         ("label" = Option<String>, Query, description = "key=value; repeat to require several"),
@@ -288,7 +288,7 @@ pub async fn list(
     Ok(Json(MachineList { machines, next_page_token }))
 }
 
-#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines/{id}", tag = "machines", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "machines_get", path = "/v1/namespaces/{namespace}/machines/{id}", tag = "machines", security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path)),
     responses((status = 200, body = Machine), (status = 404, body = Problem)))]
 pub async fn get(
@@ -317,7 +317,7 @@ async fn act(
 }
 
 /// Asks for the machine to run (created, stopped or failed → starting).
-#[utoipa::path(post, path = "/v1/namespaces/{namespace}/machines/{id}/start", tag = "machines",
+#[utoipa::path(post, operation_id = "machines_start", path = "/v1/namespaces/{namespace}/machines/{id}/start", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
     responses((status = 200, body = Machine), (status = 404, body = Problem), (status = 409, body = Problem)))]
@@ -331,7 +331,7 @@ pub async fn start(
 }
 
 /// Asks for the machine to stop (starting or started → stopping).
-#[utoipa::path(post, path = "/v1/namespaces/{namespace}/machines/{id}/stop", tag = "machines",
+#[utoipa::path(post, operation_id = "machines_stop", path = "/v1/namespaces/{namespace}/machines/{id}/stop", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
     responses((status = 200, body = Machine), (status = 404, body = Problem), (status = 409, body = Problem)))]
@@ -354,7 +354,7 @@ pub struct DeleteQuery {
 }
 
 /// Destroys the machine: a created one at once, others through destroying.
-#[utoipa::path(delete, path = "/v1/namespaces/{namespace}/machines/{id}", tag = "machines",
+#[utoipa::path(delete, operation_id = "machines_delete", path = "/v1/namespaces/{namespace}/machines/{id}", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header),
         DeleteQuery),
@@ -380,7 +380,7 @@ pub struct WaitQuery {
 }
 
 /// Blocks until the machine is in `state`; 408 when `timeout` passes first.
-#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines/{id}/wait", tag = "machines",
+#[utoipa::path(get, operation_id = "machines_wait", path = "/v1/namespaces/{namespace}/machines/{id}/wait", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path), WaitQuery),
     responses((status = 200, body = Machine), (status = 404, body = Problem),
@@ -427,7 +427,7 @@ pub async fn wait(
 }
 
 /// The machine's state transitions and moves, oldest first.
-#[utoipa::path(get, path = "/v1/namespaces/{namespace}/machines/{id}/events", tag = "machines",
+#[utoipa::path(get, operation_id = "machines_events", path = "/v1/namespaces/{namespace}/machines/{id}/events", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path), ("id" = Uuid, Path)),
     responses((status = 200, body = MachineEvents), (status = 404, body = Problem)))]

@@ -73,9 +73,9 @@ impl Modify for BearerAuth {
 )]
 struct ApiDoc;
 
-/// The API's router and its OpenAPI document.
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> (axum::Router, utoipa::openapi::OpenApi) {
-    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// Every route, registered with its OpenAPI operation.
+fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(namespaces::list, namespaces::create))
         .routes(routes!(namespaces::get, namespaces::delete))
         .routes(routes!(machines::list, machines::create))
@@ -94,20 +94,27 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> (axum::Router, uto
         .routes(routes!(tokens::list, tokens::create))
         .routes(routes!(tokens::revoke))
         .routes(routes!(openapi_json))
-        .with_state(state)
-        .split_for_parts();
-    let document = Arc::new(api.clone());
-    let router = router
-        .layer(axum::Extension(document))
+}
+
+/// The OpenAPI document, without a database (for `mm-controller openapi`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+/// The API's router.
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> axum::Router {
+    let (router, api) = routes().split_for_parts();
+    let router = router.with_state(state);
+    router
+        .layer(axum::Extension(Arc::new(api)))
         .fallback(problem::no_route)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn(problem::request_context));
-    (router, api)
+        .layer(axum::middleware::from_fn(problem::request_context))
 }
 
 /// This document. The one route that needs no token: it describes the API,
 /// it does not reveal anything in it.
-#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+#[utoipa::path(get, operation_id = "openapi_json", path = "/v1/openapi.json", tag = "meta",
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
 async fn openapi_json(
     axum::Extension(document): axum::Extension<Arc<utoipa::openapi::OpenApi>>,

@@ -44,7 +44,7 @@ fn view(row: NamespaceRow, caller: &Caller) -> Namespace {
 }
 
 /// Namespaces the caller holds a role in (all of them for a cluster admin).
-#[utoipa::path(get, path = "/v1/namespaces", tag = "namespaces", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "namespaces_list", path = "/v1/namespaces", tag = "namespaces", security(("bearer" = [])),
     responses((status = 200, body = NamespaceList), (status = 401, body = Problem)))]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<NamespaceList>, ApiError> {
     let only = (!caller.0.cluster_admin).then(|| caller.0.roles.keys().cloned().collect::<Vec<_>>());
@@ -53,7 +53,7 @@ pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<
 }
 
 /// Creates a namespace (cluster admin).
-#[utoipa::path(post, path = "/v1/namespaces", tag = "namespaces", security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "namespaces_create", path = "/v1/namespaces", tag = "namespaces", security(("bearer" = [])),
     request_body = CreateNamespace,
     responses((status = 201, body = Namespace), (status = 403, body = Problem), (status = 409, body = Problem),
         (status = 422, body = Problem)))]
@@ -69,7 +69,7 @@ pub async fn create(
 }
 
 /// One namespace (any role in it).
-#[utoipa::path(get, path = "/v1/namespaces/{namespace}", tag = "namespaces", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "namespaces_get", path = "/v1/namespaces/{namespace}", tag = "namespaces", security(("bearer" = [])),
     params(("namespace" = String, Path)),
     responses((status = 200, body = Namespace), (status = 404, body = Problem)))]
 pub async fn get(
@@ -83,7 +83,7 @@ pub async fn get(
 }
 
 /// Deletes a namespace whose machines are all destroyed (cluster admin).
-#[utoipa::path(delete, path = "/v1/namespaces/{namespace}", tag = "namespaces", security(("bearer" = [])),
+#[utoipa::path(delete, operation_id = "namespaces_delete", path = "/v1/namespaces/{namespace}", tag = "namespaces", security(("bearer" = [])),
     params(("namespace" = String, Path)),
     responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem),
         (status = 409, body = Problem)))]

@@ -95,7 +95,7 @@ fn manages(caller: &Claims, cluster_admin: bool, roles: &BTreeMap<String, Role>)
 }
 
 /// Mints a token (HS256) and records it.
-#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", security(("bearer" = [])),
+#[utoipa::path(post, operation_id = "tokens_create", path = "/v1/tokens", tag = "tokens", security(("bearer" = [])),
     request_body = CreateToken,
     responses((status = 201, body = NewToken), (status = 403, body = Problem), (status = 404, body = Problem),
         (status = 422, body = Problem)))]
@@ -161,7 +161,7 @@ pub async fn create(
 }
 
 /// Tokens the caller could have minted, and the caller's own.
-#[utoipa::path(get, path = "/v1/tokens", tag = "tokens", security(("bearer" = [])),
+#[utoipa::path(get, operation_id = "tokens_list", path = "/v1/tokens", tag = "tokens", security(("bearer" = [])),
     responses((status = 200, body = TokenList), (status = 401, body = Problem)))]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<TokenList>, ApiError> {
     let rows = state.db.run(store::list).await?;
@@ -175,7 +175,7 @@ pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<
 
 /// Revokes a token id. A cluster admin may revoke any id, including one
 /// minted by an external RS256 issuer.
-#[utoipa::path(delete, path = "/v1/tokens/{jti}", tag = "tokens", security(("bearer" = [])),
+#[utoipa::path(delete, operation_id = "tokens_revoke", path = "/v1/tokens/{jti}", tag = "tokens", security(("bearer" = [])),
     params(("jti" = String, Path)),
     responses((status = 204), (status = 404, body = Problem)))]
 pub async fn revoke(

@@ -69,6 +69,8 @@ impl Db {
         let manager = ConnectionManager::<PgConnection>::new(url);
         let pool = Pool::builder()
             .max_size(max_connections)
+            // Grow on demand: most controllers idle most of the time.
+            .min_idle(Some(2))
             .connection_timeout(Duration::from_secs(10))
             .test_on_check_out(true)
             .build(manager)

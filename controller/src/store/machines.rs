@@ -159,7 +159,9 @@ pub struct ListFilter {
     pub page_size: i64,
 }
 
-/// One page, and whether more follow.
+/// One page, and whether more follow. `seq` order is commit order because
+/// creates are serialised by the placement lock, so a cursor never skips a
+/// machine that committed after the page before it was read.
 pub fn list(
     conn: &mut PgConnection,
     namespace: &str,
