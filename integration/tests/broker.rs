@@ -149,6 +149,16 @@ fn mmctl_and_the_broker_refuse_bad_input_and_keep_serving() {
     check(&["run", "--memory", "60G", "--", "true"], 5, "not enough memory");
     check(&["run", "--name", "../etc", "--", "true"], 2, "invalid name");
     check(&["run", "docker.io/library/nginx", "--", "true"], 2, "unknown image");
+    check(&["run", "--ssh-key", "/nonexistent.pub", "--", "true"], 2, "/nonexistent.pub");
+    let not_a_key = broker.dir.path("not-a-key.pub");
+    std::fs::write(&not_a_key, "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n").unwrap();
+    check(&["run", "--ssh-key", not_a_key.to_str().unwrap(), "--", "true"], 2, "not an SSH public key");
+    check(&["ssh", "nosuch", "--", "true"], 3, "nosuch");
+    check(&["port-forward", "nosuch", "80"], 3, "nosuch");
+    check(&["proxy", "nosuch", "22"], 3, "nosuch");
+    // Nothing was created by the refused runs: no address was taken.
+    let ps = broker.mmctl(&["ps", "-o", "json"], QUICK).unwrap();
+    assert_eq!(ps.stdout.trim(), "[]", "{}", ps.stderr);
     let mut cmd = std::process::Command::new(mm_integration::workspace_binary("mmctl").unwrap());
     cmd.args(["--socket", "/nonexistent/broker.sock", "ps"]);
     let run = mm_integration::run_with_timeout(cmd, QUICK).unwrap();

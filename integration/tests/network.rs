@@ -123,7 +123,9 @@ fn microvms_get_addresses_reach_each_other_and_take_ssh_and_port_forwards() {
 
     // Guest to guest: ping, then 256 KiB over TCP checked by md5. (Guest
     // networking on PVM hosts runs at ~0.15 MiB/s, so the payload is small.)
-    sh(&broker, "b", "(nc -l -p 5000 > /tmp/received 2>/dev/null) </dev/null >/dev/null 2>&1 &");
+    // busybox nc hangs up once its stdin ends, so the receiver's stdin is a
+    // pipe that stays open.
+    sh(&broker, "b", "(sleep 100000 | nc -l -p 5000 > /tmp/received) </dev/null >/dev/null 2>&1 &");
     let sent = sh(
         &broker,
         "a",
@@ -133,7 +135,12 @@ fn microvms_get_addresses_reach_each_other_and_take_ssh_and_port_forwards() {
              md5sum < /tmp/data"
         ),
     );
-    let received = sh(&broker, "b", "while pidof nc > /dev/null; do sleep 0.5; done; md5sum < /tmp/received");
+    let received = sh(
+        &broker,
+        "b",
+        "i=0; while [ $(wc -c < /tmp/received) -lt 262144 ]; do i=$((i+1)); [ $i -gt 240 ] && break; sleep 0.5; done; \
+         md5sum < /tmp/received",
+    );
     assert_eq!(sent.split_whitespace().next(), received.split_whitespace().next(), "sent {sent} received {received}");
 
     // SSH with the real OpenSSH client, through the broker (the host has no
