@@ -24,7 +24,7 @@ async fn namespace_and_machine_crud() {
 
     // No hosts yet: a clear refusal, nothing stored.
     let r = s.post("/v1/namespaces/prod/machines", &root, spec("web")).await;
-    assert!(r.problem(503).contains("no hosts are registered"), "{:#}", r.body);
+    assert!(r.problem(409).contains("no hosts are registered"), "{:#}", r.body);
     s.host(&root, "h1", 4, 4096, json!({"region": "fra"})).await;
 
     let m = s.machine(&root, "prod", spec("web")).await;

@@ -57,6 +57,22 @@ async fn bad_bodies_are_refused_and_change_nothing() {
     s.call(Method::PUT, "/v1/namespaces", Some(&root), None).await.problem(405);
     s.delete(&format!("/v1/namespaces/ns/machines/{}?force=maybe", uuid::Uuid::nil()), &root).await.problem(400);
 
+    // NUL bytes (Postgres cannot store them) anywhere: a 4xx, never a 500.
+    let nul = json!({"name": "h2", "address": "a\u{0}b", "cpus": 1, "memory_mb": 64});
+    s.post("/v1/hosts", &root, nul).await.problem(422);
+    s.get("/v1/namespaces/a%00b", &root).await.problem(404);
+    s.get("/v1/namespaces/a%00b/machines", &root).await.problem(404);
+    s.post("/v1/hosts/a%00b/cordon", &root, json!(null)).await.problem(404);
+    s.delete("/v1/tokens/a%00b", &root).await.problem(400);
+    let mut env_nul = spec("a");
+    env_nul["config"]["env"] = json!({ "X": "a\u{0}" });
+    s.send(create().json(&env_nul)).await.problem(422);
+    s.post("/v1/tokens", &root, json!({"subject": "a\u{0}", "cluster_admin": true})).await.problem(422);
+    let mut odd = claims("x", &[], true, 600);
+    odd.sub = "a\u{0}b".into();
+    let odd = Keys::new(support::SECRET, None).unwrap().mint(&odd);
+    assert!(s.get("/v1/namespaces", &odd).await.problem(401).contains("claim sub"));
+
     assert_eq!(machine_count(&s, &root).await, 0);
     // And the request id a client sends is the one it gets back.
     let tagged = s.send(s.request(Method::GET, "/v1/nothing").header("X-Request-Id", "client-123")).await;

@@ -39,18 +39,18 @@ async fn placement_spreads_honours_labels_and_refuses_clearly() {
     let mut body = sized("nowhere", 1, 512);
     body["placement"] = json!({ "host_labels": { "region": "lhr" } });
     let r = s.post("/v1/namespaces/b/machines", &root, body).await;
-    assert!(r.problem(503).contains("3 lacking the labels"), "{:#}", r.body);
+    assert!(r.problem(409).contains("3 lacking the labels"), "{:#}", r.body);
 
     // Capacity: h3 now has 2 CPUs left, h1 and h2 3 each.
     let r = s.post("/v1/namespaces/b/machines", &root, sized("huge", 4, 512)).await;
-    assert!(r.problem(503).contains("3 short of CPUs"), "{:#}", r.body);
+    assert!(r.problem(409).contains("3 short of CPUs"), "{:#}", r.body);
     // Cordoned hosts take nothing new.
     for h in ["h1", "h2"] {
         assert_eq!(s.post(&format!("/v1/hosts/{h}/cordon"), &root, json!(null)).await.body["status"], "cordoned");
     }
     assert_eq!(s.machine(&root, "b", sized("c", 1, 256)).await["host"], "h3");
     let r = s.post("/v1/namespaces/b/machines", &root, sized("d", 3, 256)).await;
-    assert!(r.problem(503).contains("2 cordoned, 1 short of CPUs"), "{:#}", r.body);
+    assert!(r.problem(409).contains("2 cordoned, 1 short of CPUs"), "{:#}", r.body);
     s.post("/v1/hosts/h1/uncordon", &root, json!(null)).await;
     assert_eq!(s.machine(&root, "b", sized("d", 3, 256)).await["host"], "h1");
 

@@ -32,6 +32,14 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         let token =
             value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or(AuthError::NotBearer)?.trim();
         let claims = state.keys.verify(token)?;
+        // Both end up in queries and logs; an external issuer's odd claims
+        // must not turn into database errors.
+        for (claim, value) in [("sub", &claims.sub), ("jti", &claims.jti)] {
+            if value.is_empty() || value.len() > 255 || value.chars().any(char::is_control) {
+                let why = format!("claim {claim} must be 1 to 255 characters without control characters");
+                return Err(AuthError::Malformed(why).into());
+            }
+        }
         // Before the revocation lookup, so a flood costs no queries.
         if let Err(wait) = state.limiter.check(&claims.jti) {
             let mut error = ApiError::new(
@@ -54,6 +62,9 @@ impl Caller {
     /// Requires `needed` in `namespace`. A caller with no role there gets
     /// the same 404 as for a namespace that does not exist.
     pub fn require(&self, namespace: &str, needed: Role) -> Result<(), ApiError> {
+        if !super::validate::is_name(namespace) {
+            return Err(ApiError::not_found(format!("namespace {namespace:?} not found")));
+        }
         match self.0.access(namespace, needed) {
             Access::Granted => Ok(()),
             Access::Hidden => Err(ApiError::not_found(format!("namespace {namespace:?} not found"))),

@@ -30,14 +30,19 @@ use crate::store::{hosts as store, machines as machines_store};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterHost {
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// Where the broker can be reached (informational until the session).
+    #[schema(min_length = 1, max_length = 255)]
     pub address: String,
     /// vCPUs offered to microVMs.
+    #[schema(minimum = 1)]
     pub cpus: i32,
     /// Memory in MB offered to microVMs.
+    #[schema(minimum = 1)]
     pub memory_mb: i64,
     #[serde(default)]
+    #[schema(schema_with = super::document::labels_schema)]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -47,6 +52,7 @@ pub struct Host {
     pub address: String,
     pub cpus: i32,
     pub memory_mb: i64,
+    #[schema(schema_with = super::document::labels_schema)]
     pub labels: BTreeMap<String, String>,
     /// ready, cordoned, draining, or drained (draining with no machines).
     pub status: String,
@@ -91,7 +97,14 @@ fn view(row: HostRow, usage: Option<(HostCapacity, i64)>) -> Host {
     }
 }
 
+fn host_not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!("host {name:?} not found"))
+}
+
 async fn load(state: &AppState, name: String) -> Result<Host, ApiError> {
+    if !validate::is_name(&name) {
+        return Err(host_not_found(&name));
+    }
     let (row, usage) = state
         .db
         .run(move |c| {
@@ -128,9 +141,7 @@ pub async fn register(
     if body.cpus < 1 || body.memory_mb < 1 {
         return Err(ApiError::invalid("cpus and memory_mb must be positive"));
     }
-    if body.address.is_empty() || body.address.len() > 255 {
-        return Err(ApiError::invalid("address must be 1 to 255 characters"));
-    }
+    validate::text("address", &body.address, 1, 255)?;
     let spec = store::HostSpec {
         name: body.name.clone(),
         address: body.address,
@@ -163,6 +174,9 @@ async fn set_flags(
     draining: bool,
 ) -> Result<Json<Host>, ApiError> {
     caller.require_cluster_admin()?;
+    if !validate::is_name(&name) {
+        return Err(host_not_found(&name));
+    }
     let n = name.clone();
     state.db.run(move |c| store::set_flags(c, &n, cordoned, draining)).await?;
     Ok(Json(load(&state, name).await?))
@@ -227,6 +241,9 @@ pub async fn report_state(
     Json(body): Json<ReportState>,
 ) -> Result<Json<Machine>, ApiError> {
     caller.require_cluster_admin()?;
+    if !validate::is_name(&name) {
+        return Err(host_not_found(&name));
+    }
     let row = state.db.run(move |c| machines_store::observe(c, &name, id, body.state)).await?;
     state.notify_change();
     Ok(Json(machine_view(row)?))

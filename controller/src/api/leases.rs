@@ -28,8 +28,10 @@ use crate::store::machines as store;
 pub struct AcquireLease {
     /// Seconds, 1 to 3600 (default 30).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
     pub ttl: Option<u64>,
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub description: String,
 }
 
@@ -77,9 +79,7 @@ pub async fn acquire_lease(
     if !(1..=3600).contains(&ttl) {
         return Err(ApiError::invalid("ttl must be 1 to 3600 seconds"));
     }
-    if body.description.len() > 256 {
-        return Err(ApiError::invalid("description must be at most 256 bytes"));
-    }
+    super::validate::text("description", &body.description, 0, 256)?;
     let owner = caller.0.sub.clone();
     let (row, nonce, new) = state
         .db

@@ -31,8 +31,10 @@ use crate::store::machines::{self as store, Created, ListFilter};
 #[serde(deny_unknown_fields)]
 pub struct Guest {
     /// vCPUs, 1 to 64.
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: i32,
     /// Guest memory in MB, 64 to 1048576.
+    #[schema(minimum = 64, maximum = 1048576)]
     pub memory_mb: i64,
 }
 
@@ -40,9 +42,12 @@ pub struct Guest {
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     /// The root filesystem image.
+    #[schema(min_length = 1, max_length = 512, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")]
     pub image: String,
     pub guest: Guest,
+    /// Names are letters, digits and '_', not starting with a digit.
     #[serde(default)]
+    #[schema(schema_with = super::document::env_schema)]
     pub env: BTreeMap<String, String>,
 }
 
@@ -52,6 +57,7 @@ pub struct MachineConfig {
 pub struct Placement {
     /// Labels the host must carry, each with exactly this value.
     #[serde(default)]
+    #[schema(schema_with = super::document::labels_schema)]
     pub host_labels: BTreeMap<String, String>,
 }
 
@@ -61,10 +67,12 @@ pub struct CreateMachine {
     /// Unique among the namespace's machines that are not destroyed;
     /// generated when absent.
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
     pub config: MachineConfig,
     /// For filtering (`?label=key=value`).
     #[serde(default)]
+    #[schema(schema_with = super::document::labels_schema)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub placement: Placement,
@@ -88,6 +96,7 @@ pub struct Machine {
     /// The host it is placed on.
     pub host: Option<String>,
     pub config: MachineConfig,
+    #[schema(schema_with = super::document::labels_schema)]
     pub labels: BTreeMap<String, String>,
     pub placement: Placement,
     pub lease: Option<LeaseInfo>,
@@ -175,11 +184,12 @@ fn check(body: &CreateMachine) -> Result<(), ApiError> {
 /// same key with a different body is refused with 422.
 #[utoipa::path(post, operation_id = "machines_create", path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
     params(("namespace" = String, Path),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries of this create safe")),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
+            description = "Makes retries of this create safe")),
     request_body = CreateMachine,
     responses((status = 201, body = Machine), (status = 200, description = "Replayed by Idempotency-Key", body = Machine),
-        (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem),
-        (status = 503, description = "No host has room", body = Problem)))]
+        (status = 404, body = Problem), (status = 422, body = Problem),
+        (status = 409, description = "Name taken, or no host has room (insufficient-capacity)", body = Problem)))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -268,10 +278,12 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListFilter, ApiError> {
 /// Lists machines, oldest first, a page at a time.
 #[utoipa::path(get, operation_id = "machines_list", path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
     params(("namespace" = String, Path),
-        ("state" = Option<String>, Query, description = "Only these states (comma-separated or repeated); by default every state but destroyed"),
-        ("label" = Option<String>, Query, description = "key=value; repeat to require several"),
+        ("state" = Option<String>, Query,
+            pattern = "^(created|starting|started|stopping|stopped|failed|destroying|destroyed)(,(created|starting|started|stopping|stopped|failed|destroying|destroyed))*$",
+            description = "Only these states (comma-separated or repeated); by default every state but destroyed"),
+        ("label" = Option<String>, Query, pattern = "^[^=]+=.*$", description = "key=value; repeat to require several"),
         ("include_destroyed" = Option<bool>, Query),
-        ("page_size" = Option<i64>, Query, description = "1 to 500, default 50"),
+        ("page_size" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1 to 500, default 50"),
         ("page_token" = Option<String>, Query, description = "next_page_token of the previous page")),
     responses((status = 200, body = MachineList), (status = 400, body = Problem), (status = 404, body = Problem)))]
 pub async fn list(
@@ -376,6 +388,7 @@ pub struct WaitQuery {
     /// The state to wait for (default started).
     pub state: Option<MachineState>,
     /// Seconds, 1 to 300 (default 60).
+    #[param(minimum = 1, maximum = 300)]
     pub timeout: Option<u64>,
 }
 

@@ -5,6 +5,7 @@
 //! the OpenAPI document are built from the same declarations, so the
 //! document cannot miss a route (the integration tests check both ways).
 
+pub mod document;
 pub mod extract;
 pub mod hosts;
 pub mod leases;
@@ -98,7 +99,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
 
 /// The OpenAPI document, without a database (for `mm-controller openapi`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    document::finish(routes().split_for_parts().1)
 }
 
 /// The API's router.
@@ -106,7 +107,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> axum::Router {
     let (router, api) = routes().split_for_parts();
     let router = router.with_state(state);
     router
-        .layer(axum::Extension(Arc::new(api)))
+        .layer(axum::Extension(Arc::new(document::finish(api))))
         .fallback(problem::no_route)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(problem::request_context))

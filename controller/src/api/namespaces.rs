@@ -22,6 +22,7 @@ use crate::store::namespaces as store;
 #[serde(deny_unknown_fields)]
 pub struct CreateNamespace {
     /// 1 to 63 lowercase letters, digits or '-'.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
 }
 

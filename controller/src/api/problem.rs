@@ -104,9 +104,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => ApiError::conflict(detail),
             StoreError::Transition(_) => ApiError::new(StatusCode::CONFLICT, "invalid-state", detail),
             StoreError::LeaseHeld { .. } => ApiError::new(StatusCode::CONFLICT, "lease-held", detail),
-            StoreError::NoCapacity(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "insufficient-capacity", detail)
-            }
+            // Not a 5xx: the controller is fine, the cluster is full (or
+            // the constraints match no host), and 5xx would page operators.
+            StoreError::NoCapacity(_) => ApiError::new(StatusCode::CONFLICT, "insufficient-capacity", detail),
             StoreError::IdempotencyMismatch(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused", detail)
             }
@@ -115,6 +115,13 @@ impl From<StoreError> for ApiError {
                 let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database-unavailable", detail);
                 e.retry_after = Some(1);
                 e
+            }
+            // Postgres cannot store NUL; validation should have caught it,
+            // and if it did not, it is still the request's fault.
+            StoreError::Db(DbError::Query(diesel::result::Error::DatabaseError(_, info)))
+                if info.message().contains("invalid byte sequence") || info.message().contains("Unicode escape") =>
+            {
+                ApiError::bad_request("the request contains text the database cannot store (a NUL byte)")
             }
             StoreError::Db(_) | StoreError::Corrupt(_) => {
                 let id = current_request_id().unwrap_or_default();

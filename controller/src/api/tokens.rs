@@ -31,6 +31,7 @@ const MAX_TTL: u64 = 366 * 24 * 3600;
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// Who the token is for.
+    #[schema(min_length = 1, max_length = 255, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")]
     pub subject: String,
     /// Role per namespace.
     #[serde(default)]
@@ -39,8 +40,10 @@ pub struct CreateToken {
     pub cluster_admin: bool,
     /// Seconds until expiry, 60 to 31622400 (default one day).
     #[serde(default)]
+    #[schema(minimum = 60, maximum = 31622400)]
     pub ttl_seconds: Option<u64>,
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub description: String,
 }
 
@@ -104,12 +107,8 @@ pub async fn create(
     caller: Caller,
     Json(body): Json<CreateToken>,
 ) -> Result<(StatusCode, Json<NewToken>), ApiError> {
-    if body.subject.is_empty() || body.subject.len() > 255 || body.subject.chars().any(char::is_control) {
-        return Err(ApiError::invalid("subject must be 1 to 255 characters without control characters"));
-    }
-    if body.description.len() > 256 {
-        return Err(ApiError::invalid("description must be at most 256 bytes"));
-    }
+    validate::text("subject", &body.subject, 1, 255)?;
+    validate::text("description", &body.description, 0, 256)?;
     if body.roles.is_empty() && !body.cluster_admin {
         return Err(ApiError::invalid("a token needs at least one namespace role or cluster_admin"));
     }
@@ -183,8 +182,8 @@ pub async fn revoke(
     caller: Caller,
     Path(jti): Path<String>,
 ) -> Result<Response, ApiError> {
-    if jti.is_empty() || jti.len() > 255 {
-        return Err(ApiError::bad_request("token id must be 1 to 255 characters"));
+    if jti.is_empty() || jti.len() > 255 || jti.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("token id must be 1 to 255 characters without control characters"));
     }
     let claims = caller.0.clone();
     state

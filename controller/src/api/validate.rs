@@ -22,6 +22,21 @@ pub fn name(what: &str, value: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Free text that ends up in Postgres TEXT columns and logs: no control
+/// characters (Postgres cannot store NUL at all), at most `max` bytes.
+pub fn text(what: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
+    if value.len() < min || value.len() > max || value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!("{what} must be {min} to {max} bytes without control characters")));
+    }
+    Ok(())
+}
+
+/// Whether `value` could be a name `name` accepts (for path parameters: a
+/// name that cannot exist is simply not found).
+pub fn is_name(value: &str) -> bool {
+    name("", value).is_ok()
+}
+
 /// Label maps (machine labels, host labels, placement constraints).
 pub fn labels(what: &str, map: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if map.len() > 64 {
@@ -50,7 +65,10 @@ pub fn env(map: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if map.len() > 256 {
         return Err(ApiError::invalid("config.env: at most 256 variables"));
     }
-    for key in map.keys() {
+    for (key, value) in map {
+        if value.contains('\0') {
+            return Err(ApiError::invalid(format!("config.env: {key:?} has a NUL byte in its value")));
+        }
         let ok = !key.is_empty()
             && key.len() <= 255
             && !key.as_bytes()[0].is_ascii_digit()
