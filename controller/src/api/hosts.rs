@@ -155,7 +155,7 @@ pub async fn register(
 }
 
 #[utoipa::path(get, operation_id = "hosts_get", path = "/v1/hosts/{name}", tag = "hosts", security(("bearer" = [])),
-    params(("name" = String, Path)),
+    params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -184,7 +184,7 @@ async fn set_flags(
 
 /// No new machines are placed here; the ones there stay.
 #[utoipa::path(post, operation_id = "hosts_cordon", path = "/v1/hosts/{name}/cordon", tag = "hosts", security(("bearer" = [])),
-    params(("name" = String, Path)),
+    params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn cordon(
     State(state): State<Arc<AppState>>,
@@ -196,7 +196,7 @@ pub async fn cordon(
 
 /// Back in the pool (also ends a drain).
 #[utoipa::path(post, operation_id = "hosts_uncordon", path = "/v1/hosts/{name}/uncordon", tag = "hosts", security(("bearer" = [])),
-    params(("name" = String, Path)),
+    params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn uncordon(
     State(state): State<Arc<AppState>>,
@@ -210,7 +210,7 @@ pub async fn uncordon(
 /// elsewhere. For now only machines no broker has started (created) move;
 /// moving ones that ran needs the broker session.
 #[utoipa::path(post, operation_id = "hosts_drain", path = "/v1/hosts/{name}/drain", tag = "hosts", security(("bearer" = [])),
-    params(("name" = String, Path)),
+    params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn drain(
     State(state): State<Arc<AppState>>,
@@ -230,7 +230,7 @@ pub struct ReportState {
 /// STAND-IN for the broker session's observed-state report: the machine
 /// placed on this host is now in `state`.
 #[utoipa::path(post, operation_id = "hosts_report_state", path = "/v1/hosts/{name}/machines/{id}/state", tag = "hosts", security(("bearer" = [])),
-    params(("name" = String, Path), ("id" = Uuid, Path)),
+    params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path)),
     request_body = ReportState,
     responses((status = 200, body = Machine), (status = 403, body = Problem), (status = 404, body = Problem),
         (status = 409, body = Problem)))]

@@ -31,7 +31,7 @@ pub struct AcquireLease {
     #[schema(minimum = 1, maximum = 3600)]
     pub ttl: Option<u64>,
     #[serde(default)]
-    #[schema(max_length = 256)]
+    #[schema(max_length = 256, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub description: String,
 }
 
@@ -47,7 +47,7 @@ pub struct Lease {
 /// The active lease, without its nonce.
 #[utoipa::path(get, operation_id = "machines_get_lease", path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path)),
     responses((status = 200, body = LeaseInfo), (status = 404, description = "No active lease", body = Problem)))]
 pub async fn get_lease(
     State(state): State<Arc<AppState>>,
@@ -63,7 +63,7 @@ pub async fn get_lease(
 /// (200, same nonce).
 #[utoipa::path(post, operation_id = "machines_acquire_lease", path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
     request_body = AcquireLease,
     responses((status = 201, body = Lease), (status = 200, description = "Extended", body = Lease),
         (status = 404, body = Problem), (status = 409, description = "Leased by someone else", body = Problem)))]
@@ -101,7 +101,7 @@ pub async fn acquire_lease(
 /// Releases the lease; needs its nonce.
 #[utoipa::path(delete, operation_id = "machines_release_lease", path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = String, Header)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = String, Header)),
     responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn release_lease(
     State(state): State<Arc<AppState>>,

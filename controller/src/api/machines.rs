@@ -183,7 +183,7 @@ fn check(body: &CreateMachine) -> Result<(), ApiError> {
 /// first one made, with status 200 and `Idempotent-Replayed: true`; the
 /// same key with a different body is refused with 422.
 #[utoipa::path(post, operation_id = "machines_create", path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
-    params(("namespace" = String, Path),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
         ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
             description = "Makes retries of this create safe")),
     request_body = CreateMachine,
@@ -277,7 +277,7 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListFilter, ApiError> {
 
 /// Lists machines, oldest first, a page at a time.
 #[utoipa::path(get, operation_id = "machines_list", path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
-    params(("namespace" = String, Path),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
         ("state" = Option<String>, Query,
             pattern = "^(created|starting|started|stopping|stopped|failed|destroying|destroyed)(,(created|starting|started|stopping|stopped|failed|destroying|destroyed))*$",
             description = "Only these states (comma-separated or repeated); by default every state but destroyed"),
@@ -301,7 +301,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, operation_id = "machines_get", path = "/v1/namespaces/{namespace}/machines/{id}", tag = "machines", security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path)),
     responses((status = 200, body = Machine), (status = 404, body = Problem)))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -331,7 +331,7 @@ async fn act(
 /// Asks for the machine to run (created, stopped or failed → starting).
 #[utoipa::path(post, operation_id = "machines_start", path = "/v1/namespaces/{namespace}/machines/{id}/start", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
     responses((status = 200, body = Machine), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn start(
     State(state): State<Arc<AppState>>,
@@ -345,7 +345,7 @@ pub async fn start(
 /// Asks for the machine to stop (starting or started → stopping).
 #[utoipa::path(post, operation_id = "machines_stop", path = "/v1/namespaces/{namespace}/machines/{id}/stop", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
     responses((status = 200, body = Machine), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn stop(
     State(state): State<Arc<AppState>>,
@@ -368,7 +368,7 @@ pub struct DeleteQuery {
 /// Destroys the machine: a created one at once, others through destroying.
 #[utoipa::path(delete, operation_id = "machines_delete", path = "/v1/namespaces/{namespace}/machines/{id}", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header),
         DeleteQuery),
     responses((status = 200, body = Machine), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn delete(
@@ -395,7 +395,7 @@ pub struct WaitQuery {
 /// Blocks until the machine is in `state`; 408 when `timeout` passes first.
 #[utoipa::path(get, operation_id = "machines_wait", path = "/v1/namespaces/{namespace}/machines/{id}/wait", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path), WaitQuery),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), WaitQuery),
     responses((status = 200, body = Machine), (status = 404, body = Problem),
         (status = 408, description = "Timed out", body = Problem),
         (status = 409, description = "Destroyed, so it never will", body = Problem)))]
@@ -442,7 +442,7 @@ pub async fn wait(
 /// The machine's state transitions and moves, oldest first.
 #[utoipa::path(get, operation_id = "machines_events", path = "/v1/namespaces/{namespace}/machines/{id}/events", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path), ("id" = Uuid, Path)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path)),
     responses((status = 200, body = MachineEvents), (status = 404, body = Problem)))]
 pub async fn events(
     State(state): State<Arc<AppState>>,

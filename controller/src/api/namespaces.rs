@@ -71,7 +71,7 @@ pub async fn create(
 
 /// One namespace (any role in it).
 #[utoipa::path(get, operation_id = "namespaces_get", path = "/v1/namespaces/{namespace}", tag = "namespaces", security(("bearer" = [])),
-    params(("namespace" = String, Path)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, body = Namespace), (status = 404, body = Problem)))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -85,7 +85,7 @@ pub async fn get(
 
 /// Deletes a namespace whose machines are all destroyed (cluster admin).
 #[utoipa::path(delete, operation_id = "namespaces_delete", path = "/v1/namespaces/{namespace}", tag = "namespaces", security(("bearer" = [])),
-    params(("namespace" = String, Path)),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem),
         (status = 409, body = Problem)))]
 pub async fn delete(

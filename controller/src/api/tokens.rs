@@ -43,7 +43,7 @@ pub struct CreateToken {
     #[schema(minimum = 60, maximum = 31622400)]
     pub ttl_seconds: Option<u64>,
     #[serde(default)]
-    #[schema(max_length = 256)]
+    #[schema(max_length = 256, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub description: String,
 }
 
@@ -175,7 +175,7 @@ pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<
 /// Revokes a token id. A cluster admin may revoke any id, including one
 /// minted by an external RS256 issuer.
 #[utoipa::path(delete, operation_id = "tokens_revoke", path = "/v1/tokens/{jti}", tag = "tokens", security(("bearer" = [])),
-    params(("jti" = String, Path)),
+    params(("jti" = String, Path, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]{1,255}$")),
     responses((status = 204), (status = 404, body = Problem)))]
 pub async fn revoke(
     State(state): State<Arc<AppState>>,

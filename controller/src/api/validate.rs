@@ -23,10 +23,12 @@ pub fn name(what: &str, value: &str) -> Result<(), ApiError> {
 }
 
 /// Free text that ends up in Postgres TEXT columns and logs: no control
-/// characters (Postgres cannot store NUL at all), at most `max` bytes.
+/// characters (Postgres cannot store NUL at all), `min` to `max`
+/// characters (as JSON Schema counts them).
 pub fn text(what: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
-    if value.len() < min || value.len() > max || value.chars().any(char::is_control) {
-        return Err(ApiError::invalid(format!("{what} must be {min} to {max} bytes without control characters")));
+    let length = value.chars().count();
+    if length < min || length > max || value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!("{what} must be {min} to {max} characters without control characters")));
     }
     Ok(())
 }
