@@ -99,6 +99,7 @@ impl Controller {
             limiter: Limiter::new(config.rate_limit),
             changes,
             wait_poll: config.wait_poll_interval,
+            shutting_down: watch::channel(false).0,
         });
         Ok(Controller { state, max_body_bytes: config.max_body_bytes, leader })
     }
@@ -117,12 +118,18 @@ impl Controller {
         self.leader.is_leader()
     }
 
-    /// Serves the API until `shutdown` resolves.
+    /// Serves the API until `shutdown` resolves, then lets requests in
+    /// flight finish (waits end at once with a 503).
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            state.shutting_down.send_replace(true);
+        };
         axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
     }
 }

@@ -72,7 +72,30 @@ async fn mint_a_token_serve_and_stop() {
     assert_eq!(r.status(), StatusCode::CREATED);
     assert!(r.headers().contains_key("x-request-id"));
 
+    // A long wait in flight ends at once with a 503 when the controller
+    // shuts down, rather than holding up its exit.
+    let host = serde_json::json!({"name": "h1", "address": "h1:1", "cpus": 2, "memory_mb": 1024});
+    client.post(format!("{base}/v1/hosts")).bearer_auth(&token).json(&host).send().await.unwrap();
+    let spec = serde_json::json!({"config": {"image": "alpine", "guest": {"cpus": 1, "memory_mb": 64}}});
+    let machine: serde_json::Value = client
+        .post(format!("{base}/v1/namespaces/x/machines"))
+        .bearer_auth(&token)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let wait_url = format!("{base}/v1/namespaces/x/machines/{}/wait?timeout=60", machine["id"].as_str().unwrap());
+    let waiter = tokio::spawn(client.get(wait_url).bearer_auth(&token).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let waited = waiter.await.unwrap().unwrap();
+    assert_eq!(waited.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(waited.headers()["retry-after"], "1");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -413,6 +413,7 @@ pub async fn wait(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     let mut changes = state.changes.subscribe();
+    let mut shutting_down = state.shutting_down.subscribe();
     loop {
         changes.borrow_and_update();
         let ns = namespace.clone();
@@ -431,6 +432,12 @@ pub async fn wait(
         tokio::select! {
             _ = changes.changed() => {}
             _ = tokio::time::sleep(state.wait_poll) => {}
+            _ = shutting_down.wait_for(|down| *down) => {
+                let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down",
+                    "this controller is shutting down; retry the wait (another controller can answer)");
+                error.retry_after = Some(1);
+                return Err(error);
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "wait-timeout", format!(
                     "machine is still {} after {timeout} s of waiting for {target}", machine.state)));

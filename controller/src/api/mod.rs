@@ -40,6 +40,10 @@ pub struct AppState {
     /// waiters' periodic re-check (`wait_poll`).
     pub changes: watch::Sender<u64>,
     pub wait_poll: Duration,
+    /// Set when the controller starts shutting down, so long waits end at
+    /// once (with a 503 to retry elsewhere) instead of holding up a
+    /// graceful shutdown for minutes.
+    pub shutting_down: watch::Sender<bool>,
 }
 
 impl AppState {

@@ -197,6 +197,8 @@ fn kind_for(status: StatusCode) -> &'static str {
 pub async fn request_context(request: Request, next: Next) -> Response {
     let id = accept_request_id(request.headers().get(REQUEST_ID)).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let context = RequestContext { id: id.clone(), path: request.uri().path().to_owned() };
+    let method = request.method().clone();
+    let started = std::time::Instant::now();
     let mut response = REQUEST
         .scope(context.clone(), async move {
             let response = next.run(request).await;
@@ -217,6 +219,15 @@ pub async fn request_context(request: Request, next: Next) -> Response {
             rewritten
         })
         .await;
+    // The access log: one line per request, findable by the id users see.
+    tracing::info!(
+        request_id = %id,
+        %method,
+        path = %context.path,
+        status = response.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
     let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     response.headers_mut().insert(REQUEST_ID, value);
     response
