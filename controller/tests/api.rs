@@ -34,6 +34,10 @@ async fn namespace_and_machine_crud() {
     assert_eq!(m["config"]["guest"]["memory_mb"], 128);
     let id = m["id"].as_str().unwrap().to_owned();
     let path = format!("/v1/namespaces/prod/machines/{id}");
+    let again = s.post("/v1/namespaces/prod/machines", &root, spec("web2")).await;
+    let location = again.header("location").unwrap();
+    assert_eq!(s.get(location, &root).await.body["name"], "web2");
+    assert_eq!(s.delete(location, &root).await.body["state"], "destroyed");
     assert_eq!(s.get(&path, &root).await.body["name"], "web");
     // Names are unique among living machines.
     s.post("/v1/namespaces/prod/machines", &root, spec("web")).await.problem(409);
@@ -70,7 +74,7 @@ async fn namespace_and_machine_crud() {
     // Not listed by default; listed on request.
     assert_eq!(s.get("/v1/namespaces/prod/machines", &root).await.body["machines"], json!([]));
     let all = s.get("/v1/namespaces/prod/machines?include_destroyed=true", &root).await;
-    assert_eq!(all.body["machines"].as_array().unwrap().len(), 1);
+    assert_eq!(all.body["machines"].as_array().unwrap().len(), 2, "web and web2");
 
     // Every transition is recorded with its previous state.
     let events = s.get(&format!("{path}/events"), &root).await;

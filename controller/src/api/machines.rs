@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -218,7 +218,10 @@ pub async fn create(
     Ok(match created {
         Created::New(row) => {
             state.notify_change();
-            (StatusCode::CREATED, Json(view(row)?)).into_response()
+            let location = format!("/v1/namespaces/{}/machines/{}", row.namespace, row.id);
+            let mut headers = HeaderMap::new();
+            headers.insert(header::LOCATION, HeaderValue::from_str(&location).expect("names are plain ASCII"));
+            (StatusCode::CREATED, headers, Json(view(row)?)).into_response()
         }
         Created::Replayed(row) => {
             let mut headers = HeaderMap::new();
