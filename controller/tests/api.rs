@@ -303,8 +303,10 @@ async fn a_lease_holds_off_other_clients() {
 async fn rate_limit_answers_429_with_retry_after() {
     let url = tokio::task::spawn_blocking(support::pg::fresh_database).await.unwrap();
     let s = support::serve_with(&url, |c| {
+        // So slow a refill that a loaded machine cannot sneak a fourth
+        // request through.
         c.rate_limit.burst = 3;
-        c.rate_limit.per_second = 0.5;
+        c.rate_limit.per_second = 0.05;
     })
     .await;
     let root = cluster_admin();
@@ -314,7 +316,7 @@ async fn rate_limit_answers_429_with_retry_after() {
     let limited = s.get("/v1/namespaces", &root).await;
     limited.problem(429);
     let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
-    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    assert!((1..=20).contains(&retry), "Retry-After {retry}");
     // Per token: another token is not affected.
     assert_eq!(s.get("/v1/namespaces", &cluster_admin()).await.status, StatusCode::OK);
 }

@@ -89,7 +89,8 @@ async fn mint_a_token_serve_and_stop() {
         .unwrap();
     let wait_url = format!("{base}/v1/namespaces/x/machines/{}/wait?timeout=60", machine["id"].as_str().unwrap());
     let waiter = tokio::spawn(client.get(wait_url).bearer_auth(&token).send());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Time for the request to reach the server before the signal.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let signalled = Instant::now();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let waited = waiter.await.unwrap().unwrap();
