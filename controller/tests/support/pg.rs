@@ -75,7 +75,11 @@ impl PgCluster {
             bin.display()
         );
         let as_postgres = unsafe { libc::geteuid() } == 0;
-        let dir = std::env::temp_dir().join(format!(
+        // /tmp rather than $TMPDIR: the postgres user must be able to reach
+        // it (a TMPDIR under /root would not do), and the socket path must
+        // stay under the 107-byte limit.
+        let base = if as_postgres { PathBuf::from("/tmp") } else { std::env::temp_dir() };
+        let dir = base.join(format!(
             "mm-controller-pg-{}-{}",
             std::process::id(),
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
