@@ -17,7 +17,13 @@ interface Broker {
   listVms @2 () -> (vms :List(VmInfo));
 
   version @3 () -> (version :Text);
+
+  events @4 (sink :Events.EventSink) -> (subscription :Events.Subscription);
+  # From now on, every event of every microVM is pushed to `sink`, until
+  # the client drops `subscription` (or stops answering).
 }
+
+using Events = import "events.capnp";
 
 struct VmSpec {
   name @0 :Text;          # empty: the broker picks one
@@ -91,6 +97,22 @@ interface Vm {
   # the client writes to `toGuest`, and `done` half-closes the connection.
   # Each `write` returns once the bytes are handed to the socket, so a
   # client that awaits its writes gets flow control.
+
+  stats @9 () -> (processes :List(ProcessStats));
+  # Each process of the running microVM, asked over its own control
+  # channel (protocols/vmm.capnp, protocols/device.capnp).
+}
+
+struct ProcessStats {
+  role @0 :Text;
+  pid @1 :Int32;
+  restarts @2 :UInt32;
+  error @3 :Text;        # non-empty: the process did not answer, and why
+  uptimeMs @4 :UInt64;   # since this process started serving
+  userCpuMs @5 :UInt64;
+  systemCpuMs @6 :UInt64;
+  maxRssKib @7 :UInt64;
+  reconnects @8 :UInt32; # devices: back ends mm-vmm was handed for it
 }
 
 interface ByteSink {

@@ -1,9 +1,11 @@
 //! Compiles the schemas with the `capnp` tool (Debian package `capnproto`).
 
 fn main() {
-    capnpc::CompilerCommand::new()
-        .file("broker.capnp")
-        .run()
-        .expect("compiling broker.capnp (is `capnp` installed? apt-get install capnproto)");
-    println!("cargo:rerun-if-changed=broker.capnp");
+    const SCHEMAS: [&str; 4] = ["broker.capnp", "device.capnp", "events.capnp", "vmm.capnp"];
+    let mut compiler = capnpc::CompilerCommand::new();
+    for schema in SCHEMAS {
+        compiler.file(schema);
+        println!("cargo:rerun-if-changed={schema}");
+    }
+    compiler.run().expect("compiling the schemas (is `capnp` installed? apt-get install capnproto)");
 }

@@ -9,22 +9,42 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::events::{Event, EventHub};
+
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     path: PathBuf,
+    /// Where each line is also published, and as whose.
+    publish: Option<Publish>,
+}
+
+#[derive(Debug, Clone)]
+struct Publish {
+    hub: EventHub,
+    vm_id: String,
+    vm_name: String,
 }
 
 impl AuditLog {
+    /// A log that only writes (tests).
     pub fn new(dir: &Path) -> Self {
-        AuditLog { path: dir.join("audit.jsonl") }
+        AuditLog { path: dir.join("audit.jsonl"), publish: None }
+    }
+
+    /// A log whose lines also go to `hub`'s subscribers (`Broker.events`),
+    /// as the microVM's (empty id and name: the broker's own).
+    pub fn published(dir: &Path, hub: &EventHub, vm_id: &str, vm_name: &str) -> Self {
+        let publish = Publish { hub: hub.clone(), vm_id: vm_id.into(), vm_name: vm_name.into() };
+        AuditLog { path: dir.join("audit.jsonl"), publish: Some(publish) }
     }
 
     /// Appends `{"time": ..., "event": event, ...fields}`. A failure to
     /// write is logged, not returned: losing an audit line must not stop
     /// supervision, but it must be visible.
     pub fn record(&self, event: &str, fields: Value) {
+        let time = now_rfc3339();
         let mut line = Map::new();
-        line.insert("time".into(), Value::String(now_rfc3339()));
+        line.insert("time".into(), Value::String(time.clone()));
         line.insert("event".into(), Value::String(event.into()));
         if let Value::Object(fields) = fields {
             line.extend(fields);
@@ -34,6 +54,15 @@ impl AuditLog {
             OpenOptions::new().create(true).append(true).open(&self.path).and_then(|mut file| writeln!(file, "{text}"));
         if let Err(e) = written {
             tracing::error!(path = %self.path.display(), "cannot append to the audit log: {e}: {text}");
+        }
+        if let Some(publish) = &self.publish {
+            publish.hub.publish(Event {
+                time,
+                vm_id: publish.vm_id.clone(),
+                vm_name: publish.vm_name.clone(),
+                kind: event.into(),
+                detail: text,
+            });
         }
     }
 

@@ -6,19 +6,23 @@
 //! mm-vmm's end to it, unlinks the path, and passes the listener (one
 //! connection queued) to the device as `--listen-fd 10` and the connected
 //! end to mm-vmm as `--device KIND=fd:N`. So no jail needs a shared path,
-//! and nobody else can reach either end. mm-vmm's control channel is a
-//! socketpair (`--control fd:N`); a restarted device's new connection is
-//! sent over it with SCM_RIGHTS.
+//! and nobody else can reach either end. mm-vmm's control channel
+//! (`protocols/vmm.capnp`) is a SOCK_SEQPACKET listener the broker binds in
+//! the microVM's directory and passes in (`--control fd:N`): the broker
+//! connects to it now, and again after a restart; a restarted device's new
+//! connection is sent over it with SCM_RIGHTS.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use base64::Engine;
+
+use mm_protocols::vmm_control::{SeqPacketListener, VmmClient};
 
 use crate::BrokerConfig;
 use crate::network::Network;
@@ -33,6 +37,8 @@ pub const WRITABLE_DISK: &str = "rw.ext4";
 const WRITABLE_DISK_BYTES: u64 = 1 << 30;
 /// The serial console, appended by mm-vmm.
 pub const CONSOLE_LOG: &str = "console.log";
+/// mm-vmm's control socket (listened on by mm-vmm, bound by the broker).
+pub const VMM_CONTROL_SOCKET: &str = "vmm-control.sock";
 
 /// The first fd number handed to a child: 3 is the jail's seccomp report
 /// pipe (`mm_jailer::REPORT_FD`), the rest of the low numbers are kept free.
@@ -52,6 +58,15 @@ pub struct DeviceSpec {
 
 /// Where a net device finds its TAP (after the listener, [`FIRST_FD`]).
 const TAP_FD: RawFd = FIRST_FD + 1;
+/// Where a device finds its control listener (protocols/device.capnp).
+const DEVICE_CONTROL_FD: RawFd = FIRST_FD + 2;
+
+/// A device's control socket, bound by the broker in the microVM's
+/// directory and listened on by the device, so a restarted broker reaches
+/// it again.
+pub fn device_control_socket(dir: &Path, role: &str) -> PathBuf {
+    dir.join(format!("{role}-control.sock"))
+}
 
 /// The devices every microVM gets, in guest order: the image's shared
 /// base, read-only (/dev/vda, the kernel's root), the microVM's own disk
@@ -151,9 +166,13 @@ pub fn spawn_device(
     let (listener, vmm_end) = vhost_user_pair(dir, &spec.role)?;
     let mut cmd = Command::new(config.bin_dir.join("mm-device"));
     cmd.arg(spec.kind).args(["--listen-fd", &FIRST_FD.to_string()]).args(&spec.args);
+    cmd.args(["--control-fd", &DEVICE_CONTROL_FD.to_string()]);
     cmd.args(jail_args(config, record_uid));
     cmd.stdin(Stdio::null()).stdout(log_file(dir, &spec.role)?).stderr(log_file(dir, &spec.role)?);
-    let mut fds = vec![(listener.as_raw_fd(), FIRST_FD)];
+    let control_path = device_control_socket(dir, &spec.role);
+    let _ = std::fs::remove_file(&control_path);
+    let control = SeqPacketListener::bind(&control_path).map_err(std::io::Error::other)?;
+    let mut fds = vec![(listener.as_raw_fd(), FIRST_FD), (control.as_fd().as_raw_fd(), DEVICE_CONTROL_FD)];
     let tap = match (&spec.tap, &config.network) {
         (Some(name), Some(network)) => Some(network.open_tap(name).map_err(std::io::Error::other)?),
         (Some(name), None) => return Err(std::io::Error::other(format!("TAP {name} but the broker has no network"))),
@@ -164,7 +183,7 @@ pub fn spawn_device(
     }
     inherit_fds(&mut cmd, fds);
     let child = cmd.spawn()?;
-    drop((listener, tap));
+    drop((listener, tap, control));
     Ok((Process::spawned(&spec.role, child)?, vmm_end))
 }
 
@@ -175,8 +194,12 @@ pub fn spawn_vmm(
     dir: &Path,
     record: &VmRecord,
     devices: &[(&DeviceSpec, UnixStream)],
-) -> std::io::Result<(Process, UnixStream)> {
-    let (control, vmm_control) = UnixStream::pair()?;
+) -> std::io::Result<(Process, VmmClient)> {
+    let path = dir.join(VMM_CONTROL_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = SeqPacketListener::bind(&path).map_err(std::io::Error::other)?;
+    // Queued until mm-vmm accepts it.
+    let control = VmmClient::connect(&path).map_err(std::io::Error::other)?;
     let mut cmd = Command::new(config.bin_dir.join("mm-vmm"));
     cmd.arg("--kernel").arg(&config.kernel);
     cmd.args(jail_args(config, record.uid()));
@@ -193,7 +216,7 @@ pub fn spawn_vmm(
     }
     let control_fd = FIRST_FD + devices.len() as RawFd;
     cmd.arg("--control").arg(format!("fd:{control_fd}"));
-    fds.push((vmm_control.as_raw_fd(), control_fd));
+    fds.push((listener.as_fd().as_raw_fd(), control_fd));
     cmd.arg("--").args(&record.command);
     let console = OpenOptions::new().create(true).append(true).open(dir.join(CONSOLE_LOG))?;
     cmd.stdin(Stdio::null()).stdout(console).stderr(log_file(dir, "vmm")?);
@@ -261,19 +284,4 @@ pub fn prepare_vm_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
     }
     std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
     std::os::unix::fs::chown(&target, Some(uid), Some(uid))
-}
-
-/// Sends a new back-end connection for device `index` to mm-vmm and waits
-/// for its one-line answer.
-pub fn send_reconnect(control: &UnixStream, index: usize, backend: &UnixStream) -> std::io::Result<()> {
-    use std::io::{BufRead, BufReader};
-    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    let line = format!("reconnect {index}\n");
-    control.send_with_fd(line.as_bytes(), backend.as_raw_fd())?;
-    let mut reply = String::new();
-    BufReader::new(control).read_line(&mut reply)?;
-    match reply.trim() {
-        "ok" => Ok(()),
-        other => Err(std::io::Error::other(format!("mm-vmm refused the reconnect: {other}"))),
-    }
 }

@@ -8,6 +8,7 @@
 //! serves `protocols/broker.capnp` to `mmctl` on an owner-only unix socket.
 
 pub mod audit;
+pub mod events;
 pub mod exec;
 pub mod forward;
 pub mod launch;
@@ -16,6 +17,7 @@ pub mod process;
 pub mod record;
 pub mod registry;
 pub mod rpc;
+pub mod stats;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -9,6 +9,7 @@ use std::rc::Rc;
 use serde_json::json;
 
 use crate::audit::{AuditLog, now_rfc3339};
+use crate::events::EventHub;
 use crate::record::{VmRecord, VmState, valid_name};
 use crate::vm::Vm;
 use crate::{BrokerConfig, BrokerError};
@@ -40,14 +41,18 @@ pub struct Registry {
     vms: RefCell<BTreeMap<String, Rc<Vm>>>,
     /// Broker-wide events (creations, removals): survives `rm`.
     pub audit: AuditLog,
+    /// Every audit line, live (`Broker.events`).
+    pub events: EventHub,
 }
 
 impl Registry {
     /// Loads every record under `vms/` and re-adopts live microVMs.
     pub fn load(config: Rc<BrokerConfig>) -> std::io::Result<Rc<Registry>> {
         std::fs::create_dir_all(config.vms_dir())?;
+        let events = EventHub::default();
         let registry = Rc::new(Registry {
-            audit: AuditLog::new(&config.state_dir),
+            audit: AuditLog::published(&config.state_dir, &events, "", ""),
+            events,
             config: Rc::clone(&config),
             vms: RefCell::new(BTreeMap::new()),
         });
@@ -55,7 +60,7 @@ impl Registry {
             let dir = entry?.path();
             match VmRecord::load(&dir) {
                 Ok(record) => {
-                    let vm = Vm::new(Rc::clone(&config), dir, record.clone());
+                    let vm = Vm::new(Rc::clone(&config), dir, record.clone(), &registry.events);
                     vm.readopt();
                     registry.vms.borrow_mut().insert(record.id, vm);
                 }
@@ -165,7 +170,7 @@ impl Registry {
         let dir = self.config.vms_dir().join(&id);
         create_private_dir(&dir).map_err(BrokerError::io(format!("creating {}", dir.display())))?;
         record.save(&dir).map_err(BrokerError::io("saving the record"))?;
-        let vm = Vm::new(Rc::clone(&self.config), dir, record.clone());
+        let vm = Vm::new(Rc::clone(&self.config), dir, record.clone(), &self.events);
         self.audit.record("create", json!({ "caller": caller, "id": id, "name": record.name }));
         vm.audit.record(
             "create",

@@ -101,6 +101,17 @@ impl broker::Server for BrokerServer {
         Ok(())
     }
 
+    async fn events(
+        self: Rc<Self>,
+        params: broker::EventsParams,
+        mut results: broker::EventsResults,
+    ) -> Result<(), capnp::Error> {
+        let sink = params.get()?.get_sink()?;
+        self.registry.audit.record("subscribe", json!({ "caller": self.caller }));
+        results.get().set_subscription(crate::events::serve_subscription(&self.registry.events, sink));
+        Ok(())
+    }
+
     async fn version(
         self: Rc<Self>,
         _: broker::VersionParams,
@@ -204,6 +215,35 @@ impl vm::Server for VmServer {
     ) -> impl Future<Output = Result<(), capnp::Error>> + 'static {
         self.vm.audit.record("exec", json!({ "caller": self.caller }));
         crate::exec::serve_exec(self.vm.dir.clone(), params, results)
+    }
+
+    async fn stats(self: Rc<Self>, _: vm::StatsParams, mut results: vm::StatsResults) -> Result<(), capnp::Error> {
+        if !self.vm.state().is_live() {
+            return Err(rpc_err(BrokerError::WrongState {
+                name: self.vm.name(),
+                state: self.vm.state().name().into(),
+                what: "only a running microVM has processes to ask",
+            }));
+        }
+        let stats = crate::stats::gather(&self.vm).await;
+        let mut list = results.get().init_processes(stats.len() as u32);
+        for (i, process) in stats.iter().enumerate() {
+            let mut out = list.reborrow().get(i as u32);
+            out.set_role(&process.role);
+            out.set_pid(process.pid);
+            out.set_restarts(process.restarts);
+            out.set_reconnects(process.reconnects);
+            match &process.usage {
+                Ok(usage) => {
+                    out.set_uptime_ms(usage.uptime_ms);
+                    out.set_user_cpu_ms(usage.user_cpu_ms);
+                    out.set_system_cpu_ms(usage.system_cpu_ms);
+                    out.set_max_rss_kib(usage.max_rss_kib);
+                }
+                Err(e) => out.set_error(e),
+            }
+        }
+        Ok(())
     }
 
     async fn connect(

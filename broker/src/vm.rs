@@ -4,8 +4,8 @@
 //! saved to the record and published to waiters; every process event goes
 //! to the audit log.
 
+use mm_protocols::vmm_control::VmmClient;
 use std::cell::RefCell;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::audit::AuditLog;
+use crate::events::EventHub;
 use crate::launch::{self, DeviceSpec};
 use crate::process::{Exit, Process};
 use crate::record::{ProcessRecord, VmRecord, VmState};
@@ -56,7 +57,7 @@ impl RestartBudget {
 }
 
 /// A started microVM: mm-vmm, its devices, and mm-vmm's control channel.
-type Spawned = (Process, Vec<(DeviceSpec, Process)>, UnixStream);
+type Spawned = (Process, Vec<(DeviceSpec, Process)>, VmmClient);
 
 /// What woke the supervisor.
 enum Event {
@@ -72,18 +73,23 @@ pub struct Vm {
     pub audit: AuditLog,
     orders: RefCell<Option<mpsc::UnboundedSender<Order>>>,
     state: watch::Sender<VmState>,
+    /// mm-vmm's control channel while it runs (shared by supervision and
+    /// `stats`; each call is one blocking request and answer, so on this
+    /// single-threaded runtime they never interleave).
+    control: RefCell<Option<Rc<VmmClient>>>,
 }
 
 impl Vm {
-    pub fn new(config: Rc<BrokerConfig>, dir: PathBuf, record: VmRecord) -> Rc<Vm> {
+    pub fn new(config: Rc<BrokerConfig>, dir: PathBuf, record: VmRecord, events: &EventHub) -> Rc<Vm> {
         let (state, _) = watch::channel(record.state);
         Rc::new(Vm {
-            audit: AuditLog::new(&dir),
+            audit: AuditLog::published(&dir, events, &record.id, &record.name),
             dir,
             config,
             record: RefCell::new(record),
             orders: RefCell::new(None),
             state,
+            control: RefCell::new(None),
         })
     }
 
@@ -99,7 +105,8 @@ impl Vm {
         self.record.borrow().state
     }
 
-    /// Changes the record (and saves it, and tells waiters of the state).
+    /// Changes the record (and saves it, and tells waiters and the audit
+    /// log of a new state).
     fn update(&self, change: impl FnOnce(&mut VmRecord)) {
         let mut record = self.record.borrow_mut();
         let before = record.state;
@@ -109,7 +116,10 @@ impl Vm {
         }
         if record.state != before {
             tracing::info!(vm = %record.name, from = before.name(), to = record.state.name(), "state");
-            self.state.send_replace(record.state);
+            let (to, reason) = (record.state, record.reason.clone());
+            drop(record);
+            self.audit.record("state", json!({ "from": before.name(), "to": to.name(), "reason": reason }));
+            self.state.send_replace(to);
         }
     }
 
@@ -118,6 +128,15 @@ impl Vm {
             r.state = state;
             r.reason = reason.to_string();
         });
+    }
+
+    /// mm-vmm's control channel, while the microVM runs.
+    pub fn vmm_control(&self) -> Option<Rc<VmmClient>> {
+        self.control.borrow().clone()
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
     }
 
     /// Waits until the microVM is not live (stopped, failed, lost).
@@ -148,6 +167,8 @@ impl Vm {
                 self.set_state(VmState::Running, "");
                 let (tx, rx) = mpsc::unbounded_channel();
                 *self.orders.borrow_mut() = Some(tx);
+                let control = Rc::new(control);
+                *self.control.borrow_mut() = Some(Rc::clone(&control));
                 tokio::task::spawn_local(Rc::clone(self).supervise(vmm, devices, Some(control), rx));
                 Ok(())
             }
@@ -225,14 +246,14 @@ impl Vm {
         last_line_containing(&self.dir.join(format!("{role}.log")), "killed by seccomp")
     }
 
-    /// Watches the processes until mm-vmm ends. `control` is None for a
-    /// microVM re-adopted after a broker restart (its channel died with
-    /// the old broker), so a device that dies then cannot be replaced.
+    /// Watches the processes until mm-vmm ends. `control` is None only if
+    /// a re-adopted mm-vmm's control socket did not answer; a device that
+    /// dies then cannot be replaced.
     async fn supervise(
         self: Rc<Vm>,
         mut vmm: Process,
         mut devices: Vec<(DeviceSpec, Process)>,
-        control: Option<UnixStream>,
+        control: Option<Rc<VmmClient>>,
         mut orders: mpsc::UnboundedReceiver<Order>,
     ) {
         let mut budgets: Vec<RestartBudget> = devices.iter().map(|_| RestartBudget::default()).collect();
@@ -265,7 +286,7 @@ impl Vm {
                 Event::Device(index, exit) => {
                     self.audit_exit(&devices[index].1, exit);
                     if budgets[index].allow(std::time::Instant::now()) {
-                        self.replace_device(&mut devices, index, control.as_ref()).await;
+                        self.replace_device(&mut devices, index, control.as_deref()).await;
                     } else {
                         let why = format!(
                             "the {} device crashed more than {MAX_RESTARTS} times in {} s",
@@ -297,6 +318,7 @@ impl Vm {
             }
         }
         *self.orders.borrow_mut() = None;
+        *self.control.borrow_mut() = None;
         let stopping = self.state() == VmState::Stopping;
         let (state, reason, code) = match (vmm_exit, given_up) {
             (_, Some(why)) => (VmState::Failed, why, None),
@@ -343,12 +365,12 @@ impl Vm {
     /// A device died: start a fresh one from the same spec and hand its
     /// connection to mm-vmm, which replays the set-up (the guest sees a
     /// stall, not an error).
-    async fn replace_device(&self, devices: &mut [(DeviceSpec, Process)], index: usize, control: Option<&UnixStream>) {
+    async fn replace_device(&self, devices: &mut [(DeviceSpec, Process)], index: usize, control: Option<&VmmClient>) {
         let spec = devices[index].0.clone();
         let Some(control) = control else {
             self.audit.record(
                 "restart-impossible",
-                json!({ "role": spec.role, "reason": "control channel lost with a previous broker" }),
+                json!({ "role": spec.role, "reason": "mm-vmm's control socket did not answer after a broker restart" }),
             );
             return;
         };
@@ -361,7 +383,7 @@ impl Vm {
         match launch::spawn_device(&self.config, &self.dir, &spec, uid) {
             Ok((process, vmm_end)) => {
                 self.audit_spawn(&process);
-                let sent = launch::send_reconnect(control, index, &vmm_end);
+                let sent = control.reconnect_device(index as u32, &vmm_end);
                 devices[index].1 = process;
                 match sent {
                     Ok(()) => self.audit.record("restart", json!({ "role": spec.role, "pid": devices[index].1.pid })),
@@ -429,7 +451,17 @@ impl Vm {
                 self.set_state(VmState::Running, "re-adopted after a broker restart");
                 let (tx, rx) = mpsc::unbounded_channel();
                 *self.orders.borrow_mut() = Some(tx);
-                tokio::task::spawn_local(Rc::clone(self).supervise(vmm, devices, None, rx));
+                // mm-vmm accepts a new control connection once the old
+                // broker's is gone, so re-adopted microVMs stay repairable.
+                let control = match VmmClient::connect(&self.dir.join(launch::VMM_CONTROL_SOCKET)) {
+                    Ok(client) => Some(Rc::new(client)),
+                    Err(e) => {
+                        self.audit.record("control-lost", json!({ "error": e.to_string() }));
+                        None
+                    }
+                };
+                self.control.replace(control.clone());
+                tokio::task::spawn_local(Rc::clone(self).supervise(vmm, devices, control, rx));
             }
             vmm => {
                 let reason = match &vmm {

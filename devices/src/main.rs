@@ -24,10 +24,12 @@ use mm_devices::net::{MacAddr, NetConfig, serve_net};
 use mm_devices::vsock::{VsockConfig, serve_vsock};
 use mm_jailer::{BindMount, SelfJail};
 use mm_policies::Policy;
+use mm_protocols::device_control::{self, SeqPacketListener};
 
 /// Where the jailed copy finds the listening socket and the TAP.
 const JAILED_LISTEN_FD: RawFd = 4;
 const JAILED_TAP_FD: RawFd = 5;
+const JAILED_CONTROL_FD: RawFd = 6;
 
 #[derive(Debug, Parser)]
 #[command(name = "mm-device", version, about = "A MicroMachines vhost-user device back end")]
@@ -36,6 +38,10 @@ struct Cli {
     device: Device,
     #[command(flatten)]
     confinement: Confinement,
+    /// The broker's control channel (protocols/device.capnp): an inherited
+    /// listening SOCK_SEQPACKET socket, answered on a thread of its own.
+    #[arg(long, global = true)]
+    control_fd: Option<RawFd>,
 }
 
 /// How the process is confined (debugging escape hatches included).
@@ -152,10 +158,26 @@ fn main() -> Result<()> {
         tracing::warn!("mm-device: --no-jail: serving UNJAILED, with this process's full privileges (debugging only)");
     }
     let confinement = cli.confinement;
+    let control = cli
+        .control_fd
+        .map(|fd| inherited(fd, "--control-fd").and_then(|fd| Ok(SeqPacketListener::from_inherited(fd)?)))
+        .transpose()?;
+    let started = std::time::Instant::now();
+    // Started after the device's filter is installed, so it runs under it.
+    let answer_control = |kind: &'static str| {
+        if let Some(listener) = control {
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || device_control::serve(listener, kind, started))
+                .context("starting the control thread")?;
+        }
+        Ok::<(), anyhow::Error>(())
+    };
     match cli.device {
         Device::Block { endpoint, image, read_only, serial, test_request_delay_ms } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Block)?;
+            answer_control("block")?;
             let test_request_delay = test_request_delay_ms.map(std::time::Duration::from_millis);
             serve_block(BlockConfig { image, read_only, serial, test_request_delay }, listener)?;
         }
@@ -163,11 +185,13 @@ fn main() -> Result<()> {
             let listener = endpoint.listener()?;
             let tap = inherited(tap_fd, "--tap-fd")?;
             confine(&confinement, Policy::Net)?;
+            answer_control("net")?;
             serve_net(NetConfig { tap, mac }, listener)?;
         }
         Device::Vsock { endpoint, guest_cid, uds } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Vsock)?;
+            answer_control("vsock")?;
             serve_vsock(VsockConfig { guest_cid, uds_path: uds }, listener)?;
         }
     }
@@ -235,6 +259,10 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
     // Only a disk image is ever written, and never extended.
     spec.limits.file_size = Some(0);
     let mut tap = None;
+    let control = cli.control_fd.map(|fd| inherited(fd, "--control-fd")).transpose()?;
+    if let Some(fd) = &control {
+        spec.fds.push((fd.as_raw_fd(), JAILED_CONTROL_FD));
+    }
     match &cli.device {
         Device::Block { image, read_only, .. } => {
             let image = std::fs::canonicalize(image).with_context(|| format!("disk image {}", image.display()))?;
@@ -256,6 +284,7 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
     spec.args = rewrite_args(|flag, value| match flag {
         "--socket" | "--listen-fd" => Some(format!("{JAILED_LISTEN_FD}")),
         "--tap-fd" => Some(format!("{JAILED_TAP_FD}")),
+        "--control-fd" => Some(format!("{JAILED_CONTROL_FD}")),
         "--image" | "--uds" => absolute(Path::new(value)).ok().map(|p| p.display().to_string()),
         _ => None,
     })
@@ -267,6 +296,6 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
     })
     .collect();
     let reason = jail.run()?;
-    drop((listener, tap));
+    drop((listener, tap, control));
     Ok(mm_jailer::exit_code(&reason))
 }

@@ -1,7 +1,6 @@
 //! The root filesystem and a data disk on virtio-blk, served by
 //! `mm-device block` processes through mm-vmm's vhost-user front end.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -9,6 +8,7 @@ use std::time::Duration;
 use mm_integration::devices::{DeviceProcess, Scratch, rootfs_copy};
 use mm_integration::guest::{BOOT_TIMEOUT, Boot};
 use mm_integration::kvm_available;
+use mm_protocols::vmm_control::VmmClient;
 
 #[test]
 fn root_on_virtio_blk_keeps_a_synced_file_across_reboots() {
@@ -64,12 +64,12 @@ echo "VERIFY bad=$bad"
 dmesg | grep -iq "i/o error" && echo "IO-ERROR-LOGGED"
 [ $bad = 0 ]"#;
 
-fn control(socket: &std::path::Path, request: &str) -> String {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    writeln!(stream, "{request}").unwrap();
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).unwrap();
-    reply.trim().to_string()
+/// Hands mm-vmm a connection to the back end at `socket` for device
+/// `index`, over its control channel (protocols/vmm.capnp).
+fn reconnect(control: &std::path::Path, index: u32, socket: &std::path::Path) {
+    let client = VmmClient::connect(control).unwrap();
+    let backend = UnixStream::connect(socket).unwrap();
+    client.reconnect_device(index, &backend).unwrap();
 }
 
 /// A pseudo-random delay in [100, 700) ms, different each kill.
@@ -116,9 +116,13 @@ fn block_backend_killed_mid_write_loses_nothing() {
         kills += 1;
         let socket = dir.path(&format!("data-{round}.sock"));
         data_device_process = data_device(&socket);
-        let reply = control(&control_socket, &format!("reconnect 1 {}", socket.display()));
-        assert_eq!(reply, "ok", "reconnect after kill {round}");
+        reconnect(&control_socket, 1, &socket);
     }
+    let status = VmmClient::connect(&control_socket).unwrap().status().unwrap();
+    assert_eq!(
+        status.devices.iter().map(|d| (d.kind.as_str(), d.reconnects)).collect::<Vec<_>>(),
+        [("block", 0), ("block", kills)]
+    );
     // Tell the guest to stop writing: the last back end serves the read.
     let image = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
     image.write_all_at(b"STOP", CONTROL_OFFSET).unwrap();

@@ -102,11 +102,42 @@ fn a_microvm_lives_its_whole_life_through_mmctl() {
     assert_eq!(run.status, Some(0), "exec after the device kills: {}", run.stderr);
     assert_eq!(run.stdout.trim(), "after-kills");
 
-    // The broker dies and comes back: the microVM is re-adopted.
+    // The broker dies and comes back: the microVM is re-adopted, and the
+    // new broker controls it (mm-vmm's control socket takes its
+    // connection): a device that dies now is still replaced.
     broker.restart().unwrap();
     let info = broker.inspect("bg").unwrap();
     assert_eq!(info["state"], "running", "{info:#}");
     assert!(audit(&broker, "bg").iter().any(|e| e["event"] == "readopt"));
+    let (_, disk_pid, _) = pids(&info).into_iter().find(|(role, _, _)| role == "block-rw").unwrap();
+    // SAFETY: kill(2) on the re-adopted microVM's device process (ours).
+    assert_eq!(unsafe { libc::kill(disk_pid as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_secs(3));
+    let events = audit(&broker, "bg");
+    let readopted_at = events.iter().rposition(|e| e["event"] == "readopt").unwrap();
+    assert!(
+        events[readopted_at..].iter().any(|e| e["event"] == "restart" && e["role"] == "block-rw"),
+        "a re-adopted microVM's device was not replaced: {events:#?}"
+    );
+    let run = exec_when_ready(&broker, "bg", &["sh", "-c", "echo after-readopt > /probe2 && sync && cat /probe2"]);
+    assert_eq!((run.status, run.stdout.trim()), (Some(0), "after-readopt"), "{}", run.stderr);
+
+    // Every process answers over its own control channel, re-adopted ones
+    // included (their sockets are in the microVM's directory), and mm-vmm
+    // counts the back ends each device was handed.
+    let run = broker.mmctl(&["stats", "-o", "json", "bg"], QUICK).unwrap();
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let stats: Vec<serde_json::Value> = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(stats.len(), before.len(), "{stats:#?}");
+    for process in &stats {
+        let role = process["role"].as_str().unwrap();
+        assert_eq!(process["error"], "", "{role} did not answer: {stats:#?}");
+        assert!(process["max_rss_kib"].as_u64().unwrap() > 0, "{stats:#?}");
+        if role != "vmm" {
+            let expected = if role == "block-rw" { 2 } else { 1 };
+            assert_eq!(process["reconnects"], expected, "{role}: {stats:#?}");
+        }
+    }
 
     // Stop (graceful: init forwards SIGTERM to the workload), start again
     // on the same disk, then remove while running (force).
@@ -212,6 +243,9 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
         return;
     }
     let broker = start_broker("broker-three");
+    // `mmctl events` sees everything that follows, live.
+    let mut events = broker.mmctl_command(&["events", "-o", "json"]).unwrap();
+    let events = events.stdout(std::process::Stdio::piped()).stdin(std::process::Stdio::null()).spawn().unwrap();
     let names = ["one", "two", "three"];
     for name in names {
         let run = broker
@@ -262,6 +296,43 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
     }
     let left: Vec<_> = std::fs::read_dir(broker.dir.path("state/vms")).unwrap().collect();
     assert!(left.is_empty(), "rm left {left:?}");
+    let netns = broker.netns.clone().unwrap();
+    let links = std::process::Command::new("ip").args(["-n", &netns, "-o", "link", "show"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(
+        !links
+            .lines()
+            .any(|l| l.split_whitespace().nth(1).is_some_and(|n| n.starts_with("mm")) && !l.contains("mmbr0")),
+        "TAPs left behind: {links}"
+    );
+
+    // The event stream saw each microVM's whole life, in order.
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(events.id() as i32, libc::SIGTERM) };
+    let out = events.wait_with_output().unwrap();
+    let seen: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of_vm = |name: &str| -> Vec<String> {
+        let id = seen.iter().find(|e| e["event"] == "create" && e["name"] == name).map(|e| e["id"].clone());
+        let id = id.unwrap_or_else(|| panic!("no create event for {name}: {seen:#?}"));
+        seen.iter()
+            .filter(|e| e["vm_id"] == id || e["id"] == id)
+            .map(|e| match e["event"].as_str().unwrap_or_default() {
+                "state" => format!("state:{}", e["to"].as_str().unwrap_or_default()),
+                other => other.to_string(),
+            })
+            .collect()
+    };
+    for name in names {
+        let kinds = of_vm(name);
+        let expected =
+            ["create", "state:starting", "spawn", "state:running", "exec", "stop", "state:stopped", "remove"];
+        let mut rest = kinds.iter();
+        for want in expected {
+            assert!(rest.any(|k| k == want), "{name}: no {want} in order in {kinds:?}");
+        }
+    }
 }
 
 fn super_pids(broker: &TestBroker, vm: &str) -> Vec<i64> {

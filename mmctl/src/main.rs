@@ -112,6 +112,12 @@ enum Verb {
     },
     /// Print a microVM's audit log (JSON lines).
     Audit { vm: String },
+    /// Ask each process of a running microVM how it is doing (CPU time,
+    /// peak memory, uptime; back ends replaced per device).
+    Stats { vm: String },
+    /// Stream every microVM's events (audit lines, state changes) as they
+    /// happen, until interrupted.
+    Events,
     /// Log in to a microVM with OpenSSH, through the broker (no route to
     /// the guest needed); with a command, run it there.
     Ssh {
@@ -311,6 +317,17 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Verb::PortForward { vm, ports } => tunnel::port_forward(get_vm(&broker, &vm).await?, &vm, &ports).await,
         Verb::Proxy { vm, port } => tunnel::proxy(&get_vm(&broker, &vm).await?, port).await,
+        Verb::Events => streams::follow_events(&broker, format).await,
+        Verb::Stats { vm } => {
+            let vm = get_vm(&broker, &vm).await?;
+            let reply = vm.stats_request().send().promise.await?;
+            let mut stats = Vec::new();
+            for process in reply.get()?.get_processes()?.iter() {
+                stats.push(output::ProcessStats::read(process)?);
+            }
+            output::print_stats(&stats, format);
+            Ok(0)
+        }
         Verb::Audit { vm } => {
             let vm = get_vm(&broker, &vm).await?;
             let reply = vm.audit_request().send().promise.await?;

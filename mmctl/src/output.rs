@@ -1,6 +1,6 @@
 //! Printing microVMs as a table or as JSON (`--output`).
 
-use mm_protocols::broker_capnp::vm_info;
+use mm_protocols::broker_capnp::{process_stats, vm_info};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -116,6 +116,67 @@ pub fn print_one(vm: &VmInfo, format: Format) {
             }
             for p in &vm.processes {
                 println!("process:   {:<11} pid {:<8} restarts {}", p.role, p.pid, p.restarts);
+            }
+        }
+    }
+}
+
+/// One process of `mmctl stats`.
+#[derive(Debug, Serialize)]
+pub struct ProcessStats {
+    pub role: String,
+    pub pid: i32,
+    pub restarts: u32,
+    /// Why the process did not answer; empty if it did.
+    pub error: String,
+    pub uptime_ms: u64,
+    pub user_cpu_ms: u64,
+    pub system_cpu_ms: u64,
+    pub max_rss_kib: u64,
+    pub reconnects: u32,
+}
+
+impl ProcessStats {
+    pub fn read(p: process_stats::Reader<'_>) -> capnp::Result<ProcessStats> {
+        Ok(ProcessStats {
+            role: text(p.get_role())?,
+            pid: p.get_pid(),
+            restarts: p.get_restarts(),
+            error: text(p.get_error())?,
+            uptime_ms: p.get_uptime_ms(),
+            user_cpu_ms: p.get_user_cpu_ms(),
+            system_cpu_ms: p.get_system_cpu_ms(),
+            max_rss_kib: p.get_max_rss_kib(),
+            reconnects: p.get_reconnects(),
+        })
+    }
+}
+
+/// `mmctl stats`.
+pub fn print_stats(processes: &[ProcessStats], format: Format) {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(processes).expect("serialisable")),
+        Format::Table => {
+            println!(
+                "{:<11} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "ROLE", "PID", "RESTARTS", "UPTIME_S", "USER_MS", "SYS_MS", "MAXRSS_KB", "RECONNECTS"
+            );
+            for p in processes {
+                if !p.error.is_empty() {
+                    println!("{:<11} {:>8} {:>8}  (no answer: {})", p.role, p.pid, p.restarts, p.error);
+                    continue;
+                }
+                println!(
+                    "{:<11} {:>8} {:>8} {:>10.1} {:>10} {:>10} {:>10} {:>10}",
+                    p.role,
+                    p.pid,
+                    p.restarts,
+                    p.uptime_ms as f64 / 1000.0,
+                    p.user_cpu_ms,
+                    p.system_cpu_ms,
+                    p.max_rss_kib,
+                    if p.role == "vmm" { "-".to_string() } else { p.reconnects.to_string() }
+                );
             }
         }
     }

@@ -184,3 +184,71 @@ fn terminal_size() -> Option<(u16, u16)> {
     let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
     (rc == 0 && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
 }
+
+/// Prints each pushed event: one JSON object per line (`-o json`: the
+/// audit line with `vm_id` and `vm_name` added) or `TIME VM KIND DETAIL`.
+struct EventPrinter {
+    format: crate::output::Format,
+}
+
+impl mm_protocols::events_capnp::event_sink::Server for EventPrinter {
+    async fn push(
+        self: Rc<Self>,
+        params: mm_protocols::events_capnp::event_sink::PushParams,
+        _: mm_protocols::events_capnp::event_sink::PushResults,
+    ) -> Result<(), capnp::Error> {
+        let event = params.get()?.get_event()?;
+        let text = |t: capnp::Result<capnp::text::Reader<'_>>| t.map(|t| t.to_string().unwrap_or_default());
+        let detail = text(event.get_detail())?;
+        let line = match self.format {
+            crate::output::Format::Json => {
+                let mut object = match serde_json::from_str::<serde_json::Value>(&detail) {
+                    Ok(serde_json::Value::Object(object)) => object,
+                    _ => serde_json::Map::from_iter([("detail".to_string(), serde_json::Value::String(detail))]),
+                };
+                for (key, value) in [("vm_id", event.get_vm_id()), ("vm_name", event.get_vm_name())] {
+                    let value = text(value)?;
+                    if !value.is_empty() {
+                        object.insert(key.into(), value.into());
+                    }
+                }
+                serde_json::Value::Object(object).to_string()
+            }
+            crate::output::Format::Table => {
+                let name = text(event.get_vm_name())?;
+                format!(
+                    "{}  {:<16} {:<12} {detail}",
+                    text(event.get_time())?,
+                    if name.is_empty() { "(broker)" } else { &name },
+                    text(event.get_kind())?
+                )
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            std::process::exit(0);
+        }
+        Ok(())
+    }
+}
+
+/// `mmctl events`: streams every microVM's events until interrupted or the
+/// broker goes away.
+pub async fn follow_events(
+    broker: &mm_protocols::broker_capnp::broker::Client,
+    format: crate::output::Format,
+) -> Result<i32, CliError> {
+    let mut request = broker.events_request();
+    request.get().set_sink(capnp_rpc::new_client(EventPrinter { format }));
+    // Held for as long as we want events; dropping it would end them.
+    let _subscription = request.send().promise.await?.get()?.get_subscription()?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
+                // A broker that went away would otherwise leave us waiting forever.
+                broker.version_request().send().promise.await?;
+            }
+        }
+    }
+}

@@ -6,6 +6,25 @@ pub mod broker_capnp {
     include!(concat!(env!("OUT_DIR"), "/broker_capnp.rs"));
 }
 
+#[allow(clippy::all, clippy::pedantic, unused_qualifications, missing_docs)]
+pub mod device_capnp {
+    include!(concat!(env!("OUT_DIR"), "/device_capnp.rs"));
+}
+
+#[allow(clippy::all, clippy::pedantic, unused_qualifications, missing_docs)]
+pub mod events_capnp {
+    include!(concat!(env!("OUT_DIR"), "/events_capnp.rs"));
+}
+
+#[allow(clippy::all, clippy::pedantic, unused_qualifications, missing_docs)]
+pub mod vmm_capnp {
+    include!(concat!(env!("OUT_DIR"), "/vmm_capnp.rs"));
+}
+
+pub mod device_control;
+pub mod packet;
+pub mod vmm_control;
+
 /// The default path of the broker's unix socket.
 pub const DEFAULT_BROKER_SOCKET: &str = "/run/micromachines/broker.sock";
 /// The environment variable that overrides it for `mmctl`.

@@ -1,99 +1,110 @@
-//! mm-vmm's control channel: a line protocol for replacing a device back
-//! end that died.
+//! mm-vmm's control channel (`protocols/vmm.capnp`): the broker replaces a
+//! device back end that died, and asks for the VM's status.
 //!
-//! * `reconnect INDEX SOCKET`: connect to a new back end at a path (tests,
-//!   manual use; on a `--control PATH` socket);
-//! * `reconnect INDEX` with the new back end's connected socket attached to
-//!   the same message (SCM_RIGHTS): what the broker sends on its
-//!   `--control fd:N` socketpair, so neither side needs a path.
-//!
-//! Each request gets one reply line, `ok` or `error: ...`. DESIGN.md has
-//! Cap'n Proto for this channel; it stays a line protocol until mm-vmm has
-//! more to say than this one verb (an RPC runtime would cost the vCPU
-//! process memory and syscalls for nothing today).
+//! One Cap'n Proto message per `SOCK_SEQPACKET` packet, request then
+//! response, with a new back end's socket attached to its request
+//! (SCM_RIGHTS). The thread listens and serves one connection at a time:
+//! `--control PATH` binds a listener there (manual use, tests); with
+//! `--control fd:N` the broker bound it (at a path in the microVM's
+//! directory) and passed it in, so a restarted broker connects again and
+//! keeps control of the microVMs it re-adopts. A blocking loop with no RPC
+//! runtime keeps the vCPU process small and its policy short.
 
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use mm_protocols::device_control::ProcessUsage;
+use mm_protocols::vmm_control::{
+    ControlError, DeviceStatus, Request, Response, SeqPacket, SeqPacketListener, VmmStatus,
+};
 
 use crate::devices::Bus;
 use crate::endpoint::Endpoint;
 
-/// Most bytes of one request; a client sends a few short lines.
-const MAX_MESSAGE: usize = 4096;
+/// What the status answer reports besides the devices.
+#[derive(Debug, Clone, Copy)]
+pub struct VmFacts {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub started: Instant,
+}
 
-/// Serves the control channel on its own thread: a listening socket at a
-/// path, or the one inherited connected socket.
-pub fn serve(endpoint: &Endpoint, bus: Arc<Bus>) -> std::io::Result<()> {
-    let thread = std::thread::Builder::new().name("control".into());
-    match endpoint {
+/// Binds or takes over the listener, then serves it on its own thread.
+pub fn serve(endpoint: &Endpoint, bus: Arc<Bus>, facts: VmFacts) -> std::io::Result<()> {
+    let listener = match endpoint {
         Endpoint::Path(path) => {
             let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path)?;
-            thread.spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    if let Err(e) = handle(&stream, &bus) {
+            SeqPacketListener::bind(path)
+        }
+        Endpoint::Fd { .. } => SeqPacketListener::from_inherited(endpoint.take()?),
+    }
+    .map_err(std::io::Error::other)?;
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        let mut reconnects = vec![0u32; bus.virtio.len()];
+        loop {
+            match listener.accept() {
+                Ok(connection) => {
+                    if let Err(e) = handle(&connection, &bus, facts, &mut reconnects) {
                         tracing::warn!("control connection: {e}");
                     }
                 }
-            })?;
-        }
-        Endpoint::Fd { .. } => {
-            let stream = endpoint.connect()?;
-            thread.spawn(move || {
-                if let Err(e) = handle(&stream, &bus) {
-                    tracing::warn!("control channel: {e}");
+                Err(e) => {
+                    tracing::warn!("control socket: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-            })?;
+            }
         }
+    })?;
+    Ok(())
+}
+
+/// Answers requests until the peer hangs up (or sends what is no packet
+/// of ours, which ends this connection, not the listener).
+fn handle(connection: &SeqPacket, bus: &Bus, facts: VmFacts, reconnects: &mut [u32]) -> Result<(), ControlError> {
+    while let Some((bytes, fd)) = connection.recv()? {
+        let response = match Request::decode(&bytes) {
+            Ok(Request::ReconnectDevice(index)) => match reconnect(bus, index as usize, fd) {
+                Ok(()) => {
+                    reconnects[index as usize] += 1;
+                    Response::Ok
+                }
+                Err(e) => Response::Error(e),
+            },
+            Ok(Request::Status) => Response::Status(status(bus, facts, reconnects)),
+            Err(e) => Response::Error(e.to_string()),
+        };
+        connection.send(&response.encode(), None)?;
     }
     Ok(())
 }
 
-/// Serves requests until the peer hangs up. Each message is one or more
-/// complete lines; an fd, if attached, goes to the first `reconnect` that
-/// names no socket.
-fn handle(stream: &UnixStream, bus: &Bus) -> std::io::Result<()> {
-    let mut pending = String::new();
-    loop {
-        let mut buf = [0u8; MAX_MESSAGE];
-        let (n, mut fd) = stream.recv_with_fd(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if pending.len() > MAX_MESSAGE {
-            writeln!(&*stream, "error: request longer than {MAX_MESSAGE} bytes")?;
-            return Ok(());
-        }
-        while let Some(end) = pending.find('\n') {
-            let line: String = pending.drain(..=end).collect();
-            let reply = match execute(line.trim(), fd.take(), bus) {
-                Ok(()) => "ok".to_string(),
-                Err(e) => format!("error: {e}"),
-            };
-            writeln!(&*stream, "{reply}")?;
-        }
-    }
-}
-
-fn execute(line: &str, fd: Option<File>, bus: &Bus) -> Result<(), String> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let (index, stream) = match (words.as_slice(), fd) {
-        (["reconnect", index, socket], _) => {
-            (*index, UnixStream::connect(socket).map_err(|e| format!("connect {socket}: {e}"))?)
-        }
-        (["reconnect", index], Some(fd)) => (*index, UnixStream::from(std::os::fd::OwnedFd::from(fd))),
-        (["reconnect", _], None) => return Err("reconnect INDEX needs a socket fd attached (SCM_RIGHTS)".into()),
-        _ => return Err(format!("unknown request {line:?} (expected: reconnect INDEX [SOCKET])")),
-    };
-    let index: usize = index.parse().map_err(|_| format!("bad device index {index:?}"))?;
+fn reconnect(bus: &Bus, index: usize, fd: Option<OwnedFd>) -> Result<(), String> {
+    let fd = fd.ok_or("reconnectDevice needs the new back end's socket attached (SCM_RIGHTS)")?;
     let (_, device) = bus.virtio.get(index).ok_or_else(|| format!("no device {index}"))?;
     let mut device = device.lock().map_err(|_| "device lock poisoned".to_string())?;
-    device.reconnect(stream).map_err(|e| e.to_string())?;
+    device.reconnect(UnixStream::from(fd)).map_err(|e| e.to_string())?;
     tracing::info!(index, kind = device.kind().name(), "device back end replaced");
     Ok(())
+}
+
+fn status(bus: &Bus, facts: VmFacts, reconnects: &[u32]) -> VmmStatus {
+    let devices = bus
+        .virtio
+        .iter()
+        .enumerate()
+        .map(|(index, (_, device))| DeviceStatus {
+            index: index as u32,
+            kind: device.lock().map_or("unknown", |d| d.kind().name()).to_string(),
+            reconnects: reconnects[index],
+        })
+        .collect();
+    VmmStatus {
+        vcpus: facts.vcpus,
+        memory_mib: facts.memory_mib,
+        uptime_ms: facts.started.elapsed().as_millis() as u64,
+        devices,
+        usage: ProcessUsage::of_self(facts.started),
+    }
 }

@@ -64,7 +64,18 @@ impl Endpoint {
     pub fn connect(&self) -> std::io::Result<UnixStream> {
         match self {
             Endpoint::Path(path) => UnixStream::connect(path),
-            Endpoint::Fd { fd, taken } => Ok(UnixStream::from(take_inherited(*fd, taken)?)),
+            Endpoint::Fd { .. } => Ok(UnixStream::from(self.take()?)),
+        }
+    }
+
+    /// Takes ownership of the inherited socket, whatever kind it is (once).
+    pub fn take(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        match self {
+            Endpoint::Path(path) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is a path, not an inherited socket", path.display()),
+            )),
+            Endpoint::Fd { fd, taken } => take_inherited(*fd, taken),
         }
     }
 }

@@ -59,8 +59,8 @@ struct Args {
     /// KIND block, net or vsock. Repeatable; the guest sees them in order.
     #[arg(long = "device", value_name = "KIND=SOCKET")]
     devices: Vec<DeviceSpec>,
-    /// The control channel (`reconnect INDEX [SOCKET]`): a socket path to
-    /// serve, or `fd:N`, an inherited connected socket (the broker's).
+    /// The control channel (protocols/vmm.capnp): a path to listen on, or
+    /// `fd:N`, an inherited listening SOCK_SEQPACKET socket (the broker's).
     #[arg(long, value_name = "PATH|fd:N")]
     control: Option<Endpoint>,
     /// DEBUGGING ONLY: run unjailed, with this process's full privileges.

@@ -139,15 +139,15 @@ fn seccomp_enabled() -> bool {
 /// Starts the control thread under the control policy. A thread inherits the
 /// filter of the thread that creates it, so a short-lived thread installs
 /// the policy and then starts the control thread.
-fn serve_control(endpoint: &Endpoint, bus: Arc<Bus>) -> std::io::Result<()> {
+fn serve_control(endpoint: &Endpoint, bus: Arc<Bus>, facts: crate::control::VmFacts) -> std::io::Result<()> {
     if !seccomp_enabled() {
-        return crate::control::serve(endpoint, bus);
+        return crate::control::serve(endpoint, bus, facts);
     }
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 mm_policies::install(Policy::VmmControl).map_err(std::io::Error::other)?;
-                crate::control::serve(endpoint, bus)
+                crate::control::serve(endpoint, bus, facts)
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the control set-up thread panicked")))
@@ -248,7 +248,13 @@ fn create_machine(kvm: &Kvm, ram: &GuestRam, config: &VmConfig, start: Instant) 
         virtio,
     });
     if let Some(path) = &config.control_socket {
-        serve_control(path, Arc::clone(&bus)).map_err(|source| VmError::Control { path: path.to_string(), source })?;
+        let facts = crate::control::VmFacts {
+            vcpus: u32::from(config.cpus),
+            memory_mib: config.memory_mib as u32,
+            started: start,
+        };
+        serve_control(path, Arc::clone(&bus), facts)
+            .map_err(|source| VmError::Control { path: path.to_string(), source })?;
     }
     Ok((vm, bus))
 }

@@ -34,6 +34,8 @@ use netns::Namespace;
 
 /// The namespace side of the uplink veth pair.
 const NS_UPLINK: &str = "uplink0";
+/// How long a restarted net device waits for its predecessor's TAP fd.
+const TAP_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -200,11 +202,22 @@ impl Network {
     }
 
     /// Opens the microVM's TAP (creating it on first use), on the bridge and up.
+    ///
+    /// A single-queue TAP takes one fd at a time (EBUSY otherwise). When a
+    /// net device process is killed, its jailed half (which holds the TAP)
+    /// dies a moment after the process the broker watches, so a restart
+    /// waits up to [`TAP_BUSY_WAIT`] for the old fd to go.
     pub fn open_tap(&self, name: &str) -> Result<OwnedFd, NetworkError> {
-        let fd = self
-            .namespace
-            .open_tap(name)
-            .map_err(|source| NetworkError::Io { what: format!("opening TAP {name}"), source })?;
+        let deadline = std::time::Instant::now() + TAP_BUSY_WAIT;
+        let fd = loop {
+            match self.namespace.open_tap(name) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                result => break result,
+            }
+        }
+        .map_err(|source| NetworkError::Io { what: format!("opening TAP {name}"), source })?;
         self.ip(&["link", "set", name, "master", &self.config.bridge])?;
         self.ip(&["link", "set", name, "up"])?;
         Ok(fd)

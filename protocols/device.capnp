@@ -1,0 +1,33 @@
+@0x83f33eb639db9992;
+# mm-broker ↔ one mm-device process: its control channel. The same
+# transport as vmm.capnp (one message per SOCK_SEQPACKET packet, request
+# then response); the device listens on a socket the broker bound in the
+# microVM's directory and passed in (`--control-fd N`), and serves one
+# connection at a time, so a restarted broker reaches re-adopted devices.
+
+struct DeviceRequest {
+  command @0 :Command;
+  enum Command {
+    status @0;
+  }
+}
+
+struct DeviceResponse {
+  union {
+    error @0 :Text;
+    status @1 :DeviceStatus;
+  }
+}
+
+struct DeviceStatus {
+  kind @0 :Text;          # block | net | vsock
+  usage @1 :ProcessUsage;
+}
+
+struct ProcessUsage {
+  # getrusage(RUSAGE_SELF) of the answering process, and how long it has run.
+  uptimeMs @0 :UInt64;
+  userCpuMs @1 :UInt64;
+  systemCpuMs @2 :UInt64;
+  maxRssKib @3 :UInt64;
+}

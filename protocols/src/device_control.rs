@@ -1,0 +1,206 @@
+//! The mm-device control channel (`device.capnp`): the broker asks a device
+//! process how it is doing. The transport is [`crate::packet`]; the server
+//! loop is here too, since every device kind answers the same way.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use capnp::message::Builder;
+
+use crate::device_capnp::{device_request, device_response, process_usage};
+pub use crate::packet::{ControlError, SeqPacket, SeqPacketListener};
+use crate::packet::{encode, reader_options, text};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Error(String),
+    Status(DeviceStatus),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceStatus {
+    pub kind: String,
+    pub usage: ProcessUsage,
+}
+
+/// What a process has used: `getrusage(RUSAGE_SELF)` and its age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProcessUsage {
+    pub uptime_ms: u64,
+    pub user_cpu_ms: u64,
+    pub system_cpu_ms: u64,
+    pub max_rss_kib: u64,
+}
+
+impl ProcessUsage {
+    /// This process's usage; `started` is when it began serving.
+    pub fn of_self(started: Instant) -> ProcessUsage {
+        // SAFETY: rusage is plain data; getrusage fills it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_SELF with a pointer to a rusage we own.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+        let ms = |tv: libc::timeval| tv.tv_sec as u64 * 1000 + tv.tv_usec as u64 / 1000;
+        ProcessUsage {
+            uptime_ms: started.elapsed().as_millis() as u64,
+            user_cpu_ms: ms(usage.ru_utime),
+            system_cpu_ms: ms(usage.ru_stime),
+            max_rss_kib: usage.ru_maxrss as u64,
+        }
+    }
+
+    pub(crate) fn write(&self, mut builder: process_usage::Builder<'_>) {
+        builder.set_uptime_ms(self.uptime_ms);
+        builder.set_user_cpu_ms(self.user_cpu_ms);
+        builder.set_system_cpu_ms(self.system_cpu_ms);
+        builder.set_max_rss_kib(self.max_rss_kib);
+    }
+
+    pub(crate) fn read(reader: process_usage::Reader<'_>) -> ProcessUsage {
+        ProcessUsage {
+            uptime_ms: reader.get_uptime_ms(),
+            user_cpu_ms: reader.get_user_cpu_ms(),
+            system_cpu_ms: reader.get_system_cpu_ms(),
+            max_rss_kib: reader.get_max_rss_kib(),
+        }
+    }
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut message = Builder::new_default();
+        let mut request = message.init_root::<device_request::Builder>();
+        match self {
+            Request::Status => request.set_command(device_request::Command::Status),
+        }
+        encode(&message)
+    }
+
+    pub fn decode(mut bytes: &[u8]) -> Result<Request, ControlError> {
+        let message = capnp::serialize::read_message_from_flat_slice(&mut bytes, reader_options())?;
+        match message.get_root::<device_request::Reader>()?.get_command().map_err(|_| ControlError::UnknownKind)? {
+            device_request::Command::Status => Ok(Request::Status),
+        }
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut message = Builder::new_default();
+        let mut response = message.init_root::<device_response::Builder>();
+        match self {
+            Response::Error(e) => response.set_error(e),
+            Response::Status(status) => {
+                let mut out = response.init_status();
+                out.set_kind(&status.kind);
+                status.usage.write(out.init_usage());
+            }
+        }
+        encode(&message)
+    }
+
+    pub fn decode(mut bytes: &[u8]) -> Result<Response, ControlError> {
+        let message = capnp::serialize::read_message_from_flat_slice(&mut bytes, reader_options())?;
+        match message.get_root::<device_response::Reader>()?.which().map_err(|_| ControlError::UnknownKind)? {
+            device_response::Error(e) => Ok(Response::Error(text(e?)?)),
+            device_response::Status(status) => {
+                let status = status?;
+                Ok(Response::Status(DeviceStatus {
+                    kind: text(status.get_kind()?)?,
+                    usage: ProcessUsage::read(status.get_usage()?),
+                }))
+            }
+        }
+    }
+}
+
+/// Answers status requests on `listener`, one connection at a time, for
+/// ever (a device runs this on a thread of its own).
+pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant) -> ! {
+    loop {
+        let connection = match listener.accept() {
+            Ok(connection) => connection,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        // A peer that sends what is no packet of ours loses its connection.
+        while let Ok(Some((bytes, _))) = connection.recv() {
+            let response = match Request::decode(&bytes) {
+                Ok(Request::Status) => {
+                    Response::Status(DeviceStatus { kind: kind.into(), usage: ProcessUsage::of_self(started) })
+                }
+                Err(e) => Response::Error(e.to_string()),
+            };
+            if connection.send(&response.encode(), None).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// The broker's side.
+#[derive(Debug)]
+pub struct DeviceClient {
+    socket: SeqPacket,
+}
+
+impl DeviceClient {
+    /// Connects, waiting at most `timeout` for each answer later.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<DeviceClient, ControlError> {
+        let socket = SeqPacket::connect(path)?;
+        socket.set_read_timeout(Some(timeout))?;
+        Ok(DeviceClient { socket })
+    }
+
+    pub fn status(&self) -> Result<DeviceStatus, ControlError> {
+        self.socket.send(&Request::Status.encode(), None)?;
+        let (bytes, _) = self.socket.recv()?.ok_or(ControlError::HungUp)?;
+        match Response::decode(&bytes)? {
+            Response::Status(status) => Ok(status),
+            Response::Error(e) => Err(ControlError::Refused(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_answers_its_status_over_a_socket() {
+        let dir = std::env::temp_dir().join(format!("mm-device-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = SeqPacketListener::bind(&path).unwrap();
+        let started = Instant::now();
+        std::thread::spawn(move || serve(listener, "block", started));
+        let client = DeviceClient::connect(&path, Duration::from_secs(5)).unwrap();
+        let status = client.status().unwrap();
+        assert_eq!(status.kind, "block");
+        assert!(status.usage.max_rss_kib > 0);
+        // The same connection answers again; a second client waits its turn.
+        assert!(client.status().unwrap().usage.uptime_ms >= status.usage.uptime_ms);
+        drop(client);
+        assert_eq!(DeviceClient::connect(&path, Duration::from_secs(5)).unwrap().status().unwrap().kind, "block");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_refused() {
+        assert_eq!(Request::decode(&Request::Status.encode()).unwrap(), Request::Status);
+        let status = DeviceStatus {
+            kind: "net".into(),
+            usage: ProcessUsage { uptime_ms: 1, user_cpu_ms: 2, system_cpu_ms: 3, max_rss_kib: 4 },
+        };
+        for response in [Response::Status(status), Response::Error("x".into())] {
+            assert_eq!(Response::decode(&response.encode()).unwrap(), response);
+        }
+        assert!(Request::decode(b"\\x00\\x00\\x00\\x00\\xff\\xff\\xff\\x7f").is_err());
+    }
+}
