@@ -1,7 +1,8 @@
 //! Small tools built into mm-init, run when it is not PID 1 (`/init TOOL
-//! ARGS`), so tests and benchmarks have vsock endpoints, a disk benchmark
-//! and a TCP load generator inside any guest without shipping another
-//! binary (busybox has no fio or iperf). Single-threaded: one loop each.
+//! ARGS`), so tests and benchmarks have vsock endpoints, a disk benchmark,
+//! a TCP load generator and a TCP connect timer inside any guest without
+//! shipping another binary (busybox has no fio or iperf, and no sub-second
+//! clock). Single-threaded: one loop each.
 //!
 //! `blk-bench` also runs on the host (mm-bench runs this same binary on the
 //! image file), so the host figure comes from the very same code.
@@ -46,8 +47,12 @@ pub fn run(args: &[String]) -> i32 {
             Ok(secs) => tcp_bench(addr, Duration::from_secs(secs)),
             Err(_) => Err("bad seconds".to_string()),
         },
+        [tool, addr, count] if tool == "tcp-connect" => match count.parse() {
+            Ok(count) => tcp_connect_times(addr, count),
+            Err(_) => Err("bad count".to_string()),
+        },
         _ => Err("usage: vsock-echo PORT | vsock-send PORT BYTES | blk-bench DEVICE SECONDS | \
-                  tcp-bench HOST:PORT SECONDS"
+                  tcp-bench HOST:PORT SECONDS | tcp-connect HOST:PORT COUNT"
             .to_string()),
     };
     match result {
@@ -294,6 +299,25 @@ fn tcp_bench(addr: &str, limit: Duration) -> Result<(), String> {
     Ok(())
 }
 
+/// TCP connect latency to ADDR: COUNT connects one after another, each
+/// timed from `connect` called to `connect` returned (the handshake, and
+/// nothing of a process start: busybox has no sub-second clock, and
+/// starting a process in a guest costs far more than a connect), then
+/// closed at once. One `mmbench: connect ns=N` line each.
+fn tcp_connect_times(addr: &str, count: u32) -> Result<(), String> {
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    for _ in 0..count {
+        let start = Instant::now();
+        let stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(30)).map_err(|e| format!("connect {addr}: {e}"))?;
+        let elapsed = start.elapsed();
+        drop(stream);
+        println!("{RESULT_PREFIX} connect ns={}", elapsed.as_nanos());
+    }
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +358,14 @@ mod tests {
             return;
         }
         result.unwrap();
+    }
+
+    #[test]
+    fn tcp_connect_times_connects() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tcp_connect_times(&addr, 3).unwrap();
+        assert!(tcp_connect_times("not an address", 1).is_err());
     }
 
     #[test]

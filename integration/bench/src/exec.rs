@@ -16,7 +16,7 @@
 //! broker and the exec agent.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,6 +24,7 @@ use clap::Args;
 use mm_integration::broker::TestBroker;
 use serde::Serialize;
 
+use crate::brokered;
 use crate::devbench::{unix_time, write_and_print};
 use crate::machine::{self, Machine};
 use crate::report::{quantile, stats};
@@ -221,75 +222,6 @@ fn wait_until_ready(broker: &TestBroker, deadline: Instant) -> Result<Vec<f64>> 
     }
 }
 
-/// Serialises the cleanup a signal starts with the end of `run`: `run` takes
-/// it before returning, so the process cannot exit under a cleanup.
-static CLEANUP: Mutex<()> = Mutex::new(());
-
-/// SIGINT, SIGTERM and SIGHUP are taken by a thread (blocked everywhere
-/// else; `Command` clears the mask for children), which removes the
-/// microVMs, ends the broker and deletes its scratch directory, then exits
-/// 130: without it an interrupted benchmark would leave microVMs running,
-/// since mm-vmm survives its broker by design. Must run before any other
-/// thread is started, so that all of them inherit the mask.
-fn block_signals() -> Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use;
-    // pthread_sigmask only changes this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            bail!("pthread_sigmask failed");
-        }
-        Ok(set)
-    }
-}
-
-fn cleanup_on_signal(set: libc::sigset_t, broker: Weak<TestBroker>) {
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: `set` holds signals this thread has blocked (inherited).
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            return;
-        }
-        let _guard = CLEANUP.lock();
-        // None: `run` already dropped the broker, whose Drop cleans up.
-        let Some(broker) = broker.upgrade() else { return };
-        eprintln!("mm-bench: exec: signal {sig}: removing the microVMs and ending the broker");
-        if let Ok(run) = broker.mmctl(&["ps", "-o", "json"], QUICK)
-            && let Ok(serde_json::Value::Array(vms)) = serde_json::from_str(&run.stdout)
-        {
-            for id in vms.iter().filter_map(|vm| vm["id"].as_str()) {
-                let _ = broker.mmctl(&["rm", "-f", id], QUICK);
-            }
-        }
-        if let Some(pid) = broker.pid() {
-            // SAFETY: kill(2) on the broker TestBroker spawned, not yet reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        let _ = std::fs::remove_dir_all(&broker.dir.0);
-        std::process::exit(130);
-    });
-}
-
-/// Starts the broker so that it ignores the terminal's SIGINT and SIGHUP
-/// (ignored dispositions survive exec): Ctrl-C reaches the whole process
-/// group, and a broker that died with it could not remove the microVMs.
-fn start_broker() -> Result<TestBroker> {
-    let set_ignored = |disposition| {
-        for sig in [libc::SIGINT, libc::SIGHUP] {
-            // SAFETY: SIG_IGN / SIG_DFL, no handler function involved.
-            unsafe { libc::signal(sig, disposition) };
-        }
-    };
-    set_ignored(libc::SIG_IGN);
-    let broker = TestBroker::start("bench-exec", &[]);
-    set_ignored(libc::SIG_DFL);
-    broker
-}
-
 pub fn run(args: ExecArgs) -> Result<()> {
     if args.execs == 0 || args.runs == 0 {
         bail!("--execs and --runs must be at least 1");
@@ -297,14 +229,14 @@ pub fn run(args: ExecArgs) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| mm_integration::repo_root().join("target/bench/exec.json"));
     let log_dir = out.parent().unwrap_or(Path::new(".")).join("exec-logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
-    let signals = block_signals()?;
+    let signals = brokered::block_signals()?;
     let machine = Machine::detect();
     let other_vms_at_start = machine::other_vmms().len();
     let mmctl = crate::version_of(&mm_integration::workspace_binary("mmctl")?);
     let mm_broker = crate::version_of(&mm_integration::workspace_binary("mm-broker")?);
 
-    let broker = Arc::new(start_broker()?);
-    cleanup_on_signal(signals, Arc::downgrade(&broker));
+    let broker = Arc::new(brokered::start_broker("bench-exec", &[])?);
+    brokered::cleanup_on_signal("exec", signals, Arc::downgrade(&broker));
     eprintln!("mm-bench: exec: broker in {} ({other_vms_at_start} other VM(s) running)", broker.dir.0.display());
     let mut report = ExecReport {
         benchmark: "exec",
@@ -334,7 +266,7 @@ pub fn run(args: ExecArgs) -> Result<()> {
     // Last reference (unless a signal's cleanup holds one): its Drop removes
     // every microVM left and ends the broker, on success and on error alike.
     drop(broker);
-    let _guard = CLEANUP.lock();
+    let _guard = brokered::CLEANUP.lock();
     measured.with_context(|| format!("broker log: {}", log_dir.join("broker.log").display()))?;
 
     report.loadavg_at_end = machine::loadavg();

@@ -10,11 +10,13 @@
 
 mod block;
 mod boot;
+mod brokered;
 mod devbench;
 mod exec;
 mod machine;
 mod mmvmm;
 mod net;
+mod netbroker;
 mod procmem;
 mod qemu;
 mod report;
@@ -46,7 +48,8 @@ enum Bench {
     Boot(BootArgs),
     /// virtio-blk: sequential read/write MiB/s and 4 KiB random-read IOPS in the guest, vs QEMU and the host.
     Block(block::BlockArgs),
-    /// virtio-net: guest <-> host TCP throughput through a TAP in a private network namespace, vs QEMU.
+    /// virtio-net: guest <-> host TCP throughput through a TAP in a private network namespace, vs QEMU;
+    /// then, through a real mm-broker, guest <-> guest throughput, TCP connect latency and `mmctl ssh`.
     Net(net::NetArgs),
     /// Hybrid vsock: round-trip latency (median, p99) and echo throughput.
     Vsock(vsock::VsockArgs),

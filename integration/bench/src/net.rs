@@ -15,6 +15,11 @@
 //! from the first byte sent to the guest's byte count coming back. The
 //! host reference is the same tool on the host, over loopback inside the
 //! namespace: what the host's TCP stack does without a VM in the way.
+//!
+//! A second part (netbroker.rs, before this one; `--skip-broker`,
+//! `--broker-only`) measures what a user of mm-broker gets: guest ↔ guest
+//! throughput, connect latencies and `mmctl ssh`. Its metrics have only an
+//! `mm` column, in the same report.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -30,10 +35,11 @@ use mm_integration::devices::{DeviceProcess, Scratch};
 use mm_integration::netns::TestNetwork;
 use serde::Serialize;
 
-use crate::System;
 use crate::devbench::{self, CommonArgs, DeviceReport, GuestDevice, GuestSetup, Metric, deadline};
 use crate::machine::Machine;
+use crate::netbroker::BrokerArgs;
 use crate::vm::Results;
+use crate::{System, brokered, netbroker};
 
 const HOST_IP: &str = "10.78.0.1";
 const PORT: u16 = 5201;
@@ -44,6 +50,8 @@ const CHUNK: usize = 64 * 1024;
 pub struct NetArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
 }
 
 /// One transfer as the host saw it.
@@ -162,12 +170,126 @@ fn rate(t: Option<Transfer>) -> Option<f64> {
     t.and_then(|t| devbench::mib_per_s(t.bytes, t.ns))
 }
 
+/// What the device part (bare mm-vmm and QEMU on a TAP) measured.
+struct DevicePart {
+    netns: String,
+    host: HostView,
+    views: Vec<(System, usize, HostView)>,
+    runs: Vec<devbench::SystemRun>,
+}
+
 pub fn run(args: NetArgs) -> Result<()> {
-    let secs = args.common.secs;
     let out = args.common.out("net");
     let log_dir = out.parent().unwrap_or(std::path::Path::new(".")).join("net-logs");
     let machine = Machine::detect();
     let mut warnings = Vec::new();
+    // The broker part first: its signal handling needs the signals blocked
+    // before any thread starts; they are unblocked once the broker is gone.
+    let broker = if args.broker.skip_broker {
+        None
+    } else {
+        let signals = brokered::block_signals()?;
+        let part = netbroker::run(&args.broker, &args.common, &log_dir, signals);
+        brokered::unblock_signals(&signals);
+        Some(part?)
+    };
+    let devices = if args.broker.broker_only { None } else { Some(devices(&args, &log_dir, &mut warnings)?) };
+
+    let of = |system: System, f: fn(&HostView) -> Option<Transfer>| {
+        let views = devices.iter().flat_map(|d| &d.views);
+        devbench::median(views.filter(|(s, _, _)| *s == system).map(|(_, _, v)| rate(f(v))))
+    };
+    let host = devices.as_ref().map(|d| d.host).unwrap_or_default();
+    let mut metrics = Vec::new();
+    if devices.is_some() {
+        metrics.extend([
+            Metric::new(
+                "tcp_guest_to_host",
+                "MiB/s",
+                true,
+                rate(host.guest_to_host),
+                of(System::Mm, |v| v.guest_to_host),
+                of(System::Qemu, |v| v.guest_to_host),
+            ),
+            Metric::new(
+                "tcp_host_to_guest",
+                "MiB/s",
+                true,
+                rate(host.host_to_guest),
+                of(System::Mm, |v| v.host_to_guest),
+                of(System::Qemu, |v| v.host_to_guest),
+            ),
+        ]);
+    }
+    let mut notes: Vec<String> = Vec::new();
+    if devices.is_some() {
+        notes.extend([
+            "one TCP connection per direction, 64 KiB writes, for secs_per_direction; figures from the host's clock"
+                .into(),
+            "host = mm-init tcp-bench on the host over loopback inside the namespace (no VM, no TAP): a \
+         ceiling, not a like-for-like figure"
+                .into(),
+            "QEMU: -netdev tap,fd=N,vhost=off -device virtio-net-device (in-process, no vhost-net)".into(),
+        ]);
+    }
+    if let Some(part) = &broker {
+        metrics.extend(part.metrics.iter().cloned());
+        notes.extend(part.notes.iter().cloned());
+        warnings.extend(part.warnings.iter().cloned());
+    }
+    let raw_runs: Vec<serde_json::Value> = devices
+        .iter()
+        .flat_map(|d| &d.views)
+        .map(|(s, run, v)| serde_json::json!({ "system": s.name(), "run": run, "host_view": v }))
+        .collect();
+    let report = DeviceReport {
+        benchmark: "net",
+        unix_time: 0,
+        source: String::new(),
+        machine,
+        // What the device part boots (for the first system, as before).
+        guest: GuestSetup::new(&args.common.boot_config(vec![
+            "sh".into(),
+            "-c".into(),
+            workload(&args.common.secs.to_string(), guest_n(args.common.systems().first().copied())),
+        ]))?,
+        parameters: serde_json::json!({
+            "secs_per_direction": args.common.secs,
+            "runs": args.common.runs,
+            "netns": devices.as_ref().map(|d| d.netns.clone()),
+            "connects": (!args.broker.skip_broker).then_some(args.broker.connects),
+            "ssh_runs": (!args.broker.skip_broker).then_some(args.broker.ssh_runs),
+        }),
+        raw: serde_json::json!({
+            "host_loopback": devices.as_ref().map(|d| d.host),
+            "runs": raw_runs,
+            "broker": broker.as_ref().map(|b| &b.raw),
+        }),
+        metrics,
+        targets: Vec::new(),
+        systems: devices.map(|d| d.runs).unwrap_or_default(),
+        notes,
+        warnings,
+    };
+    report.emit(&out, args.common.json)
+}
+
+/// The last byte of a device-part guest's address (and MAC).
+fn guest_n(system: Option<System>) -> u8 {
+    if system == Some(System::Qemu) { 3 } else { 2 }
+}
+
+/// The device part's guest script: address eth0, then tcp-bench.
+fn workload(secs: &str, n: u8) -> String {
+    format!(
+        "ip addr add 10.78.0.{n}/24 dev eth0 && ip link set eth0 up && exec /init tcp-bench {HOST_IP}:{PORT} {secs}"
+    )
+}
+
+/// The device part: the host reference over loopback, then each system's
+/// guest against the host side, on a TAP in a namespace of our own.
+fn devices(args: &NetArgs, log_dir: &std::path::Path, warnings: &mut Vec<String>) -> Result<DevicePart> {
+    let secs = args.common.secs;
     let network = TestNetwork::new("bench")?;
     let ns = network.name.clone();
     let ip = |args: &[&str]| -> Result<()> {
@@ -194,21 +316,14 @@ pub fn run(args: NetArgs) -> Result<()> {
 
     let mut views = Vec::new();
     let mut runs = Vec::new();
-    let mut setups = Vec::new();
     for run in 1..=args.common.runs {
         for system in args.common.systems() {
             // One address and MAC per system, so the namespace's ARP cache
             // never holds the other guest's MAC for an address.
-            let n = if system == System::Mm { 2 } else { 3 };
-            let (guest_ip, mac) = (format!("10.78.0.{n}"), format!("02:00:0a:4e:00:{n:02x}"));
-            let script = format!(
-                "ip addr add {guest_ip}/24 dev eth0 && ip link set eth0 up && \
-                 exec /init tcp-bench {HOST_IP}:{PORT} {secs}"
-            );
+            let n = guest_n(Some(system));
+            let mac = format!("02:00:0a:4e:00:{n:02x}");
+            let script = workload(&secs.to_string(), n);
             let config = args.common.boot_config(vec!["sh".into(), "-c".into(), script]);
-            if setups.is_empty() {
-                setups.push(GuestSetup::new(&config)?);
-            }
             // The TAP goes away with its last fd, after this run.
             let tap = network.tap(&format!("mmb-{}-{run}", system.name()))?;
             let socket = sockets.path("net.sock");
@@ -235,7 +350,7 @@ pub fn run(args: NetArgs) -> Result<()> {
             };
             let until = deadline(args.common.timeout_secs);
             let server = serve(ns.clone(), format!("{HOST_IP}:{PORT}"), secs, until)?;
-            let mut started = devbench::start(system, run, &config, &device, &log_dir)?;
+            let mut started = devbench::start(system, run, &config, &device, log_dir)?;
             let results: Results = started.vm.results(until)?;
             let view = server.join().map_err(|_| anyhow::anyhow!("host server panicked"))??;
             eprintln!(
@@ -245,60 +360,10 @@ pub fn run(args: NetArgs) -> Result<()> {
                 rate(view.host_to_guest)
             );
             views.push((system, run, view));
-            runs.push(devbench::finish(started, results, &config, &mut warnings)?);
+            runs.push(devbench::finish(started, results, &config, warnings)?);
         }
     }
-
-    let of = |system: System, f: fn(&HostView) -> Option<Transfer>| {
-        devbench::median(views.iter().filter(|(s, _, _)| *s == system).map(|(_, _, v)| rate(f(v))))
-    };
-    let metrics = vec![
-        Metric::new(
-            "tcp_guest_to_host",
-            "MiB/s",
-            true,
-            rate(host.guest_to_host),
-            of(System::Mm, |v| v.guest_to_host),
-            of(System::Qemu, |v| v.guest_to_host),
-        ),
-        Metric::new(
-            "tcp_host_to_guest",
-            "MiB/s",
-            true,
-            rate(host.host_to_guest),
-            of(System::Mm, |v| v.host_to_guest),
-            of(System::Qemu, |v| v.host_to_guest),
-        ),
-    ];
-    let raw_runs: Vec<serde_json::Value> =
-        views.iter().map(|(s, run, v)| serde_json::json!({ "system": s.name(), "run": run, "host_view": v })).collect();
-    let guest = setups.pop().context("no guest was booted")?;
-    let report = DeviceReport {
-        benchmark: "net",
-        unix_time: 0,
-        source: String::new(),
-        machine,
-        guest,
-        parameters: serde_json::json!({
-            "secs_per_direction": secs,
-            "runs": args.common.runs,
-            "netns": ns,
-        }),
-        raw: serde_json::json!({ "host_loopback": host, "runs": raw_runs }),
-        metrics,
-        targets: Vec::new(),
-        systems: runs,
-        notes: vec![
-            "one TCP connection per direction, 64 KiB writes, for secs_per_direction; figures from the host's clock"
-                .into(),
-            "host = mm-init tcp-bench on the host over loopback inside the namespace (no VM, no TAP): a \
-             ceiling, not a like-for-like figure"
-                .into(),
-            "QEMU: -netdev tap,fd=N,vhost=off -device virtio-net-device (in-process, no vhost-net)".into(),
-        ],
-        warnings,
-    };
-    report.emit(&out, args.common.json)
+    Ok(DevicePart { netns: ns, host, views, runs })
 }
 
 #[cfg(test)]
