@@ -5,84 +5,33 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
-use mm_protocols::broker_capnp::{byte_sink, vm};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, oneshot};
+use mm_protocols::broker_capnp::vm;
+use mm_protocols::byte_stream::{WriterSink, copy_into_sink};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::client::{CliError, exit};
 use crate::output::VmInfo;
 
-/// Bytes per `write` toward the guest.
-const CHUNK: usize = 64 * 1024;
 /// The guest's SSH server (mm-init's, or the image's own).
 pub const SSH_PORT: u16 = 22;
-
-/// Writes what the guest sends into `out`; `done` half-closes it.
-struct Downstream<W> {
-    out: Mutex<Option<W>>,
-    finished: std::cell::RefCell<Option<oneshot::Sender<()>>>,
-}
-
-impl<W: AsyncWrite + Unpin + 'static> byte_sink::Server for Downstream<W> {
-    async fn write(
-        self: Rc<Self>,
-        params: byte_sink::WriteParams,
-        _: byte_sink::WriteResults,
-    ) -> Result<(), capnp::Error> {
-        let data = params.get()?.get_data()?.to_vec();
-        let mut out = self.out.lock().await;
-        if let Some(writer) = out.as_mut()
-            && writer.write_all(&data).await.and(writer.flush().await).is_err()
-        {
-            // Our reader went away: stop taking bytes, so the broker stops.
-            *out = None;
-            return Err(capnp::Error::disconnected("the client closed its end".into()));
-        }
-        Ok(())
-    }
-
-    async fn done(self: Rc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> Result<(), capnp::Error> {
-        if let Some(mut writer) = self.out.lock().await.take() {
-            let _ = writer.shutdown().await;
-        }
-        if let Some(finished) = self.finished.borrow_mut().take() {
-            let _ = finished.send(());
-        }
-        Ok(())
-    }
-}
 
 /// Carries one connection between `reader`/`writer` and the guest's
 /// `port` until both sides have ended theirs (TCP half-close: a client's
 /// end of input does not cut off the guest's answer, nor the other way
 /// round; a guest that closes fully makes our next write fail).
-pub async fn pump<R, W>(vm: &vm::Client, port: u16, mut reader: R, writer: W) -> Result<(), CliError>
+pub async fn pump<R, W>(vm: &vm::Client, port: u16, reader: R, writer: W) -> Result<(), CliError>
 where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let (finished, guest_done) = oneshot::channel();
-    let downstream = Downstream { out: Mutex::new(Some(writer)), finished: std::cell::RefCell::new(Some(finished)) };
+    let (downstream, guest_done) = WriterSink::new(writer);
     let mut request = vm.connect_request();
     request.get().set_port(port);
     request.get().set_to_client(capnp_rpc::new_client(downstream));
     let to_guest = request.send().promise.await?.get()?.get_to_guest()?;
     let upstream = tokio::task::spawn_local(async move {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let mut request = to_guest.write_request();
-            request.get().set_data(&buf[..n]);
-            if request.send().promise.await.is_err() {
-                return;
-            }
-        }
-        let _ = to_guest.done_request().send().promise.await;
+        copy_into_sink(reader, &to_guest).await;
     });
     let _ = guest_done.await;
     let _ = upstream.await;

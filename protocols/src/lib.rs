@@ -21,6 +21,7 @@ pub mod vmm_capnp {
     include!(concat!(env!("OUT_DIR"), "/vmm_capnp.rs"));
 }
 
+pub mod byte_stream;
 pub mod device_control;
 pub mod packet;
 pub mod vmm_control;
