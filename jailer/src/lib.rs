@@ -21,6 +21,7 @@ mod cgroup;
 mod child;
 mod error;
 mod handle;
+mod libraries;
 mod prepare;
 pub mod probes;
 mod selfjail;

@@ -7,7 +7,6 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
 
 use crate::error::JailError;
 use crate::spec::{BindMount, JailSpec, REPORT_FD};
@@ -64,40 +63,6 @@ fn under(root: &Path, inside: &Path) -> PathBuf {
     root.join(inside.strip_prefix("/").unwrap_or(inside))
 }
 
-/// The shared libraries `exec` links, as `ldd` lists them (none for a
-/// static binary).
-fn libraries(exec: &Path) -> Result<Vec<PathBuf>, JailError> {
-    let err = |detail: String| JailError::Libraries { exec: exec.to_path_buf(), detail };
-    // stdin inherited, not /dev/null: a host without /dev (tests hide it)
-    // can still be asked.
-    let out = Command::new("ldd")
-        .arg(exec)
-        .stdin(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| err(format!("running ldd: {e}")))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if text.contains("not a dynamic executable") || stderr.contains("not a dynamic executable") {
-            return Ok(Vec::new());
-        }
-        return Err(err(format!("{}{}", text.trim(), stderr.trim())));
-    }
-    let mut libs = Vec::new();
-    for line in text.lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
-        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has no path.
-        let path = match line.split_once("=>") {
-            Some((_, right)) => right.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(path) = path.filter(|p| p.starts_with('/')) {
-            libs.push(PathBuf::from(path));
-        }
-    }
-    Ok(libs)
-}
-
 /// The highest capability number this kernel knows.
 fn cap_last() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(63)
@@ -111,7 +76,9 @@ pub(crate) fn prepare(
     error_write: &OwnedFd,
 ) -> Result<Prepared, JailError> {
     let mut mounts: Vec<BindMount> = vec![BindMount::read_only(&spec.exec)];
-    mounts.extend(libraries(&spec.exec)?.into_iter().map(BindMount::read_only));
+    let libraries = crate::libraries::libraries(&spec.exec)
+        .map_err(|detail| JailError::Libraries { exec: spec.exec.clone(), detail })?;
+    mounts.extend(libraries.into_iter().map(BindMount::read_only));
     mounts.extend(spec.mounts.iter().cloned());
 
     let mut dirs = BTreeSet::new();
