@@ -14,7 +14,14 @@ pub mod exit {
     pub const NOT_FOUND: i32 = 3;
     pub const CONFLICT: i32 = 4;
     pub const NO_MEMORY: i32 = 5;
+    /// The broker (local mode) or the controller (`--server`) is not reachable.
     pub const NO_BROKER: i32 = 6;
+    /// `--server`: the controller refused the token (401: missing, bad,
+    /// expired or revoked) or its role is too small for the verb (403).
+    pub const NOT_AUTHORIZED: i32 = 7;
+    /// `--server`: the controller does not offer this verb (yet), so a
+    /// script can tell "not possible here" from "failed".
+    pub const UNSUPPORTED: i32 = 8;
     /// The microVM failed (mm-vmm could not run it), as `docker run` uses 125.
     pub const VM_FAILED: i32 = 125;
 }

@@ -1,13 +1,18 @@
 //! `mmctl`: the MicroMachines admin CLI. Talks Cap'n Proto to the host's
-//! mm-broker (`--socket`, `$MM_BROKER_SOCKET`, or the default path).
+//! mm-broker (`--socket`, `$MM_BROKER_SOCKET`, or the default path), or,
+//! with `--server URL` (`$MM_SERVER`), the cluster controller's REST API
+//! (`remote`), with the same verbs and output.
 //!
 //! Errors are one line on stderr and an exit code: 1 other, 2 invalid
 //! input, 3 unknown microVM, 4 conflict (duplicate name, wrong state),
-//! 5 not enough host memory, 6 broker not reachable, 125 the microVM
-//! failed. `run` in the foreground and `exec` exit with the workload's code.
+//! 5 not enough host memory, 6 broker or controller not reachable, 7 not
+//! authorized (controller), 8 not offered by the controller, 125 the
+//! microVM failed. `run` in the foreground and `exec` exit with the
+//! workload's code.
 
 mod client;
 mod output;
+mod remote;
 mod streams;
 mod tunnel;
 
@@ -23,8 +28,19 @@ use output::{Format, VmInfo};
 #[command(name = "mmctl", version, about = "Run and manage MicroMachines microVMs")]
 struct Cli {
     /// The broker's socket (default: $MM_BROKER_SOCKET or /run/micromachines/broker.sock).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "server")]
     socket: Option<PathBuf>,
+    /// The cluster controller's URL (e.g. https://controller:8080): the
+    /// verbs then go through its REST API instead of a local broker.
+    #[arg(long, global = true, env = "MM_SERVER")]
+    server: Option<String>,
+    /// The API token for --server. Prefer $MM_TOKEN: other users can read
+    /// the process list.
+    #[arg(long, global = true, env = "MM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The controller namespace (--server only).
+    #[arg(long, short = 'n', global = true, env = "MM_NAMESPACE", default_value = "default")]
+    namespace: String,
     /// Output format for ps, inspect, run --detach, stop.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -53,6 +69,13 @@ enum Verb {
         /// Return once it is started, printing its id.
         #[arg(long, short = 'd')]
         detach: bool,
+        /// --server only: return as soon as the controller has created it
+        /// (placed on a host), without waiting for it to start.
+        #[arg(long)]
+        no_wait: bool,
+        /// --server only: seconds to wait for it to start.
+        #[arg(long, default_value_t = 300)]
+        wait_timeout: u64,
         /// Remove it once it stops.
         #[arg(long)]
         rm: bool,
@@ -96,9 +119,9 @@ enum Verb {
     /// Stop a microVM: SIGTERM to its init, SIGKILL after the timeout.
     Stop {
         vm: String,
-        /// Seconds to wait for a graceful stop.
-        #[arg(long, short = 't', default_value_t = 10)]
-        time: u32,
+        /// Seconds to wait for a graceful stop [default: 10].
+        #[arg(long, short = 't')]
+        time: Option<u32>,
     },
     /// Boot a stopped microVM again (same disk).
     Start { vm: String },
@@ -201,11 +224,18 @@ async fn list(broker: &broker::Client) -> Result<Vec<VmInfo>, CliError> {
 }
 
 async fn run(cli: Cli) -> Result<i32, CliError> {
+    if let Some(server) = cli.server {
+        let target = remote::Target { server, token: cli.token, namespace: cli.namespace };
+        return remote::run(target, cli.output, cli.command).await;
+    }
+    if let Verb::Run { no_wait: true, .. } = cli.command {
+        return Err(CliError::new(exit::INVALID, "--no-wait needs --server (a local run -d returns once started)"));
+    }
     let socket = client::socket_path(cli.socket);
     let broker = client::connect(&socket).await?;
     let format = cli.output;
     match cli.command {
-        Verb::Run { image, name, cpus, memory, env, detach, rm, ssh_keys, command } => {
+        Verb::Run { image, name, cpus, memory, env, detach, rm, ssh_keys, command, .. } => {
             let key_files = if ssh_keys.is_empty() { tunnel::default_ssh_keys() } else { ssh_keys };
             let keys = tunnel::read_ssh_keys(&key_files)?;
             let mut request = broker.create_vm_request();
@@ -271,7 +301,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         Verb::Stop { vm, time } => {
             let vm = get_vm(&broker, &vm).await?;
             let mut request = vm.stop_request();
-            request.get().set_timeout_ms(time.saturating_mul(1000));
+            request.get().set_timeout_ms(time.unwrap_or(10).saturating_mul(1000));
             let reply = request.send().promise.await?;
             let info = VmInfo::read(reply.get()?.get_info()?)?;
             match format {

@@ -1,0 +1,285 @@
+//! `mmctl --server URL`: the same verbs as local mode, through the cluster
+//! controller's REST API (`/v1/namespaces/{ns}/machines`) instead of a
+//! broker's socket.
+//!
+//! A machine is named by its id or by its name (names are unique among a
+//! namespace's machines that are not destroyed; the API addresses ids, so a
+//! name is looked up in the list). `run` sends an `Idempotency-Key`, so the
+//! one retry after a lost connection cannot create a second machine.
+
+mod http;
+mod streams;
+mod view;
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+
+use crate::Verb;
+use crate::client::{CliError, exit};
+use crate::output::Format;
+use http::{Api, ApiError, decode};
+use view::{Machine, MachineList};
+
+/// The largest page the API serves: `ps` wants every machine anyway.
+const PAGE_SIZE: &str = "500";
+/// One wait request's timeout. Short enough that a machine that fails
+/// (the wait endpoint waits for one state only) is noticed soon.
+const WAIT_ROUND_SECS: u64 = 10;
+
+/// Where to reach the controller, and as whom.
+pub struct Target {
+    pub server: String,
+    pub token: Option<String>,
+    pub namespace: String,
+}
+
+fn unsupported(what: &str) -> CliError {
+    CliError::new(exit::UNSUPPORTED, format!("the controller does not offer {what} yet"))
+}
+
+pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliError> {
+    let api = Api::new(&target.server, target.token, target.namespace)?;
+    match verb {
+        Verb::Run { image, name, cpus, memory, env, detach, rm, ssh_keys, command, no_wait, wait_timeout } => {
+            if rm {
+                return Err(unsupported("--rm (removing a machine once it stops)"));
+            }
+            if !ssh_keys.is_empty() {
+                return Err(unsupported("--ssh-key (SSH keys for a machine)"));
+            }
+            let mut config = json!({ "image": image, "guest": { "cpus": cpus, "memory_mb": memory } });
+            if !env.is_empty() {
+                config["env"] = Value::Object(env.into_iter().map(|(k, v)| (k, Value::String(v))).collect());
+            }
+            if !command.is_empty() {
+                config["command"] = json!(command);
+            }
+            let mut body = Map::new();
+            if let Some(name) = name {
+                body.insert("name".into(), Value::String(name));
+            }
+            body.insert("config".into(), config);
+            let machine = create(&api, &Value::Object(body)).await?;
+            if no_wait {
+                return print_handle(&machine, format);
+            }
+            let machine = wait_started(&api, machine, Duration::from_secs(wait_timeout)).await?;
+            if detach {
+                return print_handle(&machine, format);
+            }
+            match streams::logs(&api, &machine.id, true).await {
+                Err(e) if e.code == exit::UNSUPPORTED => {
+                    eprintln!("mmctl: {} is started; the controller does not offer logs yet", machine.name);
+                    print_handle(&machine, format)
+                }
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let machine = get(&api, &machine.id).await?;
+                    match machine.state.as_str() {
+                        "failed" => Err(CliError::new(exit::VM_FAILED, format!("machine {} failed", machine.name))),
+                        _ => Ok(0),
+                    }
+                }
+            }
+        }
+        Verb::Ps => {
+            view::print_list(&list_all(&api).await?, format);
+            Ok(0)
+        }
+        Verb::Inspect { vm } => {
+            view::print_one(&find(&api, &vm).await?, format);
+            Ok(0)
+        }
+        Verb::Stop { vm, time } => {
+            if time.is_some() {
+                eprintln!("mmctl: note: the controller does not take a stop timeout; -t is ignored");
+            }
+            let machine = act(&api, &vm, "stop").await?;
+            print_acted(&vm, &machine, format)
+        }
+        Verb::Start { vm } => {
+            let machine = act(&api, &vm, "start").await?;
+            print_acted(&vm, &machine, format)
+        }
+        Verb::Rm { vms, force } => {
+            let mut failed = None;
+            for vm in vms {
+                match remove(&api, &vm, force).await {
+                    Ok(machine) => {
+                        print_acted(&vm, &machine, format)?;
+                    }
+                    Err(e) => {
+                        eprintln!("mmctl: {}", e.message);
+                        failed = Some(e.code);
+                    }
+                }
+            }
+            Ok(failed.unwrap_or(0))
+        }
+        Verb::Logs { vm, follow } => {
+            let machine = find(&api, &vm).await?;
+            streams::logs(&api, &machine.id, follow).await.map(|()| 0)
+        }
+        Verb::Exec { vm, interactive, tty, env, workdir, user, command } => {
+            if interactive || tty {
+                return Err(unsupported("interactive exec (-i, -t)"));
+            }
+            let machine = find(&api, &vm).await?;
+            streams::exec(&api, &machine.id, streams::ExecRequest { command, env, workdir, user }).await
+        }
+        Verb::Audit { .. } => Err(unsupported("audit logs (use GET .../machines/{id}/events)")),
+        Verb::Stats { .. } => Err(unsupported("stats")),
+        Verb::Events => Err(unsupported("an event stream")),
+        Verb::Ssh { .. } => Err(unsupported("ssh")),
+        Verb::PortForward { .. } => Err(unsupported("port-forward")),
+        Verb::Proxy { .. } => Err(unsupported("proxy")),
+    }
+}
+
+/// What `run -d`, `stop` and `start` print: the id, or the whole machine.
+fn print_handle(machine: &Machine, format: Format) -> Result<i32, CliError> {
+    match format {
+        Format::Json => view::print_one(machine, format),
+        Format::Table => println!("{}", machine.id),
+    }
+    Ok(0)
+}
+
+/// What `stop`, `start` and `rm` print: the machine as the user named it
+/// (as local mode and docker do), or the whole machine.
+fn print_acted(vm: &str, machine: &Machine, format: Format) -> Result<i32, CliError> {
+    match format {
+        Format::Json => view::print_one(machine, format),
+        Format::Table => println!("{vm}"),
+    }
+    Ok(0)
+}
+
+/// `POST .../machines` with a fresh `Idempotency-Key`, kept across the
+/// retry so a create whose answer was lost is replayed, not repeated.
+async fn create(api: &Api, body: &Value) -> Result<Machine, CliError> {
+    let key = uuid::Uuid::new_v4().to_string();
+    let url = api.machines_url(&[]);
+    let sent =
+        api.send(true, || api.request(Method::POST, url.clone()).header("Idempotency-Key", &key).json(body)).await;
+    match sent {
+        Ok(response) => decode(response).await,
+        // A controller that predates `config.command` refuses the field.
+        Err(ApiError::Problem(p)) if p.status == 422 && p.detail.contains("unknown field `command`") => {
+            Err(unsupported("a command for a machine (leave out the command after --)"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Ids are UUIDs; anything else is a name.
+fn is_id(vm: &str) -> bool {
+    uuid::Uuid::try_parse(vm).is_ok()
+}
+
+async fn get(api: &Api, id: &str) -> Result<Machine, CliError> {
+    api.get_json(Method::GET, api.machines_url(&[id])).await
+}
+
+/// Every machine of the namespace that is not destroyed, page by page.
+async fn list_all(api: &Api) -> Result<Vec<Machine>, CliError> {
+    let mut machines = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut url = api.machines_url(&[]);
+        url.query_pairs_mut().append_pair("page_size", PAGE_SIZE);
+        if let Some(token) = &token {
+            url.query_pairs_mut().append_pair("page_token", token);
+        }
+        let page: MachineList = api.get_json(Method::GET, url).await?;
+        machines.extend(page.machines);
+        match page.next_page_token {
+            Some(next) if Some(&next) != token.as_ref() => token = Some(next),
+            _ => return Ok(machines),
+        }
+    }
+}
+
+/// The machine `vm` names: by id, or else by name.
+async fn find(api: &Api, vm: &str) -> Result<Machine, CliError> {
+    if is_id(vm) {
+        return get(api, vm).await;
+    }
+    list_all(api).await?.into_iter().find(|m| m.name == vm).ok_or_else(|| {
+        CliError::new(exit::NOT_FOUND, format!("no machine named {vm:?} in namespace {:?}", api.namespace))
+    })
+}
+
+/// `POST .../machines/{id}/{action}` (start, stop).
+async fn act(api: &Api, vm: &str, action: &str) -> Result<Machine, CliError> {
+    let id = find(api, vm).await?.id;
+    api.get_json(Method::POST, api.machines_url(&[&id, action])).await
+}
+
+async fn remove(api: &Api, vm: &str, force: bool) -> Result<Machine, CliError> {
+    let id = find(api, vm).await?.id;
+    let mut url = api.machines_url(&[&id]);
+    if force {
+        url.query_pairs_mut().append_pair("force", "true");
+    }
+    api.get_json(Method::DELETE, url).await
+}
+
+/// Blocks until the machine is `started`, through the wait endpoint in
+/// rounds of `WAIT_ROUND_SECS`, checking between rounds whether it failed
+/// or went away (which the endpoint would not report before its timeout).
+async fn wait_started(api: &Api, mut machine: Machine, timeout: Duration) -> Result<Machine, CliError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match machine.state.as_str() {
+            "started" => return Ok(machine),
+            "failed" => {
+                return Err(CliError::new(exit::VM_FAILED, format!("machine {} failed to start", machine.name)));
+            }
+            state @ ("destroying" | "destroyed" | "stopping" | "stopped") => {
+                return Err(CliError::new(
+                    exit::CONFLICT,
+                    format!("machine {} is {state}, not starting", machine.name),
+                ));
+            }
+            _ => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let hint = if machine.state == "created" {
+                format!(
+                    " (no broker has launched it: is host {}'s broker connected?)",
+                    machine.host.as_deref().unwrap_or("?")
+                )
+            } else {
+                String::new()
+            };
+            return Err(CliError::new(
+                exit::ERROR,
+                format!("machine {} is still {} after {} s{hint}", machine.name, machine.state, timeout.as_secs()),
+            ));
+        }
+        let mut url = api.machines_url(&[&machine.id, "wait"]);
+        let secs = left.as_secs().clamp(1, WAIT_ROUND_SECS);
+        url.query_pairs_mut().append_pair("state", "started").append_pair("timeout", &secs.to_string());
+        match api.send(false, || api.request(Method::GET, url.clone())).await {
+            Ok(response) => return decode(response).await,
+            Err(ApiError::Problem(p)) if p.status == 408 => machine = get(api, &machine.id).await?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_uuids() {
+        assert!(is_id("0e5c2a4e-3b7a-4a43-9a7e-0c1f6a1d2b3c"));
+        assert!(!is_id("web-1"));
+        assert!(!is_id(""));
+    }
+}
