@@ -1,7 +1,7 @@
 //! Compiles the schemas with the `capnp` tool (Debian package `capnproto`).
 
 fn main() {
-    const SCHEMAS: [&str; 4] = ["broker.capnp", "device.capnp", "events.capnp", "vmm.capnp"];
+    const SCHEMAS: [&str; 5] = ["broker.capnp", "cluster.capnp", "device.capnp", "events.capnp", "vmm.capnp"];
     let mut compiler = capnpc::CompilerCommand::new();
     for schema in SCHEMAS {
         compiler.file(schema);

@@ -8,6 +8,7 @@
 //! serves `protocols/broker.capnp` to `mmctl` on an owner-only unix socket.
 
 pub mod audit;
+pub mod cluster;
 pub mod events;
 pub mod exec;
 pub mod forward;

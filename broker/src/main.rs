@@ -11,6 +11,7 @@ use clap::Parser;
 use std::net::Ipv4Addr;
 
 use mm_broker::BrokerConfig;
+use mm_broker::cluster::{Cluster, ClusterConfig};
 use mm_broker::network::ipam::Ipv4Net;
 use mm_broker::network::{Network, NetworkConfig};
 use mm_broker::registry::Registry;
@@ -48,6 +49,72 @@ struct Args {
     no_jail: bool,
     #[command(flatten)]
     network: NetworkArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Joining a cluster (controller/README.md): the broker dials the
+/// controller over mutual TLS and keeps a session with it.
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// The controller's broker address (HOST:PORT) to dial; without it the
+    /// broker serves only its local socket.
+    #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_ca"])]
+    controller: Option<String>,
+    /// The name the controller's certificate must carry (default: the HOST
+    /// of --controller).
+    #[arg(long, requires = "controller")]
+    controller_name: Option<String>,
+    /// This broker's certificate (PEM), signed by the cluster's CA; its
+    /// common name is the host's name.
+    #[arg(long, requires = "controller")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "controller")]
+    tls_key: Option<PathBuf>,
+    /// The cluster's CA certificate (PEM): the controller's must be signed by it.
+    #[arg(long, requires = "controller")]
+    tls_ca: Option<PathBuf>,
+    /// The host's name in the cluster; must be the certificate's (default).
+    #[arg(long, requires = "controller")]
+    host_name: Option<String>,
+    /// KEY=VALUE the scheduler can match machines against (repeatable).
+    #[arg(long = "label", value_parser = parse_label, requires = "controller")]
+    labels: Vec<(String, String)>,
+    /// vCPUs offered to the cluster (default: every CPU).
+    #[arg(long, requires = "controller")]
+    offer_cpus: Option<u32>,
+    /// Memory in MiB offered to the cluster (default: MemTotal less
+    /// --reserved-memory-mib).
+    #[arg(long, requires = "controller")]
+    offer_memory_mib: Option<u64>,
+}
+
+impl ClusterArgs {
+    fn load(self, reserved_memory_mib: u64) -> Result<Option<Cluster>> {
+        let Some(controller) = self.controller else { return Ok(None) };
+        let (cpus, memory_mib) = mm_broker::cluster::default_capacity(reserved_memory_mib);
+        let config = ClusterConfig {
+            controller,
+            controller_name: self.controller_name,
+            tls_cert: self.tls_cert.context("--tls-cert")?,
+            tls_key: self.tls_key.context("--tls-key")?,
+            tls_ca: self.tls_ca.context("--tls-ca")?,
+            host_name: self.host_name,
+            labels: self.labels,
+            cpus: self.offer_cpus.unwrap_or(cpus),
+            memory_mib: self.offer_memory_mib.unwrap_or(memory_mib),
+        };
+        Ok(Some(Cluster::new(config).context("loading the cluster TLS identity")?))
+    }
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("{text:?}: the key is empty"));
+    }
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 /// The microVM network (README, "Networking").
@@ -124,6 +191,7 @@ fn main() -> Result<()> {
     for (what, path) in [("--kernel", &args.kernel), ("--builtin-image", &args.builtin_image)] {
         anyhow::ensure!(path.is_file(), "{what} {}: no such file", path.display());
     }
+    let cluster = args.cluster.load(args.reserved_memory_mib)?;
     let config = Rc::new(BrokerConfig {
         state_dir: args.state_dir,
         bin_dir,
@@ -142,11 +210,15 @@ fn main() -> Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, serve(config, args.socket))
+    local.block_on(&runtime, serve(config, args.socket, cluster))
 }
 
-async fn serve(config: Rc<BrokerConfig>, socket: PathBuf) -> Result<()> {
+async fn serve(config: Rc<BrokerConfig>, socket: PathBuf, cluster: Option<Cluster>) -> Result<()> {
     let registry = Registry::load(Rc::clone(&config)).context("loading the state directory")?;
+    if let Some(cluster) = cluster {
+        tracing::info!(host = cluster.host_name(), "joining the cluster");
+        tokio::task::spawn_local(cluster.run(Rc::clone(&registry)));
+    }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

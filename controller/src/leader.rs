@@ -1,9 +1,12 @@
 //! Leader election and the reconcile loop.
 //!
 //! Several controllers may serve the API against one database; exactly one
-//! runs the loop that changes things on its own (re-placing machines off
-//! draining hosts, housekeeping; later, marking lost brokers' machines and
-//! re-placing them). The leader is whoever holds a session-level Postgres
+//! runs the loop that changes things on its own: marking hosts whose broker
+//! stopped heart-beating lost and re-placing their machines
+//! (`store::recovery`), re-placing machines off draining hosts,
+//! housekeeping. (Driving each machine to its desired state through its
+//! broker is done by the controller that holds that broker's session, see
+//! `session`: only it has the broker's capability.) The leader is whoever holds a session-level Postgres
 //! advisory lock, taken with `pg_try_advisory_lock` on a dedicated
 //! connection: if that controller dies or loses its connection, Postgres
 //! drops the lock with the session and another controller takes it on its
@@ -29,7 +32,7 @@ use diesel::sql_types::{BigInt, Bool};
 use tokio::sync::watch;
 
 use crate::db::{Db, lock_keys};
-use crate::store::{StoreError, machines};
+use crate::store::{StoreError, hosts, machines, recovery};
 
 /// How long an idempotency key is remembered.
 const IDEMPOTENCY_KEY_AGE: chrono::Duration = chrono::Duration::hours(24);
@@ -44,13 +47,16 @@ pub struct Leader {
 }
 
 impl Leader {
-    pub fn spawn(db: Db, interval: Duration, changes: watch::Sender<u64>) -> Leader {
+    /// `heartbeat_timeout`: a host whose broker has not heart-beaten for
+    /// that long is lost.
+    pub fn spawn(db: Db, interval: Duration, heartbeat_timeout: Duration, changes: watch::Sender<u64>) -> Leader {
         let (stop, stopped) = mpsc::channel();
         let leading = Arc::new(AtomicBool::new(false));
         let flag = leading.clone();
+        let timeout = chrono::Duration::from_std(heartbeat_timeout).unwrap_or(chrono::Duration::MAX);
         let thread = std::thread::Builder::new()
             .name("mm-controller-leader".into())
-            .spawn(move || run(db, interval, changes, stopped, flag))
+            .spawn(move || run(db, interval, timeout, changes, stopped, flag))
             .expect("spawning the leader thread");
         Leader { stop: Some(stop), thread: Some(thread), leading }
     }
@@ -83,11 +89,18 @@ fn try_lock(conn: &mut PgConnection) -> QueryResult<bool> {
     Ok(row.locked)
 }
 
-fn run(db: Db, interval: Duration, changes: watch::Sender<u64>, stopped: mpsc::Receiver<()>, leading: Arc<AtomicBool>) {
+fn run(
+    db: Db,
+    interval: Duration,
+    heartbeat_timeout: chrono::Duration,
+    changes: watch::Sender<u64>,
+    stopped: mpsc::Receiver<()>,
+    leading: Arc<AtomicBool>,
+) {
     let mut conn: Option<PgConnection> = None;
     let mut is_leader = false;
     loop {
-        tick(&db, &mut conn, &mut is_leader, &changes);
+        tick(&db, &mut conn, &mut is_leader, heartbeat_timeout, &changes);
         if is_leader != leading.swap(is_leader, Ordering::SeqCst) {
             tracing::info!(leader = is_leader, "reconcile loop leadership changed");
         }
@@ -104,7 +117,13 @@ fn run(db: Db, interval: Duration, changes: watch::Sender<u64>, stopped: mpsc::R
 /// One pass. Any error drops the connection, and with it the lock, so a
 /// controller that cannot reach the database does not keep others from
 /// leading.
-fn tick(db: &Db, conn: &mut Option<PgConnection>, is_leader: &mut bool, changes: &watch::Sender<u64>) {
+fn tick(
+    db: &Db,
+    conn: &mut Option<PgConnection>,
+    is_leader: &mut bool,
+    heartbeat_timeout: chrono::Duration,
+    changes: &watch::Sender<u64>,
+) {
     let result = (|| -> Result<(), String> {
         let c = match conn {
             Some(c) => c,
@@ -117,7 +136,7 @@ fn tick(db: &Db, conn: &mut Option<PgConnection>, is_leader: &mut bool, changes:
             *is_leader = try_lock(c).map_err(|e| e.to_string())?;
         }
         if *is_leader {
-            reconcile(c, changes).map_err(|e| e.to_string())?;
+            reconcile(c, heartbeat_timeout, changes).map_err(|e| e.to_string())?;
         }
         Ok(())
     })();
@@ -129,12 +148,23 @@ fn tick(db: &Db, conn: &mut Option<PgConnection>, is_leader: &mut bool, changes:
 }
 
 /// What the leader does each tick.
-fn reconcile(conn: &mut PgConnection, changes: &watch::Sender<u64>) -> Result<(), StoreError> {
+fn reconcile(
+    conn: &mut PgConnection,
+    heartbeat_timeout: chrono::Duration,
+    changes: &watch::Sender<u64>,
+) -> Result<(), StoreError> {
+    for host in hosts::mark_lost(conn, heartbeat_timeout)? {
+        tracing::warn!(%host, "host lost: no heartbeat from its broker for {} s", heartbeat_timeout.num_seconds());
+    }
+    let recovered = recovery::recover_lost(conn, MOVES_PER_PASS)?;
+    for r in &recovered {
+        tracing::info!(machine = %r.machine, from = %r.from, to = ?r.to, state = %r.state, "machine of a lost host");
+    }
     let moved = machines::replace_from_draining(conn, MOVES_PER_PASS)?;
     for m in &moved {
         tracing::info!(machine = %m.machine, from = ?m.from, to = %m.to, "re-placed machine");
     }
-    if !moved.is_empty() {
+    if !moved.is_empty() || !recovered.is_empty() {
         changes.send_modify(|n| *n = n.wrapping_add(1));
     }
     machines::expire_idempotency_keys(conn, IDEMPOTENCY_KEY_AGE)?;

@@ -8,9 +8,12 @@
 //! calls under a placement lock; one controller at a time (`leader`) runs
 //! the reconcile loop.
 //!
-//! Not yet here: the brokers' mTLS Cap'n Proto session (hosts are
-//! registered through an admin stand-in endpoint for now), re-placing the
-//! machines of a lost broker, exec and logs.
+//! Brokers dial in over mutual TLS and hold a Cap'n Proto session
+//! (`session`): they register their capacity, heart-beat and report what
+//! they observe, and the controller holding a broker's session drives that
+//! host's machines through the broker's own capability (and runs exec and
+//! logs through it). The leader marks hosts whose broker went silent lost
+//! and re-places their machines.
 
 pub mod api;
 pub mod auth;
@@ -19,6 +22,7 @@ pub mod leader;
 pub mod machine;
 pub mod ratelimit;
 pub mod scheduler;
+pub mod session;
 pub mod store;
 
 use std::future::Future;
@@ -33,6 +37,7 @@ use crate::auth::{KeyError, Keys};
 use crate::db::{Db, DbError};
 use crate::leader::Leader;
 use crate::ratelimit::{Limiter, RateLimit};
+use crate::session::{BrokerListen, Hub, Timing};
 
 /// Everything a controller needs to start.
 #[derive(Debug, Clone)]
@@ -50,6 +55,13 @@ pub struct Config {
     /// How often a waiter re-reads the database for changes made by other
     /// controllers.
     pub wait_poll_interval: Duration,
+    /// Where brokers dial in over mutual TLS; none: no broker sessions on
+    /// this controller.
+    pub broker_listen: Option<BrokerListen>,
+    /// A host whose broker has not heart-beaten for this long is lost and
+    /// its machines are re-placed. Brokers are told to heart-beat four
+    /// times as often.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Config {
@@ -64,6 +76,8 @@ impl Config {
             max_connections: 16,
             reconcile_interval: Duration::from_secs(1),
             wait_poll_interval: Duration::from_millis(500),
+            broker_listen: None,
+            heartbeat_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -76,6 +90,8 @@ pub enum StartError {
     Db(#[from] DbError),
     #[error("starting the database connection task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("broker sessions: {0}")]
+    Sessions(#[from] session::StartError),
 }
 
 /// A started controller: the database is migrated and the reconcile loop
@@ -84,6 +100,14 @@ pub struct Controller {
     state: Arc<AppState>,
     max_body_bytes: usize,
     leader: Leader,
+    /// Ends the session thread when the controller is dropped.
+    sessions_shutdown: watch::Sender<bool>,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.sessions_shutdown.send_replace(true);
+    }
 }
 
 impl Controller {
@@ -92,7 +116,17 @@ impl Controller {
         let (url, max) = (config.database_url.clone(), config.max_connections);
         let db = tokio::task::spawn_blocking(move || Db::connect(&url, max)).await??;
         let (changes, _) = watch::channel(0);
-        let leader = Leader::spawn(db.clone(), config.reconcile_interval, changes.clone());
+        let (sessions_shutdown, shutdown) = watch::channel(false);
+        let hub = match &config.broker_listen {
+            Some(listen) => {
+                let heartbeat =
+                    (config.heartbeat_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+                let timing = Timing { heartbeat, reconcile: config.reconcile_interval };
+                Hub::start(listen, db.clone(), changes.clone(), timing, shutdown)?
+            }
+            None => Hub::disabled(),
+        };
+        let leader = Leader::spawn(db.clone(), config.reconcile_interval, config.heartbeat_timeout, changes.clone());
         let state = Arc::new(AppState {
             db,
             keys,
@@ -100,8 +134,14 @@ impl Controller {
             changes,
             wait_poll: config.wait_poll_interval,
             shutting_down: watch::channel(false).0,
+            hub,
         });
-        Ok(Controller { state, max_body_bytes: config.max_body_bytes, leader })
+        Ok(Controller { state, max_body_bytes: config.max_body_bytes, leader, sessions_shutdown })
+    }
+
+    /// Where brokers dial in, if this controller accepts them.
+    pub fn broker_addr(&self) -> Option<std::net::SocketAddr> {
+        self.state.hub.local_addr()
     }
 
     /// The HTTP API.

@@ -42,6 +42,29 @@ struct Args {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     max_body_bytes: usize,
+    #[command(flatten)]
+    brokers: BrokerArgs,
+}
+
+/// Where brokers dial in (mutual TLS; scripts/dev-ca.sh makes dev certs).
+#[derive(Debug, clap::Args)]
+struct BrokerArgs {
+    /// Address to accept broker sessions on; without it, none.
+    #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_ca"])]
+    broker_listen: Option<SocketAddr>,
+    /// The controller's certificate (PEM) for brokers.
+    #[arg(long, requires = "broker_listen")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "broker_listen")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs brokers' client certificates.
+    #[arg(long, requires = "broker_listen")]
+    tls_ca: Option<PathBuf>,
+    /// Seconds without a heartbeat after which a host is lost and its
+    /// machines are re-placed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat_timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,10 +151,19 @@ async fn main() -> Result<()> {
     }
     config.rate_limit = RateLimit { per_second: args.rate_limit_per_second, burst: args.rate_limit_burst };
     config.max_body_bytes = args.max_body_bytes;
+    config.heartbeat_timeout = std::time::Duration::from_secs(args.brokers.heartbeat_timeout);
+    if let Some(addr) = args.brokers.broker_listen {
+        let tls = mm_controller::session::TlsFiles {
+            cert: args.brokers.tls_cert.context("--tls-cert")?,
+            key: args.brokers.tls_key.context("--tls-key")?,
+            ca: args.brokers.tls_ca.context("--tls-ca")?,
+        };
+        config.broker_listen = Some(mm_controller::session::BrokerListen { addr, tls });
+    }
     let controller = Controller::start(config).await.context("starting the controller")?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %args.listen, "mm-controller serving /v1");
+    tracing::info!(listen = %args.listen, brokers = ?controller.broker_addr(), "mm-controller serving /v1");
     controller.serve(listener, shutdown_signal()).await.context("serving HTTP")?;
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! session (later) feed the same function with live capacity.
 //!
 //! Policy, in order:
-//! 1. hard filters: the host is not cordoned, carries every label the machine
+//! 1. hard filters: the host is not lost (its broker stopped heart-beating)
+//!    nor cordoned, carries every label the machine
 //!    asks for, and has the CPUs and memory free (no overcommit: a host's
 //!    `cpus`/`memory_mb` are what its broker offers to microVMs);
 //! 2. spread: fewest machines of the same namespace, so one tenant's
@@ -26,6 +27,8 @@ pub struct HostCapacity {
     pub memory_mb: i64,
     pub labels: BTreeMap<String, String>,
     pub cordoned: bool,
+    /// Its broker stopped heart-beating.
+    pub lost: bool,
     /// CPUs and memory of the machines already placed there (every state but
     /// destroyed: a stopped machine keeps its disk there and must be able to
     /// start again in place).
@@ -59,6 +62,7 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
 pub struct NoFit {
     pub hosts: usize,
+    pub lost: usize,
     pub cordoned: usize,
     pub label_mismatch: usize,
     pub too_few_cpus: usize,
@@ -81,6 +85,7 @@ impl fmt::Display for NoFit {
         }
         write!(f, ": of {} host(s)", self.hosts)?;
         let reasons = [
+            (self.lost, "lost"),
             (self.cordoned, "cordoned"),
             (self.label_mismatch, "lacking the labels"),
             (self.too_few_cpus, "short of CPUs"),
@@ -102,7 +107,9 @@ pub fn place<'h>(hosts: &'h [HostCapacity], request: Request<'_>) -> Result<&'h 
     };
     let mut candidates = Vec::new();
     for host in hosts {
-        if host.cordoned {
+        if host.lost {
+            no_fit.lost += 1;
+        } else if host.cordoned {
             no_fit.cordoned += 1;
         } else if !request.host_labels.iter().all(|(k, v)| host.labels.get(k) == Some(v)) {
             no_fit.label_mismatch += 1;
@@ -144,6 +151,7 @@ mod tests {
             memory_mb,
             labels: BTreeMap::new(),
             cordoned: false,
+            lost: false,
             used_cpus: 0,
             used_memory_mb: 0,
             namespace_machines: 0,
@@ -172,6 +180,16 @@ mod tests {
         let hosts = [a, host("b", 1, 512)];
         let none = BTreeMap::new();
         assert_eq!(place(&hosts, request(1, 256, &none)).unwrap().name, "b");
+    }
+
+    #[test]
+    fn skips_lost_hosts() {
+        let mut a = host("a", 8, 8192);
+        a.lost = true;
+        let none = BTreeMap::new();
+        assert_eq!(place(&[a.clone(), host("b", 1, 512)], request(1, 256, &none)).unwrap().name, "b");
+        let err = place(&[a], request(1, 256, &none)).unwrap_err();
+        assert_eq!(err.to_string(), "no host can take 1 CPU(s) and 256 MB: of 1 host(s) 1 lost");
     }
 
     #[test]

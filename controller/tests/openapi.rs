@@ -25,6 +25,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/stop"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/wait"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/events"),
+    ("POST", "/v1/namespaces/{namespace}/machines/{id}/exec"),
+    ("GET", "/v1/namespaces/{namespace}/machines/{id}/logs"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/lease"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/lease"),
     ("DELETE", "/v1/namespaces/{namespace}/machines/{id}/lease"),

@@ -88,6 +88,16 @@ fn routes() -> Vec<Route> {
             200,
         ),
         r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/events", None, InNamespace(Viewer), Prep::Machine, 200),
+        // Allowed, but a created machine has no microVM yet: 409.
+        r(
+            Method::POST,
+            "/v1/namespaces/{ns}/machines/{id}/exec",
+            Some(|_| json!({"command": ["true"]})),
+            InNamespace(Operator),
+            Prep::Machine,
+            409,
+        ),
+        r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/logs", None, InNamespace(Viewer), Prep::Machine, 409),
         r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/lease", None, InNamespace(Viewer), Prep::Leased, 200),
         r(
             Method::POST,

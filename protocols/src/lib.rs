@@ -7,6 +7,11 @@ pub mod broker_capnp {
 }
 
 #[allow(clippy::all, clippy::pedantic, unused_qualifications, missing_docs)]
+pub mod cluster_capnp {
+    include!(concat!(env!("OUT_DIR"), "/cluster_capnp.rs"));
+}
+
+#[allow(clippy::all, clippy::pedantic, unused_qualifications, missing_docs)]
 pub mod device_capnp {
     include!(concat!(env!("OUT_DIR"), "/device_capnp.rs"));
 }

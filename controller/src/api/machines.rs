@@ -22,7 +22,7 @@ use super::extract::{Caller, IdempotencyKey, LeaseNonce};
 use super::problem::{ApiError, Problem};
 use super::{AppState, validate};
 use crate::auth::Role;
-use crate::db::models::{MachineRow, string_map};
+use crate::db::models::{MachineRow, string_list, string_map};
 use crate::machine::{Action, MachineState};
 use crate::store::machines::{self as store, Created, ListFilter};
 
@@ -49,6 +49,10 @@ pub struct MachineConfig {
     #[serde(default)]
     #[schema(schema_with = super::document::env_schema)]
     pub env: BTreeMap<String, String>,
+    /// The workload's argv; absent or empty: the image's default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 256)]
+    pub command: Vec<String>,
 }
 
 /// Where the machine may run.
@@ -146,6 +150,7 @@ pub fn view(row: MachineRow) -> Result<Machine, ApiError> {
             image: row.image,
             guest: Guest { cpus: row.cpus, memory_mb: row.memory_mb },
             env: string_map(&row.env),
+            command: string_list(&row.command),
         },
         labels: string_map(&row.labels),
         placement: Placement { host_labels: string_map(&row.host_labels) },
@@ -174,6 +179,7 @@ fn check(body: &CreateMachine) -> Result<(), ApiError> {
         return Err(ApiError::invalid("config.guest.memory_mb must be 64 to 1048576"));
     }
     validate::env(&body.config.env)?;
+    validate::command("config.command", &body.config.command)?;
     validate::labels("labels", &body.labels)?;
     validate::labels("placement.host_labels", &body.placement.host_labels)
 }
@@ -210,6 +216,7 @@ pub async fn create(
         cpus: body.config.guest.cpus,
         memory_mb: body.config.guest.memory_mb,
         env: body.config.env,
+        command: body.config.command,
         labels: body.labels,
         host_labels: body.placement.host_labels,
         idempotency,

@@ -6,6 +6,7 @@
 //! document cannot miss a route (the integration tests check both ways).
 
 pub mod document;
+pub mod exec;
 pub mod extract;
 pub mod hosts;
 pub mod leases;
@@ -44,6 +45,8 @@ pub struct AppState {
     /// once (with a 503 to retry elsewhere) instead of holding up a
     /// graceful shutdown for minutes.
     pub shutting_down: watch::Sender<bool>,
+    /// The brokers' sessions (exec, logs).
+    pub hub: crate::session::Hub,
 }
 
 impl AppState {
@@ -89,6 +92,8 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(machines::stop))
         .routes(routes!(machines::wait))
         .routes(routes!(machines::events))
+        .routes(routes!(exec::exec))
+        .routes(routes!(exec::logs))
         .routes(routes!(leases::get_lease, leases::acquire_lease, leases::release_lease))
         .routes(routes!(hosts::list, hosts::register))
         .routes(routes!(hosts::get))

@@ -29,6 +29,8 @@ pub struct HostRow {
     pub draining: bool,
     pub registered_at: DateTime<Utc>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// Set by the leader when the broker stopped heart-beating.
+    pub lost_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -53,6 +55,8 @@ pub struct MachineRow {
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// A JSON array of strings (empty: the image's default).
+    pub command: serde_json::Value,
 }
 
 impl MachineRow {
@@ -79,6 +83,7 @@ pub struct NewMachine {
     pub labels: serde_json::Value,
     pub host_labels: serde_json::Value,
     pub host_name: Option<String>,
+    pub command: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -138,6 +143,14 @@ pub fn string_map(value: &serde_json::Value) -> BTreeMap<String, String> {
     value
         .as_object()
         .map(|object| object.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
+        .unwrap_or_default()
+}
+
+/// A JSONB array of strings as a list; anything else reads as empty.
+pub fn string_list(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|items| items.iter().filter_map(|v| Some(v.as_str()?.to_owned())).collect())
         .unwrap_or_default()
 }
 

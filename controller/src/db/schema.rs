@@ -20,6 +20,7 @@ diesel::table! {
         draining -> Bool,
         registered_at -> Timestamptz,
         last_heartbeat_at -> Nullable<Timestamptz>,
+        lost_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -44,6 +45,7 @@ diesel::table! {
         lease_expires_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        command -> Jsonb,
     }
 }
 

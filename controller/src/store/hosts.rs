@@ -47,11 +47,37 @@ pub fn register(conn: &mut PgConnection, spec: &HostSpec) -> Result<(HostRow, bo
                 hosts::memory_mb.eq(spec.memory_mb),
                 hosts::labels.eq(json_map(&spec.labels)),
                 hosts::last_heartbeat_at.eq(now),
+                hosts::lost_at.eq(None::<chrono::DateTime<Utc>>),
             ))
             .returning(HostRow::as_returning())
             .get_result(conn)?;
         Ok((row, existed.is_none()))
     })
+}
+
+/// A broker is alive: its host is not lost (any more).
+pub fn heartbeat(conn: &mut PgConnection, name: &str) -> Result<(), StoreError> {
+    let updated = diesel::update(hosts::table.find(name))
+        .set((hosts::last_heartbeat_at.eq(Utc::now()), hosts::lost_at.eq(None::<chrono::DateTime<Utc>>)))
+        .execute(conn)?;
+    if updated == 0 {
+        return Err(StoreError::not_found("host", name));
+    }
+    Ok(())
+}
+
+/// Marks lost every host not lost yet whose last heartbeat is older than
+/// `timeout`; returns their names.
+pub fn mark_lost(conn: &mut PgConnection, timeout: chrono::Duration) -> Result<Vec<String>, StoreError> {
+    let now = Utc::now();
+    Ok(diesel::update(
+        hosts::table
+            .filter(hosts::lost_at.is_null())
+            .filter(hosts::last_heartbeat_at.is_null().or(hosts::last_heartbeat_at.lt(now - timeout))),
+    )
+    .set(hosts::lost_at.eq(now))
+    .returning(hosts::name)
+    .get_results(conn)?)
 }
 
 pub fn get(conn: &mut PgConnection, name: &str) -> Result<HostRow, StoreError> {
@@ -86,6 +112,8 @@ struct CapacityRow {
     labels: serde_json::Value,
     #[diesel(sql_type = Bool)]
     cordoned: bool,
+    #[diesel(sql_type = Bool)]
+    lost: bool,
     #[diesel(sql_type = BigInt)]
     used_cpus: i64,
     #[diesel(sql_type = BigInt)]
@@ -102,6 +130,7 @@ struct CapacityRow {
 pub fn capacity(conn: &mut PgConnection, namespace: &str) -> Result<Vec<(HostCapacity, i64)>, StoreError> {
     let rows: Vec<CapacityRow> = diesel::sql_query(
         "SELECT h.name, h.cpus::BIGINT AS cpus, h.memory_mb, h.labels, h.cordoned, \
+                h.lost_at IS NOT NULL AS lost, \
                 COALESCE(SUM(m.cpus), 0)::BIGINT AS used_cpus, \
                 COALESCE(SUM(m.memory_mb), 0)::BIGINT AS used_memory_mb, \
                 COUNT(m.id) FILTER (WHERE m.namespace = $1) AS namespace_machines, \
@@ -120,6 +149,7 @@ pub fn capacity(conn: &mut PgConnection, namespace: &str) -> Result<Vec<(HostCap
                 memory_mb: r.memory_mb,
                 labels: string_map(&r.labels),
                 cordoned: r.cordoned,
+                lost: r.lost,
                 used_cpus: r.used_cpus,
                 used_memory_mb: r.used_memory_mb,
                 namespace_machines: r.namespace_machines,

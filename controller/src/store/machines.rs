@@ -26,6 +26,8 @@ pub struct CreateMachine {
     pub cpus: i32,
     pub memory_mb: i64,
     pub env: BTreeMap<String, String>,
+    /// The workload's argv; empty for the image's default.
+    pub command: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub host_labels: BTreeMap<String, String>,
     /// The `Idempotency-Key` and a digest of the request it came with.
@@ -41,12 +43,18 @@ pub enum Created {
 
 /// Serialises placement with every other controller for the rest of the
 /// transaction.
-fn lock_placement(conn: &mut PgConnection) -> Result<(), StoreError> {
+pub(super) fn lock_placement(conn: &mut PgConnection) -> Result<(), StoreError> {
     diesel::sql_query("SELECT pg_advisory_xact_lock($1)").bind::<BigInt, _>(lock_keys::PLACEMENT).execute(conn)?;
     Ok(())
 }
 
-fn record(conn: &mut PgConnection, id: Uuid, state: &str, previous: Option<&str>, reason: &str) -> QueryResult<()> {
+pub(super) fn record(
+    conn: &mut PgConnection,
+    id: Uuid,
+    state: &str,
+    previous: Option<&str>,
+    reason: &str,
+) -> QueryResult<()> {
     diesel::insert_into(machine_events::table)
         .values(NewMachineEvent { machine_id: id, state, previous_state: previous, reason })
         .execute(conn)
@@ -106,6 +114,7 @@ pub fn create(conn: &mut PgConnection, req: CreateMachine) -> Result<Created, St
                 labels: json_map(&req.labels),
                 host_labels: json_map(&req.host_labels),
                 host_name: Some(host.clone()),
+                command: serde_json::json!(req.command),
             })
             .returning(MachineRow::as_returning())
             .get_result(conn)?;
@@ -201,7 +210,12 @@ fn check_lease(row: &MachineRow, nonce: Option<&str>, now: DateTime<Utc>) -> Res
     }
 }
 
-fn apply(conn: &mut PgConnection, row: MachineRow, action: Action, reason: &str) -> Result<MachineRow, StoreError> {
+pub(super) fn apply(
+    conn: &mut PgConnection,
+    row: MachineRow,
+    action: Action,
+    reason: &str,
+) -> Result<MachineRow, StoreError> {
     let current: MachineState = row.state.parse()?;
     let Some(next) = next_state(current, action)? else {
         return Ok(row);
@@ -249,17 +263,53 @@ pub fn transition(
 /// A broker's report of a machine's observed state; the machine must be
 /// placed on `host`. Leases do not apply: they order clients, not brokers.
 pub fn observe(conn: &mut PgConnection, host: &str, id: Uuid, state: MachineState) -> Result<MachineRow, StoreError> {
+    observe_because(conn, host, id, state, &format!("host {host} reports {state}"))
+}
+
+/// [`observe`] with the reason recorded in the machine's events.
+pub fn observe_because(
+    conn: &mut PgConnection,
+    host: &str,
+    id: Uuid,
+    state: MachineState,
+    reason: &str,
+) -> Result<MachineRow, StoreError> {
     conn.transaction(|conn| {
-        let row: MachineRow = machines::table
-            .filter(machines::id.eq(id))
-            .filter(machines::host_name.eq(host))
-            .select(MachineRow::as_select())
-            .for_update()
-            .first(conn)
-            .optional()?
-            .ok_or_else(|| StoreError::not_found("machine on this host", id.to_string()))?;
-        apply(conn, row, Action::Observed(state), &format!("host {host} reports {state}"))
+        let row = on_host_for_update(conn, host, id)?;
+        apply(conn, row, Action::Observed(state), reason)
     })
+}
+
+fn on_host_for_update(conn: &mut PgConnection, host: &str, id: Uuid) -> Result<MachineRow, StoreError> {
+    machines::table
+        .filter(machines::id.eq(id))
+        .filter(machines::host_name.eq(host))
+        .select(MachineRow::as_select())
+        .for_update()
+        .first(conn)
+        .optional()?
+        .ok_or_else(|| StoreError::not_found("machine on this host", id.to_string()))
+}
+
+/// The controller launches a machine once its host's broker is connected
+/// (created → starting). Done under the row lock before any microVM
+/// exists, so a delete of the `created` machine either wins (and nothing
+/// is launched) or sees it `starting`.
+pub fn launch(conn: &mut PgConnection, host: &str, id: Uuid) -> Result<MachineRow, StoreError> {
+    conn.transaction(|conn| {
+        let row = on_host_for_update(conn, host, id)?;
+        apply(conn, row, Action::Start, &format!("launched on host {host}"))
+    })
+}
+
+/// The machines placed on `host` that are not destroyed.
+pub fn on_host(conn: &mut PgConnection, host: &str) -> Result<Vec<MachineRow>, StoreError> {
+    Ok(machines::table
+        .filter(machines::host_name.eq(host))
+        .filter(machines::state.ne(MachineState::Destroyed.as_str()))
+        .order(machines::seq.asc())
+        .select(MachineRow::as_select())
+        .load(conn)?)
 }
 
 pub fn events(conn: &mut PgConnection, namespace: &str, id: Uuid) -> Result<Vec<MachineEventRow>, StoreError> {

@@ -10,6 +10,7 @@
 pub mod hosts;
 pub mod machines;
 pub mod namespaces;
+pub mod recovery;
 pub mod tokens;
 
 use chrono::{DateTime, Utc};

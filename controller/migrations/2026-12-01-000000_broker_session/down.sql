@@ -1,0 +1,2 @@
+ALTER TABLE machines DROP COLUMN command;
+ALTER TABLE hosts DROP COLUMN lost_at;

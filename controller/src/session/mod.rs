@@ -1,0 +1,175 @@
+//! The brokers' sessions (`protocols/cluster.capnp`) and what the
+//! controller does through them.
+//!
+//! Brokers dial in over mutual TLS (`tls`): the client certificate, signed
+//! by the cluster's CA, is the broker's identity and its name the host's.
+//! Each connection runs Cap'n Proto two-party RPC with `Cluster` as the
+//! bootstrap capability (`server`). A registered broker hands over its
+//! `Broker` capability; for as long as the session lives, a driver
+//! (`driver`) brings that host's machines to their desired state through
+//! it, and the REST API's exec and logs go through it (`ops`).
+//!
+//! Cap'n Proto capabilities are not `Send`, and the REST API runs on a
+//! multi-threaded runtime, so all of this lives on one thread of its own
+//! with a single-threaded runtime; the rest of the controller talks to it
+//! through a [`Hub`], a cheap `Send` handle that sends commands over a
+//! channel and awaits their answers.
+//!
+//! With several controllers, a broker holds its session with the one it
+//! dialled: that controller drives its machines, while the leader (see
+//! `leader`) decides, from the heartbeats recorded in Postgres, when a
+//! host is lost and re-places its machines.
+
+pub mod driver;
+pub mod ops;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::db::Db;
+pub use ops::{ExecOutput, ExecRequest};
+pub use tls::{TlsError, TlsFiles};
+
+/// Where brokers dial in.
+#[derive(Debug, Clone)]
+pub struct BrokerListen {
+    pub addr: SocketAddr,
+    pub tls: TlsFiles,
+}
+
+/// Timing of the sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often brokers are told to heart-beat.
+    pub heartbeat: Duration,
+    /// How often a driver looks at its host's machines when nothing woke
+    /// it earlier.
+    pub reconcile: Duration,
+}
+
+/// Why something could not be done through a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("host {0:?} has no broker session with this controller")]
+    NotConnected(String),
+    #[error("this controller does not accept broker sessions (no --broker-listen)")]
+    Disabled,
+    /// The broker refused: `kind` is its error kind (`not-found`,
+    /// `conflict`, `invalid`, `no-memory`, `internal`).
+    #[error("the broker says: {message}")]
+    Broker { kind: String, message: String },
+    #[error("the connection to the broker failed: {0}")]
+    Link(String),
+    #[error("no answer within {} s", .0.as_secs())]
+    Timeout(Duration),
+}
+
+impl From<capnp::Error> for SessionError {
+    /// The broker sends `"<kind>: <message>"`, which capnp-rpc may prefix
+    /// with "remote exception: ".
+    fn from(e: capnp::Error) -> Self {
+        let text = e.extra.trim_start_matches("remote exception: ");
+        const KINDS: [&str; 5] = ["not-found", "conflict", "invalid", "no-memory", "internal"];
+        match text.split_once(": ") {
+            Some((kind, message)) if KINDS.contains(&kind) => {
+                SessionError::Broker { kind: kind.to_owned(), message: message.to_owned() }
+            }
+            _ => SessionError::Link(text.to_owned()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen for brokers on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start the session thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Work for the session thread.
+pub(crate) enum Command {
+    Exec {
+        host: String,
+        machine: String,
+        request: ExecRequest,
+        reply: oneshot::Sender<Result<ExecOutput, SessionError>>,
+    },
+    Logs {
+        host: String,
+        machine: String,
+        max_bytes: usize,
+        reply: oneshot::Sender<Result<Vec<u8>, SessionError>>,
+    },
+}
+
+/// The handle the rest of the controller uses; clones share one thread.
+#[derive(Clone)]
+pub struct Hub {
+    commands: Option<mpsc::UnboundedSender<Command>>,
+    local_addr: Option<SocketAddr>,
+}
+
+impl Hub {
+    /// A hub with no sessions (no `--broker-listen`): every call fails.
+    pub fn disabled() -> Hub {
+        Hub { commands: None, local_addr: None }
+    }
+
+    /// Binds `listen` and starts the session thread. The thread ends when
+    /// `shutdown` turns true or every clone of the hub is gone.
+    pub fn start(
+        listen: &BrokerListen,
+        db: Db,
+        changes: watch::Sender<u64>,
+        timing: Timing,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Hub, StartError> {
+        let acceptor = tls::acceptor(&listen.tls)?;
+        let bind = |source| StartError::Bind { addr: listen.addr, source };
+        let listener = std::net::TcpListener::bind(listen.addr).map_err(bind)?;
+        listener.set_nonblocking(true).map_err(bind)?;
+        let local_addr = listener.local_addr().map_err(bind)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("mm-controller-sessions".into())
+            .spawn(move || server::run(listener, acceptor, db, changes, timing, rx, shutdown))
+            .map_err(StartError::Thread)?;
+        Ok(Hub { commands: Some(tx), local_addr: Some(local_addr) })
+    }
+
+    /// Where brokers dial in (useful with port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, SessionError>>) -> Command,
+    ) -> Result<T, SessionError> {
+        let commands = self.commands.as_ref().ok_or(SessionError::Disabled)?;
+        let (tx, rx) = oneshot::channel();
+        commands.send(command(tx)).map_err(|_| SessionError::Link("the session thread is gone".into()))?;
+        rx.await.map_err(|_| SessionError::Link("the session thread dropped the request".into()))?
+    }
+
+    /// Runs a command in machine `machine`'s microVM on `host`, collecting
+    /// its output (non-interactive).
+    pub async fn exec(&self, host: &str, machine: &str, request: ExecRequest) -> Result<ExecOutput, SessionError> {
+        let (host, machine) = (host.to_owned(), machine.to_owned());
+        self.ask(|reply| Command::Exec { host, machine, request, reply }).await
+    }
+
+    /// The console log of `machine`'s microVM on `host` (its last
+    /// `max_bytes`).
+    pub async fn logs(&self, host: &str, machine: &str, max_bytes: usize) -> Result<Vec<u8>, SessionError> {
+        let (host, machine) = (host.to_owned(), machine.to_owned());
+        self.ask(|reply| Command::Logs { host, machine, max_bytes, reply }).await
+    }
+}

@@ -1,0 +1,292 @@
+//! End to end with everything real: PostgreSQL, the `mm-controller`
+//! binary, and two `mm-broker`s (each with its own state directory, socket
+//! and microVM network namespace) that dial the controller over mutual TLS
+//! with certificates from `scripts/dev-ca.sh`, booting real microVMs.
+//!
+//! One machine goes through the whole story, so only two microVMs boot:
+//! created through REST → started on one broker → exec and logs through
+//! the controller → its broker is SIGKILLed → after the heartbeat timeout
+//! the machine is re-placed on the other broker and started there → exec
+//! again → the killed broker comes back and the controller removes the
+//! orphaned microVM it still had → delete → destroyed, and the microVM is
+//! gone from the broker.
+//!
+//! The refusals (a certificate from another CA, a host name that is not
+//! the certificate's) need no KVM and run on their own.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mm_integration::broker::TestBroker;
+use mm_integration::devices::Scratch;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mm-controller");
+/// Boots take ~45 s on a slow machine; re-placement adds the timeout.
+const BOOT: Duration = Duration::from_secs(300);
+const HEARTBEAT_TIMEOUT_SECONDS: u64 = 5;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `scripts/dev-ca.sh DIR NAMES...`
+fn dev_ca(dir: &Path, names: &[&str]) {
+    let script = mm_integration::repo_root().join("scripts/dev-ca.sh");
+    let out = Command::new("bash").arg(script).arg(dir).args(names).output().unwrap();
+    assert!(out.status.success(), "dev-ca.sh: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The controller binary on a fresh database, serving HTTP and brokers.
+struct ControllerProcess {
+    child: Child,
+    log: PathBuf,
+    base: String,
+    broker_addr: String,
+    client: reqwest::Client,
+    token: String,
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl ControllerProcess {
+    async fn start(scratch: &Scratch, certs: &Path) -> ControllerProcess {
+        let url = tokio::task::spawn_blocking(support::pg::fresh_database).await.unwrap();
+        let (http, brokers) = (free_port(), free_port());
+        let log = scratch.path("controller.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(["--database-url", &url, "--listen", &format!("127.0.0.1:{http}")])
+            .args(["--broker-listen", &format!("127.0.0.1:{brokers}")])
+            .arg("--tls-cert")
+            .arg(certs.join("controller.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("controller.key"))
+            .arg("--tls-ca")
+            .arg(certs.join("ca.pem"))
+            .args(["--heartbeat-timeout", &HEARTBEAT_TIMEOUT_SECONDS.to_string()])
+            .env("MM_JWT_HS256_SECRET", std::str::from_utf8(support::SECRET).unwrap())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let controller = ControllerProcess {
+            child,
+            log,
+            base: format!("http://127.0.0.1:{http}"),
+            broker_addr: format!("127.0.0.1:{brokers}"),
+            client: reqwest::Client::new(),
+            token: support::cluster_admin(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while controller.client.get(format!("{}/v1/openapi.json", controller.base)).send().await.is_err() {
+            assert!(Instant::now() < deadline, "the controller did not serve; log:\n{}", controller.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        controller
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self.client.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Polls `GET path` until `done` holds, failing after `timeout`.
+    async fn poll(&self, path: &str, timeout: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get(path).await;
+            if status == StatusCode::OK && done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: still {status} {body:#} after {timeout:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// A broker dialling this controller with `cert`/`key` from `certs`.
+    fn broker(&self, name: &str, certs: &Path, cert: &str, extra: &[&str]) -> TestBroker {
+        let file = |ext: &str| certs.join(format!("{cert}.{ext}")).to_str().unwrap().to_owned();
+        let ca = certs.join("ca.pem").to_str().unwrap().to_owned();
+        let (pem, key) = (file("pem"), file("key"));
+        let mut args = vec!["--controller", &self.broker_addr, "--tls-cert", &pem, "--tls-key", &key, "--tls-ca", &ca];
+        args.extend(["--offer-cpus", "2", "--offer-memory-mib", "4096"]);
+        args.extend_from_slice(extra);
+        TestBroker::start(name, &args).unwrap()
+    }
+}
+
+/// The VM names a broker has (`mmctl ps`).
+fn vm_names(broker: &TestBroker) -> Vec<String> {
+    let run = broker.mmctl(&["ps", "-o", "json"], Duration::from_secs(30)).unwrap();
+    assert_eq!(run.status, Some(0), "mmctl ps: {}", run.stderr);
+    let vms: Value = serde_json::from_str(&run.stdout).unwrap();
+    vms.as_array().unwrap().iter().map(|vm| vm["name"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Exec through the controller, retried while the guest is still booting
+/// (409 until its exec agent answers).
+async fn exec_when_ready(c: &ControllerProcess, machine: &str, command: &[&str]) -> Value {
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let (status, body) = c.post(&format!("{machine}/exec"), json!({ "command": command, "timeout": 60 })).await;
+        if status == StatusCode::OK {
+            return body;
+        }
+        assert_eq!(status, StatusCode::CONFLICT, "{body:#}");
+        assert!(Instant::now() < deadline, "exec never worked: {body:#}; log:\n{}", c.log());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_run_on_real_brokers_and_survive_losing_one() {
+    if !mm_integration::kvm_available("machines_run_on_real_brokers_and_survive_losing_one") {
+        return;
+    }
+    let scratch = Scratch::new("e2e-brokers").unwrap();
+    let certs = scratch.path("ca");
+    dev_ca(&certs, &["h1", "h2"]);
+    let c = ControllerProcess::start(&scratch, &certs).await;
+    let mut brokers = [c.broker("e2e-h1", &certs, "h1", &[]), c.broker("e2e-h2", &certs, "h2", &[])];
+
+    c.poll("/v1/hosts", Duration::from_secs(60), "both brokers registered", |b| {
+        b["hosts"].as_array().unwrap().iter().filter(|h| h["status"] == "ready").count() == 2
+    })
+    .await;
+    let (status, body) = c.post("/v1/namespaces", json!({ "name": "e2e" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body:#}");
+
+    // Create: placed, launched, started.
+    let spec = json!({ "name": "web", "config": { "image": "builtin", "guest": { "cpus": 1, "memory_mb": 256 },
+        "command": ["sh", "-c", "echo hello-from-the-machine; while true; do sleep 5; done"],
+        "env": { "GREETING": "bonjour" } } });
+    let (status, machine) = c.post("/v1/namespaces/e2e/machines", spec).await;
+    assert_eq!(status, StatusCode::CREATED, "{machine:#}");
+    let id = machine["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/namespaces/e2e/machines/{id}");
+    let (status, started) = c.get(&format!("{path}/wait?state=started&timeout=120")).await;
+    assert_eq!(status, StatusCode::OK, "{started:#}; log:\n{}", c.log());
+    let first = started["host"].as_str().unwrap().to_owned();
+    let (mine, other) = if first == "h1" { (0, 1) } else { (1, 0) };
+    assert!(vm_names(&brokers[mine]).contains(&id), "the microVM is named after the machine");
+
+    // Exec and logs through controller → broker → guest.
+    let out = exec_when_ready(&c, &path, &["sh", "-c", "echo $((6 * 7)) $GREETING; echo oops >&2; exit 3"]).await;
+    assert_eq!(out["exit_code"], 3, "{out:#}");
+    assert_eq!(out["stderr"], "oops\n", "{out:#}");
+    assert!(out["stdout"].as_str().unwrap().starts_with("42"), "{out:#}");
+    c.poll(&format!("{path}/logs"), Duration::from_secs(60), "the console log", |log| {
+        log.as_str().is_some_and(|l| l.contains("hello-from-the-machine"))
+    })
+    .await;
+
+    // Lose the broker: the machine is re-placed and started on the other.
+    let pid = brokers[mine].pid().unwrap();
+    // SAFETY: kill(2) on the broker process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let moved = c
+        .poll(&path, BOOT, "re-placed and started on the other host", |m| {
+            m["state"] == "started" && m["host"].as_str() != Some(first.as_str())
+        })
+        .await;
+    let (_, events) = c.get(&format!("{path}/events")).await;
+    let reasons: Vec<&str> =
+        events["events"].as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert!(reasons.iter().any(|r| r.contains(&format!("host {first} lost"))), "{reasons:#?}");
+    let (_, hosts) = c.get(&format!("/v1/hosts/{first}")).await;
+    assert_eq!(hosts["status"], "lost", "{hosts:#}");
+    assert!(vm_names(&brokers[other]).contains(&id));
+    let out = exec_when_ready(&c, &path, &["hostname"]).await;
+    assert_eq!(out["exit_code"], 0, "{out:#}; moved: {moved:#}");
+
+    // The lost broker comes back (its microVM still ran): the controller
+    // removes the orphan, since the machine now lives elsewhere.
+    brokers[mine].restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while vm_names(&brokers[mine]).contains(&id) {
+        assert!(Instant::now() < deadline, "the orphaned microVM stayed; log:\n{}", c.log());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    c.poll(&format!("/v1/hosts/{first}"), Duration::from_secs(30), "the host is back", |h| h["status"] == "ready")
+        .await;
+
+    // Delete: destroying → destroyed, and the microVM is gone.
+    let (status, body) = c.call(reqwest::Method::DELETE, &format!("{path}?force=true"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body:#}");
+    let (status, body) = c.get(&format!("{path}/wait?state=destroyed&timeout=120")).await;
+    assert_eq!(status, StatusCode::OK, "{body:#}; log:\n{}", c.log());
+    assert!(!vm_names(&brokers[other]).contains(&id));
+    let (status, _) = c.post(&format!("{path}/exec"), json!({ "command": ["true"] })).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_without_the_right_certificate_are_refused() {
+    let scratch = Scratch::new("e2e-refused").unwrap();
+    let (certs, rogue) = (scratch.path("ca"), scratch.path("rogue"));
+    dev_ca(&certs, &["h1"]);
+    dev_ca(&rogue, &["h1"]);
+    let c = ControllerProcess::start(&scratch, &certs).await;
+
+    // A client certificate signed by another CA (the broker itself trusts
+    // the controller, so it is the controller that refuses).
+    std::fs::copy(certs.join("ca.pem"), rogue.join("ca.pem")).unwrap();
+    let stranger = c.broker("e2e-rogue", &rogue, "h1", &[]);
+    // A good certificate, but claiming to be another host.
+    let impostor = c.broker("e2e-impostor", &certs, "h1", &["--host-name", "h9"]);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = c.log();
+        let refused_tls = log.contains("refused a broker connection");
+        let refused_name = impostor.log().contains("the certificate is for host");
+        if refused_tls && refused_name {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not refused; controller log:\n{log}\nstranger:\n{}\nimpostor:\n{}",
+            stranger.log(),
+            impostor.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, hosts) = c.get("/v1/hosts").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(hosts["hosts"], json!([]), "nothing registered");
+}
