@@ -12,6 +12,7 @@ packages=(
 	build-essential util-linux                                           # cc, unshare, setpriv
 	iproute2 nftables openssh-client                                     # microVM networking, SSH tests
 	postgresql libpq-dev                                                 # controller (diesel)
+	wrk                                                                  # mm-bench api
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -69,19 +69,18 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             if detach {
                 return print_handle(&machine, format);
             }
+            // In the foreground: its console until it stops, then how it ended
+            // (the API has no exit status: stopped is 0, failed 125).
             match streams::logs(&api, &machine.id, true).await {
                 Err(e) if e.code == exit::UNSUPPORTED => {
                     eprintln!("mmctl: {} is started; the controller does not offer logs yet", machine.name);
                     print_handle(&machine, format)
                 }
                 Err(e) => Err(e),
-                Ok(()) => {
-                    let machine = get(&api, &machine.id).await?;
-                    match machine.state.as_str() {
-                        "failed" => Err(CliError::new(exit::VM_FAILED, format!("machine {} failed", machine.name))),
-                        _ => Ok(0),
-                    }
+                Ok(Some(state)) if state == "failed" => {
+                    Err(CliError::new(exit::VM_FAILED, format!("machine {} failed", machine.name)))
                 }
+                Ok(_) => Ok(0),
             }
         }
         Verb::Ps => {
@@ -120,14 +119,17 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
         }
         Verb::Logs { vm, follow } => {
             let machine = find(&api, &vm).await?;
-            streams::logs(&api, &machine.id, follow).await.map(|()| 0)
+            streams::logs(&api, &machine.id, follow).await.map(|_| 0)
         }
         Verb::Exec { vm, interactive, tty, env, workdir, user, command } => {
-            if interactive || tty {
-                return Err(unsupported("interactive exec (-i, -t)"));
+            if tty {
+                return Err(unsupported("exec with a terminal (-t)"));
+            }
+            if workdir.is_some() || user.is_some() {
+                return Err(unsupported("exec with --workdir or --user"));
             }
             let machine = find(&api, &vm).await?;
-            streams::exec(&api, &machine.id, streams::ExecRequest { command, env, workdir, user }).await
+            streams::exec(&api, &machine.id, streams::ExecRequest { command, env, stdin: interactive }).await
         }
         Verb::Audit { .. } => Err(unsupported("audit logs (use GET .../machines/{id}/events)")),
         Verb::Stats { .. } => Err(unsupported("stats")),

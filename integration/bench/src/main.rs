@@ -6,8 +6,13 @@
 //! `mm-bench boot --runs N [--json] [--out PATH]`,
 //! `mm-bench block|net|vsock [--json]`,
 //! `mm-bench exec [--execs M] [--runs N] [--json]` (mmctl through a real
-//! mm-broker; nothing to compare with in QEMU): see README.md.
+//! mm-broker; nothing to compare with in QEMU),
+//! `mm-bench api [--machines N] [--json]` (the controller's REST API on a
+//! throw-away PostgreSQL): see README.md.
 
+mod api;
+mod apibroker;
+mod apiload;
 mod block;
 mod boot;
 mod brokered;
@@ -17,6 +22,11 @@ mod machine;
 mod mmvmm;
 mod net;
 mod netbroker;
+/// The controller tests' throw-away PostgreSQL cluster, shared rather than
+/// copied (its `atexit` hook and watchdog clean up after the benchmark too).
+#[allow(dead_code)]
+#[path = "../../../controller/tests/support/pg.rs"]
+mod pg;
 mod procmem;
 mod qemu;
 mod report;
@@ -55,6 +65,9 @@ enum Bench {
     Vsock(vsock::VsockArgs),
     /// mmctl through a real mm-broker: `exec VM -- true` latency (median, p99) and `run --rm -- true` end to end.
     Exec(exec::ExecArgs),
+    /// The controller's REST API on a throw-away PostgreSQL: list rate and latency (wrk), create latency,
+    /// and create-to-running through a real broker when one can join the controller.
+    Api(api::ApiArgs),
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +133,7 @@ fn main() -> Result<()> {
         Bench::Net(args) => net::run(args),
         Bench::Vsock(args) => vsock::run(args),
         Bench::Exec(args) => exec::run(args),
+        Bench::Api(args) => api::run(args),
     }
 }
 

@@ -16,6 +16,10 @@ use crate::client::{CliError, exit};
 /// of a script's calls, not so many that a stuck controller hangs a user.
 const MAX_BUSY_RETRIES: u32 = 5;
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
+/// A 503 is retried only when it asks for at most this long: a controller
+/// shutting down or a database connection blip (1 s) passes quickly; a
+/// host whose broker is not connected (5 s) is better reported at once.
+const MAX_UNAVAILABLE_WAIT: Duration = Duration::from_secs(2);
 /// The pause before the one retry after a failed connection.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// Connecting is quick or broken; reading is bounded per call instead
@@ -87,6 +91,8 @@ impl From<ApiError> for CliError {
             (409, "insufficient-capacity") => exit::NO_MEMORY,
             (409, _) => exit::CONFLICT,
             (400 | 413 | 415 | 422, _) => exit::INVALID,
+            // The machine's broker has no session with the controller.
+            (503, "host-unavailable") => exit::NO_BROKER,
             _ => exit::ERROR,
         };
         let message = match p.status {
@@ -176,7 +182,8 @@ impl Api {
             let retry_after = retry_after(&response);
             let problem = read_problem(response).await;
             let retryable = status == StatusCode::TOO_MANY_REQUESTS
-                || (status == StatusCode::SERVICE_UNAVAILABLE && retry_after.is_some());
+                || (status == StatusCode::SERVICE_UNAVAILABLE
+                    && retry_after.is_some_and(|wait| wait <= MAX_UNAVAILABLE_WAIT));
             if retryable && busy < MAX_BUSY_RETRIES {
                 busy += 1;
                 tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1)).min(MAX_RETRY_WAIT)).await;
@@ -284,6 +291,7 @@ mod tests {
             (429, "rate-limited", exit::ERROR),
             (500, "internal", exit::ERROR),
             (503, "database-unavailable", exit::ERROR),
+            (503, "host-unavailable", exit::NO_BROKER),
         ];
         for (status, kind, code) in cases {
             assert_eq!(problem(status, kind, "x").code, code, "{status} {kind}");
