@@ -99,11 +99,23 @@ fn run(
 ) {
     let mut conn: Option<PgConnection> = None;
     let mut is_leader = false;
+    let mut leading_since: Option<std::time::Instant> = None;
     loop {
-        tick(&db, &mut conn, &mut is_leader, heartbeat_timeout, &changes);
+        // Hosts are judged lost only after leading for a whole timeout:
+        // after an outage of every controller all heartbeats are stale, and
+        // brokers need that long to dial in again before their machines
+        // would be re-placed for nothing.
+        let judge =
+            leading_since.is_some_and(|since| since.elapsed() >= heartbeat_timeout.to_std().unwrap_or_default());
+        tick(&db, &mut conn, &mut is_leader, judge.then_some(heartbeat_timeout), &changes);
         if is_leader != leading.swap(is_leader, Ordering::SeqCst) {
             tracing::info!(leader = is_leader, "reconcile loop leadership changed");
         }
+        leading_since = match (is_leader, leading_since) {
+            (true, None) => Some(std::time::Instant::now()),
+            (true, since) => since,
+            (false, _) => None,
+        };
         match stopped.recv_timeout(interval) {
             Err(RecvTimeoutError::Timeout) => continue,
             Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
@@ -121,7 +133,7 @@ fn tick(
     db: &Db,
     conn: &mut Option<PgConnection>,
     is_leader: &mut bool,
-    heartbeat_timeout: chrono::Duration,
+    heartbeat_timeout: Option<chrono::Duration>,
     changes: &watch::Sender<u64>,
 ) {
     let result = (|| -> Result<(), String> {
@@ -148,13 +160,17 @@ fn tick(
 }
 
 /// What the leader does each tick.
+/// `heartbeat_timeout`: judge hosts lost after that long without a
+/// heartbeat; `None` while this controller has not led for that long yet.
 fn reconcile(
     conn: &mut PgConnection,
-    heartbeat_timeout: chrono::Duration,
+    heartbeat_timeout: Option<chrono::Duration>,
     changes: &watch::Sender<u64>,
 ) -> Result<(), StoreError> {
-    for host in hosts::mark_lost(conn, heartbeat_timeout)? {
-        tracing::warn!(%host, "host lost: no heartbeat from its broker for {} s", heartbeat_timeout.num_seconds());
+    if let Some(timeout) = heartbeat_timeout {
+        for host in hosts::mark_lost(conn, timeout)? {
+            tracing::warn!(%host, "host lost: no heartbeat from its broker for {} s", timeout.num_seconds());
+        }
     }
     let recovered = recovery::recover_lost(conn, MOVES_PER_PASS)?;
     for r in &recovered {

@@ -54,7 +54,8 @@ pub struct Host {
     pub memory_mb: i64,
     #[schema(schema_with = super::document::labels_schema)]
     pub labels: BTreeMap<String, String>,
-    /// ready, cordoned, draining, or drained (draining with no machines).
+    /// ready, cordoned, draining, drained (draining with no machines), or
+    /// lost (its broker stopped heart-beating; placement skips it).
     pub status: String,
     pub cordoned: bool,
     pub draining: bool,
@@ -64,6 +65,8 @@ pub struct Host {
     pub machines: i64,
     pub registered_at: DateTime<Utc>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// When the leader marked it lost, while it is.
+    pub lost_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -75,6 +78,7 @@ fn view(row: HostRow, usage: Option<(HostCapacity, i64)>) -> Host {
     let (used_cpus, used_memory_mb, machines) =
         usage.map(|(c, n)| (c.used_cpus, c.used_memory_mb, n)).unwrap_or_default();
     let status = match (row.cordoned, row.draining) {
+        _ if row.lost_at.is_some() => "lost",
         (_, true) if machines == 0 => "drained",
         (_, true) => "draining",
         (true, false) => "cordoned",
@@ -94,6 +98,7 @@ fn view(row: HostRow, usage: Option<(HostCapacity, i64)>) -> Host {
         machines,
         registered_at: row.registered_at,
         last_heartbeat_at: row.last_heartbeat_at,
+        lost_at: row.lost_at,
     }
 }
 

@@ -90,6 +90,18 @@ pub fn label_filter(raw: &str) -> Result<(String, String), ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("label filter {raw:?} is not key=value")))
 }
 
+/// An argv: at most 256 arguments of at most 4096 bytes, no NUL (which
+/// neither Postgres nor execve can carry).
+pub fn command(what: &str, argv: &[String]) -> Result<(), ApiError> {
+    if argv.len() > 256 {
+        return Err(ApiError::invalid(format!("{what} has more than 256 arguments")));
+    }
+    if argv.iter().any(|a| a.len() > 4096 || a.contains('\0')) {
+        return Err(ApiError::invalid(format!("{what}: arguments are at most 4096 bytes, without NUL")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,16 +136,4 @@ mod tests {
         assert!(label_filter("=x").is_err());
         assert!(label_filter("novalue").is_err());
     }
-}
-
-/// An argv: at most 256 arguments of at most 4096 bytes, no NUL (which
-/// neither Postgres nor execve can carry).
-pub fn command(what: &str, argv: &[String]) -> Result<(), ApiError> {
-    if argv.len() > 256 {
-        return Err(ApiError::invalid(format!("{what} has more than 256 arguments")));
-    }
-    if argv.iter().any(|a| a.len() > 4096 || a.contains('\0')) {
-        return Err(ApiError::invalid(format!("{what}: arguments are at most 4096 bytes, without NUL")));
-    }
-    Ok(())
 }
