@@ -163,3 +163,66 @@ async fn several_controllers_one_leader_and_failover() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(servers.iter().filter(|s| s.controller.is_leader()).count(), 1);
 }
+
+/// Without brokers: hosts registered by hand heart-beat only when
+/// registered again, so one that is kept registered stays and one left
+/// alone is lost, and the leader re-places the lost host's machines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_re_places_the_machines_of_a_lost_host() {
+    let url = tokio::task::spawn_blocking(support::pg::fresh_database).await.unwrap();
+    let s = serve_with(&url, |c| c.heartbeat_timeout = Duration::from_secs(2)).await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    s.host(&root, "quiet", 4, 4096, json!({})).await;
+    let running = s.machine(&root, "ns", spec("running")).await;
+    let running_id = running["id"].as_str().unwrap().to_owned();
+    s.post(&format!("/v1/namespaces/ns/machines/{running_id}/start"), &root, json!(null)).await;
+    s.post(&format!("/v1/hosts/quiet/machines/{running_id}/state"), &root, json!({"state": "started"})).await;
+    let parked = s.machine(&root, "ns", spec("parked")).await;
+    let parked_id = parked["id"].as_str().unwrap().to_owned();
+    assert_eq!(parked["host"], "quiet");
+
+    // "alive" heart-beats (is registered again) twice a second.
+    let keeper = {
+        let (base, root) = (s.base.clone(), root.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let body = json!({"name": "alive", "address": "alive:1", "cpus": 4, "memory_mb": 4096});
+            loop {
+                let _ = client.post(format!("{base}/v1/hosts")).bearer_auth(&root).json(&body).send().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let moved = loop {
+        let m = s.get(&format!("/v1/namespaces/ns/machines/{running_id}"), &root).await.body;
+        if m["host"] == "alive" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "not re-placed: {m:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    keeper.abort();
+    // It should run, so it failed with its host and starts on the new one.
+    assert_eq!(moved["state"], "starting", "{moved:#}");
+    assert_eq!(moved["previous_state"], "failed", "{moved:#}");
+    let events = s.get(&format!("/v1/namespaces/ns/machines/{running_id}/events"), &root).await.body;
+    let events: Vec<(String, String)> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["state"].as_str().unwrap().to_owned(), e["reason"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(events.iter().any(|(s, r)| s == "failed" && r.contains("host quiet lost while the machine was started")));
+    assert!(events.iter().any(|(s, r)| s == "starting" && r.contains("moved from host quiet to host alive")));
+    // Not started, so it moves as it is.
+    let parked = s.get(&format!("/v1/namespaces/ns/machines/{parked_id}"), &root).await.body;
+    assert_eq!((parked["host"].as_str(), parked["state"].as_str()), (Some("alive"), Some("created")), "{parked:#}");
+    let quiet = s.get("/v1/hosts/quiet", &root).await.body;
+    assert_eq!(quiet["status"], "lost", "{quiet:#}");
+    assert!(quiet["lost_at"].is_string());
+    // Registering again (a broker coming back) ends the loss.
+    s.host(&root, "quiet", 4, 4096, json!({})).await;
+    assert_eq!(s.get("/v1/hosts/quiet", &root).await.body["status"], "ready");
+}
