@@ -95,7 +95,10 @@ fn main() {
     network::configure(&settings);
 
     agent::start();
-    ssh::start(&settings.ssh_keys);
+    // SSH only where there is a network to serve it on.
+    if settings.address.is_some() {
+        ssh::start(&settings.ssh_keys);
+    }
     let status = run_workload(&settings);
     supervise::power_off(boot_device.as_ref(), status);
 }
