@@ -140,6 +140,7 @@ pub fn tail(text: &str, n: usize) -> String {
 /// the VMM exits before it; the VMM is dead and reaped when this returns.
 pub fn run(mut spec: BootSpec) -> Result<BootRun> {
     spec.command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    crate::vm::die_with_parent(&mut spec.command);
     let program = spec.command.get_program().to_string_lossy().into_owned();
 
     let spawn_monotonic_ns = monotonic_ns();
