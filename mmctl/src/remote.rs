@@ -278,6 +278,77 @@ async fn wait_started(api: &Api, mut machine: Machine, timeout: Duration) -> Res
 mod tests {
     use super::*;
 
+    /// Reads one HTTP request (headers and a Content-Length body).
+    fn read_request(stream: &mut std::net::TcpStream) -> String {
+        use std::io::Read;
+        let mut data = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            data.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&data).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if data.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+            if n == 0 {
+                return text;
+            }
+        }
+    }
+
+    fn header<'a>(request: &'a str, name: &str) -> Option<&'a str> {
+        request.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// A create whose connection breaks before the answer is sent again,
+    /// once, with the same Idempotency-Key (so the controller replays it
+    /// rather than creating a second machine).
+    #[test]
+    fn a_lost_create_is_retried_with_the_same_key() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut first, _) = listener.accept().unwrap();
+            let lost = read_request(&mut first);
+            drop(first);
+            let (mut second, _) = listener.accept().unwrap();
+            let retried = read_request(&mut second);
+            let body = serde_json::json!({ "id": "0e5c2a4e-3b7a-4a43-9a7e-0c1f6a1d2b3c", "name": "web",
+                "namespace": "prod", "state": "created", "host": "h1",
+                "config": { "image": "alpine", "guest": { "cpus": 1, "memory_mb": 256 } },
+                "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z" })
+            .to_string();
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nidempotent-replayed: true\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            second.write_all(answer.as_bytes()).unwrap();
+            (lost, retried)
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let api = Api::new(&format!("http://{addr}"), Some("t0ken".into()), "prod".into()).unwrap();
+        let machine = runtime.block_on(create(&api, &json!({ "config": { "image": "alpine" } }))).unwrap();
+        assert_eq!(machine.name, "web");
+        let (lost, retried) = server.join().unwrap();
+        let key = header(&lost, "idempotency-key").expect("a key on create");
+        assert_eq!(uuid::Uuid::parse_str(key).unwrap().get_version_num(), 4);
+        assert_eq!(header(&retried, "idempotency-key"), Some(key));
+        assert_eq!(header(&retried, "authorization"), Some("Bearer t0ken"));
+        assert!(lost.starts_with("POST /v1/namespaces/prod/machines HTTP/1.1"), "{lost}");
+    }
+
     #[test]
     fn ids_are_uuids() {
         assert!(is_id("0e5c2a4e-3b7a-4a43-9a7e-0c1f6a1d2b3c"));
