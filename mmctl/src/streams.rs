@@ -134,16 +134,7 @@ pub async fn exec(vm: &vm::Client, options: ExecOptions) -> Result<i32, CliError
         let (rows, cols) = terminal_size().unwrap_or((24, 80));
         req.set_rows(rows);
         req.set_cols(cols);
-        let mut argv = req.reborrow().init_argv(options.command.len() as u32);
-        for (i, arg) in options.command.iter().enumerate() {
-            argv.set(i as u32, arg);
-        }
-        let mut env = req.init_env(options.env.len() as u32);
-        for (i, (k, v)) in options.env.iter().enumerate() {
-            let mut var = env.reborrow().get(i as u32);
-            var.set_name(k);
-            var.set_value(v);
-        }
+        mm_protocols::set_exec_command(req, &options.command, &options.env);
     }
     request.get().set_output(output);
     let reply = request.send().promise.await?;

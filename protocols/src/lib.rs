@@ -35,3 +35,22 @@ pub mod vmm_control;
 pub const DEFAULT_BROKER_SOCKET: &str = "/run/micromachines/broker.sock";
 /// The environment variable that overrides it for `mmctl`.
 pub const BROKER_SOCKET_ENV: &str = "MM_BROKER_SOCKET";
+
+/// Sets an `ExecRequest`'s command and environment (what mmctl and the
+/// controller both send to `Vm.exec`).
+pub fn set_exec_command(
+    mut request: broker_capnp::exec_request::Builder<'_>,
+    argv: &[String],
+    env: &[(String, String)],
+) {
+    let mut list = request.reborrow().init_argv(argv.len() as u32);
+    for (i, arg) in argv.iter().enumerate() {
+        list.set(i as u32, arg);
+    }
+    let mut vars = request.init_env(env.len() as u32);
+    for (i, (name, value)) in env.iter().enumerate() {
+        let mut var = vars.reborrow().get(i as u32);
+        var.set_name(name);
+        var.set_value(value);
+    }
+}

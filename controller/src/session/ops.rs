@@ -148,19 +148,7 @@ async fn exec(
         ended: RefCell::new(Some(tx)),
     });
     let mut call = vm.exec_request();
-    {
-        let mut req = call.get().init_request();
-        let mut argv = req.reborrow().init_argv(request.argv.len() as u32);
-        for (i, arg) in request.argv.iter().enumerate() {
-            argv.set(i as u32, arg);
-        }
-        let mut env = req.init_env(request.env.len() as u32);
-        for (i, (key, value)) in request.env.iter().enumerate() {
-            let mut var = env.reborrow().get(i as u32);
-            var.set_name(key);
-            var.set_value(value);
-        }
-    }
+    mm_protocols::set_exec_command(call.get().init_request(), &request.argv, &request.env);
     call.get().set_output(output);
     let session = call.send().promise.await?.get()?.get_session()?;
     let run = async {
