@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use anyhow::{Context, Result};
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp};
 use clap::Parser;
+use mm_protocols::rpc::vat_network;
 use std::net::Ipv4Addr;
 
 use mm_broker::BrokerConfig;
@@ -18,7 +19,6 @@ use mm_broker::registry::Registry;
 use mm_broker::rpc::BrokerServer;
 use mm_protocols::broker_capnp::broker;
 use tokio::net::UnixListener;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 #[derive(Debug, Parser)]
 #[command(name = "mm-broker", version, about = "MicroMachines per-host broker")]
@@ -250,14 +250,7 @@ async fn serve(config: Rc<BrokerConfig>, socket: PathBuf, cluster: Option<Cluste
         let server = BrokerServer { registry: Rc::clone(&registry), caller: caller.clone() };
         let client: broker::Client = capnp_rpc::new_client(server);
         let (reader, writer) = stream.into_split();
-        let mut options = capnp::message::ReaderOptions::new();
-        options.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS));
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(reader.compat()),
-            futures::io::BufWriter::new(writer.compat_write()),
-            rpc_twoparty_capnp::Side::Server,
-            options,
-        );
+        let network = vat_network(reader, writer, rpc_twoparty_capnp::Side::Server, Some(TRAVERSAL_LIMIT_WORDS));
         let rpc = RpcSystem::new(Box::new(network), Some(client.client));
         tokio::task::spawn_local(async move {
             if let Err(e) = rpc.await {

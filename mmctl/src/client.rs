@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp};
 use mm_protocols::broker_capnp::broker;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use mm_protocols::rpc::vat_network;
 
 /// mmctl's exit codes besides a workload's own.
 pub mod exit {
@@ -80,12 +80,7 @@ pub async fn connect(path: &std::path::Path) -> Result<broker::Client, CliError>
         )
     })?;
     let (reader, writer) = stream.into_split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader.compat()),
-        futures::io::BufWriter::new(writer.compat_write()),
-        rpc_twoparty_capnp::Side::Client,
-        Default::default(),
-    );
+    let network = vat_network(reader, writer, rpc_twoparty_capnp::Side::Client, None);
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let client: broker::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
     tokio::task::spawn_local(rpc);

@@ -27,8 +27,12 @@ pub mod vmm_capnp {
 }
 
 pub mod byte_stream;
+#[cfg(feature = "cluster-tls")]
+pub mod cluster_tls;
 pub mod device_control;
 pub mod packet;
+#[cfg(feature = "rpc")]
+pub mod rpc;
 pub mod vmm_control;
 
 /// The default path of the broker's unix socket.

@@ -22,14 +22,14 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp};
 use mm_protocols::broker_capnp::broker;
 use mm_protocols::cluster_capnp::{cluster, machine_observation};
+use mm_protocols::rpc::vat_network;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_rustls::TlsConnector;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::registry::Registry;
 use crate::rpc::BrokerServer;
@@ -127,14 +127,7 @@ impl Cluster {
             .map_err(|_| ClusterError::Timeout("the TLS handshake"))?
             .map_err(|e| ClusterError::Tls(format!("handshake with {address}: {e}")))?;
         let (reader, writer) = tokio::io::split(stream);
-        let mut options = capnp::message::ReaderOptions::new();
-        options.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS));
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(reader.compat()),
-            futures::io::BufWriter::new(writer.compat_write()),
-            rpc_twoparty_capnp::Side::Client,
-            options,
-        );
+        let network = vat_network(reader, writer, rpc_twoparty_capnp::Side::Client, Some(TRAVERSAL_LIMIT_WORDS));
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let cluster: cluster::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
         let mut connection = AbortOnDrop(tokio::task::spawn_local(rpc));

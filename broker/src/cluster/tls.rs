@@ -5,63 +5,30 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use mm_protocols::cluster_tls::{certificate_name, load_certs, load_roots};
+use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
 use tokio_rustls::TlsConnector;
 
 use super::ClusterError;
 
-fn pem_error(path: &Path, what: &str) -> impl FnOnce(rustls::pki_types::pem::Error) -> ClusterError {
-    let message = format!("{}: {what}", path.display());
-    move |e| ClusterError::Tls(format!("{message}: {e}"))
-}
-
-/// Every certificate in a PEM file (at least one).
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClusterError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(pem_error(path, "cannot read certificates"))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_error(path, "bad certificate"))?;
-    if certs.is_empty() {
-        return Err(ClusterError::Tls(format!("{}: no certificate in the file", path.display())));
-    }
-    Ok(certs)
+fn tls(e: String) -> ClusterError {
+    ClusterError::Tls(e)
 }
 
 /// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ClusterError> {
-    PrivateKeyDer::from_pem_file(path).map_err(pem_error(path, "cannot read the private key"))
-}
-
-/// The name a certificate is for: its common name, or failing that its
-/// first DNS name. The controller applies the same rule to the broker's
-/// certificate, so both sides agree on the host's name.
-pub fn certificate_name(cert: &CertificateDer<'_>) -> Result<String, ClusterError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| ClusterError::Tls(format!("cannot parse the certificate: {e}")))?;
-    if let Some(cn) = parsed.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()) {
-        return Ok(cn.to_owned());
-    }
-    if let Ok(Some(san)) = parsed.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
-                return Ok((*dns).to_owned());
-            }
-        }
-    }
-    Err(ClusterError::Tls("the certificate names no host (no common name, no DNS name)".into()))
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| ClusterError::Tls(format!("{}: cannot read the private key: {e}", path.display())))
 }
 
 /// A connector presenting `cert`/`key` and trusting only `ca`; returns it
 /// and the name in `cert`.
 pub fn connector(cert: &Path, key: &Path, ca: &Path) -> Result<(TlsConnector, String), ClusterError> {
-    let mut roots = RootCertStore::empty();
-    for ca_cert in load_certs(ca)? {
-        roots.add(ca_cert).map_err(|e| ClusterError::Tls(format!("{}: {e}", ca.display())))?;
-    }
-    let chain = load_certs(cert)?;
-    let name = certificate_name(&chain[0])?;
+    let roots = load_roots(ca).map_err(tls)?;
+    let chain = load_certs(cert).map_err(tls)?;
+    let name = certificate_name(&chain[0]).map_err(tls)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

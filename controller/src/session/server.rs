@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp, twoparty};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp};
 use mm_protocols::broker_capnp::broker;
 use mm_protocols::cluster_capnp::{cluster, machine_observation, session};
+use mm_protocols::rpc::vat_network;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use super::{Command, Timing, driver, ops};
 use crate::api::validate;
@@ -189,14 +189,7 @@ async fn serve_connection(local: Rc<Local>, acceptor: TlsAcceptor, tcp: tokio::n
         }
     };
     let (reader, writer) = tokio::io::split(stream);
-    let mut options = capnp::message::ReaderOptions::new();
-    options.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS));
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader.compat()),
-        futures::io::BufWriter::new(writer.compat_write()),
-        rpc_twoparty_capnp::Side::Server,
-        options,
-    );
+    let network = vat_network(reader, writer, rpc_twoparty_capnp::Side::Server, Some(TRAVERSAL_LIMIT_WORDS));
     let registered = Rc::new(Cell::new(None));
     let bootstrap: cluster::Client = capnp_rpc::new_client(ClusterServer {
         local: Rc::clone(&local),

@@ -3,10 +3,10 @@
 //! broker's identity is the name in its certificate, so the CA is the
 //! cluster's membership list: whoever it signed may register that name.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::RootCertStore;
+use mm_protocols::cluster_tls::{load_certs, load_roots};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
@@ -25,24 +25,10 @@ pub struct TlsFiles {
 #[error("TLS: {0}")]
 pub struct TlsError(pub String);
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| TlsError(format!("{}: {e}", path.display())))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError(format!("{}: bad certificate: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(TlsError(format!("{}: no certificate in the file", path.display())));
-    }
-    Ok(certs)
-}
-
 /// An acceptor that demands a client certificate signed by `files.ca`.
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(&files.ca)? {
-        roots.add(cert).map_err(|e| TlsError(format!("{}: {e}", files.ca.display())))?;
-    }
+    let roots = load_roots(&files.ca).map_err(TlsError)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| TlsError(format!("client verifier: {e}")))?;
@@ -52,26 +38,14 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&files.cert)?, key)
+        .with_single_cert(load_certs(&files.cert).map_err(TlsError)?, key)
         .map_err(|e| TlsError(format!("{} and {}: {e}", files.cert.display(), files.key.display())))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The name a (verified) client certificate is for: its common name, or
-/// failing that its first DNS name; the broker applies the same rule to
+/// The name a (verified) client certificate is for: the cluster protocol's
+/// rule (common name, else first DNS name), the one the broker uses to
 /// default its host name.
 pub fn certificate_name(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| TlsError(format!("cannot parse the client certificate: {e}")))?;
-    if let Some(cn) = parsed.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()) {
-        return Ok(cn.to_owned());
-    }
-    if let Ok(Some(san)) = parsed.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
-                return Ok((*dns).to_owned());
-            }
-        }
-    }
-    Err(TlsError("the client certificate names no host".into()))
+    mm_protocols::cluster_tls::certificate_name(cert).map_err(TlsError)
 }
