@@ -30,33 +30,77 @@ pub fn libraries(exec: &Path) -> Result<Vec<PathBuf>, String> {
     }
 }
 
+/// What the loader needs to know of one ELF file.
+struct DynamicFacts {
+    interpreter: Option<String>,
+    needed: Vec<String>,
+    /// `DT_RUNPATH` then `DT_RPATH`, each still `:`-separated.
+    run_paths: Vec<String>,
+}
+
+/// Reads the program headers, `PT_INTERP` and the dynamic section only.
+///
+/// The file is mapped, not read: our own binaries carry debug info (mm-vmm
+/// is ~20 MB), and copying one into a buffer to look at a few kilobytes of
+/// headers cost ~20 ms per jailed spawn here. `Elf::parse` would also walk
+/// every symbol and relocation; the loader needs none of that.
+fn dynamic_facts(path: &Path) -> Result<DynamicFacts, String> {
+    use goblin::elf::dynamic::{DT_RPATH, DT_RUNPATH, Dynamic};
+    use goblin::elf::program_header::{PT_INTERP, ProgramHeader};
+
+    let file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    // SAFETY: a private, read-only mapping of a binary we are about to
+    // exec; the bytes are only parsed (bounds-checked by goblin/scroll), and
+    // a binary rewritten underneath us would at worst parse as garbage,
+    // which is an error below, as it would be for `exec` itself.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("mapping {}: {e}", path.display()))?;
+    let not_elf = |e: goblin::error::Error| format!("{}: not an ELF file: {e}", path.display());
+    let header = Elf::parse_header(&bytes).map_err(not_elf)?;
+    let ctx = goblin::container::Ctx::new(header.container().map_err(not_elf)?, header.endianness().map_err(not_elf)?);
+    let phdrs =
+        ProgramHeader::parse(&bytes, header.e_phoff as usize, usize::from(header.e_phnum), ctx).map_err(not_elf)?;
+    let interpreter = phdrs.iter().find(|ph| ph.p_type == PT_INTERP && ph.p_filesz > 1).and_then(|ph| {
+        let start = usize::try_from(ph.p_offset).ok()?;
+        let bytes = bytes.get(start..start.checked_add(usize::try_from(ph.p_filesz).ok()? - 1)?)?;
+        std::str::from_utf8(bytes).ok().map(str::to_owned)
+    });
+    let Some(dynamic) = Dynamic::parse(&bytes, &phdrs, ctx).map_err(not_elf)? else {
+        return Ok(DynamicFacts { interpreter, needed: Vec::new(), run_paths: Vec::new() });
+    };
+    let strtab = goblin::strtab::Strtab::parse(&bytes, dynamic.info.strtab, dynamic.info.strsz, 0).map_err(not_elf)?;
+    let needed = dynamic.get_libraries(&strtab).into_iter().map(str::to_owned).collect();
+    let mut run_paths = Vec::new();
+    for tag in [DT_RUNPATH, DT_RPATH] {
+        for entry in dynamic.dyns.iter().filter(|d| d.d_tag == tag) {
+            if let Some(path) = strtab.get_at(entry.d_val as usize) {
+                run_paths.push(path.to_owned());
+            }
+        }
+    }
+    Ok(DynamicFacts { interpreter, needed, run_paths })
+}
+
 /// `Ok(None)`: something could not be resolved here; ask `ldd`.
 fn from_elf(exec: &Path) -> Result<Option<Vec<PathBuf>>, String> {
     let mut found: BTreeSet<PathBuf> = BTreeSet::new();
     let mut pending = vec![exec.to_path_buf()];
     let mut first = true;
     while let Some(path) = pending.pop() {
-        let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let elf = Elf::parse(&bytes).map_err(|e| format!("{}: not an ELF file: {e}", path.display()))?;
+        let facts = dynamic_facts(&path)?;
         if first {
             first = false;
-            match elf.interpreter {
+            match facts.interpreter {
                 Some(interpreter) => {
                     found.insert(PathBuf::from(interpreter));
                 }
-                None if elf.libraries.is_empty() => return Ok(Some(Vec::new())), // static
+                None if facts.needed.is_empty() => return Ok(Some(Vec::new())), // static
                 None => {}
             }
         }
         let origin = path.parent().unwrap_or(Path::new("/")).to_string_lossy().into_owned();
-        let run_paths: Vec<String> = elf
-            .runpaths
-            .iter()
-            .chain(elf.rpaths.iter())
-            .flat_map(|p| p.split(':'))
-            .map(|p| p.replace("$ORIGIN", &origin))
-            .collect();
-        for name in &elf.libraries {
+        let run_paths: Vec<String> =
+            facts.run_paths.iter().flat_map(|p| p.split(':')).map(|p| p.replace("$ORIGIN", &origin)).collect();
+        for name in &facts.needed {
             let dirs = run_paths.iter().map(String::as_str).chain(SYSTEM_DIRS);
             let Some(lib) = dirs.map(|d| Path::new(d).join(name)).find(|p| p.is_file()) else {
                 return Ok(None);

@@ -8,11 +8,12 @@ use std::path::Path;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
-use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult, load_cmdline};
+use linux_loader::loader::{BzImage, Cmdline, KernelLoader, load_cmdline};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::gdt::BOOT_GDT;
 use crate::layout::*;
+use crate::loader::{self, LoadError};
 
 const E820_RAM: u32 = 1;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -28,6 +29,10 @@ pub enum BootError {
     OpenKernel { path: String, source: std::io::Error },
     #[error("{path} is neither an ELF vmlinux nor a bzImage ({reason})")]
     BadKernel { path: String, reason: String },
+    #[error("cannot load kernel {path}: {source}")]
+    LoadKernel { path: String, source: LoadError },
+    #[error("cannot load initramfs {path}: {source}")]
+    LoadInitrd { path: String, source: LoadError },
     #[error("cannot read initramfs {path}: {source}")]
     OpenInitrd { path: String, source: std::io::Error },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
@@ -48,23 +53,33 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
     BootError::Memory(e.to_string())
 }
 
-/// Loads `path` into guest memory, ELF first, bzImage second.
-fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(KernelLoaderResult, GuestAddress), BootError> {
+/// Where the kernel landed and what the guest's zero page needs of it.
+struct KernelPlacement {
+    entry: GuestAddress,
+    /// First guest address past the kernel: the initramfs goes above.
+    end: u64,
+    /// A bzImage's own setup header; an ELF vmlinux has none.
+    setup_header: Option<setup_header>,
+}
+
+/// Loads `path` into guest memory, ELF first (our loader, see
+/// [`crate::loader`]), bzImage second (linux-loader's).
+fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelPlacement, BootError> {
     let shown = path.display().to_string();
     let mut file = File::open(path).map_err(|source| BootError::OpenKernel { path: shown.clone(), source })?;
-    let elf_err = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-        Ok(result) => {
-            let entry = result.kernel_load;
-            return Ok((result, entry));
-        }
-        Err(e) => e,
-    };
+    match loader::load_elf(mem, &file, HIMEM_START) {
+        Ok(Some(elf)) => return Ok(KernelPlacement { entry: elf.entry, end: elf.end, setup_header: None }),
+        Ok(None) => {}
+        Err(e @ LoadError::BadElf(_)) => return Err(BootError::BadKernel { path: shown, reason: e.to_string() }),
+        Err(e) => return Err(BootError::LoadKernel { path: shown, source: e }),
+    }
     match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-        Ok(result) => {
-            let entry = result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET);
-            Ok((result, entry))
-        }
-        Err(bz_err) => Err(BootError::BadKernel { path: shown, reason: format!("ELF: {elf_err}; bzImage: {bz_err}") }),
+        Ok(result) => Ok(KernelPlacement {
+            entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+            end: result.kernel_end,
+            setup_header: result.setup_header,
+        }),
+        Err(bz_err) => Err(BootError::BadKernel { path: shown, reason: format!("not ELF; bzImage: {bz_err}") }),
     }
 }
 
@@ -73,19 +88,19 @@ fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1
 }
 
-/// Loads the initramfs page-aligned at the top of low RAM, reading the file
-/// straight into guest memory.
+/// Loads the initramfs page-aligned at the top of low RAM, above the kernel.
 fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
     let shown = path.display().to_string();
     let open_err = |source| BootError::OpenInitrd { path: shown.clone(), source };
-    let mut file = File::open(path).map_err(open_err)?;
+    let file = File::open(path).map_err(open_err)?;
     let size = file.metadata().map_err(open_err)?.len();
     let top = low_ram_end(mem);
     let start = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= kernel_end);
     let Some(start) = start else {
         return Err(BootError::InitrdTooLarge { path: shown, size });
     };
-    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize).map_err(mem_err)?;
+    loader::copy_to_guest(mem, GuestAddress(start), &file, 0, size)
+        .map_err(|source| BootError::LoadInitrd { path: shown, source })?;
     Ok((start, size))
 }
 
@@ -131,13 +146,13 @@ pub fn load(
     cpus: u8,
 ) -> Result<LoadedKernel, BootError> {
     let t = std::time::Instant::now();
-    let (result, entry) = load_kernel(mem, kernel)?;
+    let kernel = load_kernel(mem, kernel)?;
     tracing::debug!(us = t.elapsed().as_micros() as u64, "kernel copied");
     load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     write_boot_tables(mem)?;
     crate::mptable::write(mem, cpus).map_err(mem_err)?;
 
-    let hdr = result.setup_header.unwrap_or(setup_header {
+    let hdr = kernel.setup_header.unwrap_or(setup_header {
         boot_flag: KERNEL_BOOT_FLAG_MAGIC,
         header: KERNEL_HDR_MAGIC,
         kernel_alignment: KERNEL_MIN_ALIGNMENT,
@@ -149,7 +164,7 @@ pub fn load(
     params.hdr.cmdline_size = cmdline.as_cstring().map(|c| c.as_bytes().len() as u32).unwrap_or(0) + 1;
     if let Some(path) = initrd {
         let t = std::time::Instant::now();
-        let (start, size) = load_initrd(mem, path, result.kernel_end)?;
+        let (start, size) = load_initrd(mem, path, kernel.end)?;
         tracing::debug!(us = t.elapsed().as_micros() as u64, "initramfs copied");
         params.hdr.ramdisk_image = start as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -164,5 +179,5 @@ pub fn load(
         mem,
     )
     .map_err(mem_err)?;
-    Ok(LoadedKernel { entry })
+    Ok(LoadedKernel { entry: kernel.entry })
 }

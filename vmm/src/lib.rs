@@ -8,6 +8,7 @@ pub mod devices;
 pub mod endpoint;
 pub mod gdt;
 pub mod layout;
+pub mod loader;
 pub mod memory;
 pub mod mptable;
 pub mod profile;
