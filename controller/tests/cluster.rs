@@ -337,3 +337,51 @@ async fn the_leader_re_places_the_machines_of_a_lost_host() {
     s.host(&root, "quiet", 4, 4096, json!({})).await;
     assert_eq!(s.get("/v1/hosts/quiet", &root).await.body["status"], "ready");
 }
+
+/// A machine the drain stopped to move, on a host that is then lost, is
+/// started on the host it is re-placed on: it was meant to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_a_drain_stopped_starts_elsewhere_when_its_host_is_lost() {
+    let url = tokio::task::spawn_blocking(support::pg::fresh_database).await.unwrap();
+    let s = serve_with(&url, |c| c.heartbeat_timeout = Duration::from_secs(2)).await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    // Both hosts heart-beat (are registered again) twice a second, "old"
+    // only until the drain has stopped the machine.
+    let keep = |name: &'static str| {
+        let (base, root) = (s.base.clone(), root.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let body = json!({"name": name, "address": format!("{name}:1"), "cpus": 4, "memory_mb": 4096});
+            loop {
+                let _ = client.post(format!("{base}/v1/hosts")).bearer_auth(&root).json(&body).send().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let old = keep("old");
+    poll(&s, &root, "/v1/hosts/old", "old registered", |h| h["status"] == "ready").await;
+    let (id, host) = started(&s, &root, "ns", spec("m")).await;
+    assert_eq!(host, "old");
+    let alive = keep("alive");
+    poll(&s, &root, "/v1/hosts/alive", "alive registered", |h| h["status"] == "ready").await;
+    let path = format!("/v1/namespaces/ns/machines/{id}");
+
+    s.post("/v1/hosts/old/drain", &root, json!(null)).await;
+    poll(&s, &root, &path, "stopped by the drain", |m| m["state"] == "stopping").await;
+    old.abort();
+    // Its broker never says it stopped: the host is lost instead.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let moved = loop {
+        let m = s.get(&path, &root).await.body;
+        if m["host"] == "alive" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "not re-placed: {m:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    alive.abort();
+    assert_eq!((moved["state"].as_str(), moved["previous_state"].as_str()), (Some("starting"), Some("stopped")));
+    let last = events(&s, &root, &path).await.pop().unwrap();
+    assert_eq!(last, ("starting".into(), "moved from host old to host alive: host old lost".into()));
+}
