@@ -189,8 +189,9 @@ fn note_once(conn: &mut PgConnection, row: &MachineRow, reason: &str) -> Result<
 }
 
 /// Sets each draining host's `drain_blocked` from this pass: what blocks
-/// it, or nothing. `judged(host)` says whether the pass saw all of the
-/// host's machines (a pass may stop at its limit); others keep their note.
+/// it, or nothing. `judged(host)` says whether the pass reached the host's
+/// machines (a pass may stop at its limit); a host it did not reach keeps
+/// its note until a pass does.
 fn note_blocked_hosts(
     conn: &mut PgConnection,
     draining: &[String],
