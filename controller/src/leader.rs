@@ -3,8 +3,8 @@
 //! Several controllers may serve the API against one database; exactly one
 //! runs the loop that changes things on its own: marking hosts whose broker
 //! stopped heart-beating lost and re-placing their machines
-//! (`store::recovery`), re-placing machines off draining hosts,
-//! housekeeping. (Driving each machine to its desired state through its
+//! (`store::recovery`), moving machines off draining hosts
+//! (`store::drain`), housekeeping. (Driving each machine to its desired state through its
 //! broker is done by the controller that holds that broker's session, see
 //! `session`: only it has the broker's capability.) The leader is whoever holds a session-level Postgres
 //! advisory lock, taken with `pg_try_advisory_lock` on a dedicated
@@ -32,12 +32,15 @@ use diesel::sql_types::{BigInt, Bool};
 use tokio::sync::watch;
 
 use crate::db::{Db, lock_keys};
+use crate::store::drain::{self, DrainLimits, Drained};
 use crate::store::{StoreError, hosts, machines, recovery};
 
 /// How long an idempotency key is remembered.
 const IDEMPOTENCY_KEY_AGE: chrono::Duration = chrono::Duration::hours(24);
 /// Machines moved per pass, so one pass holds the placement lock briefly.
 const MOVES_PER_PASS: i64 = 100;
+/// Machines of one draining host stopped (to be moved) at a time.
+const DRAIN_STOPPING_PER_HOST: usize = 4;
 
 /// The running loop; stops (and gives up leadership) when dropped.
 pub struct Leader {
@@ -176,11 +179,26 @@ fn reconcile(
     for r in &recovered {
         tracing::info!(machine = %r.machine, from = %r.from, to = ?r.to, state = %r.state, "machine of a lost host");
     }
-    let moved = machines::replace_from_draining(conn, MOVES_PER_PASS)?;
-    for m in &moved {
-        tracing::info!(machine = %m.machine, from = ?m.from, to = %m.to, "re-placed machine");
+    let limits = DrainLimits { machines_per_pass: MOVES_PER_PASS, stopping_per_host: DRAIN_STOPPING_PER_HOST };
+    let drained = drain::drain_pass(conn, limits)?;
+    let mut changed = !recovered.is_empty();
+    for d in &drained {
+        match d {
+            Drained::Moved { machine, from, to, state } => {
+                tracing::info!(%machine, ?from, %to, %state, "drain: moved machine");
+            }
+            Drained::Stopping { machine, host } => {
+                tracing::info!(%machine, %host, "drain: stopping machine to move it")
+            }
+            Drained::Restarted { machine, host } => {
+                tracing::info!(%machine, %host, "drain ended: starting machine again in place");
+            }
+            // Logged at debug: it is retried (and would be logged) every pass.
+            Drained::Blocked { machine, host, why } => tracing::debug!(%machine, ?host, "drain: cannot move: {why}"),
+        }
+        changed |= !matches!(d, Drained::Blocked { .. });
     }
-    if !moved.is_empty() || !recovered.is_empty() {
+    if changed {
         changes.send_modify(|n| *n = n.wrapping_add(1));
     }
     machines::expire_idempotency_keys(conn, IDEMPOTENCY_KEY_AGE)?;

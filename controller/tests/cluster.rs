@@ -1,4 +1,5 @@
-//! Placement through the API, draining by the leader, and several
+//! Placement through the API, draining by the leader (the test plays the
+//! brokers through the admin report stand-in), lost hosts, and several
 //! controllers on one database.
 
 mod support;
@@ -67,45 +68,155 @@ async fn placement_spreads_honours_labels_and_refuses_clearly() {
     assert_eq!(h1.body["used_cpus"], 1);
 }
 
+/// A broker's report, through the admin stand-in.
+async fn report(s: &support::Server, root: &str, host: &str, id: &str, state: &str) {
+    let r = s.post(&format!("/v1/hosts/{host}/machines/{id}/state"), root, json!({ "state": state })).await;
+    assert_eq!(r.status, StatusCode::OK, "{host} reports {id} {state}: {:#}", r.body);
+}
+
+/// A machine made to have run: created, started, reported started.
+async fn started(s: &support::Server, root: &str, ns: &str, body: serde_json::Value) -> (String, String) {
+    let m = s.machine(root, ns, body).await;
+    let (id, host) = (m["id"].as_str().unwrap().to_owned(), m["host"].as_str().unwrap().to_owned());
+    s.post(&format!("/v1/namespaces/{ns}/machines/{id}/start"), root, json!(null)).await;
+    report(s, root, &host, &id, "started").await;
+    (id, host)
+}
+
+/// Polls `GET path` until `done` holds (10 s).
+async fn poll(s: &support::Server, root: &str, path: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = s.get(path, root).await.body;
+        if done(&body) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {body:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `(state, reason)` of each of a machine's events.
+async fn events(s: &support::Server, root: &str, path: &str) -> Vec<(String, String)> {
+    let events = s.get(&format!("{path}/events"), root).await.body;
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["state"].as_str().unwrap().to_owned(), e["reason"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// Without brokers (the test reports what they would): the leader drains a
+/// host of machines that never ran, stopped ones and running ones, and
+/// leaves what fits nowhere, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leader_moves_unstarted_machines_off_a_draining_host() {
+async fn the_leader_drains_machines_that_ran_and_says_what_cannot_move() {
     let s = serve().await;
     let root = cluster_admin();
     s.namespace(&root, "d").await;
-    s.host(&root, "old", 8, 8192, json!({})).await;
-    let waiting = s.machine(&root, "d", spec("waiting")).await;
-    let running = s.machine(&root, "d", spec("running")).await;
-    let running_id = running["id"].as_str().unwrap();
-    s.post(&format!("/v1/namespaces/d/machines/{running_id}/start"), &root, json!(null)).await;
-    s.post(&format!("/v1/hosts/old/machines/{running_id}/state"), &root, json!({"state": "started"})).await;
-    // Nowhere to go yet: the drain waits.
-    assert_eq!(s.post("/v1/hosts/old/drain", &root, json!(null)).await.body["status"], "draining");
-    s.host(&root, "new", 8, 8192, json!({})).await;
+    s.host(&root, "old", 8, 8192, json!({"disk": "local"})).await;
+    let waiting = s.machine(&root, "d", spec("waiting")).await["id"].as_str().unwrap().to_owned();
+    let (running, _) = started(&s, &root, "d", spec("running")).await;
+    let (parked, _) = started(&s, &root, "d", spec("parked")).await;
+    s.post(&format!("/v1/namespaces/d/machines/{parked}/stop"), &root, json!(null)).await;
+    report(&s, &root, "old", &parked, "stopped").await;
+    let mut body = spec("pinned");
+    body["placement"] = json!({ "host_labels": { "disk": "local" } });
+    let (pinned, _) = started(&s, &root, "d", body).await;
+    let path = |id: &str| format!("/v1/namespaces/d/machines/{id}");
 
-    let path = format!("/v1/namespaces/d/machines/{}", waiting["id"].as_str().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if s.get(&path, &root).await.body["host"] == "new" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "machine was not moved off the draining host");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let events = s.get(&format!("{path}/events"), &root).await;
-    let last = events.body["events"].as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["reason"], "moved from host old to host new: drain");
-    // A machine that ran stays (its disk is there) until the broker session
-    // can move it.
-    let running = s.get(&format!("/v1/namespaces/d/machines/{running_id}"), &root).await;
-    assert_eq!(running.body["host"], "old");
-    // Stopping and destroying it empties the host: drained.
-    s.post(&format!("/v1/namespaces/d/machines/{running_id}/stop"), &root, json!(null)).await;
-    s.post(&format!("/v1/hosts/old/machines/{running_id}/state"), &root, json!({"state": "stopped"})).await;
-    s.delete(&format!("/v1/namespaces/d/machines/{running_id}"), &root).await;
-    s.post(&format!("/v1/hosts/old/machines/{running_id}/state"), &root, json!({"state": "destroyed"})).await;
-    assert_eq!(s.get("/v1/hosts/old", &root).await.body["status"], "drained");
+    // Nowhere to go: nothing moves, nothing is stopped, and it says why.
+    assert_eq!(s.post("/v1/hosts/old/drain", &root, json!(null)).await.body["status"], "draining");
+    poll(&s, &root, "/v1/hosts/old", "the drain says it is blocked", |h| {
+        h["drain_blocked"].as_str().is_some_and(|b| b.starts_with("4 machine(s) cannot move") && b.contains("cordoned"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // a few more passes
+    let m = s.get(&path(&running), &root).await.body;
+    assert_eq!((m["host"].as_str(), m["state"].as_str()), (Some("old"), Some("started")), "{m:#}");
+    let blocked: Vec<_> = events(&s, &root, &path(&running))
+        .await
+        .into_iter()
+        .filter(|(_, r)| r.starts_with("cannot move off draining host old: no host can take 1 CPU(s)"))
+        .collect();
+    assert_eq!(blocked.len(), 1, "said once, not on every pass: {blocked:#?}");
+    assert_eq!(blocked[0].0, "started");
+
+    // Room appears: what never ran or is stopped moves as it is; the
+    // running one is stopped where it is first.
+    s.host(&root, "new", 8, 8192, json!({})).await;
+    poll(&s, &root, &path(&waiting), "created moves", |m| m["host"] == "new" && m["state"] == "created").await;
+    poll(&s, &root, &path(&parked), "stopped moves", |m| m["host"] == "new" && m["state"] == "stopped").await;
+    poll(&s, &root, &path(&running), "running is stopped", |m| m["host"] == "old" && m["state"] == "stopping").await;
+    let last = events(&s, &root, &path(&parked)).await.pop().unwrap();
+    assert_eq!(last, ("stopped".into(), "moved from host old to host new: drain".into()));
+    // Once its broker says it stopped, it moves and starts on the new host.
+    report(&s, &root, "old", &running, "stopped").await;
+    poll(&s, &root, &path(&running), "moved and starting", |m| {
+        m["host"] == "new" && m["state"] == "starting" && m["previous_state"] == "stopped"
+    })
+    .await;
+    let history = events(&s, &root, &path(&running)).await;
+    let tail: Vec<_> = history.iter().rev().take(3).rev().map(|(state, _)| state.as_str()).collect();
+    assert_eq!(tail, ["stopping", "stopped", "starting"], "{history:#?}");
+    assert!(history.iter().any(|(_, r)| r == "host old is draining: stopping the machine to start it on another host"));
+    assert_eq!(history.last().unwrap().1, "moved from host old to host new: drain");
+    report(&s, &root, "new", &running, "started").await;
+
+    // The pinned machine fits nowhere else: it runs on, the host stays
+    // draining and says why.
+    poll(&s, &root, "/v1/hosts/old", "only the pinned machine blocks", |h| {
+        h["status"] == "draining"
+            && h["drain_blocked"].as_str().is_some_and(|b| {
+                b.starts_with(&format!("1 machine(s) cannot move; machine {pinned}"))
+                    && b.contains("lacking the labels")
+            })
+    })
+    .await;
+    assert_eq!(s.get(&path(&pinned), &root).await.body["state"], "started");
+    // Its owner removes it: the host is drained and nothing blocks.
+    s.post(&format!("{}/stop", path(&pinned)), &root, json!(null)).await;
+    report(&s, &root, "old", &pinned, "stopped").await;
+    s.delete(&path(&pinned), &root).await;
+    report(&s, &root, "old", &pinned, "destroyed").await;
+    poll(&s, &root, "/v1/hosts/old", "drained", |h| h["status"] == "drained" && h["drain_blocked"].is_null()).await;
     // Uncordon ends the drain.
     assert_eq!(s.post("/v1/hosts/old/uncordon", &root, json!(null)).await.body["status"], "ready");
+}
+
+/// A user's stop during a drain wins (the machine moves stopped), and an
+/// operator ending a drain gets the machines it had stopped running again
+/// in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_yields_to_users_and_to_undrain() {
+    let s = serve().await;
+    let root = cluster_admin();
+    s.namespace(&root, "y").await;
+    s.host(&root, "a", 8, 8192, json!({})).await;
+    let (kept, _) = started(&s, &root, "y", spec("kept")).await;
+    let (halted, _) = started(&s, &root, "y", spec("halted")).await;
+    s.host(&root, "b", 8, 8192, json!({})).await;
+    let path = |id: &str| format!("/v1/namespaces/y/machines/{id}");
+
+    s.post("/v1/hosts/a/drain", &root, json!(null)).await;
+    for id in [&kept, &halted] {
+        poll(&s, &root, &path(id), "stopped by the drain", |m| m["state"] == "stopping").await;
+    }
+    // The user stops one too (a no-op on a stopping machine, but now it is
+    // the user's wish): it moves stopped.
+    let r = s.post(&format!("{}/stop", path(&halted)), &root, json!(null)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:#}", r.body);
+    report(&s, &root, "a", &halted, "stopped").await;
+    poll(&s, &root, &path(&halted), "moved stopped", |m| m["host"] == "b" && m["state"] == "stopped").await;
+
+    // The operator ends the drain before the other one stopped: once it
+    // has, it starts again where it is.
+    s.post("/v1/hosts/a/uncordon", &root, json!(null)).await;
+    report(&s, &root, "a", &kept, "stopped").await;
+    poll(&s, &root, &path(&kept), "started again in place", |m| m["host"] == "a" && m["state"] == "starting").await;
+    let last = events(&s, &root, &path(&kept)).await.pop().unwrap();
+    assert_eq!(last, ("starting".into(), "host a no longer draining: starting the machine again".into()));
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
@@ -225,4 +336,52 @@ async fn the_leader_re_places_the_machines_of_a_lost_host() {
     // Registering again (a broker coming back) ends the loss.
     s.host(&root, "quiet", 4, 4096, json!({})).await;
     assert_eq!(s.get("/v1/hosts/quiet", &root).await.body["status"], "ready");
+}
+
+/// A machine the drain stopped to move, on a host that is then lost, is
+/// started on the host it is re-placed on: it was meant to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_a_drain_stopped_starts_elsewhere_when_its_host_is_lost() {
+    let url = tokio::task::spawn_blocking(support::pg::fresh_database).await.unwrap();
+    let s = serve_with(&url, |c| c.heartbeat_timeout = Duration::from_secs(2)).await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    // Both hosts heart-beat (are registered again) twice a second, "old"
+    // only until the drain has stopped the machine.
+    let keep = |name: &'static str| {
+        let (base, root) = (s.base.clone(), root.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let body = json!({"name": name, "address": format!("{name}:1"), "cpus": 4, "memory_mb": 4096});
+            loop {
+                let _ = client.post(format!("{base}/v1/hosts")).bearer_auth(&root).json(&body).send().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let old = keep("old");
+    poll(&s, &root, "/v1/hosts/old", "old registered", |h| h["status"] == "ready").await;
+    let (id, host) = started(&s, &root, "ns", spec("m")).await;
+    assert_eq!(host, "old");
+    let alive = keep("alive");
+    poll(&s, &root, "/v1/hosts/alive", "alive registered", |h| h["status"] == "ready").await;
+    let path = format!("/v1/namespaces/ns/machines/{id}");
+
+    s.post("/v1/hosts/old/drain", &root, json!(null)).await;
+    poll(&s, &root, &path, "stopped by the drain", |m| m["state"] == "stopping").await;
+    old.abort();
+    // Its broker never says it stopped: the host is lost instead.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let moved = loop {
+        let m = s.get(&path, &root).await.body;
+        if m["host"] == "alive" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "not re-placed: {m:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    alive.abort();
+    assert_eq!((moved["state"].as_str(), moved["previous_state"].as_str()), (Some("starting"), Some("stopped")));
+    let last = events(&s, &root, &path).await.pop().unwrap();
+    assert_eq!(last, ("starting".into(), "moved from host old to host alive: host old lost".into()));
 }

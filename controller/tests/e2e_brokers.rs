@@ -3,13 +3,15 @@
 //! and microVM network namespace) that dial the controller over mutual TLS
 //! with certificates from `scripts/dev-ca.sh`, booting real microVMs.
 //!
-//! One machine goes through the whole story, so only two microVMs boot:
+//! One machine goes through the whole story, so only three microVMs boot:
 //! created through REST → started on one broker → exec and logs through
 //! the controller → its broker is SIGKILLed → after the heartbeat timeout
 //! the machine is re-placed on the other broker and started there → exec
 //! again → the killed broker comes back and the controller removes the
-//! orphaned microVM it still had → delete → destroyed, and the microVM is
-//! gone from the broker.
+//! orphaned microVM it still had → its host is drained: the machine is
+//! stopped there, moved back and started (exec answers), the drained
+//! broker's microVM is removed, the host is `drained`, then uncordoned →
+//! delete → destroyed, and the microVM is gone from the broker.
 //!
 //! The refusals (a certificate from another CA, a host name that is not
 //! the certificate's) need no KVM and run on their own.
@@ -174,6 +176,60 @@ async fn exec_when_ready(c: &ControllerProcess, machine: &str, command: &[&str])
     }
 }
 
+/// Drains the host the machine runs on (`brokers[from]`'s): the machine is
+/// stopped there, moved to `brokers[to]`'s host and started there (a fresh
+/// boot), exec answers, its microVM is gone from the drained host's broker,
+/// which is listed `drained`; uncordon puts the host back. Returns `to`.
+async fn drain_moves_a_running_machine(
+    c: &ControllerProcess,
+    brokers: &[TestBroker; 2],
+    path: &str,
+    id: &str,
+    from: usize,
+    to: usize,
+) -> usize {
+    let (_, machine) = c.get(path).await;
+    let host = machine["host"].as_str().unwrap().to_owned();
+    assert!(vm_names(&brokers[from]).contains(&id.to_owned()), "{machine:#}");
+    let (status, drained) = c.post(&format!("/v1/hosts/{host}/drain"), json!(null)).await;
+    assert_eq!((status, drained["status"].as_str()), (StatusCode::OK, Some("draining")), "{drained:#}");
+    let moved = c
+        .poll(path, BOOT, "drained onto the other host and started", |m| {
+            m["state"] == "started" && m["host"].as_str() != Some(host.as_str())
+        })
+        .await;
+    let new_host = moved["host"].as_str().unwrap().to_owned();
+    let (_, events) = c.get(&format!("{path}/events")).await;
+    let events: Vec<(&str, &str)> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["state"].as_str().unwrap(), e["reason"].as_str().unwrap()))
+        .collect();
+    let drain = events
+        .iter()
+        .position(|(_, reason)| reason.starts_with(&format!("host {host} is draining: stopping")))
+        .unwrap_or_else(|| panic!("no drain stop: {events:#?}"));
+    let states: Vec<&str> = events[drain..].iter().map(|(state, _)| *state).collect();
+    assert_eq!(states, ["stopping", "stopped", "starting", "started"], "{events:#?}");
+    assert_eq!(events[drain + 2].1, format!("moved from host {host} to host {new_host}: drain"), "{events:#?}");
+    assert!(vm_names(&brokers[to]).contains(&id.to_owned()));
+    let out = exec_when_ready(c, path, &["sh", "-c", "echo moved"]).await;
+    assert_eq!((out["exit_code"].as_i64(), out["stdout"].as_str()), (Some(0), Some("moved\n")), "{out:#}");
+
+    // The drained host's broker no longer has the microVM.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while vm_names(&brokers[from]).contains(&id.to_owned()) {
+        assert!(Instant::now() < deadline, "the drained host kept the microVM; log:\n{}", c.log());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    c.poll(&format!("/v1/hosts/{host}"), Duration::from_secs(30), "the host is drained", |h| h["status"] == "drained")
+        .await;
+    let (status, back) = c.post(&format!("/v1/hosts/{host}/uncordon"), json!(null)).await;
+    assert_eq!((status, back["status"].as_str()), (StatusCode::OK, Some("ready")), "{back:#}");
+    to
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machines_run_on_real_brokers_and_survive_losing_one() {
     if !mm_integration::kvm_available("machines_run_on_real_brokers_and_survive_losing_one") {
@@ -245,13 +301,14 @@ async fn machines_run_on_real_brokers_and_survive_losing_one() {
     }
     c.poll(&format!("/v1/hosts/{first}"), Duration::from_secs(30), "the host is back", |h| h["status"] == "ready")
         .await;
+    let now = drain_moves_a_running_machine(&c, &brokers, &path, &id, other, mine).await;
 
     // Delete: destroying → destroyed, and the microVM is gone.
     let (status, body) = c.call(reqwest::Method::DELETE, &format!("{path}?force=true"), None).await;
     assert_eq!(status, StatusCode::OK, "{body:#}");
     let (status, body) = c.get(&format!("{path}/wait?state=destroyed&timeout=120")).await;
     assert_eq!(status, StatusCode::OK, "{body:#}; log:\n{}", c.log());
-    assert!(!vm_names(&brokers[other]).contains(&id));
+    assert!(!vm_names(&brokers[now]).contains(&id));
     let (status, _) = c.post(&format!("{path}/exec"), json!({ "command": ["true"] })).await;
     assert_eq!(status, StatusCode::CONFLICT);
 }

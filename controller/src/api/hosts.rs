@@ -67,6 +67,10 @@ pub struct Host {
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     /// When the leader marked it lost, while it is.
     pub lost_at: Option<DateTime<Utc>>,
+    /// While draining: why some machines cannot move (no other host has
+    /// room for them), as of the leader's last pass; they are tried again
+    /// on every pass.
+    pub drain_blocked: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -99,6 +103,7 @@ fn view(row: HostRow, usage: Option<(HostCapacity, i64)>) -> Host {
         registered_at: row.registered_at,
         last_heartbeat_at: row.last_heartbeat_at,
         lost_at: row.lost_at,
+        drain_blocked: row.drain_blocked,
     }
 }
 
@@ -211,9 +216,10 @@ pub async fn uncordon(
     set_flags(state, caller, name, false, false).await
 }
 
-/// Cordons the host and has the leading controller move its machines
-/// elsewhere. For now only machines no broker has started (created) move;
-/// moving ones that ran needs the broker session.
+/// Cordons the host and has the leading controller move its machines to
+/// other hosts: stopped ones move stopped, running ones are stopped here
+/// and started there (with a fresh root disk from their image). The host is
+/// `drained` once none are left; `drain_blocked` says what cannot move.
 #[utoipa::path(post, operation_id = "hosts_drain", path = "/v1/hosts/{name}/drain", tag = "hosts", security(("bearer" = [])),
     params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, body = Host), (status = 403, body = Problem), (status = 404, body = Problem)))]

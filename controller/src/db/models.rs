@@ -31,6 +31,8 @@ pub struct HostRow {
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     /// Set by the leader when the broker stopped heart-beating.
     pub lost_at: Option<DateTime<Utc>>,
+    /// Why the drain cannot empty it, as of the leader's last pass.
+    pub drain_blocked: Option<String>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -57,6 +59,9 @@ pub struct MachineRow {
     pub updated_at: DateTime<Utc>,
     /// A JSON array of strings (empty: the image's default).
     pub command: serde_json::Value,
+    /// The drain stopped it on its draining host; start it again where it
+    /// moves.
+    pub drain_restart: bool,
 }
 
 impl MachineRow {

@@ -21,6 +21,7 @@ diesel::table! {
         registered_at -> Timestamptz,
         last_heartbeat_at -> Nullable<Timestamptz>,
         lost_at -> Nullable<Timestamptz>,
+        drain_blocked -> Nullable<Text>,
     }
 }
 
@@ -46,6 +47,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         command -> Jsonb,
+        drain_restart -> Bool,
     }
 }
 

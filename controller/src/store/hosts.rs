@@ -89,11 +89,16 @@ pub fn get(conn: &mut PgConnection, name: &str) -> Result<HostRow, StoreError> {
         .ok_or_else(|| StoreError::not_found("host", name))
 }
 
-/// Sets the scheduling flags. Draining implies cordoned; uncordoning also
-/// ends a drain.
+/// Sets the scheduling flags. Draining implies cordoned; uncordoning (or
+/// cordoning) ends a drain.
 pub fn set_flags(conn: &mut PgConnection, name: &str, cordoned: bool, draining: bool) -> Result<HostRow, StoreError> {
     diesel::update(hosts::table.find(name))
-        .set((hosts::cordoned.eq(cordoned || draining), hosts::draining.eq(draining)))
+        .set((
+            hosts::cordoned.eq(cordoned || draining),
+            hosts::draining.eq(draining),
+            // The leader's next pass says again what blocks a drain.
+            hosts::drain_blocked.eq(None::<String>),
+        ))
         .returning(HostRow::as_returning())
         .get_result(conn)
         .optional()?

@@ -1,5 +1,6 @@
 //! Machines: create with placement and idempotency, transitions, leases,
-//! listing, and re-placement for the reconcile loop.
+//! listing. (Moving them off lost and draining hosts is `recovery`'s and
+//! `drain`'s.)
 
 use std::collections::BTreeMap;
 
@@ -10,10 +11,8 @@ use uuid::Uuid;
 
 use super::{StoreError, hosts};
 use crate::db::lock_keys;
-use crate::db::models::{
-    IdempotencyRow, MachineEventRow, MachineRow, NewMachine, NewMachineEvent, json_map, string_map,
-};
-use crate::db::schema::{hosts as hosts_t, idempotency_keys, machine_events, machines, namespaces};
+use crate::db::models::{IdempotencyRow, MachineEventRow, MachineRow, NewMachine, NewMachineEvent, json_map};
+use crate::db::schema::{idempotency_keys, machine_events, machines, namespaces};
 use crate::machine::{Action, MachineState, next_state};
 use crate::scheduler::{self, Request};
 
@@ -245,6 +244,8 @@ pub(super) fn apply(
 }
 
 /// A user's start, stop or delete, with the lease check, under a row lock.
+/// It overrides a drain's plan to start the machine again where it moves
+/// (`drain_restart`): the user's word is the newer one.
 pub fn transition(
     conn: &mut PgConnection,
     namespace: &str,
@@ -254,8 +255,14 @@ pub fn transition(
     reason: &str,
 ) -> Result<MachineRow, StoreError> {
     conn.transaction(|conn| {
-        let row = get_for_update(conn, namespace, id)?;
+        let mut row = get_for_update(conn, namespace, id)?;
         check_lease(&row, lease_nonce, Utc::now())?;
+        if row.drain_restart {
+            row = diesel::update(machines::table.find(id))
+                .set(machines::drain_restart.eq(false))
+                .returning(MachineRow::as_returning())
+                .get_result(conn)?;
+        }
         apply(conn, row, action, reason)
     })
 }
@@ -386,51 +393,6 @@ pub fn release_lease(
             ))
             .execute(conn)?;
         Ok(())
-    })
-}
-
-/// One move made by [`replace_from_draining`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Moved {
-    pub machine: Uuid,
-    pub from: Option<String>,
-    pub to: String,
-}
-
-/// Re-places machines that sit on a draining host, or on none, and that no
-/// broker has started yet (`created`): moving those loses nothing. Machines
-/// that ran keep their disk on their host and move only when the broker
-/// session can migrate them (later work). Machines that fit nowhere stay
-/// and are retried on the next pass.
-pub fn replace_from_draining(conn: &mut PgConnection, limit: i64) -> Result<Vec<Moved>, StoreError> {
-    conn.transaction(|conn| {
-        lock_placement(conn)?;
-        let draining: Vec<String> =
-            hosts_t::table.filter(hosts_t::draining.eq(true)).select(hosts_t::name).load(conn)?;
-        let stranded: Vec<MachineRow> = machines::table
-            .filter(machines::state.eq(MachineState::Created.as_str()))
-            .filter(machines::host_name.is_null().or(machines::host_name.eq_any(&draining)))
-            .order(machines::seq.asc())
-            .limit(limit)
-            .select(MachineRow::as_select())
-            .for_update()
-            .load(conn)?;
-        let mut moved = Vec::new();
-        for row in stranded {
-            let capacity: Vec<_> = hosts::capacity(conn, &row.namespace)?.into_iter().map(|(c, _)| c).collect();
-            let host_labels = string_map(&row.host_labels);
-            let request = Request { cpus: i64::from(row.cpus), memory_mb: row.memory_mb, host_labels: &host_labels };
-            let Ok(host) = scheduler::place(&capacity, request) else { continue };
-            let to = host.name.clone();
-            diesel::update(machines::table.find(row.id))
-                .set((machines::host_name.eq(&to), machines::updated_at.eq(Utc::now())))
-                .execute(conn)?;
-            let from = row.host_name.clone();
-            let reason = format!("moved from host {} to host {to}: drain", from.as_deref().unwrap_or("(none)"));
-            record(conn, row.id, &row.state, row.previous_state.as_deref(), &reason)?;
-            moved.push(Moved { machine: row.id, from, to });
-        }
-        Ok(moved)
     })
 }
 

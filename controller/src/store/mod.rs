@@ -7,10 +7,12 @@
 //! transaction, with row locks or the placement advisory lock: never by
 //! checking first in one statement and writing in another.
 
+pub mod drain;
 pub mod hosts;
 pub mod machines;
 pub mod namespaces;
 pub mod recovery;
+mod relocation;
 pub mod tokens;
 
 use chrono::{DateTime, Utc};

@@ -8,8 +8,10 @@
 //! there and set `starting`, so the new host's broker starts it. Machines
 //! that were not running move and keep their state; a `destroying` one is
 //! done (nothing is left to clean up where nobody answers); a `stopping`
-//! one is stopped. A machine that fits nowhere stays on the lost host and
-//! is tried again on every pass (a running one stays `failed`).
+//! one is stopped (and started on its new host if the drain had stopped it
+//! to move it, see `store::drain`). A machine that fits nowhere stays on
+//! the lost host and is tried again on every pass (a running one stays
+//! `failed`). The move itself is `store::relocation`'s.
 //!
 //! The microVM the lost broker may still be running is not forgotten: if
 //! that broker comes back, its controller removes every microVM named like
@@ -18,12 +20,12 @@
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::machines::{apply, lock_placement, record};
-use super::{StoreError, hosts};
-use crate::db::models::{MachineRow, string_map};
+use super::StoreError;
+use super::machines::{apply, lock_placement};
+use super::relocation::{move_to, place_elsewhere};
+use crate::db::models::MachineRow;
 use crate::db::schema::{hosts as hosts_t, machines};
 use crate::machine::{Action, MachineState};
-use crate::scheduler::{self, Request};
 
 /// One machine taken care of by [`recover_lost`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +69,8 @@ fn recover_one(conn: &mut PgConnection, mut row: MachineRow) -> Result<Option<Re
     let from = row.host_name.clone().unwrap_or_default();
     let id = row.id;
     let state: MachineState = row.state.parse()?;
-    let mut start_there = false;
+    // A machine the drain stopped to move was meant to run too.
+    let mut start_there = row.drain_restart;
     let mut changed = true;
     match state {
         MachineState::Destroying => {
@@ -85,27 +88,14 @@ fn recover_one(conn: &mut PgConnection, mut row: MachineRow) -> Result<Option<Re
         }
         _ => changed = false,
     }
-    let capacity: Vec<_> = hosts::capacity(conn, &row.namespace)?.into_iter().map(|(c, _)| c).collect();
-    let host_labels = string_map(&row.host_labels);
-    let request = Request { cpus: i64::from(row.cpus), memory_mb: row.memory_mb, host_labels: &host_labels };
-    let to = match scheduler::place(&capacity, request) {
-        Ok(host) => host.name.clone(),
+    let to = match place_elsewhere(conn, &row)? {
+        Ok(to) => to,
         Err(no_fit) => {
             tracing::debug!(machine = %id, host = %from, "cannot re-place a machine of a lost host: {no_fit}");
             let state = row.state.parse()?;
             return Ok(changed.then_some(Recovered { machine: id, from, to: None, state }));
         }
     };
-    let row: MachineRow = diesel::update(machines::table.find(id))
-        .set((machines::host_name.eq(&to), machines::updated_at.eq(chrono::Utc::now())))
-        .returning(MachineRow::as_returning())
-        .get_result(conn)?;
-    let reason = format!("moved from host {from} to host {to}: host {from} lost");
-    let row = if start_there {
-        apply(conn, row, Action::Start, &reason)?
-    } else {
-        record(conn, id, &row.state, row.previous_state.as_deref(), &reason)?;
-        row
-    };
+    let row = move_to(conn, row, &to, start_there, &format!("host {from} lost"))?;
     Ok(Some(Recovered { machine: id, from, to: Some(to), state: row.state.parse()? }))
 }

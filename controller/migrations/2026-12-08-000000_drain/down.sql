@@ -1,0 +1,2 @@
+ALTER TABLE hosts DROP COLUMN drain_blocked;
+ALTER TABLE machines DROP COLUMN drain_restart;
