@@ -139,9 +139,10 @@ fn token_needs_a_grant(api: &mut OpenApi) {
         .property("roles", ObjectBuilder::new().schema_type(Type::Object).min_properties(Some(1)))
         .required("roles");
     let grant = AnyOfBuilder::new().item(admin).item(some_role);
-    let schema = AllOfBuilder::new().item(original).item(grant).description(Some(
-        "A token must grant something: at least one namespace role, or cluster_admin true.",
-    ));
+    let schema = AllOfBuilder::new()
+        .item(original)
+        .item(grant)
+        .description(Some("A token must grant something: at least one namespace role, or cluster_admin true."));
     schemas.insert("CreateToken".to_owned(), RefOr::T(Schema::AllOf(schema.build())));
 }
 
