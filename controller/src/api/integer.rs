@@ -28,10 +28,11 @@ where
     if let Some(u) = n.as_u64() {
         return T::try_from(u).map_err(|_| out_of_range());
     }
-    // i64::MIN and 2^63 are exact in f64; between them every integral f64
+    // -2^63 and 2^63 are exact in f64; between them every integral f64
     // converts to i64 without loss.
+    let limit = -(i64::MIN as f64);
     match n.as_f64() {
-        Some(f) if f.fract() == 0.0 && (-9.223_372_036_854_775_808e18..9.223_372_036_854_775_808e18).contains(&f) => {
+        Some(f) if f.fract() == 0.0 && (-limit..limit).contains(&f) => {
             T::try_from(f as i64).map_err(|_| out_of_range())
         }
         _ => Err(E::custom(format!("invalid value: {n}, expected an integer"))),
