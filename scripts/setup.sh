@@ -12,6 +12,7 @@ packages=(
 	build-essential util-linux                                           # cc, unshare, setpriv
 	iproute2 nftables openssh-client                                     # microVM networking, SSH tests
 	postgresql libpq-dev                                                 # controller (diesel)
+	python3-venv                                                         # schemathesis (controller tests)
 	wrk                                                                  # mm-bench api
 )
 missing=()
@@ -27,3 +28,15 @@ fi
 for component in rustfmt clippy; do
 	rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component" >&2 || true
 done
+# schemathesis from PyPI for controller/tests/schemathesis.rs, in a venv in
+# the state directory (Debian's python3 refuses pip installs outside one);
+# made again only when the pinned version changes.
+schemathesis_version=4.32.5
+st_venv="${MM_STATE_DIR:-/var/lib/micromachines}/schemathesis"
+if [ "$(cat "$st_venv/.version" 2>/dev/null)" != "$schemathesis_version" ]; then
+	echo "setup.sh: installing schemathesis $schemathesis_version into $st_venv" >&2
+	rm -rf "$st_venv"
+	/usr/bin/python3 -m venv "$st_venv"
+	"$st_venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$schemathesis_version" >&2
+	echo "$schemathesis_version" >"$st_venv/.version"
+fi

@@ -100,8 +100,25 @@ async fn namespace_and_machine_crud() {
     let again_path = format!("/v1/namespaces/prod/machines/{}", again["id"].as_str().unwrap());
     assert_eq!(s.delete(&again_path, &root).await.body["state"], "destroyed");
 
+    // Integers sent as integral floats (64.0: JSON Schema's integer, what
+    // Python writes) are taken; an argv item is limited in characters, not
+    // bytes (4096 two-byte characters fit).
+    let float_host = json!({"name": "h2", "address": "h2.test:7000", "cpus": 2.0, "memory_mb": 1024.0});
+    assert_eq!(s.post("/v1/hosts", &root, float_host).await.body["cpus"], 2);
+    let mut float = spec("db");
+    float["config"]["guest"] = json!({"cpus": 1.0, "memory_mb": 64.0});
+    float["config"]["command"] = json!(["é".repeat(4096)]);
+    let db = s.machine(&root, "prod", float).await;
+    assert_eq!(
+        (db["config"]["guest"]["cpus"].as_i64(), db["config"]["guest"]["memory_mb"].as_i64()),
+        (Some(1), Some(64))
+    );
+    let lease = s
+        .post(&format!("/v1/namespaces/prod/machines/{}/lease", db["id"].as_str().unwrap()), &root, json!({"ttl": 5.0}))
+        .await;
+    assert_eq!(lease.status, StatusCode::CREATED, "{:#}", lease.body);
+
     // A namespace with living machines is not deleted; an empty one is.
-    s.machine(&root, "prod", spec("db")).await;
     s.delete("/v1/namespaces/prod", &root).await.problem(409);
     s.namespace(&root, "empty").await;
     assert_eq!(s.delete("/v1/namespaces/empty", &root).await.status, StatusCode::NO_CONTENT);
@@ -184,6 +201,15 @@ async fn idempotency_key_survives_a_controller_restart() {
     assert_eq!(a.body["id"], b.body["id"]);
     // Same key, different body: refused, nothing made.
     first.send(create(&first, "k1", spec("two"))).await.problem(422);
+    // 64.0 is the same JSON number as 64 (an integer to JSON Schema): the
+    // same request, so a replay.
+    let mut float = spec("one");
+    let memory = float["config"]["guest"]["memory_mb"].as_i64().unwrap();
+    float["config"]["guest"]["memory_mb"] = json!(memory as f64);
+    float["config"]["guest"]["cpus"] = json!(1.0);
+    let replayed = first.send(create(&first, "k1", float)).await;
+    assert_eq!(replayed.status, StatusCode::OK, "{:#}", replayed.body);
+    assert_eq!(replayed.body["id"], a.body["id"]);
 
     // The client's first attempt reached a controller that then died; it
     // retries against a new controller on the same database.
@@ -284,8 +310,12 @@ async fn a_lease_holds_off_other_clients() {
     assert_eq!(extended.status, StatusCode::OK);
     assert_eq!(extended.body["nonce"], nonce.as_str());
 
-    // Release needs the nonce too; afterwards anyone may act again.
-    s.delete(&format!("{path}/lease"), &bob).await.problem(409);
+    // Release needs the nonce too (400 without the required header, 409
+    // with a wrong one); afterwards anyone may act again.
+    s.delete(&format!("{path}/lease"), &bob).await.problem(400);
+    let wrong =
+        s.request(Method::DELETE, &format!("{path}/lease")).bearer_auth(&bob).header("Machine-Lease-Nonce", "guess");
+    s.send(wrong).await.problem(409);
     let release =
         s.request(Method::DELETE, &format!("{path}/lease")).bearer_auth(&alice).header("Machine-Lease-Nonce", &nonce);
     assert_eq!(s.send(release).await.status, StatusCode::NO_CONTENT);

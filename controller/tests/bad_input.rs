@@ -37,6 +37,12 @@ async fn bad_bodies_are_refused_and_change_nothing() {
     let mut huge = spec("a");
     huge["config"]["env"] = json!({ "BIG": "x".repeat(100 * 1024) });
     s.send(create().json(&huge)).await.problem(413);
+    let mut fraction = spec("a");
+    fraction["config"]["guest"]["memory_mb"] = json!(64.5);
+    assert!(s.send(create().json(&fraction)).await.problem(422).contains("expected an integer"));
+    let mut argv = spec("a");
+    argv["config"]["command"] = json!(["x".repeat(4097)]);
+    s.send(create().json(&argv)).await.problem(422);
     let mut zero = spec("a");
     zero["config"]["guest"]["cpus"] = json!(0);
     assert!(s.send(create().json(&zero)).await.problem(422).contains("cpus"));
@@ -56,6 +62,14 @@ async fn bad_bodies_are_refused_and_change_nothing() {
     s.get("/v1/nothing/here", &root).await.problem(404);
     s.call(Method::PUT, "/v1/namespaces", Some(&root), None).await.problem(405);
     s.delete(&format!("/v1/namespaces/ns/machines/{}?force=maybe", uuid::Uuid::nil()), &root).await.problem(400);
+    for query in ["state=", "state=created,", "state=,created", "page_token=c2VxOjA!"] {
+        s.get(&format!("/v1/namespaces/ns/machines?{query}"), &root).await.problem(400);
+    }
+
+    // Tokens: role keys are namespace names, and a token must grant something.
+    let bad_role = json!({"subject": "x", "roles": {"Not A Name": "viewer"}});
+    s.post("/v1/tokens", &root, bad_role).await.problem(422);
+    s.post("/v1/tokens", &root, json!({"subject": "x", "roles": {}})).await.problem(422);
 
     // NUL bytes (Postgres cannot store them) anywhere: a 4xx, never a 500.
     let nul = json!({"name": "h2", "address": "a\u{0}b", "cpus": 1, "memory_mb": 64});

@@ -107,6 +107,39 @@ async fn the_document_matches_the_router() {
     let expected: BTreeSet<_> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
     assert_eq!(documented, expected);
 
+    // The creates link to what takes their result, spelled as OpenAPI
+    // spells it (utoipa's own Link would write "operation_id"), and every
+    // link names an operation that exists.
+    let machine_links = &doc["paths"]["/v1/namespaces/{namespace}/machines"]["post"]["responses"]["201"]["links"];
+    assert_eq!(
+        machine_links["machines_get"],
+        serde_json::json!({"operationId": "machines_get",
+            "parameters": {"namespace": "$response.body#/namespace", "id": "$response.body#/id"}})
+    );
+    let namespace_links = &doc["paths"]["/v1/namespaces"]["post"]["responses"]["201"]["links"];
+    assert_eq!(namespace_links["machines_list"]["parameters"]["namespace"], "$response.body#/name");
+    assert!(doc["paths"]["/v1/hosts"]["post"]["responses"]["201"]["links"]["hosts_cordon"].is_object());
+    let mut linked = 0;
+    for item in doc["paths"].as_object().unwrap().values() {
+        for op in item.as_object().unwrap().values() {
+            for response in op["responses"].as_object().into_iter().flat_map(|r| r.values()) {
+                for link in response["links"].as_object().into_iter().flat_map(|l| l.values()) {
+                    assert!(operation_ids.contains(link["operationId"].as_str().unwrap()), "{link}");
+                    linked += 1;
+                }
+            }
+        }
+    }
+    assert!(linked > 20, "{linked} links");
+    // Token rules the derive cannot state: role keys are namespace names,
+    // and a token grants a role or cluster_admin.
+    let token = &doc["components"]["schemas"]["CreateToken"];
+    assert_eq!(
+        token["allOf"][0]["properties"]["roles"]["propertyNames"]["pattern"],
+        "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+    );
+    assert_eq!(token["allOf"][1]["anyOf"].as_array().map(Vec::len), Some(2));
+
     // Every documented route is routed: nothing answers with the router's
     // fallback or 405.
     let root = cluster_admin();

@@ -8,9 +8,16 @@
 //!   429 (rate limit), 500, 503 (database unavailable); and for operations
 //!   with a body 413, 415, 422. A strict API tester (schemathesis) then
 //!   finds no undocumented status.
+//! * Each create answers with OpenAPI links to the operations that take
+//!   what it made (`links`), so clients and a stateful tester can follow
+//!   them instead of guessing names.
+//! * A token must name a role or be a cluster admin (`CreateToken`'s
+//!   `anyOf`), which the derive cannot say.
 
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
+use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, Array, ArrayBuilder, Object, ObjectBuilder, Schema, Type};
 use utoipa::openapi::{Content, OpenApi, Ref, RefOr, Response};
 
 use super::problem::PROBLEM_JSON;
@@ -57,16 +64,95 @@ fn finish_operation(op: &mut Operation, public: bool) {
     }
 }
 
-/// Applies the touches above to every operation.
-pub fn finish(mut api: OpenApi) -> OpenApi {
-    for (path, item) in api.paths.paths.iter_mut() {
-        let public = path == "/v1/openapi.json";
-        for op in
-            [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete].into_iter().flatten()
-        {
-            finish_operation(op, public);
+/// What each create's success answer supplies: the operation, and path
+/// parameter → runtime expression into its body.
+const LINK_SOURCES: &[(&str, &[(&str, &str)])] = &[
+    ("namespaces_create", &[("namespace", "$response.body#/name")]),
+    (
+        "machines_create",
+        &[("namespace", "$response.body#/namespace"), ("id", "$response.body#/id"), ("name", "$response.body#/host")],
+    ),
+    ("hosts_register", &[("name", "$response.body#/name")]),
+];
+
+fn operations(api: &mut OpenApi) -> impl Iterator<Item = (&String, &mut Operation)> {
+    api.paths.paths.iter_mut().flat_map(|(path, item)| {
+        [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete]
+            .into_iter()
+            .flatten()
+            .map(move |op| (path, op))
+    })
+}
+
+/// The names in a path template: `/v1/hosts/{name}` → `["name"]`.
+fn path_parameters(path: &str) -> Vec<&str> {
+    path.split('/').filter_map(|s| s.strip_prefix('{')?.strip_suffix('}')).collect()
+}
+
+/// Links every success answer of a `LINK_SOURCES` operation to each
+/// operation whose path parameters that answer supplies, all of them.
+fn add_links(api: &mut OpenApi) {
+    let mut targets = Vec::new();
+    for (path, op) in operations(api) {
+        let params = path_parameters(path).into_iter().map(str::to_owned).collect::<Vec<_>>();
+        if let (false, Some(id)) = (params.is_empty(), &op.operation_id) {
+            targets.push((id.clone(), params));
         }
     }
+    for (_, op) in operations(api) {
+        let Some(&(_, supplies)) = LINK_SOURCES.iter().find(|(id, _)| op.operation_id.as_deref() == Some(*id)) else {
+            continue;
+        };
+        for (status, response) in op.responses.responses.iter_mut() {
+            let RefOr::T(response) = response else { continue };
+            if !status.starts_with('2') {
+                continue;
+            }
+            for (target, params) in &targets {
+                let found: Option<Vec<_>> =
+                    params.iter().map(|p| supplies.iter().find(|(name, _)| name == p).copied()).collect();
+                let Some(found) = found else { continue };
+                // utoipa 5.5 serialises `Link::operation_id` as
+                // "operation_id"; OpenAPI (and every tool) reads
+                // "operationId". Its flattened extensions map writes any
+                // key as given, so the name goes in there.
+                let name = Extensions::from_iter([("operationId", target.clone())]);
+                let mut link = LinkBuilder::new().extensions(Some(name));
+                for (name, expression) in found {
+                    link = link.parameter(name, expression);
+                }
+                response.links.insert(target.clone(), RefOr::T(link.build()));
+            }
+        }
+    }
+}
+
+/// `CreateToken` as served, plus: at least one role, or `cluster_admin`
+/// true (else 422).
+fn token_needs_a_grant(api: &mut OpenApi) {
+    let Some(schemas) = api.components.as_mut().map(|c| &mut c.schemas) else { return };
+    let Some(original) = schemas.remove("CreateToken") else { return };
+    let admin = ObjectBuilder::new()
+        .property("cluster_admin", ObjectBuilder::new().schema_type(Type::Boolean).enum_values(Some([true])))
+        .required("cluster_admin");
+    let some_role = ObjectBuilder::new()
+        .property("roles", ObjectBuilder::new().schema_type(Type::Object).min_properties(Some(1)))
+        .required("roles");
+    let grant = AnyOfBuilder::new().item(admin).item(some_role);
+    let schema = AllOfBuilder::new()
+        .item(original)
+        .item(grant)
+        .description(Some("A token must grant something: at least one namespace role, or cluster_admin true."));
+    schemas.insert("CreateToken".to_owned(), RefOr::T(Schema::AllOf(schema.build())));
+}
+
+/// Applies the touches above.
+pub fn finish(mut api: OpenApi) -> OpenApi {
+    for (path, op) in operations(&mut api) {
+        finish_operation(op, path == "/v1/openapi.json");
+    }
+    add_links(&mut api);
+    token_needs_a_grant(&mut api);
     api
 }
 
@@ -80,6 +166,35 @@ fn string_map(key_pattern: &str, value_pattern: &str, max_value_len: Option<usiz
         .additional_properties(Some(values))
         .max_properties(Some(max))
         .build()
+}
+
+/// What `validate::name` accepts: namespace, machine and host names.
+pub const NAME_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+
+/// A token's roles: namespace name → role.
+pub fn roles_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some(NAME_PATTERN))))
+        .additional_properties(Some(<crate::auth::Role as utoipa::PartialSchema>::schema()))
+        .build()
+}
+
+/// An argv as `validate::command` takes it: at most 256 arguments of at
+/// most 4096 characters, no NUL.
+fn argv(min_items: usize) -> Array {
+    let argument = ObjectBuilder::new().schema_type(Type::String).max_length(Some(4096)).pattern(Some("^[^\\u0000]*$"));
+    ArrayBuilder::new().items(argument).min_items(Some(min_items)).max_items(Some(256)).build()
+}
+
+/// A machine's `config.command` (empty: the image's default).
+pub fn command_schema() -> Array {
+    argv(0)
+}
+
+/// An exec's `command` (a program is required).
+pub fn exec_command_schema() -> Array {
+    argv(1)
 }
 
 /// Labels and placement constraints (see `validate::labels`).

@@ -36,7 +36,7 @@ const MAX_LOG_BYTES: usize = 4 * 1024 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct Exec {
     /// argv: the program and its arguments.
-    #[schema(min_items = 1, max_items = 256)]
+    #[schema(schema_with = super::document::exec_command_schema)]
     pub command: Vec<String>,
     /// Extra environment variables.
     #[serde(default)]
@@ -48,7 +48,7 @@ pub struct Exec {
     pub stdin: String,
     /// Seconds, 1 to 300 (default 30); then the command is killed and the
     /// answer is 408.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer::optional")]
     #[schema(minimum = 1, maximum = 300)]
     pub timeout: Option<u64>,
 }

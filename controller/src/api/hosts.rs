@@ -33,13 +33,15 @@ pub struct RegisterHost {
     #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// Where the broker can be reached (informational until the session).
-    #[schema(min_length = 1, max_length = 255)]
+    #[schema(min_length = 1, max_length = 255, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")]
     pub address: String,
     /// vCPUs offered to microVMs.
     #[schema(minimum = 1)]
+    #[serde(deserialize_with = "super::integer::exact")]
     pub cpus: i32,
     /// Memory in MB offered to microVMs.
     #[schema(minimum = 1)]
+    #[serde(deserialize_with = "super::integer::exact")]
     pub memory_mb: i64,
     #[serde(default)]
     #[schema(schema_with = super::document::labels_schema)]

@@ -27,7 +27,7 @@ use crate::store::machines as store;
 #[serde(deny_unknown_fields)]
 pub struct AcquireLease {
     /// Seconds, 1 to 3600 (default 30).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer::optional")]
     #[schema(minimum = 1, maximum = 3600)]
     pub ttl: Option<u64>,
     #[serde(default)]
@@ -98,7 +98,8 @@ pub async fn acquire_lease(
     Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, Json(lease)))
 }
 
-/// Releases the lease; needs its nonce.
+/// Releases the lease; needs its nonce (400 without one: the header is
+/// required, whether or not a lease is held).
 #[utoipa::path(delete, operation_id = "machines_release_lease", path = "/v1/namespaces/{namespace}/machines/{id}/lease", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = String, Header)),
@@ -110,7 +111,10 @@ pub async fn release_lease(
     LeaseNonce(nonce): LeaseNonce,
 ) -> Result<Response, ApiError> {
     caller.require(&namespace, Role::Operator)?;
-    state.db.run(move |c| store::release_lease(c, &namespace, id, nonce.as_deref())).await?;
+    let Some(nonce) = nonce else {
+        return Err(ApiError::bad_request("Machine-Lease-Nonce is required to release a lease"));
+    };
+    state.db.run(move |c| store::release_lease(c, &namespace, id, Some(&nonce))).await?;
     state.notify_change();
     Ok(empty(StatusCode::NO_CONTENT))
 }

@@ -32,9 +32,11 @@ use crate::store::machines::{self as store, Created, ListFilter};
 pub struct Guest {
     /// vCPUs, 1 to 64.
     #[schema(minimum = 1, maximum = 64)]
+    #[serde(deserialize_with = "super::integer::exact")]
     pub cpus: i32,
     /// Guest memory in MB, 64 to 1048576.
     #[schema(minimum = 64, maximum = 1048576)]
+    #[serde(deserialize_with = "super::integer::exact")]
     pub memory_mb: i64,
 }
 
@@ -51,7 +53,7 @@ pub struct MachineConfig {
     pub env: BTreeMap<String, String>,
     /// The workload's argv; absent or empty: the image's default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schema(max_items = 256)]
+    #[schema(schema_with = super::document::command_schema)]
     pub command: Vec<String>,
 }
 
@@ -259,7 +261,9 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListFilter, ApiError> {
     for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         match key.as_ref() {
             "state" => {
-                for state in value.split(',').filter(|s| !s.is_empty()) {
+                // Every item must be a state: `state=` or `state=a,` is a
+                // mistake (400), not "no filter".
+                for state in value.split(',') {
                     filter.states.push(state.parse().map_err(|e| ApiError::bad_request(format!("state: {e}")))?);
                 }
             }
@@ -294,7 +298,8 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListFilter, ApiError> {
         ("label" = Option<String>, Query, pattern = "^[^=]+=.*$", description = "key=value; repeat to require several"),
         ("include_destroyed" = Option<bool>, Query),
         ("page_size" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1 to 500, default 50"),
-        ("page_token" = Option<String>, Query, description = "next_page_token of the previous page")),
+        ("page_token" = Option<String>, Query, pattern = "^[A-Za-z0-9_-]{1,64}$",
+            description = "next_page_token of the previous page (opaque; one this API did not issue is 400)")),
     responses((status = 200, body = MachineList), (status = 400, body = Problem), (status = 404, body = Problem)))]
 pub async fn list(
     State(state): State<Arc<AppState>>,

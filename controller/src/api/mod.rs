@@ -9,6 +9,7 @@ pub mod document;
 pub mod exec;
 pub mod extract;
 pub mod hosts;
+pub mod integer;
 pub mod leases;
 pub mod machines;
 pub mod namespaces;

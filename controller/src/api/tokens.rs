@@ -33,13 +33,14 @@ pub struct CreateToken {
     /// Who the token is for.
     #[schema(min_length = 1, max_length = 255, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")]
     pub subject: String,
-    /// Role per namespace.
+    /// Role per namespace (each must exist).
     #[serde(default)]
+    #[schema(schema_with = super::document::roles_schema)]
     pub roles: BTreeMap<String, Role>,
     #[serde(default)]
     pub cluster_admin: bool,
     /// Seconds until expiry, 60 to 31622400 (default one day).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer::optional")]
     #[schema(minimum = 60, maximum = 31622400)]
     pub ttl_seconds: Option<u64>,
     #[serde(default)]
@@ -51,6 +52,7 @@ pub struct CreateToken {
 pub struct TokenInfo {
     pub jti: String,
     pub subject: String,
+    #[schema(schema_with = super::document::roles_schema)]
     pub roles: BTreeMap<String, Role>,
     pub cluster_admin: bool,
     pub description: String,

@@ -90,14 +90,16 @@ pub fn label_filter(raw: &str) -> Result<(String, String), ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("label filter {raw:?} is not key=value")))
 }
 
-/// An argv: at most 256 arguments of at most 4096 bytes, no NUL (which
-/// neither Postgres nor execve can carry).
+/// An argv: at most 256 arguments of at most 4096 characters (as JSON
+/// Schema's `maxLength` counts them, so the document can say it; 16 KiB of
+/// UTF-8 at most, far below the kernel's 128 KiB per argument), no NUL
+/// (which neither Postgres nor execve can carry).
 pub fn command(what: &str, argv: &[String]) -> Result<(), ApiError> {
     if argv.len() > 256 {
         return Err(ApiError::invalid(format!("{what} has more than 256 arguments")));
     }
-    if argv.iter().any(|a| a.len() > 4096 || a.contains('\0')) {
-        return Err(ApiError::invalid(format!("{what}: arguments are at most 4096 bytes, without NUL")));
+    if argv.iter().any(|a| a.chars().count() > 4096 || a.contains('\0')) {
+        return Err(ApiError::invalid(format!("{what}: arguments are at most 4096 characters, without NUL")));
     }
     Ok(())
 }
