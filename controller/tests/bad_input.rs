@@ -262,7 +262,7 @@ async fn streaming_exec_and_follow_refusals() {
     let ws_path = |id: &str| format!("/v1/namespaces/ns/machines/{id}/exec/ws");
 
     // Before the upgrade: problem documents.
-    let refused = |r: Result<Socket, (u16, serde_json::Value)>| r.err().expect("refused");
+    let refused = |r: Result<Socket, (u16, serde_json::Value)>| r.expect_err("refused");
     let (status, body) = refused(websocket(&s, &ws_path(started), &viewer).await);
     assert_eq!((status, body["type"].as_str()), (403, Some("urn:micromachines:problem:forbidden")), "{body:#}");
     let (status, body) = refused(websocket(&s, &ws_path(started), &stranger).await);
