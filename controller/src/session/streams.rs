@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use mm_protocols::broker_capnp::{broker, byte_sink, exec_output};
+use mm_protocols::broker_capnp::{broker, byte_sink, exec_output, exec_session};
 use mm_protocols::exec_end::ExecEnd;
 use tokio::sync::{mpsc, oneshot};
 
@@ -173,6 +173,13 @@ impl exec_output::Server for EventOutput {
     }
 }
 
+/// SIGKILLs an exec's command (an error means it has ended already).
+async fn kill(session: &exec_session::Client) {
+    let mut kill = session.signal_request();
+    kill.get().set_signal(SIGKILL);
+    let _ = tokio::time::timeout(KILL_TIMEOUT, kill.send().promise).await;
+}
+
 /// Starts `start` in `name`'s guest, answers `reply` once it runs (or why
 /// it cannot), then passes `inputs` to it until it ends. If `inputs` ends
 /// first (the client went away) the command is killed.
@@ -215,7 +222,14 @@ pub(super) async fn exec_stream(
     loop {
         let input = tokio::select! {
             input = inputs.recv() => input,
-            _ = &mut ended => return,
+            exited = &mut ended => {
+                if exited.is_err() {
+                    // `output` was released without an exit status (the
+                    // broker's pump gave up): the command may still run.
+                    kill(&session).await;
+                }
+                return;
+            }
         };
         let sent = match input {
             Some(ExecInput::Stdin(data)) => {
@@ -234,9 +248,7 @@ pub(super) async fn exec_stream(
                 // The client went away mid-command: end it rather than leave
                 // it running unattended (the broker would kill it at its next
                 // output; a quiet command would linger).
-                let mut kill = session.signal_request();
-                kill.get().set_signal(SIGKILL);
-                let _ = tokio::time::timeout(KILL_TIMEOUT, kill.send().promise).await;
+                kill(&session).await;
                 return;
             }
         };
@@ -245,5 +257,172 @@ pub(super) async fn exec_stream(
             // exit (or the link's failure) reaches the client by `events`.
             tracing::debug!(machine = name, "exec input not delivered: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a stand-in broker over a real two-party connection (so a
+    //! dropped call travels as `Finish`, as it does to a real broker).
+
+    use std::cell::Cell;
+
+    use capnp_rpc::RpcSystem;
+    use capnp_rpc::rpc_twoparty_capnp::Side;
+    use mm_protocols::broker_capnp::vm;
+    use mm_protocols::rpc::vat_network;
+
+    use super::*;
+
+    /// Set when dropped: the broker-side call's future is gone.
+    struct Guard(Rc<Cell<bool>>);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.set(true);
+        }
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        follow_ended: Rc<Cell<bool>>,
+        stdin: Rc<RefCell<Vec<u8>>>,
+        signals: Rc<RefCell<Vec<i32>>>,
+        /// Held like the broker holds it, until the command ends.
+        output: RefCell<Option<exec_output::Client>>,
+    }
+
+    struct FakeVm(Rc<Seen>);
+
+    impl vm::Server for FakeVm {
+        async fn logs(self: Rc<Self>, params: vm::LogsParams, _: vm::LogsResults) -> Result<(), capnp::Error> {
+            let _guard = Guard(Rc::clone(&self.0.follow_ended));
+            let sink = params.get()?.get_sink()?;
+            let mut write = sink.write_request();
+            write.get().set_data(b"boot\n");
+            write.send().promise.await?;
+            // Then a console with nothing new: only a cancellation ends it.
+            futures::future::pending::<()>().await;
+            Ok(())
+        }
+
+        async fn exec(
+            self: Rc<Self>,
+            params: vm::ExecParams,
+            mut results: vm::ExecResults,
+        ) -> Result<(), capnp::Error> {
+            let output = params.get()?.get_output()?;
+            *self.0.output.borrow_mut() = Some(output.clone());
+            tokio::task::spawn_local(async move {
+                let mut call = output.stdout_request();
+                call.get().set_data(b"hi");
+                let _ = call.send().promise.await;
+            });
+            results.get().set_session(capnp_rpc::new_client(FakeSession(Rc::clone(&self.0))));
+            Ok(())
+        }
+    }
+
+    struct FakeSession(Rc<Seen>);
+
+    impl exec_session::Server for FakeSession {
+        async fn stdin(
+            self: Rc<Self>,
+            params: exec_session::StdinParams,
+            _: exec_session::StdinResults,
+        ) -> Result<(), capnp::Error> {
+            self.0.stdin.borrow_mut().extend_from_slice(params.get()?.get_data()?);
+            Ok(())
+        }
+
+        async fn signal(
+            self: Rc<Self>,
+            params: exec_session::SignalParams,
+            _: exec_session::SignalResults,
+        ) -> Result<(), capnp::Error> {
+            self.0.signals.borrow_mut().push(params.get()?.get_signal());
+            Ok(())
+        }
+    }
+
+    struct FakeBroker(vm::Client);
+
+    impl broker::Server for FakeBroker {
+        async fn get_vm(
+            self: Rc<Self>,
+            _: broker::GetVmParams,
+            mut results: broker::GetVmResults,
+        ) -> Result<(), capnp::Error> {
+            results.get().set_vm(self.0.clone());
+            Ok(())
+        }
+    }
+
+    /// The controller's end of a connection to a stand-in broker.
+    fn connect(seen: &Rc<Seen>) -> broker::Client {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let (far_read, far_write) = tokio::io::split(far);
+        let vm: vm::Client = capnp_rpc::new_client(FakeVm(Rc::clone(seen)));
+        let served: broker::Client = capnp_rpc::new_client(FakeBroker(vm));
+        let network = vat_network(far_read, far_write, Side::Server, None);
+        tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(served.client)));
+        let (near_read, near_write) = tokio::io::split(near);
+        let mut system = RpcSystem::new(Box::new(vat_network(near_read, near_write, Side::Client, None)), None);
+        let broker: broker::Client = system.bootstrap(Side::Server);
+        tokio::task::spawn_local(system);
+        broker
+    }
+
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_dropped_follow_cancels_the_brokers_call() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let seen = Rc::new(Seen::default());
+                let broker = connect(&seen);
+                let (chunks, mut received) = mpsc::channel(STREAM_BUFFER);
+                let (reply, replied) = oneshot::channel();
+                let task = tokio::task::spawn_local(async move { follow_logs(&broker, "vm", chunks, reply).await });
+                replied.await.unwrap().unwrap();
+                assert_eq!(received.recv().await.unwrap().unwrap(), b"boot\n");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert!(!seen.follow_ended.get(), "the follow goes on while its client listens");
+                drop(received);
+                tokio::time::timeout(Duration::from_secs(5), task).await.expect("the follow task ends").unwrap();
+                eventually("the broker's follow was not cancelled", || seen.follow_ended.get()).await;
+            })
+            .await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_abandoned_exec_is_killed() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let seen = Rc::new(Seen::default());
+                let broker = connect(&seen);
+                let (events, mut received) = mpsc::channel(STREAM_BUFFER);
+                let (inputs, inputs_rx) = mpsc::channel(STREAM_BUFFER);
+                let (reply, replied) = oneshot::channel();
+                let start = ExecStart { argv: vec!["cat".into()], ..ExecStart::default() };
+                let task = tokio::task::spawn_local(async move {
+                    exec_stream(&broker, "vm", start, events, inputs_rx, reply).await;
+                });
+                replied.await.unwrap().unwrap();
+                assert!(matches!(received.recv().await, Some(ExecEvent::Stdout(data)) if data == b"hi"));
+                inputs.send(ExecInput::Stdin(b"typed".to_vec())).await.unwrap();
+                eventually("stdin did not arrive", || seen.stdin.borrow().as_slice() == b"typed").await;
+                assert!(seen.signals.borrow().is_empty());
+                drop(inputs);
+                tokio::time::timeout(Duration::from_secs(5), task).await.expect("the exec task ends").unwrap();
+                assert_eq!(*seen.signals.borrow(), [SIGKILL]);
+            })
+            .await;
     }
 }
