@@ -301,6 +301,27 @@ async fn following_logs(c: &ControllerProcess, machine: &str) {
     // its broker call); the machine goes on.
 }
 
+/// `logs?follow=true`, open (read by `follow_ends`).
+async fn open_follow(c: &ControllerProcess, machine: &str) -> reqwest::Response {
+    let response = c.client.get(format!("{}{machine}/logs?follow=true", c.base)).bearer_auth(&c.token).send().await;
+    let response = response.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response
+}
+
+/// A follow ends by itself, cleanly (not cut off), once its microVM is gone.
+async fn follow_ends(mut response: reqwest::Response) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => panic!("the follow broke off instead of ending: {e}"),
+            Err(_) => panic!("still following 60 s after the microVM is gone"),
+        }
+    }
+}
+
 fn mmctl_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
@@ -431,12 +452,15 @@ async fn machines_run_on_real_brokers_and_survive_losing_one() {
     c.poll(&format!("/v1/hosts/{first}"), Duration::from_secs(30), "the host is back", |h| h["status"] == "ready")
         .await;
 
-    // Delete: destroying → destroyed, and the microVM is gone.
+    // Delete: destroying → destroyed, and the microVM is gone (a log
+    // follow open meanwhile ends with it).
+    let follow = open_follow(&c, &path).await;
     let (status, body) = c.call(reqwest::Method::DELETE, &format!("{path}?force=true"), None).await;
     assert_eq!(status, StatusCode::OK, "{body:#}");
     let (status, body) = c.get(&format!("{path}/wait?state=destroyed&timeout=120")).await;
     assert_eq!(status, StatusCode::OK, "{body:#}; log:\n{}", c.log());
     assert!(!vm_names(&brokers[other]).contains(&id));
+    follow_ends(follow).await;
     let (status, _) = c.post(&format!("{path}/exec"), json!({ "command": ["true"] })).await;
     assert_eq!(status, StatusCode::CONFLICT);
 }
