@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use mm_exec_protocol::{EXEC_PORT, ExecClient, ExecError, ExecRequest, ExecSender, ExitStatus, Output};
 use mm_protocols::broker_capnp::{exec_output, exec_session, vm};
+use mm_protocols::exec_end::ExecEnd;
 use tokio::sync::mpsc;
 
 use crate::launch::VSOCK_SOCKET;
@@ -107,17 +108,18 @@ pub async fn serve_exec(
                     call.send().promise.await.map(|_| ())
                 }
                 Ok(Output::Exit(status)) => {
+                    let end = match status {
+                        ExitStatus::Exited(code) => ExecEnd::Code(code),
+                        ExitStatus::Signaled(signal) => ExecEnd::Signal(signal),
+                    };
                     let mut call = output.exit_request();
-                    match status {
-                        ExitStatus::Exited(code) => call.get().set_code(code),
-                        ExitStatus::Signaled(signal) => call.get().set_signal(signal),
-                    }
+                    end.write(call.get());
                     let _ = call.send().promise.await;
                     break;
                 }
                 Err(e) => {
                     let mut call = output.exit_request();
-                    call.get().set_error(e.to_string());
+                    ExecEnd::Error(e.to_string()).write(call.get());
                     let _ = call.send().promise.await;
                     break;
                 }

@@ -210,3 +210,116 @@ async fn rs256_tokens_from_an_external_issuer() {
     assert_eq!(s.delete(&format!("/v1/tokens/{jti}"), &root).await.status, StatusCode::NO_CONTENT);
     s.get("/v1/namespaces/ns", &external).await.problem(401);
 }
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `GET path` as a WebSocket with `token`; a refused upgrade is its
+/// status and problem document.
+async fn websocket(s: &support::Server, path: &str, token: &str) -> Result<Socket, (u16, serde_json::Value)> {
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+    let mut request = format!("ws://{}{path}", s.addr).into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            Err((response.status().as_u16(), serde_json::from_slice(body).unwrap_or(serde_json::Value::Null)))
+        }
+        Err(e) => panic!("{path}: {e}"),
+    }
+}
+
+/// Sends `first` and returns what the controller answers: its status frame
+/// (channel 3) and its close code and reason.
+async fn first_message_answer(
+    socket: &mut Socket,
+    first: tokio_tungstenite::tungstenite::Message,
+) -> (serde_json::Value, u16, String) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    socket.send(first).await.unwrap();
+    let mut status = serde_json::Value::Null;
+    let deadline = std::time::Duration::from_secs(20);
+    loop {
+        let message = tokio::time::timeout(deadline, socket.next()).await.expect("an answer in time");
+        match message {
+            Some(Ok(Message::Binary(data))) => {
+                assert_eq!(data[0], 3, "only a status frame before the close: {data:?}");
+                status = serde_json::from_slice(&data[1..]).unwrap();
+            }
+            Some(Ok(Message::Close(Some(frame)))) => return (status, u16::from(frame.code), frame.reason.to_string()),
+            other => panic!("unexpected {other:?} (status so far {status})"),
+        }
+    }
+}
+
+/// The WebSocket exec and the log follow refuse what exec and logs refuse,
+/// before the upgrade as problem documents; a bad first message, an
+/// oversized one or an unreachable host after it, as a status frame and a
+/// close code that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_exec_and_follow_refusals() {
+    use tokio_tungstenite::tungstenite::Message;
+    let s = serve().await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    s.namespace(&root, "other").await;
+    s.host(&root, "h1", 8, 8192, json!({})).await;
+    let operator = support::token("op", &[("ns", Role::Operator)], false);
+    let viewer = support::token("eve", &[("ns", Role::Viewer)], false);
+    let stranger = support::token("mallory", &[("other", Role::Admin)], false);
+    let created = s.machine(&operator, "ns", spec("idle")).await;
+    let started = s.machine(&operator, "ns", spec("busy")).await;
+    let (created, started) = (created["id"].as_str().unwrap(), started["id"].as_str().unwrap());
+    let r = s.post(&format!("/v1/hosts/h1/machines/{started}/state"), &root, json!({ "state": "started" })).await;
+    assert!(r.status.is_success(), "{:#}", r.body);
+    let ws_path = |id: &str| format!("/v1/namespaces/ns/machines/{id}/exec/ws");
+
+    // Before the upgrade: problem documents.
+    let refused = |r: Result<Socket, (u16, serde_json::Value)>| r.expect_err("refused");
+    let (status, body) = refused(websocket(&s, &ws_path(started), &viewer).await);
+    assert_eq!((status, body["type"].as_str()), (403, Some("urn:micromachines:problem:forbidden")), "{body:#}");
+    let (status, body) = refused(websocket(&s, &ws_path(started), &stranger).await);
+    assert_eq!(status, 404, "another tenant's namespace is not there: {body:#}");
+    let (status, _) = refused(websocket(&s, &ws_path(&uuid::Uuid::new_v4().to_string()), &operator).await);
+    assert_eq!(status, 404);
+    let (status, body) = refused(websocket(&s, &ws_path(created), &operator).await);
+    assert_eq!(status, 409, "{body:#}");
+    assert!(body["detail"].as_str().unwrap().contains("must be started"), "{body:#}");
+    let (status, _) = refused(websocket(&s, &ws_path(started), "not-a-token").await);
+    assert_eq!(status, 401);
+    // A plain GET is told to upgrade.
+    let plain = s.get(&ws_path(started), &operator).await;
+    assert!(plain.problem(426).contains("WebSocket"));
+    assert_eq!(plain.header("upgrade"), Some("websocket"));
+
+    // After it: a status frame with the error, then a close code.
+    let mut socket = websocket(&s, &ws_path(started), &operator).await.unwrap();
+    let (status, code, reason) = first_message_answer(&mut socket, Message::text("echo hi")).await;
+    assert_eq!((code, status["kind"].as_str()), (4400, Some("bad-request")), "{status} {reason}");
+    assert!(reason.contains("exec request as JSON"), "{reason}");
+    let mut socket = websocket(&s, &ws_path(started), &operator).await.unwrap();
+    let unknown = json!({ "command": ["true"], "colour": "red" }).to_string();
+    let (status, code, _) = first_message_answer(&mut socket, Message::text(unknown)).await;
+    assert_eq!(code, 4400, "{status}");
+    assert!(status["error"].as_str().unwrap().contains("unknown field `colour`"), "{status}");
+    let mut socket = websocket(&s, &ws_path(started), &operator).await.unwrap();
+    let (status, code, _) = first_message_answer(&mut socket, Message::text(r#"{"command": []}"#)).await;
+    assert_eq!((code, status["kind"].as_str()), (4422, Some("invalid-request")), "{status}");
+    let mut socket = websocket(&s, &ws_path(started), &operator).await.unwrap();
+    let huge = json!({ "command": ["echo", "x".repeat(100 * 1024)] }).to_string();
+    let (status, code, reason) = first_message_answer(&mut socket, Message::text(huge)).await;
+    assert_eq!((code, status["kind"].as_str()), (1009, Some("payload-too-large")), "{status} {reason}");
+    // Well-formed, but this controller has no session with the host.
+    let mut socket = websocket(&s, &ws_path(started), &operator).await.unwrap();
+    let good = json!({ "command": ["true"], "tty": true, "rows": 40, "cols": 100 }).to_string();
+    let (status, code, _) = first_message_answer(&mut socket, Message::text(good)).await;
+    assert_eq!((code, status["kind"].as_str()), (4503, Some("host-unavailable")), "{status}");
+
+    // The log follow: same rules as logs, and a clear word on a bad flag.
+    let logs = |id: &str, query: &str| format!("/v1/namespaces/ns/machines/{id}/logs?{query}");
+    s.get(&logs(created, "follow=true"), &operator).await.problem(409);
+    s.get(&logs(started, "follow=true"), &stranger).await.problem(404);
+    s.get(&logs(started, "follow=maybe"), &viewer).await.problem(400);
+    s.get(&logs(started, "follow=true"), &viewer).await.problem(503);
+}

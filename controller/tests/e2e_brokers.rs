@@ -7,11 +7,15 @@
 //! created through REST → started on one broker → exec and logs through
 //! the controller → its broker is SIGKILLed → after the heartbeat timeout
 //! the machine is re-placed on the other broker and started there → exec
-//! again → the killed broker comes back and the controller removes the
+//! again (the streaming forms too: a WebSocket exec with stdin, stderr
+//! and an exit code, a killed exec when its client goes away, the console
+//! followed while new output arrives, and `mmctl --server exec`/`logs -f`)
+//! → the killed broker comes back and the controller removes the
 //! orphaned microVM it still had → its host is drained: the machine is
 //! stopped there, moved back and started (exec answers), the drained
 //! broker's microVM is removed, the host is `drained`, then uncordoned →
-//! delete → destroyed, and the microVM is gone from the broker.
+//! delete → destroyed (a log follow open meanwhile ends), and the microVM
+//! is gone from the broker.
 //!
 //! The refusals (a certificate from another CA, a host name that is not
 //! the certificate's) need no KVM and run on their own.
@@ -230,6 +234,204 @@ async fn drain_moves_a_running_machine(
     to
 }
 
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// `GET {machine}/exec/ws` upgraded, with the request sent.
+async fn exec_socket(c: &ControllerProcess, machine: &str, command: &[&str]) -> Socket {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}{machine}/exec/ws", c.base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {}", c.token).parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("the exec WebSocket");
+    let first = json!({ "command": command }).to_string();
+    socket.send(tokio_tungstenite::tungstenite::Message::text(first)).await.unwrap();
+    socket
+}
+
+fn frame(channel: u8, data: &[u8]) -> tokio_tungstenite::tungstenite::Message {
+    tokio_tungstenite::tungstenite::Message::binary([&[channel][..], data].concat())
+}
+
+/// What an exec's WebSocket carried, as far as it was read.
+#[derive(Debug, Default)]
+struct Streamed {
+    stdout: String,
+    stderr: String,
+    status: Option<Value>,
+    close: Option<u16>,
+}
+
+impl Streamed {
+    /// Reads until `done` holds or the socket closes (30 s at most).
+    async fn read_until(&mut self, socket: &mut Socket, done: impl Fn(&Streamed) -> bool) {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done(self) && self.close.is_none() {
+            let message = tokio::time::timeout_at(deadline, socket.next()).await;
+            match message.unwrap_or_else(|_| panic!("timed out; so far {self:?}")) {
+                Some(Ok(Message::Binary(data))) => match data[0] {
+                    1 => self.stdout.push_str(&String::from_utf8_lossy(&data[1..])),
+                    2 => self.stderr.push_str(&String::from_utf8_lossy(&data[1..])),
+                    3 => self.status = Some(serde_json::from_slice(&data[1..]).unwrap()),
+                    other => panic!("channel {other} from the controller"),
+                },
+                Some(Ok(Message::Close(frame))) => self.close = Some(frame.map_or(1005, |f| u16::from(f.code))),
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}; so far {self:?}"),
+            }
+        }
+    }
+}
+
+/// A WebSocket exec streams: the first line arrives while the command
+/// waits for stdin, stdin reaches it, stderr comes separately, the exit
+/// code last. Closing stdin ends a `cat`; a client that goes away has its
+/// command killed.
+async fn streaming_exec(c: &ControllerProcess, machine: &str) {
+    use futures::SinkExt;
+    let script = "echo first; read x; echo got:$x; echo to-stderr >&2; exit 4";
+    let mut socket = exec_socket(c, machine, &["sh", "-c", script]).await;
+    let mut seen = Streamed::default();
+    seen.read_until(&mut socket, |s| s.stdout.contains("first\n")).await;
+    assert_eq!((seen.stdout.as_str(), &seen.status), ("first\n", &None), "streamed before any stdin");
+    socket.send(frame(0, b"over-the-socket\n")).await.unwrap();
+    seen.read_until(&mut socket, |_| false).await;
+    assert_eq!(seen.stdout, "first\ngot:over-the-socket\n", "{seen:?}");
+    assert_eq!(seen.stderr, "to-stderr\n", "{seen:?}");
+    assert_eq!(seen.status, Some(json!({ "exit_code": 4 })), "{seen:?}");
+    assert_eq!(seen.close, Some(1000), "{seen:?}");
+
+    let mut socket = exec_socket(c, machine, &["cat"]).await;
+    socket.send(frame(0, b"abc")).await.unwrap();
+    socket.send(frame(5, b"")).await.unwrap();
+    let mut seen = Streamed::default();
+    seen.read_until(&mut socket, |_| false).await;
+    assert_eq!((seen.stdout.as_str(), seen.status.clone()), ("abc", Some(json!({ "exit_code": 0 }))), "{seen:?}");
+
+    // Gone mid-command: the command goes too.
+    let script = "echo $$ > /tmp/ws-exec.pid; echo ready; exec sleep 600";
+    let mut socket = exec_socket(c, machine, &["sh", "-c", script]).await;
+    let mut seen = Streamed::default();
+    seen.read_until(&mut socket, |s| s.stdout.contains("ready")).await;
+    drop(socket);
+    let check = ["sh", "-c", "kill -0 $(cat /tmp/ws-exec.pid) 2>/dev/null && echo alive || echo gone"];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = exec_when_ready(c, machine, &check).await;
+        if out["stdout"] == "gone\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the abandoned exec still runs: {out:#}; log:\n{}", c.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Reads a streamed body into `seen` until it contains `needle` (30 s).
+async fn read_until(response: &mut reqwest::Response, seen: &mut String, needle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !seen.contains(needle) {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk()).await;
+        let chunk = chunk.unwrap_or_else(|_| panic!("{needle:?} never came; so far:\n{seen}"));
+        match chunk.unwrap() {
+            Some(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            None => panic!("the follow ended before {needle:?}; so far:\n{seen}"),
+        }
+    }
+}
+
+/// `logs?follow=true` sends the console so far, then what the guest writes
+/// to it while the request is open.
+async fn following_logs(c: &ControllerProcess, machine: &str) {
+    let url = format!("{}{machine}/logs?follow=true", c.base);
+    let mut response = c.client.get(url).bearer_auth(&c.token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/plain; charset=utf-8");
+    let mut seen = String::new();
+    read_until(&mut response, &mut seen, "hello-from-the-machine").await;
+    let marker = format!("marker-{}", std::process::id());
+    let out = exec_when_ready(c, machine, &["sh", "-c", &format!("echo {marker} > /dev/console")]).await;
+    assert_eq!(out["exit_code"], 0, "{out:#}");
+    read_until(&mut response, &mut seen, &marker).await;
+    // Dropping the response here ends the follow (the controller drops
+    // its broker call); the machine goes on.
+}
+
+/// `logs?follow=true`, open (read by `follow_ends`).
+async fn open_follow(c: &ControllerProcess, machine: &str) -> reqwest::Response {
+    let response = c.client.get(format!("{}{machine}/logs?follow=true", c.base)).bearer_auth(&c.token).send().await;
+    let response = response.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response
+}
+
+/// A follow ends by itself, cleanly (not cut off), once its microVM is gone.
+async fn follow_ends(mut response: reqwest::Response) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => panic!("the follow broke off instead of ending: {e}"),
+            Err(_) => panic!("still following 60 s after the microVM is gone"),
+        }
+    }
+}
+
+fn mmctl_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let path = dir.join("mmctl");
+    assert!(path.is_file(), "{} not found: build it first (cargo build -p mmctl)", path.display());
+    path
+}
+
+/// `mmctl --server`: exec forwards stdin and exits with the command's
+/// code; `logs -f` prints the console and keeps following.
+async fn mmctl_through_the_controller(c: &ControllerProcess, name: &str) {
+    use std::io::{Read, Write};
+    let mmctl = |args: &[&str]| {
+        let mut command = Command::new(mmctl_binary());
+        command.args(["--server", &c.base, "-n", "e2e"]).args(args).env("MM_TOKEN", &c.token);
+        command.env_remove("MM_SERVER").env_remove("MM_NAMESPACE");
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.spawn().unwrap()
+    };
+    let mut child = mmctl(&["exec", "-i", name, "--", "sh", "-c", "read x; echo got:$x; echo err >&2; exit 5"]);
+    child.stdin.take().unwrap().write_all(b"piped-in\n").unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!((out.status.code(), stdout.as_ref(), stderr.as_ref()), (Some(5), "got:piped-in\n", "err\n"));
+
+    let mut child = mmctl(&["logs", "-f", name]);
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("hello-from-the-machine") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() {
+        assert!(Instant::now() < deadline, "mmctl logs -f printed nothing useful");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reader.join().unwrap().contains("hello-from-the-machine"));
+    // Following, not done: still running while the machine runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(child.try_wait().unwrap().is_none(), "mmctl logs -f ended while the machine runs");
+    // SAFETY: kill(2) on the mmctl child this test started, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machines_run_on_real_brokers_and_survive_losing_one() {
     if !mm_integration::kvm_available("machines_run_on_real_brokers_and_survive_losing_one") {
@@ -271,6 +473,11 @@ async fn machines_run_on_real_brokers_and_survive_losing_one() {
         log.as_str().is_some_and(|l| l.contains("hello-from-the-machine"))
     })
     .await;
+    // The same, streamed: a WebSocket exec, the log follow, and mmctl
+    // --server riding on both (no extra microVM).
+    streaming_exec(&c, &path).await;
+    following_logs(&c, &path).await;
+    mmctl_through_the_controller(&c, "web").await;
 
     // Lose the broker: the machine is re-placed and started on the other.
     let pid = brokers[mine].pid().unwrap();
@@ -303,12 +510,15 @@ async fn machines_run_on_real_brokers_and_survive_losing_one() {
         .await;
     let now = drain_moves_a_running_machine(&c, &brokers, &path, &id, other, mine).await;
 
-    // Delete: destroying → destroyed, and the microVM is gone.
+    // Delete: destroying → destroyed, and the microVM is gone (a log
+    // follow open meanwhile ends with it).
+    let follow = open_follow(&c, &path).await;
     let (status, body) = c.call(reqwest::Method::DELETE, &format!("{path}?force=true"), None).await;
     assert_eq!(status, StatusCode::OK, "{body:#}");
     let (status, body) = c.get(&format!("{path}/wait?state=destroyed&timeout=120")).await;
     assert_eq!(status, StatusCode::OK, "{body:#}; log:\n{}", c.log());
     assert!(!vm_names(&brokers[now]).contains(&id));
+    follow_ends(follow).await;
     let (status, _) = c.post(&format!("{path}/exec"), json!({ "command": ["true"] })).await;
     assert_eq!(status, StatusCode::CONFLICT);
 }

@@ -259,7 +259,13 @@ async fn mmctl_through_the_controller() {
     } else {
         refused(&out, 8, "does not offer logs");
     }
-    refused(&run(c.mmctl(&operator, &["-n", "web", "exec", "-t", "third", "--", "sh"])), 8, "terminal");
+    // The streaming forms say the same (the WebSocket exec after its
+    // upgrade, as a status frame and close code 4503).
+    refused(&run(c.mmctl(&operator, &["-n", "web", "logs", "-f", "third"])), 6, "broker");
+    refused(&run(c.mmctl(&operator, &["-n", "web", "exec", "-t", "third", "--", "sh"])), 6, "broker");
+    refused(&run(c.mmctl(&operator, &["-n", "web", "exec", "-i", "third", "--", "cat"])), 6, "broker");
+    refused(&run(c.mmctl(&viewer, &["-n", "web", "exec", "third", "--", "true"])), 7, "not allowed");
+    refused(&run(c.mmctl(&operator, &["-n", "web", "exec", "nosuch", "--", "true"])), 3, "nosuch");
     refused(&run(c.mmctl(&operator, &["-n", "web", "ssh", "third"])), 8, "does not offer ssh");
 
     // No token, or no controller, says so.

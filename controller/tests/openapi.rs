@@ -26,6 +26,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/wait"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/events"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/exec"),
+    ("GET", "/v1/namespaces/{namespace}/machines/{id}/exec/ws"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/logs"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/lease"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/lease"),

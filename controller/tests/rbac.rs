@@ -97,7 +97,17 @@ fn routes() -> Vec<Route> {
             Prep::Machine,
             409,
         ),
+        // The WebSocket exec: checked like exec before the upgrade.
+        r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/exec/ws", None, InNamespace(Operator), Prep::Machine, 409),
         r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/logs", None, InNamespace(Viewer), Prep::Machine, 409),
+        r(
+            Method::GET,
+            "/v1/namespaces/{ns}/machines/{id}/logs?follow=true",
+            None,
+            InNamespace(Viewer),
+            Prep::Machine,
+            409,
+        ),
         r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/lease", None, InNamespace(Viewer), Prep::Leased, 200),
         r(
             Method::POST,

@@ -7,6 +7,7 @@
 //! name is looked up in the list). `run` sends an `Idempotency-Key`, so the
 //! one retry after a lost connection cannot create a second machine.
 
+mod exec_ws;
 mod http;
 mod streams;
 mod view;
@@ -122,14 +123,9 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             streams::logs(&api, &machine.id, follow).await.map(|_| 0)
         }
         Verb::Exec { vm, interactive, tty, env, workdir, user, command } => {
-            if tty {
-                return Err(unsupported("exec with a terminal (-t)"));
-            }
-            if workdir.is_some() || user.is_some() {
-                return Err(unsupported("exec with --workdir or --user"));
-            }
             let machine = find(&api, &vm).await?;
-            streams::exec(&api, &machine.id, streams::ExecRequest { command, env, stdin: interactive }).await
+            let request = exec_ws::ExecRequest { command, env, stdin: interactive, tty, workdir, user };
+            exec_ws::exec(&api, &machine.id, request).await
         }
         Verb::Audit { .. } => Err(unsupported("audit logs (use GET .../machines/{id}/events)")),
         Verb::Stats { .. } => Err(unsupported("stats")),

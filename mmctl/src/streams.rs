@@ -6,6 +6,7 @@ use std::io::Write;
 use std::rc::Rc;
 
 use mm_protocols::broker_capnp::{byte_sink, exec_output, vm};
+use mm_protocols::exec_end::ExecEnd;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
@@ -60,20 +61,13 @@ pub struct ExecOptions {
     pub command: Vec<String>,
 }
 
-/// How an exec ended.
-enum Ended {
-    Code(i32),
-    Signal(i32),
-    Error(String),
-}
-
 /// Receives the command's output and its end.
 struct Output {
-    ended: RefCell<Option<oneshot::Sender<Ended>>>,
+    ended: RefCell<Option<oneshot::Sender<ExecEnd>>>,
 }
 
 impl Output {
-    fn finish(&self, ended: Ended) {
+    fn finish(&self, ended: ExecEnd) {
         if let Some(tx) = self.ended.borrow_mut().take() {
             let _ = tx.send(ended);
         }
@@ -108,15 +102,7 @@ impl exec_output::Server for Output {
         params: exec_output::ExitParams,
         _: exec_output::ExitResults,
     ) -> Result<(), capnp::Error> {
-        let params = params.get()?;
-        let error = params.get_error()?.to_string().unwrap_or_default();
-        self.finish(if !error.is_empty() {
-            Ended::Error(error)
-        } else if params.get_signal() != 0 {
-            Ended::Signal(params.get_signal())
-        } else {
-            Ended::Code(params.get_code())
-        });
+        self.finish(ExecEnd::read(params.get()?)?);
         Ok(())
     }
 }
@@ -161,15 +147,14 @@ pub async fn exec(vm: &vm::Client, options: ExecOptions) -> Result<i32, CliError
         let _ = session.close_stdin_request().send().promise.await;
     }
     match rx.await {
-        Ok(Ended::Code(code)) => Ok(code),
-        Ok(Ended::Signal(sig)) => Ok(128 + sig),
-        Ok(Ended::Error(message)) => Err(CliError::new(126, message)),
+        Ok(ExecEnd::Error(message)) => Err(CliError::new(126, message)),
+        Ok(end) => Ok(end.shell_code().unwrap_or(exit::ERROR)),
         Err(_) => Err(CliError::new(exit::ERROR, "the exec session ended without an exit status")),
     }
 }
 
 /// Rows and columns of our terminal, if stdout is one.
-fn terminal_size() -> Option<(u16, u16)> {
+pub(crate) fn terminal_size() -> Option<(u16, u16)> {
     let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCGWINSZ writes one winsize into `size`, which we own.
     let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };

@@ -30,6 +30,7 @@ pub mod byte_stream;
 #[cfg(feature = "cluster-tls")]
 pub mod cluster_tls;
 pub mod device_control;
+pub mod exec_end;
 pub mod packet;
 #[cfg(feature = "rpc")]
 pub mod rpc;

@@ -1,5 +1,6 @@
 //! `.../machines/{id}/exec` and `.../logs`: through the controller to the
-//! machine's broker (its session, see `session`) and into the guest.
+//! machine's broker (its session, see `session`) and into the guest. The
+//! WebSocket exec is `exec_stream`.
 //!
 //! Both need the broker of the machine's host to hold its session with
 //! this controller; otherwise they answer 503 with `Retry-After` (with
@@ -11,10 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -23,7 +26,7 @@ use super::problem::{ApiError, Problem};
 use super::{AppState, validate};
 use crate::auth::Role;
 use crate::machine::MachineState;
-use crate::session::{ExecRequest, SessionError};
+use crate::session::{Chunk, ExecRequest, SessionError};
 use crate::store::machines as store;
 
 /// Bytes of stdout and of stderr an exec returns at most (each).
@@ -68,7 +71,7 @@ pub struct ExecResult {
 }
 
 /// The problem for a failure on the way to the guest.
-fn session_error(e: SessionError) -> ApiError {
+pub(super) fn session_error(e: SessionError) -> ApiError {
     let detail = e.to_string();
     match e {
         SessionError::NotConnected(_) | SessionError::Disabled => {
@@ -147,14 +150,22 @@ pub async fn exec(
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct LogsQuery {}
+pub struct LogsQuery {
+    /// Stream: the whole console, then new output as it is written, until
+    /// the microVM stops (or the client goes away).
+    #[serde(default)]
+    pub follow: bool,
+}
 
-/// The machine's console log as text (its last 4 MiB), from its host.
-/// 409 if the machine has no microVM there.
+/// The machine's console log as text (its last 4 MiB), from its host; with
+/// `follow=true` a chunked stream of all of it that goes on until the
+/// microVM stops (the connection is cut, not ended, if the link to the
+/// broker breaks, so a client can tell). 409 if the machine has no microVM
+/// there.
 #[utoipa::path(get, operation_id = "machines_logs", path = "/v1/namespaces/{namespace}/machines/{id}/logs", tag = "machines",
     security(("bearer" = [])),
-    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path)),
-    responses((status = 200, description = "The console log", content_type = "text/plain; charset=utf-8", body = String),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), LogsQuery),
+    responses((status = 200, description = "The console log (streamed with follow=true)", content_type = "text/plain; charset=utf-8", body = String),
         (status = 404, body = Problem),
         (status = 409, description = "No microVM on its host", body = Problem),
         (status = 502, description = "The broker failed", body = Problem)))]
@@ -162,7 +173,7 @@ pub async fn logs(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((namespace, id)): Path<(String, Uuid)>,
-    Query(_): Query<LogsQuery>,
+    Query(query): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(&namespace, Role::Viewer)?;
     let row = state.db.run(move |c| store::get(c, &namespace, id)).await?;
@@ -176,7 +187,35 @@ pub async fn logs(
         ));
     }
     let host = row.host_name.unwrap_or_default();
+    if query.follow {
+        let chunks = state.hub.follow_logs(&host, &id.to_string()).await.map_err(session_error)?;
+        return Ok(follow_response(chunks, state.shutting_down.subscribe()));
+    }
     let log = state.hub.logs(&host, &id.to_string(), MAX_LOG_BYTES).await.map_err(session_error)?;
     let text = String::from_utf8_lossy(&log).into_owned();
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// A chunked text body of `chunks`, ending with them (or, cleanly, at the
+/// controller's shutdown, which must not wait for a microVM to stop). A
+/// link failure aborts the body: the client sees a broken transfer, not a
+/// log that merely ended. Dropped with the client's connection, which
+/// drops `chunks` and so stops the follow on the broker.
+fn follow_response(chunks: mpsc::Receiver<Chunk>, shutdown: watch::Receiver<bool>) -> Response {
+    let body = futures::stream::unfold((chunks, shutdown), |(mut chunks, mut shutdown)| async move {
+        let next = tokio::select! {
+            next = chunks.recv() => next?,
+            _ = shutdown.wait_for(|down| *down) => return None,
+        };
+        Some((next.map(Bytes::from), (chunks, shutdown)))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
 }

@@ -7,6 +7,7 @@
 
 pub mod document;
 pub mod exec;
+pub mod exec_stream;
 pub mod extract;
 pub mod hosts;
 pub mod integer;
@@ -78,7 +79,7 @@ impl Modify for BearerAuth {
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     modifiers(&BearerAuth),
-    components(schemas(problem::Problem))
+    components(schemas(problem::Problem, exec_stream::ExecStreamRequest, exec_stream::ExecStatus))
 )]
 struct ApiDoc;
 
@@ -94,6 +95,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(machines::wait))
         .routes(routes!(machines::events))
         .routes(routes!(exec::exec))
+        .routes(routes!(exec_stream::exec_ws))
         .routes(routes!(exec::logs))
         .routes(routes!(leases::get_lease, leases::acquire_lease, leases::release_lease))
         .routes(routes!(hosts::list, hosts::register))

@@ -23,6 +23,7 @@
 pub mod driver;
 pub mod ops;
 pub mod server;
+pub mod streams;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::db::Db;
 pub use ops::{ExecOutput, ExecRequest};
+pub use streams::{Chunk, ExecEvent, ExecInput, ExecStart, ExecStream};
 pub use tls::{TlsError, TlsFiles};
 
 /// Where brokers dial in.
@@ -107,6 +109,20 @@ pub(crate) enum Command {
         max_bytes: usize,
         reply: oneshot::Sender<Result<Vec<u8>, SessionError>>,
     },
+    FollowLogs {
+        host: String,
+        machine: String,
+        chunks: mpsc::Sender<Chunk>,
+        reply: oneshot::Sender<Result<(), SessionError>>,
+    },
+    ExecStream {
+        host: String,
+        machine: String,
+        start: ExecStart,
+        events: mpsc::Sender<ExecEvent>,
+        inputs: mpsc::Receiver<ExecInput>,
+        reply: oneshot::Sender<Result<(), SessionError>>,
+    },
 }
 
 /// The handle the rest of the controller uses; clones share one thread.
@@ -171,5 +187,26 @@ impl Hub {
     pub async fn logs(&self, host: &str, machine: &str, max_bytes: usize) -> Result<Vec<u8>, SessionError> {
         let (host, machine) = (host.to_owned(), machine.to_owned());
         self.ask(|reply| Command::Logs { host, machine, max_bytes, reply }).await
+    }
+
+    /// Follows the console of `machine`'s microVM on `host` from its start
+    /// until the microVM stops: chunks arrive on the receiver, which ends
+    /// after the last (or after an `Err` when the link failed). Dropping
+    /// the receiver stops the follow on the broker too.
+    pub async fn follow_logs(&self, host: &str, machine: &str) -> Result<mpsc::Receiver<Chunk>, SessionError> {
+        let (host, machine) = (host.to_owned(), machine.to_owned());
+        let (chunks, rx) = mpsc::channel(streams::STREAM_BUFFER);
+        self.ask(|reply| Command::FollowLogs { host, machine, chunks, reply }).await?;
+        Ok(rx)
+    }
+
+    /// Starts an interactive command in `machine`'s microVM on `host`;
+    /// answers once it runs. Dropping the returned `inputs` kills it.
+    pub async fn exec_stream(&self, host: &str, machine: &str, start: ExecStart) -> Result<ExecStream, SessionError> {
+        let (host, machine) = (host.to_owned(), machine.to_owned());
+        let (events, events_rx) = mpsc::channel(streams::STREAM_BUFFER);
+        let (inputs, inputs_rx) = mpsc::channel(streams::STREAM_BUFFER);
+        self.ask(|reply| Command::ExecStream { host, machine, start, events, inputs: inputs_rx, reply }).await?;
+        Ok(ExecStream { events: events_rx, inputs })
     }
 }

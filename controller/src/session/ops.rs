@@ -1,12 +1,15 @@
 //! The REST API's exec and logs, carried out through a host's broker:
 //! `Vm.exec` without a terminal, output collected (up to a limit) until the
-//! command ends or the timeout passes, and `Vm.logs` without follow.
+//! command ends or the timeout passes, and `Vm.logs` without follow. The
+//! streaming forms (`Vm.logs` with follow, an interactive exec) are in
+//! `streams`.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use mm_protocols::broker_capnp::{byte_sink, exec_output, vm};
+use mm_protocols::exec_end::ExecEnd;
 use tokio::sync::oneshot;
 
 use super::server::Local;
@@ -56,10 +59,25 @@ pub(super) async fn handle(local: Rc<Local>, command: Command) {
             };
             let _ = reply.send(result);
         }
+        Command::FollowLogs { host, machine, chunks, reply } => match local.link(&host) {
+            Some(link) => super::streams::follow_logs(&link.broker, &machine, chunks, reply).await,
+            None => {
+                let _ = reply.send(Err(SessionError::NotConnected(host)));
+            }
+        },
+        Command::ExecStream { host, machine, start, events, inputs, reply } => match local.link(&host) {
+            Some(link) => super::streams::exec_stream(&link.broker, &machine, start, events, inputs, reply).await,
+            None => {
+                let _ = reply.send(Err(SessionError::NotConnected(host)));
+            }
+        },
     }
 }
 
-async fn get_vm(broker: &mm_protocols::broker_capnp::broker::Client, name: &str) -> Result<vm::Client, SessionError> {
+pub(super) async fn get_vm(
+    broker: &mm_protocols::broker_capnp::broker::Client,
+    name: &str,
+) -> Result<vm::Client, SessionError> {
     let mut request = broker.get_vm_request();
     request.get().set_name(name);
     Ok(request.send().promise.await?.get()?.get_vm()?)
@@ -115,16 +133,12 @@ impl exec_output::Server for Collector {
         params: exec_output::ExitParams,
         _: exec_output::ExitResults,
     ) -> Result<(), capnp::Error> {
-        let params = params.get()?;
-        let error = params.get_error()?.to_string().unwrap_or_default();
         {
             let mut collected = self.collected.borrow_mut();
-            if !error.is_empty() {
-                collected.error = Some(error);
-            } else if params.get_signal() != 0 {
-                collected.output.signal = Some(params.get_signal());
-            } else {
-                collected.output.exit_code = Some(params.get_code());
+            match ExecEnd::read(params.get()?)? {
+                ExecEnd::Error(error) => collected.error = Some(error),
+                ExecEnd::Signal(signal) => collected.output.signal = Some(signal),
+                ExecEnd::Code(code) => collected.output.exit_code = Some(code),
             }
         }
         if let Some(ended) = self.ended.borrow_mut().take() {

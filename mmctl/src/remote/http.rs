@@ -27,7 +27,7 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the controller says went wrong (RFC 9457), as far as mmctl cares.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Default)]
 pub struct Problem {
     /// `urn:micromachines:problem:<kind>`.
     #[serde(rename = "type", default)]
@@ -214,6 +214,17 @@ impl Api {
                 unreachable: false,
             }
         }
+    }
+
+    /// The bearer token (for requests reqwest does not make: the exec
+    /// WebSocket).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The server's URL as given.
+    pub fn base(&self) -> &Url {
+        &self.base
     }
 
     pub fn request(&self, method: Method, url: Url) -> RequestBuilder {
