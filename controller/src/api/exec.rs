@@ -90,6 +90,20 @@ pub(super) fn session_error(e: SessionError) -> ApiError {
     }
 }
 
+/// The host of a machine that can take an exec: 409 unless it is started.
+/// Both exec forms (this whole-answer one and the WebSocket) ask here.
+pub(super) async fn exec_host(state: &AppState, namespace: String, id: Uuid) -> Result<String, ApiError> {
+    let row = state.db.run(move |c| store::get(c, &namespace, id)).await?;
+    if row.state != MachineState::Started.as_str() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid-state",
+            format!("cannot exec in a machine that is {}: it must be started", row.state),
+        ));
+    }
+    Ok(row.host_name.unwrap_or_default())
+}
+
 /// Runs a command in a started machine and answers with its exit status
 /// and output once it ends. 409 while the machine is not started (or its
 /// guest is still booting), 408 when the timeout passes (the command is
@@ -121,15 +135,7 @@ pub async fn exec(
     if !(1..=300).contains(&timeout) {
         return Err(ApiError::invalid("timeout must be 1 to 300 seconds"));
     }
-    let row = state.db.run(move |c| store::get(c, &namespace, id)).await?;
-    if row.state != MachineState::Started.as_str() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid-state",
-            format!("cannot exec in a machine that is {}: it must be started", row.state),
-        ));
-    }
-    let host = row.host_name.unwrap_or_default();
+    let host = exec_host(&state, namespace, id).await?;
     let request = ExecRequest {
         argv: body.command,
         env: body.env.into_iter().collect(),

@@ -46,9 +46,7 @@ use super::extract::Caller;
 use super::problem::{ApiError, Problem};
 use super::{AppState, validate};
 use crate::auth::Role;
-use crate::machine::MachineState;
 use crate::session::{ExecEvent, ExecInput, ExecStart, ExecStream, Hub};
-use crate::store::machines as store;
 
 /// The channel bytes (first byte of each binary message after the request).
 pub mod channel {
@@ -156,14 +154,7 @@ pub async fn exec_ws(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(&namespace, Role::Operator)?;
-    let row = state.db.run(move |c| store::get(c, &namespace, id)).await?;
-    if row.state != MachineState::Started.as_str() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid-state",
-            format!("cannot exec in a machine that is {}: it must be started", row.state),
-        ));
-    }
+    let host = super::exec::exec_host(&state, namespace, id).await?;
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
@@ -174,7 +165,6 @@ pub async fn exec_ws(
             return Ok(response);
         }
     };
-    let host = row.host_name.unwrap_or_default();
     let hub = state.hub.clone();
     Ok(upgrade
         .max_message_size(HARD_MAX_MESSAGE)
