@@ -12,7 +12,8 @@
 //! (`session`): they register their capacity, heart-beat and report what
 //! they observe, and the controller holding a broker's session drives that
 //! host's machines through the broker's own capability (and runs exec and
-//! logs through it). The leader marks hosts whose broker went silent lost
+//! logs through it; the other controllers forward theirs to it, see
+//! `api::forward`). The leader marks hosts whose broker went silent lost
 //! and re-places their machines.
 
 pub mod api;
@@ -62,6 +63,11 @@ pub struct Config {
     /// its machines are re-placed. Brokers are told to heart-beat four
     /// times as often.
     pub heartbeat_timeout: Duration,
+    /// The base URL other controllers reach this one's API at
+    /// (`http://10.0.0.2:8080`); recorded with every broker session held
+    /// here, so they can forward exec and logs. None: they cannot, and
+    /// answer 503 for this controller's hosts.
+    pub advertise_url: Option<String>,
 }
 
 impl Config {
@@ -78,6 +84,7 @@ impl Config {
             wait_poll_interval: Duration::from_millis(500),
             broker_listen: None,
             heartbeat_timeout: Duration::from_secs(30),
+            advertise_url: None,
         }
     }
 }
@@ -92,6 +99,8 @@ pub enum StartError {
     Join(#[from] tokio::task::JoinError),
     #[error("broker sessions: {0}")]
     Sessions(#[from] session::StartError),
+    #[error(transparent)]
+    Forward(#[from] api::forward::ForwardError),
 }
 
 /// A started controller: the database is migrated and the reconcile loop
@@ -113,6 +122,8 @@ impl Drop for Controller {
 impl Controller {
     pub async fn start(config: Config) -> Result<Controller, StartError> {
         let keys = Keys::new(&config.jwt_hs256_secret, config.jwt_rs256_public_key_pem.as_deref())?;
+        let advertise_url = config.advertise_url.as_deref().map(api::forward::advertise_url).transpose()?;
+        let peers = api::forward::Peers::new(advertise_url.clone())?;
         let (url, max) = (config.database_url.clone(), config.max_connections);
         let db = tokio::task::spawn_blocking(move || Db::connect(&url, max)).await??;
         let (changes, _) = watch::channel(0);
@@ -122,7 +133,7 @@ impl Controller {
                 let heartbeat =
                     (config.heartbeat_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
                 let timing = Timing { heartbeat, reconcile: config.reconcile_interval };
-                Hub::start(listen, db.clone(), changes.clone(), timing, shutdown)?
+                Hub::start(listen, db.clone(), changes.clone(), timing, advertise_url, shutdown)?
             }
             None => Hub::disabled(),
         };
@@ -135,6 +146,7 @@ impl Controller {
             wait_poll: config.wait_poll_interval,
             shutting_down: watch::channel(false).0,
             hub,
+            peers,
         });
         Ok(Controller { state, max_body_bytes: config.max_body_bytes, leader, sessions_shutdown })
     }

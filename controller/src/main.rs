@@ -28,6 +28,13 @@ struct Args {
     /// Address to serve HTTP on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// The URL other controllers reach this one's API at, e.g.
+    /// http://10.0.0.2:8080: they forward exec and logs for the hosts
+    /// whose brokers dialled this controller there. Default: http:// and
+    /// --listen, unless that is a wildcard address (then none, and the
+    /// others answer 503 for those hosts).
+    #[arg(long, env = "MM_ADVERTISE_URL")]
+    advertise_url: Option<String>,
     #[command(flatten)]
     secret: Secret,
     /// PEM RSA public key for RS256 tokens from an external issuer.
@@ -152,6 +159,13 @@ async fn main() -> Result<()> {
     config.rate_limit = RateLimit { per_second: args.rate_limit_per_second, burst: args.rate_limit_burst };
     config.max_body_bytes = args.max_body_bytes;
     config.heartbeat_timeout = std::time::Duration::from_secs(args.brokers.heartbeat_timeout);
+    config.advertise_url = args.advertise_url.or_else(|| default_advertise_url(args.listen));
+    if config.advertise_url.is_none() && args.brokers.broker_listen.is_some() {
+        tracing::warn!(
+            listen = %args.listen,
+            "no --advertise-url and --listen is a wildcard address: other controllers cannot forward exec and logs here"
+        );
+    }
     if let Some(addr) = args.brokers.broker_listen {
         let tls = mm_controller::session::TlsFiles {
             cert: args.brokers.tls_cert.context("--tls-cert")?,
@@ -166,6 +180,12 @@ async fn main() -> Result<()> {
     tracing::info!(listen = %args.listen, brokers = ?controller.broker_addr(), "mm-controller serving /v1");
     controller.serve(listener, shutdown_signal()).await.context("serving HTTP")?;
     Ok(())
+}
+
+/// `http://` + the listening address, when peers can dial that address
+/// (a wildcard such as 0.0.0.0 names no interface).
+fn default_advertise_url(listen: SocketAddr) -> Option<String> {
+    (!listen.ip().is_unspecified()).then(|| format!("http://{listen}"))
 }
 
 async fn shutdown_signal() {

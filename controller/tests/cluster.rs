@@ -385,3 +385,156 @@ async fn a_machine_a_drain_stopped_starts_elsewhere_when_its_host_is_lost() {
     let last = events(&s, &root, &path).await.pop().unwrap();
     assert_eq!(last, ("starting".into(), "moved from host old to host alive: host old lost".into()));
 }
+
+/// A direct connection to the test database (to play what a controller
+/// holding a broker session writes into the hosts row).
+fn db(url: &str) -> diesel::PgConnection {
+    use diesel::Connection;
+    diesel::PgConnection::establish(url).unwrap()
+}
+
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, reqwest::header::HeaderMap, String)>>>;
+
+/// A stand-in for the controller holding a session: records each request
+/// (path, headers, body) and answers with a JSON body and a header of its
+/// own.
+async fn stand_in_peer() -> (String, Seen) {
+    let seen = Seen::default();
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let log = log.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let path = parts.uri.to_string();
+            log.lock().unwrap().push((path.clone(), parts.headers, String::from_utf8_lossy(&body).into_owned()));
+            ([("content-type", "application/json"), ("x-answered-by", "peer")], json!({ "path": path }).to_string())
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), seen)
+}
+
+/// Exec and logs for a host whose broker holds its session with another
+/// controller go there, with the caller's token, the request id and the
+/// forwarded mark, and its answer comes back as it is; a request already
+/// forwarded is not forwarded again; an unreachable peer is a 503 that
+/// names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_logs_are_forwarded_to_the_controller_holding_the_session() {
+    use mm_controller::store::hosts::claim_session;
+    let s = serve().await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    s.host(&root, "h1", 8, 8192, json!({})).await;
+    let (id, _) = started(&s, &root, "ns", spec("m")).await;
+    let operator = support::token("op", &[("ns", mm_controller::auth::Role::Operator)], false);
+    let exec = format!("/v1/namespaces/ns/machines/{id}/exec");
+    let logs = format!("/v1/namespaces/ns/machines/{id}/logs?follow=true");
+
+    // No controller recorded: served here, 503 as ever.
+    assert!(s.post(&exec, &operator, json!({ "command": ["true"] })).await.problem(503).contains("broker session"));
+
+    let (peer, seen) = stand_in_peer().await;
+    claim_session(&mut db(&s.database_url), "h1", Some(&peer)).unwrap();
+    let r = s.post(&exec, &operator, json!({ "command": ["echo", "hi"], "timeout": 9 })).await;
+    assert_eq!((r.status, r.header("x-answered-by")), (StatusCode::OK, Some("peer")), "{:#}", r.body);
+    assert_eq!(r.body["path"], exec);
+    let r2 = s.get(&logs, &operator).await;
+    assert_eq!((r2.status, r2.body["path"].as_str()), (StatusCode::OK, Some(logs.as_str())), "{:#}", r2.body);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        let (_, headers, body) = &seen[0];
+        assert_eq!(headers["authorization"], format!("Bearer {operator}").as_str());
+        assert_eq!(headers["x-request-id"], r.header("x-request-id").unwrap());
+        assert!(headers.contains_key(mm_controller::api::forward::FORWARDED));
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body, json!({ "command": ["echo", "hi"], "env": {}, "stdin": "", "timeout": 9 }));
+    }
+
+    // Marked as forwarded already: served here (503), never passed on.
+    let marked = s
+        .request(reqwest::Method::POST, &exec)
+        .bearer_auth(&operator)
+        .header(mm_controller::api::forward::FORWARDED, "http://elsewhere")
+        .json(&json!({ "command": ["true"] }));
+    s.send(marked).await.problem(503);
+    assert_eq!(seen.lock().unwrap().len(), 2, "a forwarded request went on");
+
+    // The recorded controller is gone.
+    let gone = format!(
+        "http://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    );
+    claim_session(&mut db(&s.database_url), "h1", Some(&gone)).unwrap();
+    for r in [s.post(&exec, &operator, json!({ "command": ["true"] })).await, s.get(&logs, &operator).await] {
+        assert!(r.problem(503).contains(&format!("controller {gone}, which cannot be reached")), "{:#}", r.body);
+        assert_eq!(
+            (r.body["type"].as_str(), r.header("retry-after")),
+            (Some("urn:micromachines:problem:host-unavailable"), Some("5"))
+        );
+    }
+}
+
+/// A row naming a controller that has no session (here one that does not
+/// know its own URL, so it would forward to itself) gets a 503 from that
+/// controller, not a loop; the WebSocket exec is pumped through, the
+/// peer's status frame and close code included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_do_not_loop_and_websockets_pass_close_codes() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let first = serve().await;
+    let second = serve_with(&first.database_url, |_| {}).await;
+    let root = cluster_admin();
+    first.namespace(&root, "ns").await;
+    first.host(&root, "h1", 8, 8192, json!({})).await;
+    let (id, _) = started(&first, &root, "ns", spec("m")).await;
+    mm_controller::store::hosts::claim_session(&mut db(&first.database_url), "h1", Some(&second.base)).unwrap();
+    let exec = format!("/v1/namespaces/ns/machines/{id}/exec");
+    for s in [&first, &second] {
+        let r = tokio::time::timeout(Duration::from_secs(20), s.post(&exec, &root, json!({ "command": ["true"] })))
+            .await
+            .expect("an answer, not a loop");
+        assert!(r.problem(503).contains("does not accept broker sessions"), "{:#}", r.body);
+    }
+
+    let url = format!("ws://{}/v1/namespaces/ns/machines/{id}/exec/ws", first.addr);
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {root}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    socket.send(Message::text(json!({ "command": ["true"] }).to_string())).await.unwrap();
+    let mut status = serde_json::Value::Null;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(20), socket.next()).await.expect("an answer") {
+            Some(Ok(Message::Binary(data))) if data[0] == 3 => status = serde_json::from_slice(&data[1..]).unwrap(),
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((close, status["kind"].as_str()), (Some(4503), Some("host-unavailable")), "{status}");
+}
+
+/// The hosts row names the controller holding the session: a newer
+/// session elsewhere replaces it, and an ended session clears it only
+/// while the row still names that session's controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_controller_is_cleared_only_by_its_own_controller() {
+    use mm_controller::store::hosts::{claim_session, release_session, session_controller};
+    let s = serve().await;
+    s.host(&cluster_admin(), "h1", 8, 8192, json!({})).await;
+    let mut c = db(&s.database_url);
+    assert_eq!(session_controller(&mut c, "h1").unwrap(), None);
+    claim_session(&mut c, "h1", Some("http://a:1")).unwrap();
+    assert!(!release_session(&mut c, "h1", "http://b:1").unwrap());
+    claim_session(&mut c, "h1", Some("http://b:1")).unwrap();
+    // a's old session ends after the broker dialled b: b's stays.
+    assert!(!release_session(&mut c, "h1", "http://a:1").unwrap());
+    assert_eq!(session_controller(&mut c, "h1").unwrap().as_deref(), Some("http://b:1"));
+    assert!(release_session(&mut c, "h1", "http://b:1").unwrap());
+    assert_eq!(session_controller(&mut c, "h1").unwrap(), None);
+    assert!(claim_session(&mut c, "nope", Some("http://a:1")).is_err());
+}

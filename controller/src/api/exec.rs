@@ -2,10 +2,10 @@
 //! machine's broker (its session, see `session`) and into the guest. The
 //! WebSocket exec is `exec_stream`.
 //!
-//! Both need the broker of the machine's host to hold its session with
-//! this controller; otherwise they answer 503 with `Retry-After` (with
-//! several controllers, the one a broker dialled is the one that can reach
-//! it).
+//! Both go through the session of the machine's host's broker. With
+//! several controllers, one without that session forwards the request to
+//! the one that has it (`forward`); when none can be found or reached,
+//! they answer 503 with `Retry-After`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::extract::Caller;
 use super::problem::{ApiError, Problem};
-use super::{AppState, validate};
+use super::{AppState, forward, validate};
 use crate::auth::Role;
 use crate::machine::MachineState;
 use crate::session::{Chunk, ExecRequest, SessionError};
@@ -34,8 +34,9 @@ const MAX_EXEC_OUTPUT: usize = 1024 * 1024;
 /// Bytes of the console log returned at most (its end).
 const MAX_LOG_BYTES: usize = 4 * 1024 * 1024;
 
-/// A command to run in the machine, without a terminal.
-#[derive(Debug, Deserialize, ToSchema)]
+/// A command to run in the machine, without a terminal. (Serialize: to
+/// forward it to another controller.)
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Exec {
     /// argv: the program and its arguments.
@@ -51,7 +52,7 @@ pub struct Exec {
     pub stdin: String,
     /// Seconds, 1 to 300 (default 30); then the command is killed and the
     /// answer is 408.
-    #[serde(default, deserialize_with = "super::integer::optional")]
+    #[serde(default, deserialize_with = "super::integer::optional", skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 300)]
     pub timeout: Option<u64>,
 }
@@ -120,8 +121,9 @@ pub async fn exec(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((namespace, id)): Path<(String, Uuid)>,
+    headers: HeaderMap,
     Json(body): Json<Exec>,
-) -> Result<Json<ExecResult>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(&namespace, Role::Operator)?;
     if body.command.is_empty() {
         return Err(ApiError::invalid("command must name a program"));
@@ -135,7 +137,12 @@ pub async fn exec(
     if !(1..=300).contains(&timeout) {
         return Err(ApiError::invalid("timeout must be 1 to 300 seconds"));
     }
-    let host = exec_host(&state, namespace, id).await?;
+    let host = exec_host(&state, namespace.clone(), id).await?;
+    if let Some(peer) = forward::peer_for(&state, &host, &headers).await? {
+        let path = format!("/v1/namespaces/{namespace}/machines/{id}/exec");
+        let body = serde_json::to_vec(&body).expect("a plain struct serializes");
+        return forward::http(&state, &peer, &host, Method::POST, &path, &headers, Some(body)).await;
+    }
     let request = ExecRequest {
         argv: body.command,
         env: body.env.into_iter().collect(),
@@ -150,7 +157,8 @@ pub async fn exec(
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         truncated: output.truncated,
-    }))
+    })
+    .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -180,9 +188,11 @@ pub async fn logs(
     caller: Caller,
     Path((namespace, id)): Path<(String, Uuid)>,
     Query(query): Query<LogsQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(&namespace, Role::Viewer)?;
-    let row = state.db.run(move |c| store::get(c, &namespace, id)).await?;
+    let ns = namespace.clone();
+    let row = state.db.run(move |c| store::get(c, &ns, id)).await?;
     let state_now: MachineState =
         row.state.parse().map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e)))?;
     if matches!(state_now, MachineState::Created | MachineState::Destroyed) {
@@ -193,6 +203,10 @@ pub async fn logs(
         ));
     }
     let host = row.host_name.unwrap_or_default();
+    if let Some(peer) = forward::peer_for(&state, &host, &headers).await? {
+        let path = format!("/v1/namespaces/{namespace}/machines/{id}/logs?follow={}", query.follow);
+        return forward::http(&state, &peer, &host, Method::GET, &path, &headers, None).await;
+    }
     if query.follow {
         let chunks = state.hub.follow_logs(&host, &id.to_string()).await.map_err(session_error)?;
         return Ok(follow_response(chunks, state.shutting_down.subscribe()));

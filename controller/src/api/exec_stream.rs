@@ -22,6 +22,9 @@
 //!    here), 1009 for a message over 64 KiB, 1011 when the link to the
 //!    broker broke.
 //!
+//! A controller without the host's session forwards the whole exchange to
+//! the one that has it (`forward`), close codes included.
+//!
 //! A client that goes away (or closes) before the command ends has it
 //! killed: dropping the stream's input channel makes the session thread
 //! send SIGKILL and drop the broker's session.
@@ -33,7 +36,7 @@ use std::time::Duration;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use mm_protocols::exec_end::ExecEnd;
@@ -44,7 +47,7 @@ use uuid::Uuid;
 use super::exec::session_error;
 use super::extract::Caller;
 use super::problem::{ApiError, Problem};
-use super::{AppState, validate};
+use super::{AppState, forward, validate};
 use crate::auth::Role;
 use crate::session::{ExecEvent, ExecInput, ExecStart, ExecStream, Hub};
 
@@ -149,12 +152,13 @@ pub async fn exec_ws(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((namespace, id)): Path<(String, Uuid)>,
+    headers: HeaderMap,
     // Checked after the caller, role and machine, so that a plain GET (or
     // a bad token) learns the same as with any other route.
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(&namespace, Role::Operator)?;
-    let host = super::exec::exec_host(&state, namespace, id).await?;
+    let host = super::exec::exec_host(&state, namespace.clone(), id).await?;
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
@@ -165,6 +169,10 @@ pub async fn exec_ws(
             return Ok(response);
         }
     };
+    if let Some(peer) = forward::peer_for(&state, &host, &headers).await? {
+        let path = format!("/v1/namespaces/{namespace}/machines/{id}/exec/ws");
+        return forward::websocket(&state, &peer, &host, &path, &headers, upgrade, HARD_MAX_MESSAGE).await;
+    }
     let hub = state.hub.clone();
     Ok(upgrade
         .max_message_size(HARD_MAX_MESSAGE)
@@ -206,7 +214,7 @@ fn status_message(status: &ExecStatus) -> Message {
 }
 
 /// The close reason: at most 123 bytes (the frame's limit), cut at a char.
-fn close_reason(text: &str) -> String {
+pub(super) fn close_reason(text: &str) -> String {
     let mut end = text.len().min(123);
     while !text.is_char_boundary(end) {
         end -= 1;

@@ -9,6 +9,7 @@ pub mod document;
 pub mod exec;
 pub mod exec_stream;
 pub mod extract;
+pub mod forward;
 pub mod hosts;
 pub mod integer;
 pub mod leases;
@@ -49,6 +50,9 @@ pub struct AppState {
     pub shutting_down: watch::Sender<bool>,
     /// The brokers' sessions (exec, logs).
     pub hub: crate::session::Hub,
+    /// Forwards exec and logs to the controller holding a host's session
+    /// when this one does not.
+    pub peers: forward::Peers,
 }
 
 impl AppState {

@@ -136,7 +136,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-fn current_request_id() -> Option<String> {
+pub(crate) fn current_request_id() -> Option<String> {
     REQUEST.try_with(|r| r.id.clone()).ok()
 }
 

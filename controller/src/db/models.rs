@@ -33,6 +33,9 @@ pub struct HostRow {
     pub lost_at: Option<DateTime<Utc>>,
     /// Why the drain cannot empty it, as of the leader's last pass.
     pub drain_blocked: Option<String>,
+    /// The URL of the controller holding the broker's session (see
+    /// `store::hosts::claim_session`), where exec and logs are forwarded.
+    pub session_controller: Option<String>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]

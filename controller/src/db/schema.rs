@@ -22,6 +22,7 @@ diesel::table! {
         last_heartbeat_at -> Nullable<Timestamptz>,
         lost_at -> Nullable<Timestamptz>,
         drain_blocked -> Nullable<Text>,
+        session_controller -> Nullable<Text>,
     }
 }
 

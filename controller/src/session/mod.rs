@@ -18,7 +18,9 @@
 //! With several controllers, a broker holds its session with the one it
 //! dialled: that controller drives its machines, while the leader (see
 //! `leader`) decides, from the heartbeats recorded in Postgres, when a
-//! host is lost and re-places its machines.
+//! host is lost and re-places its machines. The hosts row names the
+//! controller holding the session (its `--advertise-url`), so the others
+//! can forward exec and logs there (`api::forward`).
 
 pub mod driver;
 pub mod ops;
@@ -97,6 +99,10 @@ pub enum StartError {
 
 /// Work for the session thread.
 pub(crate) enum Command {
+    Connected {
+        host: String,
+        reply: oneshot::Sender<bool>,
+    },
     Exec {
         host: String,
         machine: String,
@@ -145,6 +151,7 @@ impl Hub {
         db: Db,
         changes: watch::Sender<u64>,
         timing: Timing,
+        advertise_url: Option<String>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Hub, StartError> {
         let acceptor = tls::acceptor(&listen.tls)?;
@@ -155,7 +162,7 @@ impl Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("mm-controller-sessions".into())
-            .spawn(move || server::run(listener, acceptor, db, changes, timing, rx, shutdown))
+            .spawn(move || server::run(listener, acceptor, db, changes, timing, advertise_url, rx, shutdown))
             .map_err(StartError::Thread)?;
         Ok(Hub { commands: Some(tx), local_addr: Some(local_addr) })
     }
@@ -163,6 +170,15 @@ impl Hub {
     /// Where brokers dial in (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// Whether `host`'s broker holds its session with this controller
+    /// (where exec and logs are then served, not forwarded).
+    pub async fn is_connected(&self, host: &str) -> bool {
+        let Some(commands) = &self.commands else { return false };
+        let (reply, answer) = oneshot::channel();
+        let host = host.to_owned();
+        commands.send(Command::Connected { host, reply }).is_ok() && answer.await.unwrap_or(false)
     }
 
     async fn ask<T>(

@@ -45,6 +45,9 @@ pub struct ExecOutput {
 
 pub(super) async fn handle(local: Rc<Local>, command: Command) {
     match command {
+        Command::Connected { host, reply } => {
+            let _ = reply.send(local.link(&host).is_some());
+        }
         Command::Exec { host, machine, request, reply } => {
             let result = match local.link(&host) {
                 Some(link) => exec(&link.broker, &machine, request).await,

@@ -65,6 +65,9 @@ pub struct Local {
     pub db: Db,
     pub changes: watch::Sender<u64>,
     pub timing: Timing,
+    /// This controller's URL for its peers, recorded in the hosts row of
+    /// every session it holds.
+    pub advertise_url: Option<String>,
     links: RefCell<HashMap<String, Rc<HostLink>>>,
     next_id: Cell<u64>,
 }
@@ -101,13 +104,17 @@ impl Local {
         link
     }
 
-    fn remove(&self, name: &str, id: u64) {
+    /// Unlinks session `id` of host `name`; false if a newer session of
+    /// the host replaced it (which stays).
+    fn remove(&self, name: &str, id: u64) -> bool {
         let mut links = self.links.borrow_mut();
         if links.get(name).is_some_and(|l| l.id == id)
             && let Some(link) = links.remove(name)
         {
             link.kick.notify_one();
+            return true;
         }
+        false
     }
 }
 
@@ -119,6 +126,7 @@ pub(super) fn run(
     db: Db,
     changes: watch::Sender<u64>,
     timing: Timing,
+    advertise_url: Option<String>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -129,7 +137,7 @@ pub(super) fn run(
             return;
         }
     };
-    let local = Rc::new(Local { db, changes, timing, links: RefCell::default(), next_id: Cell::new(1) });
+    let local = Rc::new(Local { db, changes, timing, advertise_url, links: RefCell::default(), next_id: Cell::new(1) });
     let tasks = tokio::task::LocalSet::new();
     tasks.block_on(&runtime, async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -200,8 +208,16 @@ async fn serve_connection(local: Rc<Local>, acceptor: TlsAcceptor, tcp: tokio::n
     let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.client));
     tracing::info!(%peer, certificate = %name, "broker connected");
     let ended = rpc.await;
-    if let Some(id) = registered.get() {
-        local.remove(&name, id);
+    if let Some(id) = registered.get()
+        && local.remove(&name, id)
+        && let Some(url) = local.advertise_url.clone()
+    {
+        // Peers stop forwarding here; a row that names another controller
+        // by now (the broker dialled it meanwhile) is left alone.
+        let host = name.clone();
+        if let Err(e) = local.db.run(move |c| hosts::release_session(c, &host, &url)).await {
+            tracing::warn!(host = %name, "cannot clear the host's session controller: {e}");
+        }
     }
     match ended {
         Ok(()) => tracing::info!(%peer, host = %name, "broker session ended"),
@@ -257,7 +273,15 @@ impl cluster::Server for ClusterServer {
         validate::labels("labels", &labels).map_err(|e| refuse("invalid", e.detail))?;
         let version = text(host.get_version()?)?;
         let spec = HostSpec { name: name.clone(), address: self.peer.to_string(), cpus, memory_mb, labels };
-        self.local.db.run(move |c| hosts::register(c, &spec)).await.map_err(|e| refuse("internal", e))?;
+        let url = self.local.advertise_url.clone();
+        self.local
+            .db
+            .run(move |c| {
+                hosts::register(c, &spec)?;
+                hosts::claim_session(c, &spec.name, url.as_deref())
+            })
+            .await
+            .map_err(|e| refuse("internal", e))?;
         let link = self.local.add(name.clone(), broker);
         self.registered.set(Some(link.id));
         tracing::info!(host = %name, peer = %self.peer, %version, cpus, memory_mb, "broker registered");

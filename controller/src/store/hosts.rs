@@ -66,6 +66,35 @@ pub fn heartbeat(conn: &mut PgConnection, name: &str) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Records that the controller reachable at `controller` (None: one its
+/// peers cannot reach) now holds `name`'s broker session, replacing
+/// whichever held it before: the newest session is the live one.
+pub fn claim_session(conn: &mut PgConnection, name: &str, controller: Option<&str>) -> Result<(), StoreError> {
+    let updated =
+        diesel::update(hosts::table.find(name)).set(hosts::session_controller.eq(controller)).execute(conn)?;
+    if updated == 0 {
+        return Err(StoreError::not_found("host", name));
+    }
+    Ok(())
+}
+
+/// A session of `name` held by the controller at `controller` ended:
+/// forget it, unless the row names another controller by now (the broker
+/// already dialled again elsewhere, and that newer session must stay
+/// findable). Returns whether the row was cleared.
+pub fn release_session(conn: &mut PgConnection, name: &str, controller: &str) -> Result<bool, StoreError> {
+    let updated = diesel::update(hosts::table.find(name).filter(hosts::session_controller.eq(controller)))
+        .set(hosts::session_controller.eq(None::<String>))
+        .execute(conn)?;
+    Ok(updated == 1)
+}
+
+/// The URL of the controller holding `name`'s broker session, if one
+/// recorded it.
+pub fn session_controller(conn: &mut PgConnection, name: &str) -> Result<Option<String>, StoreError> {
+    Ok(hosts::table.find(name).select(hosts::session_controller).first::<Option<String>>(conn).optional()?.flatten())
+}
+
 /// Marks lost every host not lost yet whose last heartbeat is older than
 /// `timeout`; returns their names.
 pub fn mark_lost(conn: &mut PgConnection, timeout: chrono::Duration) -> Result<Vec<String>, StoreError> {
