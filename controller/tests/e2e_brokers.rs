@@ -9,7 +9,9 @@
 //! the machine is re-placed on the other broker and started there → exec
 //! again (the streaming forms too: a WebSocket exec with stdin, stderr
 //! and an exit code, a killed exec when its client goes away, the console
-//! followed while new output arrives, and `mmctl --server exec`/`logs -f`)
+//! followed while new output arrives, and `mmctl --server exec`/`logs -f`;
+//! then the same through a second controller on the database, which no
+//! broker dials and which forwards to the first)
 //! → the killed broker comes back and the controller removes the
 //! orphaned microVM it still had → its host is drained: the machine is
 //! stopped there, moved back and started (exec answers), the drained
@@ -50,6 +52,7 @@ fn dev_ca(dir: &Path, names: &[&str]) {
 /// The controller binary on a fresh database, serving HTTP and brokers.
 struct ControllerProcess {
     child: Child,
+    database_url: String,
     log: PathBuf,
     base: String,
     broker_addr: String,
@@ -68,18 +71,31 @@ impl Drop for ControllerProcess {
 impl ControllerProcess {
     async fn start(scratch: &Scratch, certs: &Path) -> ControllerProcess {
         let url = tokio::task::spawn_blocking(support::pg::fresh_database).await.unwrap();
-        let (http, brokers) = (free_port(), free_port());
-        let log = scratch.path("controller.log");
+        let brokers = free_port();
+        let mut args = vec!["--broker-listen".to_owned(), format!("127.0.0.1:{brokers}")];
+        for (flag, file) in [("--tls-cert", "controller.pem"), ("--tls-key", "controller.key"), ("--tls-ca", "ca.pem")]
+        {
+            args.extend([flag.to_owned(), certs.join(file).to_str().unwrap().to_owned()]);
+        }
+        let mut controller = Self::spawn(scratch, "controller.log", url, &args).await;
+        controller.broker_addr = format!("127.0.0.1:{brokers}");
+        controller
+    }
+
+    /// Another controller on the same database that no broker dials: it
+    /// forwards exec and logs to this one (which advertises the URL its
+    /// `--listen` implies).
+    async fn peer(&self, scratch: &Scratch) -> ControllerProcess {
+        Self::spawn(scratch, "peer.log", self.database_url.clone(), &[]).await
+    }
+
+    async fn spawn(scratch: &Scratch, log_name: &str, url: String, args: &[String]) -> ControllerProcess {
+        let http = free_port();
+        let log = scratch.path(log_name);
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .args(["--database-url", &url, "--listen", &format!("127.0.0.1:{http}")])
-            .args(["--broker-listen", &format!("127.0.0.1:{brokers}")])
-            .arg("--tls-cert")
-            .arg(certs.join("controller.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("controller.key"))
-            .arg("--tls-ca")
-            .arg(certs.join("ca.pem"))
+            .args(args)
             .args(["--heartbeat-timeout", &HEARTBEAT_TIMEOUT_SECONDS.to_string()])
             .env("MM_JWT_HS256_SECRET", std::str::from_utf8(support::SECRET).unwrap())
             .env("RUST_LOG", "info")
@@ -90,9 +106,10 @@ impl ControllerProcess {
             .unwrap();
         let controller = ControllerProcess {
             child,
+            database_url: url,
             log,
             base: format!("http://127.0.0.1:{http}"),
-            broker_addr: format!("127.0.0.1:{brokers}"),
+            broker_addr: String::new(),
             client: reqwest::Client::new(),
             token: support::cluster_admin(),
         };
@@ -432,6 +449,16 @@ async fn mmctl_through_the_controller(c: &ControllerProcess, name: &str) {
     let _ = child.wait();
 }
 
+/// Through a controller the machine's broker did not dial (it forwards to
+/// the one it did): exec, a log follow seeing new output, and the
+/// WebSocket exec with stdin, stderr, exit code and a dropped client.
+async fn through_another_controller(peer: &ControllerProcess, machine: &str) {
+    let out = exec_when_ready(peer, machine, &["sh", "-c", "echo via-peer; exit 6"]).await;
+    assert_eq!((out["exit_code"].as_i64(), out["stdout"].as_str()), (Some(6), Some("via-peer\n")), "{out:#}");
+    following_logs(peer, machine).await;
+    streaming_exec(peer, machine).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machines_run_on_real_brokers_and_survive_losing_one() {
     if !mm_integration::kvm_available("machines_run_on_real_brokers_and_survive_losing_one") {
@@ -478,6 +505,8 @@ async fn machines_run_on_real_brokers_and_survive_losing_one() {
     streaming_exec(&c, &path).await;
     following_logs(&c, &path).await;
     mmctl_through_the_controller(&c, "web").await;
+    let peer = c.peer(&scratch).await;
+    through_another_controller(&peer, &path).await;
 
     // Lose the broker: the machine is re-placed and started on the other.
     let pid = brokers[mine].pid().unwrap();

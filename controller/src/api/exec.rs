@@ -108,7 +108,8 @@ pub(super) async fn exec_host(state: &AppState, namespace: String, id: Uuid) -> 
 /// Runs a command in a started machine and answers with its exit status
 /// and output once it ends. 409 while the machine is not started (or its
 /// guest is still booting), 408 when the timeout passes (the command is
-/// killed), 503 when its host's broker is not connected here.
+/// killed), 503 when no controller can reach its host's broker (one
+/// without the broker's session forwards to the one holding it).
 #[utoipa::path(post, operation_id = "machines_exec", path = "/v1/namespaces/{namespace}/machines/{id}/exec", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path)),

@@ -160,9 +160,10 @@ impl Hub {
         listener.set_nonblocking(true).map_err(bind)?;
         let local_addr = listener.local_addr().map_err(bind)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let shared = server::Shared { db, changes, timing, advertise_url };
         std::thread::Builder::new()
             .name("mm-controller-sessions".into())
-            .spawn(move || server::run(listener, acceptor, db, changes, timing, advertise_url, rx, shutdown))
+            .spawn(move || server::run(listener, acceptor, shared, rx, shutdown))
             .map_err(StartError::Thread)?;
         Ok(Hub { commands: Some(tx), local_addr: Some(local_addr) })
     }

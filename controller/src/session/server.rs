@@ -118,15 +118,20 @@ impl Local {
     }
 }
 
+/// What the session thread shares with the rest of the controller.
+pub(super) struct Shared {
+    pub db: Db,
+    pub changes: watch::Sender<u64>,
+    pub timing: Timing,
+    pub advertise_url: Option<String>,
+}
+
 /// The thread's body: a single-threaded runtime serving brokers and the
 /// hub's commands until `shutdown`.
 pub(super) fn run(
     listener: std::net::TcpListener,
     acceptor: TlsAcceptor,
-    db: Db,
-    changes: watch::Sender<u64>,
-    timing: Timing,
-    advertise_url: Option<String>,
+    shared: Shared,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -137,6 +142,7 @@ pub(super) fn run(
             return;
         }
     };
+    let Shared { db, changes, timing, advertise_url } = shared;
     let local = Rc::new(Local { db, changes, timing, advertise_url, links: RefCell::default(), next_id: Cell::new(1) });
     let tasks = tokio::task::LocalSet::new();
     tasks.block_on(&runtime, async move {
