@@ -396,21 +396,12 @@ async fn follow_ends(mut response: reqwest::Response) {
     }
 }
 
-fn mmctl_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap();
-    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
-    let path = dir.join("mmctl");
-    assert!(path.is_file(), "{} not found: build it first (cargo build -p mmctl)", path.display());
-    path
-}
-
 /// `mmctl --server`: exec forwards stdin and exits with the command's
 /// code; `logs -f` prints the console and keeps following.
 async fn mmctl_through_the_controller(c: &ControllerProcess, name: &str) {
     use std::io::{Read, Write};
     let mmctl = |args: &[&str]| {
-        let mut command = Command::new(mmctl_binary());
+        let mut command = Command::new(support::mmctl_binary());
         command.args(["--server", &c.base, "-n", "e2e"]).args(args).env("MM_TOKEN", &c.token);
         command.env_remove("MM_SERVER").env_remove("MM_NAMESPACE");
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,15 +17,6 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_mm-controller");
-
-fn mmctl_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap();
-    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
-    let path = dir.join("mmctl");
-    assert!(path.is_file(), "{} not found: build it first (cargo build -p mmctl)", path.display());
-    path
-}
 
 fn secret() -> &'static str {
     std::str::from_utf8(support::SECRET).unwrap()
@@ -108,7 +98,7 @@ impl Controller {
     /// `mmctl --server BASE ARGS` with `token` in `$MM_TOKEN`, as the
     /// README recommends (the flag would show in the process list).
     fn mmctl(&self, token: &str, args: &[&str]) -> Command {
-        let mut command = Command::new(mmctl_binary());
+        let mut command = Command::new(support::mmctl_binary());
         command.arg("--server").arg(&self.base).args(args);
         command.env("MM_TOKEN", token).env_remove("MM_SERVER").env_remove("MM_NAMESPACE");
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -273,7 +263,7 @@ async fn mmctl_through_the_controller() {
     command.env_remove("MM_TOKEN");
     refused(&run(command), 7, "needs a token");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut command = Command::new(mmctl_binary());
+    let mut command = Command::new(support::mmctl_binary());
     command.args(["--server", &format!("http://127.0.0.1:{port}"), "ps"]).env("MM_TOKEN", &operator);
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     refused(&run(command), 6, "cannot reach mm-controller");

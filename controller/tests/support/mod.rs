@@ -7,6 +7,7 @@ pub mod pg;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use mm_controller::auth::{Claims, Keys, Role};
 use mm_controller::{Config, Controller};
@@ -180,4 +181,14 @@ pub fn token(subject: &str, roles: &[(&str, Role)], cluster_admin: bool) -> Stri
 
 pub fn cluster_admin() -> String {
     token("root", &[], true)
+}
+
+/// The `mmctl` binary built beside this test (same profile).
+pub fn mmctl_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let path = dir.join("mmctl");
+    assert!(path.is_file(), "{} not found: build it first (cargo build -p mmctl)", path.display());
+    path
 }
