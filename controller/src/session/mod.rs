@@ -103,12 +103,6 @@ pub(crate) enum Command {
         host: String,
         reply: oneshot::Sender<bool>,
     },
-    Exec {
-        host: String,
-        machine: String,
-        request: ExecRequest,
-        reply: oneshot::Sender<Result<ExecOutput, SessionError>>,
-    },
     Logs {
         host: String,
         machine: String,
@@ -193,10 +187,13 @@ impl Hub {
     }
 
     /// Runs a command in machine `machine`'s microVM on `host`, collecting
-    /// its output (non-interactive).
+    /// its output (non-interactive): the interactive exec without a
+    /// terminal, read to its end by [`ops::collect`].
     pub async fn exec(&self, host: &str, machine: &str, request: ExecRequest) -> Result<ExecOutput, SessionError> {
-        let (host, machine) = (host.to_owned(), machine.to_owned());
-        self.ask(|reply| Command::Exec { host, machine, request, reply }).await
+        let ExecRequest { argv, env, stdin, timeout, max_output } = request;
+        let start = ExecStart { argv, env, ..ExecStart::default() };
+        let stream = self.exec_stream(host, machine, start).await?;
+        ops::collect(stream, stdin, timeout, max_output).await
     }
 
     /// The console log of `machine`'s microVM on `host` (its last

@@ -1,18 +1,18 @@
 //! The REST API's exec and logs, carried out through a host's broker:
-//! `Vm.exec` without a terminal, output collected (up to a limit) until the
-//! command ends or the timeout passes, and `Vm.logs` without follow. The
-//! streaming forms (`Vm.logs` with follow, an interactive exec) are in
-//! `streams`.
+//! the exec without a terminal, whose output is collected (up to a limit)
+//! from the interactive exec of `streams` until the command ends or the
+//! timeout passes, and `Vm.logs` without follow. The streaming forms
+//! (`Vm.logs` with follow, the interactive exec) are in `streams`.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use mm_protocols::broker_capnp::{byte_sink, exec_output, vm};
+use mm_protocols::broker_capnp::{byte_sink, vm};
 use mm_protocols::exec_end::ExecEnd;
-use tokio::sync::oneshot;
 
 use super::server::Local;
+use super::streams::{ExecEvent, ExecInput, ExecStream};
 use super::{Command, SessionError};
 
 /// How long fetching a console log may take.
@@ -48,13 +48,6 @@ pub(super) async fn handle(local: Rc<Local>, command: Command) {
         Command::Connected { host, reply } => {
             let _ = reply.send(local.link(&host).is_some());
         }
-        Command::Exec { host, machine, request, reply } => {
-            let result = match local.link(&host) {
-                Some(link) => exec(&link.broker, &machine, request).await,
-                None => Err(SessionError::NotConnected(host)),
-            };
-            let _ = reply.send(result);
-        }
         Command::Logs { host, machine, max_bytes, reply } => {
             let result = match local.link(&host) {
                 Some(link) => logs(&link.broker, &machine, max_bytes).await,
@@ -86,20 +79,6 @@ pub(super) async fn get_vm(
     Ok(request.send().promise.await?.get()?.get_vm()?)
 }
 
-/// What an exec has produced so far.
-#[derive(Default)]
-struct Collected {
-    output: ExecOutput,
-    /// Set when the command could not run at all.
-    error: Option<String>,
-}
-
-struct Collector {
-    collected: Rc<RefCell<Collected>>,
-    max: usize,
-    ended: RefCell<Option<oneshot::Sender<()>>>,
-}
-
 fn keep(buffer: &mut Vec<u8>, data: &[u8], max: usize, truncated: &mut bool) {
     let room = max.saturating_sub(buffer.len());
     if data.len() > room {
@@ -108,89 +87,46 @@ fn keep(buffer: &mut Vec<u8>, data: &[u8], max: usize, truncated: &mut bool) {
     buffer.extend_from_slice(&data[..data.len().min(room)]);
 }
 
-impl exec_output::Server for Collector {
-    async fn stdout(
-        self: Rc<Self>,
-        params: exec_output::StdoutParams,
-        _: exec_output::StdoutResults,
-    ) -> Result<(), capnp::Error> {
-        let data = params.get()?.get_data()?;
-        let collected = &mut *self.collected.borrow_mut();
-        keep(&mut collected.output.stdout, data, self.max, &mut collected.output.truncated);
-        Ok(())
-    }
-
-    async fn stderr(
-        self: Rc<Self>,
-        params: exec_output::StderrParams,
-        _: exec_output::StderrResults,
-    ) -> Result<(), capnp::Error> {
-        let data = params.get()?.get_data()?;
-        let collected = &mut *self.collected.borrow_mut();
-        keep(&mut collected.output.stderr, data, self.max, &mut collected.output.truncated);
-        Ok(())
-    }
-
-    async fn exit(
-        self: Rc<Self>,
-        params: exec_output::ExitParams,
-        _: exec_output::ExitResults,
-    ) -> Result<(), capnp::Error> {
-        {
-            let mut collected = self.collected.borrow_mut();
-            match ExecEnd::read(params.get()?)? {
-                ExecEnd::Error(error) => collected.error = Some(error),
-                ExecEnd::Signal(signal) => collected.output.signal = Some(signal),
-                ExecEnd::Code(code) => collected.output.exit_code = Some(code),
+/// The non-interactive exec on top of the interactive one (`streams`):
+/// writes `stdin`, closes it and collects what the command prints (at most
+/// `max` bytes of each stream) until it ends. Past `timeout` the stream is
+/// dropped, which kills the command (see [`ExecStream`]), and the answer
+/// is `Timeout`.
+pub(super) async fn collect(
+    stream: ExecStream,
+    stdin: Vec<u8>,
+    timeout: Duration,
+    max: usize,
+) -> Result<ExecOutput, SessionError> {
+    let ExecStream { mut events, inputs } = stream;
+    let run = async move {
+        // A command that ends before reading its stdin refuses it; its
+        // output and status still arrive below.
+        if !stdin.is_empty() {
+            let _ = inputs.send(ExecInput::Stdin(stdin)).await;
+        }
+        let _ = inputs.send(ExecInput::CloseStdin).await;
+        let mut output = ExecOutput::default();
+        while let Some(event) = events.recv().await {
+            match event {
+                ExecEvent::Stdout(data) => keep(&mut output.stdout, &data, max, &mut output.truncated),
+                ExecEvent::Stderr(data) => keep(&mut output.stderr, &data, max, &mut output.truncated),
+                ExecEvent::End(ExecEnd::Code(code)) => {
+                    output.exit_code = Some(code);
+                    return Ok(output);
+                }
+                ExecEvent::End(ExecEnd::Signal(signal)) => {
+                    output.signal = Some(signal);
+                    return Ok(output);
+                }
+                ExecEvent::End(ExecEnd::Error(message)) => {
+                    return Err(SessionError::Broker { kind: "invalid".into(), message });
+                }
             }
         }
-        if let Some(ended) = self.ended.borrow_mut().take() {
-            let _ = ended.send(());
-        }
-        Ok(())
-    }
-}
-
-async fn exec(
-    broker: &mm_protocols::broker_capnp::broker::Client,
-    name: &str,
-    request: ExecRequest,
-) -> Result<ExecOutput, SessionError> {
-    let vm = get_vm(broker, name).await?;
-    let collected = Rc::new(RefCell::new(Collected::default()));
-    let (tx, rx) = oneshot::channel();
-    let output: exec_output::Client = capnp_rpc::new_client(Collector {
-        collected: Rc::clone(&collected),
-        max: request.max_output,
-        ended: RefCell::new(Some(tx)),
-    });
-    let mut call = vm.exec_request();
-    mm_protocols::set_exec_command(call.get().init_request(), &request.argv, &request.env);
-    call.get().set_output(output);
-    let session = call.send().promise.await?.get()?.get_session()?;
-    let run = async {
-        if !request.stdin.is_empty() {
-            let mut write = session.stdin_request();
-            write.get().set_data(&request.stdin);
-            write.send().promise.await?;
-        }
-        session.close_stdin_request().send().promise.await?;
-        rx.await.map_err(|_| SessionError::Link("the exec session ended without an exit status".into()))
+        Err(SessionError::Link("the exec session ended without an exit status".into()))
     };
-    match tokio::time::timeout(request.timeout, run).await {
-        Ok(result) => result?,
-        Err(_) => {
-            let mut kill = session.signal_request();
-            kill.get().set_signal(9);
-            let _ = tokio::time::timeout(Duration::from_secs(5), kill.send().promise).await;
-            return Err(SessionError::Timeout(request.timeout));
-        }
-    }
-    let collected = std::mem::take(&mut *collected.borrow_mut());
-    match collected.error {
-        Some(error) => Err(SessionError::Broker { kind: "invalid".into(), message: error }),
-        None => Ok(collected.output),
-    }
+    tokio::time::timeout(timeout, run).await.map_err(|_| SessionError::Timeout(timeout))?
 }
 
 /// Keeps the last `max` bytes written to it.

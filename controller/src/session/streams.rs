@@ -425,4 +425,30 @@ mod tests {
             })
             .await;
     }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_collected_exec_gets_its_stdin_and_is_killed_at_its_timeout() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let seen = Rc::new(Seen::default());
+                let broker = connect(&seen);
+                let (events, events_rx) = mpsc::channel(STREAM_BUFFER);
+                let (inputs, inputs_rx) = mpsc::channel(STREAM_BUFFER);
+                let (reply, replied) = oneshot::channel();
+                let start = ExecStart { argv: vec!["cat".into()], ..ExecStart::default() };
+                let task = tokio::task::spawn_local(async move {
+                    exec_stream(&broker, "vm", start, events, inputs_rx, reply).await;
+                });
+                replied.await.unwrap().unwrap();
+                let stream = ExecStream { events: events_rx, inputs };
+                // The stand-in prints "hi" and never ends.
+                let timeout = Duration::from_millis(300);
+                let collected = super::super::ops::collect(stream, b"typed".to_vec(), timeout, 1).await;
+                assert!(matches!(collected, Err(SessionError::Timeout(t)) if t == timeout), "{collected:?}");
+                assert_eq!(seen.stdin.borrow().as_slice(), b"typed");
+                tokio::time::timeout(Duration::from_secs(5), task).await.expect("the exec task ends").unwrap();
+                assert_eq!(*seen.signals.borrow(), [SIGKILL]);
+            })
+            .await;
+    }
 }
