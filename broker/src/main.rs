@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp};
 use clap::Parser;
 use mm_protocols::rpc::vat_network;
+use mm_protocols::socket_path;
 use std::net::Ipv4Addr;
 
 use mm_broker::BrokerConfig;
@@ -222,9 +223,14 @@ async fn serve(config: Rc<BrokerConfig>, socket: PathBuf, cluster: Option<Cluste
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    // Only root may connect: the mode is set before the socket appears.
+    let listener = socket_path::bind_listening(&socket, |staging| {
+        let listener = std::os::unix::net::UnixListener::bind(staging)?;
+        std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
+    })
+    .with_context(|| format!("listening on {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), state_dir = %config.state_dir.display(), "mm-broker ready");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

@@ -25,6 +25,7 @@ use mm_devices::vsock::{VsockConfig, serve_vsock};
 use mm_jailer::{BindMount, SelfJail};
 use mm_policies::Policy;
 use mm_protocols::device_control::{self, SeqPacketListener};
+use mm_protocols::socket_path;
 
 /// Where the jailed copy finds the listening socket and the TAP.
 const JAILED_LISTEN_FD: RawFd = 4;
@@ -132,10 +133,8 @@ impl Endpoint {
     fn listener(&self) -> Result<UnixListener> {
         match (&self.listen_fd, &self.socket) {
             (Some(fd), None) => Ok(UnixListener::from(inherited(*fd, "--listen-fd")?)),
-            (None, Some(path)) => {
-                let _ = std::fs::remove_file(path);
-                UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
-            }
+            (None, Some(path)) => socket_path::bind_listening(path, |p| UnixListener::bind(p))
+                .with_context(|| format!("listening on {}", path.display())),
             _ => bail!("give exactly one of --listen-fd or --socket"),
         }
     }

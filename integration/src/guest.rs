@@ -150,8 +150,17 @@ impl RunningGuest {
                         return Ok(line);
                     }
                 }
-                Err(_) => {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
                     bail!("no console line with {needle:?} within {timeout:?}; console:\n{}", self.console.join("\n"))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // The console closed: mm-vmm ended; say how and why.
+                    let status = self.child.wait()?;
+                    let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+                    bail!(
+                        "mm-vmm ended ({status}) before printing {needle:?}; console:\n{}\nstderr:\n{stderr}",
+                        self.console.join("\n")
+                    )
                 }
             }
         }

@@ -34,6 +34,7 @@ pub mod exec_end;
 pub mod packet;
 #[cfg(feature = "rpc")]
 pub mod rpc;
+pub mod socket_path;
 pub mod vmm_control;
 
 /// The default path of the broker's unix socket.

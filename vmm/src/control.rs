@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mm_protocols::device_control::ProcessUsage;
+use mm_protocols::socket_path;
 use mm_protocols::vmm_control::{
     ControlError, DeviceStatus, Request, Response, SeqPacket, SeqPacketListener, VmmStatus,
 };
@@ -34,10 +35,7 @@ pub struct VmFacts {
 /// Binds or takes over the listener, then serves it on its own thread.
 pub fn serve(endpoint: &Endpoint, bus: Arc<Bus>, facts: VmFacts) -> std::io::Result<()> {
     let listener = match endpoint {
-        Endpoint::Path(path) => {
-            let _ = std::fs::remove_file(path);
-            SeqPacketListener::bind(path)
-        }
+        Endpoint::Path(path) => socket_path::bind_listening(path, SeqPacketListener::bind),
         Endpoint::Fd { .. } => SeqPacketListener::from_inherited(endpoint.take()?),
     }
     .map_err(std::io::Error::other)?;

@@ -70,13 +70,13 @@ pub struct Muxer {
 
 /// Binds `path`, replacing a stale socket left by a previous instance.
 fn listen(path: &Path) -> Result<UnixListener, MuxerError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(MuxerError::PathInUse { path: path.into() });
-        }
-        let _ = std::fs::remove_file(path);
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.file_type().is_socket()
+    {
+        return Err(MuxerError::PathInUse { path: path.into() });
     }
-    let listener = UnixListener::bind(path).map_err(|source| MuxerError::Listen { path: path.into(), source })?;
+    let listener = mm_protocols::socket_path::bind_listening(path, |p| UnixListener::bind(p))
+        .map_err(|source| MuxerError::Listen { path: path.into(), source })?;
     listener.set_nonblocking(true).map_err(|source| MuxerError::Listen { path: path.into(), source })?;
     Ok(listener)
 }
