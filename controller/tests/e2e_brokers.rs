@@ -397,7 +397,8 @@ async fn follow_ends(mut response: reqwest::Response) {
 }
 
 /// `mmctl --server`: exec forwards stdin and exits with the command's
-/// code; `logs -f` prints the console and keeps following.
+/// code, and `-it` behaves as a terminal; `logs -f` prints the console and
+/// keeps following.
 async fn mmctl_through_the_controller(c: &ControllerProcess, name: &str) {
     use std::io::{Read, Write};
     let mmctl = |args: &[&str]| {
@@ -412,6 +413,16 @@ async fn mmctl_through_the_controller(c: &ControllerProcess, name: &str) {
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!((out.status.code(), stdout.as_ref(), stderr.as_ref()), (Some(5), "got:piped-in\n", "err\n"));
+
+    // `exec -it` on a terminal: raw mode, resizes sent over the WebSocket.
+    let mut exec_it = Command::new(support::mmctl_binary());
+    exec_it.args(["--server", &c.base, "-n", "e2e", "exec", "-it", name, "--"]).env("MM_TOKEN", &c.token);
+    exec_it.env_remove("MM_SERVER").env_remove("MM_NAMESPACE");
+    tokio::task::spawn_blocking(move || {
+        mm_integration::pty::exec_it_behaves_like_a_terminal(exec_it, Duration::from_secs(60)).unwrap()
+    })
+    .await
+    .unwrap();
 
     let mut child = mmctl(&["logs", "-f", name]);
     let mut stdout = child.stdout.take().unwrap();

@@ -14,6 +14,7 @@ pub mod broker;
 pub mod devices;
 pub mod guest;
 pub mod netns;
+pub mod pty;
 
 /// The repository root (this crate lives in `integration/`).
 pub fn repo_root() -> PathBuf {

@@ -1,8 +1,8 @@
 //! mm-broker and mmctl end to end: real broker, real microVMs, real jails.
 //! Boots are slow on PVM hosts (~40 s), so one test walks a microVM
 //! through its whole life (run in the foreground, run detached, ps,
-//! inspect, logs, exec, device kills, broker restart, stop, start, rm) with
-//! three boots;
+//! inspect, logs, exec (also `-it` on a terminal), device kills, broker
+//! restart, stop, start, rm) with three boots;
 //! the bad-input test boots nothing.
 
 use std::io::Write;
@@ -101,6 +101,9 @@ fn a_microvm_lives_its_whole_life_through_mmctl() {
     let run = exec_when_ready(&broker, "bg", &["sh", "-c", "echo after-kills > /probe && sync && cat /probe"]);
     assert_eq!(run.status, Some(0), "exec after the device kills: {}", run.stderr);
     assert_eq!(run.stdout.trim(), "after-kills");
+    // `exec -it` as a person runs it, on a terminal: raw mode, resizes.
+    let exec_it = broker.mmctl_command(&["exec", "-it", "bg", "--"]).unwrap();
+    mm_integration::pty::exec_it_behaves_like_a_terminal(exec_it, QUICK).unwrap();
 
     // The broker dies and comes back: the microVM is re-adopted, and the
     // new broker controls it (mm-vmm's control socket takes its

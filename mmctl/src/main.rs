@@ -14,6 +14,7 @@ mod client;
 mod output;
 mod remote;
 mod streams;
+mod terminal;
 mod tunnel;
 
 use std::path::PathBuf;
@@ -104,7 +105,8 @@ enum Verb {
         /// Keep stdin open and forward it.
         #[arg(long, short = 'i')]
         interactive: bool,
-        /// Allocate a terminal.
+        /// Allocate a terminal of our size, following our resizes; with
+        /// -i and stdin a terminal, ours is raw while the command runs.
         #[arg(long, short = 't')]
         tty: bool,
         #[arg(long, short = 'e', value_parser = parse_env)]

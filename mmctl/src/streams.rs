@@ -11,6 +11,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
 use crate::client::{CliError, exit};
+use crate::terminal::{self, RawTerminal, WindowChanges};
 
 /// Writes what the broker sends to our stdout; `done` ends the wait.
 struct StdoutSink {
@@ -117,7 +118,7 @@ pub async fn exec(vm: &vm::Client, options: ExecOptions) -> Result<i32, CliError
         req.set_tty(options.tty);
         req.set_cwd(options.workdir.as_deref().unwrap_or(""));
         req.set_user(options.user.as_deref().unwrap_or(""));
-        let (rows, cols) = terminal_size().unwrap_or((24, 80));
+        let (rows, cols) = terminal::window_size().unwrap_or((24, 80));
         req.set_rows(rows);
         req.set_cols(cols);
         mm_protocols::set_exec_command(req, &options.command, &options.env);
@@ -125,6 +126,22 @@ pub async fn exec(vm: &vm::Client, options: ExecOptions) -> Result<i32, CliError
     request.get().set_output(output);
     let reply = request.send().promise.await?;
     let session = reply.get()?.get_session()?;
+    // Raw only while the command runs: dropped (restored) on every return.
+    let _raw = if options.tty && options.interactive { RawTerminal::for_stdin()? } else { None };
+    if options.tty {
+        let mut changes = WindowChanges::new()?;
+        let session = session.clone();
+        tokio::task::spawn_local(async move {
+            while let Some((rows, cols)) = changes.next().await {
+                let mut request = session.resize_request();
+                request.get().set_rows(rows);
+                request.get().set_cols(cols);
+                if request.send().promise.await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     if options.interactive {
         tokio::task::spawn_local(async move {
             let mut stdin = tokio::io::stdin();
@@ -151,14 +168,6 @@ pub async fn exec(vm: &vm::Client, options: ExecOptions) -> Result<i32, CliError
         Ok(end) => Ok(end.shell_code().unwrap_or(exit::ERROR)),
         Err(_) => Err(CliError::new(exit::ERROR, "the exec session ended without an exit status")),
     }
-}
-
-/// Rows and columns of our terminal, if stdout is one.
-pub(crate) fn terminal_size() -> Option<(u16, u16)> {
-    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
-    // SAFETY: TIOCGWINSZ writes one winsize into `size`, which we own.
-    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
-    (rc == 0 && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
 }
 
 /// Prints each pushed event: one JSON object per line (`-o json`: the

@@ -2,7 +2,8 @@
 //! in the controller's `api/exec_stream.rs` and README): the request as
 //! the first message, our stdin out on channel 0 (then close-stdin, 5),
 //! the command's stdout (1) and stderr (2) printed as they arrive, and its
-//! status (3) last. Our exit code is the command's, as with a local exec.
+//! status (3) last; with `-t`, our terminal's new size on channel 4 each
+//! time it changes. Our exit code is the command's, as with a local exec.
 
 use std::io::Write;
 
@@ -18,11 +19,13 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::http::{Api, ApiError, Problem};
 use crate::client::{CliError, exit};
+use crate::terminal::{self, RawTerminal, WindowChanges};
 
 const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 const STATUS: u8 = 3;
+const RESIZE: u8 = 4;
 const CLOSE_STDIN: u8 = 5;
 /// Stdin bytes per message (the controller takes up to 64 KiB).
 const STDIN_CHUNK: usize = 32 * 1024;
@@ -144,7 +147,7 @@ pub async fn exec(api: &Api, id: &str, request: ExecRequest) -> Result<i32, CliE
         first["env"] = Value::Object(request.env.into_iter().map(|(k, v)| (k, Value::String(v))).collect());
     }
     if request.tty {
-        let (rows, cols) = crate::streams::terminal_size().unwrap_or((24, 80));
+        let (rows, cols) = terminal::window_size().unwrap_or((24, 80));
         first["rows"] = json!(rows);
         first["cols"] = json!(cols);
     }
@@ -165,10 +168,16 @@ pub async fn exec(api: &Api, id: &str, request: ExecRequest) -> Result<i32, CliE
         out.send(framed(CLOSE_STDIN, &[])).await.map_err(|e| transport(api, e))?;
     }
 
+    // Raw only while the command runs: dropped (restored) on every return.
+    let _raw = if request.tty && request.stdin { RawTerminal::for_stdin()? } else { None };
+    let mut window_changes = if request.tty { Some(WindowChanges::new()?) } else { None };
     let mut status = None;
     let mut close = None;
     loop {
         tokio::select! {
+            Some((rows, cols)) = next_size(&mut window_changes) => {
+                let _ = out.send(framed(RESIZE, json!({ "rows": rows, "cols": cols }).to_string().as_bytes())).await;
+            }
             message = incoming.next() => match message {
                 Some(Ok(Message::Binary(data))) => match data.split_first() {
                     Some((&STDOUT, rest)) => {
@@ -208,6 +217,14 @@ pub async fn exec(api: &Api, id: &str, request: ExecRequest) -> Result<i32, CliE
         let _ = out.close().await;
     }
     finish(status, close)
+}
+
+/// The terminal's next size, or never without a terminal.
+async fn next_size(changes: &mut Option<WindowChanges>) -> Option<(u16, u16)> {
+    match changes {
+        Some(changes) => changes.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
