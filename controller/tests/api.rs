@@ -34,9 +34,16 @@ async fn namespace_and_machine_crud() {
     assert_eq!(m["config"]["guest"]["memory_mb"], 128);
     let id = m["id"].as_str().unwrap().to_owned();
     let path = format!("/v1/namespaces/prod/machines/{id}");
-    let again = s.post("/v1/namespaces/prod/machines", &root, spec("web2")).await;
+    assert_eq!(m["config"].get("ssh_keys"), None, "no keys, no field");
+    let mut with_key = spec("web2");
+    with_key["config"]["ssh_keys"] = json!(["ssh-ed25519 AAAAC3Nza test@example"]);
+    let again = s.post("/v1/namespaces/prod/machines", &root, with_key).await;
     let location = again.header("location").unwrap();
-    assert_eq!(s.get(location, &root).await.body["name"], "web2");
+    let web2 = s.get(location, &root).await.body;
+    assert_eq!(
+        (web2["name"].as_str(), &web2["config"]["ssh_keys"]),
+        (Some("web2"), &json!(["ssh-ed25519 AAAAC3Nza test@example"]))
+    );
     assert_eq!(s.delete(location, &root).await.body["state"], "destroyed");
     assert_eq!(s.get(&path, &root).await.body["name"], "web");
     // Names are unique among living machines.

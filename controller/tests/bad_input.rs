@@ -52,6 +52,11 @@ async fn bad_bodies_are_refused_and_change_nothing() {
     let mut bad_label = spec("a");
     bad_label["labels"] = json!({ "a key": "y" });
     s.send(create().json(&bad_label)).await.problem(422);
+    for keys in [json!(["ssh-ed25519 AAAA a\nssh-ed25519 BBBB b"]), json!([""]), json!(vec!["ssh-ed25519 A"; 65])] {
+        let mut bad_keys = spec("a");
+        bad_keys["config"]["ssh_keys"] = keys;
+        assert!(s.send(create().json(&bad_keys)).await.problem(422).contains("ssh_keys"));
+    }
     s.send(create().header("Idempotency-Key", "").json(&spec("a"))).await.problem(400);
 
     // Paths, methods and queries.
@@ -315,6 +320,30 @@ async fn streaming_exec_and_follow_refusals() {
     let good = json!({ "command": ["true"], "tty": true, "rows": 40, "cols": 100 }).to_string();
     let (status, code, _) = first_message_answer(&mut socket, Message::text(good)).await;
     assert_eq!((code, status["kind"].as_str()), (4503, Some("host-unavailable")), "{status}");
+
+    // The port tunnel: the same checks before the upgrade, a port that is
+    // none refused, and a clear close code when no connection can be made.
+    let port_path = |id: &str, port: &str| format!("/v1/namespaces/ns/machines/{id}/ports/{port}/ws");
+    let (status, _) = refused(websocket(&s, &port_path(started, "22"), &viewer).await);
+    assert_eq!(status, 403);
+    let (status, _) = refused(websocket(&s, &port_path(started, "22"), &stranger).await);
+    assert_eq!(status, 404);
+    let (status, body) = refused(websocket(&s, &port_path(created, "22"), &operator).await);
+    assert_eq!(status, 409, "{body:#}");
+    for (port, want) in [("0", 422), ("65536", 400), ("ssh", 400)] {
+        let (status, body) = refused(websocket(&s, &port_path(started, port), &operator).await);
+        assert_eq!(status, want, "port {port}: {body:#}");
+    }
+    assert!(s.get(&port_path(started, "22"), &operator).await.problem(426).contains("WebSocket"));
+    let mut socket = websocket(&s, &port_path(started, "22"), &operator).await.unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), futures::StreamExt::next(&mut socket)).await;
+    match answer.expect("an answer in time") {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 4503, "{frame:?}");
+            assert!(frame.reason.contains("broker session"), "{frame:?}");
+        }
+        other => panic!("expected a close with 4503, got {other:?}"),
+    }
 
     // The log follow: same rules as logs, and a clear word on a bad flag.
     let logs = |id: &str, query: &str| format!("/v1/namespaces/ns/machines/{id}/logs?{query}");

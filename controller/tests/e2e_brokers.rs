@@ -397,9 +397,9 @@ async fn follow_ends(mut response: reqwest::Response) {
 }
 
 /// `mmctl --server`: exec forwards stdin and exits with the command's
-/// code, and `-it` behaves as a terminal; `logs -f` prints the console and
-/// keeps following.
-async fn mmctl_through_the_controller(c: &ControllerProcess, name: &str) {
+/// code, and `-it` behaves as a terminal; `proxy` and `port-forward` reach
+/// a guest port; `logs -f` prints the console and keeps following.
+async fn mmctl_through_the_controller(c: &ControllerProcess, name: &str, key: &Path, home: &Path) {
     use std::io::{Read, Write};
     let mmctl = |args: &[&str]| {
         let mut command = Command::new(support::mmctl_binary());
@@ -413,6 +413,47 @@ async fn mmctl_through_the_controller(c: &ControllerProcess, name: &str) {
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!((out.status.code(), stdout.as_ref(), stderr.as_ref()), (Some(5), "got:piped-in\n", "err\n"));
+
+    // `proxy`: the machine's echo server on port 7000, through controller
+    // -> broker -> guest; our end of input ends the guest's `cat`, whose
+    // end ends mmctl.
+    let mut child = mmctl(&["proxy", name, "7000"]);
+    child.stdin.take().unwrap().write_all(b"through-the-tunnel\n").unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!((out.status.code(), stdout.as_ref()), (Some(0), "through-the-tunnel\n"), "{stderr}");
+
+    // `ssh`: OpenSSH with the machine's key, through `mmctl --server proxy`
+    // (its ProxyCommand), given the token in MM_TOKEN.
+    std::fs::create_dir_all(home).unwrap();
+    let mut ssh = Command::new(support::mmctl_binary());
+    ssh.args(["--server", &c.base, "-n", "e2e", "--token", &c.token, "ssh", "-i"]).arg(key);
+    ssh.args([name, "--", "echo ssh-through-the-controller; exit 3"]);
+    ssh.env("HOME", home).env_remove("MM_TOKEN").env_remove("MM_SERVER").env_remove("MM_NAMESPACE");
+    let out = tokio::task::spawn_blocking(move || ssh.stdin(Stdio::null()).output().unwrap()).await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!((out.status.code(), stdout.as_ref()), (Some(3), "ssh-through-the-controller\n"), "{stderr}");
+
+    // `port-forward`: a local port to the same server, two connections.
+    let mut child = mmctl(&["port-forward", name, "0:7000"]);
+    let mut first_line = String::new();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    tokio::task::block_in_place(|| std::io::BufRead::read_line(&mut stdout, &mut first_line)).unwrap();
+    let local = first_line.split_whitespace().nth(1).unwrap_or_default().to_owned();
+    assert!(first_line.starts_with("forwarding 127.0.0.1:"), "{first_line:?}");
+    for round in 0..2 {
+        let mut conn = tokio::net::TcpStream::connect(&local).await.unwrap();
+        let line = format!("forwarded-{round}\n");
+        tokio::io::AsyncWriteExt::write_all(&mut conn, line.as_bytes()).await.unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut conn).await.unwrap();
+        let mut echoed = String::new();
+        let read = tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut echoed);
+        tokio::time::timeout(Duration::from_secs(30), read).await.expect("the echo in time").unwrap();
+        assert_eq!(echoed, line);
+    }
+    // SAFETY: kill(2) on the mmctl child this test started, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
 
     // `exec -it` on a terminal: raw mode, resizes sent over the WebSocket.
     let mut exec_it = Command::new(support::mmctl_binary());
@@ -480,9 +521,12 @@ async fn machines_run_on_real_brokers_and_survive_losing_one() {
     assert_eq!(status, StatusCode::CREATED, "{body:#}");
 
     // Create: placed, launched, started.
+    let key = mm_integration::ssh_keygen(&scratch, "e2e-key").unwrap();
+    let public_key = std::fs::read_to_string(key.with_extension("pub")).unwrap();
     let spec = json!({ "name": "web", "config": { "image": "builtin", "guest": { "cpus": 1, "memory_mb": 256 },
-        "command": ["sh", "-c", "echo hello-from-the-machine; while true; do sleep 5; done"],
-        "env": { "GREETING": "bonjour" } } });
+        // An echo server on port 7000 for the port tunnel.
+        "command": ["sh", "-c", "nc -ll -p 7000 -e cat & echo hello-from-the-machine; while true; do sleep 5; done"],
+        "env": { "GREETING": "bonjour" }, "ssh_keys": [public_key.trim()] } });
     let (status, machine) = c.post("/v1/namespaces/e2e/machines", spec).await;
     assert_eq!(status, StatusCode::CREATED, "{machine:#}");
     let id = machine["id"].as_str().unwrap().to_owned();
@@ -506,7 +550,7 @@ async fn machines_run_on_real_brokers_and_survive_losing_one() {
     // --server riding on both (no extra microVM).
     streaming_exec(&c, &path).await;
     following_logs(&c, &path).await;
-    mmctl_through_the_controller(&c, "web").await;
+    mmctl_through_the_controller(&c, "web", &key, &scratch.path("home")).await;
     let peer = c.peer(&scratch).await;
     through_another_controller(&peer, &path).await;
 

@@ -138,3 +138,18 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Run> {
         elapsed: start.elapsed(),
     })
 }
+
+/// A fresh passphrase-less ed25519 key pair, `dir/name` and `dir/name.pub`.
+pub fn ssh_keygen(dir: &devices::Scratch, name: &str) -> Result<PathBuf> {
+    let key = dir.path(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .stdin(Stdio::null())
+        .status()
+        .context("running ssh-keygen (apt-get install openssh-client)")?;
+    if !status.success() {
+        bail!("ssh-keygen failed with {status}");
+    }
+    Ok(key)
+}

@@ -50,18 +50,6 @@ fn sh(broker: &TestBroker, vm: &str, script: &str) -> String {
     run.stdout
 }
 
-fn keygen(dir: &Scratch, name: &str) -> std::path::PathBuf {
-    let key = dir.path(name);
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&key)
-        .stdin(Stdio::null())
-        .status()
-        .expect("ssh-keygen (apt-get install openssh-client)");
-    assert!(status.success());
-    key
-}
-
 /// A plain OpenSSH client with the config `mmctl ssh --print-config` wrote.
 fn plain_ssh(config: &Path, home: &Path, key: &Path, host: &str, command: &str) -> mm_integration::Run {
     let mut cmd = Command::new("ssh");
@@ -100,8 +88,8 @@ fn microvms_get_addresses_reach_each_other_and_take_ssh_and_port_forwards() {
         return;
     }
     let scratch = Scratch::new("network-keys").unwrap();
-    let good = keygen(&scratch, "good");
-    let bad = keygen(&scratch, "bad");
+    let good = mm_integration::ssh_keygen(&scratch, "good").unwrap();
+    let bad = mm_integration::ssh_keygen(&scratch, "bad").unwrap();
     let home = scratch.path("home");
     std::fs::create_dir_all(&home).unwrap();
     let mut broker = TestBroker::start("net", &["--network-cidr", "10.123.0.0/24"]).unwrap();

@@ -339,15 +339,28 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             }
             Ok(failed.unwrap_or(0))
         }
-        Verb::Ssh { vm: None, .. } => tunnel::print_config(&list(&broker).await?, &socket),
-        Verb::Ssh { vm: Some(vm), print_config, user, identity, command } => {
-            let info = info(&get_vm(&broker, &vm).await?).await?;
-            if print_config {
-                return tunnel::print_config(&[info], &socket);
+        Verb::Ssh { vm, print_config, user, identity, command } => {
+            let route =
+                tunnel::ProxyRoute { flags: vec!["--socket".into(), socket.display().to_string()], token: None };
+            let vms = match &vm {
+                None => list(&broker).await?,
+                Some(vm) => vec![info(&get_vm(&broker, vm).await?).await?],
+            };
+            let targets: Vec<_> =
+                vms.iter().map(|vm| tunnel::SshTarget { id: &vm.id, name: &vm.name, address: &vm.ip }).collect();
+            match (vm, print_config) {
+                (Some(_), false) => Err(tunnel::ssh(&targets[0], &route, &user, identity.as_deref(), &command)),
+                _ => tunnel::print_config(&targets, &route),
             }
-            Err(tunnel::ssh(&info, &socket, &user, identity.as_deref(), &command))
         }
-        Verb::PortForward { vm, ports } => tunnel::port_forward(get_vm(&broker, &vm).await?, &vm, &ports).await,
+        Verb::PortForward { vm: name, ports } => {
+            let vm = get_vm(&broker, &name).await?;
+            tunnel::port_forward(&name, &ports, |port, reader, writer| {
+                let vm = vm.clone();
+                async move { tunnel::pump(&vm, port, reader, writer).await }
+            })
+            .await
+        }
         Verb::Proxy { vm, port } => tunnel::proxy(&get_vm(&broker, &vm).await?, port).await,
         Verb::Events => streams::follow_events(&broker, format).await,
         Verb::Stats { vm } => {

@@ -10,6 +10,7 @@
 mod exec_ws;
 mod http;
 mod streams;
+mod tunnel_ws;
 mod view;
 
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use serde_json::{Map, Value, json};
 use crate::Verb;
 use crate::client::{CliError, exit};
 use crate::output::Format;
+use crate::tunnel;
 use http::{Api, ApiError, decode};
 use view::{Machine, MachineList};
 
@@ -47,15 +49,18 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             if rm {
                 return Err(unsupported("--rm (removing a machine once it stops)"));
             }
-            if !ssh_keys.is_empty() {
-                return Err(unsupported("--ssh-key (SSH keys for a machine)"));
-            }
             let mut config = json!({ "image": image, "guest": { "cpus": cpus, "memory_mb": memory } });
             if !env.is_empty() {
                 config["env"] = Value::Object(env.into_iter().map(|(k, v)| (k, Value::String(v))).collect());
             }
             if !command.is_empty() {
                 config["command"] = json!(command);
+            }
+            // As locally: the given keys, or the user's ~/.ssh/id_*.pub.
+            let key_files = if ssh_keys.is_empty() { tunnel::default_ssh_keys() } else { ssh_keys };
+            let keys = tunnel::read_ssh_keys(&key_files)?;
+            if !keys.is_empty() {
+                config["ssh_keys"] = json!(keys);
             }
             let mut body = Map::new();
             if let Some(name) = name {
@@ -127,12 +132,46 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             let request = exec_ws::ExecRequest { command, env, stdin: interactive, tty, workdir, user };
             exec_ws::exec(&api, &machine.id, request).await
         }
-        Verb::Audit { .. } => Err(unsupported("audit logs (use GET .../machines/{id}/events)")),
+        Verb::Audit { vm } => {
+            // The controller's record of the machine: its state changes and
+            // why, one JSON object per line as the broker's audit log is
+            // printed (the broker's own log stays on its host).
+            let id = find(&api, &vm).await?.id;
+            let events: Value = api.get_json(Method::GET, api.machines_url(&[&id, "events"])).await?;
+            for event in events["events"].as_array().into_iter().flatten() {
+                println!("{event}");
+            }
+            Ok(0)
+        }
         Verb::Stats { .. } => Err(unsupported("stats")),
         Verb::Events => Err(unsupported("an event stream")),
-        Verb::Ssh { .. } => Err(unsupported("ssh")),
-        Verb::PortForward { .. } => Err(unsupported("port-forward")),
-        Verb::Proxy { .. } => Err(unsupported("proxy")),
+        Verb::Ssh { vm, print_config, user, identity, command } => {
+            let flags = vec!["--server".into(), target.server.clone(), "-n".into(), api.namespace.clone()];
+            let route = tunnel::ProxyRoute { flags, token: Some(api.token().to_owned()) };
+            let machines = match &vm {
+                None => list_all(&api).await?,
+                Some(vm) => vec![find(&api, vm).await?],
+            };
+            let targets: Vec<_> =
+                machines.iter().map(|m| tunnel::SshTarget { id: &m.id, name: &m.name, address: "" }).collect();
+            match (vm, print_config) {
+                (Some(_), false) => Err(tunnel::ssh(&targets[0], &route, &user, identity.as_deref(), &command)),
+                _ => tunnel::print_config(&targets, &route),
+            }
+        }
+        Verb::PortForward { vm, ports } => {
+            let id = find(&api, &vm).await?.id;
+            let api = std::rc::Rc::new(api);
+            tunnel::port_forward(&vm, &ports, |port, reader, writer| {
+                let (api, id) = (std::rc::Rc::clone(&api), id.clone());
+                async move { tunnel_ws::pump(&api, &id, port, reader, writer).await }
+            })
+            .await
+        }
+        Verb::Proxy { vm, port } => {
+            let id = find(&api, &vm).await?.id;
+            tunnel_ws::pump(&api, &id, port, tokio::io::stdin(), tokio::io::stdout()).await.map(|()| 0)
+        }
     }
 }
 

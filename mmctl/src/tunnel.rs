@@ -2,16 +2,19 @@
 //! host may have no route to: `mmctl proxy` (stdin/stdout, for ssh's
 //! `ProxyCommand`), `mmctl port-forward` (a listener on 127.0.0.1), and
 //! `mmctl ssh`, which runs the real OpenSSH client over `mmctl proxy`.
+//! With `--server` the same verbs go through the controller instead
+//! (`remote/tunnel_ws.rs`); the listener and the OpenSSH side are shared.
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use mm_protocols::broker_capnp::vm;
 use mm_protocols::byte_stream::{WriterSink, copy_into_sink};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::client::{CliError, exit};
-use crate::output::VmInfo;
 
 /// The guest's SSH server (mm-init's, or the image's own).
 pub const SSH_PORT: u16 = 22;
@@ -45,8 +48,13 @@ pub async fn proxy(vm: &vm::Client, port: u16) -> Result<i32, CliError> {
 }
 
 /// `mmctl port-forward VM [HOSTPORT:]GUESTPORT`: serves 127.0.0.1:HOSTPORT
-/// (0 or none: any free port, printed) until interrupted.
-pub async fn port_forward(vm: vm::Client, name: &str, spec: &str) -> Result<i32, CliError> {
+/// (0 or none: any free port, printed) until interrupted; `connect`
+/// carries each accepted connection to the guest's port.
+pub async fn port_forward<F, Fut>(name: &str, spec: &str, connect: F) -> Result<i32, CliError>
+where
+    F: Fn(u16, OwnedReadHalf, OwnedWriteHalf) -> Fut,
+    Fut: Future<Output = Result<(), CliError>> + 'static,
+{
     let (host_port, guest_port) = parse_forward(spec).map_err(|e| CliError::new(exit::INVALID, e))?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)))
         .await
@@ -60,10 +68,10 @@ pub async fn port_forward(vm: vm::Client, name: &str, spec: &str) -> Result<i32,
             accepted = listener.accept() => accepted.map_err(|e| CliError::new(exit::ERROR, format!("accept: {e}")))?,
             _ = tokio::signal::ctrl_c() => return Ok(0),
         };
-        let vm = vm.clone();
+        let (reader, writer) = stream.into_split();
+        let carried = connect(guest_port, reader, writer);
         tokio::task::spawn_local(async move {
-            let (reader, writer) = stream.into_split();
-            if let Err(e) = pump(&vm, guest_port, reader, writer).await {
+            if let Err(e) = carried.await {
                 eprintln!("mmctl: port-forward {peer}: {}", e.message);
             }
         });
@@ -95,36 +103,54 @@ fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// The OpenSSH options that reach `vm` through `mmctl proxy`.
-fn ssh_options(vm: &VmInfo, socket: &Path) -> Result<Vec<(String, String)>, CliError> {
+/// A microVM as `mmctl ssh` addresses it.
+pub struct SshTarget<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    /// Its IP, if known (only for the printed config's `HostName`).
+    pub address: &'a str,
+}
+
+/// How the `mmctl proxy` that OpenSSH runs reaches the microVM: the global
+/// flags it repeats (`--socket PATH`, or `--server URL -n NS`), and for
+/// `--server` the token, handed to it in `MM_TOKEN` (not on a command line
+/// other users can read).
+pub struct ProxyRoute {
+    pub flags: Vec<String>,
+    pub token: Option<String>,
+}
+
+/// The OpenSSH options that reach `target` through `mmctl proxy`.
+fn ssh_options(target: &SshTarget, route: &ProxyRoute) -> Result<Vec<(String, String)>, CliError> {
     let me = std::env::current_exe().map_err(|e| CliError::new(exit::ERROR, format!("finding mmctl itself: {e}")))?;
-    let proxy = format!(
-        "{} --socket {} proxy {} %p",
-        shell_quote(&me.to_string_lossy()),
-        shell_quote(&socket.to_string_lossy()),
-        vm.id
-    );
+    let mut proxy = shell_quote(&me.to_string_lossy());
+    for flag in &route.flags {
+        proxy.push(' ');
+        proxy.push_str(&shell_quote(flag));
+    }
+    proxy.push_str(&format!(" proxy {} %p", target.id));
     let known = known_hosts();
     if let Some(dir) = known.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     Ok(vec![
         ("ProxyCommand".into(), proxy),
-        ("HostKeyAlias".into(), format!("mm-{}", vm.id)),
+        ("HostKeyAlias".into(), format!("mm-{}", target.id)),
         ("UserKnownHostsFile".into(), known.to_string_lossy().into_owned()),
         ("StrictHostKeyChecking".into(), "accept-new".into()),
     ])
 }
 
 /// `mmctl ssh --print-config`: an `ssh_config` block per microVM, so
-/// `ssh -F FILE NAME.mm` works with a plain OpenSSH client.
-pub fn print_config(vms: &[VmInfo], socket: &Path) -> Result<i32, CliError> {
-    for vm in vms {
-        println!("Host {}.mm", vm.name);
-        println!("    HostName {}", if vm.ip.is_empty() { &vm.name } else { &vm.ip });
+/// `ssh -F FILE NAME.mm` works with a plain OpenSSH client (through a
+/// controller, with `MM_TOKEN` set where it runs).
+pub fn print_config(targets: &[SshTarget], route: &ProxyRoute) -> Result<i32, CliError> {
+    for target in targets {
+        println!("Host {}.mm", target.name);
+        println!("    HostName {}", if target.address.is_empty() { target.name } else { target.address });
         println!("    User root");
         println!("    Port {SSH_PORT}");
-        for (key, value) in ssh_options(vm, socket)? {
+        for (key, value) in ssh_options(target, route)? {
             println!("    {key} {value}");
         }
         println!();
@@ -134,20 +160,29 @@ pub fn print_config(vms: &[VmInfo], socket: &Path) -> Result<i32, CliError> {
 
 /// `mmctl ssh VM [-- CMD…]`: replaces mmctl with `ssh`, so the terminal,
 /// signals and the exit status are OpenSSH's own.
-pub fn ssh(vm: &VmInfo, socket: &Path, user: &str, identity: Option<&Path>, command: &[String]) -> CliError {
+pub fn ssh(
+    target: &SshTarget,
+    route: &ProxyRoute,
+    user: &str,
+    identity: Option<&Path>,
+    command: &[String],
+) -> CliError {
     use std::os::unix::process::CommandExt;
-    let options = match ssh_options(vm, socket) {
+    let options = match ssh_options(target, route) {
         Ok(options) => options,
         Err(e) => return e,
     };
     let mut cmd = std::process::Command::new("ssh");
+    if let Some(token) = &route.token {
+        cmd.env("MM_TOKEN", token);
+    }
     for (key, value) in options {
         cmd.arg("-o").arg(format!("{key}={value}"));
     }
     if let Some(identity) = identity {
         cmd.arg("-i").arg(identity).args(["-o", "IdentitiesOnly=yes"]);
     }
-    cmd.arg(format!("{user}@{}", vm.name));
+    cmd.arg(format!("{user}@{}", target.name));
     if !command.is_empty() {
         cmd.arg("--").args(command);
     }

@@ -197,6 +197,16 @@ pub fn exec_command_schema() -> Array {
     argv(1)
 }
 
+/// A machine's `config.ssh_keys` (see `validate::ssh_keys`).
+pub fn ssh_keys_schema() -> Array {
+    let key = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(8192))
+        .pattern(Some("^[^\\u0000-\\u001F\\u007F-\\u009F]+$"));
+    ArrayBuilder::new().items(key).max_items(Some(64)).build()
+}
+
 /// Labels and placement constraints (see `validate::labels`).
 pub fn labels_schema() -> Object {
     string_map("^[A-Za-z0-9._/-]{1,63}$", "^[^\\u0000-\\u001F\\u007F-\\u009F]*$", Some(255), 64)

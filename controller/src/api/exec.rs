@@ -91,15 +91,22 @@ pub(super) fn session_error(e: SessionError) -> ApiError {
     }
 }
 
-/// The host of a machine that can take an exec: 409 unless it is started.
-/// Both exec forms (this whole-answer one and the WebSocket) ask here.
-pub(super) async fn exec_host(state: &AppState, namespace: String, id: Uuid) -> Result<String, ApiError> {
+/// The host of a machine that can take an exec or a connection: 409
+/// unless it is started. Both exec forms (this whole-answer one and the
+/// WebSocket) and the port tunnel ask here; `what` is the verb phrase
+/// for the refusal ("exec in").
+pub(super) async fn started_host(
+    state: &AppState,
+    namespace: String,
+    id: Uuid,
+    what: &str,
+) -> Result<String, ApiError> {
     let row = state.db.run(move |c| store::get(c, &namespace, id)).await?;
     if row.state != MachineState::Started.as_str() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "invalid-state",
-            format!("cannot exec in a machine that is {}: it must be started", row.state),
+            format!("cannot {what} a machine that is {}: it must be started", row.state),
         ));
     }
     Ok(row.host_name.unwrap_or_default())
@@ -138,7 +145,7 @@ pub async fn exec(
     if !(1..=300).contains(&timeout) {
         return Err(ApiError::invalid("timeout must be 1 to 300 seconds"));
     }
-    let host = exec_host(&state, namespace.clone(), id).await?;
+    let host = started_host(&state, namespace.clone(), id, "exec in").await?;
     if let Some(peer) = forward::peer_for(&state, &host, &headers).await? {
         let path = format!("/v1/namespaces/{namespace}/machines/{id}/exec");
         let body = serde_json::to_vec(&body).expect("a plain struct serializes");

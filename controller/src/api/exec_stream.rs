@@ -65,13 +65,13 @@ pub mod channel {
 pub const MAX_MESSAGE: usize = 64 * 1024 + 1;
 /// What tungstenite itself accepts before it drops the connection without
 /// a word; below it, [`MAX_MESSAGE`] is enforced here with a clear reason.
-const HARD_MAX_MESSAGE: usize = 1024 * 1024;
+pub(super) const HARD_MAX_MESSAGE: usize = 1024 * 1024;
 /// How long the client has for its first message.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Close codes besides 4000 + HTTP status.
-const CLOSE_NORMAL: u16 = 1000;
-const CLOSE_TOO_BIG: u16 = 1009;
+pub(super) const CLOSE_NORMAL: u16 = 1000;
+pub(super) const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_INTERNAL: u16 = 1011;
 
 /// The first message: what to run.
@@ -158,26 +158,36 @@ pub async fn exec_ws(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(&namespace, Role::Operator)?;
-    let host = super::exec::exec_host(&state, namespace.clone(), id).await?;
-    let upgrade = match upgrade {
+    let host = super::exec::started_host(&state, namespace.clone(), id, "exec in").await?;
+    let upgrade = match upgrade_or_426(upgrade) {
         Ok(upgrade) => upgrade,
-        Err(rejection) => {
-            let detail = format!("this route speaks WebSocket only: {}", rejection.body_text());
-            let mut response = ApiError::new(StatusCode::UPGRADE_REQUIRED, "upgrade-required", detail).into_response();
-            response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            return Ok(response);
-        }
+        Err(response) => return Ok(*response),
     };
     if let Some(peer) = forward::peer_for(&state, &host, &headers).await? {
         let path = format!("/v1/namespaces/{namespace}/machines/{id}/exec/ws");
         return forward::websocket(&state, &peer, &host, &path, &headers, upgrade, HARD_MAX_MESSAGE).await;
     }
     let hub = state.hub.clone();
-    Ok(upgrade
-        .max_message_size(HARD_MAX_MESSAGE)
-        .max_frame_size(HARD_MAX_MESSAGE)
-        .on_upgrade(move |socket| serve(socket, hub, host, id.to_string())))
+    Ok(limited(upgrade).on_upgrade(move |socket| serve(socket, hub, host, id.to_string())))
+}
+
+/// The upgrade, or 426 with the headers that say which protocol to use.
+pub(super) fn upgrade_or_426(
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, Box<Response>> {
+    upgrade.map_err(|rejection| {
+        let detail = format!("this route speaks WebSocket only: {}", rejection.body_text());
+        let mut response = ApiError::new(StatusCode::UPGRADE_REQUIRED, "upgrade-required", detail).into_response();
+        response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        Box::new(response)
+    })
+}
+
+/// The upgrade with tungstenite's own limits above [`MAX_MESSAGE`], so a
+/// longer message gets a clear close rather than a dropped connection.
+pub(super) fn limited(upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
+    upgrade.max_message_size(HARD_MAX_MESSAGE).max_frame_size(HARD_MAX_MESSAGE)
 }
 
 /// A refusal or failure to tell the client: its status frame and close code.
@@ -222,7 +232,7 @@ pub(super) fn close_reason(text: &str) -> String {
     text[..end].to_owned()
 }
 
-async fn close<S>(sink: &mut S, code: u16, reason: &str)
+pub(super) async fn close<S>(sink: &mut S, code: u16, reason: &str)
 where
     S: futures::Sink<Message> + Unpin,
 {

@@ -55,6 +55,11 @@ pub struct MachineConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(schema_with = super::document::command_schema)]
     pub command: Vec<String>,
+    /// authorized_keys lines (`ssh-ed25519 AAAA… comment`) the guest's SSH
+    /// server accepts for root: `mmctl --server ssh` logs in with one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = super::document::ssh_keys_schema)]
+    pub ssh_keys: Vec<String>,
 }
 
 /// Where the machine may run.
@@ -153,6 +158,7 @@ pub fn view(row: MachineRow) -> Result<Machine, ApiError> {
             guest: Guest { cpus: row.cpus, memory_mb: row.memory_mb },
             env: string_map(&row.env),
             command: string_list(&row.command),
+            ssh_keys: string_list(&row.ssh_keys),
         },
         labels: string_map(&row.labels),
         placement: Placement { host_labels: string_map(&row.host_labels) },
@@ -182,6 +188,7 @@ fn check(body: &CreateMachine) -> Result<(), ApiError> {
     }
     validate::env(&body.config.env)?;
     validate::command("config.command", &body.config.command)?;
+    validate::ssh_keys(&body.config.ssh_keys)?;
     validate::labels("labels", &body.labels)?;
     validate::labels("placement.host_labels", &body.placement.host_labels)
 }
@@ -219,6 +226,7 @@ pub async fn create(
         memory_mb: body.config.guest.memory_mb,
         env: body.config.env,
         command: body.config.command,
+        ssh_keys: body.config.ssh_keys,
         labels: body.labels,
         host_labels: body.placement.host_labels,
         idempotency,

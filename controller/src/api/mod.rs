@@ -17,6 +17,7 @@ pub mod machines;
 pub mod namespaces;
 pub mod problem;
 pub mod tokens;
+pub mod tunnel;
 pub mod validate;
 
 use std::sync::Arc;
@@ -101,6 +102,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(exec::exec))
         .routes(routes!(exec_stream::exec_ws))
         .routes(routes!(exec::logs))
+        .routes(routes!(tunnel::connect_ws))
         .routes(routes!(leases::get_lease, leases::acquire_lease, leases::release_lease))
         .routes(routes!(hosts::list, hosts::register))
         .routes(routes!(hosts::get))

@@ -104,6 +104,20 @@ pub fn command(what: &str, argv: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// authorized_keys lines: at most 64, each 1 to 8192 characters on one
+/// line (no control characters). Their syntax is the guest's to judge: a
+/// line it cannot read is reported on its console and skipped.
+pub fn ssh_keys(keys: &[String]) -> Result<(), ApiError> {
+    if keys.len() > 64 {
+        return Err(ApiError::invalid("config.ssh_keys has more than 64 keys"));
+    }
+    let bad = |k: &String| k.is_empty() || k.chars().count() > 8192 || k.chars().any(char::is_control);
+    if keys.iter().any(bad) {
+        return Err(ApiError::invalid("config.ssh_keys: each key is 1 to 8192 characters on one line"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

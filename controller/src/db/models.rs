@@ -65,6 +65,8 @@ pub struct MachineRow {
     /// The drain stopped it on its draining host; start it again where it
     /// moves.
     pub drain_restart: bool,
+    /// A JSON array of authorized_keys lines for the guest's SSH server.
+    pub ssh_keys: serde_json::Value,
 }
 
 impl MachineRow {
@@ -92,6 +94,7 @@ pub struct NewMachine {
     pub host_labels: serde_json::Value,
     pub host_name: Option<String>,
     pub command: serde_json::Value,
+    pub ssh_keys: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]

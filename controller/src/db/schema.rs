@@ -49,6 +49,7 @@ diesel::table! {
         updated_at -> Timestamptz,
         command -> Jsonb,
         drain_restart -> Bool,
+        ssh_keys -> Jsonb,
     }
 }
 

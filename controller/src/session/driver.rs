@@ -282,6 +282,11 @@ async fn create(link: &HostLink, row: &MachineRow) -> Result<(), SessionError> {
         for (i, arg) in command.iter().enumerate() {
             argv.set(i as u32, arg);
         }
+        let keys = string_list(&row.ssh_keys);
+        let mut list = spec.reborrow().init_ssh_keys(keys.len() as u32);
+        for (i, key) in keys.iter().enumerate() {
+            list.set(i as u32, key);
+        }
         let env = string_map(&row.env);
         let mut vars = spec.init_env(env.len() as u32);
         for (i, (key, value)) in env.iter().enumerate() {

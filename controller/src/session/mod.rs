@@ -27,6 +27,7 @@ pub mod ops;
 pub mod server;
 pub mod streams;
 pub mod tls;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -37,6 +38,7 @@ use crate::db::Db;
 pub use ops::{ExecOutput, ExecRequest};
 pub use streams::{Chunk, ExecEvent, ExecInput, ExecStart, ExecStream};
 pub use tls::{TlsError, TlsFiles};
+pub use tunnel::{Tunnel, TunnelData};
 
 /// Where brokers dial in.
 #[derive(Debug, Clone)]
@@ -121,6 +123,14 @@ pub(crate) enum Command {
         start: ExecStart,
         events: mpsc::Sender<ExecEvent>,
         inputs: mpsc::Receiver<ExecInput>,
+        reply: oneshot::Sender<Result<(), SessionError>>,
+    },
+    Connect {
+        host: String,
+        machine: String,
+        port: u16,
+        from_guest: mpsc::Sender<TunnelData>,
+        to_guest: mpsc::Receiver<TunnelData>,
         reply: oneshot::Sender<Result<(), SessionError>>,
     },
 }
@@ -222,5 +232,23 @@ impl Hub {
         let (inputs, inputs_rx) = mpsc::channel(streams::STREAM_BUFFER);
         self.ask(|reply| Command::ExecStream { host, machine, start, events, inputs: inputs_rx, reply }).await?;
         Ok(ExecStream { events: events_rx, inputs })
+    }
+
+    /// Opens a TCP connection to `port` of `machine`'s guest on `host`,
+    /// made by its broker; answers once connected.
+    pub async fn connect(&self, host: &str, machine: &str, port: u16) -> Result<Tunnel, SessionError> {
+        let (host, machine) = (host.to_owned(), machine.to_owned());
+        let (from_guest_tx, from_guest) = mpsc::channel(streams::STREAM_BUFFER);
+        let (to_guest, to_guest_rx) = mpsc::channel(streams::STREAM_BUFFER);
+        self.ask(|reply| Command::Connect {
+            host,
+            machine,
+            port,
+            from_guest: from_guest_tx,
+            to_guest: to_guest_rx,
+            reply,
+        })
+        .await?;
+        Ok(Tunnel { from_guest, to_guest })
     }
 }

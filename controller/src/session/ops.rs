@@ -67,6 +67,12 @@ pub(super) async fn handle(local: Rc<Local>, command: Command) {
                 let _ = reply.send(Err(SessionError::NotConnected(host)));
             }
         },
+        Command::Connect { host, machine, port, from_guest, to_guest, reply } => match local.link(&host) {
+            Some(link) => super::tunnel::connect(&link.broker, &machine, port, from_guest, to_guest, reply).await,
+            None => {
+                let _ = reply.send(Err(SessionError::NotConnected(host)));
+            }
+        },
     }
 }
 

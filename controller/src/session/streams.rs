@@ -75,26 +75,42 @@ pub struct ExecStream {
 /// A failure of the link part-way through a follow.
 pub type Chunk = Result<Vec<u8>, SessionError>;
 
-/// Forwards the console into `chunks`; `done` ends the follow.
-struct ChannelSink {
-    chunks: mpsc::Sender<Chunk>,
+/// A `ByteSink` into a channel (a console follow's chunks, a tunnel's bytes
+/// from the guest): each `write` waits for room before it returns, which
+/// is the flow control; `done` sends the end, if the stream has one, and
+/// lets go of the channel.
+pub(super) struct ChannelSink<T> {
+    out: RefCell<Option<mpsc::Sender<T>>>,
+    bytes: fn(Vec<u8>) -> T,
+    end: Option<fn() -> T>,
+}
+
+impl<T> ChannelSink<T> {
+    pub(super) fn new(out: mpsc::Sender<T>, bytes: fn(Vec<u8>) -> T, end: Option<fn() -> T>) -> Self {
+        ChannelSink { out: RefCell::new(Some(out)), bytes, end }
+    }
 }
 
 fn gone() -> capnp::Error {
     capnp::Error::disconnected("the HTTP client went away".into())
 }
 
-impl byte_sink::Server for ChannelSink {
+impl<T: 'static> byte_sink::Server for ChannelSink<T> {
     async fn write(
         self: Rc<Self>,
         params: byte_sink::WriteParams,
         _: byte_sink::WriteResults,
     ) -> Result<(), capnp::Error> {
         let data = params.get()?.get_data()?.to_vec();
-        self.chunks.send(Ok(data)).await.map_err(|_| gone())
+        let out = self.out.borrow().clone().ok_or_else(gone)?;
+        out.send((self.bytes)(data)).await.map_err(|_| gone())
     }
 
     async fn done(self: Rc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> Result<(), capnp::Error> {
+        let out = self.out.borrow_mut().take();
+        if let (Some(out), Some(end)) = (out, self.end) {
+            let _ = out.send(end()).await;
+        }
         Ok(())
     }
 }
@@ -121,7 +137,7 @@ pub(super) async fn follow_logs(
     }
     let mut call = vm.logs_request();
     call.get().set_follow(true);
-    call.get().set_sink(capnp_rpc::new_client(ChannelSink { chunks: chunks.clone() }));
+    call.get().set_sink(capnp_rpc::new_client(ChannelSink::new(chunks.clone(), Ok, None)));
     tokio::select! {
         result = call.send().promise => {
             if let Err(e) = result {

@@ -27,6 +27,8 @@ pub struct CreateMachine {
     pub env: BTreeMap<String, String>,
     /// The workload's argv; empty for the image's default.
     pub command: Vec<String>,
+    /// authorized_keys lines for the guest's SSH server.
+    pub ssh_keys: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub host_labels: BTreeMap<String, String>,
     /// The `Idempotency-Key` and a digest of the request it came with.
@@ -114,6 +116,7 @@ pub fn create(conn: &mut PgConnection, req: CreateMachine) -> Result<Created, St
                 host_labels: json_map(&req.host_labels),
                 host_name: Some(host.clone()),
                 command: serde_json::json!(req.command),
+                ssh_keys: serde_json::json!(req.ssh_keys),
             })
             .returning(MachineRow::as_returning())
             .get_result(conn)?;

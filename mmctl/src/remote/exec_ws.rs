@@ -50,23 +50,23 @@ struct Status {
     kind: Option<String>,
 }
 
-fn transport(api: &Api, e: tungstenite::Error) -> CliError {
+pub fn transport(api: &Api, what: &str, e: tungstenite::Error) -> CliError {
     let unreachable = matches!(e, tungstenite::Error::Io(_) | tungstenite::Error::Tls(_) | tungstenite::Error::Url(_));
-    ApiError::Transport { message: format!("exec through mm-controller at {}: {e}", api.base()), unreachable }.into()
+    ApiError::Transport { message: format!("{what} through mm-controller at {}: {e}", api.base()), unreachable }.into()
 }
 
 /// A refusal of the upgrade: the controller's problem document, like any
 /// other call's.
-fn refused(response: &tungstenite::http::Response<Option<Vec<u8>>>) -> CliError {
+fn refused(response: &tungstenite::http::Response<Option<Vec<u8>>>, what: &str) -> CliError {
     let body = response.body().as_deref().unwrap_or_default();
     let problem = serde_json::from_slice::<Problem>(body).unwrap_or_else(|_| Problem {
         status: response.status().as_u16(),
-        detail: format!("the controller refused the exec: HTTP {}", response.status()),
+        detail: format!("the controller refused {what}: HTTP {}", response.status()),
         ..Problem::default()
     });
     let e = ApiError::Problem(problem);
     if e.is_no_route() {
-        return CliError::new(exit::UNSUPPORTED, "the controller does not offer a streaming exec yet");
+        return CliError::new(exit::UNSUPPORTED, format!("the controller does not offer {what} yet"));
     }
     e.into()
 }
@@ -123,23 +123,33 @@ fn framed(channel: u8, data: &[u8]) -> Message {
     Message::Binary(frame.into())
 }
 
-/// Runs the command and returns its exit code (128 + N after signal N).
-pub async fn exec(api: &Api, id: &str, request: ExecRequest) -> Result<i32, CliError> {
-    let mut url = api.machines_url(&[id, "exec", "ws"]);
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the machine route `rest` (under `.../machines/`) as a WebSocket
+/// with our token; a refused upgrade is the controller's problem, and a
+/// route it does not have says it does not offer `what` yet.
+pub async fn open(api: &Api, rest: &[&str], what: &str) -> Result<Socket, CliError> {
+    let mut url = api.machines_url(rest);
     let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
     url.set_scheme(scheme).map_err(|()| CliError::new(exit::INVALID, format!("cannot make {url} a WebSocket URL")))?;
-    let mut upgrade = url.as_str().into_client_request().map_err(|e| transport(api, e))?;
+    let mut upgrade = url.as_str().into_client_request().map_err(|e| transport(api, what, e))?;
     let bearer = HeaderValue::from_str(&format!("Bearer {}", api.token()))
         .map_err(|_| CliError::new(exit::NOT_AUTHORIZED, "the token is not a valid header value"))?;
     upgrade.headers_mut().insert(header::AUTHORIZATION, bearer);
     upgrade
         .headers_mut()
         .insert(header::USER_AGENT, HeaderValue::from_static(concat!("mmctl/", env!("CARGO_PKG_VERSION"))));
-    let (socket, _) = match tokio_tungstenite::connect_async(upgrade).await {
-        Ok(connected) => connected,
-        Err(tungstenite::Error::Http(response)) => return Err(refused(&response)),
-        Err(e) => return Err(transport(api, e)),
-    };
+    match tokio_tungstenite::connect_async(upgrade).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tungstenite::Error::Http(response)) => Err(refused(&response, what)),
+        Err(e) => Err(transport(api, what, e)),
+    }
+}
+
+/// Runs the command and returns its exit code (128 + N after signal N).
+pub async fn exec(api: &Api, id: &str, request: ExecRequest) -> Result<i32, CliError> {
+    let what = "a streaming exec";
+    let socket = open(api, &[id, "exec", "ws"], what).await?;
     let (mut out, mut incoming) = socket.split();
 
     let mut first = json!({ "command": request.command, "tty": request.tty });
@@ -157,7 +167,7 @@ pub async fn exec(api: &Api, id: &str, request: ExecRequest) -> Result<i32, CliE
     if let Some(user) = request.user {
         first["user"] = json!(user);
     }
-    out.send(Message::Text(first.to_string().into())).await.map_err(|e| transport(api, e))?;
+    out.send(Message::Text(first.to_string().into())).await.map_err(|e| transport(api, what, e))?;
 
     let (stdin_tx, mut stdin_rx) = mpsc::channel(4);
     let mut stdin_open = request.stdin;
@@ -165,7 +175,7 @@ pub async fn exec(api: &Api, id: &str, request: ExecRequest) -> Result<i32, CliE
         tokio::spawn(read_stdin(stdin_tx));
     } else {
         drop(stdin_tx);
-        out.send(framed(CLOSE_STDIN, &[])).await.map_err(|e| transport(api, e))?;
+        out.send(framed(CLOSE_STDIN, &[])).await.map_err(|e| transport(api, what, e))?;
     }
 
     // Raw only while the command runs: dropped (restored) on every return.
@@ -196,7 +206,7 @@ pub async fn exec(api: &Api, id: &str, request: ExecRequest) -> Result<i32, CliE
                     break;
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) if status.is_none() => return Err(transport(api, e)),
+                Some(Err(e)) if status.is_none() => return Err(transport(api, what, e)),
                 Some(Err(_)) | None => break,
             },
             chunk = stdin_rx.recv(), if stdin_open => {
