@@ -1,0 +1,3 @@
+//! Parts of `e2e_brokers.rs` kept in their own files.
+
+pub mod mmctl;
