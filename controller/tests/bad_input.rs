@@ -321,6 +321,12 @@ async fn streaming_exec_and_follow_refusals() {
     let (status, code, _) = first_message_answer(&mut socket, Message::text(good)).await;
     assert_eq!((code, status["kind"].as_str()), (4503, Some("host-unavailable")), "{status}");
 
+    // Stats: a viewer's, of a started machine only, 503 without a session.
+    let stats = |id: &str| format!("/v1/namespaces/ns/machines/{id}/stats");
+    assert!(s.get(&stats(created), &viewer).await.problem(409).contains("must be started"));
+    s.get(&stats(started), &stranger).await.problem(404);
+    s.get(&stats(started), &viewer).await.problem(503);
+
     // The port tunnel: the same checks before the upgrade, a port that is
     // none refused, and a clear close code when no connection can be made.
     let port_path = |id: &str, port: &str| format!("/v1/namespaces/ns/machines/{id}/ports/{port}/ws");

@@ -29,6 +29,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/exec/ws"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/logs"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/ports/{port}/ws"),
+    ("GET", "/v1/namespaces/{namespace}/machines/{id}/stats"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/lease"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/lease"),
     ("DELETE", "/v1/namespaces/{namespace}/machines/{id}/lease"),

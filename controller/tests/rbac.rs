@@ -100,6 +100,7 @@ fn routes() -> Vec<Route> {
         // The WebSocket exec: checked like exec before the upgrade.
         r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/exec/ws", None, InNamespace(Operator), Prep::Machine, 409),
         r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/logs", None, InNamespace(Viewer), Prep::Machine, 409),
+        r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/stats", None, InNamespace(Viewer), Prep::Machine, 409),
         // The port tunnel: like the WebSocket exec.
         r(
             Method::GET,

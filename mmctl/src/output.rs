@@ -1,7 +1,7 @@
 //! Printing microVMs as a table or as JSON (`--output`).
 
 use mm_protocols::broker_capnp::{process_stats, vm_info};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -121,13 +121,15 @@ pub fn print_one(vm: &VmInfo, format: Format) {
     }
 }
 
-/// One process of `mmctl stats`.
-#[derive(Debug, Serialize)]
+/// One process of `mmctl stats` (also as the controller's
+/// `GET .../stats` answers it, where `error` is left out when empty).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ProcessStats {
     pub role: String,
     pub pid: i32,
     pub restarts: u32,
     /// Why the process did not answer; empty if it did.
+    #[serde(default)]
     pub error: String,
     pub uptime_ms: u64,
     pub user_cpu_ms: u64,

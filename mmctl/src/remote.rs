@@ -143,7 +143,16 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             }
             Ok(0)
         }
-        Verb::Stats { .. } => Err(unsupported("stats")),
+        Verb::Stats { vm } => {
+            #[derive(serde::Deserialize)]
+            struct Stats {
+                processes: Vec<crate::output::ProcessStats>,
+            }
+            let id = find(&api, &vm).await?.id;
+            let stats: Stats = api.get_json(Method::GET, api.machines_url(&[&id, "stats"])).await?;
+            crate::output::print_stats(&stats.processes, format);
+            Ok(0)
+        }
         Verb::Events => Err(unsupported("an event stream")),
         Verb::Ssh { vm, print_config, user, identity, command } => {
             let flags = vec!["--server".into(), target.server.clone(), "-n".into(), api.namespace.clone()];

@@ -16,6 +16,7 @@ pub mod leases;
 pub mod machines;
 pub mod namespaces;
 pub mod problem;
+pub mod stats;
 pub mod tokens;
 pub mod tunnel;
 pub mod validate;
@@ -103,6 +104,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(exec_stream::exec_ws))
         .routes(routes!(exec::logs))
         .routes(routes!(tunnel::connect_ws))
+        .routes(routes!(stats::stats))
         .routes(routes!(leases::get_lease, leases::acquire_lease, leases::release_lease))
         .routes(routes!(hosts::list, hosts::register))
         .routes(routes!(hosts::get))

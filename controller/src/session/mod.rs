@@ -35,7 +35,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::db::Db;
-pub use ops::{ExecOutput, ExecRequest};
+pub use ops::{ExecOutput, ExecRequest, ProcessStats};
 pub use streams::{Chunk, ExecEvent, ExecInput, ExecStart, ExecStream};
 pub use tls::{TlsError, TlsFiles};
 pub use tunnel::{Tunnel, TunnelData};
@@ -110,6 +110,11 @@ pub(crate) enum Command {
         machine: String,
         max_bytes: usize,
         reply: oneshot::Sender<Result<Vec<u8>, SessionError>>,
+    },
+    Stats {
+        host: String,
+        machine: String,
+        reply: oneshot::Sender<Result<Vec<ProcessStats>, SessionError>>,
     },
     FollowLogs {
         host: String,
@@ -211,6 +216,12 @@ impl Hub {
     pub async fn logs(&self, host: &str, machine: &str, max_bytes: usize) -> Result<Vec<u8>, SessionError> {
         let (host, machine) = (host.to_owned(), machine.to_owned());
         self.ask(|reply| Command::Logs { host, machine, max_bytes, reply }).await
+    }
+
+    /// How each process of `machine`'s microVM on `host` is doing.
+    pub async fn stats(&self, host: &str, machine: &str) -> Result<Vec<ProcessStats>, SessionError> {
+        let (host, machine) = (host.to_owned(), machine.to_owned());
+        self.ask(|reply| Command::Stats { host, machine, reply }).await
     }
 
     /// Follows the console of `machine`'s microVM on `host` from its start

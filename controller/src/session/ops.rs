@@ -17,6 +17,9 @@ use super::{Command, SessionError};
 
 /// How long fetching a console log may take.
 const LOGS_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long asking a microVM's processes how they are doing may take (the
+/// broker gives each of them 2 s).
+const STATS_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A command to run in a guest.
 #[derive(Debug, Clone)]
@@ -51,6 +54,13 @@ pub(super) async fn handle(local: Rc<Local>, command: Command) {
         Command::Logs { host, machine, max_bytes, reply } => {
             let result = match local.link(&host) {
                 Some(link) => logs(&link.broker, &machine, max_bytes).await,
+                None => Err(SessionError::NotConnected(host)),
+            };
+            let _ = reply.send(result);
+        }
+        Command::Stats { host, machine, reply } => {
+            let result = match local.link(&host) {
+                Some(link) => stats(&link.broker, &machine).await,
                 None => Err(SessionError::NotConnected(host)),
             };
             let _ = reply.send(result);
@@ -160,6 +170,53 @@ impl byte_sink::Server for Tail {
     async fn done(self: Rc<Self>, _: byte_sink::DoneParams, _: byte_sink::DoneResults) -> Result<(), capnp::Error> {
         Ok(())
     }
+}
+
+/// How one process of a microVM is doing (`ProcessStats` in
+/// `broker.capnp`, answered by the process itself over its control
+/// channel).
+#[derive(Debug, Clone, Default)]
+pub struct ProcessStats {
+    /// `vmm`, or the device's role (`block-rw`, `net`, `vsock`).
+    pub role: String,
+    pub pid: i32,
+    pub restarts: u32,
+    /// Why the process did not answer; empty if it did.
+    pub error: String,
+    pub uptime_ms: u64,
+    pub user_cpu_ms: u64,
+    pub system_cpu_ms: u64,
+    pub max_rss_kib: u64,
+    pub reconnects: u32,
+}
+
+async fn stats(
+    broker: &mm_protocols::broker_capnp::broker::Client,
+    name: &str,
+) -> Result<Vec<ProcessStats>, SessionError> {
+    let fetch = async {
+        let vm = get_vm(broker, name).await?;
+        let reply = vm.stats_request().send().promise.await?;
+        let mut processes = Vec::new();
+        for p in reply.get()?.get_processes()?.iter() {
+            let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, SessionError> {
+                Ok(t?.to_string().unwrap_or_default())
+            };
+            processes.push(ProcessStats {
+                role: text(p.get_role())?,
+                pid: p.get_pid(),
+                restarts: p.get_restarts(),
+                error: text(p.get_error())?,
+                uptime_ms: p.get_uptime_ms(),
+                user_cpu_ms: p.get_user_cpu_ms(),
+                system_cpu_ms: p.get_system_cpu_ms(),
+                max_rss_kib: p.get_max_rss_kib(),
+                reconnects: p.get_reconnects(),
+            });
+        }
+        Ok(processes)
+    };
+    tokio::time::timeout(STATS_TIMEOUT, fetch).await.map_err(|_| SessionError::Timeout(STATS_TIMEOUT))?
 }
 
 async fn logs(

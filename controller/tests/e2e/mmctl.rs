@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use crate::support;
 
 /// `mmctl --server`: exec forwards stdin and exits with the command's
-/// code, and `-it` behaves as a terminal; `proxy` and `port-forward` reach
-/// a guest port; `logs -f` prints the console and keeps following.
+/// code, and `-it` behaves as a terminal; `stats` hears from every
+/// process; `proxy`, `port-forward` and `ssh` reach guest ports; `logs -f`
+/// prints the console and keeps following.
 pub async fn through_the_controller(base: &str, token: &str, name: &str, key: &Path, home: &Path) {
     use std::io::{Read, Write};
     let mmctl = |args: &[&str]| {
@@ -25,6 +26,18 @@ pub async fn through_the_controller(base: &str, token: &str, name: &str, key: &P
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!((out.status.code(), stdout.as_ref(), stderr.as_ref()), (Some(5), "got:piped-in\n", "err\n"));
+
+    // `stats`: every process of the microVM answers for itself.
+    let child = mmctl(&["stats", "-o", "json", name]);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let roles: Vec<&str> = stats.iter().filter_map(|p| p["role"].as_str()).collect();
+    assert!(roles.contains(&"vmm") && roles.len() >= 3, "{stats:#?}");
+    for process in &stats {
+        assert_eq!(process["error"], "", "{process:#}");
+        assert!(process["pid"].as_i64() > Some(0) && process["max_rss_kib"].as_u64() > Some(0), "{process:#}");
+    }
 
     // `proxy`: the machine's echo server on port 7000, through controller
     // -> broker -> guest; our end of input ends the guest's `cat`, whose
