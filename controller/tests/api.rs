@@ -275,6 +275,61 @@ async fn wait_returns_on_the_state_and_408_on_timeout() {
     s.get(&format!("{path}/wait?timeout=0"), &root).await.problem(400);
 }
 
+/// The namespace's event feed: history from `after=0`, only what is new
+/// without `after`, a long poll answered by the next change, and nothing
+/// of another namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_feed_follows_a_namespace() {
+    let s = serve().await;
+    let root = cluster_admin();
+    s.namespace(&root, "feed").await;
+    s.namespace(&root, "elsewhere").await;
+    s.host(&root, "h1", 8, 8192, json!({})).await;
+    let id = s.machine(&root, "feed", spec("m")).await["id"].as_str().unwrap().to_owned();
+    s.machine(&root, "elsewhere", spec("other")).await;
+
+    let history = s.get("/v1/namespaces/feed/events?after=0", &root).await;
+    assert_eq!(history.status, StatusCode::OK, "{:#}", history.body);
+    let events = history.body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "only this namespace's machine: {:#}", history.body);
+    assert_eq!((events[0]["machine_name"].as_str(), events[0]["state"].as_str()), (Some("m"), Some("created")));
+    assert_eq!(history.body["next_after"], events[0]["id"]);
+
+    // From now on: nothing yet, and the cursor to follow from.
+    let now = s.get("/v1/namespaces/feed/events", &root).await;
+    assert_eq!(now.body["events"], json!([]), "{:#}", now.body);
+    let cursor = now.body["next_after"].as_i64().unwrap();
+    assert!(cursor >= events[0]["id"].as_i64().unwrap());
+
+    // A long poll is answered by the next change, well before its wait.
+    let t0 = std::time::Instant::now();
+    let poll_path = format!("/v1/namespaces/feed/events?after={cursor}&wait=20");
+    let poll = s.get(&poll_path, &root);
+    let change = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        s.post(&format!("/v1/namespaces/feed/machines/{id}/start"), &root, json!(null)).await
+    };
+    let (polled, changed) = tokio::join!(poll, change);
+    assert_eq!(changed.status, StatusCode::OK);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10), "answered at the change, not the wait's end");
+    let events = polled.body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{:#}", polled.body);
+    assert_eq!(
+        (events[0]["state"].as_str(), events[0]["previous_state"].as_str()),
+        (Some("starting"), Some("created"))
+    );
+    assert_eq!(polled.body["next_after"], events[0]["id"]);
+    // Nothing after that: an empty answer once the wait is over.
+    let after = polled.body["next_after"].as_i64().unwrap();
+    let quiet = s.get(&format!("/v1/namespaces/feed/events?after={after}&wait=1"), &root).await;
+    assert_eq!((quiet.body["events"].clone(), quiet.body["next_after"].as_i64()), (json!([]), Some(after)));
+
+    for bad in ["wait=61", "limit=0", "after=-1", "colour=red"] {
+        s.get(&format!("/v1/namespaces/feed/events?{bad}"), &root).await.problem(400);
+    }
+    s.get("/v1/namespaces/nowhere/events", &root).await.problem(404);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_holds_off_other_clients() {
     let s = serve().await;

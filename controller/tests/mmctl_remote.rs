@@ -256,7 +256,39 @@ async fn mmctl_through_the_controller() {
     refused(&run(c.mmctl(&operator, &["-n", "web", "exec", "-i", "third", "--", "cat"])), 6, "broker");
     refused(&run(c.mmctl(&viewer, &["-n", "web", "exec", "third", "--", "true"])), 7, "not allowed");
     refused(&run(c.mmctl(&operator, &["-n", "web", "exec", "nosuch", "--", "true"])), 3, "nosuch");
-    refused(&run(c.mmctl(&operator, &["-n", "web", "ssh", "third"])), 8, "does not offer ssh");
+    // The port tunnel, stats and audit need no broker to be refused.
+    refused(&run(c.mmctl(&operator, &["-n", "web", "proxy", "third", "22"])), 6, "broker session");
+    refused(&run(c.mmctl(&viewer, &["-n", "web", "proxy", "third", "22"])), 7, "not allowed");
+    refused(&run(c.mmctl(&operator, &["-n", "web", "stats", "third"])), 6, "broker session");
+    let audit = run(c.mmctl(&viewer, &["-n", "web", "audit", "third"]));
+    assert_eq!(audit.code, 0, "{audit:?}");
+    let states: Vec<Value> = audit.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(states.iter().map(|e| e["state"].as_str().unwrap()).collect::<Vec<_>>(), ["created", "started"]);
+
+    // `events` follows the namespace from now on, one JSON line each.
+    let mut follower = c.mmctl(&viewer, &["-n", "web", "-o", "json", "events"]).spawn().unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.contains("\"watched-"))
+    });
+    // A machine made before mmctl's first poll fixed its cursor is history,
+    // not news: make one each second until one is reported.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0.. {
+        if lines.is_finished() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mmctl events printed nothing about the new machines");
+        c.post("/v1/namespaces/web/machines", &operator, support::spec(&format!("watched-{round}"))).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let line: Value = serde_json::from_str(&lines.join().unwrap().expect("a line")).unwrap();
+    assert!(line["machine_name"].as_str().unwrap().starts_with("watched-"), "{line:#}");
+    assert_eq!(line["state"], "created", "{line:#}");
+    // SAFETY: kill(2) on the mmctl child this test started, not yet reaped.
+    unsafe { libc::kill(follower.id() as i32, libc::SIGKILL) };
+    let _ = follower.wait();
 
     // No token, or no controller, says so.
     let mut command = c.mmctl("", &["-n", "web", "ps"]);

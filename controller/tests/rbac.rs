@@ -67,6 +67,7 @@ fn routes() -> Vec<Route> {
         // the caller got through.
         r(Method::DELETE, "/v1/namespaces/{ns}", None, ClusterAdminInNamespace, Prep::None, 409),
         r(Method::GET, "/v1/namespaces/{ns}/machines", None, InNamespace(Viewer), Prep::None, 200),
+        r(Method::GET, "/v1/namespaces/{ns}/events?after=0", None, InNamespace(Viewer), Prep::None, 200),
         r(
             Method::POST,
             "/v1/namespaces/{ns}/machines",

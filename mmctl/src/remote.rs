@@ -153,7 +153,7 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             crate::output::print_stats(&stats.processes, format);
             Ok(0)
         }
-        Verb::Events => Err(unsupported("an event stream")),
+        Verb::Events => follow_events(&api, format).await,
         Verb::Ssh { vm, print_config, user, identity, command } => {
             let flags = vec!["--server".into(), target.server.clone(), "-n".into(), api.namespace.clone()];
             let route = tunnel::ProxyRoute { flags, token: Some(api.token().to_owned()) };
@@ -181,6 +181,34 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             let id = find(&api, &vm).await?.id;
             tunnel_ws::pump(&api, &id, port, tokio::io::stdin(), tokio::io::stdout()).await.map(|()| 0)
         }
+    }
+}
+
+/// `events`: the namespace's machine events from now on, by long polling
+/// `GET /v1/namespaces/{ns}/events` with the cursor it hands back, until
+/// interrupted; printed as the local `events` prints the broker's.
+async fn follow_events(api: &Api, format: Format) -> Result<i32, CliError> {
+    let mut after: Option<i64> = None;
+    loop {
+        let mut url = api.url(&["v1", "namespaces", &api.namespace, "events"]);
+        url.query_pairs_mut().append_pair("wait", "25");
+        if let Some(after) = after {
+            url.query_pairs_mut().append_pair("after", &after.to_string());
+        }
+        let page: Value = tokio::select! {
+            page = api.get_json(Method::GET, url) => page?,
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        };
+        for event in page["events"].as_array().into_iter().flatten() {
+            let text = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
+            match format {
+                Format::Json => println!("{event}"),
+                Format::Table => {
+                    println!("{}  {:<16} {:<12} {}", text("at"), text("machine_name"), text("state"), text("reason"))
+                }
+            }
+        }
+        after = page["next_after"].as_i64().or(after);
     }
 }
 

@@ -168,7 +168,7 @@ pub fn view(row: MachineRow) -> Result<Machine, ApiError> {
     })
 }
 
-fn parse_state(s: &str) -> Result<MachineState, ApiError> {
+pub(super) fn parse_state(s: &str) -> Result<MachineState, ApiError> {
     s.parse().map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e)))
 }
 

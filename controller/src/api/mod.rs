@@ -6,6 +6,7 @@
 //! document cannot miss a route (the integration tests check both ways).
 
 pub mod document;
+pub mod events;
 pub mod exec;
 pub mod exec_stream;
 pub mod extract;
@@ -105,6 +106,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(exec::logs))
         .routes(routes!(tunnel::connect_ws))
         .routes(routes!(stats::stats))
+        .routes(routes!(events::events))
         .routes(routes!(leases::get_lease, leases::acquire_lease, leases::release_lease))
         .routes(routes!(hosts::list, hosts::register))
         .routes(routes!(hosts::get))

@@ -331,6 +331,31 @@ pub fn events(conn: &mut PgConnection, namespace: &str, id: Uuid) -> Result<Vec<
         .load(conn)?)
 }
 
+/// The events of `namespace`'s machines after event `after`, oldest first,
+/// at most `limit`, each with its machine's name.
+pub fn namespace_events(
+    conn: &mut PgConnection,
+    namespace: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<(MachineEventRow, String)>, StoreError> {
+    Ok(machine_events::table
+        .inner_join(machines::table)
+        .filter(machines::namespace.eq(namespace))
+        .filter(machine_events::id.gt(after))
+        .order(machine_events::id.asc())
+        .limit(limit)
+        .select((MachineEventRow::as_select(), machines::name))
+        .load(conn)?)
+}
+
+/// The id of the newest event of any machine (0 when there is none): a
+/// cursor from which only what happens next is new.
+pub fn newest_event_id(conn: &mut PgConnection) -> Result<i64, StoreError> {
+    let newest: Option<i64> = machine_events::table.select(diesel::dsl::max(machine_events::id)).first(conn)?;
+    Ok(newest.unwrap_or(0))
+}
+
 /// Takes or extends a lease. With the current nonce the lease is extended
 /// (same nonce); without one, a new lease is granted only if none is active.
 /// Returns the row, the nonce and whether the lease is new.

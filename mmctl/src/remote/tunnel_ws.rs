@@ -24,11 +24,19 @@ fn framed(channel: u8, data: &[u8]) -> Message {
 }
 
 /// A close other than the normal one: the refusal it stands for (4000 +
-/// HTTP status), or the code and reason as they are.
+/// HTTP status; after the upgrade each status has one problem kind, see
+/// the controller's `api/tunnel.rs`), or the code and reason as they are.
 fn closed_with(code: u16, reason: String) -> CliError {
     if (4100..4600).contains(&code) {
-        let problem = Problem { status: code - 4000, detail: reason, ..Problem::default() };
-        return ApiError::Problem(problem).into();
+        let status = code - 4000;
+        let kind = match status {
+            400 => "bad-request",
+            409 => "invalid-state",
+            503 => "host-unavailable",
+            _ => "broker-error",
+        };
+        let kind = format!("urn:micromachines:problem:{kind}");
+        return ApiError::Problem(Problem { status, kind, detail: reason, ..Problem::default() }).into();
     }
     CliError::new(exit::ERROR, format!("the tunnel closed with {code}: {reason}"))
 }
@@ -100,6 +108,7 @@ mod tests {
     fn refusals_keep_their_meaning() {
         assert_eq!(closed_with(4409, "booting".into()).code, exit::CONFLICT);
         assert_eq!(closed_with(4404, "gone".into()).code, exit::NOT_FOUND);
+        assert_eq!(closed_with(4503, "no session".into()).code, exit::NO_BROKER);
         let e = closed_with(1011, "broke".into());
         assert_eq!(e.code, exit::ERROR);
         assert!(e.message.contains("1011: broke"), "{}", e.message);
