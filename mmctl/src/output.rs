@@ -1,7 +1,7 @@
 //! Printing microVMs as a table or as JSON (`--output`).
 
-use mm_protocols::broker_capnp::{process_stats, vm_info};
-use serde::{Deserialize, Serialize};
+use mm_protocols::broker_capnp::vm_info;
+use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -121,38 +121,7 @@ pub fn print_one(vm: &VmInfo, format: Format) {
     }
 }
 
-/// One process of `mmctl stats` (also as the controller's
-/// `GET .../stats` answers it, where `error` is left out when empty).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ProcessStats {
-    pub role: String,
-    pub pid: i32,
-    pub restarts: u32,
-    /// Why the process did not answer; empty if it did.
-    #[serde(default)]
-    pub error: String,
-    pub uptime_ms: u64,
-    pub user_cpu_ms: u64,
-    pub system_cpu_ms: u64,
-    pub max_rss_kib: u64,
-    pub reconnects: u32,
-}
-
-impl ProcessStats {
-    pub fn read(p: process_stats::Reader<'_>) -> capnp::Result<ProcessStats> {
-        Ok(ProcessStats {
-            role: text(p.get_role())?,
-            pid: p.get_pid(),
-            restarts: p.get_restarts(),
-            error: text(p.get_error())?,
-            uptime_ms: p.get_uptime_ms(),
-            user_cpu_ms: p.get_user_cpu_ms(),
-            system_cpu_ms: p.get_system_cpu_ms(),
-            max_rss_kib: p.get_max_rss_kib(),
-            reconnects: p.get_reconnects(),
-        })
-    }
-}
+pub use mm_protocols::process_stats::ProcessStats;
 
 /// `mmctl stats`.
 pub fn print_stats(processes: &[ProcessStats], format: Format) {

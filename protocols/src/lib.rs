@@ -32,6 +32,7 @@ pub mod cluster_tls;
 pub mod device_control;
 pub mod exec_end;
 pub mod packet;
+pub mod process_stats;
 #[cfg(feature = "rpc")]
 pub mod rpc;
 pub mod socket_path;

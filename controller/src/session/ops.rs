@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use mm_protocols::broker_capnp::{byte_sink, vm};
 use mm_protocols::exec_end::ExecEnd;
+pub use mm_protocols::process_stats::ProcessStats;
 
 use super::server::Local;
 use super::streams::{ExecEvent, ExecInput, ExecStream};
@@ -172,24 +173,6 @@ impl byte_sink::Server for Tail {
     }
 }
 
-/// How one process of a microVM is doing (`ProcessStats` in
-/// `broker.capnp`, answered by the process itself over its control
-/// channel).
-#[derive(Debug, Clone, Default)]
-pub struct ProcessStats {
-    /// `vmm`, or the device's role (`block-rw`, `net`, `vsock`).
-    pub role: String,
-    pub pid: i32,
-    pub restarts: u32,
-    /// Why the process did not answer; empty if it did.
-    pub error: String,
-    pub uptime_ms: u64,
-    pub user_cpu_ms: u64,
-    pub system_cpu_ms: u64,
-    pub max_rss_kib: u64,
-    pub reconnects: u32,
-}
-
 async fn stats(
     broker: &mm_protocols::broker_capnp::broker::Client,
     name: &str,
@@ -199,20 +182,7 @@ async fn stats(
         let reply = vm.stats_request().send().promise.await?;
         let mut processes = Vec::new();
         for p in reply.get()?.get_processes()?.iter() {
-            let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, SessionError> {
-                Ok(t?.to_string().unwrap_or_default())
-            };
-            processes.push(ProcessStats {
-                role: text(p.get_role())?,
-                pid: p.get_pid(),
-                restarts: p.get_restarts(),
-                error: text(p.get_error())?,
-                uptime_ms: p.get_uptime_ms(),
-                user_cpu_ms: p.get_user_cpu_ms(),
-                system_cpu_ms: p.get_system_cpu_ms(),
-                max_rss_kib: p.get_max_rss_kib(),
-                reconnects: p.get_reconnects(),
-            });
+            processes.push(ProcessStats::read(p)?);
         }
         Ok(processes)
     };
