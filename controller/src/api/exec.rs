@@ -46,7 +46,10 @@ pub struct Exec {
     #[serde(default)]
     #[schema(schema_with = super::document::env_schema)]
     pub env: BTreeMap<String, String>,
-    /// Written to the command's standard input, which is then closed.
+    /// Written to the command's standard input, which is then closed. At
+    /// most 65536 bytes, and the whole request must fit the controller's
+    /// body limit (`--max-body-bytes`, 64 KiB by default): more input is
+    /// for the WebSocket exec, which streams it.
     #[serde(default)]
     #[schema(max_length = 65536)]
     pub stdin: String,
