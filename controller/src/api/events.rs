@@ -11,17 +11,15 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::AppState;
 use super::extract::Caller;
-use super::machines::parse_state;
+use super::machines::MachineEvent;
 use super::problem::{ApiError, Problem};
+use super::{AppState, Woken};
 use crate::auth::Role;
-use crate::machine::MachineState;
 use crate::store::machines as store;
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -41,17 +39,16 @@ pub struct EventsQuery {
     pub limit: Option<i64>,
 }
 
-/// One state change of one machine.
+/// One state change of one machine: a machine's event (as its own
+/// `.../events` shows it) with the id of the event and of the machine.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct NamespaceEvent {
     /// Grows with every event recorded.
     pub id: i64,
     pub machine_id: Uuid,
     pub machine_name: String,
-    pub state: MachineState,
-    pub previous_state: Option<MachineState>,
-    pub reason: String,
-    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub event: MachineEvent,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -87,10 +84,9 @@ pub async fn events(
         None => state.db.run(store::newest_event_id).await?,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    let mut changes = state.changes.subscribe();
-    let mut shutting_down = state.shutting_down.subscribe();
+    let mut watch = state.watch_changes();
     loop {
-        changes.borrow_and_update();
+        watch.mark_seen();
         let ns = namespace.clone();
         let rows = state.db.run(move |c| store::namespace_events(c, &ns, after, limit)).await?;
         if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
@@ -98,27 +94,16 @@ pub async fn events(
             let events = rows
                 .into_iter()
                 .map(|(row, machine_name)| {
-                    Ok(NamespaceEvent {
-                        id: row.id,
-                        machine_id: row.machine_id,
-                        machine_name,
-                        state: parse_state(&row.state)?,
-                        previous_state: row.previous_state.as_deref().map(parse_state).transpose()?,
-                        reason: row.reason,
-                        at: row.at,
-                    })
+                    let (id, machine_id) = (row.id, row.machine_id);
+                    Ok(NamespaceEvent { id, machine_id, machine_name, event: MachineEvent::from_row(row)? })
                 })
                 .collect::<Result<_, ApiError>>()?;
             return Ok(Json(NamespaceEvents { events, next_after }));
         }
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = tokio::time::sleep(state.wait_poll) => {}
-            // Nothing new before the shutdown: an empty answer, at once.
-            _ = shutting_down.wait_for(|down| *down) => {
-                return Ok(Json(NamespaceEvents { events: Vec::new(), next_after: after }));
-            }
-            _ = tokio::time::sleep_until(deadline) => {}
+        // Nothing new before the shutdown: an empty answer, at once; after
+        // the deadline, the last look above answers.
+        if watch.sleep(deadline).await == Woken::ShuttingDown {
+            return Ok(Json(NamespaceEvents { events: Vec::new(), next_after: after }));
         }
     }
 }

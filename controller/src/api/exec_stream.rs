@@ -218,9 +218,16 @@ impl Refusal {
 }
 
 fn status_message(status: &ExecStatus) -> Message {
-    let mut data = vec![channel::STATUS];
-    data.extend(serde_json::to_vec(status).expect("a plain struct serializes"));
-    Message::Binary(data.into())
+    framed(channel::STATUS, &serde_json::to_vec(status).expect("a plain struct serializes"))
+}
+
+/// A binary message: the channel byte, then `data` (also the port
+/// tunnel's framing).
+pub(super) fn framed(channel: u8, data: &[u8]) -> Message {
+    let mut frame = Vec::with_capacity(data.len() + 1);
+    frame.push(channel);
+    frame.extend_from_slice(data);
+    Message::Binary(frame.into())
 }
 
 /// The close reason: at most 123 bytes (the frame's limit), cut at a char.
@@ -361,10 +368,7 @@ async fn pump(socket: WebSocket, mut stream: ExecStream) {
                         return refuse(&mut out, refusal).await;
                     }
                 };
-                let mut frame = Vec::with_capacity(data.len() + 1);
-                frame.push(channel);
-                frame.extend_from_slice(&data);
-                if out.send(Message::Binary(frame.into())).await.is_err() {
+                if out.send(framed(channel, &data)).await.is_err() {
                     return;
                 }
             }

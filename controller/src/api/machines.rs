@@ -20,9 +20,9 @@ use uuid::Uuid;
 
 use super::extract::{Caller, IdempotencyKey, LeaseNonce};
 use super::problem::{ApiError, Problem};
-use super::{AppState, validate};
+use super::{AppState, Woken, validate};
 use crate::auth::Role;
-use crate::db::models::{MachineRow, string_list, string_map};
+use crate::db::models::{MachineEventRow, MachineRow, string_list, string_map};
 use crate::machine::{Action, MachineState};
 use crate::store::machines::{self as store, Created, ListFilter};
 
@@ -131,6 +131,18 @@ pub struct MachineEvent {
     pub at: DateTime<Utc>,
 }
 
+impl MachineEvent {
+    /// An event row as the API shows it.
+    pub fn from_row(row: MachineEventRow) -> Result<MachineEvent, ApiError> {
+        Ok(MachineEvent {
+            state: parse_state(&row.state)?,
+            previous_state: row.previous_state.as_deref().map(parse_state).transpose()?,
+            reason: row.reason,
+            at: row.at,
+        })
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MachineEvents {
     pub events: Vec<MachineEvent>,
@@ -168,7 +180,7 @@ pub fn view(row: MachineRow) -> Result<Machine, ApiError> {
     })
 }
 
-pub(super) fn parse_state(s: &str) -> Result<MachineState, ApiError> {
+fn parse_state(s: &str) -> Result<MachineState, ApiError> {
     s.parse().map_err(|e| ApiError::from(crate::store::StoreError::Corrupt(e)))
 }
 
@@ -435,10 +447,9 @@ pub async fn wait(
         return Err(ApiError::bad_request("timeout must be 1 to 300 seconds"));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
-    let mut changes = state.changes.subscribe();
-    let mut shutting_down = state.shutting_down.subscribe();
+    let mut watch = state.watch_changes();
     loop {
-        changes.borrow_and_update();
+        watch.mark_seen();
         let ns = namespace.clone();
         let row = state.db.run(move |c| store::get(c, &ns, id)).await?;
         let machine = view(row)?;
@@ -452,18 +463,23 @@ pub async fn wait(
                 format!("machine is destroyed and will never be {target}"),
             ));
         }
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = tokio::time::sleep(state.wait_poll) => {}
-            _ = shutting_down.wait_for(|down| *down) => {
-                let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down",
-                    "this controller is shutting down; retry the wait (another controller can answer)");
+        match watch.sleep(deadline).await {
+            Woken::Change => {}
+            Woken::ShuttingDown => {
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting-down",
+                    "this controller is shutting down; retry the wait (another controller can answer)",
+                );
                 error.retry_after = Some(1);
                 return Err(error);
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "wait-timeout", format!(
-                    "machine is still {} after {timeout} s of waiting for {target}", machine.state)));
+            Woken::Deadline => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "wait-timeout",
+                    format!("machine is still {} after {timeout} s of waiting for {target}", machine.state),
+                ));
             }
         }
     }
@@ -481,17 +497,7 @@ pub async fn events(
 ) -> Result<Json<MachineEvents>, ApiError> {
     caller.require(&namespace, Role::Viewer)?;
     let rows = state.db.run(move |c| store::events(c, &namespace, id)).await?;
-    let events = rows
-        .into_iter()
-        .map(|r| {
-            Ok(MachineEvent {
-                state: parse_state(&r.state)?,
-                previous_state: r.previous_state.as_deref().map(parse_state).transpose()?,
-                reason: r.reason,
-                at: r.at,
-            })
-        })
-        .collect::<Result<_, ApiError>>()?;
+    let events = rows.into_iter().map(MachineEvent::from_row).collect::<Result<_, ApiError>>()?;
     Ok(Json(MachineEvents { events }))
 }
 

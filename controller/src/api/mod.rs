@@ -62,6 +62,50 @@ impl AppState {
     pub fn notify_change(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
+
+    /// A watch for the long polls (`wait`, the event feed), made before
+    /// their first look so that no change is missed.
+    pub fn watch_changes(&self) -> ChangeWatch {
+        ChangeWatch {
+            changes: self.changes.subscribe(),
+            shutting_down: self.shutting_down.subscribe(),
+            poll: self.wait_poll,
+        }
+    }
+}
+
+/// What ended a long poll's sleep.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Woken {
+    /// Something may have changed: look again.
+    Change,
+    Deadline,
+    ShuttingDown,
+}
+
+/// Sleeps between a long poll's looks at the database: until a change
+/// made through this controller, the poll interval (changes made through
+/// others), the deadline or the controller's shutdown.
+pub struct ChangeWatch {
+    changes: watch::Receiver<u64>,
+    shutting_down: watch::Receiver<bool>,
+    poll: Duration,
+}
+
+impl ChangeWatch {
+    /// Call before each look: changes until now are what it sees.
+    pub fn mark_seen(&mut self) {
+        self.changes.borrow_and_update();
+    }
+
+    pub async fn sleep(&mut self, deadline: tokio::time::Instant) -> Woken {
+        tokio::select! {
+            _ = self.changes.changed() => Woken::Change,
+            _ = tokio::time::sleep(self.poll) => Woken::Change,
+            _ = self.shutting_down.wait_for(|down| *down) => Woken::ShuttingDown,
+            _ = tokio::time::sleep_until(deadline) => Woken::Deadline,
+        }
+    }
 }
 
 struct BearerAuth;

@@ -28,7 +28,7 @@ use futures::{SinkExt, StreamExt};
 use uuid::Uuid;
 
 use super::exec::session_error;
-use super::exec_stream::{self, CLOSE_NORMAL, CLOSE_TOO_BIG, MAX_MESSAGE, close};
+use super::exec_stream::{self, CLOSE_NORMAL, CLOSE_TOO_BIG, MAX_MESSAGE, close, framed};
 use super::extract::Caller;
 use super::problem::{ApiError, Problem};
 use super::{AppState, forward};
@@ -122,15 +122,15 @@ async fn pump(socket: WebSocket, tunnel: Tunnel) {
         tokio::select! {
             data = from_guest.recv(), if !guest_ended => {
                 let frame = match data {
-                    Some(TunnelData::Bytes(bytes)) => [&[channel::FROM_GUEST][..], &bytes].concat(),
+                    Some(TunnelData::Bytes(bytes)) => framed(channel::FROM_GUEST, &bytes),
                     Some(TunnelData::End) => {
                         guest_ended = true;
-                        vec![channel::END]
+                        framed(channel::END, &[])
                     }
                     // The broker let go without an end: the link broke.
                     None => return close(&mut out, 4502, "the connection through the broker broke").await,
                 };
-                if out.send(Message::Binary(frame.into())).await.is_err() {
+                if out.send(frame).await.is_err() {
                     return;
                 }
             }

@@ -13,7 +13,7 @@ use mm_protocols::exec_end::ExecEnd;
 pub use mm_protocols::process_stats::ProcessStats;
 
 use super::server::Local;
-use super::streams::{ExecEvent, ExecInput, ExecStream};
+use super::streams::{BrokerLink, ExecEvent, ExecInput, ExecStream};
 use super::{Command, SessionError};
 
 /// How long fetching a console log may take.
@@ -48,43 +48,34 @@ pub struct ExecOutput {
 }
 
 pub(super) async fn handle(local: Rc<Local>, command: Command) {
+    let broker = |host: String| -> BrokerLink {
+        local.link(&host).map(|link| link.broker.clone()).ok_or(SessionError::NotConnected(host))
+    };
     match command {
         Command::Connected { host, reply } => {
             let _ = reply.send(local.link(&host).is_some());
         }
         Command::Logs { host, machine, max_bytes, reply } => {
-            let result = match local.link(&host) {
-                Some(link) => logs(&link.broker, &machine, max_bytes).await,
-                None => Err(SessionError::NotConnected(host)),
-            };
-            let _ = reply.send(result);
+            let _ = reply.send(async { logs(&broker(host)?, &machine, max_bytes).await }.await);
         }
         Command::Stats { host, machine, reply } => {
-            let result = match local.link(&host) {
-                Some(link) => stats(&link.broker, &machine).await,
-                None => Err(SessionError::NotConnected(host)),
-            };
-            let _ = reply.send(result);
+            let _ = reply.send(async { stats(&broker(host)?, &machine).await }.await);
         }
-        Command::FollowLogs { host, machine, chunks, reply } => match local.link(&host) {
-            Some(link) => super::streams::follow_logs(&link.broker, &machine, chunks, reply).await,
-            None => {
-                let _ = reply.send(Err(SessionError::NotConnected(host)));
-            }
-        },
-        Command::ExecStream { host, machine, start, events, inputs, reply } => match local.link(&host) {
-            Some(link) => super::streams::exec_stream(&link.broker, &machine, start, events, inputs, reply).await,
-            None => {
-                let _ = reply.send(Err(SessionError::NotConnected(host)));
-            }
-        },
-        Command::Connect { host, machine, port, from_guest, to_guest, reply } => match local.link(&host) {
-            Some(link) => super::tunnel::connect(&link.broker, &machine, port, from_guest, to_guest, reply).await,
-            None => {
-                let _ = reply.send(Err(SessionError::NotConnected(host)));
-            }
-        },
+        Command::FollowLogs { host, machine, chunks, reply } => {
+            super::streams::follow_logs(broker(host), &machine, chunks, reply).await;
+        }
+        Command::ExecStream { host, machine, start, events, inputs, reply } => {
+            super::streams::exec_stream(broker(host), &machine, start, events, inputs, reply).await;
+        }
+        Command::Connect { host, machine, port, from_guest, to_guest, reply } => {
+            super::tunnel::connect(broker(host), &machine, port, from_guest, to_guest, reply).await;
+        }
     }
+}
+
+/// `work`, or `Timeout` once `limit` has passed.
+async fn within<T>(limit: Duration, work: impl Future<Output = Result<T, SessionError>>) -> Result<T, SessionError> {
+    tokio::time::timeout(limit, work).await.map_err(|_| SessionError::Timeout(limit))?
 }
 
 pub(super) async fn get_vm(
@@ -143,7 +134,7 @@ pub(super) async fn collect(
         }
         Err(SessionError::Link("the exec session ended without an exit status".into()))
     };
-    tokio::time::timeout(timeout, run).await.map_err(|_| SessionError::Timeout(timeout))?
+    within(timeout, run).await
 }
 
 /// Keeps the last `max` bytes written to it.
@@ -186,7 +177,7 @@ async fn stats(
         }
         Ok(processes)
     };
-    tokio::time::timeout(STATS_TIMEOUT, fetch).await.map_err(|_| SessionError::Timeout(STATS_TIMEOUT))?
+    within(STATS_TIMEOUT, fetch).await
 }
 
 async fn logs(
@@ -206,5 +197,5 @@ async fn logs(
         let data = std::mem::take(&mut *data.borrow_mut());
         Ok(data)
     };
-    tokio::time::timeout(LOGS_TIMEOUT, fetch).await.map_err(|_| SessionError::Timeout(LOGS_TIMEOUT))?
+    within(LOGS_TIMEOUT, fetch).await
 }

@@ -115,26 +115,41 @@ impl<T: 'static> byte_sink::Server for ChannelSink<T> {
     }
 }
 
+/// The host's broker, or why this controller has none to ask.
+pub(super) type BrokerLink = Result<broker::Client, SessionError>;
+
+/// Answers a stream's `reply` with how `begin` went (the stream runs, or
+/// why not). On success gives back what `begin` made and whether the API
+/// side still waits for the stream (it may have gone meanwhile).
+pub(super) async fn answer<T>(
+    reply: oneshot::Sender<Result<(), SessionError>>,
+    begin: impl Future<Output = Result<T, SessionError>>,
+) -> Option<(T, bool)> {
+    match begin.await {
+        Ok(value) => {
+            let waiting = reply.send(Ok(())).is_ok();
+            Some((value, waiting))
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            None
+        }
+    }
+}
+
 /// Follows `name`'s console into `chunks` until the microVM stops (the
 /// broker's call returns), the link fails (an `Err` chunk) or the receiver
 /// is dropped. `reply` says whether the follow could start at all (the
 /// microVM exists there).
 pub(super) async fn follow_logs(
-    broker: &broker::Client,
+    broker: BrokerLink,
     name: &str,
     chunks: mpsc::Sender<Chunk>,
     reply: oneshot::Sender<Result<(), SessionError>>,
 ) {
-    let vm = match get_vm(broker, name).await {
-        Ok(vm) => vm,
-        Err(e) => {
-            let _ = reply.send(Err(e));
-            return;
-        }
-    };
-    if reply.send(Ok(())).is_err() {
+    let Some((vm, true)) = answer(reply, async { get_vm(&broker?, name).await }).await else {
         return;
-    }
+    };
     let mut call = vm.logs_request();
     call.get().set_follow(true);
     call.get().set_sink(capnp_rpc::new_client(ChannelSink::new(chunks.clone(), Ok, None)));
@@ -200,7 +215,7 @@ async fn kill(session: &exec_session::Client) {
 /// it cannot), then passes `inputs` to it until it ends. If `inputs` ends
 /// first (the client went away) the command is killed.
 pub(super) async fn exec_stream(
-    broker: &broker::Client,
+    broker: BrokerLink,
     name: &str,
     start: ExecStart,
     events: mpsc::Sender<ExecEvent>,
@@ -209,7 +224,7 @@ pub(super) async fn exec_stream(
 ) {
     let (ended_tx, mut ended) = oneshot::channel();
     let begin = async {
-        let vm = get_vm(broker, name).await?;
+        let vm = get_vm(&broker?, name).await?;
         let output: exec_output::Client =
             capnp_rpc::new_client(EventOutput { events, ended: RefCell::new(Some(ended_tx)) });
         let mut call = vm.exec_request();
@@ -225,14 +240,10 @@ pub(super) async fn exec_stream(
         call.get().set_output(output);
         Ok::<_, SessionError>(call.send().promise.await?.get()?.get_session()?)
     };
-    let session = match begin.await {
-        Ok(session) => session,
-        Err(e) => {
-            let _ = reply.send(Err(e));
-            return;
-        }
+    let Some((session, waiting)) = answer(reply, begin).await else {
+        return;
     };
-    if reply.send(Ok(())).is_err() {
+    if !waiting {
         inputs.close();
     }
     loop {
@@ -405,7 +416,7 @@ mod tests {
                 let broker = connect(&seen);
                 let (chunks, mut received) = mpsc::channel(STREAM_BUFFER);
                 let (reply, replied) = oneshot::channel();
-                let task = tokio::task::spawn_local(async move { follow_logs(&broker, "vm", chunks, reply).await });
+                let task = tokio::task::spawn_local(async move { follow_logs(Ok(broker), "vm", chunks, reply).await });
                 replied.await.unwrap().unwrap();
                 assert_eq!(received.recv().await.unwrap().unwrap(), b"boot\n");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -417,20 +428,27 @@ mod tests {
             .await;
     }
 
+    /// `cat` started through the stand-in broker: the API's ends of its
+    /// stream and the session task, once the start was answered.
+    async fn started_exec(seen: &Rc<Seen>) -> (ExecStream, tokio::task::JoinHandle<()>) {
+        let broker = connect(seen);
+        let (events, events_rx) = mpsc::channel(STREAM_BUFFER);
+        let (inputs, inputs_rx) = mpsc::channel(STREAM_BUFFER);
+        let (reply, replied) = oneshot::channel();
+        let start = ExecStart { argv: vec!["cat".into()], ..ExecStart::default() };
+        let task = tokio::task::spawn_local(async move {
+            exec_stream(Ok(broker), "vm", start, events, inputs_rx, reply).await;
+        });
+        replied.await.unwrap().unwrap();
+        (ExecStream { events: events_rx, inputs }, task)
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn an_abandoned_exec_is_killed() {
         tokio::task::LocalSet::new()
             .run_until(async {
                 let seen = Rc::new(Seen::default());
-                let broker = connect(&seen);
-                let (events, mut received) = mpsc::channel(STREAM_BUFFER);
-                let (inputs, inputs_rx) = mpsc::channel(STREAM_BUFFER);
-                let (reply, replied) = oneshot::channel();
-                let start = ExecStart { argv: vec!["cat".into()], ..ExecStart::default() };
-                let task = tokio::task::spawn_local(async move {
-                    exec_stream(&broker, "vm", start, events, inputs_rx, reply).await;
-                });
-                replied.await.unwrap().unwrap();
+                let (ExecStream { events: mut received, inputs }, task) = started_exec(&seen).await;
                 assert!(matches!(received.recv().await, Some(ExecEvent::Stdout(data)) if data == b"hi"));
                 inputs.send(ExecInput::Stdin(b"typed".to_vec())).await.unwrap();
                 eventually("stdin did not arrive", || seen.stdin.borrow().as_slice() == b"typed").await;
@@ -447,16 +465,7 @@ mod tests {
         tokio::task::LocalSet::new()
             .run_until(async {
                 let seen = Rc::new(Seen::default());
-                let broker = connect(&seen);
-                let (events, events_rx) = mpsc::channel(STREAM_BUFFER);
-                let (inputs, inputs_rx) = mpsc::channel(STREAM_BUFFER);
-                let (reply, replied) = oneshot::channel();
-                let start = ExecStart { argv: vec!["cat".into()], ..ExecStart::default() };
-                let task = tokio::task::spawn_local(async move {
-                    exec_stream(&broker, "vm", start, events, inputs_rx, reply).await;
-                });
-                replied.await.unwrap().unwrap();
-                let stream = ExecStream { events: events_rx, inputs };
+                let (stream, task) = started_exec(&seen).await;
                 // The stand-in prints "hi" and never ends.
                 let timeout = Duration::from_millis(300);
                 let collected = super::super::ops::collect(stream, b"typed".to_vec(), timeout, 1).await;

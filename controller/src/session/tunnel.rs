@@ -11,12 +11,11 @@
 //! released: the guest connection is shut for writing and the next bytes
 //! from the guest find nobody, which ends the broker's copy.
 
-use mm_protocols::broker_capnp::broker;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SessionError;
 use super::ops::get_vm;
-use super::streams::ChannelSink;
+use super::streams::{BrokerLink, ChannelSink, answer};
 
 /// Bytes one way through a tunnel, then (at most once) its end.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,7 +34,7 @@ pub struct Tunnel {
 /// (or why not), then writes `to_guest` into the connection until its
 /// `End` or until the API side drops it.
 pub(super) async fn connect(
-    broker: &broker::Client,
+    broker: BrokerLink,
     name: &str,
     port: u16,
     from_guest: mpsc::Sender<TunnelData>,
@@ -43,23 +42,16 @@ pub(super) async fn connect(
     reply: oneshot::Sender<Result<(), SessionError>>,
 ) {
     let begin = async {
-        let vm = get_vm(broker, name).await?;
+        let vm = get_vm(&broker?, name).await?;
         let mut call = vm.connect_request();
         call.get().set_port(port);
         let sink = ChannelSink::new(from_guest, TunnelData::Bytes, Some(|| TunnelData::End));
         call.get().set_to_client(capnp_rpc::new_client(sink));
         Ok::<_, SessionError>(call.send().promise.await?.get()?.get_to_guest()?)
     };
-    let sink = match begin.await {
-        Ok(sink) => sink,
-        Err(e) => {
-            let _ = reply.send(Err(e));
-            return;
-        }
-    };
-    if reply.send(Ok(())).is_err() {
+    let Some((sink, true)) = answer(reply, begin).await else {
         return;
-    }
+    };
     while let Some(data) = to_guest.recv().await {
         let sent = match data {
             TunnelData::Bytes(bytes) => {
