@@ -348,10 +348,8 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             };
             let targets: Vec<_> =
                 vms.iter().map(|vm| tunnel::SshTarget { id: &vm.id, name: &vm.name, address: &vm.ip }).collect();
-            match (vm, print_config) {
-                (Some(_), false) => Err(tunnel::ssh(&targets[0], &route, &user, identity.as_deref(), &command)),
-                _ => tunnel::print_config(&targets, &route),
-            }
+            let login = vm.is_some() && !print_config;
+            tunnel::ssh_verb(&targets, login, &route, &user, identity.as_deref(), &command)
         }
         Verb::PortForward { vm: name, ports } => {
             let vm = get_vm(&broker, &name).await?;

@@ -163,10 +163,8 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             };
             let targets: Vec<_> =
                 machines.iter().map(|m| tunnel::SshTarget { id: &m.id, name: &m.name, address: "" }).collect();
-            match (vm, print_config) {
-                (Some(_), false) => Err(tunnel::ssh(&targets[0], &route, &user, identity.as_deref(), &command)),
-                _ => tunnel::print_config(&targets, &route),
-            }
+            let login = vm.is_some() && !print_config;
+            tunnel::ssh_verb(&targets, login, &route, &user, identity.as_deref(), &command)
         }
         Verb::PortForward { vm, ports } => {
             let id = find(&api, &vm).await?.id;

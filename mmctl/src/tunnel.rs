@@ -144,7 +144,7 @@ fn ssh_options(target: &SshTarget, route: &ProxyRoute) -> Result<Vec<(String, St
 /// `mmctl ssh --print-config`: an `ssh_config` block per microVM, so
 /// `ssh -F FILE NAME.mm` works with a plain OpenSSH client (through a
 /// controller, with `MM_TOKEN` set where it runs).
-pub fn print_config(targets: &[SshTarget], route: &ProxyRoute) -> Result<i32, CliError> {
+fn print_config(targets: &[SshTarget], route: &ProxyRoute) -> Result<i32, CliError> {
     for target in targets {
         println!("Host {}.mm", target.name);
         println!("    HostName {}", if target.address.is_empty() { target.name } else { target.address });
@@ -158,15 +158,25 @@ pub fn print_config(targets: &[SshTarget], route: &ProxyRoute) -> Result<i32, Cl
     Ok(0)
 }
 
-/// `mmctl ssh VM [-- CMD…]`: replaces mmctl with `ssh`, so the terminal,
-/// signals and the exit status are OpenSSH's own.
-pub fn ssh(
-    target: &SshTarget,
+/// `mmctl ssh`: logs in to the one microVM named (`login`), or prints the
+/// config of `targets` (`--print-config`, or no microVM named).
+pub fn ssh_verb(
+    targets: &[SshTarget],
+    login: bool,
     route: &ProxyRoute,
     user: &str,
     identity: Option<&Path>,
     command: &[String],
-) -> CliError {
+) -> Result<i32, CliError> {
+    match targets {
+        [target] if login => Err(ssh(target, route, user, identity, command)),
+        _ => print_config(targets, route),
+    }
+}
+
+/// `mmctl ssh VM [-- CMD…]`: replaces mmctl with `ssh`, so the terminal,
+/// signals and the exit status are OpenSSH's own.
+fn ssh(target: &SshTarget, route: &ProxyRoute, user: &str, identity: Option<&Path>, command: &[String]) -> CliError {
     use std::os::unix::process::CommandExt;
     let options = match ssh_options(target, route) {
         Ok(options) => options,

@@ -27,8 +27,9 @@ const STDERR: u8 = 2;
 const STATUS: u8 = 3;
 const RESIZE: u8 = 4;
 const CLOSE_STDIN: u8 = 5;
-/// Stdin bytes per message (the controller takes up to 64 KiB).
-const STDIN_CHUNK: usize = 32 * 1024;
+/// Input bytes per message (the controller takes up to 64 KiB), here and
+/// in the port tunnel.
+pub const CHUNK: usize = 32 * 1024;
 
 pub struct ExecRequest {
     pub command: Vec<String>,
@@ -103,7 +104,7 @@ fn finish(status: Option<Status>, close: Option<(u16, String)>) -> Result<i32, C
 /// Reads our stdin into `out` until its end (then the channel closes).
 async fn read_stdin(out: mpsc::Sender<Vec<u8>>) {
     let mut stdin = tokio::io::stdin();
-    let mut buf = vec![0u8; STDIN_CHUNK];
+    let mut buf = vec![0u8; CHUNK];
     loop {
         match stdin.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -116,7 +117,9 @@ async fn read_stdin(out: mpsc::Sender<Vec<u8>>) {
     }
 }
 
-fn framed(channel: u8, data: &[u8]) -> Message {
+/// A binary message: the channel byte, then `data` (also the port
+/// tunnel's framing).
+pub fn framed(channel: u8, data: &[u8]) -> Message {
     let mut frame = Vec::with_capacity(data.len() + 1);
     frame.push(channel);
     frame.extend_from_slice(data);

@@ -9,19 +9,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use super::exec_ws::{open, transport};
+use super::exec_ws::{CHUNK, framed, open, transport};
 use super::http::{Api, ApiError, Problem};
 use crate::client::{CliError, exit};
 
 const TO_GUEST: u8 = 0;
 const FROM_GUEST: u8 = 1;
 const END: u8 = 5;
-/// Bytes per message (the controller takes up to 64 KiB).
-const CHUNK: usize = 32 * 1024;
-
-fn framed(channel: u8, data: &[u8]) -> Message {
-    Message::Binary([&[channel][..], data].concat().into())
-}
 
 /// A close other than the normal one: the refusal it stands for (4000 +
 /// HTTP status; after the upgrade each status has one problem kind, see
