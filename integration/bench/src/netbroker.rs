@@ -25,7 +25,7 @@
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -289,16 +289,7 @@ fn measure(
 /// A fresh ed25519 key without a passphrase, and a scratch HOME for ssh
 /// (its known_hosts goes there, not into the user's).
 fn keygen(dir: &Scratch) -> Result<(PathBuf, PathBuf)> {
-    let key = dir.path("id_ed25519");
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "mm-bench", "-f"])
-        .arg(&key)
-        .stdin(Stdio::null())
-        .status()
-        .context("running ssh-keygen (apt-get install openssh-client)")?;
-    if !status.success() {
-        bail!("ssh-keygen failed: {status}");
-    }
+    let key = mm_integration::ssh_keygen(dir, "id_ed25519")?;
     let home = dir.path("home");
     std::fs::create_dir_all(&home)?;
     Ok((key, home))
