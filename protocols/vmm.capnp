@@ -19,6 +19,19 @@ struct VmmRequest {
     # vhost-user socket to it is attached. mm-vmm replays the set-up and
     # resubmits in-flight requests.
     status @1 :Void;
+    pause @2 :Void;
+    # Stop every vCPU (kicked out of KVM_RUN, parked) and quiesce every
+    # activated device (vhost-user GET_VRING_BASE on each ring: the back end
+    # finishes what it holds and stops). Guest memory and every device's
+    # state then stay still until `resume`. Idempotent.
+    resume @3 :Void;
+    # Restart the rings where they stopped and let the vCPUs run again.
+    snapshot @4 :Void;
+    # Only while paused. Two files are attached, in order: the state file
+    # (written with the VM's whole state, JSON, see vmm/src/snapshot) and
+    # the memory file (guest RAM at its own offsets, sparse: never-touched
+    # and zero pages are holes). Both are opened by the broker; the jailed
+    # mm-vmm gets only the fds. Answered with `snapshotted`.
   }
 }
 
@@ -27,7 +40,15 @@ struct VmmResponse {
     ok @0 :Void;
     error @1 :Text;
     status @2 :VmmStatus;
+    snapshotted @3 :SnapshotReport;
   }
+}
+
+struct SnapshotReport {
+  memoryBytes @0 :UInt64;     # guest RAM bytes written (non-zero pages)
+  stateBytes @1 :UInt64;      # size of the state file
+  saveUs @2 :UInt64;          # time to save state and memory (the VM is paused)
+  pausedUs @3 :UInt64;        # since `pause` took effect, so far
 }
 
 struct VmmStatus {

@@ -115,6 +115,12 @@ enum Device {
         /// guest connections to host port P go to `<uds>_<P>`.
         #[arg(long)]
         uds: PathBuf,
+        /// The guest was restored from a snapshot: once the driver's event
+        /// queue is running, post one VIRTIO_VSOCK_EVENT_TRANSPORT_RESET so
+        /// the guest drops its stale connections (listeners stay) and
+        /// re-reads its CID from the config space.
+        #[arg(long)]
+        transport_reset: bool,
     },
 }
 
@@ -187,11 +193,11 @@ fn main() -> Result<()> {
             answer_control("net")?;
             serve_net(NetConfig { tap, mac }, listener)?;
         }
-        Device::Vsock { endpoint, guest_cid, uds } => {
+        Device::Vsock { endpoint, guest_cid, uds, transport_reset } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Vsock)?;
             answer_control("vsock")?;
-            serve_vsock(VsockConfig { guest_cid, uds_path: uds }, listener)?;
+            serve_vsock(VsockConfig { guest_cid, uds_path: uds, transport_reset }, listener)?;
         }
     }
     Ok(())

@@ -108,7 +108,55 @@ impl Boot {
 
     /// Starts the guest and hands back its console line by line.
     pub fn spawn(&self) -> Result<RunningGuest> {
-        let mut child = self.command()?.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        RunningGuest::spawn(self.command()?)
+    }
+}
+
+/// An mm-vmm that resumes a snapshot's guest instead of booting one.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+    /// `KIND=SOCKET`, the snapshot's devices in its order.
+    pub devices: Vec<String>,
+    pub control_socket: Option<PathBuf>,
+}
+
+impl Restore {
+    pub fn new(state: &Path, memory: &Path) -> Self {
+        Restore { state: state.into(), memory: memory.into(), devices: Vec::new(), control_socket: None }
+    }
+
+    pub fn device(mut self, kind: &str, socket: &Path) -> Self {
+        self.devices.push(format!("{kind}={}", socket.display()));
+        self
+    }
+
+    pub fn command(&self) -> Result<Command> {
+        let mut cmd = Command::new(workspace_binary("mm-vmm")?);
+        cmd.arg("--restore-state").arg(&self.state).arg("--restore-memory").arg(&self.memory);
+        for device in &self.devices {
+            cmd.arg("--device").arg(device);
+        }
+        if let Some(control) = &self.control_socket {
+            cmd.arg("--control").arg(control);
+        }
+        Ok(cmd)
+    }
+
+    pub fn spawn(&self) -> Result<RunningGuest> {
+        RunningGuest::spawn(self.command()?)
+    }
+
+    pub fn run(&self) -> Result<Run> {
+        run_with_timeout(self.command()?, Duration::from_secs(60))
+    }
+}
+
+impl RunningGuest {
+    /// Starts mm-vmm as `cmd` says, its console (stdout) read line by line.
+    pub fn spawn(mut cmd: Command) -> Result<RunningGuest> {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout is piped");
         std::thread::spawn(move || {
@@ -138,6 +186,10 @@ pub struct RunningGuest {
 }
 
 impl RunningGuest {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for a console line containing `needle`.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;

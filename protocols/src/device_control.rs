@@ -137,7 +137,7 @@ pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant) 
                 }
                 Err(e) => Response::Error(e.to_string()),
             };
-            if connection.send(&response.encode(), None).is_err() {
+            if connection.send(&response.encode(), &[]).is_err() {
                 break;
             }
         }
@@ -159,7 +159,7 @@ impl DeviceClient {
     }
 
     pub fn status(&self) -> Result<DeviceStatus, ControlError> {
-        self.socket.send(&Request::Status.encode(), None)?;
+        self.socket.send(&Request::Status.encode(), &[])?;
         let (bytes, _) = self.socket.recv()?.ok_or(ControlError::HungUp)?;
         match Response::decode(&bytes)? {
             Response::Status(status) => Ok(status),

@@ -1,6 +1,6 @@
 //! The transport of the control channels (`vmm.capnp`, `device.capnp`):
-//! one Cap'n Proto message per `SOCK_SEQPACKET` packet, with at most one
-//! fd attached (SCM_RIGHTS).
+//! one Cap'n Proto message per `SOCK_SEQPACKET` packet, with at most
+//! [`MAX_FDS`] fds attached (SCM_RIGHTS).
 //!
 //! Packets rather than a byte stream: a message and the fd it names arrive
 //! together or not at all, and no framing code is needed on either side.
@@ -19,6 +19,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// The largest packet either side sends or accepts. A status for a few
 /// dozen devices is under 2 KiB.
 pub const MAX_PACKET: usize = 64 * 1024;
+/// The most fds one packet carries (a snapshot request: its state file and
+/// its memory file).
+pub const MAX_FDS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -55,8 +58,8 @@ pub(crate) fn text(reader: capnp::text::Reader<'_>) -> Result<String, ControlErr
     reader.to_string().map_err(|e| ControlError::Malformed(capnp::Error::failed(format!("text is not UTF-8: {e}"))))
 }
 
-/// One packet's bytes, and the fd that came attached to it.
-pub type Packet = (Vec<u8>, Option<OwnedFd>);
+/// One packet's bytes, and the fds that came attached to it, in order.
+pub type Packet = (Vec<u8>, Vec<OwnedFd>);
 
 /// A connected `SOCK_SEQPACKET` unix socket.
 #[derive(Debug)]
@@ -107,23 +110,30 @@ impl SeqPacket {
         Ok(())
     }
 
-    /// Sends one packet, with `fd` attached if given.
-    pub fn send(&self, bytes: &[u8], fd: Option<RawFd>) -> Result<(), ControlError> {
-        match fd {
-            Some(fd) => self.send_with_fd(bytes, fd)?,
-            None => self.send_with_fds(&[bytes], &[])?,
-        };
+    /// Sends one packet with `fds` attached (at most [`MAX_FDS`]).
+    pub fn send(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), ControlError> {
+        if fds.len() > MAX_FDS {
+            return Err(ControlError::Io(io::Error::new(io::ErrorKind::InvalidInput, "too many fds for one packet")));
+        }
+        self.send_with_fds(&[bytes], fds)?;
         Ok(())
     }
 
-    /// Receives one packet and the fd attached to it; `None` when the peer
+    /// Receives one packet and the fds attached to it; `None` when the peer
     /// hung up. A packet longer than [`MAX_PACKET`] is an error.
     pub fn recv(&self) -> Result<Option<Packet>, ControlError> {
         // One byte more than allowed: a packet that fills it was too long
         // (SOCK_SEQPACKET silently truncates).
         let mut buf = vec![0u8; MAX_PACKET + 1];
-        let (n, file) = self.recv_with_fd(&mut buf)?;
-        if n == 0 && file.is_none() {
+        let mut fds: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+        let mut iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: the iovec points at `buf`, which outlives the call; the
+        // fd array has room for MAX_FDS descriptors, as we tell the callee.
+        let (n, nfds) = unsafe { self.recv_with_fds(&mut iov, &mut fds)? };
+        // SAFETY: each of the first `nfds` entries is a descriptor the kernel
+        // just installed in this process for us; nothing else owns it.
+        let fds: Vec<OwnedFd> = fds[..nfds].iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+        if n == 0 && fds.is_empty() {
             return Ok(None);
         }
         if n > MAX_PACKET {
@@ -132,7 +142,7 @@ impl SeqPacket {
             ))));
         }
         buf.truncate(n);
-        Ok(Some((buf, file.map(OwnedFd::from))))
+        Ok(Some((buf, fds)))
     }
 }
 

@@ -11,7 +11,7 @@ use capnp::message::Builder;
 use crate::device_control::ProcessUsage;
 pub use crate::packet::{ControlError, Packet, SeqPacket, SeqPacketListener};
 use crate::packet::{encode, reader_options, text};
-use crate::vmm_capnp::{vmm_request, vmm_response, vmm_status};
+use crate::vmm_capnp::{snapshot_report, vmm_request, vmm_response, vmm_status};
 
 /// What the broker asks mm-vmm.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,12 @@ pub enum Request {
     /// Device `index` gets the back end whose socket is attached.
     ReconnectDevice(u32),
     Status,
+    /// Stop the vCPUs and quiesce the devices.
+    Pause,
+    /// Let a paused VM run again.
+    Resume,
+    /// Save the paused VM into the state and memory files attached.
+    Snapshot,
 }
 
 /// What mm-vmm answers.
@@ -27,6 +33,16 @@ pub enum Response {
     Ok,
     Error(String),
     Status(VmmStatus),
+    Snapshotted(SnapshotReport),
+}
+
+/// What a snapshot wrote and how long the VM stood still for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnapshotReport {
+    pub memory_bytes: u64,
+    pub state_bytes: u64,
+    pub save_us: u64,
+    pub paused_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -53,6 +69,9 @@ impl Request {
         match self {
             Request::ReconnectDevice(index) => request.set_reconnect_device(*index),
             Request::Status => request.set_status(()),
+            Request::Pause => request.set_pause(()),
+            Request::Resume => request.set_resume(()),
+            Request::Snapshot => request.set_snapshot(()),
         }
         encode(&message)
     }
@@ -63,6 +82,9 @@ impl Request {
         match request.which().map_err(|_| ControlError::UnknownKind)? {
             vmm_request::ReconnectDevice(index) => Ok(Request::ReconnectDevice(index)),
             vmm_request::Status(()) => Ok(Request::Status),
+            vmm_request::Pause(()) => Ok(Request::Pause),
+            vmm_request::Resume(()) => Ok(Request::Resume),
+            vmm_request::Snapshot(()) => Ok(Request::Snapshot),
         }
     }
 
@@ -70,6 +92,9 @@ impl Request {
         match self {
             Request::ReconnectDevice(_) => "reconnectDevice",
             Request::Status => "status",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Snapshot => "snapshot",
         }
     }
 }
@@ -82,6 +107,7 @@ impl Response {
             Response::Ok => response.set_ok(()),
             Response::Error(text) => response.set_error(text),
             Response::Status(status) => write_status(status, response.init_status()),
+            Response::Snapshotted(report) => write_report(report, response.init_snapshotted()),
         }
         encode(&message)
     }
@@ -93,6 +119,7 @@ impl Response {
             vmm_response::Ok(()) => Ok(Response::Ok),
             vmm_response::Error(text_reader) => Ok(Response::Error(text(text_reader?)?)),
             vmm_response::Status(status) => Ok(Response::Status(read_status(status?)?)),
+            vmm_response::Snapshotted(report) => Ok(Response::Snapshotted(read_report(report?))),
         }
     }
 
@@ -101,7 +128,24 @@ impl Response {
             Response::Ok => "ok",
             Response::Error(_) => "an error",
             Response::Status(_) => "a status",
+            Response::Snapshotted(_) => "a snapshot report",
         }
+    }
+}
+
+fn write_report(report: &SnapshotReport, mut builder: snapshot_report::Builder<'_>) {
+    builder.set_memory_bytes(report.memory_bytes);
+    builder.set_state_bytes(report.state_bytes);
+    builder.set_save_us(report.save_us);
+    builder.set_paused_us(report.paused_us);
+}
+
+fn read_report(reader: snapshot_report::Reader<'_>) -> SnapshotReport {
+    SnapshotReport {
+        memory_bytes: reader.get_memory_bytes(),
+        state_bytes: reader.get_state_bytes(),
+        save_us: reader.get_save_us(),
+        paused_us: reader.get_paused_us(),
     }
 }
 
@@ -154,8 +198,8 @@ impl VmmClient {
         Ok(VmmClient { socket })
     }
 
-    fn call(&self, request: &Request, fd: Option<RawFd>) -> Result<Response, ControlError> {
-        self.socket.send(&request.encode(), fd)?;
+    fn call(&self, request: &Request, fds: &[RawFd]) -> Result<Response, ControlError> {
+        self.socket.send(&request.encode(), fds)?;
         let (bytes, _) = self.socket.recv()?.ok_or(ControlError::HungUp)?;
         match Response::decode(&bytes)? {
             Response::Error(e) => Err(ControlError::Refused(e)),
@@ -166,16 +210,40 @@ impl VmmClient {
     /// Hands device `index` a new back end (`backend`: connected to it).
     pub fn reconnect_device(&self, index: u32, backend: &impl AsRawFd) -> Result<(), ControlError> {
         let request = Request::ReconnectDevice(index);
-        match self.call(&request, Some(backend.as_raw_fd()))? {
+        match self.call(&request, &[backend.as_raw_fd()])? {
             Response::Ok => Ok(()),
             other => Err(ControlError::Unexpected(other.name(), request.name())),
         }
     }
 
     pub fn status(&self) -> Result<VmmStatus, ControlError> {
-        match self.call(&Request::Status, None)? {
+        match self.call(&Request::Status, &[])? {
             Response::Status(status) => Ok(status),
             other => Err(ControlError::Unexpected(other.name(), Request::Status.name())),
+        }
+    }
+
+    /// Stops the vCPUs and quiesces the devices (see `vmm.capnp`).
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.expect_ok(&Request::Pause, &[])
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.expect_ok(&Request::Resume, &[])
+    }
+
+    /// Saves the paused VM into `state` and `memory` (both open for writing).
+    pub fn snapshot(&self, state: &impl AsRawFd, memory: &impl AsRawFd) -> Result<SnapshotReport, ControlError> {
+        match self.call(&Request::Snapshot, &[state.as_raw_fd(), memory.as_raw_fd()])? {
+            Response::Snapshotted(report) => Ok(report),
+            other => Err(ControlError::Unexpected(other.name(), Request::Snapshot.name())),
+        }
+    }
+
+    fn expect_ok(&self, request: &Request, fds: &[RawFd]) -> Result<(), ControlError> {
+        match self.call(request, fds)? {
+            Response::Ok => Ok(()),
+            other => Err(ControlError::Unexpected(other.name(), request.name())),
         }
     }
 }
@@ -186,7 +254,9 @@ mod tests {
 
     #[test]
     fn requests_and_responses_round_trip() {
-        for request in [Request::ReconnectDevice(3), Request::Status] {
+        for request in
+            [Request::ReconnectDevice(3), Request::Status, Request::Pause, Request::Resume, Request::Snapshot]
+        {
             assert_eq!(Request::decode(&request.encode()).unwrap(), request);
         }
         let status = VmmStatus {
@@ -196,7 +266,13 @@ mod tests {
             devices: vec![DeviceStatus { index: 0, kind: "block".into(), reconnects: 5 }],
             usage: ProcessUsage { uptime_ms: 9, user_cpu_ms: 8, system_cpu_ms: 7, max_rss_kib: 6 },
         };
-        for response in [Response::Ok, Response::Error("no device 9".into()), Response::Status(status)] {
+        let report = SnapshotReport { memory_bytes: 1 << 20, state_bytes: 4096, save_us: 3, paused_us: 4 };
+        for response in [
+            Response::Ok,
+            Response::Error("no device 9".into()),
+            Response::Status(status),
+            Response::Snapshotted(report),
+        ] {
             assert_eq!(Response::decode(&response.encode()).unwrap(), response);
         }
     }
@@ -214,14 +290,22 @@ mod tests {
     fn packets_carry_bytes_and_fds_and_report_hang_up() {
         let (a, b) = SeqPacket::pair().unwrap();
         let (x, _y) = SeqPacket::pair().unwrap();
-        a.send(&Request::ReconnectDevice(1).encode(), Some(std::os::fd::AsFd::as_fd(&x).as_raw_fd())).unwrap();
-        let (bytes, fd) = b.recv().unwrap().unwrap();
+        a.send(&Request::ReconnectDevice(1).encode(), &[std::os::fd::AsFd::as_fd(&x).as_raw_fd()]).unwrap();
+        let (bytes, fds) = b.recv().unwrap().unwrap();
         assert_eq!(Request::decode(&bytes).unwrap(), Request::ReconnectDevice(1));
-        assert!(fd.is_some());
-        a.send(&Request::Status.encode(), None).unwrap();
-        let (bytes, fd) = b.recv().unwrap().unwrap();
+        assert_eq!(fds.len(), 1);
+        let (m, _n) = SeqPacket::pair().unwrap();
+        use std::os::fd::AsFd;
+        let two = [x.as_fd().as_raw_fd(), m.as_fd().as_raw_fd()];
+        a.send(&Request::Snapshot.encode(), &two).unwrap();
+        let (bytes, fds) = b.recv().unwrap().unwrap();
+        assert_eq!(Request::decode(&bytes).unwrap(), Request::Snapshot);
+        assert_eq!(fds.len(), 2, "both files arrive, in order");
+        a.send(&Request::Status.encode(), &[]).unwrap();
+        let (bytes, fds) = b.recv().unwrap().unwrap();
         assert_eq!(Request::decode(&bytes).unwrap(), Request::Status);
-        assert!(fd.is_none());
+        assert!(fds.is_empty());
+        assert!(a.send(b"x", &[two[0]; 5]).is_err(), "more than MAX_FDS is refused");
         drop(a);
         assert!(b.recv().unwrap().is_none());
     }

@@ -1,5 +1,6 @@
 //! mm-vmm's control channel (`protocols/vmm.capnp`): the broker replaces a
-//! device back end that died, and asks for the VM's status.
+//! device back end that died, asks for the VM's status, and pauses,
+//! snapshots and resumes the VM (`live.rs`).
 //!
 //! One Cap'n Proto message per `SOCK_SEQPACKET` packet, request then
 //! response, with a new back end's socket attached to its request
@@ -23,6 +24,7 @@ use mm_protocols::vmm_control::{
 
 use crate::devices::Bus;
 use crate::endpoint::Endpoint;
+use crate::live::LiveVm;
 
 /// What the status answer reports besides the devices.
 #[derive(Debug, Clone, Copy)]
@@ -33,18 +35,18 @@ pub struct VmFacts {
 }
 
 /// Binds or takes over the listener, then serves it on its own thread.
-pub fn serve(endpoint: &Endpoint, bus: Arc<Bus>, facts: VmFacts) -> std::io::Result<()> {
+pub fn serve(endpoint: &Endpoint, live: Arc<LiveVm>, facts: VmFacts) -> std::io::Result<()> {
     let listener = match endpoint {
         Endpoint::Path(path) => socket_path::bind_listening(path, SeqPacketListener::bind),
         Endpoint::Fd { .. } => SeqPacketListener::from_inherited(endpoint.take()?),
     }
     .map_err(std::io::Error::other)?;
     std::thread::Builder::new().name("control".into()).spawn(move || {
-        let mut reconnects = vec![0u32; bus.virtio.len()];
+        let mut reconnects = vec![0u32; live.bus().virtio.len()];
         loop {
             match listener.accept() {
                 Ok(connection) => {
-                    if let Err(e) = handle(&connection, &bus, facts, &mut reconnects) {
+                    if let Err(e) = handle(&connection, &live, facts, &mut reconnects) {
                         tracing::warn!("control connection: {e}");
                     }
                 }
@@ -60,10 +62,12 @@ pub fn serve(endpoint: &Endpoint, bus: Arc<Bus>, facts: VmFacts) -> std::io::Res
 
 /// Answers requests until the peer hangs up (or sends what is no packet
 /// of ours, which ends this connection, not the listener).
-fn handle(connection: &SeqPacket, bus: &Bus, facts: VmFacts, reconnects: &mut [u32]) -> Result<(), ControlError> {
-    while let Some((bytes, fd)) = connection.recv()? {
+fn handle(connection: &SeqPacket, live: &LiveVm, facts: VmFacts, reconnects: &mut [u32]) -> Result<(), ControlError> {
+    while let Some((bytes, fds)) = connection.recv()? {
+        let bus = live.bus();
+        let mut fds = fds.into_iter();
         let response = match Request::decode(&bytes) {
-            Ok(Request::ReconnectDevice(index)) => match reconnect(bus, index as usize, fd) {
+            Ok(Request::ReconnectDevice(index)) => match reconnect(bus, index as usize, fds.next()) {
                 Ok(()) => {
                     reconnects[index as usize] += 1;
                     Response::Ok
@@ -71,9 +75,17 @@ fn handle(connection: &SeqPacket, bus: &Bus, facts: VmFacts, reconnects: &mut [u
                 Err(e) => Response::Error(e),
             },
             Ok(Request::Status) => Response::Status(status(bus, facts, reconnects)),
+            Ok(Request::Pause) => live.pause().map_or_else(|e| Response::Error(e.to_string()), |()| Response::Ok),
+            Ok(Request::Resume) => live.resume().map_or_else(|e| Response::Error(e.to_string()), |()| Response::Ok),
+            Ok(Request::Snapshot) => match (fds.next(), fds.next()) {
+                (Some(state), Some(memory)) => {
+                    live.snapshot(state, memory).map_or_else(|e| Response::Error(e.to_string()), Response::Snapshotted)
+                }
+                _ => Response::Error("snapshot needs its state and memory files attached (SCM_RIGHTS)".into()),
+            },
             Err(e) => Response::Error(e.to_string()),
         };
-        connection.send(&response.encode(), None)?;
+        connection.send(&response.encode(), &[])?;
     }
     Ok(())
 }

@@ -21,7 +21,8 @@ use clap::Parser;
 use mm_vmm::devices::serial::SerialOutput;
 use mm_vmm::endpoint::Endpoint;
 use mm_vmm::pvm::PvmMode;
-use mm_vmm::vm::DeviceSpec;
+use mm_vmm::snapshot::{FileArg, SnapshotFiles};
+use mm_vmm::vm::{Boot, DeviceSpec, KernelBoot};
 use mm_vmm::{Vm, VmConfig, VmOutcome};
 
 /// Status for "mm-vmm failed", as `docker run` uses 125 for its own errors.
@@ -31,8 +32,17 @@ const VMM_FAILURE: u8 = 125;
 #[command(name = "mm-vmm", version, about = "Boot one MicroMachines microVM")]
 struct Args {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore_state", conflicts_with = "restore_state")]
+    kernel: Option<PathBuf>,
+    /// Resume the guest of a snapshot instead of booting: its state file
+    /// (a path, or `fd:N` opened by the broker). Needs `--restore-memory`;
+    /// vCPUs and RAM come from the snapshot, devices from `--device` (the
+    /// same kinds in the same order).
+    #[arg(long, value_name = "PATH|fd:N", requires = "restore_memory")]
+    restore_state: Option<FileArg>,
+    /// The snapshot's memory file (a path or `fd:N`).
+    #[arg(long, value_name = "PATH|fd:N", requires = "restore_state")]
+    restore_memory: Option<FileArg>,
     /// Initramfs (newc cpio, optionally compressed) to use as the root.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -111,11 +121,15 @@ fn main() -> ExitCode {
     } else {
         mm_vmm::vm::enable_seccomp();
     }
+    let boot = match (args.kernel, args.restore_state, args.restore_memory) {
+        (_, Some(state), Some(memory)) => Boot::Snapshot(SnapshotFiles { state, memory }),
+        (Some(kernel), _, _) => {
+            Boot::Kernel(KernelBoot { kernel, initrd: args.initrd, extra_cmdline: args.cmdline, command: args.command })
+        }
+        _ => unreachable!("clap requires --kernel or --restore-state with --restore-memory"),
+    };
     let config = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        extra_cmdline: args.cmdline,
-        command: args.command,
+        boot,
         cpus: args.cpus,
         memory_mib: args.memory_mib,
         serial: args.serial,
@@ -167,7 +181,20 @@ fn run_jailed(args: &Args) -> anyhow::Result<u8> {
     let mut rewritten: Vec<(&str, PathBuf)> = Vec::new();
     // Files are bound at their real paths; a missing one is left out, so
     // the jailed copy reports it as it always has.
-    for (flag, path) in [("--kernel", Some(&args.kernel)), ("--initrd", args.initrd.as_ref())] {
+    let snapshot_paths = [("--restore-state", &args.restore_state), ("--restore-memory", &args.restore_memory)];
+    for (flag, file) in snapshot_paths {
+        match file {
+            Some(FileArg::Fd(fd)) => spec.fds.push((*fd, *fd)),
+            Some(FileArg::Path(path)) => {
+                if let Ok(real) = std::fs::canonicalize(path) {
+                    spec.mounts.push(BindMount::read_only(&real));
+                    rewritten.push((flag, real));
+                }
+            }
+            None => {}
+        }
+    }
+    for (flag, path) in [("--kernel", args.kernel.as_ref()), ("--initrd", args.initrd.as_ref())] {
         if let Some(real) = path.and_then(|p| std::fs::canonicalize(p).ok()) {
             spec.mounts.push(BindMount::read_only(&real));
             rewritten.push((flag, real));

@@ -1,7 +1,7 @@
 //! A sampling profiler of the guest, for finding where boot time goes.
 //!
 //! With `--profile-guest PATH`, a thread interrupts vCPU 0 every
-//! millisecond with a real-time signal; KVM_RUN returns EINTR, the vCPU
+//! millisecond with the vCPU kick signal (`vcpu::control`); KVM_RUN returns EINTR, the vCPU
 //! thread records the guest RIP, and at exit the histogram is written as
 //! `count rip` lines, hottest first (map them with the kernel's System.map).
 //! On PVM hosts this shows which guest kernel code the emulator spends its
@@ -12,29 +12,6 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
-
-/// The signal that kicks a vCPU out of KVM_RUN.
-pub fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN() + 1
-}
-
-extern "C" fn ignore(_: libc::c_int) {}
-
-/// Installs a handler that does nothing, so the kick interrupts KVM_RUN
-/// (EINTR) instead of killing the process.
-pub fn install_kick_handler() -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction with a valid handler and empty mask is a
-    // well-formed argument; the handler is async-signal-safe (it does nothing).
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = ignore as *const () as usize;
-        libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(kick_signal(), &action, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
 
 /// Samples collected by the vCPU thread.
 #[derive(Default)]
@@ -63,9 +40,7 @@ pub fn start_kicker(thread: libc::pthread_t, interval: Duration) {
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(interval);
-            // SAFETY: the vCPU thread lives until the process exits, and
-            // the signal has a no-op handler installed.
-            if unsafe { libc::pthread_kill(thread as libc::pthread_t, kick_signal()) } != 0 {
+            if !crate::vcpu::control::kick(thread as libc::pthread_t) {
                 return;
             }
         }

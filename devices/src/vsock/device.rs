@@ -5,8 +5,16 @@
 //! tx: every chain is one guest packet, copied out of guest memory and
 //! handed to the muxer. rx: while the muxer has packets and the guest has
 //! buffers, each buffer gets one packet; host data is read only then, so
-//! a guest that posts no buffers costs nothing and loses nothing. The event
-//! queue is never used (we do not migrate, so never send TRANSPORT_RESET).
+//! a guest that posts no buffers costs nothing and loses nothing.
+//!
+//! event: used once at most, for a guest restored from a snapshot
+//! (`--transport-reset`): its driver still believes in connections this
+//! fresh process never had, and its CID may have changed. One
+//! VIRTIO_VSOCK_EVENT_TRANSPORT_RESET makes it reset those sockets (its
+//! listeners stay) and re-read the CID from config space, as Firecracker
+//! does on restore. The buffers it is written into were posted by the
+//! driver at probe, before the snapshot, so it goes out as soon as the
+//! restored event ring runs, without waiting for a guest kick.
 
 use std::io::{self, Read, Write};
 
@@ -20,7 +28,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
 use super::muxer::Muxer;
-use super::packet::{HDR_LEN, Header, MAX_PAYLOAD, Op};
+use super::packet::{EVENT_LEN, EVENT_TRANSPORT_RESET, HDR_LEN, Header, MAX_PAYLOAD, Op};
 
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
@@ -38,12 +46,25 @@ pub struct VsockBackend {
     /// We stopped reading tx because resets pile up; resume after rx.
     tx_stalled: bool,
     exit: (EventConsumer, EventNotifier),
+    /// A TRANSPORT_RESET is owed to a restored guest and not yet posted.
+    /// Cleared once posted and never set again: one per process lifetime.
+    reset_pending: bool,
 }
 
 impl VsockBackend {
-    pub fn new(guest_cid: u64, muxer: Muxer) -> io::Result<Self> {
+    /// `transport_reset`: the guest was restored from a snapshot and gets
+    /// one TRANSPORT_RESET event once its event queue runs.
+    pub fn new(guest_cid: u64, muxer: Muxer, transport_reset: bool) -> io::Result<Self> {
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
-        Ok(VsockBackend { muxer, guest_cid, mem: None, buf: Vec::with_capacity(MAX_PAYLOAD), tx_stalled: false, exit })
+        Ok(VsockBackend {
+            muxer,
+            guest_cid,
+            mem: None,
+            buf: Vec::with_capacity(MAX_PAYLOAD),
+            tx_stalled: false,
+            exit,
+            reset_pending: transport_reset,
+        })
     }
 
     pub fn muxer_fd(&self) -> std::os::fd::RawFd {
@@ -130,6 +151,49 @@ impl VsockBackend {
             };
             queue.add_used(&*mem, head, len).map_err(|e| io::Error::other(e.to_string()))?;
             used += 1;
+        }
+        if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Posts the owed TRANSPORT_RESET into the event queue's next buffer,
+    /// if the queue runs and holds one. Buffers too short for the event
+    /// are returned empty (Linux ignores a used length other than 4). With
+    /// no buffer, the guest is asked to kick when it adds one.
+    fn post_transport_reset(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(atomic) = &self.mem else { return Ok(()) };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Ok(());
+        }
+        let queue = state.get_queue_mut();
+        let mut used = 0;
+        while self.reset_pending {
+            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                match queue.enable_notification(&*mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let written = match Writer::new(&*mem, chain) {
+                Ok(mut w) if w.available_bytes() >= EVENT_LEN => {
+                    w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok()
+                }
+                _ => false,
+            };
+            let len = if written { EVENT_LEN as u32 } else { 0 };
+            queue.add_used(&*mem, head, len).map_err(|e| io::Error::other(e.to_string()))?;
+            used += 1;
+            if written {
+                self.reset_pending = false;
+                tracing::info!("vsock: posted TRANSPORT_RESET to the restored guest");
+            } else {
+                tracing::debug!("vsock event: returned an unusable buffer");
+            }
         }
         if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
             state.signal_used_queue()?;
@@ -229,12 +293,27 @@ impl VhostUserBackendMut for VsockBackend {
         vrings: &[VringRwLock],
         _thread: usize,
     ) -> io::Result<()> {
+        // When the owed reset goes out: vhost-user-backend 0.24 calls
+        // handle_event(q) on this worker thread as soon as ring q is both
+        // started and enabled (it registers the kick fd, then raises its
+        // "vring enabled" event so no kick made before is lost), whether or
+        // not the guest ever kicks. That call for EVENT_QUEUE is our "ring
+        // is running" hook, with no timer and no self-kick; the back end
+        // trait itself has no ring-start callback (update_memory comes
+        // before the rings are set up). Checking on every event also puts
+        // the reset ahead of anything else we would send the guest once the
+        // event ring runs, and a guest kick on EVENT_QUEUE (buffers added
+        // after we found none) retries it.
+        if self.reset_pending {
+            self.post_transport_reset(&vrings[EVENT_QUEUE as usize])?;
+        }
         match device_event {
             RX_QUEUE => self.process_rx_and_resume_tx(vrings),
             TX_QUEUE => {
                 self.process_tx(&vrings[TX_QUEUE as usize])?;
                 self.process_rx_and_resume_tx(vrings)
             }
+            // Only the owed reset (above) uses this queue.
             EVENT_QUEUE => Ok(()),
             MUXER_EVENT => {
                 self.muxer.process_events();

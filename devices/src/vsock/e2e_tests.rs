@@ -10,17 +10,22 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::packet::{HDR_LEN, HOST_CID, Header, Op, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{
+    EVENT_LEN, EVENT_TRANSPORT_RESET, HDR_LEN, HOST_CID, Header, Op, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
 use super::testutil::TempDir;
 use super::{VsockConfig, VsockError, serve_vsock};
 use crate::net::testnet::{join_within, queued_listener};
-use crate::test_frontend::{Buf, TestFrontend, TestMemory};
+use crate::test_frontend::{Buf, TestFrontend, TestMemory, UsedElem};
 
 const CID: u64 = 3;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+const QUEUE_SIZES: [u16; 3] = [256, 256, 64];
 const RX_BUF: u32 = 4096 + HDR_LEN as u32;
 const TX_SLOT: u64 = (HDR_LEN + 65536) as u64;
 const T: Duration = Duration::from_secs(30);
@@ -122,15 +127,21 @@ struct Rig {
     server: JoinHandle<Result<(), VsockError>>,
 }
 
-fn rig() -> Rig {
+/// A back end serving on a fresh session, before any activation.
+fn serve(transport_reset: bool) -> (TestFrontend, TempDir, JoinHandle<Result<(), VsockError>>) {
     let dir = TempDir::new("vsock");
     let (listener, stream) = queued_listener();
-    let config = VsockConfig { guest_cid: CID, uds_path: dir.path("v.sock") };
+    let config = VsockConfig { guest_cid: CID, uds_path: dir.path("v.sock"), transport_reset };
     let server = std::thread::spawn(move || serve_vsock(config, listener));
     let memory = TestMemory::new(0x1_0000_0000, 32 << 20).unwrap();
     let mut fe = TestFrontend::connect(stream, memory, 3).unwrap();
     assert_eq!(fe.get_config(0, 8).unwrap(), CID.to_le_bytes());
-    fe.activate(1 << VIRTIO_F_VERSION_1, &[256, 256, 64]).unwrap();
+    (fe, dir, server)
+}
+
+fn rig() -> Rig {
+    let (mut fe, dir, server) = serve(false);
+    fe.activate(1 << VIRTIO_F_VERSION_1, &QUEUE_SIZES).unwrap();
     Rig { guest: Guest::new(fe), dir, server }
 }
 
@@ -331,4 +342,96 @@ fn malformed_tx_chains() {
     }
     drop(rig.guest);
     join_within(rig.server, T).unwrap();
+}
+
+/// Starts the rings as mm-vmm does on restore: the driver's event buffers
+/// (`event_bufs` of them, filled with 0xff so a written id shows) were
+/// posted before the snapshot and nobody kicks for them. EVENT_IDX is on,
+/// as with Linux. Returns the buffers' addresses by head index.
+fn start_restored(fe: &mut TestFrontend, event_bufs: usize) -> HashMap<u32, GuestAddress> {
+    fe.set_features(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX).unwrap();
+    fe.set_mem_table().unwrap();
+    for (index, &size) in QUEUE_SIZES.iter().enumerate() {
+        fe.layout_vring(index, size).unwrap();
+    }
+    let bufs = (0..event_bufs).map(|_| post_event_buf(fe)).collect();
+    for index in 0..QUEUE_SIZES.len() {
+        fe.start_vring(index, 0).unwrap();
+    }
+    bufs
+}
+
+/// Makes one 0xff-filled `struct virtio_vsock_event` buffer available on
+/// the event queue (no kick).
+fn post_event_buf(fe: &mut TestFrontend) -> (u32, GuestAddress) {
+    let addr = fe.alloc(EVENT_LEN as u64).unwrap();
+    fe.mem().write_slice(&[0xff; EVENT_LEN], addr).unwrap();
+    let head = fe.add_chain(EVENT, &[Buf::input(addr, EVENT_LEN as u32)]).unwrap();
+    (u32::from(head), addr)
+}
+
+/// The id written into an event buffer.
+fn event_id(fe: &TestFrontend, addr: GuestAddress) -> u32 {
+    let mut raw = [0u8; EVENT_LEN];
+    fe.mem().read_slice(&mut raw, addr).unwrap();
+    u32::from_le_bytes(raw)
+}
+
+/// Waits a while for anything (more) on the event queue: nothing may come.
+fn assert_no_event(fe: &mut TestFrontend, what: &str) {
+    let more = fe.wait_used(EVENT, 1, Duration::from_millis(300)).unwrap();
+    assert!(more.is_empty(), "{what}: unexpected event-queue completions {more:?}");
+}
+
+/// `--transport-reset`: once the restored rings start, with the driver's
+/// event buffers already there and no kick, exactly one TRANSPORT_RESET
+/// (id 0, used length 4) lands in one of the buffers and the guest is
+/// interrupted; a later kick with the buffer re-posted brings nothing more.
+#[test]
+fn transport_reset_posted_once_on_restore() {
+    let (mut fe, _dir, server) = serve(true);
+    let bufs = start_restored(&mut fe, 4);
+    assert!(fe.wait_call(EVENT, T).unwrap(), "no interrupt for the event queue");
+    let used = fe.take_used(EVENT).unwrap();
+    assert_eq!(used.len(), 1, "exactly one event: {used:?}");
+    let addr = bufs[&used[0].id];
+    assert_eq!(used[0].len, EVENT_LEN as u32);
+    assert_eq!(event_id(&fe, addr), EVENT_TRANSPORT_RESET);
+    // The driver re-posts the buffer and kicks, as Linux does.
+    post_event_buf(&mut fe);
+    fe.kick(EVENT).unwrap();
+    assert_no_event(&mut fe, "after the reset");
+    assert!(bufs.values().filter(|&&a| a != addr).all(|&a| event_id(&fe, a) == u32::MAX), "other buffers untouched");
+    drop(fe);
+    join_within(server, T).unwrap();
+}
+
+/// Restored with no event buffer posted yet: the reset waits for the
+/// driver to post one and kick, then goes into it.
+#[test]
+fn transport_reset_waits_for_an_event_buffer() {
+    let (mut fe, _dir, server) = serve(true);
+    start_restored(&mut fe, 0);
+    assert_no_event(&mut fe, "without buffers");
+    let (head, addr) = post_event_buf(&mut fe);
+    fe.kick(EVENT).unwrap();
+    let used = fe.wait_used(EVENT, 1, T).unwrap();
+    assert_eq!(used, [UsedElem { id: head, len: EVENT_LEN as u32 }]);
+    assert_eq!(event_id(&fe, addr), EVENT_TRANSPORT_RESET);
+    drop(fe);
+    join_within(server, T).unwrap();
+}
+
+/// Without `--transport-reset` the event queue is left alone: the
+/// driver's buffers stay available and no interrupt comes.
+#[test]
+fn no_transport_reset_without_the_flag() {
+    let (mut fe, _dir, server) = serve(false);
+    let bufs = start_restored(&mut fe, 4);
+    fe.kick(EVENT).unwrap();
+    assert!(!fe.wait_call(EVENT, Duration::from_millis(300)).unwrap(), "interrupt without an event");
+    assert_no_event(&mut fe, "without the flag");
+    assert!(bufs.values().all(|&a| event_id(&fe, a) == u32::MAX));
+    drop(fe);
+    join_within(server, T).unwrap();
 }

@@ -49,6 +49,11 @@ pub struct VsockConfig {
     /// host port P go to `<uds_path>_<P>`. A stale socket there is
     /// replaced; it is removed when the device exits.
     pub uds_path: PathBuf,
+    /// The guest was restored from a snapshot: once its event queue runs,
+    /// post one VIRTIO_VSOCK_EVENT_TRANSPORT_RESET so it drops the
+    /// connections this fresh process never had (listeners stay) and
+    /// re-reads its CID (`guest_cid`, possibly new) from config space.
+    pub transport_reset: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +75,7 @@ pub fn serve_vsock(config: VsockConfig, listener: UnixListener) -> Result<(), Vs
         return Err(VsockError::BadCid(config.guest_cid));
     }
     let muxer = muxer::Muxer::new(config.guest_cid, config.uds_path)?;
-    let backend = VsockBackend::new(config.guest_cid, muxer).map_err(VsockError::Event)?;
+    let backend = VsockBackend::new(config.guest_cid, muxer, config.transport_reset).map_err(VsockError::Event)?;
     let muxer_fd = backend.muxer_fd();
     let exit = backend.exit_notifier().try_clone().map_err(VsockError::Event)?;
     let backend = Arc::new(RwLock::new(backend));

@@ -14,6 +14,13 @@ pub const SHUTDOWN_SEND: u32 = 2;
 /// VIRTIO_VSOCK_MAX_PKT_BUF_SIZE); larger is malformed.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 
+/// Size of `struct virtio_vsock_event { le32 id; }`, the event queue's
+/// only element (virtio 1.2, 5.10.6.7).
+pub const EVENT_LEN: usize = 4;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, the only event id: the guest drops
+/// its connections (listeners stay) and re-reads its CID from config space.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
 /// Packet operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]

@@ -3,7 +3,8 @@
 //! [`ExecClient::run`] is the whole exec in one call; [`ExecClient::start`]
 //! splits a connection into an [`ExecSender`] (stdin, resize, signals; cheap
 //! to clone across threads) and an [`ExecReceiver`] (an iterator over the
-//! command's output), for interactive use.
+//! command's output), for interactive use. [`ExecClient::apply_identity`]
+//! uses a connection for a new identity instead of a command.
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::frame::{Frame, ProtocolError, read_frame, write_frame};
+use crate::identity::GuestIdentity;
 use crate::request::{ExecRequest, ExitStatus};
 
 /// Stdin is forwarded in chunks of this size: far below the frame limit,
@@ -31,13 +33,18 @@ pub enum ExecError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
     /// The agent could not run the command (an error frame), e.g.
-    /// "no such command: foo".
+    /// "no such command: foo", or could not apply (every step of) an
+    /// identity, e.g. "hostname: Operation not permitted".
     #[error("{0}")]
     Remote(String),
     #[error("the guest closed the exec connection before the command's exit status")]
     Disconnected,
     #[error("the guest sent a {0} frame, which only the host may send")]
     Unexpected(&'static str),
+    /// The agent answered an identity with something other than "exited
+    /// 0" or an error.
+    #[error("the guest answered the identity with {0}")]
+    BadIdentityAnswer(String),
 }
 
 /// One connection to the guest agent, before its request.
@@ -93,6 +100,25 @@ impl ExecClient {
         let sender = ExecSender { stream: Arc::new(Mutex::new(writer)) };
         let receiver = ExecReceiver { reader: BufReader::new(self.stream), done: false };
         Ok((sender, receiver))
+    }
+
+    /// Gives the guest a new identity (after a restore from a snapshot) and
+    /// waits until it has been applied: `Ok` when every step worked, else
+    /// [`ExecError::Remote`] naming each step that failed (the others were
+    /// still applied). The guest changes its address and MAC while this
+    /// connection is open; vsock does not care. Set a read timeout on
+    /// [`Self::stream`] first to bound the wait.
+    pub fn apply_identity(self, identity: &GuestIdentity) -> Result<(), ExecError> {
+        let mut stream = self.stream;
+        write_frame(&mut stream, &Frame::Identity(identity.clone()))?;
+        match read_frame(&mut stream) {
+            Ok(Some(Frame::Exit(ExitStatus::Exited(0)))) => Ok(()),
+            Ok(Some(Frame::Exit(status))) => Err(ExecError::BadIdentityAnswer(format!("an exit frame ({status})"))),
+            Ok(Some(Frame::Error(message))) => Err(ExecError::Remote(message)),
+            Ok(Some(other)) => Err(ExecError::BadIdentityAnswer(format!("a {} frame", other.name()))),
+            Ok(None) => Err(ExecError::Disconnected),
+            Err(e) => Err(disconnect_or(e)),
+        }
     }
 
     /// Runs `request` to completion: `stdin` is forwarded (then its EOF) from
@@ -227,15 +253,16 @@ impl ExecReceiver {
             Ok(Some(Frame::Stderr(data))) => Ok(Output::Stderr(data)),
             Ok(Some(Frame::Exit(status))) => Ok(Output::Exit(status)),
             Ok(Some(Frame::Error(message))) => Err(ExecError::Remote(message)),
-            Ok(Some(Frame::Request(_))) => Err(ExecError::Unexpected("request")),
-            Ok(Some(Frame::Stdin(_) | Frame::StdinEof)) => Err(ExecError::Unexpected("stdin")),
-            Ok(Some(Frame::Resize { .. })) => Err(ExecError::Unexpected("resize")),
-            Ok(Some(Frame::Signal(_))) => Err(ExecError::Unexpected("signal")),
+            Ok(Some(
+                host_only @ (Frame::Request(_)
+                | Frame::Stdin(_)
+                | Frame::StdinEof
+                | Frame::Resize { .. }
+                | Frame::Signal(_)
+                | Frame::Identity(_)),
+            )) => Err(ExecError::Unexpected(host_only.name())),
             Ok(None) => Err(ExecError::Disconnected),
-            // A peer that closes with our frames unread resets the
-            // connection: after its last frame, so it is a disconnect too.
-            Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => Err(ExecError::Disconnected),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(disconnect_or(e)),
         };
         self.done = !matches!(output, Ok(Output::Stdout(_) | Output::Stderr(_)));
         output.map(Some)
@@ -244,6 +271,15 @@ impl ExecReceiver {
     /// Whether bytes are already buffered (for callers that poll the fd).
     pub fn has_buffered(&self) -> bool {
         !self.reader.buffer().is_empty()
+    }
+}
+
+/// A peer that closes with our frames unread resets the connection: after
+/// its last frame, so that is a disconnect; other errors stay what they are.
+fn disconnect_or(e: ProtocolError) -> ExecError {
+    match e {
+        ProtocolError::Io(e) if e.kind() == io::ErrorKind::ConnectionReset => ExecError::Disconnected,
+        e => e.into(),
     }
 }
 
@@ -304,6 +340,49 @@ mod tests {
         let client = fake_agent(|s, _| write_frame(s, &Frame::Stdout(b"x".to_vec())).unwrap());
         let err = client.run(&ExecRequest::new(["x"]), io::empty(), io::sink(), io::sink()).unwrap_err();
         assert!(matches!(err, ExecError::Disconnected), "{err}");
+    }
+
+    /// A fake agent that expects an identity and answers with `answer`
+    /// (nothing: it just closes).
+    fn fake_identity_agent(answer: Option<Frame>) -> (ExecClient, std::thread::JoinHandle<GuestIdentity>) {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let Some(Frame::Identity(identity)) = read_frame(&mut guest).unwrap() else { panic!("no identity") };
+            if let Some(answer) = answer {
+                write_frame(&mut guest, &answer).unwrap();
+            }
+            identity
+        });
+        (ExecClient::from_stream(host), agent)
+    }
+
+    #[test]
+    fn apply_identity_sends_the_frame_and_reads_the_answer() {
+        let identity = GuestIdentity {
+            hostname: Some("clone-1".into()),
+            mac: Some("02:6d:0a:64:00:05".into()),
+            ..GuestIdentity::fresh().unwrap()
+        };
+        let (client, agent) = fake_identity_agent(Some(Frame::Exit(ExitStatus::Exited(0))));
+        client.apply_identity(&identity).unwrap();
+        assert_eq!(agent.join().unwrap(), identity);
+
+        let (client, _) = fake_identity_agent(Some(Frame::Error("hostname: EPERM; /etc/hosts: EROFS".into())));
+        let err = client.apply_identity(&identity).unwrap_err();
+        assert!(matches!(&err, ExecError::Remote(m) if m == "hostname: EPERM; /etc/hosts: EROFS"), "{err}");
+
+        for (answer, expected) in [
+            (Frame::Exit(ExitStatus::Exited(1)), "an exit frame (exited with code 1)"),
+            (Frame::Stdout(b"x".to_vec()), "a stdout frame"),
+            (Frame::Identity(GuestIdentity::default()), "a identity frame"),
+        ] {
+            let (client, _) = fake_identity_agent(Some(answer));
+            let err = client.apply_identity(&identity).unwrap_err();
+            assert!(matches!(&err, ExecError::BadIdentityAnswer(m) if m == expected), "{err}");
+        }
+
+        let (client, _) = fake_identity_agent(None);
+        assert!(matches!(client.apply_identity(&identity), Err(ExecError::Disconnected)));
     }
 
     #[test]

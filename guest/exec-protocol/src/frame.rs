@@ -3,6 +3,7 @@
 use std::io::{self, Read, Write};
 
 use crate::frame_type as t;
+use crate::identity::GuestIdentity;
 use crate::request::{ExecRequest, ExitStatus};
 
 /// Largest payload either side accepts (1 MiB). Data frames are sent in far
@@ -12,7 +13,8 @@ pub const MAX_PAYLOAD: u32 = 1 << 20;
 /// Type byte plus the 32-bit length.
 pub(crate) const HEADER: usize = 5;
 
-/// One protocol message.
+/// One protocol message. [`Frame::Identity`] takes a request's place as
+/// the first frame, for a guest restored from a snapshot ([`GuestIdentity`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Request(ExecRequest),
@@ -20,6 +22,7 @@ pub enum Frame {
     StdinEof,
     Resize { rows: u16, cols: u16 },
     Signal(i32),
+    Identity(GuestIdentity),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exit(ExitStatus),
@@ -36,6 +39,8 @@ pub enum ProtocolError {
     BadPayload { kind: &'static str, len: usize },
     #[error("malformed request: {0}")]
     BadRequest(String),
+    #[error("malformed identity: {0}")]
+    BadIdentity(String),
     #[error("error frame is not UTF-8")]
     BadUtf8,
     #[error("the stream ended inside a frame")]
@@ -45,6 +50,21 @@ pub enum ProtocolError {
 }
 
 impl Frame {
+    /// What the frame is, for error messages about frames out of place.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Frame::Request(_) => "request",
+            Frame::Stdin(_) | Frame::StdinEof => "stdin",
+            Frame::Resize { .. } => "resize",
+            Frame::Signal(_) => "signal",
+            Frame::Identity(_) => "identity",
+            Frame::Stdout(_) => "stdout",
+            Frame::Stderr(_) => "stderr",
+            Frame::Exit(_) => "exit",
+            Frame::Error(_) => "error",
+        }
+    }
+
     fn type_byte(&self) -> u8 {
         match self {
             Frame::Request(_) => t::REQUEST,
@@ -52,6 +72,7 @@ impl Frame {
             Frame::StdinEof => t::STDIN_EOF,
             Frame::Resize { .. } => t::RESIZE,
             Frame::Signal(_) => t::SIGNAL,
+            Frame::Identity(_) => t::IDENTITY,
             Frame::Stdout(_) => t::STDOUT,
             Frame::Stderr(_) => t::STDERR,
             Frame::Exit(_) => t::EXIT,
@@ -69,6 +90,9 @@ impl Frame {
         match self {
             Frame::Request(req) => {
                 serde_json::to_writer(&mut *out, req).map_err(|e| ProtocolError::BadRequest(e.to_string()))?
+            }
+            Frame::Identity(identity) => {
+                serde_json::to_writer(&mut *out, identity).map_err(|e| ProtocolError::BadIdentity(e.to_string()))?
             }
             Frame::Stdin(data) | Frame::Stdout(data) | Frame::Stderr(data) => out.extend_from_slice(data),
             Frame::StdinEof => {}
@@ -108,6 +132,9 @@ impl Frame {
             t::REQUEST => {
                 Frame::Request(serde_json::from_slice(payload).map_err(|e| ProtocolError::BadRequest(e.to_string()))?)
             }
+            t::IDENTITY => {
+                Frame::Identity(serde_json::from_slice(payload).map_err(|e| ProtocolError::BadIdentity(e.to_string()))?)
+            }
             t::STDIN => Frame::Stdin(payload.to_vec()),
             t::STDIN_EOF if payload.is_empty() => Frame::StdinEof,
             t::STDIN_EOF => return Err(bad("stdin EOF")),
@@ -137,7 +164,7 @@ impl Frame {
 /// waiting for (or allocating) the payload.
 fn check_header(header: &[u8; HEADER]) -> Result<(u8, usize), ProtocolError> {
     let kind = header[0];
-    if !matches!(kind, t::REQUEST..=t::SIGNAL | t::STDOUT..=t::ERROR) {
+    if !matches!(kind, t::REQUEST..=t::IDENTITY | t::STDOUT..=t::ERROR) {
         return Err(ProtocolError::UnknownType(kind));
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
@@ -205,6 +232,17 @@ mod tests {
             Frame::Resize { rows: 65535, cols: 1 },
             Frame::Signal(15),
             Frame::Signal(-1),
+            Frame::Identity(GuestIdentity::default()),
+            Frame::Identity(GuestIdentity {
+                hostname: Some("clone-1".into()),
+                mac: Some("02:6d:0a:64:00:05".into()),
+                address: Some("10.100.0.5/24".into()),
+                gateway: Some("10.100.0.1".into()),
+                dns: vec!["10.100.0.1".into()],
+                realtime_ns: Some(u64::MAX),
+                new_ssh_host_key: true,
+                ..GuestIdentity::new(&[0xff; crate::ENTROPY_BYTES])
+            }),
             Frame::Stdout(vec![0, 255, 10]),
             Frame::Stderr(b"oops\n".to_vec()),
             Frame::Exit(ExitStatus::Exited(3)),
@@ -233,6 +271,12 @@ mod tests {
         assert_eq!(Frame::Exit(ExitStatus::Signaled(9)).encode().unwrap(), [0x83, 0, 0, 0, 5, 1, 0, 0, 0, 9]);
         assert_eq!(Frame::Resize { rows: 24, cols: 80 }.encode().unwrap(), [0x04, 0, 0, 0, 4, 0, 24, 0, 80]);
         assert_eq!(Frame::StdinEof.encode().unwrap(), [0x03, 0, 0, 0, 0]);
+        let identity = Frame::Identity(GuestIdentity { new_ssh_host_key: true, ..GuestIdentity::default() });
+        let bytes = identity.encode().unwrap();
+        assert_eq!(bytes[0], 0x06);
+        assert_eq!(u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize, bytes.len() - HEADER);
+        let json: serde_json::Value = serde_json::from_slice(&bytes[HEADER..]).unwrap();
+        assert_eq!(json["new_ssh_host_key"], true);
     }
 
     #[test]
@@ -276,6 +320,11 @@ mod tests {
             &[t::ERROR, 0, 0, 0, 2, 0xc3, 0x28],
             &[t::REQUEST, 0, 0, 0, 2, b'{', b'}'],
             &[t::REQUEST, 0, 0, 0, 3, 0xff, 0xfe, 0],
+            &[0x07, 0, 0, 0, 0],
+            &[t::IDENTITY, 0, 0, 0, 0],
+            &[t::IDENTITY, 0, 0, 0, 2, b'"', b'"'],
+            &[t::IDENTITY, 0, 0, 0, 10, b'{', b'"', b'd', b'n', b's', b'"', b':', b'4', b'2', b'}'],
+            &[t::IDENTITY, 0, 0, 0, 3, 0xff, 0xfe, 0],
         ];
         for case in cases {
             assert!(decode(case).is_err(), "{case:?} decoded");
@@ -293,11 +342,15 @@ mod tests {
         for cut in 0..stream.len() {
             crate::fuzz_decode(&stream[cut..]);
         }
-        // A deeply nested request must fail cleanly, not blow the stack.
-        let mut deep = vec![t::REQUEST, 0, 0, 0, 0];
-        let body = "[".repeat(100_000);
-        deep[1..5].copy_from_slice(&(body.len() as u32).to_be_bytes());
-        deep.extend_from_slice(body.as_bytes());
-        assert!(decode(&deep).is_err());
+        // A deeply nested request or identity must fail cleanly, not blow
+        // the stack.
+        for kind in [t::REQUEST, t::IDENTITY] {
+            let mut deep = vec![kind, 0, 0, 0, 0];
+            let body = if kind == t::REQUEST { "[".repeat(100_000) } else { "{\"x\":".repeat(100_000) };
+            deep[1..5].copy_from_slice(&(body.len() as u32).to_be_bytes());
+            deep.extend_from_slice(body.as_bytes());
+            assert!(decode(&deep).is_err());
+            crate::fuzz_decode(&deep);
+        }
     }
 }

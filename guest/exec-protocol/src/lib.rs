@@ -4,7 +4,20 @@
 //! The agent listens on vsock port [`EXEC_PORT`]. Each connection runs one
 //! command: the host sends one [`Frame::Request`], then both sides send
 //! frames until the guest sends [`Frame::Exit`] (or [`Frame::Error`]) and
-//! closes. A frame is
+//! closes.
+//!
+//! Or, instead of a request, the first frame is a [`Frame::Identity`]: a
+//! guest restored from a snapshot under a new name takes on a new identity
+//! ([`GuestIdentity`]: fresh kernel random numbers, the clock, hostname,
+//! MAC, address, route, name servers, SSH host key) without a reboot. The
+//! guest applies it and answers with one frame, [`Frame::Exit`] with code 0
+//! when every step worked, or [`Frame::Error`] naming each step that failed
+//! (`step: reason`, `; ` between steps), then closes; no other frames flow
+//! on that connection. [`ExecClient::apply_identity`] is the host's side.
+//! An agent older than the identity frame answers it with an error frame
+//! (`protocol error: unknown frame type 0x06`).
+//!
+//! A frame is
 //!
 //! ```text
 //! [type: u8][len: u32 big-endian][payload: len bytes]
@@ -20,17 +33,20 @@
 //! | `0x03` | host → guest | stdin EOF | empty |
 //! | `0x04` | host → guest | resize | rows u16 BE, cols u16 BE |
 //! | `0x05` | host → guest | signal | signal number i32 BE |
+//! | `0x06` | host → guest | identity | JSON [`GuestIdentity`] (first frame only, instead of a request) |
 //! | `0x81` | guest → host | stdout | bytes (with a tty: the terminal's output) |
 //! | `0x82` | guest → host | stderr | bytes (never with a tty) |
-//! | `0x83` | guest → host | exit | kind u8 (0 exited, 1 killed by a signal), code or signal i32 BE |
+//! | `0x83` | guest → host | exit | kind u8 (0 exited, 1 killed by a signal), code or signal i32 BE; after an identity: exited 0, all applied |
 //! | `0x84` | guest → host | error | UTF-8 message; the guest closes after it |
 
 mod client;
 mod frame;
+mod identity;
 mod request;
 
 pub use client::{ExecClient, ExecError, ExecReceiver, ExecSender, Output};
 pub use frame::{Frame, MAX_PAYLOAD, ProtocolError, decode, read_frame, write_frame};
+pub use identity::{ENTROPY_BYTES, GuestIdentity, IdentityError, MIN_ENTROPY_BYTES};
 pub use request::{ExecRequest, ExitStatus};
 
 /// The vsock port the guest agent listens on.
@@ -43,6 +59,7 @@ pub mod frame_type {
     pub const STDIN_EOF: u8 = 0x03;
     pub const RESIZE: u8 = 0x04;
     pub const SIGNAL: u8 = 0x05;
+    pub const IDENTITY: u8 = 0x06;
     pub const STDOUT: u8 = 0x81;
     pub const STDERR: u8 = 0x82;
     pub const EXIT: u8 = 0x83;

@@ -89,9 +89,6 @@ fn main() {
     if let Some(dev) = &boot_device {
         dev.mark_userspace_started();
     }
-    if let Some(name) = &settings.hostname {
-        let _ = nix::unistd::sethostname(name);
-    }
     network::configure(&settings);
 
     agent::start();

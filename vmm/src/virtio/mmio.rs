@@ -14,8 +14,9 @@ use std::os::unix::net::UnixStream;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::vhost_user::{FrontendError, QueueEvents, QueueSetup, VhostUserDevice};
+use super::vhost_user::{Activation, FrontendError, QueueEvents, QueueSetup, VhostUserDevice};
 use super::*;
+use crate::snapshot::Persist;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -56,10 +57,40 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 /// Each device gets one page of MMIO space.
 pub const MMIO_SIZE: u64 = 0x1000;
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Queue {
-    setup: QueueSetup,
-    ready: bool,
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Queue {
+    pub setup: QueueSetup,
+    pub ready: bool,
+}
+
+/// A transport's registers and its back end's progress, as a snapshot
+/// carries them: enough for a fresh back end to take over the guest's
+/// device where the old one stopped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// `block`, `net` or `vsock`: a restore refuses another kind in its place.
+    pub kind: String,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<Queue>,
+    pub status: u32,
+    pub config_generation: u32,
+    pub config_interrupt: bool,
+    /// What the driver activated (None before DRIVER_OK).
+    pub activation: Option<Activation>,
+    /// Per queue, the avail index the back end stopped at (GET_VRING_BASE).
+    pub ring_bases: Vec<u16>,
+}
+
+/// What a restored transport is built from besides its state.
+pub struct TransportParts {
+    pub backend: VhostUserDevice,
+    pub mem: GuestMemoryMmap,
+    pub memfd: File,
+    pub kicks: Vec<EventFd>,
+    pub call: EventFd,
 }
 
 /// One virtio-mmio device: its registers, and the vhost-user back end and
@@ -78,6 +109,8 @@ pub struct MmioDevice {
     status: u32,
     config_generation: u32,
     config_interrupt: bool,
+    /// Set while quiesced: where each ring stopped.
+    quiesced: Option<Vec<u16>>,
 }
 
 fn set_half(value: &mut u64, high: bool, half: u32) {
@@ -111,6 +144,7 @@ impl MmioDevice {
             status: 0,
             config_generation: 0,
             config_interrupt: false,
+            quiesced: None,
         }
     }
 
@@ -259,5 +293,90 @@ impl MmioDevice {
 
     pub fn kind(&self) -> DeviceKind {
         self.backend.kind()
+    }
+
+    /// Stops the back end's rings (see [`VhostUserDevice::quiesce`]) until
+    /// [`Self::resume`]. Idempotent.
+    pub fn quiesce(&mut self) -> Result<(), FrontendError> {
+        if self.quiesced.is_none() {
+            self.quiesced = Some(self.backend.quiesce()?);
+        }
+        Ok(())
+    }
+
+    /// Restarts the rings where [`Self::quiesce`] stopped them.
+    pub fn resume(&mut self) -> Result<(), FrontendError> {
+        let Some(bases) = self.quiesced.take() else { return Ok(()) };
+        let events = QueueEvents { kicks: &self.kicks, call: &self.call };
+        self.backend.resume(&self.mem, &self.memfd, &bases, &events)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    #[error("the snapshot has a {saved} device where this VM has a {given}")]
+    WrongKind { saved: String, given: &'static str },
+    #[error("the snapshot's {kind} device has {saved} queues, not {expected}")]
+    WrongQueueCount { kind: &'static str, saved: usize, expected: usize },
+    #[error("the snapshot's {0} device was saved without quiescing its rings")]
+    NotQuiesced(&'static str),
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+}
+
+impl Persist for MmioDevice {
+    type State = TransportState;
+    type ConstructorArgs = TransportParts;
+    type Error = TransportRestoreError;
+
+    /// The transport as it stands; its ring indices are those of the last
+    /// quiesce (a snapshot quiesces first).
+    fn save(&self) -> TransportState {
+        TransportState {
+            kind: self.kind().name().to_string(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            status: self.status,
+            config_generation: self.config_generation,
+            config_interrupt: self.config_interrupt,
+            activation: self.backend.activation().cloned(),
+            ring_bases: self.quiesced.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Takes over the guest's device with a fresh back end: registers as
+    /// saved, and an activated device's rings started at the saved indices.
+    fn restore(parts: TransportParts, state: &TransportState) -> Result<Self, TransportRestoreError> {
+        let kind = parts.backend.kind();
+        if state.kind != kind.name() {
+            return Err(TransportRestoreError::WrongKind { saved: state.kind.clone(), given: kind.name() });
+        }
+        if state.queues.len() != kind.num_queues() {
+            return Err(TransportRestoreError::WrongQueueCount {
+                kind: kind.name(),
+                saved: state.queues.len(),
+                expected: kind.num_queues(),
+            });
+        }
+        let mut device = MmioDevice::new(parts.backend, parts.mem, parts.memfd, parts.kicks, parts.call);
+        device.device_features_sel = state.device_features_sel;
+        device.driver_features_sel = state.driver_features_sel;
+        device.driver_features = state.driver_features;
+        device.queue_sel = state.queue_sel;
+        device.queues = state.queues.clone();
+        device.status = state.status;
+        device.config_generation = state.config_generation;
+        device.config_interrupt = state.config_interrupt;
+        if let Some(activation) = &state.activation {
+            if state.ring_bases.len() != activation.queues.len() {
+                return Err(TransportRestoreError::NotQuiesced(kind.name()));
+            }
+            let events = QueueEvents { kicks: &device.kicks, call: &device.call };
+            device.backend.restore(activation.clone(), &state.ring_bases, &device.mem, &device.memfd, &events)?;
+        }
+        Ok(device)
     }
 }

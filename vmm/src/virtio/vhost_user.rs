@@ -35,11 +35,15 @@ pub enum FrontendError {
     BadRingAddress { device: &'static str, addr: u64 },
     #[error("vhost-user {device} back end: the restarted back end offers features {new:#x}, not {old:#x}")]
     FeaturesChanged { device: &'static str, old: u64, new: u64 },
+    #[error("vhost-user {device} back end: the snapshot's driver acked features {acked:#x} this back end lacks")]
+    FeaturesMissing { device: &'static str, acked: u64 },
+    #[error("vhost-user {device} back end: the snapshot has {saved} ring indices for {queues} queues")]
+    BadRingBases { device: &'static str, saved: usize, queues: usize },
 }
 
 /// Where one queue lives, as the guest driver configured it
 /// (guest-physical addresses).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueSetup {
     pub size: u16,
     pub desc: u64,
@@ -54,11 +58,12 @@ pub struct QueueEvents<'a> {
     pub call: &'a EventFd,
 }
 
-/// What the guest driver activated, kept for replay on reconnect.
-#[derive(Debug, Clone)]
-struct Activation {
-    acked_features: u64,
-    queues: Vec<QueueSetup>,
+/// What the guest driver activated, kept for replay on reconnect and
+/// carried in snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Activation {
+    pub acked_features: u64,
+    pub queues: Vec<QueueSetup>,
 }
 
 pub struct VhostUserDevice {
@@ -136,14 +141,14 @@ impl VhostUserDevice {
     }
 
     /// Gives the back end guest RAM, the in-flight table and the rings, and
-    /// starts them. `base` returns, per queue, the ring index to start at.
+    /// starts them. `base` returns, per queue (index, set-up), the ring index to start at.
     fn start(
         &mut self,
         mem: &GuestMemoryMmap,
         memfd: &File,
         activation: &Activation,
         events: &QueueEvents,
-        base: impl Fn(&QueueSetup) -> u16,
+        base: impl Fn(usize, &QueueSetup) -> u16,
     ) -> Result<(), FrontendError> {
         let mut features = activation.acked_features & self.device_features;
         if self.backend_speaks_protocol {
@@ -201,7 +206,7 @@ impl VhostUserDevice {
             };
             self.frontend.set_vring_num(index, queue.size).map_err(self.err("SET_VRING_NUM"))?;
             self.frontend.set_vring_addr(index, &ring).map_err(self.err("SET_VRING_ADDR"))?;
-            self.frontend.set_vring_base(index, base(queue)).map_err(self.err("SET_VRING_BASE"))?;
+            self.frontend.set_vring_base(index, base(index, queue)).map_err(self.err("SET_VRING_BASE"))?;
             self.frontend.set_vring_call(index, events.call).map_err(self.err("SET_VRING_CALL"))?;
             self.frontend.set_vring_kick(index, &events.kicks[index]).map_err(self.err("SET_VRING_KICK"))?;
             if self.backend_speaks_protocol {
@@ -221,7 +226,7 @@ impl VhostUserDevice {
         events: &QueueEvents,
     ) -> Result<(), FrontendError> {
         let activation = Activation { acked_features, queues: queues.to_vec() };
-        self.start(mem, memfd, &activation, events, |_| 0)?;
+        self.start(mem, memfd, &activation, events, |_, _| 0)?;
         self.activation = Some(activation);
         Ok(())
     }
@@ -250,13 +255,76 @@ impl VhostUserDevice {
         let Some(activation) = self.activation.clone() else {
             return Ok(()); // the driver had not started the device yet
         };
-        self.start(mem, memfd, &activation, events, |q| used_index(mem, q))?;
+        self.start(mem, memfd, &activation, events, |_, q| used_index(mem, q))?;
         // The old back end may have died between publishing a used element
         // and raising the interrupt, and the new one has nothing to complete
         // for it: raise one now. A spurious interrupt costs the driver a
         // look at its rings; a lost one would hang it.
         let _ = events.call.write(1);
         Ok(())
+    }
+
+    /// What the driver activated, if it has.
+    pub fn activation(&self) -> Option<&Activation> {
+        self.activation.as_ref()
+    }
+
+    /// Stops every ring of an activated device (GET_VRING_BASE: the back
+    /// end finishes what it holds, stops, and says where each ring stands)
+    /// and returns, per queue, the avail index to resume at. The block
+    /// back end answers only once its worker has completed every request
+    /// it took, so nothing more lands in guest memory after this.
+    pub fn quiesce(&mut self) -> Result<Vec<u16>, FrontendError> {
+        let Some(activation) = &self.activation else { return Ok(Vec::new()) };
+        let mut bases = Vec::with_capacity(activation.queues.len());
+        for (index, queue) in activation.queues.clone().iter().enumerate() {
+            if queue.size == 0 {
+                bases.push(0);
+                continue;
+            }
+            let base = self.frontend.get_vring_base(index).map_err(self.err("GET_VRING_BASE"))?;
+            bases.push(base as u16);
+        }
+        Ok(bases)
+    }
+
+    /// Starts the rings again at `bases` (from [`Self::quiesce`]), replaying
+    /// the set-up as a reconnect does.
+    pub fn resume(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        memfd: &File,
+        bases: &[u16],
+        events: &QueueEvents,
+    ) -> Result<(), FrontendError> {
+        let Some(activation) = self.activation.clone() else { return Ok(()) };
+        if bases.len() != activation.queues.len() {
+            return Err(FrontendError::BadRingBases {
+                device: self.kind.name(),
+                saved: bases.len(),
+                queues: activation.queues.len(),
+            });
+        }
+        self.start(mem, memfd, &activation, events, |index, _| bases[index])?;
+        let _ = events.call.write(1);
+        Ok(())
+    }
+
+    /// A fresh back end takes over a restored guest's device: the driver's
+    /// activation from the snapshot, each ring at its saved index.
+    pub fn restore(
+        &mut self,
+        activation: Activation,
+        bases: &[u16],
+        mem: &GuestMemoryMmap,
+        memfd: &File,
+        events: &QueueEvents,
+    ) -> Result<(), FrontendError> {
+        if activation.acked_features & !(self.device_features | super::VIRTIO_F_VERSION_1) != 0 {
+            return Err(FrontendError::FeaturesMissing { device: self.kind.name(), acked: activation.acked_features });
+        }
+        self.activation = Some(activation);
+        self.resume(mem, memfd, bases, events)
     }
 
     /// The guest reset the device: stop every ring (GET_VRING_BASE stops a

@@ -5,12 +5,16 @@
 //! A listener thread accepts connections on [`EXEC_PORT`] and serves each
 //! on its own thread (session.rs); commands are forked with pipes or a
 //! pseudo-terminal (spawn.rs), and their exit statuses come from PID 1's
-//! reaper (children.rs). These and the SSH server's thread (ssh/, which
-//! starts its commands through spawn.rs too) are mm-init's only threads:
-//! PID 1's own work (waiting for the workload, forwarding its signals)
-//! stays on the main thread.
+//! reaper (children.rs). A connection may carry a new identity instead of a
+//! command, for a guest restored from a snapshot under a new name; its
+//! thread applies it and answers (identity.rs: random numbers, clock,
+//! hostname, network, SSH host key). These and the SSH server's thread
+//! (ssh/, which starts its commands through spawn.rs too) are mm-init's
+//! only threads: PID 1's own work (waiting for the workload, forwarding its
+//! signals) stays on the main thread.
 
 pub mod children;
+mod identity;
 mod session;
 pub(crate) mod spawn;
 mod user;

@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use mm_exec_protocol::{Frame, decode};
+use mm_exec_protocol::{ExecRequest, ExitStatus, Frame, GuestIdentity, decode};
 
 use super::children::{ExitNotice, Reaper};
+use super::identity;
 use super::spawn::{self, Child, ChildIo};
 
-/// How long a host may take to send its request.
+/// How long a host may take to send its request (or identity).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the command exits, output still open (a background job holding
 /// the pipe or terminal) is read until it is quiet this long.
@@ -42,8 +43,16 @@ pub fn serve(sock: OwnedFd, reaper: Reaper) {
     if spawn::set_nonblocking(&conn.sock).is_err() {
         return;
     }
-    let request = match conn.read_request() {
-        Ok(Some(req)) => req,
+    let request = match conn.read_first() {
+        Ok(Some(First::Request(req))) => req,
+        Ok(Some(First::Identity(new))) => {
+            let answer = match identity::apply(&new) {
+                Ok(()) => Frame::Exit(ExitStatus::Exited(0)),
+                Err(message) => Frame::Error(message),
+            };
+            conn.queue(&answer);
+            return conn.finish();
+        }
         Ok(None) => return,
         Err(message) => return conn.fail(&message),
     };
@@ -61,6 +70,12 @@ struct Conn {
     inbuf: Vec<u8>,
     /// Encoded frames not yet sent.
     outbuf: Vec<u8>,
+}
+
+/// What a connection is for, from its first frame.
+enum First {
+    Request(ExecRequest),
+    Identity(GuestIdentity),
 }
 
 enum ReadResult {
@@ -133,17 +148,22 @@ impl Conn {
         true
     }
 
-    /// The first frame, which must be a request: `Ok(None)` if the host
-    /// left without one, `Err` with the message for an error frame.
-    fn read_request(&mut self) -> Result<Option<mm_exec_protocol::ExecRequest>, String> {
+    /// The first frame, which must be a request or an identity: `Ok(None)`
+    /// if the host left without one, `Err` with the message for an error
+    /// frame.
+    fn read_first(&mut self) -> Result<Option<First>, String> {
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         loop {
             match decode(&self.inbuf) {
-                Ok(Some((Frame::Request(req), used))) => {
+                Ok(Some((frame, used))) => {
+                    let first = match frame {
+                        Frame::Request(req) => First::Request(req),
+                        Frame::Identity(new) => First::Identity(new),
+                        _ => return Err("protocol error: the first frame must be a request or an identity".into()),
+                    };
                     self.inbuf.drain(..used);
-                    return Ok(Some(req));
+                    return Ok(Some(first));
                 }
-                Ok(Some(_)) => return Err("protocol error: the first frame must be a request".into()),
                 Ok(None) => {}
                 Err(e) => return Err(format!("protocol error: {e}")),
             }
@@ -397,6 +417,7 @@ impl Pump {
                 }
                 Frame::Signal(sig) => self.signal(sig),
                 Frame::Request(_) => return self.protocol_error("a second request".into()),
+                Frame::Identity(_) => return self.protocol_error("an identity after the request".into()),
                 Frame::Stdout(_) | Frame::Stderr(_) | Frame::Exit(_) | Frame::Error(_) => {
                     return self.protocol_error("a guest-to-host frame from the host".into());
                 }

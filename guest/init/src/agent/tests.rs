@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use mm_exec_protocol::{ExecClient, ExecError, ExecRequest, ExitStatus, Frame, Output};
+use mm_exec_protocol::{ExecClient, ExecError, ExecRequest, ExitStatus, Frame, GuestIdentity, Output};
 
 use super::{Reaper, serve};
 
@@ -141,5 +141,45 @@ fn concurrent_sessions() {
     for (i, h) in handles.into_iter().enumerate() {
         let (status, out, _) = h.join().unwrap().unwrap();
         assert_eq!((status, out), (ExitStatus::Exited(i as i32), format!("n{i}")));
+    }
+}
+
+#[test]
+fn an_invalid_identity_is_refused_whole() {
+    let refused = |identity: GuestIdentity| match connect().apply_identity(&identity) {
+        Err(ExecError::Remote(message)) => message,
+        other => panic!("expected an error frame, got {other:?}"),
+    };
+    let short = GuestIdentity { hostname: Some("not-applied".into()), ..GuestIdentity::new(&[1; 31]) };
+    assert_eq!(refused(short), "invalid identity: 31 bytes of entropy are under the minimum of 32");
+    let bad_mac = GuestIdentity { mac: Some("02:6d:0a:64:00".into()), ..GuestIdentity::fresh().unwrap() };
+    assert!(refused(bad_mac).starts_with("invalid identity: mac \"02:6d:0a:64:00\": not six"));
+}
+
+#[test]
+fn an_identity_is_only_a_first_frame() {
+    let (mut host, guest) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || serve(OwnedFd::from(guest), Reaper::Direct));
+    let identity = GuestIdentity::fresh().unwrap();
+    mm_exec_protocol::write_frame(&mut host, &Frame::Request(sh("exec sleep 100"))).unwrap();
+    mm_exec_protocol::write_frame(&mut host, &Frame::Identity(identity)).unwrap();
+    let frame = mm_exec_protocol::read_frame(&mut host).unwrap();
+    assert_eq!(frame, Some(Frame::Error("protocol error: an identity after the request".into())));
+    drop(host);
+    server.join().unwrap();
+}
+
+/// Entropy alone: the one step that is harmless on the machine running the
+/// tests, and proves the ioctl numbers right (as root; as anyone else the
+/// kernel refuses, which must come back naming the step).
+#[test]
+fn entropy_reseeds_the_kernel_generator() {
+    let result = connect().apply_identity(&GuestIdentity::fresh().unwrap());
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        result.unwrap();
+    } else {
+        let err = result.unwrap_err();
+        assert!(matches!(&err, ExecError::Remote(m) if m.starts_with("random numbers: ")), "{err}");
     }
 }

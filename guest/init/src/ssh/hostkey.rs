@@ -84,7 +84,7 @@ fn kernel_random(buf: &mut [u8]) -> io::Result<()> {
 /// Writes the key (mode 0600, OpenSSH format) and its `.pub`, each through
 /// a temporary file and a rename, so a crash mid-write never leaves a
 /// half-written key to trip over on the next boot.
-fn store(key: &PrivateKey, path: &Path) -> Result<(), SshError> {
+pub fn store(key: &PrivateKey, path: &Path) -> Result<(), SshError> {
     let fail = |source: io::Error| SshError::StoreHostKey { path: path.to_path_buf(), source };
     let pem = key.to_openssh(LineEnding::LF).map_err(SshError::KeyEncoding)?;
     let public = key.public_key().to_openssh().map_err(SshError::KeyEncoding)?;

@@ -7,7 +7,11 @@
 //!
 //! * Host key: ed25519, made on first boot and kept in
 //!   `/etc/ssh/mm_host_ed25519_key` (hostkey.rs). Its public half is printed
-//!   as `mm-init: ssh host key ssh-ed25519 AAAA…` so hosts can pin it.
+//!   as `mm-init: ssh host key ssh-ed25519 AAAA…` so hosts can pin it. A
+//!   guest restored from a snapshot under a new name gets a new one from
+//!   the exec agent ([`renew_host_key`]) without restarting the server.
+//!   The server reads its configuration per connection, through
+//!   [`ServerConfig`], so no thread beyond its own is involved.
 //! * Logins: user `root` only, public keys only, checked against the
 //!   `mm.ssh=` lines (auth.rs). Every accepted or refused attempt is one
 //!   line on stderr.
@@ -29,9 +33,9 @@ mod tests;
 
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
@@ -94,15 +98,14 @@ fn try_start(authorized_keys: &[String]) -> Result<(), SshError> {
     std::thread::Builder::new()
         .name("ssh".into())
         .spawn(move || {
-            let result = hostkey::load_or_create(hostkey::HOST_KEY_PATH.as_ref()).and_then(|(host_key, origin)| {
-                announce(&host_key, &origin);
+            let result = load_host_key().and_then(|server| {
                 let _ = writeln!(
                     io::stdout(),
                     "mm-init: ssh listening on {addr} ({} authorized key{})",
                     keys.len(),
                     if keys.len() == 1 { "" } else { "s" }
                 );
-                serve(listener, host_key, keys, Reaper::Pid1)
+                serve(listener, server, keys, Reaper::Pid1)
             });
             if let Err(e) = result {
                 eprintln!("mm-init: ssh: {e}");
@@ -110,6 +113,71 @@ fn try_start(authorized_keys: &[String]) -> Result<(), SshError> {
         })
         .map_err(SshError::Thread)?;
     Ok(())
+}
+
+/// The server's configuration, host key included. Replaceable while the
+/// server runs, for [`renew_host_key`]; each connection takes the one
+/// current when it is accepted (connections already open keep theirs).
+pub(crate) struct ServerConfig(RwLock<Arc<Config>>);
+
+impl ServerConfig {
+    fn new(host_key: PrivateKey) -> Arc<Self> {
+        Arc::new(ServerConfig(RwLock::new(Arc::new(config(host_key)))))
+    }
+
+    fn current(&self) -> Arc<Config> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set_host_key(&self, host_key: PrivateKey) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config(host_key));
+    }
+}
+
+/// The configuration of the server PID 1 started, once it has its host
+/// key. Its lock also orders a renewal against the server's start, which
+/// could otherwise load the very key being replaced.
+type Running = Mutex<Option<Arc<ServerConfig>>>;
+static RUNNING: Running = Mutex::new(None);
+
+/// Loads (or makes) the host key and publishes the server's configuration
+/// for [`renew_host_key`].
+fn load_host_key() -> Result<Arc<ServerConfig>, SshError> {
+    let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+    let (host_key, origin) = hostkey::load_or_create(hostkey::HOST_KEY_PATH.as_ref())?;
+    announce(&host_key, &origin);
+    let server = ServerConfig::new(host_key);
+    *running = Some(server.clone());
+    Ok(server)
+}
+
+/// Replaces the host key, for a guest restored from a snapshot under a new
+/// name: a clone must not be able to pose as its siblings. Makes a new key
+/// (from the kernel's random numbers, so reseed them first), stores it in
+/// place of the old one, and has the running server offer it to every new
+/// connection; its public half goes to the console as at boot. Without a
+/// running server (no network at boot) only the file changes. An error
+/// means the key could not be stored: a running server still uses it until
+/// shutdown, and the old key comes back on the next boot.
+pub fn renew_host_key() -> Result<(), SshError> {
+    renew_host_key_at(hostkey::HOST_KEY_PATH.as_ref(), &RUNNING)
+}
+
+fn renew_host_key_at(path: &Path, running: &Running) -> Result<(), SshError> {
+    let running = running.lock().unwrap_or_else(PoisonError::into_inner);
+    let host_key = hostkey::generate()?;
+    let stored = hostkey::store(&host_key, path);
+    let origin = match &stored {
+        Ok(()) => Origin::Created { replaced: Some("new identity".into()) },
+        Err(e) => Origin::InMemory { reason: e.to_string() },
+    };
+    if stored.is_ok() || running.is_some() {
+        announce(&host_key, &origin);
+    }
+    if let Some(server) = running.as_ref() {
+        server.set_host_key(host_key);
+    }
+    stored
 }
 
 /// Binds the listening socket (std sets `SO_REUSEADDR` and close-on-exec).
@@ -163,7 +231,7 @@ fn config(host_key: PrivateKey) -> Config {
 /// calling thread. Returns only if the runtime cannot start.
 fn serve(
     listener: std::net::TcpListener,
-    host_key: PrivateKey,
+    server: Arc<ServerConfig>,
     keys: AuthorizedKeys,
     reaper: Reaper,
 ) -> Result<(), SshError> {
@@ -171,12 +239,12 @@ fn serve(
         tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(SshError::Runtime)?;
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener).map_err(SshError::Runtime)?;
-        accept_loop(listener, Arc::new(config(host_key)), Arc::new(keys), reaper).await;
+        accept_loop(listener, server, Arc::new(keys), reaper).await;
         Ok(())
     })
 }
 
-async fn accept_loop(listener: TcpListener, config: Arc<Config>, keys: Arc<AuthorizedKeys>, reaper: Reaper) {
+async fn accept_loop(listener: TcpListener, server: Arc<ServerConfig>, keys: Arc<AuthorizedKeys>, reaper: Reaper) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -193,7 +261,7 @@ async fn accept_loop(listener: TcpListener, config: Arc<Config>, keys: Arc<Autho
             continue;
         };
         let connection = Connection::new(peer, keys.clone(), reaper);
-        let config = config.clone();
+        let config = server.current();
         tokio::spawn(async move {
             serve_connection(stream, config, connection).await;
             drop(slot);

@@ -6,8 +6,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use super::{AuthorizedKeys, Reaper, bind, hostkey, serve};
+use super::{AuthorizedKeys, Reaper, ServerConfig, bind, hostkey, serve};
 
 /// A fresh directory under the system's temporary directory.
 pub fn scratch_dir(what: &str) -> PathBuf {
@@ -38,6 +39,7 @@ struct Server {
     port: u16,
     key: PathBuf,
     dir: PathBuf,
+    config: Arc<ServerConfig>,
 }
 
 impl Server {
@@ -48,9 +50,10 @@ impl Server {
         assert!(problems.is_empty(), "{problems:?}");
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let host_key = hostkey::generate().unwrap();
-        std::thread::spawn(move || serve(listener, host_key, keys, Reaper::Direct).unwrap());
-        Server { port, key, dir }
+        let config = ServerConfig::new(hostkey::generate().unwrap());
+        let serving = config.clone();
+        std::thread::spawn(move || serve(listener, serving, keys, Reaper::Direct).unwrap());
+        Server { port, key, dir, config }
     }
 
     /// `ssh` with `key` and `extra` options, `args` as its command line,
@@ -180,6 +183,47 @@ fn a_killed_command_reports_its_signal() {
     assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
 }
 
+/// The host key a server on `port` offers, `ssh-ed25519 AAAA…`.
+fn offered_host_key(port: u16) -> String {
+    let out =
+        Command::new("ssh-keyscan").args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"]).output().unwrap();
+    let lines = text(&out.stdout);
+    let line =
+        lines.lines().find(|l| !l.starts_with('#')).unwrap_or_else(|| panic!("no key from ssh-keyscan: {out:?}"));
+    line.split_whitespace().skip(1).take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// `ssh-ed25519 AAAA…` from a `.pub` file (without its comment).
+fn public_key_file(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn a_renewed_host_key_is_stored_and_offered_to_new_connections() {
+    let server = Server::start();
+    let before = offered_host_key(server.port);
+    let path = server.dir.join("etc/ssh/mm_host_ed25519_key");
+    let running = Mutex::new(Some(server.config.clone()));
+    super::renew_host_key_at(&path, &running).unwrap();
+    let after = offered_host_key(server.port);
+    assert_ne!(before, after);
+    assert_eq!(public_key_file(&path.with_extension("pub")), after);
+    let out = server.run(&["echo still here"], b"");
+    assert_eq!(text(&out.stdout), "still here\n", "{}", text(&out.stderr));
+
+    // Without a running server only the file changes.
+    super::renew_host_key_at(&path, &Mutex::new(None)).unwrap();
+    assert_ne!(public_key_file(&path.with_extension("pub")), after);
+    assert_eq!(offered_host_key(server.port), after);
+
+    // A key that cannot be stored is an error, but the server uses it.
+    std::fs::write(server.dir.join("file"), "").unwrap();
+    let result = super::renew_host_key_at(&server.dir.join("file/key"), &running);
+    assert!(matches!(result, Err(super::SshError::StoreHostKey { .. })), "{result:?}");
+    assert_ne!(offered_host_key(server.port), after);
+}
+
 /// What the client of [`with_client`] gets back from a channel.
 #[derive(Default, Debug)]
 struct Seen {
@@ -198,7 +242,8 @@ where
     let (keys, _) = AuthorizedKeys::parse(&[key.public_key().to_openssh().unwrap()]);
     let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || serve(listener, hostkey::generate().unwrap(), keys, Reaper::Direct).unwrap());
+    let server = ServerConfig::new(hostkey::generate().unwrap());
+    std::thread::spawn(move || serve(listener, server, keys, Reaper::Direct).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().unwrap();
     runtime.block_on(async move {
         let config = std::sync::Arc::new(russh::client::Config::default());

@@ -2,11 +2,19 @@
 //!
 //! The boot vCPU starts directly in 64-bit mode at the kernel's entry point
 //! with the Linux boot protocol's zero page in RSI; the others wait in the
-//! in-kernel local APIC for the guest's INIT/SIPI.
+//! in-kernel local APIC for the guest's INIT/SIPI. A restored vCPU gets its
+//! saved state instead ([`state`]). While running, each vCPU thread serves
+//! the VMM's events (pause, save, resume: [`control`]).
+
+pub mod control;
+pub mod state;
 
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Instant;
+
+use control::{VcpuChannel, VcpuEvent, VcpuResponse};
+use state::VcpuState;
 
 use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -59,6 +67,16 @@ pub enum VcpuError {
     Seccomp { cpu: u8, message: String },
     #[error("vCPU {cpu}: unexpected exit from KVM_RUN: {exit}")]
     UnexpectedExit { cpu: u8, exit: String },
+    #[error("vCPU {cpu}: its thread has stopped")]
+    Gone { cpu: u8 },
+    #[error("vCPU {cpu}: did not answer within 5 s")]
+    NotAnswering { cpu: u8 },
+    #[error("vCPU {cpu}: answered {answer}")]
+    Unanswered { cpu: u8, answer: String },
+    #[error("vCPU {cpu}: saving its state needs it paused")]
+    NotPaused { cpu: u8 },
+    #[error("vCPU {cpu}: saved state cannot be restored: {what}")]
+    BadState { cpu: u8, what: String },
 }
 
 fn kvm(cpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -152,14 +170,11 @@ impl Vcpu {
     }
 
     /// Runs the guest until it resets or fails; the reason goes to `stops`.
-    pub fn run(
-        mut self,
-        bus: Arc<Bus>,
-        vmm_start: Instant,
-        stops: Sender<(u8, VcpuStop)>,
-        samples: Option<Arc<Samples>>,
-    ) {
+    /// Between runs it serves the VMM's events from `channel`.
+    pub fn run(mut self, context: RunContext, channel: VcpuChannel) {
+        let RunContext { bus, vmm_start, stops, samples, msr_indices } = context;
         let cpu = self.index;
+        control::register_kvm_run(self.fd.get_kvm_run());
         let mut first = true;
         let stop = loop {
             if first {
@@ -187,11 +202,13 @@ impl Vcpu {
                 Ok(VcpuExit::FailEntry(reason, _)) => {
                     break VcpuStop::Failed(VcpuError::FailEntry { cpu, reason });
                 }
-                Ok(VcpuExit::Intr) => self.sample(samples.as_deref()),
+                Ok(VcpuExit::Intr) => self.kicked(samples.as_deref(), &channel, &msr_indices),
                 Ok(other) => {
                     break VcpuStop::Failed(VcpuError::UnexpectedExit { cpu, exit: format!("{other:?}") });
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => self.sample(samples.as_deref()),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.kicked(samples.as_deref(), &channel, &msr_indices)
+                }
                 Err(e) => {
                     break VcpuStop::Failed(VcpuError::Kvm { cpu, what: "KVM_RUN", source: e });
                 }
@@ -201,7 +218,57 @@ impl Vcpu {
     }
 }
 
+/// What a vCPU thread shares with the VMM.
+pub struct RunContext {
+    pub bus: Arc<Bus>,
+    pub vmm_start: Instant,
+    /// Where the thread reports why it stopped.
+    pub stops: Sender<(u8, VcpuStop)>,
+    /// vCPU 0's guest RIP samples (`--profile-guest`).
+    pub samples: Option<Arc<Samples>>,
+    /// The MSRs a saved state includes (the host's KVM_GET_MSR_INDEX_LIST).
+    pub msr_indices: Arc<[u32]>,
+}
+
 impl Vcpu {
+    /// KVM_RUN returned because of a kick: sample the profile, then serve
+    /// the VMM's events. A pause holds the thread here until resumed.
+    fn kicked(&mut self, samples: Option<&Samples>, channel: &VcpuChannel, msr_indices: &[u32]) {
+        self.fd.set_kvm_immediate_exit(0);
+        self.sample(samples);
+        while let Ok(event) = channel.events.try_recv() {
+            let response = match event {
+                VcpuEvent::Pause => {
+                    let _ = channel.responses.send(VcpuResponse::Paused);
+                    self.paused(channel, msr_indices);
+                    continue;
+                }
+                VcpuEvent::SaveState => VcpuResponse::Error(VcpuError::NotPaused { cpu: self.index }),
+                VcpuEvent::Resume => VcpuResponse::Resumed,
+            };
+            let _ = channel.responses.send(response);
+        }
+    }
+
+    /// Out of KVM_RUN until resumed: saves state when asked. If the VMM's
+    /// end is gone the thread stays parked; the process is ending.
+    fn paused(&mut self, channel: &VcpuChannel, msr_indices: &[u32]) {
+        while let Ok(event) = channel.events.recv() {
+            let response = match event {
+                VcpuEvent::Pause => VcpuResponse::Paused,
+                VcpuEvent::SaveState => match VcpuState::save(self.index, &self.fd, msr_indices) {
+                    Ok(state) => VcpuResponse::State(Box::new(state)),
+                    Err(e) => VcpuResponse::Error(e),
+                },
+                VcpuEvent::Resume => {
+                    let _ = channel.responses.send(VcpuResponse::Resumed);
+                    return;
+                }
+            };
+            let _ = channel.responses.send(response);
+        }
+    }
+
     fn sample(&self, samples: Option<&Samples>) {
         if let Some(samples) = samples
             && let Ok(regs) = self.fd.get_regs()

@@ -1,0 +1,182 @@
+//! mm-vmm's snapshot and restore, without the broker: a guest with a
+//! running counter and 16 MiB of random data in RAM (tmpfs) is paused,
+//! saved and resumed through its control socket; the source keeps counting;
+//! then a new mm-vmm with new device back ends resumes the saved guest
+//! without a boot. The counter goes on from where the snapshot cut it, the
+//! data's checksum matches, and the exec agent answers over a vsock device
+//! that told the restored guest its transport was reset. Then the restore
+//! is fed broken snapshots (truncated or corrupted memory, a damaged or
+//! foreign state file, the wrong devices): each is one clear error, exit
+//! status 125, and no guest.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::time::Duration;
+
+use mm_exec_protocol::{ExecClient, ExecRequest, ExitStatus};
+use mm_integration::devices::{DeviceProcess, Scratch, rootfs_copy};
+use mm_integration::guest::{BOOT_TIMEOUT, Boot, Restore, RunningGuest};
+use mm_integration::kvm_available;
+use mm_protocols::vmm_control::VmmClient;
+
+/// The counter's value in a console line `tick N`.
+fn tick(line: &str) -> Option<u64> {
+    line.trim().strip_prefix("tick ")?.parse().ok()
+}
+
+/// The last tick printed so far.
+fn last_tick(guest: &mut RunningGuest) -> u64 {
+    guest.has_printed("tick");
+    guest.console.iter().filter_map(|l| tick(l)).next_back().unwrap_or(0)
+}
+
+fn exec(uds: &Path, script: &str) -> (ExitStatus, String) {
+    let client = ExecClient::connect_hybrid_vsock(uds, mm_exec_protocol::EXEC_PORT).expect("connect to the agent");
+    let mut out = Vec::new();
+    let status =
+        client.run(&ExecRequest::new(["sh", "-c", script]), std::io::empty(), &mut out, std::io::sink()).expect("exec");
+    (status, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Retries `exec` while the agent is not reachable yet (the restored
+/// guest's vsock driver handles the transport reset first), up to a bound.
+fn exec_when_ready(uds: &Path, script: &str) -> (ExitStatus, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match ExecClient::connect_hybrid_vsock(uds, mm_exec_protocol::EXEC_PORT) {
+            Ok(_) => return exec(uds, script),
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("agent not reachable yet: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("the restored guest's agent never answered: {e}"),
+        }
+    }
+}
+
+fn create(path: &Path) -> std::fs::File {
+    OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap()
+}
+
+#[test]
+fn snapshot_and_restore_resume_the_guest_where_it_stood() {
+    if !kvm_available("snapshot_and_restore_resume_the_guest_where_it_stood") {
+        return;
+    }
+    let dir = Scratch::new("snapshot").unwrap();
+    let root = dir.path("root.ext4");
+    rootfs_copy(&root).unwrap();
+    let root_socket = dir.path("root.sock");
+    let root_device = DeviceProcess::block(&root_socket, &root).unwrap();
+    let uds = dir.path("vsock.uds");
+    let vsock_socket = dir.path("vsock.sock");
+    let uds_arg = uds.to_str().unwrap();
+    let vsock_device = DeviceProcess::spawn("vsock", &vsock_socket, &["--guest-cid", "3", "--uds", uds_arg]).unwrap();
+    let control = dir.path("vmm.ctl");
+
+    let script = "mkdir -p /run/m && mount -t tmpfs m /run/m && \
+                  head -c 16777216 /dev/urandom > /run/m/blob && echo sum $(md5sum < /run/m/blob) && \
+                  i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done";
+    let mut source = Boot::new(&["sh", "-c", script])
+        .root_on_block(&root_socket)
+        .device("vsock", &vsock_socket)
+        .control(&control)
+        .spawn()
+        .unwrap();
+    let sum_line = source.wait_for("sum ", BOOT_TIMEOUT).unwrap();
+    let sum = sum_line.trim().trim_start_matches("sum ").split_whitespace().next().unwrap().to_string();
+    source.wait_for("tick 3", Duration::from_secs(120)).unwrap();
+
+    // Pause, save, copy the disk while paused, resume.
+    let client = VmmClient::connect(&control).unwrap();
+    client.pause().unwrap();
+    let paused_at = last_tick(&mut source);
+    let state_path = dir.path("vm.state");
+    let memory_path = dir.path("vm.mem");
+    let report = client.snapshot(&create(&state_path), &create(&memory_path)).unwrap();
+    std::fs::copy(&root, dir.path("root-snap.ext4")).unwrap();
+    client.resume().unwrap();
+    eprintln!("snapshot at tick {paused_at}: {report:?}");
+    assert!(report.memory_bytes >= 16 << 20, "the 16 MiB blob is in guest RAM: {report:?}");
+    assert!(report.memory_bytes < 128 << 20, "zero and untouched pages are left out: {report:?}");
+    let allocated = std::fs::metadata(&memory_path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap();
+    assert!(allocated <= report.memory_bytes + (1 << 20), "the memory file is sparse: {allocated} on disk");
+
+    // The source runs on after the snapshot, and its exec agent answers.
+    let next = format!("tick {}", paused_at + 2);
+    source.wait_for(&next, Duration::from_secs(120)).unwrap();
+    let (status, out) = exec(&uds, "echo source-alive");
+    assert_eq!((status, out.trim()), (ExitStatus::Exited(0), "source-alive"));
+    drop(source);
+    drop(vsock_device);
+    drop(root_device);
+
+    // A new mm-vmm with new back ends resumes the saved guest.
+    let root2_socket = dir.path("root2.sock");
+    let _root2 = DeviceProcess::block(&root2_socket, &dir.path("root-snap.ext4")).unwrap();
+    let uds2 = dir.path("vsock2.uds");
+    let vsock2_socket = dir.path("vsock2.sock");
+    let uds2_arg = uds2.to_str().unwrap();
+    let _vsock2 =
+        DeviceProcess::spawn("vsock", &vsock2_socket, &["--guest-cid", "4", "--uds", uds2_arg, "--transport-reset"])
+            .unwrap();
+    let restore =
+        Restore::new(&state_path, &memory_path).device("block", &root2_socket).device("vsock", &vsock2_socket);
+    let mut restored = restore.spawn().unwrap();
+    let first = restored.wait_for("tick", Duration::from_secs(120)).unwrap();
+    assert_eq!(tick(&first), Some(paused_at + 1), "the counter goes on from the snapshot, not from a boot");
+    assert!(!restored.has_printed("Linux version"), "no boot: {:?}", restored.console);
+    let (status, out) = exec_when_ready(&uds2, "md5sum < /run/m/blob; cat /sys/class/vsock/*/ 2>/dev/null; echo ok");
+    assert_eq!(status, ExitStatus::Exited(0));
+    assert!(out.contains(&sum), "the 16 MiB in tmpfs survived: {out:?} vs {sum}");
+    restored.wait_for(&format!("tick {}", paused_at + 3), Duration::from_secs(60)).unwrap();
+    drop(restored);
+
+    bad_snapshots_are_refused(&dir, &state_path, &memory_path, &root2_socket, &vsock2_socket);
+}
+
+/// Each broken snapshot is refused before any guest runs, naming why.
+fn bad_snapshots_are_refused(dir: &Scratch, state: &Path, memory: &Path, block: &Path, vsock: &Path) {
+    let refuse = |state: &Path, memory: &Path, devices: &[(&str, &Path)], expect: &str| {
+        let mut restore = Restore::new(state, memory);
+        for (kind, socket) in devices {
+            restore = restore.device(kind, socket);
+        }
+        let run = restore.run().unwrap();
+        assert_eq!(run.status, Some(125), "{expect}: {run:?}");
+        assert!(run.stderr.contains(expect), "expected {expect:?} in: {}", run.stderr);
+        assert!(!run.stdout.contains("tick"), "no guest ran: {}", run.stdout);
+    };
+    let both: [(&str, &Path); 2] = [("block", block), ("vsock", vsock)];
+    let text = std::fs::read_to_string(state).unwrap();
+
+    let truncated = dir.path("truncated.mem");
+    std::fs::copy(memory, &truncated).unwrap();
+    OpenOptions::new().write(true).open(&truncated).unwrap().set_len(8 << 20).unwrap();
+    refuse(state, &truncated, &both, "truncated");
+
+    let corrupt = dir.path("corrupt.mem");
+    std::fs::copy(memory, &corrupt).unwrap();
+    let extent: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["memory"]["extents"][0].clone();
+    let offset = extent["offset"].as_u64().unwrap();
+    let file = OpenOptions::new().read(true).write(true).open(&corrupt).unwrap();
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, offset).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0xff], offset).unwrap();
+    refuse(state, &corrupt, &both, "checksum");
+
+    let damaged = dir.path("damaged.state");
+    std::fs::write(&damaged, &text[..text.len() / 2]).unwrap();
+    refuse(&damaged, memory, &both, "not a MicroMachines snapshot");
+
+    let future = dir.path("future.state");
+    std::fs::write(&future, text.replacen("\"format_version\":1", "\"format_version\":99", 1)).unwrap();
+    refuse(&future, memory, &both, "format version 99");
+
+    let other_cpu = dir.path("other-cpu.state");
+    std::fs::write(&other_cpu, text.replacen("\"stepping\":", "\"stepping\":1000", 1)).unwrap();
+    refuse(&other_cpu, memory, &both, "CPU");
+
+    refuse(state, memory, &[("block", block)], "devices");
+}
