@@ -21,6 +21,33 @@ interface Broker {
   events @4 (sink :Events.EventSink) -> (subscription :Events.Subscription);
   # From now on, every event of every microVM is pushed to `sink`, until
   # the client drops `subscription` (or stops answering).
+
+  listSnapshots @5 (vm :Text) -> (snapshots :List(SnapshotInfo));
+  # This host's snapshots, oldest first; with `vm` (a name or id), only
+  # those taken of that microVM.
+
+  removeSnapshot @6 (id :Text);
+  # Deletes a snapshot (an id, a unique id prefix, or its name).
+
+  restoreVm @7 (snapshot :Text, name :Text, sshKeys :List(Text)) -> (vm :Vm);
+  # A NEW microVM running from `snapshot` without a boot: its own id,
+  # name (empty: the broker picks one), vsock CID, MAC and address, a copy
+  # of the snapshot's disk, a reseeded RNG, the wall clock set, a new SSH
+  # host key; `sshKeys` replace the snapshot's authorized keys if given.
+}
+
+struct SnapshotInfo {
+  id @0 :Text;
+  name @1 :Text;
+  kind @2 :Text;          # snapshot | suspend
+  vmId @3 :Text;
+  vmName @4 :Text;
+  createdAt @5 :Text;     # RFC 3339
+  cpus @6 :UInt8;
+  memoryMib @7 :UInt32;
+  memoryBytes @8 :UInt64; # guest RAM saved (zero and untouched pages left out)
+  diskBytes @9 :UInt64;   # space the snapshot takes on disk
+  pauseUs @10 :UInt64;    # how long the guest stood still for it
 }
 
 using Events = import "events.capnp";
@@ -45,7 +72,7 @@ struct VmInfo {
   id @0 :Text;
   name @1 :Text;
   image @2 :Text;
-  state @3 :Text;        # created | starting | running | stopping | stopped | failed | lost
+  state @3 :Text;        # created | starting | running | stopping | stopped | failed | lost | suspended
   reason @4 :Text;       # why it is failed / lost / stopped, when known
   cpus @5 :UInt8;
   memoryMib @6 :UInt32;
@@ -101,6 +128,14 @@ interface Vm {
   stats @9 () -> (processes :List(ProcessStats));
   # Each process of the running microVM, asked over its own control
   # channel (protocols/vmm.capnp, protocols/device.capnp).
+
+  snapshot @10 (name :Text) -> (snapshot :SnapshotInfo);
+  # Saves the running microVM (every process: vCPUs, devices, memory, its
+  # disk at the same instant) and lets it run on.
+
+  suspend @11 () -> (info :VmInfo);
+  # Saves the running microVM to disk and ends its processes (state
+  # `suspended`, no host memory held); `start` resumes it where it was.
 }
 
 struct ProcessStats {

@@ -104,6 +104,11 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
             tap: None,
         },
     ];
+    // A resumed guest's connections died with the processes that held
+    // them: the device tells it so (and its CID may be new).
+    if record.resume_from.is_some() {
+        devices[2].args.push("--transport-reset".into());
+    }
     if let (Some(_), Some(mac)) = (&config.network, &record.mac) {
         devices.push(DeviceSpec {
             role: "net".into(),
@@ -201,14 +206,32 @@ pub fn spawn_vmm(
     // Queued until mm-vmm accepts it.
     let control = VmmClient::connect(&path).map_err(std::io::Error::other)?;
     let mut cmd = Command::new(config.bin_dir.join("mm-vmm"));
-    cmd.arg("--kernel").arg(&config.kernel);
     cmd.args(jail_args(config, record.uid()));
-    cmd.args(["--cpus", &record.cpus.to_string(), "--memory-mib", &record.memory_mib.to_string()]);
     // The console goes to mm-vmm's stdout, a file opened here in append
     // mode: mm-vmm needs no path for it, and a restart adds to the log.
     cmd.args(["--serial", "stdout"]);
-    cmd.arg("--cmdline").arg(guest_cmdline(config, record));
     let mut fds = Vec::new();
+    // A resume reads the snapshot through fds opened here (read-only), so
+    // the jail sees no path of the snapshot store; vCPUs and RAM come from
+    // the snapshot.
+    let snapshot_files = match &record.resume_from {
+        Some(snapshot) => {
+            let state = File::open(snapshot.join(crate::snapshot::STATE_FILE))?;
+            let memory = File::open(snapshot.join(crate::snapshot::MEMORY_FILE))?;
+            let (state_fd, memory_fd) = (FIRST_FD + devices.len() as RawFd + 1, FIRST_FD + devices.len() as RawFd + 2);
+            cmd.arg("--restore-state").arg(format!("fd:{state_fd}"));
+            cmd.arg("--restore-memory").arg(format!("fd:{memory_fd}"));
+            fds.push((state.as_raw_fd(), state_fd));
+            fds.push((memory.as_raw_fd(), memory_fd));
+            Some((state, memory))
+        }
+        None => {
+            cmd.arg("--kernel").arg(&config.kernel);
+            cmd.args(["--cpus", &record.cpus.to_string(), "--memory-mib", &record.memory_mib.to_string()]);
+            cmd.arg("--cmdline").arg(guest_cmdline(config, record));
+            None
+        }
+    };
     for (index, (spec, stream)) in devices.iter().enumerate() {
         let fd = FIRST_FD + index as RawFd;
         cmd.arg("--device").arg(format!("{}=fd:{fd}", spec.kind));
@@ -217,11 +240,14 @@ pub fn spawn_vmm(
     let control_fd = FIRST_FD + devices.len() as RawFd;
     cmd.arg("--control").arg(format!("fd:{control_fd}"));
     fds.push((listener.as_fd().as_raw_fd(), control_fd));
-    cmd.arg("--").args(&record.command);
+    if snapshot_files.is_none() {
+        cmd.arg("--").args(&record.command);
+    }
     let console = OpenOptions::new().create(true).append(true).open(dir.join(CONSOLE_LOG))?;
     cmd.stdin(Stdio::null()).stdout(console).stderr(log_file(dir, "vmm")?);
     inherit_fds(&mut cmd, fds);
     let child = cmd.spawn()?;
+    drop(snapshot_files);
     Ok((Process::spawned("vmm", child)?, control))
 }
 
@@ -267,8 +293,17 @@ fn push_string_list(line: &mut String, param: &str, items: &[String]) {
 /// over the shared base) unless it exists (a restart keeps it), and hands
 /// the directory and disk to the microVM's uid: its jailed block process
 /// opens the disk, and its vsock process makes its sockets in the directory.
-pub fn prepare_vm_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
+pub fn prepare_vm_dir(dir: &Path, uid: u32, resume_from: Option<&Path>) -> std::io::Result<()> {
     let target = dir.join(WRITABLE_DISK);
+    if !target.exists()
+        && let Some(snapshot) = resume_from
+    {
+        // A new microVM restored from a snapshot starts with a copy of the
+        // snapshot's disk (reflinked where the filesystem can).
+        let tmp = dir.join(format!("{WRITABLE_DISK}.tmp"));
+        crate::snapshot::copy_disk(&snapshot.join(WRITABLE_DISK), &tmp)?;
+        std::fs::rename(&tmp, &target)?;
+    }
     if !target.exists() {
         let tmp = dir.join(format!("{WRITABLE_DISK}.tmp"));
         std::fs::File::create(&tmp)?.set_len(WRITABLE_DISK_BYTES)?;

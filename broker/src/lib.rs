@@ -18,6 +18,7 @@ pub mod process;
 pub mod record;
 pub mod registry;
 pub mod rpc;
+pub mod snapshot;
 pub mod stats;
 pub mod vm;
 
@@ -70,6 +71,8 @@ pub enum BrokerError {
     Io { what: String, source: std::io::Error },
     #[error(transparent)]
     Network(#[from] network::NetworkError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
 }
 
 impl BrokerError {

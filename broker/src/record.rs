@@ -21,6 +21,9 @@ pub enum VmState {
     Stopped,
     Failed,
     Lost,
+    /// Saved to disk with every process gone (`mmctl suspend`); `start`
+    /// resumes it from there.
+    Suspended,
 }
 
 impl VmState {
@@ -33,6 +36,7 @@ impl VmState {
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
             VmState::Lost => "lost",
+            VmState::Suspended => "suspended",
         }
     }
 
@@ -79,6 +83,11 @@ pub struct VmRecord {
     /// `authorized_keys` lines for mm-init's SSH server.
     #[serde(default)]
     pub ssh_keys: Vec<String>,
+    /// The next start resumes this snapshot directory's guest instead of
+    /// booting (a restore under a new name, or a suspended microVM), then
+    /// forgets it: later starts boot as usual.
+    #[serde(default)]
+    pub resume_from: Option<std::path::PathBuf>,
 }
 
 /// The first uid/gid given to microVMs: each gets `FIRST_VM_UID + guest_cid`,
@@ -164,6 +173,7 @@ mod tests {
             processes: vec![ProcessRecord { role: "vmm".into(), pid: 1, start_time: 2, restarts: 0 }],
             ip: Some(std::net::Ipv4Addr::new(10, 100, 0, 2)),
             mac: Some("02:6d:0a:64:00:02".into()),
+            resume_from: Some("/var/lib/micromachines/snapshots/x".into()),
             ssh_keys: vec!["ssh-ed25519 AAAA test".into()],
         };
         record.save(&dir).unwrap();

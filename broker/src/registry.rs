@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::audit::{AuditLog, now_rfc3339};
 use crate::events::EventHub;
 use crate::record::{VmRecord, VmState, valid_name};
+use crate::snapshot::{SnapshotError, SnapshotKind, SnapshotManifest, SnapshotStore};
 use crate::vm::Vm;
 use crate::{BrokerConfig, BrokerError};
 
@@ -43,6 +44,8 @@ pub struct Registry {
     pub audit: AuditLog,
     /// Every audit line, live (`Broker.events`).
     pub events: EventHub,
+    /// This host's snapshots (`STATE/snapshots`).
+    pub snapshots: SnapshotStore,
 }
 
 impl Registry {
@@ -53,6 +56,7 @@ impl Registry {
         let registry = Rc::new(Registry {
             audit: AuditLog::published(&config.state_dir, &events, "", ""),
             events,
+            snapshots: SnapshotStore::new(&config.state_dir),
             config: Rc::clone(&config),
             vms: RefCell::new(BTreeMap::new()),
         });
@@ -89,7 +93,64 @@ impl Registry {
 
     /// Validates `request`, writes the microVM's directory and record, and
     /// starts it.
-    pub fn create(&self, mut request: CreateRequest, caller: &str) -> Result<Rc<Vm>, BrokerError> {
+    pub fn create(&self, request: CreateRequest, caller: &str) -> Result<Rc<Vm>, BrokerError> {
+        self.create_from(request, None, caller)
+    }
+
+    /// A new microVM resuming `snapshot`'s guest (see `restoreVm` in
+    /// broker.capnp): the snapshot's shape and workload, its own identity.
+    pub fn restore(
+        &self,
+        snapshot: &str,
+        name: String,
+        ssh_keys: Vec<String>,
+        caller: &str,
+    ) -> Result<Rc<Vm>, BrokerError> {
+        let manifest = self.snapshots.find(snapshot)?;
+        if manifest.base_image != self.config.builtin_image {
+            return Err(SnapshotError::OtherBase {
+                id: manifest.id,
+                wanted: manifest.base_image.display().to_string(),
+                have: self.config.builtin_image.display().to_string(),
+            }
+            .into());
+        }
+        let request = CreateRequest {
+            name,
+            image: manifest.image.clone(),
+            cpus: manifest.cpus,
+            memory_mib: manifest.memory_mib,
+            command: manifest.command.clone(),
+            env: manifest.env.clone(),
+            auto_remove: false,
+            ssh_keys: if ssh_keys.is_empty() { manifest.ssh_keys.clone() } else { ssh_keys },
+        };
+        self.audit.record("restore", json!({ "caller": caller, "snapshot": manifest.id }));
+        self.create_from(request, Some(&manifest), caller)
+    }
+
+    /// Snapshots `vm` into the store under a fresh id.
+    pub fn snapshot(&self, vm: &Rc<Vm>, name: String, caller: &str) -> Result<SnapshotManifest, BrokerError> {
+        if !name.is_empty() && (!valid_name(&name) || self.snapshots.find(&name).is_ok()) {
+            return Err(BrokerError::BadSpec(format!("snapshot name {name:?}: invalid or taken")));
+        }
+        vm.snapshot(&self.snapshots, random_id()?, name, caller)
+    }
+
+    /// Deletes a snapshot of the store.
+    pub fn remove_snapshot(&self, key: &str, caller: &str) -> Result<(), BrokerError> {
+        let manifest = self.snapshots.find(key)?;
+        self.snapshots.remove(&manifest.id).map_err(BrokerError::io("removing the snapshot"))?;
+        self.audit.record("snapshot-remove", json!({ "caller": caller, "id": manifest.id }));
+        Ok(())
+    }
+
+    fn create_from(
+        &self,
+        mut request: CreateRequest,
+        snapshot: Option<&SnapshotManifest>,
+        caller: &str,
+    ) -> Result<Rc<Vm>, BrokerError> {
         if request.image.is_empty() {
             request.image = "builtin".into();
         }
@@ -166,6 +227,7 @@ impl Registry {
             ip: address.as_ref().map(|(ip, _)| *ip),
             mac: address.map(|(_, mac)| mac),
             ssh_keys: request.ssh_keys,
+            resume_from: snapshot.filter(|m| m.kind == SnapshotKind::Snapshot).map(|m| self.snapshots.dir_of(&m.id)),
         };
         let dir = self.config.vms_dir().join(&id);
         create_private_dir(&dir).map_err(BrokerError::io(format!("creating {}", dir.display())))?;
@@ -177,6 +239,7 @@ impl Registry {
             json!({ "caller": caller, "spec": {
                 "cpus": record.cpus, "memory_mib": record.memory_mib, "command": record.command, "image": record.image,
                 "ip": record.ip, "ssh_keys": record.ssh_keys.len(),
+                "snapshot": snapshot.map(|m| m.id.clone()),
             }}),
         );
         self.vms.borrow_mut().insert(id, Rc::clone(&vm));

@@ -9,13 +9,14 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use mm_protocols::broker_capnp::{broker, byte_sink, vm, vm_info};
+use mm_protocols::broker_capnp::{broker, byte_sink, snapshot_info, vm, vm_info};
 use serde_json::json;
 
 use crate::BrokerError;
 use crate::launch::CONSOLE_LOG;
 use crate::record::VmRecord;
 use crate::registry::{CreateRequest, Registry};
+use crate::snapshot::{SnapshotError, SnapshotKind, SnapshotManifest};
 use crate::vm::Vm;
 
 impl BrokerError {
@@ -27,6 +28,11 @@ impl BrokerError {
             BrokerError::NoMemory { .. } => "no-memory",
             BrokerError::Network(crate::network::NetworkError::Full(_)) => "no-memory",
             BrokerError::Io { .. } | BrokerError::Network(_) => "internal",
+            BrokerError::Snapshot(e) => match e {
+                SnapshotError::Unknown(_) => "not-found",
+                SnapshotError::Ambiguous(_) | SnapshotError::OtherBase { .. } => "invalid",
+                SnapshotError::BadManifest { .. } | SnapshotError::Vmm(_) => "internal",
+            },
         }
     }
 }
@@ -112,6 +118,56 @@ impl broker::Server for BrokerServer {
         Ok(())
     }
 
+    async fn list_snapshots(
+        self: Rc<Self>,
+        params: broker::ListSnapshotsParams,
+        mut results: broker::ListSnapshotsResults,
+    ) -> Result<(), capnp::Error> {
+        let key = text(params.get()?.get_vm()?)?;
+        let vm_id = match key.as_str() {
+            "" => None,
+            key => Some(self.registry.find(key).map(|vm| vm.record().id).unwrap_or_else(|_| key.to_string())),
+        };
+        let all: Vec<_> = self
+            .registry
+            .snapshots
+            .list()
+            .into_iter()
+            .filter(|m| vm_id.as_ref().is_none_or(|id| &m.vm_id == id || &m.vm_name == id))
+            .collect();
+        let mut list = results.get().init_snapshots(all.len() as u32);
+        for (i, manifest) in all.iter().enumerate() {
+            fill_snapshot(manifest, list.reborrow().get(i as u32));
+        }
+        Ok(())
+    }
+
+    async fn remove_snapshot(
+        self: Rc<Self>,
+        params: broker::RemoveSnapshotParams,
+        _: broker::RemoveSnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let key = text(params.get()?.get_id()?)?;
+        self.registry.remove_snapshot(&key, &self.caller).map_err(rpc_err)
+    }
+
+    async fn restore_vm(
+        self: Rc<Self>,
+        params: broker::RestoreVmParams,
+        mut results: broker::RestoreVmResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let snapshot = text(params.get_snapshot()?)?;
+        let name = text(params.get_name()?)?;
+        let mut keys = Vec::new();
+        for key in params.get_ssh_keys()?.iter() {
+            keys.push(text(key?)?);
+        }
+        let vm = self.registry.restore(&snapshot, name, keys, &self.caller).map_err(rpc_err)?;
+        results.get().set_vm(capnp_rpc::new_client(VmServer::new(&self, vm)));
+        Ok(())
+    }
+
     async fn version(
         self: Rc<Self>,
         _: broker::VersionParams,
@@ -147,6 +203,23 @@ pub fn fill_info(record: &VmRecord, mut info: vm_info::Builder<'_>) {
         entry.set_pid(if record.state.is_live() { p.pid } else { 0 });
         entry.set_restarts(p.restarts);
     }
+}
+
+pub fn fill_snapshot(manifest: &SnapshotManifest, mut info: snapshot_info::Builder<'_>) {
+    info.set_id(&manifest.id);
+    info.set_name(&manifest.name);
+    info.set_kind(match manifest.kind {
+        SnapshotKind::Snapshot => "snapshot",
+        SnapshotKind::Suspend => "suspend",
+    });
+    info.set_vm_id(&manifest.vm_id);
+    info.set_vm_name(&manifest.vm_name);
+    info.set_created_at(&manifest.created_at);
+    info.set_cpus(manifest.cpus);
+    info.set_memory_mib(manifest.memory_mib);
+    info.set_memory_bytes(manifest.memory_bytes);
+    info.set_disk_bytes(manifest.disk_bytes);
+    info.set_pause_us(manifest.pause_us);
 }
 
 /// A capability for one microVM.
@@ -243,6 +316,27 @@ impl vm::Server for VmServer {
                 Err(e) => out.set_error(e),
             }
         }
+        Ok(())
+    }
+
+    async fn snapshot(
+        self: Rc<Self>,
+        params: vm::SnapshotParams,
+        mut results: vm::SnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name()?)?;
+        let manifest = self.registry.snapshot(&self.vm, name, &self.caller).map_err(rpc_err)?;
+        fill_snapshot(&manifest, results.get().init_snapshot());
+        Ok(())
+    }
+
+    async fn suspend(
+        self: Rc<Self>,
+        _: vm::SuspendParams,
+        mut results: vm::SuspendResults,
+    ) -> Result<(), capnp::Error> {
+        self.vm.suspend(&self.caller).await.map_err(rpc_err)?;
+        fill_info(&self.vm.record(), results.get().init_info());
         Ok(())
     }
 

@@ -13,6 +13,7 @@
 mod client;
 mod output;
 mod remote;
+mod snapshots;
 mod streams;
 mod terminal;
 mod tunnel;
@@ -125,7 +126,7 @@ enum Verb {
         #[arg(long, short = 't')]
         time: Option<u32>,
     },
-    /// Boot a stopped microVM again (same disk).
+    /// Boot a stopped microVM again (same disk); resume a suspended one.
     Start { vm: String },
     /// Remove microVMs (and their disks).
     Rm {
@@ -169,6 +170,25 @@ enum Verb {
     /// Connect stdin and stdout to a TCP port of a microVM (what ssh's
     /// ProxyCommand runs).
     Proxy { vm: String, port: u16 },
+    /// Snapshots of running microVMs: create, ls, rm, gc.
+    Snapshot {
+        #[command(subcommand)]
+        verb: snapshots::SnapshotVerb,
+    },
+    /// Start a NEW microVM from a snapshot, without a boot: its own name,
+    /// address, MAC, vsock CID and SSH host key; prints its name.
+    Restore {
+        snapshot: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Public key files allowed to log in over SSH instead of the
+        /// snapshot's; repeatable.
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<PathBuf>,
+    },
+    /// Save a running microVM to disk and end its processes (it holds no
+    /// host memory); `start` resumes it where it was.
+    Suspend { vm: String },
 }
 
 fn parse_memory(s: &str) -> Result<u32, String> {
@@ -361,6 +381,12 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Verb::Proxy { vm, port } => tunnel::proxy(&get_vm(&broker, &vm).await?, port).await,
         Verb::Events => streams::follow_events(&broker, format).await,
+        Verb::Snapshot { verb } => snapshots::run(&broker, verb, format).await,
+        Verb::Restore { snapshot, name, ssh_keys } => {
+            let keys = tunnel::read_ssh_keys(&ssh_keys)?;
+            snapshots::restore(&broker, &snapshot, name.as_deref(), &keys, format).await
+        }
+        Verb::Suspend { vm } => snapshots::suspend(&broker, &vm, format).await,
         Verb::Stats { vm } => {
             let vm = get_vm(&broker, &vm).await?;
             let reply = vm.stats_request().send().promise.await?;

@@ -179,6 +179,10 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             let id = find(&api, &vm).await?.id;
             tunnel_ws::pump(&api, &id, port, tokio::io::stdin(), tokio::io::stdout()).await.map(|()| 0)
         }
+        Verb::Snapshot { .. } | Verb::Restore { .. } | Verb::Suspend { .. } => Err(CliError::new(
+            exit::UNSUPPORTED,
+            "snapshot, restore and suspend are not offered through the controller yet: use them on the host",
+        )),
     }
 }
 

@@ -31,8 +31,8 @@ pub struct MsrValue {
 /// legacy FXSAVE image otherwise.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FpuState {
-    Xsave(kvm_xsave),
-    Fxsave(LegacyFpu),
+    Xsave(Box<kvm_xsave>),
+    Fxsave(Box<LegacyFpu>),
 }
 
 /// `kvm_fpu`'s fields (kvm-bindings gives that struct no serde).
@@ -113,8 +113,8 @@ impl VcpuState {
         let cpu = index;
         let cpuid = fd.get_cpuid2(MAX_CPUID_ENTRIES).map_err(kvm(cpu, "KVM_GET_CPUID2"))?.as_slice().to_vec();
         let fpu = match fd.get_xsave() {
-            Ok(xsave) => FpuState::Xsave(xsave),
-            Err(_) => FpuState::Fxsave(fd.get_fpu().map_err(kvm(cpu, "KVM_GET_FPU"))?.into()),
+            Ok(xsave) => FpuState::Xsave(Box::new(xsave)),
+            Err(_) => FpuState::Fxsave(Box::new(fd.get_fpu().map_err(kvm(cpu, "KVM_GET_FPU"))?.into())),
         };
         Ok(VcpuState {
             index,
@@ -153,7 +153,7 @@ impl VcpuState {
             // SAFETY: the area is a plain kvm_xsave (the legacy 4 KiB
             // layout) that KVM_GET_XSAVE filled; KVM reads no more than that.
             FpuState::Xsave(xsave) => unsafe { fd.set_xsave(xsave) }.map_err(kvm(cpu, "KVM_SET_XSAVE"))?,
-            FpuState::Fxsave(fpu) => fd.set_fpu(&fpu.into()).map_err(kvm(cpu, "KVM_SET_FPU"))?,
+            FpuState::Fxsave(fpu) => fd.set_fpu(&fpu.as_ref().into()).map_err(kvm(cpu, "KVM_SET_FPU"))?,
         }
         if let Some(xcrs) = &self.xcrs {
             fd.set_xcrs(xcrs).map_err(kvm(cpu, "KVM_SET_XCRS"))?;

@@ -4,8 +4,10 @@
 //! saved to the record and published to waiters; every process event goes
 //! to the audit log.
 
+mod snapshot;
+
 use mm_protocols::vmm_control::VmmClient;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -77,6 +79,9 @@ pub struct Vm {
     /// `stats`; each call is one blocking request and answer, so on this
     /// single-threaded runtime they never interleave).
     control: RefCell<Option<Rc<VmmClient>>>,
+    /// Set by `suspend` before it ends the processes: the microVM ends
+    /// `suspended`, not stopped.
+    suspending: Cell<bool>,
 }
 
 impl Vm {
@@ -90,6 +95,7 @@ impl Vm {
             orders: RefCell::new(None),
             state,
             control: RefCell::new(None),
+            suspending: Cell::new(false),
         })
     }
 
@@ -165,6 +171,9 @@ impl Vm {
         match self.spawn_all() {
             Ok((vmm, devices, control)) => {
                 self.set_state(VmState::Running, "");
+                if self.record.borrow().resume_from.is_some() {
+                    tokio::task::spawn_local(Rc::clone(self).take_identity());
+                }
                 let (tx, rx) = mpsc::unbounded_channel();
                 *self.orders.borrow_mut() = Some(tx);
                 let control = Rc::new(control);
@@ -181,7 +190,8 @@ impl Vm {
 
     fn spawn_all(&self) -> Result<Spawned, BrokerError> {
         let record = self.record();
-        launch::prepare_vm_dir(&self.dir, record.uid()).map_err(BrokerError::io("preparing the writable disk"))?;
+        launch::prepare_vm_dir(&self.dir, record.uid(), record.resume_from.as_deref())
+            .map_err(BrokerError::io("preparing the writable disk"))?;
         let specs = launch::devices_for(&self.config, &self.dir, &record);
         let mut devices = Vec::new();
         let mut connections = Vec::new();
@@ -322,6 +332,9 @@ impl Vm {
         let stopping = self.state() == VmState::Stopping;
         let (state, reason, code) = match (vmm_exit, given_up) {
             (_, Some(why)) => (VmState::Failed, why, None),
+            (_, None) if self.suspending.replace(false) => {
+                (VmState::Suspended, "suspended: `start` resumes it".to_string(), None)
+            }
             (vmm_exit, None) => self.ending(vmm_exit, stopping),
         };
         self.update(|r| {
@@ -329,7 +342,7 @@ impl Vm {
             r.reason = reason;
             r.exit_code = code;
         });
-        if self.record.borrow().auto_remove {
+        if self.record.borrow().auto_remove && state != VmState::Suspended {
             self.audit.record("remove", json!({ "caller": "broker (auto-remove)" }));
             if let Err(e) = std::fs::remove_dir_all(&self.dir) {
                 tracing::warn!("cannot remove {}: {e}", self.dir.display());

@@ -1,0 +1,193 @@
+//! A microVM's snapshots from the broker's side: taking one while it runs,
+//! suspending it (a snapshot of its own, then its processes ended), and
+//! giving a resumed guest its identity. The files and their layout are in
+//! `crate::snapshot`.
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mm_exec_protocol::{ExecClient, GuestIdentity};
+use serde_json::json;
+
+use super::{Order, Vm};
+use crate::BrokerError;
+use crate::record::VmState;
+use crate::snapshot::{self, SnapshotKind, SnapshotManifest, SnapshotStore};
+
+/// Where a suspended microVM's snapshot lives: in its own directory.
+pub const SUSPEND_DIR: &str = "suspend";
+/// How long a resumed guest may take to answer for its new identity.
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Vm {
+    fn running_control(&self, what: &'static str) -> Result<Rc<mm_protocols::vmm_control::VmmClient>, BrokerError> {
+        let state = self.state();
+        match (state, self.vmm_control()) {
+            (VmState::Running, Some(control)) => Ok(control),
+            _ => Err(BrokerError::WrongState { name: self.name(), state: state.name().into(), what }),
+        }
+    }
+
+    /// Snapshots the running microVM into the host's store; it runs on.
+    /// The broker's thread waits for mm-vmm meanwhile (a few hundred ms for
+    /// a small guest): the control channel is one blocking request at a time.
+    pub fn snapshot(
+        &self,
+        store: &SnapshotStore,
+        id: String,
+        name: String,
+        caller: &str,
+    ) -> Result<SnapshotManifest, BrokerError> {
+        let control = self.running_control("only a running microVM can be snapshotted")?;
+        store.ensure().map_err(BrokerError::io("creating the snapshot store"))?;
+        let manifest = snapshot::manifest_for(
+            &self.record(),
+            id.clone(),
+            name,
+            SnapshotKind::Snapshot,
+            &self.config.builtin_image,
+        );
+        let tmp = store.temporary_dir(&id);
+        let taken = snapshot::take(&control, &self.dir, &tmp, manifest)
+            .and_then(|m| store.commit(&id).map(|()| m).map_err(BrokerError::io("publishing the snapshot")));
+        match &taken {
+            Ok(m) => self.audit.record(
+                "snapshot",
+                json!({ "caller": caller, "id": m.id, "pause_us": m.pause_us, "memory_bytes": m.memory_bytes }),
+            ),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                self.audit.record("snapshot-failed", json!({ "caller": caller, "error": e.to_string() }));
+            }
+        }
+        taken
+    }
+
+    /// Saves the running microVM into its own directory and ends its
+    /// processes: it holds no host memory until `start` resumes it.
+    pub async fn suspend(self: &Rc<Vm>, caller: &str) -> Result<(), BrokerError> {
+        let control = self.running_control("only a running microVM can be suspended")?;
+        let dest = self.dir.join(SUSPEND_DIR);
+        let tmp = self.dir.join(format!(".{SUSPEND_DIR}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let id = self.record().id;
+        let manifest = snapshot::manifest_for(
+            &self.record(),
+            id,
+            String::new(),
+            SnapshotKind::Suspend,
+            &self.config.builtin_image,
+        );
+        // Paused for the whole of it: the guest must not run on after its
+        // state was saved, or resuming would go back in time.
+        control.pause().map_err(|e| BrokerError::BadSpec(format!("cannot suspend: pause: {e}")))?;
+        let saved = snapshot::take_paused(&control, &self.dir, &tmp, manifest);
+        let manifest = match saved {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = control.resume();
+                let _ = std::fs::remove_dir_all(&tmp);
+                self.audit.record("suspend-failed", json!({ "caller": caller, "error": e.to_string() }));
+                return Err(e);
+            }
+        };
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&tmp, &dest).map_err(BrokerError::io("publishing the suspend snapshot"))?;
+        self.audit.record(
+            "suspend",
+            json!({ "caller": caller, "pause_us": manifest.pause_us, "memory_bytes": manifest.memory_bytes }),
+        );
+        self.update(|r| r.resume_from = Some(dest.clone()));
+        self.suspending.set(true);
+        self.set_state(VmState::Stopping, "suspending");
+        if let Some(orders) = self.orders.borrow().as_ref() {
+            let _ = orders.send(Order::Kill);
+        }
+        self.wait_stopped().await;
+        Ok(())
+    }
+
+    /// A guest resumed from a snapshot still believes it is the one that
+    /// was saved: hand it this microVM's identity through the exec agent
+    /// (new MAC, address, hostname and SSH host key for a restore under a
+    /// new name; for a resume of its own suspend, only fresh entropy and
+    /// the wall clock). Then the snapshot is no longer needed to start it:
+    /// a suspend's files are removed. A restored guest that cannot take
+    /// its identity is ended, rather than left on the network as a copy.
+    pub(super) async fn take_identity(self: Rc<Vm>) {
+        let record = self.record();
+        let Some(resumed_from) = record.resume_from.clone() else { return };
+        let own_suspend = resumed_from.starts_with(&self.dir);
+        let identity = match self.identity(own_suspend) {
+            Ok(identity) => identity,
+            Err(e) => {
+                self.audit.record("identity-failed", json!({ "error": e.to_string() }));
+                return;
+            }
+        };
+        let uds = self.dir.join(crate::launch::VSOCK_SOCKET);
+        let began = Instant::now();
+        let result = loop {
+            let (uds, identity) = (uds.clone(), identity.clone());
+            let attempt = tokio::task::spawn_blocking(move || {
+                ExecClient::connect_hybrid_vsock(&uds, mm_exec_protocol::EXEC_PORT)?.apply_identity(&identity)
+            })
+            .await
+            .unwrap_or_else(|e| Err(mm_exec_protocol::ExecError::Io(std::io::Error::other(e.to_string()))));
+            match attempt {
+                Ok(()) => break Ok(()),
+                // Not reachable yet: the agent's vsock is being reset.
+                Err(
+                    e @ (mm_exec_protocol::ExecError::Refused { .. } | mm_exec_protocol::ExecError::Connect { .. }),
+                ) if began.elapsed() < IDENTITY_TIMEOUT && self.state() == VmState::Running => {
+                    tracing::debug!(vm = %record.name, "identity: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.audit
+                    .record("identity", json!({ "after_ms": began.elapsed().as_millis() as u64, "new": !own_suspend }));
+                self.update(|r| r.resume_from = None);
+                if own_suspend {
+                    let _ = std::fs::remove_dir_all(&resumed_from);
+                }
+            }
+            Err(e) => {
+                self.audit.record("identity-failed", json!({ "error": e.to_string() }));
+                if !own_suspend && self.state() == VmState::Running {
+                    self.set_state(VmState::Stopping, "the restored guest did not take its new identity");
+                    if let Some(orders) = self.orders.borrow().as_ref() {
+                        let _ = orders.send(Order::Kill);
+                    }
+                }
+            }
+        }
+    }
+
+    fn identity(&self, own_suspend: bool) -> std::io::Result<GuestIdentity> {
+        let record = self.record();
+        let mut identity = GuestIdentity::fresh()?;
+        if own_suspend {
+            return Ok(identity);
+        }
+        identity.hostname = Some(record.name.clone());
+        identity.new_ssh_host_key = true;
+        if let (Some(network), Some(ip), Some(mac)) = (&self.config.network, record.ip, &record.mac) {
+            let cidr = &network.config.cidr;
+            identity.mac = Some(mac.clone());
+            identity.address = Some(format!("{ip}/{}", cidr.prefix));
+            identity.gateway = Some(cidr.gateway().to_string());
+            identity.dns = network.config.dns.iter().map(ToString::to_string).collect();
+        }
+        Ok(identity)
+    }
+
+    /// Where a suspended microVM's snapshot is.
+    pub fn suspend_dir(&self) -> PathBuf {
+        self.dir.join(SUSPEND_DIR)
+    }
+}

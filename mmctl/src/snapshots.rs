@@ -1,0 +1,199 @@
+//! `mmctl snapshot create|ls|rm|gc`, `restore` and `suspend` against the
+//! local broker (protocols/broker.capnp: `Vm.snapshot`, `Vm.suspend`,
+//! `Broker.listSnapshots`, `removeSnapshot`, `restoreVm`).
+
+use clap::Subcommand;
+use mm_protocols::broker_capnp::{broker, snapshot_info};
+use serde::Serialize;
+
+use crate::client::CliError;
+use crate::output::{self, Format, VmInfo};
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotVerb {
+    /// Snapshot a running microVM (it runs on); prints the snapshot's id.
+    Create {
+        vm: String,
+        /// A name to find it by instead of its id.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List snapshots (of one microVM, if given).
+    Ls { vm: Option<String> },
+    /// Delete snapshots (by id, unique id prefix or name).
+    Rm {
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+    },
+    /// Delete a microVM's snapshots but the newest KEEP.
+    Gc {
+        vm: String,
+        #[arg(long, default_value_t = 3)]
+        keep: usize,
+    },
+}
+
+/// A snapshot as mmctl shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    pub vm_id: String,
+    pub vm: String,
+    pub created_at: String,
+    pub cpus: u8,
+    pub memory_mib: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub pause_us: u64,
+}
+
+fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
+    Ok(t?.to_string().unwrap_or_default())
+}
+
+impl SnapshotInfo {
+    pub fn read(info: snapshot_info::Reader<'_>) -> capnp::Result<SnapshotInfo> {
+        Ok(SnapshotInfo {
+            id: text(info.get_id())?,
+            name: text(info.get_name())?,
+            kind: text(info.get_kind())?,
+            vm_id: text(info.get_vm_id())?,
+            vm: text(info.get_vm_name())?,
+            created_at: text(info.get_created_at())?,
+            cpus: info.get_cpus(),
+            memory_mib: info.get_memory_mib(),
+            memory_bytes: info.get_memory_bytes(),
+            disk_bytes: info.get_disk_bytes(),
+            pause_us: info.get_pause_us(),
+        })
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / f64::from(1 << 20))
+}
+
+pub fn print(snapshots: &[SnapshotInfo], format: Format) {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(snapshots).expect("serialisable")),
+        Format::Table => {
+            println!(
+                "{:<14} {:<16} {:<16} {:<9} {:<25} {:>8} {:>9} {:>9}",
+                "ID", "NAME", "VM", "KIND", "CREATED", "RAM", "SAVED", "ON DISK"
+            );
+            for s in snapshots {
+                println!(
+                    "{:<14} {:<16} {:<16} {:<9} {:<25} {:>7}M {:>9} {:>9}",
+                    s.id,
+                    s.name,
+                    s.vm,
+                    s.kind,
+                    s.created_at,
+                    s.memory_mib,
+                    mib(s.memory_bytes),
+                    mib(s.disk_bytes)
+                );
+            }
+        }
+    }
+}
+
+async fn list(broker: &broker::Client, vm: &str) -> Result<Vec<SnapshotInfo>, CliError> {
+    let mut request = broker.list_snapshots_request();
+    request.get().set_vm(vm);
+    let reply = request.send().promise.await?;
+    let mut all = Vec::new();
+    for s in reply.get()?.get_snapshots()?.iter() {
+        all.push(SnapshotInfo::read(s)?);
+    }
+    Ok(all)
+}
+
+async fn remove(broker: &broker::Client, id: &str) -> Result<(), CliError> {
+    let mut request = broker.remove_snapshot_request();
+    request.get().set_id(id);
+    request.send().promise.await?;
+    Ok(())
+}
+
+pub async fn run(broker: &broker::Client, verb: SnapshotVerb, format: Format) -> Result<i32, CliError> {
+    match verb {
+        SnapshotVerb::Create { vm, name } => {
+            let vm = crate::get_vm(broker, &vm).await?;
+            let mut request = vm.snapshot_request();
+            request.get().set_name(name.as_deref().unwrap_or(""));
+            let reply = request.send().promise.await?;
+            let info = SnapshotInfo::read(reply.get()?.get_snapshot()?)?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&info).expect("serialisable")),
+                Format::Table => println!("{}", info.id),
+            }
+            Ok(0)
+        }
+        SnapshotVerb::Ls { vm } => {
+            print(&list(broker, vm.as_deref().unwrap_or("")).await?, format);
+            Ok(0)
+        }
+        SnapshotVerb::Rm { snapshots } => {
+            let mut failed = None;
+            for id in snapshots {
+                match remove(broker, &id).await {
+                    Ok(()) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("mmctl: {}", e.message);
+                        failed = Some(e.code);
+                    }
+                }
+            }
+            Ok(failed.unwrap_or(0))
+        }
+        SnapshotVerb::Gc { vm, keep } => {
+            let mine: Vec<SnapshotInfo> =
+                list(broker, &vm).await?.into_iter().filter(|s| s.kind == "snapshot").collect();
+            let excess = mine.len().saturating_sub(keep);
+            for old in &mine[..excess] {
+                remove(broker, &old.id).await?;
+                println!("{}", old.id);
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `mmctl restore SNAPSHOT`: a new microVM from it; prints its name.
+pub async fn restore(
+    broker: &broker::Client,
+    snapshot: &str,
+    name: Option<&str>,
+    keys: &[String],
+    format: Format,
+) -> Result<i32, CliError> {
+    let mut request = broker.restore_vm_request();
+    request.get().set_snapshot(snapshot);
+    request.get().set_name(name.unwrap_or(""));
+    let mut list = request.get().init_ssh_keys(keys.len() as u32);
+    for (i, key) in keys.iter().enumerate() {
+        list.set(i as u32, key);
+    }
+    let vm = request.send().promise.await?.get()?.get_vm()?;
+    let info = crate::info(&vm).await?;
+    match format {
+        Format::Json => output::print_one(&info, format),
+        Format::Table => println!("{}", info.name),
+    }
+    Ok(0)
+}
+
+/// `mmctl suspend VM`.
+pub async fn suspend(broker: &broker::Client, vm: &str, format: Format) -> Result<i32, CliError> {
+    let vm = crate::get_vm(broker, vm).await?;
+    let reply = vm.suspend_request().send().promise.await?;
+    let info = VmInfo::read(reply.get()?.get_info()?)?;
+    match format {
+        Format::Json => output::print_one(&info, format),
+        Format::Table => println!("{}", info.name),
+    }
+    Ok(0)
+}
