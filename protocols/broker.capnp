@@ -61,6 +61,7 @@ struct VmSpec {
   env @5 :List(EnvVar);
   autoRemove @6 :Bool;    # remove once stopped (`mmctl run --rm`)
   sshKeys @7 :List(Text); # authorized_keys lines for the guest's SSH server
+  cold @8 :Bool;          # boot, even when a warm (post-boot) snapshot of the image exists
 }
 
 struct EnvVar {

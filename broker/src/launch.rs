@@ -240,7 +240,8 @@ pub fn spawn_vmm(
     let control_fd = FIRST_FD + devices.len() as RawFd;
     cmd.arg("--control").arg(format!("fd:{control_fd}"));
     fds.push((listener.as_fd().as_raw_fd(), control_fd));
-    if snapshot_files.is_none() {
+    // A warm template waits for its workload (mm.wait) instead.
+    if snapshot_files.is_none() && record.warm_template.is_none() {
         cmd.arg("--").args(&record.command);
     }
     let console = OpenOptions::new().create(true).append(true).open(dir.join(CONSOLE_LOG))?;
@@ -269,6 +270,9 @@ fn guest_cmdline(config: &BrokerConfig, record: &VmRecord) -> String {
     // `quiet`: the console (`mmctl logs`, `mmctl run`) shows the workload,
     // not the kernel's boot messages; errors still print.
     let mut line = format!("quiet root=/dev/vda ro init=/init mm.overlay=/dev/vdb mm.hostname={}", record.name);
+    if record.warm_template.is_some() {
+        line.push_str(" mm.wait");
+    }
     if !record.env.is_empty() {
         let env: Vec<String> = record.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         push_string_list(&mut line, "mm.env", &env);

@@ -21,6 +21,7 @@ pub mod rpc;
 pub mod snapshot;
 pub mod stats;
 pub mod vm;
+pub mod warm;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,9 @@ pub struct BrokerConfig {
     pub no_jail: bool,
     /// The microVM network (set up at start), or none (`--no-network`).
     pub network: Option<network::Network>,
+    /// Post-boot snapshots for warm starts (`--warm-cache`); None: every
+    /// run boots (`--no-warm-starts`).
+    pub warm_cache: Option<PathBuf>,
 }
 
 impl BrokerConfig {

@@ -42,6 +42,13 @@ struct Args {
     /// Host memory in MiB never given to microVMs.
     #[arg(long, default_value_t = 512)]
     reserved_memory_mib: u64,
+    /// Where post-boot snapshots for warm starts are kept (default:
+    /// STATE_DIR/warm). Brokers on one host may share one.
+    #[arg(long)]
+    warm_cache: Option<PathBuf>,
+    /// Boot every microVM; never restore a post-boot snapshot.
+    #[arg(long)]
+    no_warm_starts: bool,
     /// DEBUGGING ONLY: run every microVM process without its seccomp filter.
     #[arg(long)]
     no_seccomp: bool,
@@ -193,7 +200,13 @@ fn main() -> Result<()> {
         anyhow::ensure!(path.is_file(), "{what} {}: no such file", path.display());
     }
     let cluster = args.cluster.load(args.reserved_memory_mib)?;
+    let warm_cache = match (args.no_warm_starts, args.warm_cache) {
+        (true, _) => None,
+        (false, Some(dir)) => Some(dir),
+        (false, None) => Some(args.state_dir.join("warm")),
+    };
     let config = Rc::new(BrokerConfig {
+        warm_cache,
         state_dir: args.state_dir,
         bin_dir,
         kernel: args.kernel,

@@ -88,6 +88,14 @@ pub struct VmRecord {
     /// forgets it: later starts boot as usual.
     #[serde(default)]
     pub resume_from: Option<std::path::PathBuf>,
+    /// Warm starts (warm.rs): the workload is handed to the guest through
+    /// its exec agent once it is up, not put on the kernel command line.
+    #[serde(default)]
+    pub hand_workload: bool,
+    /// This microVM boots with `mm.wait` and becomes the warm snapshot of
+    /// this cache key before it is handed its workload.
+    #[serde(default)]
+    pub warm_template: Option<String>,
 }
 
 /// The first uid/gid given to microVMs: each gets `FIRST_VM_UID + guest_cid`,
@@ -174,6 +182,8 @@ mod tests {
             ip: Some(std::net::Ipv4Addr::new(10, 100, 0, 2)),
             mac: Some("02:6d:0a:64:00:02".into()),
             resume_from: Some("/var/lib/micromachines/snapshots/x".into()),
+            hand_workload: true,
+            warm_template: Some("0123456789abcdef".into()),
             ssh_keys: vec!["ssh-ed25519 AAAA test".into()],
         };
         record.save(&dir).unwrap();

@@ -13,6 +13,7 @@ use crate::events::EventHub;
 use crate::record::{VmRecord, VmState, valid_name};
 use crate::snapshot::{SnapshotError, SnapshotKind, SnapshotManifest, SnapshotStore};
 use crate::vm::Vm;
+use crate::warm::WarmCache;
 use crate::{BrokerConfig, BrokerError};
 
 /// The most the SSH keys may take on the kernel command line (2 KiB in
@@ -35,6 +36,8 @@ pub struct CreateRequest {
     pub env: Vec<(String, String)>,
     pub auto_remove: bool,
     pub ssh_keys: Vec<String>,
+    /// Boot even when a warm snapshot exists (`mmctl run --cold`).
+    pub cold: bool,
 }
 
 pub struct Registry {
@@ -124,6 +127,7 @@ impl Registry {
             env: manifest.env.clone(),
             auto_remove: false,
             ssh_keys: if ssh_keys.is_empty() { manifest.ssh_keys.clone() } else { ssh_keys },
+            cold: true,
         };
         self.audit.record("restore", json!({ "caller": caller, "snapshot": manifest.id }));
         self.create_from(request, Some(&manifest), caller)
@@ -209,6 +213,17 @@ impl Registry {
         if self.find(&request.name).is_ok_and(|vm| vm.name() == request.name) {
             return Err(BrokerError::DuplicateName(request.name));
         }
+        // Warm start: restore this image's post-boot snapshot, or become it.
+        let warm = match (&self.config.warm_cache, snapshot, request.cold) {
+            (Some(dir), None, false) => {
+                let key = WarmCache::key(&self.config, request.cpus, request.memory_mib);
+                Some(match WarmCache::new(dir.clone()).find(&key) {
+                    Some(found) => (Some(found), None),
+                    None => (None, Some(key)),
+                })
+            }
+            _ => None,
+        };
         let record = VmRecord {
             id: id.clone(),
             name: request.name,
@@ -227,7 +242,13 @@ impl Registry {
             ip: address.as_ref().map(|(ip, _)| *ip),
             mac: address.map(|(_, mac)| mac),
             ssh_keys: request.ssh_keys,
-            resume_from: snapshot.filter(|m| m.kind == SnapshotKind::Snapshot).map(|m| self.snapshots.dir_of(&m.id)),
+            resume_from: match (&warm, snapshot) {
+                (Some((found, _)), _) => found.clone(),
+                (None, Some(m)) if m.kind == SnapshotKind::Snapshot => Some(self.snapshots.dir_of(&m.id)),
+                (None, _) => None,
+            },
+            hand_workload: warm.is_some(),
+            warm_template: warm.and_then(|(_, template)| template),
         };
         let dir = self.config.vms_dir().join(&id);
         create_private_dir(&dir).map_err(BrokerError::io(format!("creating {}", dir.display())))?;
@@ -240,6 +261,7 @@ impl Registry {
                 "cpus": record.cpus, "memory_mib": record.memory_mib, "command": record.command, "image": record.image,
                 "ip": record.ip, "ssh_keys": record.ssh_keys.len(),
                 "snapshot": snapshot.map(|m| m.id.clone()),
+                "warm": record.resume_from.is_some() && snapshot.is_none(),
             }}),
         );
         self.vms.borrow_mut().insert(id, Rc::clone(&vm));

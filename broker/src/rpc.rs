@@ -65,6 +65,7 @@ impl broker::Server for BrokerServer {
             cpus: spec.get_cpus(),
             memory_mib: spec.get_memory_mib(),
             auto_remove: spec.get_auto_remove(),
+            cold: spec.get_cold(),
             ..CreateRequest::default()
         };
         for arg in spec.get_command()?.iter() {
@@ -287,7 +288,22 @@ impl vm::Server for VmServer {
         results: vm::ExecResults,
     ) -> impl Future<Output = Result<(), capnp::Error>> + 'static {
         self.vm.audit.record("exec", json!({ "caller": self.caller }));
-        crate::exec::serve_exec(self.vm.dir.clone(), params, results)
+        // Until a warm-started guest has its identity and workload, its exec
+        // agent is the broker's: a client's session could be cut by the
+        // warm snapshot's pause (it resets vsock connections) or see the
+        // guest before it is who it will be. Answered as "not up yet",
+        // which clients retry as they do while a guest boots.
+        let record = self.vm.record();
+        let starting = record.hand_workload || record.resume_from.is_some();
+        let dir = self.vm.dir.clone();
+        async move {
+            if starting {
+                return Err(capnp::Error::failed(
+                    "conflict: cannot reach the guest's exec agent: the guest is still starting".into(),
+                ));
+            }
+            crate::exec::serve_exec(dir, params, results).await
+        }
     }
 
     async fn stats(self: Rc<Self>, _: vm::StatsParams, mut results: vm::StatsResults) -> Result<(), capnp::Error> {

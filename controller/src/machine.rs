@@ -27,6 +27,12 @@ pub enum MachineState {
     Stopped,
     /// The broker gave up on it (it may be started again).
     Failed,
+    /// Asked to suspend; waiting for its broker to save it to disk and end
+    /// its processes.
+    Suspending,
+    /// Saved to disk on its host with no process left (no host memory
+    /// held); a start resumes it where it was, without a boot.
+    Suspended,
     /// Asked to go away; waiting for the broker to clean up.
     Destroying,
     /// Gone; the row stays for history and idempotent retries.
@@ -35,13 +41,15 @@ pub enum MachineState {
 
 impl MachineState {
     /// Every state, in lifecycle order.
-    pub const ALL: [MachineState; 8] = [
+    pub const ALL: [MachineState; 10] = [
         Self::Created,
         Self::Starting,
         Self::Started,
         Self::Stopping,
         Self::Stopped,
         Self::Failed,
+        Self::Suspending,
+        Self::Suspended,
         Self::Destroying,
         Self::Destroyed,
     ];
@@ -55,15 +63,19 @@ impl MachineState {
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Failed => "failed",
+            Self::Suspending => "suspending",
+            Self::Suspended => "suspended",
             Self::Destroying => "destroying",
             Self::Destroyed => "destroyed",
         }
     }
 
     /// Whether a process may be running on the host in this state, so that
-    /// the controller must not move the machine elsewhere on its own.
+    /// the controller must not move the machine elsewhere on its own. (A
+    /// suspended machine runs nothing, but its saved state is on its host:
+    /// moving it loses that, see `store::relocation`.)
     pub fn may_be_running(self) -> bool {
-        matches!(self, Self::Starting | Self::Started | Self::Stopping | Self::Destroying)
+        matches!(self, Self::Starting | Self::Started | Self::Stopping | Self::Suspending | Self::Destroying)
     }
 }
 
@@ -76,7 +88,7 @@ impl fmt::Display for MachineState {
 /// A string that names no machine state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown machine state {0:?} (expected one of created, starting, started, stopping, stopped, failed, destroying, destroyed)"
+    "unknown machine state {0:?} (expected one of created, starting, started, stopping, stopped, failed, suspending, suspended, destroying, destroyed)"
 )]
 pub struct UnknownState(pub String);
 
@@ -95,6 +107,9 @@ pub enum Action {
     Start,
     /// A user's stop.
     Stop,
+    /// A user's suspend: save the running guest to disk on its host and
+    /// end its processes; a start resumes it.
+    Suspend,
     /// A user's delete; `force` also destroys a machine that may be running.
     Destroy { force: bool },
     /// A broker's report of what it observes (for now through the admin
@@ -119,23 +134,38 @@ pub fn next_state(state: MachineState, action: Action) -> Result<Option<MachineS
     let refuse = |action, hint| Err(TransitionError { action, state, hint });
     match action {
         Action::Start => match state {
-            Created | Stopped | Failed => Ok(Some(Starting)),
+            // From suspended, the broker's start resumes the saved guest.
+            Created | Stopped | Failed | Suspended => Ok(Some(Starting)),
             Starting | Started => Ok(None),
             Stopping => refuse("start", "wait until it is stopped"),
+            Suspending => refuse("start", "wait until it is suspended"),
             Destroying | Destroyed => refuse("start", "it is being destroyed"),
         },
         Action::Stop => match state {
             Starting | Started => Ok(Some(Stopping)),
-            Stopping | Stopped => Ok(None),
+            // A suspended machine runs nothing already (and its broker's
+            // stop leaves the saved state alone).
+            Stopping | Stopped | Suspended => Ok(None),
             Created | Failed => refuse("stop", "it is not running"),
+            Suspending => refuse("stop", "wait until it is suspended"),
             Destroying | Destroyed => refuse("stop", "it is being destroyed"),
+        },
+        Action::Suspend => match state {
+            Started => Ok(Some(Suspending)),
+            Suspending | Suspended => Ok(None),
+            // Its guest is not up yet: there is nothing worth saving.
+            Starting => refuse("suspend", "wait until it is started"),
+            Created | Stopped | Failed => refuse("suspend", "it is not running"),
+            Stopping => refuse("suspend", "it is stopping"),
+            Destroying | Destroyed => refuse("suspend", "it is being destroyed"),
         },
         Action::Destroy { force } => match state {
             // Nothing exists on any host before a broker starts it.
             Created => Ok(Some(Destroyed)),
-            Stopped | Failed => Ok(Some(Destroying)),
-            Starting | Started | Stopping if force => Ok(Some(Destroying)),
+            Stopped | Failed | Suspended => Ok(Some(Destroying)),
+            Starting | Started | Stopping | Suspending if force => Ok(Some(Destroying)),
             Starting | Started | Stopping => refuse("destroy", "stop it first, or pass force=true"),
+            Suspending => refuse("destroy", "wait until it is suspended, or pass force=true"),
             Destroying | Destroyed => Ok(None),
         },
         Action::Observed(observed) => {
@@ -188,6 +218,20 @@ mod tests {
             (Started, Action::Destroy { force: false }, Err(())),
             (Started, Action::Destroy { force: true }, Ok(Some(Destroying))),
             (Destroyed, Action::Destroy { force: false }, Ok(None)),
+            (Started, Action::Suspend, Ok(Some(Suspending))),
+            (Suspending, Action::Suspend, Ok(None)),
+            (Suspended, Action::Suspend, Ok(None)),
+            (Starting, Action::Suspend, Err(())),
+            (Stopped, Action::Suspend, Err(())),
+            (Created, Action::Suspend, Err(())),
+            (Destroying, Action::Suspend, Err(())),
+            (Suspended, Action::Start, Ok(Some(Starting))),
+            (Suspending, Action::Start, Err(())),
+            (Suspended, Action::Stop, Ok(None)),
+            (Suspending, Action::Stop, Err(())),
+            (Suspended, Action::Destroy { force: false }, Ok(Some(Destroying))),
+            (Suspending, Action::Destroy { force: false }, Err(())),
+            (Suspending, Action::Destroy { force: true }, Ok(Some(Destroying))),
         ];
         for &(state, action, expected) in table {
             assert_eq!(next_state(state, action).map_err(|_| ()), expected, "{state} {action:?}");
@@ -203,11 +247,14 @@ mod tests {
         assert!(next_state(Destroyed, Action::Observed(Started)).is_err());
         assert!(next_state(Started, Action::Observed(Created)).is_err());
         assert!(next_state(Started, Action::Observed(Destroying)).is_err());
+        // A broker's suspend finishing, or one a host admin made.
+        assert_eq!(next_state(Suspending, Action::Observed(Suspended)), Ok(Some(Suspended)));
+        assert_eq!(next_state(Started, Action::Observed(Suspended)), Ok(Some(Suspended)));
     }
 
     #[test]
     fn running_states_pin_a_machine_to_its_host() {
         let running: Vec<_> = MachineState::ALL.into_iter().filter(|s| s.may_be_running()).collect();
-        assert_eq!(running, [Starting, Started, Stopping, Destroying]);
+        assert_eq!(running, [Starting, Started, Stopping, Suspending, Destroying]);
     }
 }

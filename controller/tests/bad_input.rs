@@ -358,3 +358,109 @@ async fn streaming_exec_and_follow_refusals() {
     s.get(&logs(started, "follow=maybe"), &viewer).await.problem(400);
     s.get(&logs(started, "follow=true"), &viewer).await.problem(503);
 }
+
+/// Snapshots, restores and suspends asked wrongly: unknown snapshots,
+/// another namespace's, a restore that could only land on another host
+/// than the snapshot's, bad names, ids and queries, machines that are not
+/// running. Each is a problem document and changes nothing. No broker is
+/// needed: the snapshots are recorded as a broker's would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_refusals() {
+    let s = serve().await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    s.namespace(&root, "other").await;
+    s.host(&root, "h1", 8, 8192, json!({ "zone": "a" })).await;
+    s.host(&root, "h2", 64, 65536, json!({ "zone": "b" })).await;
+    let operator = support::token("op", &[("ns", Role::Operator)], false);
+    let viewer = support::token("v", &[("ns", Role::Viewer)], false);
+    let mut on_h1 = spec("web");
+    on_h1["placement"] = json!({ "host_labels": { "zone": "a" } });
+    let web = s.machine(&root, "ns", on_h1.clone()).await;
+    let path = format!("/v1/namespaces/ns/machines/{}", web["id"].as_str().unwrap());
+    support::seed_snapshot(&s.database_url, "ns", web["id"].as_str().unwrap(), "h1", "0123456789ab", Some("before"))
+        .await;
+    let theirs = s.machine(&root, "other", on_h1).await;
+    support::seed_snapshot(&s.database_url, "other", theirs["id"].as_str().unwrap(), "h1", "ba9876543210", None).await;
+    let create = |body: serde_json::Value| s.post("/v1/namespaces/ns/machines", &operator, body);
+
+    // Unknown, and another namespace's: the same 404.
+    assert!(create(json!({ "from_snapshot": "ffffffffffff" })).await.problem(404).contains("snapshot"));
+    create(json!({ "from_snapshot": "ba9876543210" })).await.problem(404);
+    for sid in ["ffffffffffff", "ba9876543210", "a%20b", "a%00b"] {
+        s.get(&format!("/v1/namespaces/ns/snapshots/{sid}"), &operator).await.problem(404);
+        s.delete(&format!("/v1/namespaces/ns/snapshots/{sid}"), &operator).await.problem(404);
+    }
+    s.get("/v1/namespaces/other/snapshots", &operator).await.problem(404);
+    s.get("/v1/namespaces/other/snapshots/ba9876543210", &operator).await.problem(404);
+    let listed = s.get("/v1/namespaces/ns/snapshots", &viewer).await;
+    assert_eq!(listed.body["snapshots"].as_array().unwrap().len(), 1, "{:#}", listed.body);
+    s.get(&format!("/v1/namespaces/ns/machines/{}/snapshots", theirs["id"].as_str().unwrap()), &viewer)
+        .await
+        .problem(404);
+
+    // A restore goes to the snapshot's host or nowhere, and says so.
+    let elsewhere = json!({ "from_snapshot": "0123456789ab", "placement": { "host_labels": { "zone": "b" } } });
+    let refused = create(elsewhere).await;
+    let detail = refused.problem(409);
+    assert!(detail.contains("can only be placed on host h1, which holds the snapshot"), "{detail}");
+    assert!(detail.contains("lacking the labels"), "{detail}");
+    assert_eq!(refused.body["type"], "urn:micromachines:problem:insufficient-capacity");
+    s.post("/v1/hosts/h1/cordon", &root, json!(null)).await;
+    assert!(create(json!({ "from_snapshot": "0123456789ab" })).await.problem(409).contains("1 cordoned"));
+    s.post("/v1/hosts/h1/uncordon", &root, json!(null)).await;
+    // A config may not contradict the snapshot it resumes.
+    let mut bigger = spec("x");
+    bigger["from_snapshot"] = json!("0123456789ab");
+    bigger["config"]["guest"]["memory_mb"] = json!(256);
+    assert!(create(bigger.clone()).await.problem(422).contains("config.guest must be 1 CPU(s) and 128 MB"));
+    bigger["config"]["guest"]["memory_mb"] = json!(128);
+    bigger["config"]["image"] = json!("debian");
+    assert!(create(bigger.clone()).await.problem(422).contains("config.image"));
+    bigger["config"]["image"] = json!("alpine");
+    bigger["config"]["command"] = json!(["sh"]);
+    assert!(create(bigger).await.problem(422).contains("config.command"));
+
+    // Neither a config nor a snapshot; malformed ids, names and queries.
+    assert!(create(json!({ "name": "x" })).await.problem(422).contains("config is required"));
+    for sid in [json!("a/b"), json!(""), json!("x".repeat(65)), json!(7)] {
+        create(json!({ "from_snapshot": sid })).await.problem(422);
+    }
+    let snapshots = format!("{path}/snapshots");
+    let snapshot = |body: serde_json::Value| s.post(&snapshots, &operator, body);
+    for name in [json!("Bad_Name"), json!("x".repeat(64)), json!("-a"), json!(""), json!(5)] {
+        snapshot(json!({ "name": name })).await.problem(422);
+    }
+    assert!(snapshot(json!({ "colour": "red" })).await.problem(422).contains("unknown field"));
+    let no_body = s.request(Method::POST, &format!("{path}/snapshots")).bearer_auth(&operator);
+    s.send(no_body).await.problem(415);
+    for query in ["page_size=0", "page_size=501", "bogus=1", "page_token=!!", "page_token=c2VxOng"] {
+        s.get(&format!("/v1/namespaces/ns/snapshots?{query}"), &viewer).await.problem(400);
+    }
+    s.get(&format!("/v1/namespaces/ns/machines/{}/snapshots", uuid::Uuid::nil()), &viewer).await.problem(404);
+    let with_key = s.request(Method::POST, &format!("{path}/snapshots")).bearer_auth(&operator);
+    s.send(with_key.header("Idempotency-Key", "a b").json(&json!({}))).await.problem(400);
+
+    // Not running: nothing to snapshot or suspend (no broker is asked).
+    assert!(snapshot(json!({})).await.problem(409).contains("must be started"));
+    assert!(s.post(&format!("{path}/suspend"), &operator, json!(null)).await.problem(409).contains("cannot suspend"));
+    // Roles: a viewer reads, an operator changes.
+    s.post(&format!("{path}/snapshots"), &viewer, json!({})).await.problem(403);
+    s.delete("/v1/namespaces/ns/snapshots/0123456789ab", &viewer).await.problem(403);
+    s.post(&format!("{path}/suspend"), &viewer, json!(null)).await.problem(403);
+
+    // A snapshot a machine still waits to be restored from stays.
+    let waiting = s.machine(&operator, "ns", json!({ "name": "restored", "from_snapshot": "0123456789ab" })).await;
+    assert_eq!((waiting["host"].as_str(), waiting["state"].as_str()), (Some("h1"), Some("created")));
+    let busy = s.delete("/v1/namespaces/ns/snapshots/0123456789ab", &operator).await;
+    assert!(busy.problem(409).contains("being restored from snapshot 0123456789ab"), "{:#}", busy.body);
+    s.delete(&format!("/v1/namespaces/ns/machines/{}", waiting["id"].as_str().unwrap()), &operator).await;
+    // Deleting needs the host's broker: without a session, 503 and it stays.
+    let unreachable = s.delete("/v1/namespaces/ns/snapshots/0123456789ab", &operator).await;
+    assert_eq!(unreachable.body["type"], "urn:micromachines:problem:host-unavailable", "{:#}", unreachable.body);
+    unreachable.problem(503);
+    assert_eq!(s.get("/v1/namespaces/ns/snapshots/0123456789ab", &viewer).await.body["name"], "before");
+    // The machine was never touched.
+    let now = s.get(&path, &root).await.body;
+    assert_eq!((now["state"].as_str(), &now["updated_at"]), (Some("created"), &web["updated_at"]));
+}

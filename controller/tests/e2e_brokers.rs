@@ -3,9 +3,11 @@
 //! and microVM network namespace) that dial the controller over mutual TLS
 //! with certificates from `scripts/dev-ca.sh`, booting real microVMs.
 //!
-//! One machine goes through the whole story, so only three microVMs boot:
-//! created through REST → started on one broker → exec and logs through
-//! the controller → its broker is SIGKILLed → after the heartbeat timeout
+//! One machine goes through the whole story, so only three microVMs boot
+//! (and one is restored): created through REST → started on one broker →
+//! exec and logs through the controller → snapshotted, a copy restored
+//! from the snapshot beside it and exec'd in, suspended and resumed
+//! (`e2e::snapshots`) → its broker is SIGKILLed → after the heartbeat timeout
 //! the machine is re-placed on the other broker and started there → exec
 //! again (the streaming forms too: a WebSocket exec with stdin, stderr
 //! and an exit code, a killed exec when its client goes away, the console
@@ -36,7 +38,7 @@ use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mm-controller");
 /// Boots take ~45 s on a slow machine; re-placement adds the timeout.
-const BOOT: Duration = Duration::from_secs(300);
+pub const BOOT: Duration = Duration::from_secs(300);
 const HEARTBEAT_TIMEOUT_SECONDS: u64 = 5;
 
 fn free_port() -> u16 {
@@ -51,7 +53,7 @@ fn dev_ca(dir: &Path, names: &[&str]) {
 }
 
 /// The controller binary on a fresh database, serving HTTP and brokers.
-struct ControllerProcess {
+pub struct ControllerProcess {
     child: Child,
     database_url: String,
     log: PathBuf,
@@ -122,11 +124,11 @@ impl ControllerProcess {
         controller
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let mut request = self.client.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
@@ -137,11 +139,11 @@ impl ControllerProcess {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.call(reqwest::Method::GET, path, None).await
     }
 
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
@@ -183,7 +185,7 @@ fn vm_names(broker: &TestBroker) -> Vec<String> {
 }
 
 /// Exec through the controller, retried while the guest is still booting.
-async fn exec_when_ready(c: &ControllerProcess, machine: &str, command: &[&str]) -> Value {
+pub async fn exec_when_ready(c: &ControllerProcess, machine: &str, command: &[&str]) -> Value {
     let deadline = Instant::now() + BOOT;
     loop {
         let (status, body) = c.post(&format!("{machine}/exec"), json!({ "command": command, "timeout": 60 })).await;
@@ -458,6 +460,9 @@ async fn machines_run_on_real_brokers_and_survive_losing_one() {
     e2e::mmctl::through_the_controller(&c.base, &c.token, "web", &key, &scratch.path("home")).await;
     let peer = c.peer(&scratch).await;
     through_another_controller(&peer, &path).await;
+    // Snapshot it, restore a copy beside it (exec there), suspend and
+    // resume it (exec again).
+    e2e::snapshots::snapshot_restore_and_suspend(&c, &brokers[mine], &path, &first).await;
 
     // Lose the broker: the machine is re-placed and started on the other.
     let pid = brokers[mine].pid().unwrap();

@@ -24,6 +24,12 @@ const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/namespaces/{namespace}/machines/{id}"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/start"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/stop"),
+    ("POST", "/v1/namespaces/{namespace}/machines/{id}/suspend"),
+    ("GET", "/v1/namespaces/{namespace}/machines/{id}/snapshots"),
+    ("POST", "/v1/namespaces/{namespace}/machines/{id}/snapshots"),
+    ("GET", "/v1/namespaces/{namespace}/snapshots"),
+    ("GET", "/v1/namespaces/{namespace}/snapshots/{sid}"),
+    ("DELETE", "/v1/namespaces/{namespace}/snapshots/{sid}"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/wait"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/events"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/exec"),
@@ -143,6 +149,25 @@ async fn the_document_matches_the_router() {
         "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
     );
     assert_eq!(token["allOf"][1]["anyOf"].as_array().map(Vec::len), Some(2));
+    // A machine runs a config or resumes a snapshot: one is required.
+    let create = &doc["components"]["schemas"]["CreateMachine"];
+    let required: Vec<&Value> =
+        create["allOf"][1]["oneOf"].as_array().unwrap().iter().map(|s| &s["required"]).collect();
+    assert_eq!(required, [&serde_json::json!(["config"]), &serde_json::json!(["from_snapshot"])]);
+    assert_eq!(create["allOf"][1]["oneOf"][0]["not"]["required"], serde_json::json!(["from_snapshot"]));
+    assert!(create["allOf"][0]["required"].as_array().is_none_or(|r| !r.contains(&"config".into())), "{create:#}");
+    // Snapshot creates link to what takes the snapshot (and its machine).
+    let snapshot_links =
+        &doc["paths"]["/v1/namespaces/{namespace}/machines/{id}/snapshots"]["post"]["responses"]["201"]["links"];
+    assert_eq!(
+        snapshot_links["snapshots_delete"],
+        serde_json::json!({"operationId": "snapshots_delete",
+            "parameters": {"namespace": "$response.body#/namespace", "sid": "$response.body#/id"}})
+    );
+    assert_eq!(snapshot_links["machines_suspend"]["parameters"]["id"], "$response.body#/machine_id");
+    // The new states are in the machine state's enum and the list filter.
+    let states = &doc["components"]["schemas"]["MachineState"];
+    assert!(states.to_string().contains("suspended") && states.to_string().contains("suspending"), "{states:#}");
 
     // Every documented route is routed: nothing answers with the router's
     // fallback or 405.
@@ -152,7 +177,8 @@ async fn the_document_matches_the_router() {
             .replace("{namespace}", "nope")
             .replace("{id}", &uuid::Uuid::nil().to_string())
             .replace("{name}", "nope")
-            .replace("{jti}", "nope");
+            .replace("{jti}", "nope")
+            .replace("{sid}", "nope");
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let r = s.send(s.request(method.clone(), &concrete).bearer_auth(&root).json(&serde_json::json!({}))).await;
         assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {concrete}");

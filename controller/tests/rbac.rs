@@ -41,8 +41,11 @@ enum Prep {
     None,
     Machine,
     Starting,
+    Started,
     Leased,
     MintedToken,
+    /// A machine with a snapshot (`{sid}`), recorded as its broker would.
+    Snapshot,
 }
 
 struct Route {
@@ -80,6 +83,29 @@ fn routes() -> Vec<Route> {
         r(Method::DELETE, "/v1/namespaces/{ns}/machines/{id}", None, InNamespace(Operator), Prep::Machine, 200),
         r(Method::POST, "/v1/namespaces/{ns}/machines/{id}/start", None, InNamespace(Operator), Prep::Machine, 200),
         r(Method::POST, "/v1/namespaces/{ns}/machines/{id}/stop", None, InNamespace(Operator), Prep::Starting, 200),
+        r(Method::POST, "/v1/namespaces/{ns}/machines/{id}/suspend", None, InNamespace(Operator), Prep::Started, 200),
+        // Allowed, but a created machine has nothing to snapshot: 409.
+        r(
+            Method::POST,
+            "/v1/namespaces/{ns}/machines/{id}/snapshots",
+            Some(|_| json!({})),
+            InNamespace(Operator),
+            Prep::Machine,
+            409,
+        ),
+        r(Method::GET, "/v1/namespaces/{ns}/machines/{id}/snapshots", None, InNamespace(Viewer), Prep::Snapshot, 200),
+        r(Method::GET, "/v1/namespaces/{ns}/snapshots", None, InNamespace(Viewer), Prep::None, 200),
+        r(Method::GET, "/v1/namespaces/{ns}/snapshots/{sid}", None, InNamespace(Viewer), Prep::Snapshot, 200),
+        // Allowed, but no broker session holds the snapshot's host here: 503.
+        r(Method::DELETE, "/v1/namespaces/{ns}/snapshots/{sid}", None, InNamespace(Operator), Prep::Snapshot, 503),
+        r(
+            Method::POST,
+            "/v1/namespaces/{ns}/machines",
+            Some(|u| json!({"name": format!("r{u}"), "from_snapshot": "{sid}"})),
+            InNamespace(Operator),
+            Prep::Snapshot,
+            201,
+        ),
         r(
             Method::GET,
             "/v1/namespaces/{ns}/machines/{id}/wait?state=created&timeout=1",
@@ -237,13 +263,26 @@ async fn every_role_on_every_route_in_own_and_other_namespace() {
                 let mut path = route.path.replace("{ns}", ns);
                 let mut nonce = None;
                 let mut machine = None;
+                let mut snapshot_path = None;
                 if route.prep != Prep::None && route.prep != Prep::MintedToken {
                     let m = s.machine(&root, ns, spec(&format!("p{unique}"))).await;
                     let id = m["id"].as_str().unwrap().to_owned();
                     path = path.replace("{id}", &id).replace("{host}", m["host"].as_str().unwrap());
                     let base = format!("/v1/namespaces/{ns}/machines/{id}");
-                    if route.prep == Prep::Starting {
+                    if matches!(route.prep, Prep::Starting | Prep::Started) {
                         s.post(&format!("{base}/start"), &root, json!(null)).await;
+                    }
+                    if route.prep == Prep::Started {
+                        let host = m["host"].as_str().unwrap();
+                        let report = format!("/v1/hosts/{host}/machines/{id}/state");
+                        s.post(&report, &root, json!({"state": "started"})).await;
+                    }
+                    if route.prep == Prep::Snapshot {
+                        let sid = format!("s{unique:011}");
+                        support::seed_snapshot(&s.database_url, ns, &id, m["host"].as_str().unwrap(), &sid, None).await;
+                        path = path.replace("{sid}", &sid);
+                        let at = format!("/v1/namespaces/{ns}/snapshots/{sid}");
+                        snapshot_path = Some((sid, at.clone(), s.get(&at, &root).await.body));
                     }
                     if route.prep == Prep::Leased {
                         let lease = s.post(&format!("{base}/lease"), &root, json!({"ttl": 600})).await;
@@ -263,7 +302,10 @@ async fn every_role_on_every_route_in_own_and_other_namespace() {
                     request = request.header("Machine-Lease-Nonce", nonce);
                 }
                 if let Some(body) = route.body {
-                    let text = body(&unique.to_string()).to_string().replace("{ns}", ns);
+                    let mut text = body(&unique.to_string()).to_string().replace("{ns}", ns);
+                    if let Some((sid, _, _)) = &snapshot_path {
+                        text = text.replace("{sid}", sid);
+                    }
                     request = request.header("content-type", "application/json").body(text);
                 }
                 let reply = s.send(request).await;
@@ -280,6 +322,9 @@ async fn every_role_on_every_route_in_own_and_other_namespace() {
                     reply.problem(want);
                     if let Some((id, before)) = &machine {
                         assert_eq!(&snapshot(&s, &root, ns, id).await, before, "a refused call changed the machine");
+                    }
+                    if let Some((_, at, before)) = &snapshot_path {
+                        assert_eq!(&s.get(at, &root).await.body, before, "a refused call changed the snapshot");
                     }
                 }
                 cases += 1;

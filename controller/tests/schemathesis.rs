@@ -27,6 +27,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_mm-controller");
 /// (debug build).
 const MAX_EXAMPLES: &str = "100";
 const SEED: &str = "1";
+/// The seeded snapshot's id.
+const SNAPSHOT: &str = "5eed5eed5eed";
 
 /// The schemathesis executable, or why there is none (after failing in CI).
 fn schemathesis() -> Option<PathBuf> {
@@ -122,6 +124,9 @@ async fn schemathesis_finds_nothing() {
     let leased_machine = seed.machine().await;
     seed.post(&format!("/v1/namespaces/st/machines/{leased_machine}/lease"), json!({"ttl": 3600})).await;
     let doomed_token = seed.post("/v1/tokens", json!({"subject": "victim", "roles": {"st": "viewer"}})).await;
+    // A snapshot of the machine, recorded as its broker would have (no
+    // broker dials this controller, so none can be taken here).
+    support::seed_snapshot(&url, "st", &machine, "st-host", SNAPSHOT, Some("seeded")).await;
 
     // Its own working directory: schemathesis may leave files behind.
     let work = std::env::temp_dir().join(format!("mm-schemathesis-{}", std::process::id()));
@@ -138,6 +143,7 @@ async fn schemathesis_finds_nothing() {
         .env("MM_ST_DOOMED_MACHINE", &doomed_machine)
         .env("MM_ST_LEASED_MACHINE", &leased_machine)
         .env("MM_ST_DOOMED_TOKEN", doomed_token["jti"].as_str().unwrap())
+        .env("MM_ST_SNAPSHOT", SNAPSHOT)
         .current_dir(&work)
         .stdin(Stdio::null())
         .output()

@@ -67,6 +67,7 @@ impl TestBroker {
             .arg(guest_kernel()?)
             .arg("--builtin-image")
             .arg(guest_rootfs()?)
+            .args(self.warm_cache_args())
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -85,6 +86,19 @@ impl TestBroker {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Every test broker shares one warm cache in the state directory (its
+    /// entries are keyed by kernel, image, mm-vmm and shape), so only the
+    /// first microVM of a shape in a whole test run boots; the others
+    /// restore its post-boot snapshot. A test that chooses otherwise says
+    /// `--warm-cache` or `--no-warm-starts` itself.
+    fn warm_cache_args(&self) -> Vec<String> {
+        let chooses = ["--warm-cache", "--no-warm-starts"];
+        if self.extra_args.iter().any(|a| chooses.contains(&a.as_str())) {
+            return Vec::new();
+        }
+        vec!["--warm-cache".into(), crate::state_dir().join("warm-test").display().to_string()]
     }
 
     /// SIGKILLs the broker (microVMs keep running) and starts a new one on

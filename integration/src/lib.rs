@@ -44,6 +44,11 @@ fn built_once(cell: &'static Artifact, script: &str) -> Result<PathBuf> {
     cell.get_or_init(|| run_script(script).map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
 }
 
+/// Where the build scripts cache the guest artefacts (`$MM_STATE_DIR`).
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("MM_STATE_DIR").map_or_else(|| PathBuf::from("/var/lib/micromachines"), PathBuf::from)
+}
+
 /// The guest kernel (`vmlinux`), built from Debian's linux-source on first
 /// use; a bzImage of the same kernel sits beside it.
 pub fn guest_kernel() -> Result<PathBuf> {

@@ -1,10 +1,12 @@
 //! mm-vmm's snapshot and restore, without the broker: a guest with a
-//! running counter and 16 MiB of random data in RAM (tmpfs) is paused,
+//! running counter and 16 MiB of data in RAM (tmpfs) is paused,
 //! saved and resumed through its control socket; the source keeps counting;
 //! then a new mm-vmm with new device back ends resumes the saved guest
 //! without a boot. The counter goes on from where the snapshot cut it, the
 //! data's checksum matches, and the exec agent answers over a vsock device
-//! that told the restored guest its transport was reset. Then the restore
+//! that told the restored guest its transport was reset. A pause with a
+//! dead device process fails, naming the device, and the source runs on.
+//! Then the restore
 //! is fed broken snapshots (truncated or corrupted memory, a damaged or
 //! foreign state file, the wrong devices): each is one clear error, exit
 //! status 125, and no guest.
@@ -74,8 +76,10 @@ fn snapshot_and_restore_resume_the_guest_where_it_stood() {
     let vsock_device = DeviceProcess::spawn("vsock", &vsock_socket, &["--guest-cid", "3", "--uds", uds_arg]).unwrap();
     let control = dir.path("vmm.ctl");
 
+    // 16.6 MB of distinct, non-zero pages (seq runs in user space: reading
+    // /dev/urandom takes minutes under PVM, where the kernel is emulated).
     let script = "mkdir -p /run/m && mount -t tmpfs m /run/m && \
-                  head -c 16777216 /dev/urandom > /run/m/blob && echo sum $(md5sum < /run/m/blob) && \
+                  seq 1 2300000 > /run/m/blob && echo sum $(md5sum < /run/m/blob) && \
                   i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done";
     let mut source = Boot::new(&["sh", "-c", script])
         .root_on_block(&root_socket)
@@ -107,9 +111,17 @@ fn snapshot_and_restore_resume_the_guest_where_it_stood() {
     source.wait_for(&next, Duration::from_secs(120)).unwrap();
     let (status, out) = exec(&uds, "echo source-alive");
     assert_eq!((status, out.trim()), (ExitStatus::Exited(0), "source-alive"));
+
+    // A device process that dies before the cut fails the snapshot with a
+    // clear error, and the guest runs on (its console needs no disk).
+    let mut root_device = root_device;
+    root_device.kill().unwrap();
+    let refused = client.pause().expect_err("a pause with a dead block back end");
+    assert!(refused.to_string().contains("block"), "{refused}");
+    let now = last_tick(&mut source);
+    source.wait_for(&format!("tick {}", now + 2), Duration::from_secs(120)).unwrap();
     drop(source);
     drop(vsock_device);
-    drop(root_device);
 
     // A new mm-vmm with new back ends resumes the saved guest.
     let root2_socket = dir.path("root2.sock");

@@ -81,6 +81,9 @@ enum Verb {
         /// Remove it once it stops.
         #[arg(long)]
         rm: bool,
+        /// Boot it, even when a warm (post-boot) snapshot of the image exists.
+        #[arg(long)]
+        cold: bool,
         /// A public key file allowed to log in over SSH; repeatable
         /// (default: ~/.ssh/id_*.pub).
         #[arg(long = "ssh-key")]
@@ -257,7 +260,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
     let broker = client::connect(&socket).await?;
     let format = cli.output;
     match cli.command {
-        Verb::Run { image, name, cpus, memory, env, detach, rm, ssh_keys, command, .. } => {
+        Verb::Run { image, name, cpus, memory, env, detach, rm, cold, ssh_keys, command, .. } => {
             let key_files = if ssh_keys.is_empty() { tunnel::default_ssh_keys() } else { ssh_keys };
             let keys = tunnel::read_ssh_keys(&key_files)?;
             let mut request = broker.create_vm_request();
@@ -268,6 +271,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 spec.set_cpus(cpus);
                 spec.set_memory_mib(memory);
                 spec.set_auto_remove(rm);
+                spec.set_cold(cold);
                 let mut list = spec.reborrow().init_command(command.len() as u32);
                 for (i, arg) in command.iter().enumerate() {
                     list.set(i as u32, arg);

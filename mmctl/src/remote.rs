@@ -5,10 +5,12 @@
 //! A machine is named by its id or by its name (names are unique among a
 //! namespace's machines that are not destroyed; the API addresses ids, so a
 //! name is looked up in the list). `run` sends an `Idempotency-Key`, so the
-//! one retry after a lost connection cannot create a second machine.
+//! one retry after a lost connection cannot create a second machine (as
+//! do `restore` and `snapshot create`, in `snapshots`).
 
 mod exec_ws;
 mod http;
+mod snapshots;
 mod streams;
 mod tunnel_ws;
 mod view;
@@ -45,7 +47,7 @@ fn unsupported(what: &str) -> CliError {
 pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliError> {
     let api = Api::new(&target.server, target.token, target.namespace)?;
     match verb {
-        Verb::Run { image, name, cpus, memory, env, detach, rm, ssh_keys, command, no_wait, wait_timeout } => {
+        Verb::Run { image, name, cpus, memory, env, detach, rm, ssh_keys, command, no_wait, wait_timeout, .. } => {
             if rm {
                 return Err(unsupported("--rm (removing a machine once it stops)"));
             }
@@ -179,10 +181,13 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             let id = find(&api, &vm).await?.id;
             tunnel_ws::pump(&api, &id, port, tokio::io::stdin(), tokio::io::stdout()).await.map(|()| 0)
         }
-        Verb::Snapshot { .. } | Verb::Restore { .. } | Verb::Suspend { .. } => Err(CliError::new(
-            exit::UNSUPPORTED,
-            "snapshot, restore and suspend are not offered through the controller yet: use them on the host",
-        )),
+        Verb::Snapshot { verb } => snapshots::run(&api, verb, format).await,
+        Verb::Restore { snapshot, name, ssh_keys } => {
+            // As locally: without --ssh-key the snapshot's keys stay.
+            let keys = tunnel::read_ssh_keys(&ssh_keys)?;
+            snapshots::restore(&api, &snapshot, name, keys, format).await
+        }
+        Verb::Suspend { vm } => snapshots::suspend(&api, &vm, format).await,
     }
 }
 

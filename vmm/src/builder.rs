@@ -126,7 +126,7 @@ fn make_bus(
     vm: &VmFd,
     config: &VmConfig,
     virtio: Vec<MmioDevice>,
-    serial_state: Option<&crate::snapshot::SerialRegisters>,
+    serial_state: Option<&vm_superio::serial::SerialState>,
     start: Instant,
 ) -> Result<Arc<Bus>, VmError> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -134,7 +134,7 @@ fn make_bus(
     let out = config.serial.open().map_err(VmError::Serial)?;
     let serial = match serial_state {
         None => Serial::new(EventFdTrigger(serial_irq), out),
-        Some(saved) => Serial::from_state(&saved.into(), EventFdTrigger(serial_irq), vm_superio::serial::NoEvents, out)
+        Some(saved) => Serial::from_state(saved, EventFdTrigger(serial_irq), vm_superio::serial::NoEvents, out)
             .map_err(|e| VmError::BadSnapshot(format!("console state: {e:?}")))?,
     };
     let reset = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -262,8 +262,14 @@ fn boot_path(
 }
 
 /// A restore: guest RAM from the memory file (checksums checked), the VM's
-/// KVM state, each device taken over by its new back end at the saved ring
-/// indices, then each vCPU with its saved state.
+/// KVM state, each vCPU with its saved state, and only then each device
+/// taken over by its new back end at the saved ring indices. The order
+/// matters: a back end may raise its interrupt as soon as its rings start
+/// (the vsock device posts its transport reset at once), and an interrupt
+/// that arrives before the vCPUs' LAPICs exist, or that KVM_SET_LAPIC then
+/// overwrites, is lost; with EVENT_IDX the guest, never having seen it,
+/// never asks for another, and the device is dead to it (seen: a resumed
+/// guest's vsock and net silent for good while its disks worked).
 fn restore_path(
     config: &VmConfig,
     state: &SnapshotState,
@@ -276,16 +282,16 @@ fn restore_path(
     tracing::debug!(since_start_us = start.elapsed().as_micros() as u64, "guest RAM restored");
     let vm = create_vm(kvm, ram)?;
     state.machine.restore(&vm).map_err(|(what, source)| VmError::Kvm { what, source })?;
-    let mut virtio = Vec::new();
-    for (i, spec) in config.devices.iter().enumerate() {
-        virtio.push(connect_device(&vm, ram, spec, i, Some(&state.devices[i]))?);
-    }
-    let bus = make_bus(&vm, config, virtio, Some(&state.serial), start)?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for saved in &state.vcpus {
         let fd = vm.create_vcpu(u64::from(saved.index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         VcpuState::restore(saved, &fd)?;
         vcpus.push(Vcpu { index: saved.index, fd });
     }
+    let mut virtio = Vec::new();
+    for (i, spec) in config.devices.iter().enumerate() {
+        virtio.push(connect_device(&vm, ram, spec, i, Some(&state.devices[i]))?);
+    }
+    let bus = make_bus(&vm, config, virtio, Some(&state.serial), start)?;
     Ok((vm, bus, vcpus))
 }

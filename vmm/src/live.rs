@@ -130,7 +130,7 @@ impl LiveVm {
             memory_mib: self.memory_mib,
             machine: MachineState::save(&self.vm).map_err(|(what, source)| VmError::Kvm { what, source })?,
             vcpus,
-            serial: self.bus.serial.lock().expect("serial lock").state().into(),
+            serial: self.bus.serial.lock().expect("serial lock").state(),
             devices,
             memory: image,
         };

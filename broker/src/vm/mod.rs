@@ -5,6 +5,7 @@
 //! to the audit log.
 
 mod snapshot;
+mod warm;
 
 use mm_protocols::vmm_control::VmmClient;
 use std::cell::{Cell, RefCell};
@@ -168,11 +169,13 @@ impl Vm {
             r.exit_code = None;
             r.processes.clear();
         });
+        let console_start = std::fs::metadata(self.dir.join(launch::CONSOLE_LOG)).map_or(0, |m| m.len());
         match self.spawn_all() {
             Ok((vmm, devices, control)) => {
                 self.set_state(VmState::Running, "");
-                if self.record.borrow().resume_from.is_some() {
-                    tokio::task::spawn_local(Rc::clone(self).take_identity());
+                let record = self.record.borrow().clone();
+                if record.resume_from.is_some() || record.hand_workload {
+                    tokio::task::spawn_local(Rc::clone(self).after_start(console_start));
                 }
                 let (tx, rx) = mpsc::unbounded_channel();
                 *self.orders.borrow_mut() = Some(tx);

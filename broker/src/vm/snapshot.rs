@@ -115,15 +115,16 @@ impl Vm {
     /// the wall clock). Then the snapshot is no longer needed to start it:
     /// a suspend's files are removed. A restored guest that cannot take
     /// its identity is ended, rather than left on the network as a copy.
-    pub(super) async fn take_identity(self: Rc<Vm>) {
+    /// Returns whether the guest took it.
+    pub(super) async fn take_identity(self: &Rc<Vm>) -> bool {
         let record = self.record();
-        let Some(resumed_from) = record.resume_from.clone() else { return };
+        let Some(resumed_from) = record.resume_from.clone() else { return true };
         let own_suspend = resumed_from.starts_with(&self.dir);
         let identity = match self.identity(own_suspend) {
             Ok(identity) => identity,
             Err(e) => {
                 self.audit.record("identity-failed", json!({ "error": e.to_string() }));
-                return;
+                return false;
             }
         };
         let uds = self.dir.join(crate::launch::VSOCK_SOCKET);
@@ -149,21 +150,30 @@ impl Vm {
         };
         match result {
             Ok(()) => {
-                self.audit
-                    .record("identity", json!({ "after_ms": began.elapsed().as_millis() as u64, "new": !own_suspend }));
+                let after_ms = began.elapsed().as_millis() as u64;
+                self.audit.record("identity", json!({ "after_ms": after_ms, "new": !own_suspend }));
                 self.update(|r| r.resume_from = None);
                 if own_suspend {
                     let _ = std::fs::remove_dir_all(&resumed_from);
                 }
+                true
             }
             Err(e) => {
                 self.audit.record("identity-failed", json!({ "error": e.to_string() }));
-                if !own_suspend && self.state() == VmState::Running {
-                    self.set_state(VmState::Stopping, "the restored guest did not take its new identity");
-                    if let Some(orders) = self.orders.borrow().as_ref() {
-                        let _ = orders.send(Order::Kill);
-                    }
+                if !own_suspend {
+                    self.kill("the restored guest did not take its new identity");
                 }
+                false
+            }
+        }
+    }
+
+    /// Ends a running microVM that must not run on, saying why.
+    pub(super) fn kill(&self, why: &str) {
+        if self.state() == VmState::Running {
+            self.set_state(VmState::Stopping, why);
+            if let Some(orders) = self.orders.borrow().as_ref() {
+                let _ = orders.send(Order::Kill);
             }
         }
     }
@@ -176,6 +186,7 @@ impl Vm {
         }
         identity.hostname = Some(record.name.clone());
         identity.new_ssh_host_key = true;
+        identity.ssh_keys = Some(record.ssh_keys.clone());
         if let (Some(network), Some(ip), Some(mac)) = (&self.config.network, record.ip, &record.mac) {
             let cidr = &network.config.cidr;
             identity.mac = Some(mac.clone());

@@ -12,12 +12,15 @@
 //!   what it made (`links`), so clients and a stateful tester can follow
 //!   them instead of guessing names.
 //! * A token must name a role or be a cluster admin (`CreateToken`'s
-//!   `anyOf`), which the derive cannot say.
+//!   `anyOf`), and a machine needs a `config` or a `from_snapshot`
+//!   (`CreateMachine`'s), which the derive cannot say.
 
 use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, Array, ArrayBuilder, Object, ObjectBuilder, Schema, Type};
+use utoipa::openapi::schema::{
+    AllOfBuilder, AnyOfBuilder, Array, ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type,
+};
 use utoipa::openapi::{Content, OpenApi, Ref, RefOr, Response};
 
 use super::problem::PROBLEM_JSON;
@@ -73,6 +76,14 @@ const LINK_SOURCES: &[(&str, &[(&str, &str)])] = &[
         &[("namespace", "$response.body#/namespace"), ("id", "$response.body#/id"), ("name", "$response.body#/host")],
     ),
     ("hosts_register", &[("name", "$response.body#/name")]),
+    (
+        "snapshots_create",
+        &[
+            ("namespace", "$response.body#/namespace"),
+            ("sid", "$response.body#/id"),
+            ("id", "$response.body#/machine_id"),
+        ],
+    ),
 ];
 
 fn operations(api: &mut OpenApi) -> impl Iterator<Item = (&String, &mut Operation)> {
@@ -146,6 +157,26 @@ fn token_needs_a_grant(api: &mut OpenApi) {
     schemas.insert("CreateToken".to_owned(), RefOr::T(Schema::AllOf(schema.build())));
 }
 
+/// `CreateMachine` as served, plus: `config` or `from_snapshot` (else
+/// 422). Said as "a config and no snapshot, or a snapshot" (`oneOf`) rather
+/// than "either" (`anyOf`, the same set of bodies): a generator that fills
+/// in every property then still makes bodies without a snapshot, which are
+/// the ones that can succeed without one existing.
+fn machine_needs_a_source(api: &mut OpenApi) {
+    let Some(schemas) = api.components.as_mut().map(|c| &mut c.schemas) else { return };
+    let Some(original) = schemas.remove("CreateMachine") else { return };
+    // utoipa has no `not`; its extensions map writes any key as given.
+    let no_snapshot = serde_json::json!({ "required": ["from_snapshot"] });
+    let booted =
+        ObjectBuilder::new().required("config").extensions(Some(Extensions::from_iter([("not", no_snapshot)])));
+    let restored = ObjectBuilder::new().required("from_snapshot");
+    let source = OneOfBuilder::new().item(booted).item(restored);
+    let schema = AllOfBuilder::new().item(original).item(source).description(Some(
+        "A machine runs its config, or resumes a snapshot (from_snapshot): one of them is required.",
+    ));
+    schemas.insert("CreateMachine".to_owned(), RefOr::T(Schema::AllOf(schema.build())));
+}
+
 /// Applies the touches above.
 pub fn finish(mut api: OpenApi) -> OpenApi {
     for (path, op) in operations(&mut api) {
@@ -153,6 +184,7 @@ pub fn finish(mut api: OpenApi) -> OpenApi {
     }
     add_links(&mut api);
     token_needs_a_grant(&mut api);
+    machine_needs_a_source(&mut api);
     api
 }
 

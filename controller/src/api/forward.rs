@@ -1,5 +1,5 @@
-//! Exec and logs through any controller: forwarding to the one that holds
-//! the host's broker session.
+//! Exec, logs, stats and snapshots through any controller: forwarding to
+//! the one that holds the host's broker session.
 //!
 //! Only the controller a broker dialled holds its capability, so with
 //! several controllers behind a load balancer exec and logs would work
@@ -118,11 +118,15 @@ fn unreachable(peer: &str, host: &str, error: &dyn std::error::Error) -> ApiErro
 }
 
 /// The headers a forwarded request carries: the caller's credentials, the
-/// request id (so both controllers log it under one id), the marker.
+/// request id (so both controllers log it under one id), the marker, and
+/// an `Idempotency-Key` (a snapshot create's: the peer keeps it).
 fn forwarded_headers(state: &AppState, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
     let mut out = vec![(HeaderName::from_static(FORWARDED), state.peers.marker())];
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
         out.push((header::AUTHORIZATION, auth.clone()));
+    }
+    if let Some(key) = headers.get(super::extract::IDEMPOTENCY_KEY) {
+        out.push((HeaderName::from_static(super::extract::IDEMPOTENCY_KEY), key.clone()));
     }
     if let Some(id) = current_request_id().and_then(|id| HeaderValue::from_str(&id).ok()) {
         out.push((HeaderName::from_static(REQUEST_ID), id));

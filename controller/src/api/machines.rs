@@ -80,7 +80,23 @@ pub struct CreateMachine {
     #[serde(default)]
     #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
-    pub config: MachineConfig,
+    /// What it runs. Required unless `from_snapshot` is given: then it is
+    /// the snapshot's, and a config sent along must agree with it (image
+    /// and guest size; env and command empty or the same), except for
+    /// `ssh_keys`, which replace the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub config: Option<MachineConfig>,
+    /// Restore this snapshot of the namespace (an id from `.../snapshots`)
+    /// instead of booting: the machine resumes the snapshot's guest,
+    /// without a boot, under its own identity (address, MAC, hostname, SSH
+    /// host key). It is placed on the host that holds the snapshot and on
+    /// no other: when that host cannot take it (cordoned, lost, full, or
+    /// lacking `placement.host_labels`) the answer is 409
+    /// `insufficient-capacity` naming the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub from_snapshot: Option<String>,
     /// For filtering (`?label=key=value`).
     #[serde(default)]
     #[schema(schema_with = super::document::labels_schema)]
@@ -111,6 +127,10 @@ pub struct Machine {
     pub labels: BTreeMap<String, String>,
     pub placement: Placement,
     pub lease: Option<LeaseInfo>,
+    /// The snapshot its broker restores it from (until it moves to
+    /// another host, where it boots from its image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -175,6 +195,7 @@ pub fn view(row: MachineRow) -> Result<Machine, ApiError> {
         labels: string_map(&row.labels),
         placement: Placement { host_labels: string_map(&row.host_labels) },
         lease,
+        from_snapshot: row.from_snapshot,
         created_at: row.created_at,
         updated_at: row.updated_at,
     })
@@ -188,35 +209,51 @@ fn check(body: &CreateMachine) -> Result<(), ApiError> {
     if let Some(name) = &body.name {
         validate::name("machine name", name)?;
     }
-    let image = &body.config.image;
+    match (&body.config, &body.from_snapshot) {
+        (Some(config), _) => check_config(config)?,
+        (None, None) => return Err(ApiError::invalid("config is required unless the machine is made from_snapshot")),
+        (None, Some(_)) => {}
+    }
+    if let Some(snapshot) = &body.from_snapshot
+        && !validate::is_snapshot_id(snapshot)
+    {
+        return Err(ApiError::invalid(format!("from_snapshot {snapshot:?} is not a snapshot id")));
+    }
+    validate::labels("labels", &body.labels)?;
+    validate::labels("placement.host_labels", &body.placement.host_labels)
+}
+
+fn check_config(config: &MachineConfig) -> Result<(), ApiError> {
+    let image = &config.image;
     if image.is_empty() || image.len() > 512 || image.chars().any(char::is_control) {
         return Err(ApiError::invalid("config.image must be 1 to 512 characters without control characters"));
     }
-    if !(1..=64).contains(&body.config.guest.cpus) {
+    if !(1..=64).contains(&config.guest.cpus) {
         return Err(ApiError::invalid("config.guest.cpus must be 1 to 64"));
     }
-    if !(64..=1_048_576).contains(&body.config.guest.memory_mb) {
+    if !(64..=1_048_576).contains(&config.guest.memory_mb) {
         return Err(ApiError::invalid("config.guest.memory_mb must be 64 to 1048576"));
     }
-    validate::env(&body.config.env)?;
-    validate::command("config.command", &body.config.command)?;
-    validate::ssh_keys(&body.config.ssh_keys)?;
-    validate::labels("labels", &body.labels)?;
-    validate::labels("placement.host_labels", &body.placement.host_labels)
+    validate::env(&config.env)?;
+    validate::command("config.command", &config.command)?;
+    validate::ssh_keys(&config.ssh_keys)
 }
 
 /// Creates a machine and places it on a host. With an `Idempotency-Key`,
 /// repeating the request (same key, same body) returns the machine the
 /// first one made, with status 200 and `Idempotent-Replayed: true`; the
-/// same key with a different body is refused with 422.
+/// same key with a different body is refused with 422. With
+/// `from_snapshot` the machine is restored from that snapshot on the host
+/// holding it, and only there (404 for a snapshot the namespace does not
+/// have).
 #[utoipa::path(post, operation_id = "machines_create", path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
     params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
         ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
             description = "Makes retries of this create safe")),
     request_body = CreateMachine,
     responses((status = 201, body = Machine), (status = 200, description = "Replayed by Idempotency-Key", body = Machine),
-        (status = 404, body = Problem), (status = 422, body = Problem),
-        (status = 409, description = "Name taken, or no host has room (insufficient-capacity)", body = Problem)))]
+        (status = 404, description = "No such namespace, or no such snapshot in it", body = Problem), (status = 422, body = Problem),
+        (status = 409, description = "Name taken, or no host has room (insufficient-capacity; with from_snapshot: the snapshot's host has none)", body = Problem)))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -230,15 +267,20 @@ pub async fn create(
         let canonical = serde_json::to_vec(&body).expect("a parsed request serialises");
         (key, format!("{:x}", Sha256::digest(canonical)))
     });
+    let ssh_keys = body.config.as_ref().map(|c| c.ssh_keys.clone()).unwrap_or_default();
+    let workload = body.config.map(|config| store::Workload {
+        image: config.image,
+        cpus: config.guest.cpus,
+        memory_mb: config.guest.memory_mb,
+        env: config.env,
+        command: config.command,
+    });
     let request = store::CreateMachine {
         namespace,
         name: body.name,
-        image: body.config.image,
-        cpus: body.config.guest.cpus,
-        memory_mb: body.config.guest.memory_mb,
-        env: body.config.env,
-        command: body.config.command,
-        ssh_keys: body.config.ssh_keys,
+        workload,
+        ssh_keys,
+        from_snapshot: body.from_snapshot,
         labels: body.labels,
         host_labels: body.placement.host_labels,
         idempotency,
@@ -263,11 +305,13 @@ pub async fn create(
 const DEFAULT_PAGE_SIZE: i64 = 50;
 const MAX_PAGE_SIZE: i64 = 500;
 
-fn encode_cursor(seq: i64) -> String {
+/// A page token: the `seq` of the last row of the page before (machines'
+/// and snapshots' alike).
+pub(super) fn encode_cursor(seq: i64) -> String {
     URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
 }
 
-fn decode_cursor(token: &str) -> Result<i64, ApiError> {
+pub(super) fn decode_cursor(token: &str) -> Result<i64, ApiError> {
     let bad = || ApiError::bad_request("page_token is not a token this API returned");
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
@@ -313,7 +357,7 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListFilter, ApiError> {
 #[utoipa::path(get, operation_id = "machines_list", path = "/v1/namespaces/{namespace}/machines", tag = "machines", security(("bearer" = [])),
     params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
         ("state" = Option<String>, Query,
-            pattern = "^(created|starting|started|stopping|stopped|failed|destroying|destroyed)(,(created|starting|started|stopping|stopped|failed|destroying|destroyed))*$",
+            pattern = "^(created|starting|started|stopping|stopped|failed|suspending|suspended|destroying|destroyed)(,(created|starting|started|stopping|stopped|failed|suspending|suspended|destroying|destroyed))*$",
             description = "Only these states (comma-separated or repeated); by default every state but destroyed"),
         ("label" = Option<String>, Query, pattern = "^[^=]+=.*$", description = "key=value; repeat to require several"),
         ("include_destroyed" = Option<bool>, Query),
@@ -363,7 +407,8 @@ async fn act(
     Ok(Json(view(row)?))
 }
 
-/// Asks for the machine to run (created, stopped or failed → starting).
+/// Asks for the machine to run (created, stopped, failed or suspended →
+/// starting); a suspended one is resumed where it was, without a boot.
 #[utoipa::path(post, operation_id = "machines_start", path = "/v1/namespaces/{namespace}/machines/{id}/start", tag = "machines",
     security(("bearer" = [])),
     params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
@@ -389,6 +434,27 @@ pub async fn stop(
     LeaseNonce(nonce): LeaseNonce,
 ) -> Result<Json<Machine>, ApiError> {
     act(state, caller, namespace, id, Action::Stop, nonce).await
+}
+
+/// Asks for the machine to be suspended (started → suspending): its
+/// host's broker saves the running guest, memory and disk, and ends its
+/// processes, and the machine becomes `suspended`, holding no host memory
+/// (`.../wait?state=suspended`). `start` resumes it where it was, without
+/// a boot, on the same host. Should the broker fail to save it, the
+/// machine is `started` again and its events say why. A suspended machine
+/// that has to move to another host (drain, lost host) arrives `stopped`.
+#[utoipa::path(post, operation_id = "machines_suspend", path = "/v1/namespaces/{namespace}/machines/{id}/suspend", tag = "machines",
+    security(("bearer" = [])),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path), ("Machine-Lease-Nonce" = Option<String>, Header)),
+    responses((status = 200, body = Machine), (status = 404, body = Problem),
+        (status = 409, description = "Not started, or leased", body = Problem)))]
+pub async fn suspend(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, id)): Path<(String, Uuid)>,
+    LeaseNonce(nonce): LeaseNonce,
+) -> Result<Json<Machine>, ApiError> {
+    act(state, caller, namespace, id, Action::Suspend, nonce).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

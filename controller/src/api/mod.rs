@@ -17,6 +17,7 @@ pub mod leases;
 pub mod machines;
 pub mod namespaces;
 pub mod problem;
+pub mod snapshots;
 pub mod stats;
 pub mod tokens;
 pub mod tunnel;
@@ -124,7 +125,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(
         title = "MicroMachines controller",
-        description = "Namespaces, machines, hosts and API tokens of a MicroMachines cluster. \
+        description = "Namespaces, machines, snapshots, hosts and API tokens of a MicroMachines cluster. \
             Errors are RFC 9457 problem documents (application/problem+json) carrying the request id \
             that is also in the X-Request-Id header.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
@@ -143,6 +144,10 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(machines::get, machines::delete))
         .routes(routes!(machines::start))
         .routes(routes!(machines::stop))
+        .routes(routes!(machines::suspend))
+        .routes(routes!(snapshots::create, snapshots::list_machine))
+        .routes(routes!(snapshots::list))
+        .routes(routes!(snapshots::get, snapshots::delete))
         .routes(routes!(machines::wait))
         .routes(routes!(machines::events))
         .routes(routes!(exec::exec))

@@ -106,7 +106,15 @@ impl From<StoreError> for ApiError {
             StoreError::LeaseHeld { .. } => ApiError::new(StatusCode::CONFLICT, "lease-held", detail),
             // Not a 5xx: the controller is fine, the cluster is full (or
             // the constraints match no host), and 5xx would page operators.
-            StoreError::NoCapacity(_) => ApiError::new(StatusCode::CONFLICT, "insufficient-capacity", detail),
+            StoreError::NoCapacity(_) | StoreError::SnapshotHost { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "insufficient-capacity", detail)
+            }
+            StoreError::KeyInFlight(_) => {
+                let mut e = ApiError::new(StatusCode::CONFLICT, "idempotency-key-in-flight", detail);
+                e.retry_after = Some(5);
+                e
+            }
+            StoreError::Invalid(_) => ApiError::invalid(detail),
             StoreError::IdempotencyMismatch(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused", detail)
             }

@@ -39,6 +39,14 @@ pub fn is_name(value: &str) -> bool {
     name("", value).is_ok()
 }
 
+/// Whether `value` could be a snapshot id: the broker's ids are 12 hex
+/// digits; this is looser (1 to 64 letters, digits, '-' or '_') so a
+/// broker that makes longer ones needs no new controller, and still keeps
+/// ids plain in URLs and logs.
+pub fn is_snapshot_id(value: &str) -> bool {
+    (1..=64).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Label maps (machine labels, host labels, placement constraints).
 pub fn labels(what: &str, map: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if map.len() > 64 {
@@ -127,6 +135,14 @@ mod tests {
         assert!(name("n", "prod-1").is_ok());
         for bad in ["", "-a", "a-", "A", "a_b", &"x".repeat(64)] {
             assert!(name("n", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn snapshot_ids() {
+        assert!(is_snapshot_id("0123456789ab") && is_snapshot_id("A_b-1"));
+        for bad in ["", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(!is_snapshot_id(bad), "{bad:?}");
         }
     }
 

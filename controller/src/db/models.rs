@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::schema::{api_tokens, hosts, idempotency_keys, machine_events, machines, namespaces, revoked_tokens};
+use super::schema::{
+    api_tokens, hosts, idempotency_keys, machine_events, machines, namespaces, revoked_tokens, snapshots,
+};
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = namespaces)]
@@ -67,6 +69,8 @@ pub struct MachineRow {
     pub drain_restart: bool,
     /// A JSON array of authorized_keys lines for the guest's SSH server.
     pub ssh_keys: serde_json::Value,
+    /// The snapshot its broker restores it from instead of booting it.
+    pub from_snapshot: Option<String>,
 }
 
 impl MachineRow {
@@ -95,6 +99,45 @@ pub struct NewMachine {
     pub host_name: Option<String>,
     pub command: serde_json::Value,
     pub ssh_keys: serde_json::Value,
+    pub from_snapshot: Option<String>,
+}
+
+/// A snapshot a broker took of a machine (the files are on `host_name`).
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = snapshots)]
+pub struct SnapshotRow {
+    /// The broker's id.
+    pub id: String,
+    pub seq: i64,
+    pub namespace: String,
+    pub machine_id: Uuid,
+    pub host_name: String,
+    pub name: Option<String>,
+    /// `snapshot` (restorable as new machines) or `suspend`.
+    pub kind: String,
+    pub cpus: i32,
+    pub memory_mb: i64,
+    pub memory_bytes: i64,
+    pub disk_bytes: i64,
+    pub pause_us: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = snapshots)]
+pub struct NewSnapshot {
+    pub id: String,
+    pub namespace: String,
+    pub machine_id: Uuid,
+    pub host_name: String,
+    pub name: Option<String>,
+    pub kind: String,
+    pub cpus: i32,
+    pub memory_mb: i64,
+    pub memory_bytes: i64,
+    pub disk_bytes: i64,
+    pub pause_us: i64,
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]

@@ -50,6 +50,35 @@ diesel::table! {
         command -> Jsonb,
         drain_restart -> Bool,
         ssh_keys -> Jsonb,
+        from_snapshot -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    snapshots (id) {
+        id -> Text,
+        seq -> Int8,
+        namespace -> Text,
+        machine_id -> Uuid,
+        host_name -> Text,
+        name -> Nullable<Text>,
+        kind -> Text,
+        cpus -> Int4,
+        memory_mb -> Int8,
+        memory_bytes -> Int8,
+        disk_bytes -> Int8,
+        pause_us -> Int8,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    snapshot_idempotency_keys (namespace, key) {
+        namespace -> Text,
+        key -> Text,
+        request_sha256 -> Text,
+        snapshot_id -> Nullable<Text>,
+        created_at -> Timestamptz,
     }
 }
 
@@ -98,11 +127,14 @@ diesel::table! {
 diesel::joinable!(machines -> namespaces (namespace));
 diesel::joinable!(machines -> hosts (host_name));
 diesel::joinable!(machine_events -> machines (machine_id));
+diesel::joinable!(snapshots -> machines (machine_id));
 diesel::allow_tables_to_appear_in_same_query!(
     namespaces,
     hosts,
     machines,
     machine_events,
+    snapshots,
+    snapshot_idempotency_keys,
     idempotency_keys,
     api_tokens,
     revoked_tokens

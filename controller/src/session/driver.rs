@@ -8,9 +8,15 @@
 //! table) and either records what the broker observes (through
 //! `store::machines::observe_because`, the same transition rules as every
 //! other report) or calls the broker: `createVm` with the machine's id as
-//! the microVM's name, `Vm.start`, `Vm.stop`, `Vm.remove`. Calls run as
-//! their own tasks; a machine with one in flight is left alone until it
-//! ends.
+//! the microVM's name (`restoreVm` for a machine made from a snapshot),
+//! `Vm.start` (which also resumes a suspended microVM), `Vm.stop`,
+//! `Vm.suspend`, `Vm.remove`. Calls run as their own tasks; a machine
+//! with one in flight is left alone until it ends.
+//!
+//! A `suspended` microVM is neither failed nor lost: it is what a
+//! `suspending` machine waits for, a `started` one whose microVM was
+//! suspended on the host becomes `suspended` too, and a `starting` one has
+//! it started, which resumes it.
 //!
 //! A microVM named like a machine id that is not (any more) placed on this
 //! host, say because the host was lost and the machine re-placed, is
@@ -42,6 +48,7 @@ pub enum Step {
     Create,
     Start,
     Stop,
+    Suspend,
     Remove,
     /// Record that the broker observes this state, for this reason.
     Observe(MachineState, String),
@@ -68,14 +75,24 @@ pub fn plan(state: MachineState, observed: Option<&Observation>, absence_known: 
         (Started, None) if absence_known => Step::Observe(Failed, "its microVM is gone from the host".into()),
         (Started, Some("stopped")) => Step::Observe(Stopped, why("the workload ended")),
         (Started, Some("failed" | "lost")) => Step::Observe(Failed, why("its microVM failed")),
+        (Started, Some("suspended")) => Step::Observe(Suspended, "its microVM was suspended on the host".into()),
         (Started, _) => Step::Nothing,
         (Stopping, Some("running" | "starting")) => Step::Stop,
         (Stopping, Some("stopping")) => Step::Nothing,
+        (Stopping, Some("suspended")) => Step::Observe(Suspended, "its microVM is suspended".into()),
         (Stopping, None) if !absence_known => Step::Nothing,
         (Stopping, _) => Step::Observe(Stopped, "its microVM is stopped".into()),
+        (Suspending, Some("running")) => Step::Suspend,
+        // The broker is saving it ("stopping" while its processes end).
+        (Suspending, Some("starting" | "stopping")) => Step::Nothing,
+        (Suspending, Some("suspended")) => Step::Observe(Suspended, "its microVM is suspended".into()),
+        (Suspending, Some("stopped")) => Step::Observe(Stopped, why("the workload ended before it was suspended")),
+        (Suspending, Some(_)) => Step::Observe(Failed, why("its microVM failed")),
+        (Suspending, None) if absence_known => Step::Observe(Failed, "its microVM is gone from the host".into()),
+        (Suspending, None) => Step::Nothing,
         (Destroying, Some(_)) => Step::Remove,
         (Destroying, None) if absence_known => Step::Observe(Destroyed, "its microVM is removed".into()),
-        (Stopped | Failed | Destroying | Destroyed, _) => Step::Nothing,
+        (Stopped | Failed | Suspended | Destroying | Destroyed, _) => Step::Nothing,
     }
 }
 
@@ -131,6 +148,7 @@ async fn pass(local: &Rc<Local>, link: &Rc<HostLink>) -> Result<(), StoreError> 
             Step::Create => spawn(local, link, name, Op::Create(Box::new(row))),
             Step::Start => spawn(local, link, name, Op::Start(row.id)),
             Step::Stop => spawn(local, link, name, Op::Stop(row.id)),
+            Step::Suspend => spawn(local, link, name, Op::Suspend(row.id)),
             Step::Remove => spawn(local, link, name, Op::Remove(Some(row.id))),
         }
     }
@@ -161,6 +179,7 @@ enum Op {
     Create(Box<MachineRow>),
     Start(Uuid),
     Stop(Uuid),
+    Suspend(Uuid),
     /// The machine to mark destroyed once removed, if any.
     Remove(Option<Uuid>),
 }
@@ -206,7 +225,11 @@ async fn execute(local: &Rc<Local>, link: &HostLink, name: &str, op: Op) {
         Op::Create(row) => match create(link, &row).await {
             Ok(()) => {
                 set_observed(link, name, Some("running"));
-                observe(local, link, row.id, MachineState::Started, format!("host {host} started its microVM")).await;
+                let reason = match &row.from_snapshot {
+                    Some(snapshot) => format!("host {host} restored its microVM from snapshot {snapshot}"),
+                    None => format!("host {host} started its microVM"),
+                };
+                observe(local, link, row.id, MachineState::Started, reason).await;
             }
             Err(SessionError::Broker { kind, message }) if kind == "conflict" && message.contains("already exists") => {
                 tracing::debug!(vm = %name, "the microVM exists already; the next report will show it");
@@ -244,6 +267,21 @@ async fn execute(local: &Rc<Local>, link: &HostLink, name: &str, op: Op) {
                 Err(e) => tracing::warn!(%host, vm = %name, "stop failed (retrying): {e}"),
             }
         }
+        Op::Suspend(id) => match super::snapshots::suspend(&link.broker, name).await {
+            Ok(state) => {
+                set_observed(link, name, Some(&state));
+                if state == "suspended" {
+                    let reason = format!("host {host} suspended its microVM");
+                    observe(local, link, id, MachineState::Suspended, reason).await;
+                }
+            }
+            // The broker resumes a guest it could not save: the machine
+            // runs on (the next report corrects that if it does not).
+            Err(e) => {
+                let reason = format!("host {host} could not suspend its microVM, which runs on: {e}");
+                observe(local, link, id, MachineState::Started, reason).await;
+            }
+        },
         Op::Remove(machine) => {
             let removed = async {
                 let mut request = get_vm(link, name).await?.remove_request();
@@ -270,6 +308,9 @@ async fn execute(local: &Rc<Local>, link: &HostLink, name: &str, op: Op) {
 }
 
 async fn create(link: &HostLink, row: &MachineRow) -> Result<(), SessionError> {
+    if let Some(snapshot) = &row.from_snapshot {
+        return super::snapshots::restore(&link.broker, row, snapshot).await;
+    }
     let mut request = link.broker.create_vm_request();
     {
         let mut spec = request.get().init_spec();
@@ -335,6 +376,29 @@ mod tests {
         assert_eq!(step(Destroying, Some("stopped"), false), Step::Remove);
         assert!(matches!(step(Destroying, None, true), Step::Observe(Destroyed, _)));
         assert_eq!(step(Destroying, None, false), Step::Nothing);
+    }
+
+    #[test]
+    fn suspended_is_neither_failed_nor_lost() {
+        let step = |state, observed: Option<&str>, known| plan(state, observed.map(vm).as_ref(), known);
+        assert_eq!(step(Suspending, Some("running"), true), Step::Suspend);
+        assert_eq!(step(Suspending, Some("stopping"), true), Step::Nothing);
+        assert!(matches!(step(Suspending, Some("suspended"), true), Step::Observe(Suspended, _)));
+        assert!(matches!(step(Suspending, Some("stopped"), true), Step::Observe(Stopped, _)));
+        assert!(matches!(step(Suspending, Some("failed"), true), Step::Observe(Failed, _)));
+        assert_eq!(step(Suspending, None, false), Step::Nothing);
+        assert!(matches!(step(Suspending, None, true), Step::Observe(Failed, _)));
+        // Suspended on the host behind the controller's back (or the
+        // controller died before recording its own suspend).
+        assert!(matches!(step(Started, Some("suspended"), true), Step::Observe(Suspended, _)));
+        assert!(matches!(step(Stopping, Some("suspended"), true), Step::Observe(Suspended, _)));
+        // A suspended machine is left alone, its microVM kept.
+        for observed in [Some("suspended"), Some("running"), None] {
+            assert_eq!(step(Suspended, observed, true), Step::Nothing, "{observed:?}");
+        }
+        // Start resumes it; remove removes it.
+        assert_eq!(step(Starting, Some("suspended"), true), Step::Start);
+        assert_eq!(step(Destroying, Some("suspended"), true), Step::Remove);
     }
 
     #[test]

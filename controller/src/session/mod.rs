@@ -7,7 +7,8 @@
 //! bootstrap capability (`server`). A registered broker hands over its
 //! `Broker` capability; for as long as the session lives, a driver
 //! (`driver`) brings that host's machines to their desired state through
-//! it, and the REST API's exec and logs go through it (`ops`).
+//! it, and the REST API's exec, logs, stats and snapshots go through it
+//! (`ops`, `snapshots`).
 //!
 //! Cap'n Proto capabilities are not `Send`, and the REST API runs on a
 //! multi-threaded runtime, so all of this lives on one thread of its own
@@ -25,6 +26,7 @@
 pub mod driver;
 pub mod ops;
 pub mod server;
+pub mod snapshots;
 pub mod streams;
 pub mod tls;
 pub mod tunnel;
@@ -36,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::db::Db;
 pub use ops::{ExecOutput, ExecRequest, ProcessStats};
+pub use snapshots::SnapshotInfo;
 pub use streams::{Chunk, ExecEvent, ExecInput, ExecStart, ExecStream};
 pub use tls::{TlsError, TlsFiles};
 pub use tunnel::{Tunnel, TunnelData};
@@ -115,6 +118,16 @@ pub(crate) enum Command {
         host: String,
         machine: String,
         reply: oneshot::Sender<Result<Vec<ProcessStats>, SessionError>>,
+    },
+    Snapshot {
+        host: String,
+        machine: String,
+        reply: oneshot::Sender<Result<SnapshotInfo, SessionError>>,
+    },
+    RemoveSnapshot {
+        host: String,
+        id: String,
+        reply: oneshot::Sender<Result<(), SessionError>>,
     },
     FollowLogs {
         host: String,
@@ -222,6 +235,19 @@ impl Hub {
     pub async fn stats(&self, host: &str, machine: &str) -> Result<Vec<ProcessStats>, SessionError> {
         let (host, machine) = (host.to_owned(), machine.to_owned());
         self.ask(|reply| Command::Stats { host, machine, reply }).await
+    }
+
+    /// Snapshots `machine`'s running microVM on `host` (it runs on).
+    pub async fn snapshot(&self, host: &str, machine: &str) -> Result<SnapshotInfo, SessionError> {
+        let (host, machine) = (host.to_owned(), machine.to_owned());
+        self.ask(|reply| Command::Snapshot { host, machine, reply }).await
+    }
+
+    /// Deletes snapshot `id` on `host` (one the broker lacks counts as
+    /// deleted).
+    pub async fn remove_snapshot(&self, host: &str, id: &str) -> Result<(), SessionError> {
+        let (host, id) = (host.to_owned(), id.to_owned());
+        self.ask(|reply| Command::RemoveSnapshot { host, id, reply }).await
     }
 
     /// Follows the console of `machine`'s microVM on `host` from its start

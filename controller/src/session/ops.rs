@@ -61,6 +61,12 @@ pub(super) async fn handle(local: Rc<Local>, command: Command) {
         Command::Stats { host, machine, reply } => {
             let _ = reply.send(async { stats(&broker(host)?, &machine).await }.await);
         }
+        Command::Snapshot { host, machine, reply } => {
+            let _ = reply.send(async { super::snapshots::snapshot(&broker(host)?, &machine).await }.await);
+        }
+        Command::RemoveSnapshot { host, id, reply } => {
+            let _ = reply.send(async { super::snapshots::remove(&broker(host)?, &id).await }.await);
+        }
         Command::FollowLogs { host, machine, chunks, reply } => {
             super::streams::follow_logs(broker(host), &machine, chunks, reply).await;
         }
@@ -74,7 +80,10 @@ pub(super) async fn handle(local: Rc<Local>, command: Command) {
 }
 
 /// `work`, or `Timeout` once `limit` has passed.
-async fn within<T>(limit: Duration, work: impl Future<Output = Result<T, SessionError>>) -> Result<T, SessionError> {
+pub(super) async fn within<T>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
     tokio::time::timeout(limit, work).await.map_err(|_| SessionError::Timeout(limit))?
 }
 

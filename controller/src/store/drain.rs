@@ -9,7 +9,8 @@
 //!   the scheduler picks (cordons, labels, spread, room) and keep their
 //!   state; the old host's broker removes the microVM a stopped or failed
 //!   one left there (`session::driver` removes microVMs named like a
-//!   machine that is not placed on their host).
+//!   machine that is not placed on their host). A `suspended` one moves
+//!   too and arrives `stopped`: its saved state cannot follow it.
 //! * `starting` and `started` machines are first stopped where they are,
 //!   gracefully (`stopping`; the old host's session stops the microVM with
 //!   the broker's stop), and marked `drain_restart`. Once their host
@@ -22,7 +23,7 @@
 //!   A running machine is stopped only if another host has room for it
 //!   now; should that room be taken while it stops, it waits, stopped,
 //!   until room appears, and then moves and starts.
-//! * `stopping` and `destroying` machines are left to finish.
+//! * `stopping`, `suspending` and `destroying` machines are left to finish.
 //!
 //! A machine that fits nowhere stays (a running one keeps running), its
 //! events say why (once per reason, not once per pass), the host's
@@ -138,9 +139,12 @@ fn drain_one(
     let state: MachineState = row.state.parse()?;
     let (id, from) = (row.id, row.host_name.clone());
     let moves_now = match state {
-        MachineState::Created | MachineState::Stopped | MachineState::Failed => true,
+        // A suspended machine arrives stopped (see `relocation`).
+        MachineState::Created | MachineState::Stopped | MachineState::Failed | MachineState::Suspended => true,
         MachineState::Starting | MachineState::Started => false,
-        MachineState::Stopping | MachineState::Destroying | MachineState::Destroyed => return Ok(None),
+        MachineState::Stopping | MachineState::Suspending | MachineState::Destroying | MachineState::Destroyed => {
+            return Ok(None);
+        }
     };
     // A running machine is stopped only if it has somewhere to go.
     let to = match place_elsewhere(conn, &row)? {

@@ -11,24 +11,37 @@ use uuid::Uuid;
 
 use super::{StoreError, hosts};
 use crate::db::lock_keys;
-use crate::db::models::{IdempotencyRow, MachineEventRow, MachineRow, NewMachine, NewMachineEvent, json_map};
+use crate::db::models::{
+    IdempotencyRow, MachineEventRow, MachineRow, NewMachine, NewMachineEvent, SnapshotRow, json_map, string_list,
+    string_map,
+};
 use crate::db::schema::{idempotency_keys, machine_events, machines, namespaces};
 use crate::machine::{Action, MachineState, next_state};
 use crate::scheduler::{self, Request};
 
-/// A validated create request.
-#[derive(Debug, Clone)]
-pub struct CreateMachine {
-    pub namespace: String,
-    pub name: Option<String>,
+/// What a machine runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
     pub image: String,
     pub cpus: i32,
     pub memory_mb: i64,
     pub env: BTreeMap<String, String>,
     /// The workload's argv; empty for the image's default.
     pub command: Vec<String>,
-    /// authorized_keys lines for the guest's SSH server.
+}
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct CreateMachine {
+    pub namespace: String,
+    pub name: Option<String>,
+    /// `None` only with `from_snapshot`: then the snapshot's.
+    pub workload: Option<Workload>,
+    /// authorized_keys lines for the guest's SSH server (with
+    /// `from_snapshot`, none: the snapshot's machine's).
     pub ssh_keys: Vec<String>,
+    /// Restore this snapshot (of this namespace) instead of booting.
+    pub from_snapshot: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub host_labels: BTreeMap<String, String>,
     /// The `Idempotency-Key` and a digest of the request it came with.
@@ -99,28 +112,58 @@ pub fn create(conn: &mut PgConnection, req: CreateMachine) -> Result<Created, St
         if taken > 0 {
             return Err(StoreError::Conflict(format!("a machine named {name:?} already exists in this namespace")));
         }
+        let (workload, ssh_keys, snapshot_host) = match &req.from_snapshot {
+            None => {
+                let workload = req.workload.clone().ok_or_else(|| {
+                    StoreError::Invalid("config is required unless the machine is made from_snapshot".into())
+                })?;
+                (workload, req.ssh_keys.clone(), None)
+            }
+            Some(id) => {
+                let (snapshot, source) = super::snapshots::source(conn, &req.namespace, id)?;
+                let workload = restored_workload(&snapshot, &source, req.workload.as_ref())?;
+                let keys = if req.ssh_keys.is_empty() { string_list(&source.ssh_keys) } else { req.ssh_keys.clone() };
+                (workload, keys, Some((id.clone(), snapshot.host_name)))
+            }
+        };
         let capacity: Vec<_> = hosts::capacity(conn, &req.namespace)?.into_iter().map(|(c, _)| c).collect();
-        let request = Request { cpus: i64::from(req.cpus), memory_mb: req.memory_mb, host_labels: &req.host_labels };
-        let host = scheduler::place(&capacity, request)?.name.clone();
+        let request =
+            Request { cpus: i64::from(workload.cpus), memory_mb: workload.memory_mb, host_labels: &req.host_labels };
+        let host = match snapshot_host {
+            // The snapshot's files are on its host: nowhere else will do.
+            Some((snapshot, only)) => {
+                let there: Vec<_> = capacity.into_iter().filter(|c| c.name == only).collect();
+                match scheduler::place(&there, request) {
+                    Ok(placed) => placed.name.clone(),
+                    Err(why) => return Err(StoreError::SnapshotHost { snapshot, host: only, why: Box::new(why) }),
+                }
+            }
+            None => scheduler::place(&capacity, request)?.name.clone(),
+        };
         let row = diesel::insert_into(machines::table)
             .values(NewMachine {
                 id,
                 namespace: req.namespace.clone(),
                 name,
                 state: MachineState::Created.as_str().to_owned(),
-                image: req.image.clone(),
-                cpus: req.cpus,
-                memory_mb: req.memory_mb,
-                env: json_map(&req.env),
+                image: workload.image,
+                cpus: workload.cpus,
+                memory_mb: workload.memory_mb,
+                env: json_map(&workload.env),
                 labels: json_map(&req.labels),
                 host_labels: json_map(&req.host_labels),
                 host_name: Some(host.clone()),
-                command: serde_json::json!(req.command),
-                ssh_keys: serde_json::json!(req.ssh_keys),
+                command: serde_json::json!(workload.command),
+                ssh_keys: serde_json::json!(ssh_keys),
+                from_snapshot: req.from_snapshot.clone(),
             })
             .returning(MachineRow::as_returning())
             .get_result(conn)?;
-        record(conn, id, "created", None, &format!("created; placed on host {host}"))?;
+        let reason = match &req.from_snapshot {
+            Some(snapshot) => format!("created from snapshot {snapshot}; placed on host {host}, which holds it"),
+            None => format!("created; placed on host {host}"),
+        };
+        record(conn, id, "created", None, &reason)?;
         if let Some((key, digest)) = &req.idempotency {
             diesel::insert_into(idempotency_keys::table)
                 .values((
@@ -133,6 +176,51 @@ pub fn create(conn: &mut PgConnection, req: CreateMachine) -> Result<Created, St
         }
         Ok(Created::New(row))
     })
+}
+
+/// The workload of a machine restored from `snapshot` (taken of machine
+/// `source`): the guest resumes as it was, so its size, image, command and
+/// environment are the snapshot's. A `config` sent along must agree (env
+/// and command may be left empty); what it cannot change is refused
+/// rather than silently ignored.
+pub fn restored_workload(
+    snapshot: &SnapshotRow,
+    source: &MachineRow,
+    config: Option<&Workload>,
+) -> Result<Workload, StoreError> {
+    if snapshot.kind != "snapshot" {
+        return Err(StoreError::Invalid(format!(
+            "snapshot {} is a {} image, which only its own machine resumes",
+            snapshot.id, snapshot.kind
+        )));
+    }
+    let restored = Workload {
+        image: source.image.clone(),
+        cpus: snapshot.cpus,
+        memory_mb: snapshot.memory_mb,
+        env: string_map(&source.env),
+        command: string_list(&source.command),
+    };
+    let Some(given) = config else { return Ok(restored) };
+    let differs = |what: &str, theirs: String| {
+        StoreError::Invalid(format!(
+            "a machine from snapshot {} resumes the snapshot's guest, so {what} must be {theirs} (or leave config out)",
+            snapshot.id
+        ))
+    };
+    if given.image != restored.image {
+        return Err(differs("config.image", format!("{:?}", restored.image)));
+    }
+    if (given.cpus, given.memory_mb) != (restored.cpus, restored.memory_mb) {
+        return Err(differs("config.guest", format!("{} CPU(s) and {} MB", restored.cpus, restored.memory_mb)));
+    }
+    if !given.env.is_empty() && given.env != restored.env {
+        return Err(differs("config.env", "empty or the snapshot's machine's".into()));
+    }
+    if !given.command.is_empty() && given.command != restored.command {
+        return Err(differs("config.command", "empty or the snapshot's machine's".into()));
+    }
+    Ok(restored)
 }
 
 pub fn get(conn: &mut PgConnection, namespace: &str, id: Uuid) -> Result<MachineRow, StoreError> {
@@ -424,8 +512,9 @@ pub fn release_lease(
     })
 }
 
-/// Forgets idempotency keys older than `age`.
+/// Forgets idempotency keys older than `age` (the snapshot creates' too).
 pub fn expire_idempotency_keys(conn: &mut PgConnection, age: Duration) -> Result<usize, StoreError> {
-    Ok(diesel::delete(idempotency_keys::table.filter(idempotency_keys::created_at.lt(Utc::now() - age)))
-        .execute(conn)?)
+    let machines = diesel::delete(idempotency_keys::table.filter(idempotency_keys::created_at.lt(Utc::now() - age)))
+        .execute(conn)?;
+    Ok(machines + super::snapshots::expire_keys(conn, age)?)
 }

@@ -13,6 +13,7 @@ pub mod machines;
 pub mod namespaces;
 pub mod recovery;
 mod relocation;
+pub mod snapshots;
 pub mod tokens;
 
 use chrono::{DateTime, Utc};
@@ -38,6 +39,15 @@ pub enum StoreError {
     NoCapacity(#[from] NoFit),
     #[error("Idempotency-Key {0:?} was already used with a different request body")]
     IdempotencyMismatch(String),
+    #[error("a request with Idempotency-Key {0:?} is still in progress; retry once it has finished")]
+    KeyInFlight(String),
+    /// A machine restored from a snapshot can only go where the snapshot's
+    /// files are.
+    #[error("a machine from snapshot {snapshot} can only be placed on host {host}, which holds the snapshot: {why}")]
+    SnapshotHost { snapshot: String, host: String, why: Box<NoFit> },
+    /// The request breaks a rule only the stored data can tell (422).
+    #[error("{0}")]
+    Invalid(String),
     #[error("corrupt row: {0}")]
     Corrupt(#[from] UnknownState),
 }

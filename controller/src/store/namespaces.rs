@@ -40,7 +40,9 @@ pub fn get(conn: &mut PgConnection, name: &str) -> Result<NamespaceRow, StoreErr
 
 /// Deletes a namespace whose machines are all destroyed (their rows go with
 /// it). A namespace with live machines is refused rather than emptied: a
-/// typo must not destroy a tenant's fleet.
+/// typo must not destroy a tenant's fleet. So is one with snapshots: their
+/// files are on hosts, and only deleting them through their brokers
+/// removes those.
 pub fn delete(conn: &mut PgConnection, name: &str) -> Result<(), StoreError> {
     conn.transaction(|conn| {
         let row: Option<String> =
@@ -56,6 +58,12 @@ pub fn delete(conn: &mut PgConnection, name: &str) -> Result<(), StoreError> {
         if live > 0 {
             return Err(StoreError::Conflict(format!(
                 "namespace {name:?} still has {live} machine(s) that are not destroyed; delete them first"
+            )));
+        }
+        let snapshots = super::snapshots::count(conn, name)?;
+        if snapshots > 0 {
+            return Err(StoreError::Conflict(format!(
+                "namespace {name:?} still has {snapshots} snapshot(s); delete them first"
             )));
         }
         diesel::delete(namespaces::table.find(name)).execute(conn)?;

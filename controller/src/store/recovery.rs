@@ -6,10 +6,12 @@
 //! first marked `failed` (the record says the host was lost, and
 //! `previous_state` what it was), then, if another host has room, moved
 //! there and set `starting`, so the new host's broker starts it. Machines
-//! that were not running move and keep their state; a `destroying` one is
-//! done (nothing is left to clean up where nobody answers); a `stopping`
-//! one is stopped (and started on its new host if the drain had stopped it
-//! to move it, see `store::drain`). A machine that fits nowhere stays on
+//! that were not running move and keep their state (a `suspended` one
+//! arrives `stopped`: its saved state stays on the lost host); a
+//! `destroying` one is done (nothing is left to clean up where nobody
+//! answers); a `stopping` or `suspending` one is stopped (and started on
+//! its new host if the drain had stopped it to move it, see
+//! `store::drain`). A machine that fits nowhere stays on
 //! the lost host and is tried again on every pass (a running one stays
 //! `failed`). The move itself is `store::relocation`'s.
 //!
@@ -78,7 +80,8 @@ fn recover_one(conn: &mut PgConnection, mut row: MachineRow) -> Result<Option<Re
             apply(conn, row, Action::Observed(MachineState::Destroyed), &reason)?;
             return Ok(Some(Recovered { machine: id, from, to: None, state: MachineState::Destroyed }));
         }
-        MachineState::Stopping => {
+        // Not meant to run on (a suspend would have ended its processes).
+        MachineState::Stopping | MachineState::Suspending => {
             row = apply(conn, row, Action::Observed(MachineState::Stopped), &format!("host {from} lost"))?;
         }
         MachineState::Starting | MachineState::Started => {

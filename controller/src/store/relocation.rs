@@ -5,7 +5,10 @@
 //! host (machines have no persistent volumes yet): nothing is copied, the
 //! new host's broker creates the microVM when the machine should run, and
 //! the old host's broker, when its controller sees a microVM named like a
-//! machine no longer placed there, removes it (`session::driver`).
+//! machine no longer placed there, removes it (`session::driver`). For the
+//! same reason a machine made from a snapshot is booted from its image
+//! where it lands (the snapshot's files stay on their host), and a
+//! suspended one arrives `stopped`: its saved state stays behind.
 //!
 //! Both callers hold the placement lock, so the room found here is still
 //! free when the move is written.
@@ -17,7 +20,7 @@ use super::machines::{apply, record};
 use super::{StoreError, hosts};
 use crate::db::models::{MachineRow, string_map};
 use crate::db::schema::machines;
-use crate::machine::Action;
+use crate::machine::{Action, MachineState};
 use crate::scheduler::{self, NoFit, Request};
 
 /// The host the scheduler picks for `row` now, honouring cordons (a
@@ -42,11 +45,23 @@ pub(super) fn move_to(
     why: &str,
 ) -> Result<MachineRow, StoreError> {
     let from = row.host_name.clone().unwrap_or_else(|| "(none)".into());
-    let row: MachineRow = diesel::update(machines::table.find(row.id))
-        .set((machines::host_name.eq(to), machines::drain_restart.eq(false), machines::updated_at.eq(Utc::now())))
+    let mut row: MachineRow = diesel::update(machines::table.find(row.id))
+        .set((
+            machines::host_name.eq(to),
+            machines::drain_restart.eq(false),
+            machines::from_snapshot.eq(None::<String>),
+            machines::updated_at.eq(Utc::now()),
+        ))
         .returning(MachineRow::as_returning())
         .get_result(conn)?;
-    let reason = format!("moved from host {from} to host {to}: {why}");
+    let mut reason = format!("moved from host {from} to host {to}: {why}");
+    if row.state == MachineState::Suspended.as_str() {
+        reason = format!("{reason}; its suspended state stays on host {from}, it boots afresh when started");
+        row = apply(conn, row, Action::Observed(MachineState::Stopped), &reason)?;
+        if !start {
+            return Ok(row);
+        }
+    }
     if start {
         apply(conn, row, Action::Start, &reason)
     } else {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod fake_broker;
 pub mod pg;
 
 use std::collections::BTreeMap;
@@ -87,6 +88,13 @@ pub async fn serve_with(database_url: &str, tweak: impl FnOnce(&mut Config)) -> 
     }
 }
 
+/// A controller on a fresh database that brokers dial with `certs`' (see
+/// `fake_broker`).
+pub async fn serve_for_brokers(certs: &fake_broker::Certs) -> Server {
+    let url = tokio::task::spawn_blocking(pg::fresh_database).await.unwrap();
+    serve_with(&url, |c| c.broker_listen = Some(certs.listen())).await
+}
+
 /// A controller on a fresh database.
 pub async fn serve() -> Server {
     let url = tokio::task::spawn_blocking(pg::fresh_database).await.unwrap();
@@ -156,6 +164,42 @@ impl Server {
         assert_eq!(r.status, StatusCode::CREATED, "{:#}", r.body);
         r.body
     }
+}
+
+/// Records a snapshot in the database at `database_url` as if `host`'s
+/// broker had taken it of machine `machine` (for tests without a broker:
+/// listing, RBAC, restore placement and refusals need only the row).
+pub async fn seed_snapshot(
+    database_url: &str,
+    namespace: &str,
+    machine: &str,
+    host: &str,
+    id: &str,
+    name: Option<&str>,
+) {
+    use mm_controller::db::models::NewSnapshot;
+    let row = NewSnapshot {
+        id: id.to_owned(),
+        namespace: namespace.to_owned(),
+        machine_id: machine.parse().unwrap(),
+        host_name: host.to_owned(),
+        name: name.map(str::to_owned),
+        kind: "snapshot".into(),
+        cpus: 1,
+        memory_mb: 128,
+        memory_bytes: 1 << 20,
+        disk_bytes: 2 << 20,
+        pause_us: 1000,
+        created_at: chrono::Utc::now(),
+    };
+    let url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use diesel::Connection;
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        mm_controller::store::snapshots::record(&mut conn, row, None).unwrap();
+    })
+    .await
+    .unwrap();
 }
 
 /// A small machine spec.

@@ -30,6 +30,21 @@ pub const MAX_RESETS: usize = 256;
 /// Host-side ports for host-initiated connections come from here up,
 /// clear of the low ports guest services and host listeners use.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Each process starts at a random port in this span above
+/// [`FIRST_LOCAL_PORT`] rather than at the first: a guest resumed from a
+/// snapshot may still hold sockets of its old device's connections (reset,
+/// but not yet released), and a new connection from the same host port to
+/// the same guest port would land on one of those and be reset (seen: a
+/// resumed guest's agent refusing every exec for minutes).
+const LOCAL_PORT_SPAN: u32 = 1 << 29;
+
+/// A random first host port, from std's per-process random hash keys (the
+/// seccomp policy already allows their getrandom).
+fn first_local_port() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    FIRST_LOCAL_PORT + (random % u64::from(LOCAL_PORT_SPAN)) as u32
+}
 const TICK: Duration = Duration::from_millis(250);
 
 const LISTENER_TOKEN: u64 = u64::MAX;
@@ -101,7 +116,7 @@ impl Muxer {
             handshakes: HashMap::new(),
             ready: VecDeque::new(),
             resets: VecDeque::new(),
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: first_local_port(),
         })
     }
 

@@ -4,7 +4,8 @@
 //! splits a connection into an [`ExecSender`] (stdin, resize, signals; cheap
 //! to clone across threads) and an [`ExecReceiver`] (an iterator over the
 //! command's output), for interactive use. [`ExecClient::apply_identity`]
-//! uses a connection for a new identity instead of a command.
+//! uses a connection for a new identity instead of a command, and
+//! [`ExecClient::start_workload`] for a waiting guest's workload.
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use crate::frame::{Frame, ProtocolError, read_frame, write_frame};
 use crate::identity::GuestIdentity;
 use crate::request::{ExecRequest, ExitStatus};
+use crate::workload::Workload;
 
 /// Stdin is forwarded in chunks of this size: far below the frame limit,
 /// so one frame never holds up resize or signal frames for long.
@@ -33,18 +35,19 @@ pub enum ExecError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
     /// The agent could not run the command (an error frame), e.g.
-    /// "no such command: foo", or could not apply (every step of) an
-    /// identity, e.g. "hostname: Operation not permitted".
+    /// "no such command: foo", could not apply (every step of) an
+    /// identity, e.g. "hostname: Operation not permitted", or refused a
+    /// workload, e.g. "not waiting for a workload".
     #[error("{0}")]
     Remote(String),
     #[error("the guest closed the exec connection before the command's exit status")]
     Disconnected,
     #[error("the guest sent a {0} frame, which only the host may send")]
     Unexpected(&'static str),
-    /// The agent answered an identity with something other than "exited
-    /// 0" or an error.
-    #[error("the guest answered the identity with {0}")]
-    BadIdentityAnswer(String),
+    /// The agent answered an identity or a workload (`to`) with something
+    /// other than "exited 0" or an error.
+    #[error("the guest answered the {to} with {answer}")]
+    BadAnswer { to: &'static str, answer: String },
 }
 
 /// One connection to the guest agent, before its request.
@@ -109,13 +112,35 @@ impl ExecClient {
     /// connection is open; vsock does not care. Set a read timeout on
     /// [`Self::stream`] first to bound the wait.
     pub fn apply_identity(self, identity: &GuestIdentity) -> Result<(), ExecError> {
+        self.one_answer(&Frame::Identity(identity.clone()))
+    }
+
+    /// Hands a guest booted with `mm.wait` (typically restored from the
+    /// snapshot taken while it waited) its workload, and waits until PID 1
+    /// has started it: `Ok` then. The workload's output goes to the guest's
+    /// console and its exit status ends mm-vmm, as for a workload from the
+    /// kernel command line; nothing more comes over this connection.
+    /// [`ExecError::Remote`] when the guest refused it: `not waiting for a
+    /// workload` (not booted with `mm.wait`, or it already has one: one
+    /// per boot), a malformed workload (it keeps waiting), or one that
+    /// could not start (`cannot run …`: the guest then ends with status 126
+    /// or 127, as it would at boot). Give the guest its identity first:
+    /// the workload should see the new name, clock and random numbers.
+    pub fn start_workload(self, workload: &Workload) -> Result<(), ExecError> {
+        self.one_answer(&Frame::Workload(workload.clone()))
+    }
+
+    /// Sends `frame` (an identity or a workload), which the agent answers
+    /// with one frame: exited 0 for done, or an error frame.
+    fn one_answer(self, frame: &Frame) -> Result<(), ExecError> {
         let mut stream = self.stream;
-        write_frame(&mut stream, &Frame::Identity(identity.clone()))?;
+        write_frame(&mut stream, frame)?;
+        let bad = |answer| ExecError::BadAnswer { to: frame.name(), answer };
         match read_frame(&mut stream) {
             Ok(Some(Frame::Exit(ExitStatus::Exited(0)))) => Ok(()),
-            Ok(Some(Frame::Exit(status))) => Err(ExecError::BadIdentityAnswer(format!("an exit frame ({status})"))),
+            Ok(Some(Frame::Exit(status))) => Err(bad(format!("an exit frame ({status})"))),
             Ok(Some(Frame::Error(message))) => Err(ExecError::Remote(message)),
-            Ok(Some(other)) => Err(ExecError::BadIdentityAnswer(format!("a {} frame", other.name()))),
+            Ok(Some(other)) => Err(bad(format!("a {} frame", other.name()))),
             Ok(None) => Err(ExecError::Disconnected),
             Err(e) => Err(disconnect_or(e)),
         }
@@ -259,7 +284,8 @@ impl ExecReceiver {
                 | Frame::StdinEof
                 | Frame::Resize { .. }
                 | Frame::Signal(_)
-                | Frame::Identity(_)),
+                | Frame::Identity(_)
+                | Frame::Workload(_)),
             )) => Err(ExecError::Unexpected(host_only.name())),
             Ok(None) => Err(ExecError::Disconnected),
             Err(e) => Err(disconnect_or(e)),
@@ -342,18 +368,29 @@ mod tests {
         assert!(matches!(err, ExecError::Disconnected), "{err}");
     }
 
-    /// A fake agent that expects an identity and answers with `answer`
-    /// (nothing: it just closes).
-    fn fake_identity_agent(answer: Option<Frame>) -> (ExecClient, std::thread::JoinHandle<GuestIdentity>) {
+    /// A fake agent that reads one frame (an identity or a workload),
+    /// answers with `answer` (nothing: it just closes) and hands back the
+    /// frame it read.
+    fn fake_answering_agent(answer: Option<Frame>) -> (ExecClient, std::thread::JoinHandle<Option<Frame>>) {
         let (host, mut guest) = UnixStream::pair().unwrap();
         let agent = std::thread::spawn(move || {
-            let Some(Frame::Identity(identity)) = read_frame(&mut guest).unwrap() else { panic!("no identity") };
+            let first = read_frame(&mut guest).unwrap();
             if let Some(answer) = answer {
                 write_frame(&mut guest, &answer).unwrap();
             }
-            identity
+            first
         });
         (ExecClient::from_stream(host), agent)
+    }
+
+    /// The answers that are neither success nor an error frame, and what
+    /// the client calls them.
+    fn bad_answers() -> [(Frame, &'static str); 3] {
+        [
+            (Frame::Exit(ExitStatus::Exited(1)), "an exit frame (exited with code 1)"),
+            (Frame::Stdout(b"x".to_vec()), "a stdout frame"),
+            (Frame::Identity(GuestIdentity::default()), "a identity frame"),
+        ]
     }
 
     #[test]
@@ -361,28 +398,47 @@ mod tests {
         let identity = GuestIdentity {
             hostname: Some("clone-1".into()),
             mac: Some("02:6d:0a:64:00:05".into()),
+            ssh_keys: Some(vec!["ssh-ed25519 AAAAC3Nza alice".into()]),
             ..GuestIdentity::fresh().unwrap()
         };
-        let (client, agent) = fake_identity_agent(Some(Frame::Exit(ExitStatus::Exited(0))));
+        let (client, agent) = fake_answering_agent(Some(Frame::Exit(ExitStatus::Exited(0))));
         client.apply_identity(&identity).unwrap();
-        assert_eq!(agent.join().unwrap(), identity);
+        assert_eq!(agent.join().unwrap(), Some(Frame::Identity(identity.clone())));
 
-        let (client, _) = fake_identity_agent(Some(Frame::Error("hostname: EPERM; /etc/hosts: EROFS".into())));
+        let (client, _) = fake_answering_agent(Some(Frame::Error("hostname: EPERM; /etc/hosts: EROFS".into())));
         let err = client.apply_identity(&identity).unwrap_err();
         assert!(matches!(&err, ExecError::Remote(m) if m == "hostname: EPERM; /etc/hosts: EROFS"), "{err}");
 
-        for (answer, expected) in [
-            (Frame::Exit(ExitStatus::Exited(1)), "an exit frame (exited with code 1)"),
-            (Frame::Stdout(b"x".to_vec()), "a stdout frame"),
-            (Frame::Identity(GuestIdentity::default()), "a identity frame"),
-        ] {
-            let (client, _) = fake_identity_agent(Some(answer));
+        for (answer, expected) in bad_answers() {
+            let (client, _) = fake_answering_agent(Some(answer));
             let err = client.apply_identity(&identity).unwrap_err();
-            assert!(matches!(&err, ExecError::BadIdentityAnswer(m) if m == expected), "{err}");
+            assert!(matches!(&err, ExecError::BadAnswer { to: "identity", answer } if answer == expected), "{err}");
+            assert_eq!(err.to_string(), format!("the guest answered the identity with {expected}"));
         }
 
-        let (client, _) = fake_identity_agent(None);
+        let (client, _) = fake_answering_agent(None);
         assert!(matches!(client.apply_identity(&identity), Err(ExecError::Disconnected)));
+    }
+
+    #[test]
+    fn start_workload_sends_the_frame_and_reads_the_answer() {
+        let workload = Workload::new(["nginx", "-g", "daemon off;"]).env("PORT", "8080").cwd("/srv");
+        let (client, agent) = fake_answering_agent(Some(Frame::Exit(ExitStatus::Exited(0))));
+        client.start_workload(&workload).unwrap();
+        assert_eq!(agent.join().unwrap(), Some(Frame::Workload(workload.clone())));
+
+        let (client, _) = fake_answering_agent(Some(Frame::Error("not waiting for a workload".into())));
+        let err = client.start_workload(&workload).unwrap_err();
+        assert!(matches!(&err, ExecError::Remote(m) if m == "not waiting for a workload"), "{err}");
+
+        for (answer, expected) in bad_answers() {
+            let (client, _) = fake_answering_agent(Some(answer));
+            let err = client.start_workload(&workload).unwrap_err();
+            assert!(matches!(&err, ExecError::BadAnswer { to: "workload", answer } if answer == expected), "{err}");
+        }
+
+        let (client, _) = fake_answering_agent(None);
+        assert!(matches!(client.start_workload(&workload), Err(ExecError::Disconnected)));
     }
 
     #[test]

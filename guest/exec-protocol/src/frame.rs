@@ -2,9 +2,13 @@
 
 use std::io::{self, Read, Write};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use crate::frame_type as t;
 use crate::identity::GuestIdentity;
 use crate::request::{ExecRequest, ExitStatus};
+use crate::workload::Workload;
 
 /// Largest payload either side accepts (1 MiB). Data frames are sent in far
 /// smaller chunks; the bound keeps a hostile length from costing memory.
@@ -14,7 +18,9 @@ pub const MAX_PAYLOAD: u32 = 1 << 20;
 pub(crate) const HEADER: usize = 5;
 
 /// One protocol message. [`Frame::Identity`] takes a request's place as
-/// the first frame, for a guest restored from a snapshot ([`GuestIdentity`]).
+/// the first frame, for a guest restored from a snapshot ([`GuestIdentity`]),
+/// and so does [`Frame::Workload`], for a guest waiting for its workload
+/// ([`Workload`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Request(ExecRequest),
@@ -23,6 +29,7 @@ pub enum Frame {
     Resize { rows: u16, cols: u16 },
     Signal(i32),
     Identity(GuestIdentity),
+    Workload(Workload),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exit(ExitStatus),
@@ -41,6 +48,8 @@ pub enum ProtocolError {
     BadRequest(String),
     #[error("malformed identity: {0}")]
     BadIdentity(String),
+    #[error("malformed workload: {0}")]
+    BadWorkload(String),
     #[error("error frame is not UTF-8")]
     BadUtf8,
     #[error("the stream ended inside a frame")]
@@ -58,6 +67,7 @@ impl Frame {
             Frame::Resize { .. } => "resize",
             Frame::Signal(_) => "signal",
             Frame::Identity(_) => "identity",
+            Frame::Workload(_) => "workload",
             Frame::Stdout(_) => "stdout",
             Frame::Stderr(_) => "stderr",
             Frame::Exit(_) => "exit",
@@ -73,6 +83,7 @@ impl Frame {
             Frame::Resize { .. } => t::RESIZE,
             Frame::Signal(_) => t::SIGNAL,
             Frame::Identity(_) => t::IDENTITY,
+            Frame::Workload(_) => t::WORKLOAD,
             Frame::Stdout(_) => t::STDOUT,
             Frame::Stderr(_) => t::STDERR,
             Frame::Exit(_) => t::EXIT,
@@ -88,12 +99,9 @@ impl Frame {
         out.push(self.type_byte());
         out.extend_from_slice(&[0; 4]);
         match self {
-            Frame::Request(req) => {
-                serde_json::to_writer(&mut *out, req).map_err(|e| ProtocolError::BadRequest(e.to_string()))?
-            }
-            Frame::Identity(identity) => {
-                serde_json::to_writer(&mut *out, identity).map_err(|e| ProtocolError::BadIdentity(e.to_string()))?
-            }
+            Frame::Request(req) => json_into(out, req, ProtocolError::BadRequest)?,
+            Frame::Identity(identity) => json_into(out, identity, ProtocolError::BadIdentity)?,
+            Frame::Workload(workload) => json_into(out, workload, ProtocolError::BadWorkload)?,
             Frame::Stdin(data) | Frame::Stdout(data) | Frame::Stderr(data) => out.extend_from_slice(data),
             Frame::StdinEof => {}
             Frame::Resize { rows, cols } => {
@@ -129,12 +137,9 @@ impl Frame {
     fn parse(kind: u8, payload: &[u8]) -> Result<Frame, ProtocolError> {
         let bad = |kind| ProtocolError::BadPayload { kind, len: payload.len() };
         Ok(match kind {
-            t::REQUEST => {
-                Frame::Request(serde_json::from_slice(payload).map_err(|e| ProtocolError::BadRequest(e.to_string()))?)
-            }
-            t::IDENTITY => {
-                Frame::Identity(serde_json::from_slice(payload).map_err(|e| ProtocolError::BadIdentity(e.to_string()))?)
-            }
+            t::REQUEST => Frame::Request(json_from(payload, ProtocolError::BadRequest)?),
+            t::IDENTITY => Frame::Identity(json_from(payload, ProtocolError::BadIdentity)?),
+            t::WORKLOAD => Frame::Workload(json_from(payload, ProtocolError::BadWorkload)?),
             t::STDIN => Frame::Stdin(payload.to_vec()),
             t::STDIN_EOF if payload.is_empty() => Frame::StdinEof,
             t::STDIN_EOF => return Err(bad("stdin EOF")),
@@ -160,11 +165,22 @@ impl Frame {
     }
 }
 
+/// Appends the JSON of a frame's payload; `bad` names the frame's kind in
+/// the (unlikely: only a failing `Serialize` impl) error.
+fn json_into(out: &mut Vec<u8>, value: &impl Serialize, bad: fn(String) -> ProtocolError) -> Result<(), ProtocolError> {
+    serde_json::to_writer(out, value).map_err(|e| bad(e.to_string()))
+}
+
+/// Parses a JSON payload; `bad` names the frame's kind in the error.
+fn json_from<T: DeserializeOwned>(payload: &[u8], bad: fn(String) -> ProtocolError) -> Result<T, ProtocolError> {
+    serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))
+}
+
 /// Checks a header: a known type and a length within bounds. Done before
 /// waiting for (or allocating) the payload.
 fn check_header(header: &[u8; HEADER]) -> Result<(u8, usize), ProtocolError> {
     let kind = header[0];
-    if !matches!(kind, t::REQUEST..=t::IDENTITY | t::STDOUT..=t::ERROR) {
+    if !matches!(kind, t::REQUEST..=t::WORKLOAD | t::STDOUT..=t::ERROR) {
         return Err(ProtocolError::UnknownType(kind));
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
@@ -241,8 +257,11 @@ mod tests {
                 dns: vec!["10.100.0.1".into()],
                 realtime_ns: Some(u64::MAX),
                 new_ssh_host_key: true,
+                ssh_keys: Some(vec!["ssh-ed25519 AAAAC3Nza a@b".into(), "# none left".into()]),
                 ..GuestIdentity::new(&[0xff; crate::ENTROPY_BYTES])
             }),
+            Frame::Workload(Workload::default()),
+            Frame::Workload(Workload::new(["sh", "-c", "echo 'é' \"$X\""]).env("X", "a=b").cwd("/srv/www")),
             Frame::Stdout(vec![0, 255, 10]),
             Frame::Stderr(b"oops\n".to_vec()),
             Frame::Exit(ExitStatus::Exited(3)),
@@ -277,6 +296,9 @@ mod tests {
         assert_eq!(u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize, bytes.len() - HEADER);
         let json: serde_json::Value = serde_json::from_slice(&bytes[HEADER..]).unwrap();
         assert_eq!(json["new_ssh_host_key"], true);
+        let bytes = Frame::Workload(Workload::new(["true"])).encode().unwrap();
+        assert_eq!(bytes[..HEADER], [0x07, 0, 0, 0, 37]);
+        assert_eq!(&bytes[HEADER..], br#"{"argv":["true"],"env":[],"cwd":null}"#);
     }
 
     #[test]
@@ -320,14 +342,34 @@ mod tests {
             &[t::ERROR, 0, 0, 0, 2, 0xc3, 0x28],
             &[t::REQUEST, 0, 0, 0, 2, b'{', b'}'],
             &[t::REQUEST, 0, 0, 0, 3, 0xff, 0xfe, 0],
-            &[0x07, 0, 0, 0, 0],
+            &[0x08, 0, 0, 0, 0],
+            &[0x80, 0, 0, 0, 0],
+            &[0x85, 0, 0, 0, 0],
             &[t::IDENTITY, 0, 0, 0, 0],
             &[t::IDENTITY, 0, 0, 0, 2, b'"', b'"'],
             &[t::IDENTITY, 0, 0, 0, 10, b'{', b'"', b'd', b'n', b's', b'"', b':', b'4', b'2', b'}'],
             &[t::IDENTITY, 0, 0, 0, 3, 0xff, 0xfe, 0],
         ];
-        for case in cases {
-            assert!(decode(case).is_err(), "{case:?} decoded");
+        let json_cases: &[(u8, &[u8])] = &[
+            (t::IDENTITY, br#"{"ssh_keys":""}"#),
+            (t::IDENTITY, br#"{"ssh_keys":[1]}"#),
+            (t::WORKLOAD, b""),
+            (t::WORKLOAD, b"[1]"),
+            (t::WORKLOAD, b"{}}"),
+            (t::WORKLOAD, &[0xff, 0xfe, 0]),
+            (t::WORKLOAD, br#"{"argv":"sh"}"#),
+            (t::WORKLOAD, br#"{"argv":["a\u0000b", 1]}"#),
+            (t::WORKLOAD, br#"{"env":[["A"]]}"#),
+            (t::WORKLOAD, br#"{"cwd":["/"]}"#),
+        ];
+        let framed = json_cases.iter().map(|(kind, payload)| {
+            let mut bytes = vec![*kind];
+            bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(payload);
+            bytes
+        });
+        for case in cases.iter().map(|case| case.to_vec()).chain(framed) {
+            assert!(decode(&case).is_err(), "{case:?} decoded");
             assert!(read_frame(&mut &case[..]).is_err(), "{case:?} read");
         }
     }
@@ -342,9 +384,9 @@ mod tests {
         for cut in 0..stream.len() {
             crate::fuzz_decode(&stream[cut..]);
         }
-        // A deeply nested request or identity must fail cleanly, not blow
-        // the stack.
-        for kind in [t::REQUEST, t::IDENTITY] {
+        // A deeply nested request, identity or workload must fail cleanly,
+        // not blow the stack.
+        for kind in [t::REQUEST, t::IDENTITY, t::WORKLOAD] {
             let mut deep = vec![kind, 0, 0, 0, 0];
             let body = if kind == t::REQUEST { "[".repeat(100_000) } else { "{\"x\":".repeat(100_000) };
             deep[1..5].copy_from_slice(&(body.len() as u32).to_be_bytes());

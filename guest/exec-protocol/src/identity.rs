@@ -6,6 +6,10 @@
 //! clones would hand out the same "random" numbers. The host sends a
 //! [`GuestIdentity`] as the first frame of a connection (type `0x06`, see
 //! the crate documentation) and the guest takes it on without a reboot.
+//!
+//! It also carries what a warm-started guest (booted with `mm.wait`, see
+//! [`crate::Workload`]) could not get on its kernel command line, which was
+//! written once for every run of its image: the SSH keys that may log in.
 
 use std::fmt;
 use std::io::{self, Read};
@@ -46,6 +50,15 @@ pub struct GuestIdentity {
     /// Replace the SSH host key (on disk and in the running server): a
     /// clone must not be able to impersonate its siblings.
     pub new_ssh_host_key: bool,
+    /// Replace the keys that may log in to the guest's SSH server (OpenSSH
+    /// `authorized_keys` lines, as `mm.ssh` gives them at boot): new
+    /// connections check the new set, logins already made stay. A
+    /// snapshot taken before any run (a warm start) knows no run's keys.
+    /// `Some` of an empty list locks every login out; `None` leaves the
+    /// keys as they are. A line that holds no key refuses the whole
+    /// identity; a guest without an SSH server (no network) takes the keys
+    /// as done, since nobody can log in to it anyway.
+    pub ssh_keys: Option<Vec<String>>,
 }
 
 /// Why the guest refuses an identity's entropy.
@@ -107,6 +120,7 @@ impl fmt::Debug for GuestIdentity {
             .field("entropy", &format_args!("<{} hex digits>", self.entropy.len()))
             .field("realtime_ns", &self.realtime_ns)
             .field("new_ssh_host_key", &self.new_ssh_host_key)
+            .field("ssh_keys", &self.ssh_keys)
             .finish()
     }
 }
@@ -124,6 +138,7 @@ mod tests {
             dns: vec!["10.100.0.1".into(), "9.9.9.9".into()],
             realtime_ns: Some(1_700_000_000_123_456_789),
             new_ssh_host_key: true,
+            ssh_keys: Some(vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO9 alice@laptop".into()]),
             ..GuestIdentity::new(&[0xa5; ENTROPY_BYTES])
         }
     }
@@ -135,6 +150,7 @@ mod tests {
         assert_eq!(json["mac"], "02:6d:0a:64:00:05");
         assert_eq!(json["entropy"], "a5".repeat(ENTROPY_BYTES));
         assert_eq!(json["realtime_ns"], 1_700_000_000_123_456_789u64);
+        assert_eq!(json["ssh_keys"], serde_json::json!(["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO9 alice@laptop"]));
         let back: GuestIdentity = serde_json::from_value(json).unwrap();
         assert_eq!(back, identity);
         assert_eq!(back.entropy_bytes().unwrap(), vec![0xa5; ENTROPY_BYTES]);
@@ -151,6 +167,12 @@ mod tests {
         let empty: GuestIdentity = serde_json::from_str("{}").unwrap();
         assert_eq!(empty, GuestIdentity::default());
         assert!(!empty.new_ssh_host_key);
+        assert_eq!(empty.ssh_keys, None, "no ssh_keys: the keys stay as they are");
+        // An empty list is not the same as none: it locks logins out.
+        let locked: GuestIdentity = serde_json::from_str(r#"{"ssh_keys":[],"entropy":"00"}"#).unwrap();
+        assert_eq!(locked.ssh_keys, Some(Vec::new()));
+        let null: GuestIdentity = serde_json::from_str(r#"{"ssh_keys":null}"#).unwrap();
+        assert_eq!(null.ssh_keys, None);
     }
 
     #[test]
@@ -171,7 +193,17 @@ mod tests {
 
     #[test]
     fn garbage_json_is_an_error() {
-        for garbage in ["", "null", "\"x\"", "[1]", "{\"dns\":\"1.1.1.1\"}", "{\"realtime_ns\":-1}", "{\"entropy\":"] {
+        for garbage in [
+            "",
+            "null",
+            "\"x\"",
+            "[1]",
+            "{\"dns\":\"1.1.1.1\"}",
+            "{\"realtime_ns\":-1}",
+            "{\"entropy\":",
+            "{\"ssh_keys\":\"ssh-ed25519 AAAA\"}",
+            "{\"ssh_keys\":[[\"a\"]]}",
+        ] {
             assert!(serde_json::from_str::<GuestIdentity>(garbage).is_err(), "{garbage:?}");
         }
     }

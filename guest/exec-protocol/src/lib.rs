@@ -17,6 +17,26 @@
 //! An agent older than the identity frame answers it with an error frame
 //! (`protocol error: unknown frame type 0x06`).
 //!
+//! Or the first frame is a [`Frame::Workload`], for a warm start: a guest
+//! booted with `mm.wait` on its kernel command line does everything it does
+//! at boot but, instead of running the command line's workload, waits for
+//! one from the host, so that the host can snapshot it once (it prints
+//! `mm-init: waiting for a workload`) and restore that snapshot for every
+//! run instead of booting. The [`Workload`] takes the place of `mm.cmd` and
+//! `mm.env`: PID 1 runs it with the console as its stdio and reports its
+//! exit status to mm-vmm, exactly as a command-line workload, so none of
+//! it flows back over this connection. The guest answers with one frame,
+//! [`Frame::Exit`] with code 0 once the workload has started, or
+//! [`Frame::Error`]: `not waiting for a workload` when the guest was not
+//! booted with `mm.wait` or already has its one workload; a workload that
+//! can never start (a NUL byte, an environment name that is empty or holds
+//! `=`, a working directory that is not one), and the guest waits on for a
+//! good one; or why it could not start (`cannot run …`), and the guest
+//! ends as a command-line workload that cannot start would, with status
+//! 127 (not found) or 126. Then it closes. An agent older than the workload
+//! frame answers `protocol error: unknown frame type 0x07`.
+//! [`ExecClient::start_workload`] is the host's side.
+//!
 //! A frame is
 //!
 //! ```text
@@ -34,20 +54,23 @@
 //! | `0x04` | host → guest | resize | rows u16 BE, cols u16 BE |
 //! | `0x05` | host → guest | signal | signal number i32 BE |
 //! | `0x06` | host → guest | identity | JSON [`GuestIdentity`] (first frame only, instead of a request) |
+//! | `0x07` | host → guest | workload | JSON [`Workload`] (first frame only, instead of a request) |
 //! | `0x81` | guest → host | stdout | bytes (with a tty: the terminal's output) |
 //! | `0x82` | guest → host | stderr | bytes (never with a tty) |
-//! | `0x83` | guest → host | exit | kind u8 (0 exited, 1 killed by a signal), code or signal i32 BE; after an identity: exited 0, all applied |
+//! | `0x83` | guest → host | exit | kind u8 (0 exited, 1 killed by a signal), code or signal i32 BE; after an identity: exited 0, all applied; after a workload: exited 0, started |
 //! | `0x84` | guest → host | error | UTF-8 message; the guest closes after it |
 
 mod client;
 mod frame;
 mod identity;
 mod request;
+mod workload;
 
 pub use client::{ExecClient, ExecError, ExecReceiver, ExecSender, Output};
 pub use frame::{Frame, MAX_PAYLOAD, ProtocolError, decode, read_frame, write_frame};
 pub use identity::{ENTROPY_BYTES, GuestIdentity, IdentityError, MIN_ENTROPY_BYTES};
 pub use request::{ExecRequest, ExitStatus};
+pub use workload::Workload;
 
 /// The vsock port the guest agent listens on.
 pub const EXEC_PORT: u32 = 1024;
@@ -60,6 +83,7 @@ pub mod frame_type {
     pub const RESIZE: u8 = 0x04;
     pub const SIGNAL: u8 = 0x05;
     pub const IDENTITY: u8 = 0x06;
+    pub const WORKLOAD: u8 = 0x07;
     pub const STDOUT: u8 = 0x81;
     pub const STDERR: u8 = 0x82;
     pub const EXIT: u8 = 0x83;

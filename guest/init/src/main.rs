@@ -2,12 +2,20 @@
 //!
 //! It mounts the pseudo filesystems, tells mm-vmm that user space has started,
 //! configures the network (network.rs), runs the workload from the kernel
-//! command line with the console as its stdio, reaps every orphan, forwards
-//! termination signals to the workload, reports the workload's exit status
-//! to mm-vmm and then resets the machine, which ends mm-vmm. Its only
-//! threads are the exec agent's (agent/, when the guest has a vsock device)
-//! and the SSH server's (ssh/, on TCP port 22); PID 1's own work stays on
-//! the main thread (see PVM.md).
+//! command line with the console as its stdio (workload/), reaps every
+//! orphan, forwards termination signals to the workload, reports the
+//! workload's exit status to mm-vmm and then resets the machine, which ends
+//! mm-vmm. Its only threads are the exec agent's (agent/, when the guest has
+//! a vsock device) and the SSH server's (ssh/, on TCP port 22); PID 1's own
+//! work stays on the main thread (see PVM.md).
+//!
+//! With `mm.wait` on the kernel command line (a warm start) it does all of
+//! that, but instead of the command line's workload it runs the first one
+//! the host hands over through the exec agent, and until then it waits,
+//! saying `mm-init: waiting for a workload` on the console: the moment a
+//! host snapshots the guest, to restore it for each run instead of booting.
+//! A restored guest then gets a new identity and its workload from the host
+//! (agent/identity.rs, workload/handover.rs).
 
 mod agent;
 mod bootdev;
@@ -17,9 +25,9 @@ mod settings;
 mod ssh;
 mod supervise;
 mod tools;
+mod workload;
 
 use std::io::Write;
-use std::process::Command;
 
 use nix::mount::{MsFlags, mount};
 
@@ -91,61 +99,18 @@ fn main() {
     }
     network::configure(&settings);
 
-    agent::start();
+    let agent_running = agent::start();
     // SSH only where there is a network to serve it on.
     if settings.address.is_some() {
         ssh::start(&settings.ssh_keys);
     }
-    let status = run_workload(&settings);
+    let status = if !settings.wait {
+        workload::run(&workload::from_settings(&settings))
+    } else if agent_running {
+        workload::wait_and_run()
+    } else {
+        eprintln!("mm-init: mm.wait, but no exec agent (no vsock device) to take a workload from the host");
+        125
+    };
     supervise::power_off(boot_device.as_ref(), status);
-}
-
-/// Runs the workload to completion and returns its shell-style exit status
-/// (the exit code, or 128 + the signal number).
-fn run_workload(settings: &Settings) -> u32 {
-    let signals = match supervise::block_signals() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("mm-init: cannot set up signal handling: {e}");
-            return 125;
-        }
-    };
-    let mut command = Command::new(&settings.command[0]);
-    command
-        .args(&settings.command[1..])
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", "/root")
-        .env("TERM", "linux")
-        .current_dir("/");
-    for pair in &settings.env {
-        if let Some((key, value)) = pair.split_once('=') {
-            command.env(key, value);
-        }
-    }
-    // The workload must not inherit the signals blocked here for sigwait.
-    // std's spawn was seen NOT to clear them here (the workload's shell had
-    // SIGTERM and SIGCHLD blocked: `mmctl stop` could not end it, and
-    // ash's `wait` slept forever), so clear the mask explicitly. Its own
-    // process group lets us forward signals to the whole job.
-    // SAFETY: the closure runs between fork and exec and calls only
-    // sigemptyset and sigprocmask, which are async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-            let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            libc::sigemptyset(empty.as_mut_ptr());
-            if libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            eprintln!("mm-init: cannot run {:?}: {e}", settings.command[0]);
-            return if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
-        }
-    };
-    supervise::wait_for(child.id() as i32, &signals)
 }

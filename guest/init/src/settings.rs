@@ -10,10 +10,14 @@ use std::net::Ipv4Addr;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+/// The workload when nobody names one: no `mm.cmd`, or a handed-over
+/// workload with an empty argv.
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+
 /// What PID 1 should do, as decoded from `/proc/cmdline`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// The workload's argv; `/bin/sh` when the VMM gave none.
+    /// The workload's argv; [`DEFAULT_SHELL`] when the VMM gave none.
     pub command: Vec<String>,
     /// Extra environment for the workload, `KEY=VALUE`.
     pub env: Vec<String>,
@@ -34,6 +38,10 @@ pub struct Settings {
     /// (base64url JSON, like `mm.cmd`). Public keys only: the command line
     /// is readable by every process in the guest.
     pub ssh_keys: Vec<String>,
+    /// `mm.wait`: set up everything as usual, then wait for the workload
+    /// from the host through the exec agent instead of running `command`
+    /// (a warm start: see main.rs). `mm.cmd` and `mm.env` are then unused.
+    pub wait: bool,
 }
 
 /// An IPv4 address with its prefix length, as in `10.200.0.5/24`.
@@ -75,6 +83,10 @@ pub enum SettingsError {
     BootDevice(String),
     #[error("{param}: not an IPv4 address{suffix}: {value:?}")]
     Address { param: &'static str, suffix: &'static str, value: String },
+    /// `mm.wait=…`: refused rather than ignored, so that `mm.wait=1` does
+    /// not quietly run the command line's workload instead of waiting.
+    #[error("mm.wait takes no value (got mm.wait={0})")]
+    WaitValue(String),
 }
 
 fn decode_string_list(param: &'static str, value: &str) -> Result<Vec<String>, SettingsError> {
@@ -104,7 +116,7 @@ impl Settings {
     /// are ignored.
     pub fn parse(cmdline: &str) -> Result<Self, SettingsError> {
         let mut settings = Settings {
-            command: vec!["/bin/sh".to_string()],
+            command: vec![DEFAULT_SHELL.to_string()],
             env: Vec::new(),
             boot_device: None,
             hostname: None,
@@ -113,8 +125,15 @@ impl Settings {
             gateway: None,
             dns: Vec::new(),
             ssh_keys: Vec::new(),
+            wait: false,
         };
         for word in cmdline.split_ascii_whitespace() {
+            // A flag, with no value: the kernel leaves it to us since its
+            // name has a dot (it takes it for a module's parameter).
+            if word == "mm.wait" {
+                settings.wait = true;
+                continue;
+            }
             let Some((key, value)) = word.split_once('=') else {
                 continue;
             };
@@ -141,6 +160,7 @@ impl Settings {
                         value.split(',').map(|one| parse_address("mm.dns", "", one)).collect::<Result<_, _>>()?;
                 }
                 "mm.ssh" => settings.ssh_keys = decode_string_list("mm.ssh", value)?,
+                "mm.wait" => return Err(SettingsError::WaitValue(value.to_string())),
                 _ => {}
             }
         }
@@ -157,6 +177,21 @@ mod tests {
         let s = Settings::parse("console=ttyS0 reboot=k").unwrap();
         assert_eq!(s.command, vec!["/bin/sh"]);
         assert_eq!(s.boot_device, None);
+        assert!(!s.wait);
+    }
+
+    #[test]
+    fn mm_wait_is_a_flag() {
+        let cmd = encode_string_list(&["true".to_string()]);
+        let s = Settings::parse(&format!("console=ttyS0 mm.wait mm.cmd={cmd} reboot=k")).unwrap();
+        assert!(s.wait);
+        assert_eq!(s.command, ["true"], "parsed all the same, though unused");
+        for not_it in ["mm.waiting", "xmm.wait", "mm.wai", "mm.waiting=1"] {
+            assert!(!Settings::parse(not_it).unwrap().wait, "{not_it}");
+        }
+        for value in ["1", "0", ""] {
+            assert_eq!(Settings::parse(&format!("mm.wait={value}")), Err(SettingsError::WaitValue(value.into())));
+        }
     }
 
     #[test]

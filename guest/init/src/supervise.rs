@@ -1,5 +1,6 @@
-//! PID 1 duties: wait for the workload while reaping every orphan, forward
-//! termination signals, and take the machine down when the workload ends.
+//! PID 1 duties: wait for the workload (and, with `mm.wait`, for the host to
+//! hand it over) while reaping every orphan, forward termination signals,
+//! and take the machine down when the workload ends.
 
 use nix::sys::reboot::{RebootMode, reboot};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
@@ -7,6 +8,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::bootdev::BootDevice;
+use crate::workload::handover::{Handover, Offer};
 
 /// Signals PID 1 handles synchronously: children ending, and the ones it
 /// passes on to the workload.
@@ -34,30 +36,39 @@ fn shell_status(status: WaitStatus) -> Option<u32> {
     }
 }
 
+/// Reaps every child that has ended, handing the exec agent's children's
+/// statuses to their sessions: the shell-style status of `workload`, if it
+/// was among them.
+fn reap_ended(workload: Option<Pid>) -> Option<u32> {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return None,
+            Ok(status) => {
+                if workload.is_some() && status.pid() == workload {
+                    if let Some(code) = shell_status(status) {
+                        return Some(code);
+                    }
+                } else {
+                    // The exec agent's commands: their sessions wait
+                    // for these statuses (agent/children.rs).
+                    crate::agent::children::deliver(status);
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return None, // ECHILD: nothing left to reap
+        }
+    }
+}
+
 /// Waits until `workload` ends, reaping any other child on the way and
-/// handing the exec agent's children's statuses to their sessions.
+/// forwarding the signals PID 1 gets to the workload's process group.
 pub fn wait_for(workload: i32, signals: &SigSet) -> u32 {
     let workload = Pid::from_raw(workload);
     loop {
         // Reap everything that has already ended before sleeping again:
         // one SIGCHLD may stand for many children.
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => break,
-                Ok(status) => {
-                    if status.pid() == Some(workload) {
-                        if let Some(code) = shell_status(status) {
-                            return code;
-                        }
-                    } else {
-                        // The exec agent's commands: their sessions wait
-                        // for these statuses (agent/children.rs).
-                        crate::agent::children::deliver(status);
-                    }
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => break, // ECHILD: nothing left to reap
-            }
+        if let Some(code) = reap_ended(Some(workload)) {
+            return code;
         }
         match signals.wait() {
             Ok(Signal::SIGCHLD) | Err(_) => {}
@@ -65,6 +76,25 @@ pub fn wait_for(workload: i32, signals: &SigSet) -> u32 {
                 // Forward to the workload's whole process group.
                 let _ = kill(Pid::from_raw(-workload.as_raw()), sig);
             }
+        }
+    }
+}
+
+/// Waits, reaping as [`wait_for`] does, until the exec agent hands over a
+/// workload through `handover` (opened on this thread: its doorbell is a
+/// SIGCHLD, see workload/handover.rs), or until a signal PID 1 would
+/// forward to a workload arrives, which has no workload to go to: `Err`.
+pub fn wait_for_handover(handover: &Handover, signals: &SigSet) -> Result<Offer, Signal> {
+    loop {
+        reap_ended(None);
+        // After reaping and before sleeping: a ring from now on stays
+        // pending (SIGCHLD is blocked), so the sleep ends at once.
+        if let Some(offer) = handover.take() {
+            return Ok(offer);
+        }
+        match signals.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => return Err(sig),
         }
     }
 }

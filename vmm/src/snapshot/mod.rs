@@ -103,53 +103,21 @@ impl std::fmt::Display for HostCpu {
     }
 }
 
-/// The console's registers (vm-superio's `SerialState`, which has no serde).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialRegisters {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialRegisters {
-    fn from(s: SerialState) -> Self {
-        SerialRegisters {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialRegisters> for SerialState {
-    fn from(s: &SerialRegisters) -> Self {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
+/// The console's registers: vm-superio's `SerialState`, which has no
+/// serde, serialised through this mirror of its fields.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// Everything in the state file.
@@ -166,7 +134,8 @@ pub struct SnapshotState {
     pub memory_mib: u64,
     pub machine: MachineState,
     pub vcpus: Vec<VcpuState>,
-    pub serial: SerialRegisters,
+    #[serde(with = "SerialStateDef")]
+    pub serial: SerialState,
     /// In guest order (the `--device` order).
     pub devices: Vec<TransportState>,
     pub memory: MemoryImage,

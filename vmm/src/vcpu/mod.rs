@@ -251,7 +251,8 @@ impl Vcpu {
     }
 
     /// Out of KVM_RUN until resumed: saves state when asked. If the VMM's
-    /// end is gone the thread stays parked; the process is ending.
+    /// end of the channel is gone (it never is while the VM lives: the
+    /// control thread holds it), the guest simply runs on.
     fn paused(&mut self, channel: &VcpuChannel, msr_indices: &[u32]) {
         while let Ok(event) = channel.events.recv() {
             let response = match event {

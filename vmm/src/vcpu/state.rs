@@ -35,51 +35,25 @@ pub enum FpuState {
     Fxsave(Box<LegacyFpu>),
 }
 
-/// `kvm_fpu`'s fields (kvm-bindings gives that struct no serde).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LegacyFpu {
-    pub fpr: [[u8; 16]; 8],
-    pub fcw: u16,
-    pub fsw: u16,
-    pub ftwx: u8,
-    pub last_opcode: u16,
-    pub last_ip: u64,
-    pub last_dp: u64,
-    pub xmm: [[u8; 16]; 16],
-    pub mxcsr: u32,
-}
+/// `kvm_fpu`, which kvm-bindings gives no serde: serialised through
+/// [`KvmFpuDef`], serde's mirror of its fields.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LegacyFpu(#[serde(with = "KvmFpuDef")] pub kvm_fpu);
 
-impl From<kvm_fpu> for LegacyFpu {
-    fn from(f: kvm_fpu) -> Self {
-        LegacyFpu {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-        }
-    }
-}
-
-impl From<&LegacyFpu> for kvm_fpu {
-    fn from(f: &LegacyFpu) -> Self {
-        kvm_fpu {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-            ..Default::default()
-        }
-    }
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "kvm_fpu")]
+struct KvmFpuDef {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    pad1: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+    pad2: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -114,7 +88,7 @@ impl VcpuState {
         let cpuid = fd.get_cpuid2(MAX_CPUID_ENTRIES).map_err(kvm(cpu, "KVM_GET_CPUID2"))?.as_slice().to_vec();
         let fpu = match fd.get_xsave() {
             Ok(xsave) => FpuState::Xsave(Box::new(xsave)),
-            Err(_) => FpuState::Fxsave(Box::new(fd.get_fpu().map_err(kvm(cpu, "KVM_GET_FPU"))?.into())),
+            Err(_) => FpuState::Fxsave(Box::new(LegacyFpu(fd.get_fpu().map_err(kvm(cpu, "KVM_GET_FPU"))?))),
         };
         Ok(VcpuState {
             index,
@@ -153,7 +127,7 @@ impl VcpuState {
             // SAFETY: the area is a plain kvm_xsave (the legacy 4 KiB
             // layout) that KVM_GET_XSAVE filled; KVM reads no more than that.
             FpuState::Xsave(xsave) => unsafe { fd.set_xsave(xsave) }.map_err(kvm(cpu, "KVM_SET_XSAVE"))?,
-            FpuState::Fxsave(fpu) => fd.set_fpu(&fpu.as_ref().into()).map_err(kvm(cpu, "KVM_SET_FPU"))?,
+            FpuState::Fxsave(fpu) => fd.set_fpu(&fpu.0).map_err(kvm(cpu, "KVM_SET_FPU"))?,
         }
         if let Some(xcrs) = &self.xcrs {
             fd.set_xcrs(xcrs).map_err(kvm(cpu, "KVM_SET_XCRS"))?;

@@ -1,7 +1,7 @@
-//! Fuzzes the exec protocol's frame decoder (request and identity JSON) with
-//! arbitrary bytes, as a hostile host or guest could send them: decoding
-//! must never panic or allocate past the frame limit, and every frame that
-//! decodes must re-encode to an equal frame.
+//! Fuzzes the exec protocol's frame decoder (request, identity and
+//! workload JSON) with arbitrary bytes, as a hostile host or guest could
+//! send them: decoding must never panic or allocate past the frame limit,
+//! and every frame that decodes must re-encode to an equal frame.
 
 #![no_main]
 

@@ -14,7 +14,12 @@
 //! 3. hostname and network, through [`network::apply`], the code boot uses;
 //! 4. the SSH host key, made from the reseeded random numbers: it is
 //!    skipped when the reseed failed, since it would then be the same key
-//!    in every clone.
+//!    in every clone;
+//! 5. the keys that may log in over SSH, which a warm-started guest (one
+//!    snapshot per image, taken before any run) cannot have had on its
+//!    kernel command line; this step cannot fail (without a server there
+//!    is nobody to log in). Every line must hold a key: one that does not
+//!    refuses the identity, rather than locking its owner out unnoticed.
 //!
 //! A failed step does not stop the later ones (fresh random numbers without
 //! a new address are still worth having); the answer names every step that
@@ -33,6 +38,7 @@ use zeroize::Zeroizing;
 
 use crate::network::{self, MacAddr, MacError, NetConfig, StepError};
 use crate::settings::Ipv4Net;
+use crate::ssh::AuthorizedKeys;
 
 /// `RNDADDENTROPY` from linux/random.h, `_IOW('R', 0x03, int[2])`: mixes a
 /// `struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }`
@@ -66,6 +72,9 @@ pub enum InvalidIdentity {
     Gateway(String),
     #[error("dns {0:?}: not an IPv4 address")]
     Dns(String),
+    /// The problem with the first line that holds no key.
+    #[error("ssh_keys: {0}")]
+    SshKeys(String),
 }
 
 /// Applies `identity` and returns the message for the error frame when it
@@ -89,6 +98,7 @@ struct Plan {
     realtime: Option<TimeSpec>,
     net: NetConfig,
     new_ssh_host_key: bool,
+    ssh_keys: Option<AuthorizedKeys>,
 }
 
 impl Plan {
@@ -119,11 +129,20 @@ impl Plan {
         // what it cannot represent, which is then a failed step.
         let realtime =
             identity.realtime_ns.map(|ns| TimeSpec::new((ns / 1_000_000_000) as _, (ns % 1_000_000_000) as _));
+        let ssh_keys = identity
+            .ssh_keys
+            .as_deref()
+            .map(|lines| match AuthorizedKeys::parse(lines) {
+                (keys, problems) if problems.is_empty() => Ok(keys),
+                (_, mut problems) => Err(InvalidIdentity::SshKeys(problems.swap_remove(0))),
+            })
+            .transpose()?;
         Ok(Plan {
             entropy,
             realtime,
             net: NetConfig { hostname, mac, address, gateway, dns },
             new_ssh_host_key: identity.new_ssh_host_key,
+            ssh_keys,
         })
     }
 
@@ -146,6 +165,9 @@ impl Plan {
                 Err(io::Error::other("skipped: the random numbers were not reseeded"))
             };
             failed.extend(renewed.err().map(|e| StepError::new("ssh host key", e)));
+        }
+        if let Some(keys) = &self.ssh_keys {
+            crate::ssh::set_authorized_keys(keys.clone());
         }
         failed
     }
@@ -195,6 +217,11 @@ mod tests {
         GuestIdentity::new(&[0x5a; ENTROPY_BYTES])
     }
 
+    /// An `authorized_keys` line for a key made from `seed`.
+    fn key_line(seed: u8) -> String {
+        format!("{} test-{seed}@host", crate::ssh::test_key(seed).to_openssh().unwrap())
+    }
+
     #[test]
     fn a_full_identity_parses() {
         let plan = Plan::parse(&GuestIdentity {
@@ -205,9 +232,11 @@ mod tests {
             dns: vec!["10.100.0.1".into(), "9.9.9.9".into()],
             realtime_ns: Some(1_700_000_000_123_456_789),
             new_ssh_host_key: true,
+            ssh_keys: Some(vec![key_line(1), format!("# the run's keys\n{}\n\n{}", key_line(2), key_line(1))]),
             ..identity()
         })
         .unwrap();
+        assert_eq!(plan.ssh_keys.map(|keys| keys.len()), Some(2));
         assert_eq!(*plan.entropy, vec![0x5a; ENTROPY_BYTES]);
         assert_eq!(plan.realtime, Some(TimeSpec::new(1_700_000_000, 123_456_789)));
         assert!(plan.new_ssh_host_key);
@@ -227,6 +256,9 @@ mod tests {
         assert_eq!(plan.net, NetConfig::default());
         assert_eq!(plan.realtime, None);
         assert!(!plan.new_ssh_host_key);
+        assert!(plan.ssh_keys.is_none(), "no ssh_keys: the server's stay");
+        let locked = Plan::parse(&GuestIdentity { ssh_keys: Some(Vec::new()), ..identity() }).unwrap();
+        assert_eq!(locked.ssh_keys.map(|keys| keys.len()), Some(0));
     }
 
     #[test]
@@ -260,6 +292,10 @@ mod tests {
         assert_eq!(refused(bad), InvalidIdentity::Gateway("10.100.0.1/24".into()));
         let bad = GuestIdentity { dns: vec!["1.1.1.1".into(), "dns.example".into()], ..identity() };
         assert_eq!(refused(bad), InvalidIdentity::Dns("dns.example".into()));
+        for line in ["garbage", "ssh-ed25519", "ssh-ed25519 AAAA", &key_line(3).replace("ssh-ed25519", "ssh-rsa")] {
+            let bad = GuestIdentity { ssh_keys: Some(vec![key_line(1), line.into()]), ..identity() };
+            assert!(matches!(refused(bad), InvalidIdentity::SshKeys(why) if why.contains("no public key")), "{line}");
+        }
     }
 
     #[test]
@@ -271,5 +307,10 @@ mod tests {
         );
         let short = GuestIdentity::new(&[1; 4]);
         assert_eq!(apply(&short).unwrap_err(), "invalid identity: 4 bytes of entropy are under the minimum of 32");
+        let bad = GuestIdentity { ssh_keys: Some(vec!["ssh-ed25519 nope".into()]), ..identity() };
+        assert_eq!(
+            apply(&bad).unwrap_err(),
+            "invalid identity: ssh_keys: no public key in authorized key line \"ssh-ed25519 nope\""
+        );
     }
 }

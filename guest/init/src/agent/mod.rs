@@ -8,7 +8,12 @@
 //! reaper (children.rs). A connection may carry a new identity instead of a
 //! command, for a guest restored from a snapshot under a new name; its
 //! thread applies it and answers (identity.rs: random numbers, clock,
-//! hostname, network, SSH host key). These and the SSH server's thread
+//! hostname, network, SSH host key and logins). Or it carries PID 1's own
+//! workload, for a guest booted with `mm.wait` (a warm start): its thread
+//! hands it to PID 1's main thread, which runs it as it would the command
+//! line's, and answers once it has started (workload/handover.rs); the
+//! workload is not this connection's, so nothing of it flows back over it.
+//! These and the SSH server's thread
 //! (ssh/, which starts its commands through spawn.rs too) are mm-init's
 //! only threads: PID 1's own work (waiting for the workload, forwarding its
 //! signals) stays on the main thread.
@@ -73,22 +78,23 @@ fn listen(port: u32) -> io::Result<OwnedFd> {
 
 /// Starts the agent if the guest has a vsock device; without one it does
 /// nothing. Must run on PID 1's main thread before the workload starts.
-pub fn start() {
+/// Whether the agent runs: without it no host can hand over a workload.
+pub fn start() -> bool {
     if !vsock_device_present() {
-        return;
+        return false;
     }
     // Threads inherit the signal mask: block PID 1's signals first, so
     // they stay pending for its `sigwait` instead of landing on (and being
     // discarded by) an agent thread.
     if let Err(e) = crate::supervise::block_signals() {
         eprintln!("mm-init: exec agent: cannot block signals: {e}");
-        return;
+        return false;
     }
     let listener = match listen(EXEC_PORT) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("mm-init: exec agent: cannot listen on vsock port {EXEC_PORT}: {e}");
-            return;
+            return false;
         }
     };
     let spawned =
@@ -96,8 +102,12 @@ pub fn start() {
     match spawned {
         Ok(_) => {
             let _ = writeln!(io::stdout(), "mm-init: exec agent listening on vsock port {EXEC_PORT}");
+            true
         }
-        Err(e) => eprintln!("mm-init: exec agent: cannot start its thread: {e}"),
+        Err(e) => {
+            eprintln!("mm-init: exec agent: cannot start its thread: {e}");
+            false
+        }
     }
 }
 

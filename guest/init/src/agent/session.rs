@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use mm_exec_protocol::{ExecRequest, ExitStatus, Frame, GuestIdentity, decode};
+use mm_exec_protocol::{ExecRequest, ExitStatus, Frame, GuestIdentity, Workload, decode};
 
 use super::children::{ExitNotice, Reaper};
 use super::identity;
 use super::spawn::{self, Child, ChildIo};
+use crate::workload::handover::HANDOVER;
 
-/// How long a host may take to send its request (or identity).
+/// How long a host may take to send its request (or identity, or workload).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the command exits, output still open (a background job holding
 /// the pipe or terminal) is read until it is quiet this long.
@@ -45,14 +46,8 @@ pub fn serve(sock: OwnedFd, reaper: Reaper) {
     }
     let request = match conn.read_first() {
         Ok(Some(First::Request(req))) => req,
-        Ok(Some(First::Identity(new))) => {
-            let answer = match identity::apply(&new) {
-                Ok(()) => Frame::Exit(ExitStatus::Exited(0)),
-                Err(message) => Frame::Error(message),
-            };
-            conn.queue(&answer);
-            return conn.finish();
-        }
+        Ok(Some(First::Identity(new))) => return conn.answer(identity::apply(&new)),
+        Ok(Some(First::Workload(workload))) => return conn.answer(HANDOVER.offer(workload)),
         Ok(None) => return,
         Err(message) => return conn.fail(&message),
     };
@@ -76,6 +71,8 @@ struct Conn {
 enum First {
     Request(ExecRequest),
     Identity(GuestIdentity),
+    /// PID 1's workload, for a guest waiting for it (`mm.wait`).
+    Workload(Workload),
 }
 
 enum ReadResult {
@@ -148,9 +145,9 @@ impl Conn {
         true
     }
 
-    /// The first frame, which must be a request or an identity: `Ok(None)`
-    /// if the host left without one, `Err` with the message for an error
-    /// frame.
+    /// The first frame, which must be a request, an identity or a workload:
+    /// `Ok(None)` if the host left without one, `Err` with the message for
+    /// an error frame.
     fn read_first(&mut self) -> Result<Option<First>, String> {
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         loop {
@@ -159,7 +156,12 @@ impl Conn {
                     let first = match frame {
                         Frame::Request(req) => First::Request(req),
                         Frame::Identity(new) => First::Identity(new),
-                        _ => return Err("protocol error: the first frame must be a request or an identity".into()),
+                        Frame::Workload(workload) => First::Workload(workload),
+                        _ => {
+                            return Err(
+                                "protocol error: the first frame must be a request, an identity or a workload".into()
+                            );
+                        }
                     };
                     self.inbuf.drain(..used);
                     return Ok(Some(first));
@@ -180,10 +182,20 @@ impl Conn {
         }
     }
 
-    /// Sends an error frame and ends the connection.
-    fn fail(mut self, message: &str) {
-        self.queue(&Frame::Error(message.to_string()));
+    /// The one answer to an identity or a workload: exited 0 when done,
+    /// else an error frame with the message; then the connection ends.
+    fn answer(mut self, done: Result<(), String>) {
+        let answer = match done {
+            Ok(()) => Frame::Exit(ExitStatus::Exited(0)),
+            Err(message) => Frame::Error(message),
+        };
+        self.queue(&answer);
         self.finish();
+    }
+
+    /// Sends an error frame and ends the connection.
+    fn fail(self, message: &str) {
+        self.answer(Err(message.to_string()));
     }
 
     /// Flushes, half-closes, and waits briefly for the host to close, so
@@ -418,6 +430,7 @@ impl Pump {
                 Frame::Signal(sig) => self.signal(sig),
                 Frame::Request(_) => return self.protocol_error("a second request".into()),
                 Frame::Identity(_) => return self.protocol_error("an identity after the request".into()),
+                Frame::Workload(_) => return self.protocol_error("a workload after the request".into()),
                 Frame::Stdout(_) | Frame::Stderr(_) | Frame::Exit(_) | Frame::Error(_) => {
                     return self.protocol_error("a guest-to-host frame from the host".into());
                 }

@@ -58,8 +58,19 @@ enum Stage {
     Exec,
 }
 
-fn cstring(what: &str, s: impl Into<Vec<u8>>) -> Result<CString, String> {
+/// `s` for a system call: refused (naming `what`) when it holds a NUL byte,
+/// which would cut it short.
+pub(crate) fn cstring(what: &str, s: impl Into<Vec<u8>>) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("{what} contains a NUL byte"))
+}
+
+/// Refuses an environment variable name that cannot round-trip through
+/// `KEY=VALUE`: empty, or holding `=` (or NUL, which [`cstring`] catches).
+pub(crate) fn check_env_name(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.contains('=') {
+        return Err(format!("bad environment variable name: {key:?}"));
+    }
+    Ok(())
 }
 
 /// `pipe2(O_CLOEXEC)`: (read end, write end). Every fd the agent makes is
@@ -156,9 +167,7 @@ fn plan(req: &ExecRequest) -> Result<Plan, String> {
         set_env(&mut env, "TERM", "xterm");
     }
     for (key, value) in &req.env {
-        if key.is_empty() || key.contains('=') {
-            return Err(format!("bad environment variable name: {key:?}"));
-        }
+        check_env_name(key)?;
         set_env(&mut env, key, value);
     }
     let path = env.iter().find(|(k, _)| k == b"PATH").map(|(_, v)| v.clone()).unwrap_or_default();

@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use mm_exec_protocol::{ExecClient, ExecError, ExecRequest, ExitStatus, Frame, GuestIdentity, Output};
+use mm_exec_protocol::{ExecClient, ExecError, ExecRequest, ExitStatus, Frame, GuestIdentity, Output, Workload};
 
 use super::{Reaper, serve};
 
@@ -154,19 +154,73 @@ fn an_invalid_identity_is_refused_whole() {
     assert_eq!(refused(short), "invalid identity: 31 bytes of entropy are under the minimum of 32");
     let bad_mac = GuestIdentity { mac: Some("02:6d:0a:64:00".into()), ..GuestIdentity::fresh().unwrap() };
     assert!(refused(bad_mac).starts_with("invalid identity: mac \"02:6d:0a:64:00\": not six"));
+    let good = crate::ssh::test_key(1).to_openssh().unwrap();
+    let bad_keys = GuestIdentity { ssh_keys: Some(vec![good, "not a key".into()]), ..GuestIdentity::new(&[1; 32]) };
+    assert_eq!(refused(bad_keys), "invalid identity: ssh_keys: no public key in authorized key line \"not a key\"");
+}
+
+/// An identity with new SSH keys is taken whole: outside a guest no SSH
+/// server runs, which is no failure (a host sends a run's keys without
+/// knowing whether the guest serves SSH); only the reseed may fail, when
+/// not root.
+#[test]
+fn ssh_keys_without_a_server_are_no_failure() {
+    let keys = vec![crate::ssh::test_key(1).to_openssh().unwrap()];
+    // No clock, no network: entropy (harmless, see below) and the keys.
+    let identity = GuestIdentity { ssh_keys: Some(keys), ..GuestIdentity::new(&[7; 64]) };
+    let result = connect().apply_identity(&identity);
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        result.unwrap();
+    } else {
+        let err = result.unwrap_err();
+        assert!(matches!(&err, ExecError::Remote(m) if m.starts_with("random numbers: ") && !m.contains(';')), "{err}");
+    }
 }
 
 #[test]
-fn an_identity_is_only_a_first_frame() {
-    let (mut host, guest) = UnixStream::pair().unwrap();
-    let server = std::thread::spawn(move || serve(OwnedFd::from(guest), Reaper::Direct));
-    let identity = GuestIdentity::fresh().unwrap();
-    mm_exec_protocol::write_frame(&mut host, &Frame::Request(sh("exec sleep 100"))).unwrap();
-    mm_exec_protocol::write_frame(&mut host, &Frame::Identity(identity)).unwrap();
-    let frame = mm_exec_protocol::read_frame(&mut host).unwrap();
-    assert_eq!(frame, Some(Frame::Error("protocol error: an identity after the request".into())));
-    drop(host);
-    server.join().unwrap();
+fn an_identity_or_a_workload_is_only_a_first_frame() {
+    for (late, what) in [
+        (Frame::Identity(GuestIdentity::fresh().unwrap()), "an identity"),
+        (Frame::Workload(Workload::new(["true"])), "a workload"),
+    ] {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || serve(OwnedFd::from(guest), Reaper::Direct));
+        mm_exec_protocol::write_frame(&mut host, &Frame::Request(sh("exec sleep 100"))).unwrap();
+        mm_exec_protocol::write_frame(&mut host, &late).unwrap();
+        let frame = mm_exec_protocol::read_frame(&mut host).unwrap();
+        assert_eq!(frame, Some(Frame::Error(format!("protocol error: {what} after the request"))));
+        drop(host);
+        server.join().unwrap();
+    }
+}
+
+/// PID 1's one hand-over, end to end through a session: refused while
+/// nothing waits; once a stand-in for PID 1's main thread waits, a
+/// malformed workload is refused and a good one reaches it; after that,
+/// refused again. One test, since the hand-over is the process's only one.
+#[test]
+fn a_workload_goes_to_the_waiting_pid1_once() {
+    use crate::workload::handover::{HANDOVER, NOT_WAITING, tests::waiter};
+    let refused = |workload: &Workload| match connect().start_workload(workload) {
+        Err(ExecError::Remote(message)) => message,
+        other => panic!("expected an error frame, got {other:?}"),
+    };
+    let workload = Workload::new(["sh", "-c", "exit 4"]).env("MM_RUN", "1").cwd("/tmp");
+    assert_eq!(refused(&workload), NOT_WAITING);
+
+    let pid1 = waiter(&HANDOVER, |offer| {
+        let workload = offer.workload.clone();
+        offer.answer.send(Ok(()));
+        workload
+    });
+    assert_eq!(
+        refused(&Workload::new(["sh"]).cwd("/nonexistent-mm-dir")).split(':').next(),
+        Some("cannot change directory to /nonexistent-mm-dir")
+    );
+    connect().start_workload(&workload).unwrap();
+    assert_eq!(pid1.join().unwrap(), Some(workload.clone()), "the workload did not reach PID 1");
+    assert_eq!(refused(&workload), NOT_WAITING);
 }
 
 /// Entropy alone: the one step that is harmless on the machine running the

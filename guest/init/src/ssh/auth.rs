@@ -69,6 +69,15 @@ fn key_blob(line: &str) -> Option<Vec<u8>> {
     })
 }
 
+/// A client's public key made from `seed`, for tests that need keys to
+/// authorize (the same seed, the same key).
+#[cfg(test)]
+pub fn test_key(seed: u8) -> PublicKey {
+    use russh::keys::PrivateKey;
+    use russh::keys::ssh_key::private::Ed25519Keypair;
+    PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32])).public_key().clone()
+}
+
 /// A line cut short for a log message (it may be long, and it is the
 /// host's own input, so there is nothing secret in it).
 fn shorten(line: &str) -> String {
@@ -80,13 +89,8 @@ fn shorten(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::test_key as key;
     use super::*;
-    use russh::keys::PrivateKey;
-    use russh::keys::ssh_key::private::Ed25519Keypair;
-
-    fn key(seed: u8) -> PublicKey {
-        PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32])).public_key().clone()
-    }
 
     #[test]
     fn matches_the_blob_and_ignores_options_and_comments() {

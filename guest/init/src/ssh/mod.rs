@@ -14,7 +14,11 @@
 //!   [`ServerConfig`], so no thread beyond its own is involved.
 //! * Logins: user `root` only, public keys only, checked against the
 //!   `mm.ssh=` lines (auth.rs). Every accepted or refused attempt is one
-//!   line on stderr.
+//!   line on stderr. A guest restored from a snapshot gets the keys of its
+//!   run from the exec agent ([`set_authorized_keys`]): a snapshot taken
+//!   once per image, before any run (a warm start), has none of them on its
+//!   command line. Like the host key, they are read per connection
+//!   ([`Logins`]).
 //! * Sessions: `exec` runs `/bin/sh -c CMD`, `shell` runs `/bin/sh -l`, as
 //!   root, on a terminal if the client asked for one (channel.rs). Commands
 //!   start through the exec agent's spawner, because PID 1 reaps every child
@@ -45,7 +49,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::agent::Reaper;
-use auth::AuthorizedKeys;
+pub(crate) use auth::AuthorizedKeys;
+#[cfg(test)]
+pub(crate) use auth::test_key;
 use handler::Connection;
 use hostkey::Origin;
 
@@ -95,17 +101,17 @@ fn try_start(authorized_keys: &[String]) -> Result<(), SshError> {
     }
     let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 22));
     let listener = bind(addr)?;
+    let count = count_keys(&keys);
+    let logins = Logins::new(keys);
+    // Published before the thread starts, so that keys set from now on
+    // cannot be overwritten by these.
+    *LOGINS.lock().unwrap_or_else(PoisonError::into_inner) = Some(logins.clone());
     std::thread::Builder::new()
         .name("ssh".into())
         .spawn(move || {
             let result = load_host_key().and_then(|server| {
-                let _ = writeln!(
-                    io::stdout(),
-                    "mm-init: ssh listening on {addr} ({} authorized key{})",
-                    keys.len(),
-                    if keys.len() == 1 { "" } else { "s" }
-                );
-                serve(listener, server, keys, Reaper::Pid1)
+                let _ = writeln!(io::stdout(), "mm-init: ssh listening on {addr} ({count})");
+                serve(listener, server, logins, Reaper::Pid1)
             });
             if let Err(e) = result {
                 eprintln!("mm-init: ssh: {e}");
@@ -180,6 +186,51 @@ fn renew_host_key_at(path: &Path, running: &Running) -> Result<(), SshError> {
     stored
 }
 
+/// Who may log in. Replaceable while the server runs, for
+/// [`set_authorized_keys`]; each connection takes the keys current when it
+/// is accepted (connections already open keep theirs, like a session of
+/// OpenSSH's outlives a change to `authorized_keys`).
+pub(crate) struct Logins(RwLock<Arc<AuthorizedKeys>>);
+
+impl Logins {
+    fn new(keys: AuthorizedKeys) -> Arc<Self> {
+        Arc::new(Logins(RwLock::new(Arc::new(keys))))
+    }
+
+    fn current(&self) -> Arc<AuthorizedKeys> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn replace(&self, keys: AuthorizedKeys) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+    }
+}
+
+/// The logins of the server PID 1 started, once it listens.
+static LOGINS: Mutex<Option<Arc<Logins>>> = Mutex::new(None);
+
+/// Replaces the keys that may log in to the running server with `keys`
+/// (for a restored guest: see the module docs), for every connection from
+/// now on; one console line says how many there are now. Without a
+/// running server (no network at boot) nobody can log in anyway, and
+/// nothing changes: that is no failure, as a host sends a run's keys
+/// without knowing whether the guest serves SSH.
+pub fn set_authorized_keys(keys: AuthorizedKeys) {
+    set_authorized_keys_in(keys, &LOGINS)
+}
+
+fn set_authorized_keys_in(keys: AuthorizedKeys, running: &Mutex<Option<Arc<Logins>>>) {
+    if let Some(logins) = running.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+        let _ = writeln!(io::stdout(), "mm-init: ssh: new logins ({})", count_keys(&keys));
+        logins.replace(keys);
+    }
+}
+
+/// `1 authorized key`, `3 authorized keys`: for the console.
+fn count_keys(keys: &AuthorizedKeys) -> String {
+    format!("{} authorized key{}", keys.len(), if keys.len() == 1 { "" } else { "s" })
+}
+
 /// Binds the listening socket (std sets `SO_REUSEADDR` and close-on-exec).
 fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, SshError> {
     let listen_error = |source| SshError::Listen { addr, source };
@@ -232,19 +283,19 @@ fn config(host_key: PrivateKey) -> Config {
 fn serve(
     listener: std::net::TcpListener,
     server: Arc<ServerConfig>,
-    keys: AuthorizedKeys,
+    logins: Arc<Logins>,
     reaper: Reaper,
 ) -> Result<(), SshError> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(SshError::Runtime)?;
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener).map_err(SshError::Runtime)?;
-        accept_loop(listener, server, Arc::new(keys), reaper).await;
+        accept_loop(listener, server, logins, reaper).await;
         Ok(())
     })
 }
 
-async fn accept_loop(listener: TcpListener, server: Arc<ServerConfig>, keys: Arc<AuthorizedKeys>, reaper: Reaper) {
+async fn accept_loop(listener: TcpListener, server: Arc<ServerConfig>, logins: Arc<Logins>, reaper: Reaper) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -260,7 +311,7 @@ async fn accept_loop(listener: TcpListener, server: Arc<ServerConfig>, keys: Arc
             eprintln!("mm-init: ssh: refused {peer}: too many connections");
             continue;
         };
-        let connection = Connection::new(peer, keys.clone(), reaper);
+        let connection = Connection::new(peer, logins.current(), reaper);
         let config = server.current();
         tokio::spawn(async move {
             serve_connection(stream, config, connection).await;

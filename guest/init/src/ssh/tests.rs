@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{AuthorizedKeys, Reaper, ServerConfig, bind, hostkey, serve};
+use super::{AuthorizedKeys, Logins, Reaper, ServerConfig, bind, hostkey, serve};
 
 /// A fresh directory under the system's temporary directory.
 pub fn scratch_dir(what: &str) -> PathBuf {
@@ -40,6 +40,7 @@ struct Server {
     key: PathBuf,
     dir: PathBuf,
     config: Arc<ServerConfig>,
+    logins: Arc<Logins>,
 }
 
 impl Server {
@@ -51,15 +52,29 @@ impl Server {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = listener.local_addr().unwrap().port();
         let config = ServerConfig::new(hostkey::generate().unwrap());
-        let serving = config.clone();
-        std::thread::spawn(move || serve(listener, serving, keys, Reaper::Direct).unwrap());
-        Server { port, key, dir, config }
+        let logins = Logins::new(keys);
+        let (serving, checking) = (config.clone(), logins.clone());
+        std::thread::spawn(move || serve(listener, serving, checking, Reaper::Direct).unwrap());
+        Server { port, key, dir, config, logins }
     }
 
     /// `ssh` with `key` and `extra` options, `args` as its command line,
     /// `stdin` as its input.
     fn ssh(&self, key: &Path, extra: &[&str], args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = Command::new("/usr/bin/ssh")
+        let mut child = self.spawn_ssh(key, extra, args);
+        let mut input = child.stdin.take().unwrap();
+        let stdin = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&stdin);
+        });
+        let output = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        output
+    }
+
+    /// `ssh` as in [`Self::ssh`], its stdio piped, left running.
+    fn spawn_ssh(&self, key: &Path, extra: &[&str], args: &[&str]) -> std::process::Child {
+        Command::new("/usr/bin/ssh")
             .args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
             .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"])
             .args(["-o", "ConnectTimeout=20", "-i"])
@@ -72,15 +87,7 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        let stdin = stdin.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = input.write_all(&stdin);
-        });
-        let output = child.wait_with_output().unwrap();
-        writer.join().unwrap();
-        output
+            .unwrap()
     }
 
     fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
@@ -224,6 +231,48 @@ fn a_renewed_host_key_is_stored_and_offered_to_new_connections() {
     assert_ne!(offered_host_key(server.port), after);
 }
 
+#[test]
+fn new_authorized_keys_hold_for_new_connections() {
+    let server = Server::start();
+    let (other, other_public) = client_key(&server.dir, "other");
+    let logs_in = |key: &Path| {
+        let out = server.ssh(key, &[], &["echo in"], b"");
+        match text(&out.stdout).as_str() {
+            "in\n" => true,
+            "" if text(&out.stderr).contains("Permission denied (publickey)") => false,
+            _ => panic!("neither in nor refused: {out:?}"),
+        }
+    };
+    assert!(logs_in(&server.key) && !logs_in(&other));
+
+    // A session from before the change goes on: it waits for a line.
+    let mut before = server.spawn_ssh(&server.key, &[], &["echo ready; read line; echo \"got $line\""]);
+    let mut stdout = std::io::BufReader::new(before.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+
+    let running = Mutex::new(Some(server.logins.clone()));
+    let (keys, problems) = AuthorizedKeys::parse(&[format!("# the new run's\n{other_public}")]);
+    assert!(problems.is_empty(), "{problems:?}");
+    super::set_authorized_keys_in(keys, &running);
+    assert!(logs_in(&other) && !logs_in(&server.key));
+
+    before.stdin.take().unwrap().write_all(b"still here\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest, "got still here\n");
+    assert!(before.wait().unwrap().success());
+
+    // Without a running server nothing changes (for this one).
+    super::set_authorized_keys_in(AuthorizedKeys::default(), &Mutex::new(None));
+    assert!(logs_in(&other));
+
+    // None at all locks everyone out.
+    super::set_authorized_keys_in(AuthorizedKeys::default(), &running);
+    assert!(!logs_in(&other) && !logs_in(&server.key));
+}
+
 /// What the client of [`with_client`] gets back from a channel.
 #[derive(Default, Debug)]
 struct Seen {
@@ -243,7 +292,7 @@ where
     let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let server = ServerConfig::new(hostkey::generate().unwrap());
-    std::thread::spawn(move || serve(listener, server, keys, Reaper::Direct).unwrap());
+    std::thread::spawn(move || serve(listener, server, Logins::new(keys), Reaper::Direct).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().unwrap();
     runtime.block_on(async move {
         let config = std::sync::Arc::new(russh::client::Config::default());
