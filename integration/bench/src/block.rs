@@ -69,7 +69,7 @@ fn create_image(path: &Path, mib: u64) -> Result<()> {
 
 /// Makes the image cold: its dirty pages written back, then its cached
 /// pages dropped (`POSIX_FADV_DONTNEED`), so the next reader reads the disk.
-fn drop_cache(path: &Path) -> Result<()> {
+pub(crate) fn drop_cache(path: &Path) -> Result<()> {
     let file = File::open(path)?;
     file.sync_data()?;
     // SAFETY: posix_fadvise only advises the kernel about an fd we own.

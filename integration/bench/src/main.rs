@@ -8,7 +8,9 @@
 //! `mm-bench exec [--execs M] [--runs N] [--json]` (mmctl through a real
 //! mm-broker; nothing to compare with in QEMU),
 //! `mm-bench api [--machines N] [--json]` (the controller's REST API on a
-//! throw-away PostgreSQL): see README.md.
+//! throw-away PostgreSQL),
+//! `mm-bench snapshot [--runs N] [--memory-mib M] [--firecracker PATH]
+//! [--json]` (snapshot and restore vs QEMU and Firecracker): see README.md.
 
 mod api;
 mod apibroker;
@@ -30,6 +32,7 @@ mod pg;
 mod procmem;
 mod qemu;
 mod report;
+mod snapshot;
 mod vm;
 mod vsock;
 
@@ -68,6 +71,9 @@ enum Bench {
     /// The controller's REST API on a throw-away PostgreSQL: list rate and latency (wrk), create latency,
     /// and create-to-running through a real broker when one can join the controller.
     Api(api::ApiArgs),
+    /// Snapshot and restore of a running guest: snapshot time, pause, size on disk, restore → vCPUs
+    /// running and → the guest answering, vs QEMU migrate-to-file and (with --firecracker) Firecracker.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +140,7 @@ fn main() -> Result<()> {
         Bench::Vsock(args) => vsock::run(args),
         Bench::Exec(args) => exec::run(args),
         Bench::Api(args) => api::run(args),
+        Bench::Snapshot(args) => snapshot::run(args),
     }
 }
 

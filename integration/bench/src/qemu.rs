@@ -69,7 +69,24 @@ pub fn device_command(config: &BootConfig, kernel: &Path, initrd: &Path, cmdline
     command_on(&format!("{MACHINE},acpi=off"), config, kernel, initrd, cmdline)
 }
 
+/// The same guest with no initramfs and its root on a virtio-blk disk
+/// (`image`, raw, QEMU's default `cache=writeback`), as the snapshot
+/// benchmark boots it on every system; `cmdline` must say `root=/dev/vda`.
+pub fn root_disk_command(config: &BootConfig, kernel: &Path, image: &Path, cmdline: &str) -> Command {
+    let mut cmd = base_command(&format!("{MACHINE},acpi=off"), config, kernel, cmdline);
+    cmd.arg("-drive")
+        .arg(format!("id=root,file={},format=raw,if=none", image.display()))
+        .args(["-device", "virtio-blk-device,drive=root"]);
+    cmd
+}
+
 fn command_on(machine: &str, config: &BootConfig, kernel: &Path, initrd: &Path, cmdline: &str) -> Command {
+    let mut cmd = base_command(machine, config, kernel, cmdline);
+    cmd.arg("-initrd").arg(initrd);
+    cmd
+}
+
+fn base_command(machine: &str, config: &BootConfig, kernel: &Path, cmdline: &str) -> Command {
     let mut cmd = Command::new(QEMU);
     cmd.args(["-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities"])
         .args(["-m", &config.memory_mib.to_string()])
@@ -77,8 +94,6 @@ fn command_on(machine: &str, config: &BootConfig, kernel: &Path, initrd: &Path, 
         .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
         .arg("-kernel")
         .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
         .args(["-no-reboot", "-append", cmdline]);
     cmd
 }

@@ -33,6 +33,8 @@ pub struct Vm {
     started: Instant,
     /// Every console line so far.
     pub console: Vec<String>,
+    /// When each line of `console` read by `wait_for`/`poll_for` arrived.
+    arrivals: Vec<Instant>,
     /// Spawn → `mm-init: user space started`, once seen.
     pub boot_to_init: Option<Duration>,
 }
@@ -42,6 +44,8 @@ pub struct Vm {
 pub struct VmEnd {
     pub ending: Ending,
     pub console: String,
+    /// The VMM's whole stderr (mm-vmm's log).
+    pub stderr: String,
     /// Spawn → exit or kill.
     pub total: Duration,
 }
@@ -64,7 +68,14 @@ pub fn die_with_parent(cmd: &mut Command) {
 
 impl Vm {
     pub fn spawn(name: &str, mut cmd: Command, log_base: Option<PathBuf>) -> Result<Vm> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null());
+        Self::spawn_with_stdin(name, cmd, log_base)
+    }
+
+    /// Like [`Vm::spawn`], with the stdin `cmd` already has (a pipe, whose
+    /// writing end [`Vm::take_stdin`] hands out: QEMU's serial input).
+    pub fn spawn_with_stdin(name: &str, mut cmd: Command, log_base: Option<PathBuf>) -> Result<Vm> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         die_with_parent(&mut cmd);
         let started = Instant::now();
         let mut guard =
@@ -86,6 +97,7 @@ impl Vm {
             stderr: Some(stderr),
             started,
             console: Vec::new(),
+            arrivals: Vec::new(),
             boot_to_init: None,
         })
     }
@@ -94,15 +106,31 @@ impl Vm {
     /// line and when it arrived. Fails (with the console's tail) on time-out
     /// or if the VMM closes its console first.
     pub fn wait_for(&mut self, needle: &str, deadline: Instant) -> Result<(Instant, String)> {
+        match self.poll_for(needle, deadline)? {
+            Some(found) => Ok(found),
+            None => bail!(
+                "{} (pid {}): no console line with {needle:?} in time; console (last 30 lines):\n{}",
+                self.name,
+                self.pid,
+                tail(&self.console.join("\n"), 30)
+            ),
+        }
+    }
+
+    /// Like [`Vm::wait_for`], but a time-out is `None` rather than an error:
+    /// for callers that poke the guest between looks (the snapshot
+    /// benchmark's serial pings).
+    pub fn poll_for(&mut self, needle: &str, deadline: Instant) -> Result<Option<(Instant, String)>> {
         loop {
             match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok((at, line)) => {
                     self.console.push(line.clone());
+                    self.arrivals.push(at);
                     if self.boot_to_init.is_none() && line.contains(MARKER) {
                         self.boot_to_init = Some(at.duration_since(self.started));
                     }
                     if line.contains(needle) {
-                        return Ok((at, line));
+                        return Ok(Some((at, line)));
                     }
                     if line.contains(RESULT_PREFIX) {
                         eprintln!("mm-bench: {}: {}", self.name, line.trim());
@@ -117,12 +145,7 @@ impl Vm {
                         );
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => bail!(
-                    "{} (pid {}): no console line with {needle:?} in time; console (last 30 lines):\n{}",
-                    self.name,
-                    self.pid,
-                    tail(&self.console.join("\n"), 30)
-                ),
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
                 Err(RecvTimeoutError::Disconnected) => bail!(
                     "{} (pid {}) closed its console before printing {needle:?}; console (last 30 lines):\n{}",
                     self.name,
@@ -131,6 +154,30 @@ impl Vm {
                 ),
             }
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// When the VMM was spawned.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The first line containing `needle` among those already read, with
+    /// its arrival; else waits for one as [`Vm::wait_for`] does.
+    pub fn first_line(&mut self, needle: &str, deadline: Instant) -> Result<(Instant, String)> {
+        let seen = self.console.iter().zip(&self.arrivals).find(|(line, _)| line.contains(needle));
+        match seen {
+            Some((line, at)) => Ok((*at, line.clone())),
+            None => self.wait_for(needle, deadline),
+        }
+    }
+
+    /// The writing end of the VMM's stdin, if it was spawned with a pipe.
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.guard.child().stdin.take()
     }
 
     /// Waits for `mmbench: done`, collecting every `mmbench:` result line
@@ -154,7 +201,7 @@ impl Vm {
         if let Some(base) = self.log_base.take() {
             save_logs(&base, &console, &stderr)?;
         }
-        Ok(VmEnd { ending, console, total })
+        Ok(VmEnd { ending, console, stderr, total })
     }
 }
 

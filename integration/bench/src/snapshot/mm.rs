@@ -1,0 +1,145 @@
+//! mm-vmm's run: jailed and seccomp-filtered as always (no `--no-jail`),
+//! a block root and a vsock device served by `mm-device` processes; pause,
+//! snapshot and resume through its control socket; the restore is a new
+//! mm-vmm (`--restore-state`, `--restore-memory`) with new back ends, the
+//! vsock one with `--transport-reset`, as the broker does it.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use mm_integration::devices::DeviceProcess;
+use mm_integration::guest::Boot;
+use mm_protocols::vmm_control::VmmClient;
+
+use super::probe::{self, TICK};
+use super::{Setup, SnapRun, SnapSystem, check_cmdline, create, file_kib, ms, ms_between, wait_for_path};
+use crate::boot::monotonic_ns;
+use crate::procmem::{self, GuestRam, process_tree};
+use crate::vm::Vm;
+
+const SYSTEM: SnapSystem = SnapSystem::Mm;
+const RAM: GuestRam = GuestRam::Named("mm-guest-ram");
+
+/// Starts the block and vsock back ends for one mm-vmm; the vsock one
+/// serves the guest at `uds`.
+fn devices(dir: &Path, tag: &str, disk: &Path, uds: &Path, reset: bool) -> Result<(DeviceProcess, DeviceProcess)> {
+    let block = DeviceProcess::block(&dir.join(format!("{tag}-block.sock")), disk)?;
+    let uds = uds.to_str().context("socket path is not UTF-8")?;
+    let mut args = vec!["--guest-cid", "3", "--uds", uds];
+    if reset {
+        args.push("--transport-reset");
+    }
+    let vsock = DeviceProcess::spawn("vsock", &dir.join(format!("{tag}-vsock.sock")), &args)?;
+    Ok((block, vsock))
+}
+
+pub fn run(setup: &Setup, run: usize, warnings: &mut Vec<String>) -> Result<SnapRun> {
+    let (dir, disk) = setup.run_dir(SYSTEM, run)?;
+    let name = format!("run {run} mm");
+    let mut record = SnapRun {
+        system: SYSTEM.name(),
+        run,
+        version: crate::version_of(&mm_integration::workspace_binary("mm-vmm")?),
+        answer_probe: "exec true over vsock",
+        ..SnapRun::default()
+    };
+
+    // Cold boot, until the exec agent answers.
+    let uds = dir.join("vsock.uds");
+    let control = dir.join("vmm.ctl");
+    let (block, vsock) = devices(&dir, "boot", &disk, &uds, false)?;
+    let mut boot = Boot::new(&[]).cpus(setup.config.cpus);
+    boot.memory_mib = setup.config.memory_mib;
+    boot.initramfs = false;
+    boot.extra_cmdline = setup.config.extra_cmdline.clone();
+    boot.command = setup.config.workload.clone();
+    let boot = boot.device("block", &block.socket).device("vsock", &vsock.socket).control(&control);
+    let mut cmd = boot.command()?;
+    cmd.env("NO_COLOR", "1");
+    let mut source = Vm::spawn("mm", cmd, Some(setup.log_base(SYSTEM, run, "boot")))?;
+    let boot_deadline = source.started() + setup.boot_timeout;
+    let (answered, _) = probe::exec_until(&uds, Duration::from_millis(200), boot_deadline)?;
+    record.boot_to_answer_ms = ms_between(source.started(), answered);
+    source.wait_for(TICK, boot_deadline)?;
+    let again = Instant::now();
+    let (answered, _) = probe::exec_until(&uds, Duration::from_millis(200), boot_deadline)?;
+    record.steady_answer_ms = ms_between(again, answered);
+    record.boot_to_init_ms = source.boot_to_init.map(ms);
+    record.touched_kib = Some(procmem::sample(&process_tree(source.pid()), &RAM)?.guest_ram_rss_kib);
+
+    // Pause → snapshot (mm-vmm writes and fsyncs both files) → resume.
+    wait_for_path(&control, boot_deadline)?;
+    let client = VmmClient::connect(&control).context("connecting to mm-vmm's control socket")?;
+    let (state_path, memory_path) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let (state, memory) = (create(&state_path)?, create(&memory_path)?);
+    let paused = Instant::now();
+    client.pause().context("pause")?;
+    let report = client.snapshot(&state, &memory).context("snapshot")?;
+    // Already synced by mm-vmm: for the same end point as the peers.
+    state.sync_all()?;
+    memory.sync_all()?;
+    let durable = Instant::now();
+    client.resume().context("resume")?;
+    let resumed = Instant::now();
+    record.snapshot_ms = ms_between(paused, durable);
+    record.pause_ms = ms_between(paused, resumed);
+    record.save_ms = Some(report.save_us as f64 / 1e3);
+    record.reported_pause_ms = Some(report.paused_us as f64 / 1e3);
+    record.memory_written_kib = Some(report.memory_bytes / 1024);
+    (record.memory_file_disk_kib, record.memory_file_size_kib) = file_kib(&memory_path)?;
+    (record.state_file_disk_kib, record.state_file_size_kib) = file_kib(&state_path)?;
+    // The source runs on after its snapshot.
+    probe::tick_after(&mut source, resumed, Instant::now() + Duration::from_secs(60))
+        .context("the source guest after its snapshot")?;
+    drop(client);
+    let end = source.finish(Duration::ZERO)?;
+    check_cmdline(&name, &end.console, &setup.cmdline, warnings)?;
+    drop((block, vsock));
+
+    // Restore: new back ends first (not timed in the restore), then a new
+    // mm-vmm; its clock starts right before its spawn.
+    if setup.cold_cache {
+        super::drop_cache(&state_path)?;
+        super::drop_cache(&memory_path)?;
+    }
+    let uds = dir.join("vsock-restored.uds");
+    let devices_started = Instant::now();
+    let (block, vsock) = devices(&dir, "restore", &disk, &uds, true)?;
+    record.restore_devices_ms = Some(ms(devices_started.elapsed()));
+    let mut cmd = Command::new(mm_integration::workspace_binary("mm-vmm")?);
+    cmd.arg("--restore-state").arg(&state_path).arg("--restore-memory").arg(&memory_path);
+    cmd.arg("--device").arg(format!("block={}", block.socket.display()));
+    cmd.arg("--device").arg(format!("vsock={}", vsock.socket.display()));
+    cmd.env("NO_COLOR", "1");
+    let spawn_ns = monotonic_ns();
+    let mut restored = Vm::spawn("mm restored", cmd, Some(setup.log_base(SYSTEM, run, "restore")))?;
+    let deadline = restored.started() + setup.restore_timeout;
+    let (answered, attempts) = probe::exec_until(&uds, Duration::from_millis(2), deadline)?;
+    record.restore_to_answer_ms = ms_between(restored.started(), answered);
+    record.restore_answer_attempts = attempts;
+    let (tick, _) = restored.first_line(TICK, deadline)?;
+    record.restore_to_tick_ms = ms_between(restored.started(), tick);
+    let vmm = procmem::sample(&process_tree(restored.pid()), &RAM)?;
+    record.restored_host_kib = Some(vmm.vmm_kib());
+    record.restored_total_pss_kib = Some(vmm.total_pss_kib);
+    record.restored_guest_ram_pss_kib = Some(vmm.guest_ram_pss_kib);
+    let device_pids: Vec<u32> = [block.pid(), vsock.pid()].into_iter().flat_map(process_tree).collect();
+    match procmem::sample(&device_pids, &RAM) {
+        Ok(s) => record.restored_devices_kib = Some(s.vmm_kib()),
+        Err(e) => warnings.push(format!("{name}: the restored back ends' memory: {e:#}")),
+    }
+    if restored.console.iter().any(|l| l.contains("Linux version")) {
+        warnings.push(format!("{name}: the restored guest printed a boot banner: it booted instead of resuming"));
+    }
+    let end = restored.finish(Duration::ZERO)?;
+    drop((block, vsock));
+    let log = crate::mmvmm::parse_log(&end.stderr);
+    let first_run = log.first_kvm_run_monotonic_ns.context("no `first KVM_RUN` line in the restored mm-vmm's log")?;
+    record.restore_to_vcpus_ms = ((first_run as f64 - spawn_ns as f64) / 1e3).round() / 1e3;
+    record.restore_in_vmm_ms = log.first_kvm_run_since_start_ms;
+    record.restore_spawn_ms =
+        log.first_kvm_run_since_start_ms.map(|inside| ((record.restore_to_vcpus_ms - inside) * 1e3).round() / 1e3);
+    Ok(record)
+}
