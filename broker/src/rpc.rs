@@ -206,21 +206,25 @@ pub fn fill_info(record: &VmRecord, mut info: vm_info::Builder<'_>) {
     }
 }
 
-pub fn fill_snapshot(manifest: &SnapshotManifest, mut info: snapshot_info::Builder<'_>) {
-    info.set_id(&manifest.id);
-    info.set_name(&manifest.name);
-    info.set_kind(match manifest.kind {
+pub fn fill_snapshot(manifest: &SnapshotManifest, info: snapshot_info::Builder<'_>) {
+    let kind = match manifest.kind {
         SnapshotKind::Snapshot => "snapshot",
         SnapshotKind::Suspend => "suspend",
-    });
-    info.set_vm_id(&manifest.vm_id);
-    info.set_vm_name(&manifest.vm_name);
-    info.set_created_at(&manifest.created_at);
-    info.set_cpus(manifest.cpus);
-    info.set_memory_mib(manifest.memory_mib);
-    info.set_memory_bytes(manifest.memory_bytes);
-    info.set_disk_bytes(manifest.disk_bytes);
-    info.set_pause_us(manifest.pause_us);
+    };
+    mm_protocols::snapshot_info::SnapshotInfo {
+        id: manifest.id.clone(),
+        name: manifest.name.clone(),
+        kind: kind.into(),
+        vm_id: manifest.vm_id.clone(),
+        vm_name: manifest.vm_name.clone(),
+        created_at: manifest.created_at.clone(),
+        cpus: manifest.cpus,
+        memory_mib: manifest.memory_mib,
+        memory_bytes: manifest.memory_bytes,
+        disk_bytes: manifest.disk_bytes,
+        pause_us: manifest.pause_us,
+    }
+    .write(info);
 }
 
 /// A capability for one microVM.

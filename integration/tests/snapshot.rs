@@ -8,8 +8,8 @@
 //! dead device process fails, naming the device, and the source runs on.
 //! Then the restore
 //! is fed broken snapshots (truncated or corrupted memory, a damaged or
-//! foreign state file, the wrong devices): each is one clear error, exit
-//! status 125, and no guest.
+//! foreign state file, the wrong devices, more RAM than the host has):
+//! each is one clear error, exit status 125, and no guest.
 
 use std::fs::OpenOptions;
 use std::path::Path;
@@ -191,4 +191,8 @@ fn bad_snapshots_are_refused(dir: &Scratch, state: &Path, memory: &Path, block: 
     refuse(&other_cpu, memory, &both, "CPU");
 
     refuse(state, memory, &[("block", block)], "devices");
+
+    let huge = dir.path("huge.state");
+    std::fs::write(&huge, text.replacen("\"memory_mib\":128,", "\"memory_mib\":100000000,", 1)).unwrap();
+    refuse(&huge, memory, &both, "of RAM");
 }

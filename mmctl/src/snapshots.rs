@@ -3,8 +3,8 @@
 //! `Broker.listSnapshots`, `removeSnapshot`, `restoreVm`).
 
 use clap::Subcommand;
-use mm_protocols::broker_capnp::{broker, snapshot_info};
-use serde::Serialize;
+use mm_protocols::broker_capnp::broker;
+pub use mm_protocols::snapshot_info::SnapshotInfo;
 
 use crate::client::CliError;
 use crate::output::{self, Format, VmInfo};
@@ -33,48 +33,11 @@ pub enum SnapshotVerb {
     },
 }
 
-/// A snapshot as mmctl shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SnapshotInfo {
-    pub id: String,
-    pub name: String,
-    pub kind: String,
-    pub vm_id: String,
-    pub vm: String,
-    pub created_at: String,
-    pub cpus: u8,
-    pub memory_mib: u32,
-    pub memory_bytes: u64,
-    pub disk_bytes: u64,
-    pub pause_us: u64,
-}
-
-fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
-    Ok(t?.to_string().unwrap_or_default())
-}
-
-impl SnapshotInfo {
-    pub fn read(info: snapshot_info::Reader<'_>) -> capnp::Result<SnapshotInfo> {
-        Ok(SnapshotInfo {
-            id: text(info.get_id())?,
-            name: text(info.get_name())?,
-            kind: text(info.get_kind())?,
-            vm_id: text(info.get_vm_id())?,
-            vm: text(info.get_vm_name())?,
-            created_at: text(info.get_created_at())?,
-            cpus: info.get_cpus(),
-            memory_mib: info.get_memory_mib(),
-            memory_bytes: info.get_memory_bytes(),
-            disk_bytes: info.get_disk_bytes(),
-            pause_us: info.get_pause_us(),
-        })
-    }
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.1}M", bytes as f64 / f64::from(1 << 20))
 }
 
+/// `snapshot ls` (local, and `--server`'s table through the same rows).
 pub fn print(snapshots: &[SnapshotInfo], format: Format) {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(snapshots).expect("serialisable")),
@@ -88,7 +51,7 @@ pub fn print(snapshots: &[SnapshotInfo], format: Format) {
                     "{:<14} {:<16} {:<16} {:<9} {:<25} {:>7}M {:>9} {:>9}",
                     s.id,
                     s.name,
-                    s.vm,
+                    s.vm_name,
                     s.kind,
                     s.created_at,
                     s.memory_mib,

@@ -35,6 +35,7 @@ pub mod packet;
 pub mod process_stats;
 #[cfg(feature = "rpc")]
 pub mod rpc;
+pub mod snapshot_info;
 pub mod socket_path;
 pub mod vmm_control;
 

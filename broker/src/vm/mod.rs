@@ -83,6 +83,8 @@ pub struct Vm {
     /// Set by `suspend` before it ends the processes: the microVM ends
     /// `suspended`, not stopped.
     suspending: Cell<bool>,
+    /// Workload hand-overs cut after they were sent (warm.rs).
+    cut_attempts: Cell<u32>,
 }
 
 impl Vm {
@@ -97,6 +99,7 @@ impl Vm {
             state,
             control: RefCell::new(None),
             suspending: Cell::new(false),
+            cut_attempts: Cell::new(0),
         })
     }
 

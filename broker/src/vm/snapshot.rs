@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use mm_exec_protocol::{ExecClient, GuestIdentity};
+use mm_exec_protocol::GuestIdentity;
 use serde_json::json;
 
 use super::{Order, Vm};
@@ -115,7 +115,7 @@ impl Vm {
     /// the wall clock). Then the snapshot is no longer needed to start it:
     /// a suspend's files are removed. A restored guest that cannot take
     /// its identity is ended, rather than left on the network as a copy.
-    /// Returns whether the guest took it.
+    /// Returns whether the microVM may go on (a resumed suspend always may).
     pub(super) async fn take_identity(self: &Rc<Vm>) -> bool {
         let record = self.record();
         let Some(resumed_from) = record.resume_from.clone() else { return true };
@@ -127,27 +127,8 @@ impl Vm {
                 return false;
             }
         };
-        let uds = self.dir.join(crate::launch::VSOCK_SOCKET);
         let began = Instant::now();
-        let result = loop {
-            let (uds, identity) = (uds.clone(), identity.clone());
-            let attempt = tokio::task::spawn_blocking(move || {
-                ExecClient::connect_hybrid_vsock(&uds, mm_exec_protocol::EXEC_PORT)?.apply_identity(&identity)
-            })
-            .await
-            .unwrap_or_else(|e| Err(mm_exec_protocol::ExecError::Io(std::io::Error::other(e.to_string()))));
-            match attempt {
-                Ok(()) => break Ok(()),
-                // Not reachable yet: the agent's vsock is being reset.
-                Err(
-                    e @ (mm_exec_protocol::ExecError::Refused { .. } | mm_exec_protocol::ExecError::Connect { .. }),
-                ) if began.elapsed() < IDENTITY_TIMEOUT && self.state() == VmState::Running => {
-                    tracing::debug!(vm = %record.name, "identity: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => break Err(e),
-            }
-        };
+        let result = self.with_agent(IDENTITY_TIMEOUT, move |client| client.apply_identity(&identity)).await;
         match result {
             Ok(()) => {
                 let after_ms = began.elapsed().as_millis() as u64;
@@ -162,8 +143,13 @@ impl Vm {
                 self.audit.record("identity-failed", json!({ "error": e.to_string() }));
                 if !own_suspend {
                     self.kill("the restored guest did not take its new identity");
+                    return false;
                 }
-                false
+                // Its own suspend: it is who it was, only its entropy and
+                // clock are stale; it runs on and the suspend is done with.
+                self.update(|r| r.resume_from = None);
+                let _ = std::fs::remove_dir_all(&resumed_from);
+                true
             }
         }
     }

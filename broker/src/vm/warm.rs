@@ -23,6 +23,48 @@ const TEMPLATE_BOOT_TIMEOUT: Duration = Duration::from_secs(1800);
 const HAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Vm {
+    /// One request to the guest's exec agent, retried for up to `timeout`
+    /// while the agent is not reachable yet or the connection is cut by
+    /// the guest's vsock transport reset: a resumed guest may accept a
+    /// connection and only then handle the reset event, which resets it
+    /// (seen as the guest closing before its answer). Every request sent
+    /// this way (identity, workload) is safe to repeat; how many were cut
+    /// is counted for the caller ([`Vm::had_cut_attempt`]).
+    pub(super) async fn with_agent(
+        &self,
+        timeout: Duration,
+        call: impl Fn(ExecClient) -> Result<(), ExecError> + Send + Sync + Clone + 'static,
+    ) -> Result<(), ExecError> {
+        let uds = self.dir.join(VSOCK_SOCKET);
+        let began = Instant::now();
+        loop {
+            let (uds, call) = (uds.clone(), call.clone());
+            let attempt = tokio::task::spawn_blocking(move || {
+                call(ExecClient::connect_hybrid_vsock(&uds, mm_exec_protocol::EXEC_PORT)?)
+            })
+            .await
+            .unwrap_or_else(|e| Err(ExecError::Io(std::io::Error::other(e.to_string()))));
+            let retry = match &attempt {
+                Ok(()) => return Ok(()),
+                Err(ExecError::Refused { .. } | ExecError::Connect { .. }) => true,
+                Err(ExecError::Disconnected | ExecError::Io(_)) => {
+                    self.cut_attempts.set(self.cut_attempts.get() + 1);
+                    true
+                }
+                Err(_) => false,
+            };
+            if !retry || began.elapsed() > timeout || self.state() != VmState::Running {
+                return attempt;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Whether an agent request of this start was cut after it was sent.
+    fn had_cut_attempt(&self) -> bool {
+        self.cut_attempts.get() > 0
+    }
+
     /// `console_start`: the console log's length before this start.
     pub(super) async fn after_start(self: Rc<Vm>, console_start: u64) {
         if !self.take_identity().await {
@@ -93,24 +135,13 @@ impl Vm {
     async fn hand_workload(&self) {
         let record = self.record();
         let workload = Workload { argv: record.command.clone(), env: record.env.clone(), cwd: None };
-        let uds = self.dir.join(VSOCK_SOCKET);
+        self.cut_attempts.set(0);
         let began = Instant::now();
-        let result = loop {
-            let (uds, workload) = (uds.clone(), workload.clone());
-            let attempt = tokio::task::spawn_blocking(move || {
-                ExecClient::connect_hybrid_vsock(&uds, mm_exec_protocol::EXEC_PORT)?.start_workload(&workload)
-            })
-            .await
-            .unwrap_or_else(|e| Err(ExecError::Io(std::io::Error::other(e.to_string()))));
-            match attempt {
-                Ok(()) => break Ok(()),
-                Err(ExecError::Refused { .. } | ExecError::Connect { .. })
-                    if began.elapsed() < HAND_TIMEOUT && self.state() == VmState::Running =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => break Err(e),
-            }
+        let result = match self.with_agent(HAND_TIMEOUT, move |client| client.start_workload(&workload)).await {
+            // An earlier attempt was cut after the guest took the workload
+            // (its vsock reset), so this one finds it no longer waiting.
+            Err(ExecError::Remote(e)) if e.contains("not waiting") && self.had_cut_attempt() => Ok(()),
+            other => other,
         };
         match result {
             Ok(()) => {

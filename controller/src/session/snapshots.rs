@@ -22,50 +22,22 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Removing one deletes a directory.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A snapshot as its broker describes it (`SnapshotInfo`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SnapshotInfo {
-    pub id: String,
-    pub kind: String,
-    /// The microVM's name: the machine's id for the controller's.
-    pub vm_name: String,
-    /// RFC 3339.
-    pub created_at: String,
-    pub cpus: u8,
-    pub memory_mib: u32,
-    pub memory_bytes: u64,
-    pub disk_bytes: u64,
-    pub pause_us: u64,
+/// A snapshot as its broker describes it (`broker.capnp`'s `SnapshotInfo`,
+/// read as mmctl reads it).
+pub use mm_protocols::snapshot_info::SnapshotInfo;
+
+/// Reads the broker's answer; text that is not UTF-8 is a broken link.
+fn read_info(info: snapshot_info::Reader<'_>) -> Result<SnapshotInfo, SessionError> {
+    SnapshotInfo::read(info).map_err(|e| SessionError::Link(format!("the broker sent a bad snapshot: {e}")))
 }
 
-fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, SessionError> {
-    t?.to_string().map_err(|e| SessionError::Link(format!("the broker sent text that is not UTF-8: {e}")))
-}
-
-impl SnapshotInfo {
-    pub fn read(info: snapshot_info::Reader<'_>) -> Result<SnapshotInfo, SessionError> {
-        Ok(SnapshotInfo {
-            id: text(info.get_id())?,
-            kind: text(info.get_kind())?,
-            vm_name: text(info.get_vm_name())?,
-            created_at: text(info.get_created_at())?,
-            cpus: info.get_cpus(),
-            memory_mib: info.get_memory_mib(),
-            memory_bytes: info.get_memory_bytes(),
-            disk_bytes: info.get_disk_bytes(),
-            pause_us: info.get_pause_us(),
-        })
-    }
-}
-
-/// Snapshots machine `name`'s running microVM (it runs on).
 pub(super) async fn snapshot(broker: &broker::Client, name: &str) -> Result<SnapshotInfo, SessionError> {
     let take = async {
         let vm = get_vm(broker, name).await?;
         let mut request = vm.snapshot_request();
         request.get().set_name("");
         let reply = request.send().promise.await?;
-        let info = SnapshotInfo::read(reply.get()?.get_snapshot()?)?;
+        let info = read_info(reply.get()?.get_snapshot()?)?;
         if info.id.is_empty() {
             return Err(SessionError::Link("the broker answered a snapshot without an id".into()));
         }
@@ -96,7 +68,8 @@ pub(super) async fn remove(broker: &broker::Client, id: &str) -> Result<(), Sess
 pub(super) async fn suspend(broker: &broker::Client, name: &str) -> Result<String, SessionError> {
     let vm = get_vm(broker, name).await?;
     let reply = vm.suspend_request().send().promise.await?;
-    text(reply.get()?.get_info()?.get_state())
+    let state = reply.get()?.get_info()?.get_state()?;
+    state.to_string().map_err(|e| SessionError::Link(format!("the broker sent text that is not UTF-8: {e}")))
 }
 
 /// Creates machine `row`'s microVM from snapshot `snapshot` (instead of
@@ -287,6 +260,7 @@ mod tests {
                         memory_bytes: 12 << 20,
                         disk_bytes: 40 << 20,
                         pause_us: 1500,
+                        ..SnapshotInfo::default()
                     }
                 );
                 // Never a tenant's name: the broker's names are host-wide.

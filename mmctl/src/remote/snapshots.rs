@@ -19,7 +19,7 @@ use super::view::{self, Machine};
 use super::{find, get, print_acted, wait_started};
 use crate::client::{CliError, exit};
 use crate::output::Format;
-use crate::snapshots::SnapshotVerb;
+use crate::snapshots::{SnapshotInfo, SnapshotVerb};
 
 /// Seconds a restored machine may take to start, as `run`'s default.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -68,32 +68,29 @@ fn snapshots_url(api: &Api, rest: &[&str]) -> Url {
     api.url(&segments)
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1}M", bytes as f64 / f64::from(1 << 20))
-}
-
-/// `snapshot ls`: the local table's columns (the machine's name in VM).
+/// `snapshot ls`: the local table, with the machine's name in VM; JSON is
+/// the controller's own description.
 fn print(snapshots: &[Snapshot], format: Format) {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(snapshots).expect("serialisable")),
         Format::Table => {
-            println!(
-                "{:<14} {:<16} {:<16} {:<9} {:<25} {:>8} {:>9} {:>9}",
-                "ID", "NAME", "VM", "KIND", "CREATED", "RAM", "SAVED", "ON DISK"
-            );
-            for s in snapshots {
-                println!(
-                    "{:<14} {:<16} {:<16} {:<9} {:<25} {:>7}M {:>9} {:>9}",
-                    s.id,
-                    s.name.as_deref().unwrap_or(""),
-                    s.machine_name,
-                    s.kind,
-                    s.created_at,
-                    s.memory_mb,
-                    mib(s.memory_bytes),
-                    mib(s.disk_bytes)
-                );
-            }
+            let rows: Vec<SnapshotInfo> = snapshots
+                .iter()
+                .map(|s| SnapshotInfo {
+                    id: s.id.clone(),
+                    name: s.name.clone().unwrap_or_default(),
+                    kind: s.kind.clone(),
+                    vm_id: s.machine_id.clone(),
+                    vm_name: s.machine_name.clone(),
+                    created_at: s.created_at.clone(),
+                    cpus: u8::try_from(s.cpus).unwrap_or(u8::MAX),
+                    memory_mib: u32::try_from(s.memory_mb).unwrap_or(0),
+                    memory_bytes: s.memory_bytes,
+                    disk_bytes: s.disk_bytes,
+                    pause_us: 0,
+                })
+                .collect();
+            crate::snapshots::print(&rows, Format::Table);
         }
     }
 }
