@@ -126,16 +126,19 @@ mod tests {
             mut results: vm::SnapshotResults,
         ) -> Result<(), capnp::Error> {
             self.0.snapshot_names.borrow_mut().push(params.get()?.get_name()?.to_string().unwrap());
-            let mut info = results.get().init_snapshot();
-            info.set_id("0123456789ab");
-            info.set_kind("snapshot");
-            info.set_vm_name("vm");
-            info.set_created_at("2027-01-05T10:00:00Z");
-            info.set_cpus(2);
-            info.set_memory_mib(256);
-            info.set_memory_bytes(12 << 20);
-            info.set_disk_bytes(40 << 20);
-            info.set_pause_us(1500);
+            SnapshotInfo {
+                id: "0123456789ab".into(),
+                kind: "snapshot".into(),
+                vm_name: "vm".into(),
+                created_at: "2027-01-05T10:00:00Z".into(),
+                cpus: 2,
+                memory_mib: 256,
+                memory_bytes: 12 << 20,
+                disk_bytes: 40 << 20,
+                pause_us: 1500,
+                ..SnapshotInfo::default()
+            }
+            .write(results.get().init_snapshot());
             Ok(())
         }
 

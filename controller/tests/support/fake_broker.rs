@@ -20,7 +20,7 @@ use std::time::Duration;
 use capnp_rpc::RpcSystem;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use mm_controller::session::{BrokerListen, TlsFiles};
-use mm_protocols::broker_capnp::{broker, snapshot_info, vm, vm_info};
+use mm_protocols::broker_capnp::{broker, vm, vm_info};
 use mm_protocols::cluster_capnp::cluster;
 use mm_protocols::cluster_tls::{load_certs, load_roots};
 use mm_protocols::rpc::vat_network;
@@ -367,17 +367,20 @@ impl vm::Server for Vm {
             w.snapshots.insert(id.clone(), FakeSnapshot { vm: self.name.clone(), name });
             id
         };
-        let mut info: snapshot_info::Builder<'_> = results.get().init_snapshot();
-        info.set_id(&id);
-        info.set_kind("snapshot");
-        info.set_vm_id(&self.name);
-        info.set_vm_name(&self.name);
-        info.set_created_at("2027-01-05T10:00:00Z");
-        info.set_cpus(1);
-        info.set_memory_mib(128);
-        info.set_memory_bytes(20 << 20);
-        info.set_disk_bytes(50 << 20);
-        info.set_pause_us(1234);
+        mm_protocols::snapshot_info::SnapshotInfo {
+            id,
+            kind: "snapshot".into(),
+            vm_id: self.name.clone(),
+            vm_name: self.name.clone(),
+            created_at: "2027-01-05T10:00:00Z".into(),
+            cpus: 1,
+            memory_mib: 128,
+            memory_bytes: 20 << 20,
+            disk_bytes: 50 << 20,
+            pause_us: 1234,
+            ..Default::default()
+        }
+        .write(results.get().init_snapshot());
         Ok(())
     }
 
