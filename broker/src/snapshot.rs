@@ -134,7 +134,8 @@ pub fn take(
 }
 
 /// The snapshot of a VM the caller has paused (and resumes or ends):
-/// mm-vmm's files, the disk copy, and the manifest, in `tmp`.
+/// mm-vmm's files and the disk copy in `tmp`; the caller writes the
+/// manifest once it knows how long the pause was.
 pub fn take_paused(
     control: &VmmClient,
     vm_dir: &Path,
@@ -152,7 +153,6 @@ pub fn take_paused(
     manifest.save_us = report.save_us;
     manifest.pause_us = report.paused_us;
     manifest.disk_bytes = [STATE_FILE, MEMORY_FILE, WRITABLE_DISK].iter().map(|f| allocated(&tmp.join(f))).sum();
-    write_manifest(tmp, &manifest).map_err(io("writing the manifest"))?;
     Ok(manifest)
 }
 

@@ -3,7 +3,6 @@
 //! giving a resumed guest its identity. The files and their layout are in
 //! `crate::snapshot`.
 
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -82,7 +81,9 @@ impl Vm {
         // Paused for the whole of it: the guest must not run on after its
         // state was saved, or resuming would go back in time.
         control.pause().map_err(|e| BrokerError::BadSpec(format!("cannot suspend: pause: {e}")))?;
-        let saved = snapshot::take_paused(&control, &self.dir, &tmp, manifest);
+        let saved = snapshot::take_paused(&control, &self.dir, &tmp, manifest).and_then(|m| {
+            snapshot::write_manifest(&tmp, &m).map(|()| m).map_err(BrokerError::io("writing the suspend manifest"))
+        });
         let manifest = match saved {
             Ok(m) => m,
             Err(e) => {
@@ -181,10 +182,5 @@ impl Vm {
             identity.dns = network.config.dns.iter().map(ToString::to_string).collect();
         }
         Ok(identity)
-    }
-
-    /// Where a suspended microVM's snapshot is.
-    pub fn suspend_dir(&self) -> PathBuf {
-        self.dir.join(SUSPEND_DIR)
     }
 }
