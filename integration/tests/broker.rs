@@ -248,7 +248,19 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
     let broker = start_broker("broker-three");
     // `mmctl events` sees everything that follows, live.
     let mut events = broker.mmctl_command(&["events", "-o", "json"]).unwrap();
-    let events = events.stdout(std::process::Stdio::piped()).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let mut events = events
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Nothing is created before the broker holds the subscription (mmctl
+    // says so on stderr), or the first microVM's first events could be missed.
+    // (The reader is kept so that mmctl's stderr stays open.)
+    let mut events_stderr = std::io::BufReader::new(events.stderr.take().unwrap());
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut events_stderr, &mut said).unwrap();
+    assert!(said.contains("following events"), "mmctl events: {said:?}");
     let names = ["one", "two", "three"];
     for name in names {
         let run = broker

@@ -227,6 +227,9 @@ pub async fn follow_events(
     request.get().set_sink(capnp_rpc::new_client(EventPrinter { format }));
     // Held for as long as we want events; dropping it would end them.
     let _subscription = request.send().promise.await?.get()?.get_subscription()?;
+    // Said once the broker holds our sink, so a script (or a test) knows
+    // from here on that nothing it does is missed.
+    eprintln!("mmctl: following events; Ctrl-C to stop");
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(0),
