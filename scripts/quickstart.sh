@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-cargo build --release --workspace --bins
+# Without mm-integration and mm-bench: they turn on mm-device's test-only
+# hooks (feature `test-hooks`), which what users run must not have.
+cargo build --release --workspace --bins --exclude mm-integration --exclude mm-bench
 kernel="$(bash guest/kernel/build.sh)"
 initrd="$(bash guest/rootfs/build-initramfs.sh)"
 echo "quickstart: booting $kernel with $initrd (on PVM hosts this takes about a minute)" >&2
