@@ -7,6 +7,7 @@ pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod endpoint;
+pub mod fatal;
 pub mod gdt;
 pub mod layout;
 pub mod live;

@@ -26,7 +26,7 @@ use mm_vmm::vm::{Boot, DeviceSpec, KernelBoot};
 use mm_vmm::{Vm, VmConfig, VmOutcome};
 
 /// Status for "mm-vmm failed", as `docker run` uses 125 for its own errors.
-const VMM_FAILURE: u8 = 125;
+const VMM_FAILURE: u8 = mm_vmm::fatal::VMM_FAILURE as u8;
 
 #[derive(Debug, Parser)]
 #[command(name = "mm-vmm", version, about = "Boot one MicroMachines microVM")]
@@ -96,6 +96,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    mm_vmm::fatal::exit_on_panic();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MM_LOG").unwrap_or_else(|_| "mm_vmm=info".into()))
