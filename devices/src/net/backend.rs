@@ -21,7 +21,7 @@ use super::NetConfig;
 use super::features::{self, CONFIG_SIZE};
 use super::rx::{RxOutcome, deliver_frame};
 use super::tap::{Tap, VNET_HDR_LEN};
-use super::tx::{MAX_FRAME_LEN, process_tx};
+use super::tx::{MAX_FRAME_LEN, drain_tx};
 
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
@@ -137,15 +137,7 @@ impl NetBackend {
         let mem = atomic.memory();
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        let mut used = 0;
-        loop {
-            let _ = queue.disable_notification(&*mem);
-            used += process_tx(queue, &mem, &self.tap, &mut self.tx_buf);
-            match queue.enable_notification(&*mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
+        let used = drain_tx(queue, &mem, &self.tap, &mut self.tx_buf);
         if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
             state.signal_used_queue()?;
         }

@@ -16,6 +16,9 @@ mod tx;
 
 #[cfg(test)]
 mod e2e_tests;
+/// The fuzz entry point (devices/fuzz, target `net_tx`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 #[cfg(test)]
 pub(crate) mod testnet;
 #[cfg(test)]

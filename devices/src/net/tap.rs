@@ -68,9 +68,10 @@ impl Tap {
         Ok(tap)
     }
 
-    /// Wraps any datagram-like fd (a socketpair end in tests) as if it were
-    /// a TAP with or without a virtio-net header, without probing it.
-    #[cfg(test)]
+    /// Wraps any datagram-like fd (a socketpair end in tests and the fuzz
+    /// target) as if it were a TAP with or without a virtio-net header,
+    /// without probing it.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn from_parts(fd: OwnedFd, vnet_hdr: bool, offloads: u32) -> Self {
         set_nonblocking(fd.as_raw_fd()).unwrap();
         Tap { fd, vnet_hdr, offloads }

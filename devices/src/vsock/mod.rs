@@ -24,6 +24,9 @@ mod packet;
 
 #[cfg(test)]
 mod e2e_tests;
+/// The fuzz entry point (devices/fuzz, target `vsock_packets`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 #[cfg(test)]
 mod testutil;
 
