@@ -92,6 +92,7 @@ async fn mint_a_token_serve_and_stop() {
     // Time for the request to reach the server before the signal.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let signalled = Instant::now();
+    // SAFETY: kill(2) on the controller child this test started, not yet reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let waited = waiter.await.unwrap().unwrap();
     assert_eq!(waited.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -78,7 +78,7 @@ pub(crate) unsafe fn run(p: &Prepared, error_fd: RawFd) -> ! {
 unsafe fn steps(p: &Prepared, error_fd: &mut RawFd) -> Result<(), Failure> {
     use ChildStep::*;
     let null = std::ptr::null::<libc::c_char>();
-    // SAFETY (whole function): every call is a syscall whose pointer
+    // SAFETY: (the whole function) every call is a syscall whose pointer
     // arguments are NUL-terminated strings or structs owned by `p` or this
     // stack frame, valid for the duration of the call.
     unsafe {

@@ -74,6 +74,7 @@ impl PgCluster {
             "PostgreSQL 15 binaries not found in {} (scripts/setup.sh installs them)",
             bin.display()
         );
+        // SAFETY: geteuid has no preconditions.
         let as_postgres = unsafe { libc::geteuid() } == 0;
         // /tmp rather than $TMPDIR: the postgres user must be able to reach
         // it (a TMPDIR under /root would not do), and the socket path must
@@ -102,6 +103,8 @@ impl PgCluster {
         pg_ctl.arg("-D").arg(&data).arg("-l").arg(cluster.dir.join("log")).args(["-w", "-o", &options, "start"]);
         run(pg_ctl, "pg_ctl start");
         cluster.spawn_watchdog();
+        // SAFETY: `stop_at_exit` is an `extern "C" fn()` that stays valid for
+        // the life of the process, as atexit(3) requires.
         unsafe { libc::atexit(stop_at_exit) };
         cluster
     }
@@ -168,9 +171,14 @@ extern "C" fn stop_at_exit() {
 fn chown_to_postgres(dir: &Path) {
     use std::os::unix::ffi::OsStrExt;
     let user = c"postgres";
+    // SAFETY: `user` is NUL-terminated; the result is checked for null
+    // before use and read at once, before another getpw* call can reuse it.
     let pw = unsafe { libc::getpwnam(user.as_ptr()) };
     assert!(!pw.is_null(), "no 'postgres' user: install Debian's postgresql package (scripts/setup.sh)");
+    // SAFETY: `pw` was checked to be non-null just above.
     let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    assert_eq!(unsafe { libc::chown(path.as_ptr(), uid, gid) }, 0, "chown {}", dir.display());
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let chowned = unsafe { libc::chown(path.as_ptr(), uid, gid) };
+    assert_eq!(chowned, 0, "chown {}", dir.display());
 }
