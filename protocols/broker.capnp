@@ -55,7 +55,7 @@ using Events = import "events.capnp";
 struct VmSpec {
   name @0 :Text;          # empty: the broker picks one
   image @1 :Text;         # empty or "builtin": the built-in busybox image
-  cpus @2 :UInt8;
+  cpus @2 :UInt8;         # 1 to the host's maximum; 0 is refused
   memoryMib @3 :UInt32;
   command @4 :List(Text); # empty: the image's default (`sh`)
   env @5 :List(EnvVar);

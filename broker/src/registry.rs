@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::rc::Rc;
 
+use mm_protocols::spec_rules;
 use serde_json::json;
 
 use crate::audit::{AuditLog, now_rfc3339};
@@ -15,10 +16,6 @@ use crate::snapshot::{SnapshotError, SnapshotKind, SnapshotManifest, SnapshotSto
 use crate::vm::Vm;
 use crate::warm::WarmCache;
 use crate::{BrokerConfig, BrokerError};
-
-/// The most the SSH keys may take on the kernel command line (2 KiB in
-/// all on x86): room for a few ed25519 keys, or one RSA key.
-const MAX_SSH_KEYS_BYTES: usize = 1000;
 
 /// Most vCPUs and memory one microVM may ask for.
 const MAX_CPUS: u8 = 32;
@@ -161,24 +158,10 @@ impl Registry {
         if request.image != "builtin" {
             return Err(BrokerError::UnknownImage(request.image));
         }
-        if request.cpus == 0 {
-            request.cpus = 1;
-        }
-        if request.cpus > MAX_CPUS {
-            return Err(BrokerError::BadSpec(format!("cpus {}: at most {MAX_CPUS}", request.cpus)));
-        }
         if request.memory_mib == 0 {
             request.memory_mib = 256;
         }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&request.memory_mib) {
-            return Err(BrokerError::BadSpec(format!(
-                "memory {} MiB: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}",
-                request.memory_mib
-            )));
-        }
-        if let Some((key, _)) = request.env.iter().find(|(k, _)| k.is_empty() || k.contains('=') || k.contains('\0')) {
-            return Err(BrokerError::BadSpec(format!("bad environment variable name {key:?}")));
-        }
+        check_spec(&request)?;
         // Guest RAM is touched lazily, so MemAvailable alone would let
         // microVMs promise more than the host has: count what running
         // ones may still claim against MemTotal too.
@@ -195,7 +178,6 @@ impl Registry {
         if u64::from(request.memory_mib) > available {
             return Err(BrokerError::NoMemory { wanted: request.memory_mib.into(), available });
         }
-        validate_ssh_keys(&request.ssh_keys)?;
         let address = match &self.config.network {
             Some(network) => {
                 let used: Vec<_> = self.vms.borrow().values().filter_map(|vm| vm.record().ip).collect();
@@ -300,28 +282,40 @@ impl Registry {
     }
 }
 
-/// Public keys only, one per line, of a type OpenSSH knows, and few enough
-/// to fit the kernel command line.
-fn validate_ssh_keys(keys: &[String]) -> Result<(), BrokerError> {
-    const TYPES: [&str; 4] = ["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-", "sk-"];
-    for key in keys {
-        let mut words = key.split_ascii_whitespace();
-        let (kind, data) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-        let base64 = |c: char| c.is_ascii_alphanumeric() || "+/=".contains(c);
-        if !TYPES.iter().any(|t| kind.starts_with(t))
-            || data.is_empty()
-            || !data.chars().all(base64)
-            || key.contains('\n')
-        {
-            let shown: String = key.chars().take(40).collect();
-            return Err(BrokerError::BadSpec(format!("not an SSH public key: {shown:?}")));
-        }
+/// What a spec must be, whoever sends it (`mmctl`, the controller, a
+/// restore): 1 to `MAX_CPUS` vCPUs (0 is refused, not taken for 1), memory
+/// in range, plain variable names, public keys only, and a workload that
+/// fits the guest's kernel command line (`mm_protocols::spec_rules`), so
+/// that what would fail at boot is refused here.
+fn check_spec(request: &CreateRequest) -> Result<(), BrokerError> {
+    if !(1..=MAX_CPUS).contains(&request.cpus) {
+        return Err(BrokerError::BadSpec(format!("cpus {}: must be 1 to {MAX_CPUS}", request.cpus)));
     }
-    // base64url of the JSON list, as the kernel command line will carry it.
-    let encoded = serde_json::to_vec(keys).map_or(0, |json| json.len().div_ceil(3) * 4);
-    if encoded > MAX_SSH_KEYS_BYTES {
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&request.memory_mib) {
         return Err(BrokerError::BadSpec(format!(
-            "the SSH keys take {encoded} bytes of the guest's kernel command line, at most {MAX_SSH_KEYS_BYTES}: pass fewer keys, or ed25519 ones"
+            "memory {} MiB: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}",
+            request.memory_mib
+        )));
+    }
+    if let Some((key, _)) = request.env.iter().find(|(k, _)| k.is_empty() || k.contains('=') || k.contains('\0')) {
+        return Err(BrokerError::BadSpec(format!("bad environment variable name {key:?}")));
+    }
+    validate_ssh_keys(&request.ssh_keys)?;
+    let env = request.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    spec_rules::check_workload(&request.command, env, &request.ssh_keys)
+        .map_err(|e| BrokerError::BadSpec(e.to_string()))?;
+    Ok(())
+}
+
+/// Public keys only, one per line, of a type OpenSSH knows. A bad one is
+/// named by its place in the list, never shown: whatever file it came
+/// from may be a secret.
+fn validate_ssh_keys(keys: &[String]) -> Result<(), BrokerError> {
+    if let Some(index) = keys.iter().position(|key| !spec_rules::is_ssh_public_key(key)) {
+        return Err(BrokerError::BadSpec(format!(
+            "SSH key {} of {} is not an SSH public key (a line such as \"ssh-ed25519 AAAA… comment\")",
+            index + 1,
+            keys.len()
         )));
     }
     Ok(())
@@ -363,7 +357,43 @@ mod tests {
         for bad in ["", "hello", "ssh-ed25519", "ssh-ed25519 not*base64", "-----BEGIN OPENSSH PRIVATE KEY-----"] {
             assert!(validate_ssh_keys(&[bad.to_string()]).is_err(), "{bad}");
         }
-        assert!(validate_ssh_keys(&vec![ed; 20]).is_err());
+    }
+
+    /// A line that is not a key is named by its place, never shown (it may
+    /// be the first line of /etc/shadow).
+    #[test]
+    fn a_bad_key_is_not_echoed() {
+        let ed = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGs= me@host".to_string();
+        let secret = "root:$6$s3cr3tSalt$hashhashhash:19000:0:99999:7:::".to_string();
+        let e = validate_ssh_keys(&[ed, secret]).unwrap_err().to_string();
+        assert!(e.contains("SSH key 2 of 2"), "{e}");
+        assert!(!e.contains("s3cr3t") && !e.contains("root:"), "{e}");
+    }
+
+    fn spec() -> CreateRequest {
+        CreateRequest { image: "builtin".into(), cpus: 1, memory_mib: 256, ..CreateRequest::default() }
+    }
+
+    #[test]
+    fn zero_cpus_are_refused() {
+        assert!(check_spec(&spec()).is_ok());
+        let e = check_spec(&CreateRequest { cpus: 0, ..spec() }).unwrap_err().to_string();
+        assert!(e.contains("cpus 0"), "{e}");
+        assert!(check_spec(&CreateRequest { cpus: MAX_CPUS + 1, ..spec() }).is_err());
+    }
+
+    /// `mmctl run -e A=<70 KB>` was created, then failed at boot.
+    #[test]
+    fn a_workload_too_large_for_the_kernel_command_line_is_refused() {
+        let big = CreateRequest { env: vec![("A".into(), "x".repeat(70 * 1024))], ..spec() };
+        let e = check_spec(&big).unwrap_err().to_string();
+        assert!(e.contains("kernel command line") && e.contains("1400"), "{e}");
+        let keys = vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGs= me@host".to_string(); 30];
+        assert!(check_spec(&CreateRequest { ssh_keys: keys, ..spec() }).is_err());
+        let argv = vec!["y".repeat(2000)];
+        assert!(check_spec(&CreateRequest { command: argv, ..spec() }).is_err());
+        let fits = CreateRequest { env: vec![("A".into(), "x".repeat(900))], ..spec() };
+        assert!(check_spec(&fits).is_ok());
     }
 
     #[test]

@@ -101,6 +101,51 @@ async fn bad_bodies_are_refused_and_change_nothing() {
     assert_ne!(hostile.header("x-request-id"), Some("a b\"c"));
 }
 
+/// Issue 17: a config the guest cannot boot with is refused at create
+/// (422) instead of created and then `failed`: a command, env and SSH keys
+/// that together do not fit the guest's kernel command line (each alone
+/// within its own limits), and 0 vCPUs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configs_that_cannot_boot_are_refused_at_create() {
+    use mm_protocols::spec_rules::{WORKLOAD_CMDLINE_MAX, WorkloadSize};
+    let s = serve().await;
+    let root = cluster_admin();
+    s.namespace(&root, "ns").await;
+    s.host(&root, "h1", 8, 8192, json!({})).await;
+    let create = || s.request(Method::POST, "/v1/namespaces/ns/machines").bearer_auth(&root);
+
+    // 8 KiB of env: under the body limit (64 KiB) and each field's own.
+    let value = "x".repeat(8 * 1024);
+    let mut big = spec("big");
+    big["config"]["env"] = json!({ "A": value });
+    let reply = s.send(create().json(&big)).await;
+    let detail = reply.problem(422);
+    let size = WorkloadSize::of(&[], [("A", value.as_str())], &[]).total();
+    assert!(detail.contains("kernel command line"), "{detail}");
+    assert!(detail.contains(&size.to_string()) && detail.contains(&WORKLOAD_CMDLINE_MAX.to_string()), "{detail}");
+    // The sum counts: command, env and keys that each fit alone.
+    let mut sum = spec("sum");
+    sum["config"]["command"] = json!(["sh", "-c", "y".repeat(400)]);
+    sum["config"]["env"] = json!({ "B": "z".repeat(400) });
+    sum["config"]["ssh_keys"] = json!(vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGs= me@host"; 5]);
+    assert!(s.send(create().json(&sum)).await.problem(422).contains("kernel command line"));
+    // 0 vCPUs is not taken for 1.
+    let mut zero = spec("zero");
+    zero["config"]["guest"]["cpus"] = json!(0);
+    assert!(s.send(create().json(&zero)).await.problem(422).contains("cpus"));
+    assert_eq!(machine_count(&s, &root).await, 0);
+
+    // What fits is taken.
+    let mut fits = spec("fits");
+    fits["config"]["env"] = json!({ "A": "x".repeat(900) });
+    let made = s.send(create().json(&fits)).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:#}", made.body);
+    // And the OpenAPI document says so.
+    let doc = s.call(Method::GET, "/v1/openapi.json", None, None).await.body;
+    let said = doc["components"]["schemas"]["MachineConfig"]["description"].as_str().unwrap_or_default();
+    assert!(said.contains(&WORKLOAD_CMDLINE_MAX.to_string()), "{said:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_get_401_and_change_nothing() {
     let s = serve().await;

@@ -203,6 +203,40 @@ async fn snapshot_restore_and_suspend_through_a_broker() {
 /// Taking and deleting a snapshot through a controller the broker did not
 /// dial: forwarded to the one it did, the `Idempotency-Key` with it (so
 /// the replay is that controller's too).
+/// A restore takes the snapshot's command and env with the keys it is
+/// sent: each may fit the guest's kernel command line alone and not
+/// together, which is refused at create (422), not at boot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_whose_keys_overflow_the_kernel_command_line_is_refused() {
+    let certs = Certs::make(&["h1"]);
+    let s = serve_for_brokers(&certs).await;
+    let root = cluster_admin();
+    let _h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
+    s.namespace(&root, "prod").await;
+    let mut web = spec("web");
+    web["config"]["env"] = json!({ "BIG": "x".repeat(900) });
+    let id = s.machine(&root, "prod", web).await["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/namespaces/prod/machines/{id}");
+    started(&s, &root, &path).await;
+    let sid = snapshot_request(&s, &root, &path, json!({}), None).await.body["id"].as_str().unwrap().to_owned();
+
+    let keys = vec![KEY; 8];
+    let alone = json!({ "name": "alone", "config": { "image": "alpine", "guest": { "cpus": 1, "memory_mb": 128 },
+        "ssh_keys": keys } });
+    assert_eq!(s.post("/v1/namespaces/prod/machines", &root, alone).await.status, StatusCode::CREATED);
+    let restore = json!({ "name": "web2", "from_snapshot": sid,
+        "config": { "image": "alpine", "guest": { "cpus": 1, "memory_mb": 128 }, "ssh_keys": keys } });
+    let refused = s.post("/v1/namespaces/prod/machines", &root, restore).await;
+    assert!(refused.problem(422).contains("kernel command line"), "{:#}", refused.body);
+    let names: Vec<Value> = s.get("/v1/namespaces/prod/machines", &root).await.body["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("web"), json!("alone")]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_through_another_controller() {
     let certs = Certs::make(&["h1"]);

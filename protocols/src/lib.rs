@@ -37,6 +37,7 @@ pub mod process_stats;
 pub mod rpc;
 pub mod snapshot_info;
 pub mod socket_path;
+pub mod spec_rules;
 pub mod vmm_control;
 
 /// The default path of the broker's unix socket.

@@ -40,6 +40,10 @@ pub struct Guest {
     pub memory_mb: i64,
 }
 
+/// What a machine runs. Its `command`, `env` and `ssh_keys` travel on the
+/// guest's kernel command line (2047 bytes in all), each a base64url JSON
+/// list: together they may take at most 1400 bytes there (about 1000
+/// bytes of text), whatever each field's own limits allow; more is 422.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
@@ -236,7 +240,8 @@ fn check_config(config: &MachineConfig) -> Result<(), ApiError> {
     }
     validate::env(&config.env)?;
     validate::command("config.command", &config.command)?;
-    validate::ssh_keys(&config.ssh_keys)
+    validate::ssh_keys(&config.ssh_keys)?;
+    validate::workload(&config.command, &config.env, &config.ssh_keys)
 }
 
 /// Creates a machine and places it on a host. With an `Idempotency-Key`,

@@ -8,12 +8,8 @@ use super::problem::ApiError;
 /// DNS-label style names (namespaces, machines, hosts): they end up in
 /// URLs, logs and host-side paths.
 pub fn name(what: &str, value: &str) -> Result<(), ApiError> {
-    let ok = !value.is_empty()
-        && value.len() <= 63
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-');
-    if ok {
+    // The rule mmctl checks what it is sent against, too.
+    if mm_protocols::spec_rules::is_dns_label(value) {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(
@@ -126,6 +122,17 @@ pub fn ssh_keys(keys: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A machine's command, env and SSH keys together: the broker puts them on
+/// the guest's kernel command line, which has room for
+/// `mm_protocols::spec_rules::WORKLOAD_CMDLINE_MAX` bytes of them; more
+/// would be accepted here and fail at boot.
+pub fn workload(command: &[String], env: &BTreeMap<String, String>, ssh_keys: &[String]) -> Result<(), ApiError> {
+    let env = env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    mm_protocols::spec_rules::check_workload(command, env, ssh_keys)
+        .map(drop)
+        .map_err(|e| ApiError::invalid(format!("config: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +167,15 @@ mod tests {
         assert!(env(&ok).is_ok());
         let bad: BTreeMap<_, _> = [("2X".to_string(), "x".to_string())].into();
         assert!(env(&bad).is_err());
+    }
+
+    #[test]
+    fn workloads_must_fit_the_kernel_command_line() {
+        let small: BTreeMap<_, _> = [("A".to_string(), "x".repeat(900))].into();
+        assert!(workload(&[], &small, &[]).is_ok());
+        let big: BTreeMap<_, _> = [("A".to_string(), "x".repeat(70 * 1024))].into();
+        assert!(workload(&[], &big, &[]).is_err());
+        assert!(workload(&["y".repeat(600)], &small, &[]).is_err(), "the sum counts");
     }
 
     #[test]

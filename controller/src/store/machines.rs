@@ -126,6 +126,11 @@ pub fn create(conn: &mut PgConnection, req: CreateMachine) -> Result<Created, St
                 (workload, keys, Some((id.clone(), snapshot.host_name)))
             }
         };
+        // The handler checked what was sent; from a snapshot, its workload
+        // with the keys sent must fit the guest's kernel command line too.
+        let env = workload.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        mm_protocols::spec_rules::check_workload(&workload.command, env, &ssh_keys)
+            .map_err(|e| StoreError::Invalid(format!("config: {e}")))?;
         let capacity: Vec<_> = hosts::capacity(conn, &req.namespace)?.into_iter().map(|(c, _)| c).collect();
         let request =
             Request { cpus: i64::from(workload.cpus), memory_mb: workload.memory_mb, host_labels: &req.host_labels };
