@@ -27,7 +27,7 @@ t=0; while set -- /tmp/st/*; [ $# -lt 200 ] && [ $t -lt 900 ]; do t=$((t+1)); re
 p1=$(forks)
 for f in /tmp/st/*; do [ "$(cat $f)" = 0 ] || { bad=$((bad+1)); echo "BAD job $f"; }; done
 m=$((200 - $#)); [ $m = 0 ] || { bad=$((bad+m)); echo "BAD $m jobs never reported"; }
-echo "STRESS processes=$((p1 - p0)) failures=$bad"
+echo "STRESS processes=$((p1 - p0)) waited=${t}s failures=$bad"
 [ $bad = 0 ]"#;
 
 #[test]
