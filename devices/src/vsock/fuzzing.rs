@@ -21,7 +21,7 @@
 //! | 4 | stream, len (2) | a host socket writes `len` bytes |
 //! | 5 | stream, len (2) | a host socket reads up to `len` bytes |
 //! | 6 | stream, how | a host socket shuts down writing, or closes |
-//! | 7 | — | the device handles socket events (and host listeners accept) |
+//! | 7 | — | the device handles socket events and host listeners accept, twice |
 //! | 8 | count, max (2) | the guest takes up to `count` packets, `max` payload bytes each |
 //! | 9 | — | the driver resets the device |
 
@@ -224,15 +224,19 @@ impl Harness {
         self.streams.push(stream);
     }
 
+    /// Two rounds, so a client accepted in the first has its CONNECT line
+    /// read in the second.
     fn pump(&mut self) {
-        for l in &self.listeners {
-            while let Ok((stream, _)) = l.listener.accept() {
-                if stream.set_nonblocking(true).is_ok() {
-                    self.streams.push(stream);
+        for _ in 0..2 {
+            for l in &self.listeners {
+                while let Ok((stream, _)) = l.listener.accept() {
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.streams.push(stream);
+                    }
                 }
             }
+            self.muxer.process_events();
         }
-        self.muxer.process_events();
     }
 
     /// The guest takes packets from its rx queue, checking each.
