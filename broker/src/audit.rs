@@ -1,9 +1,9 @@
 //! The per-microVM audit log: one JSON object per line in
 //! `vms/<id>/audit.jsonl`, appended and never rewritten. It records every
 //! process spawn, exit (code or signal; for SIGSYS the forbidden syscall),
-//! restart, and every control call with its caller.
+//! restart, and every control call with its caller. It is the broker's
+//! (0600), opened without following a link (`safe_fs`).
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -50,8 +50,7 @@ impl AuditLog {
             line.extend(fields);
         }
         let text = Value::Object(line).to_string();
-        let written =
-            OpenOptions::new().create(true).append(true).open(&self.path).and_then(|mut file| writeln!(file, "{text}"));
+        let written = crate::safe_fs::open_append(&self.path).and_then(|mut file| writeln!(file, "{text}"));
         if let Err(e) = written {
             tracing::error!(path = %self.path.display(), "cannot append to the audit log: {e}: {text}");
         }
@@ -68,7 +67,7 @@ impl AuditLog {
 
     /// Every line so far.
     pub fn lines(&self) -> std::io::Result<Vec<String>> {
-        match std::fs::read_to_string(&self.path) {
+        match crate::safe_fs::read_to_string(&self.path) {
             Ok(text) => Ok(text.lines().map(str::to_string).collect()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -123,5 +122,17 @@ mod tests {
         assert_eq!(first["event"], "spawn");
         assert_eq!(first["pid"], 42);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_linked_audit_log_is_neither_appended_to_nor_read() {
+        use crate::safe_fs::testing::{Scratch, Target, assert_refused, planted};
+        let scratch = Scratch::new("audit-links");
+        let target = Target::new(&scratch);
+        let link = planted(&scratch, "audit.jsonl", &target.path);
+        let log = AuditLog::new(&scratch.0.join("vm"));
+        log.record("spawn", serde_json::json!({"role": "vmm", "pid": 42}));
+        target.untouched();
+        assert_refused(log.lines(), &link);
     }
 }

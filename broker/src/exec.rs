@@ -18,7 +18,6 @@ use mm_protocols::broker_capnp::{exec_output, exec_session, vm};
 use mm_protocols::exec_end::ExecEnd;
 use tokio::sync::mpsc;
 
-use crate::launch::VSOCK_SOCKET;
 use crate::rpc::text;
 
 /// The guest may still be booting: how long to retry a refused connection.
@@ -28,11 +27,25 @@ fn failed(message: impl std::fmt::Display) -> capnp::Error {
     capnp::Error::failed(format!("internal: {message}"))
 }
 
+/// Connects to the guest's exec agent through the microVM's hybrid vsock
+/// socket, once. The socket is in the one directory the microVM's uid may
+/// write, so it is reached by its inode, never through a link planted in
+/// its place (`safe_fs::socket_ref`); errors name the real path.
+pub fn connect_agent(dir: &Path) -> Result<ExecClient, ExecError> {
+    let path = crate::launch::vsock_socket(dir);
+    let socket =
+        crate::safe_fs::socket_ref(&path).map_err(|source| ExecError::Connect { path: path.clone(), source })?;
+    ExecClient::connect_hybrid_vsock(&socket.path, EXEC_PORT).map_err(|e| match e {
+        ExecError::Connect { source, .. } => ExecError::Connect { path, source },
+        other => other,
+    })
+}
+
 /// Connects to the agent, retrying while nobody listens yet.
 fn connect(dir: &Path) -> Result<ExecClient, ExecError> {
     let deadline = std::time::Instant::now() + AGENT_WAIT;
     loop {
-        match ExecClient::connect_hybrid_vsock(dir.join(VSOCK_SOCKET), EXEC_PORT) {
+        match connect_agent(dir) {
             Err(ExecError::Refused { .. } | ExecError::Connect { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(200));
             }

@@ -1,6 +1,13 @@
 //! Turning a microVM record into running processes: one `mm-device` per
 //! device and mm-vmm, each handed exactly its fds.
 //!
+//! The microVM's directory (`vms/<id>/`) is the broker's, 0700: its record,
+//! audit log, console and process logs (0600), the sockets it binds. The
+//! microVM's uid owns only its disk, handed over through an fd
+//! ([`prepare_vm_dir`]), and the vsock device's own subdirectory
+//! ([`VSOCK_DIR`]), the one place its processes may write; nothing the
+//! broker opens there is followed if it is a link (`crate::safe_fs`).
+//!
 //! The vhost-user connection of each device is made here: the broker binds
 //! a listener at a private path (in the microVM's 0700 directory), connects
 //! mm-vmm's end to it, unlinks the path, and passes the listener (one
@@ -13,13 +20,14 @@
 //! connection is sent over it with SCM_RIGHTS.
 
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use base64::Engine;
 
 use mm_protocols::vmm_control::{SeqPacketListener, VmmClient};
 
@@ -28,7 +36,10 @@ use crate::network::Network;
 use crate::process::Process;
 use crate::record::VmRecord;
 
-/// The exec agent's vsock port and the hybrid vsock socket's name.
+/// The vsock device's directory in the microVM's, owned by the microVM's
+/// uid: its jail binds it, and makes its socket and nothing else there.
+pub const VSOCK_DIR: &str = "vsock";
+/// The hybrid vsock socket's name (in [`VSOCK_DIR`]).
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// Each microVM's own disk: the upper layer of its root overlay.
 pub const WRITABLE_DISK: &str = "rw.ext4";
@@ -59,6 +70,11 @@ pub struct DeviceSpec {
 const TAP_FD: RawFd = FIRST_FD + 1;
 /// Where a device finds its control listener (protocols/device.capnp).
 const DEVICE_CONTROL_FD: RawFd = FIRST_FD + 2;
+
+/// The hybrid vsock socket the exec agent is reached through.
+pub fn vsock_socket(dir: &Path) -> PathBuf {
+    dir.join(VSOCK_DIR).join(VSOCK_SOCKET)
+}
 
 /// A device's control socket, bound by the broker in the microVM's
 /// directory and listened on by the device, so a restarted broker reaches
@@ -98,7 +114,7 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
                 "--guest-cid".into(),
                 record.guest_cid.to_string().into(),
                 "--uds".into(),
-                dir.join(VSOCK_SOCKET).into(),
+                vsock_socket(dir).into(),
             ],
             tap: None,
         },
@@ -146,8 +162,9 @@ fn inherit_fds(cmd: &mut Command, fds: Vec<(RawFd, RawFd)>) {
     }
 }
 
-fn log_file(dir: &Path, role: &str) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(dir.join(format!("{role}.log")))
+/// A process's log (its stdout and stderr), appended across restarts.
+pub fn log_file(dir: &Path, role: &str) -> std::io::Result<File> {
+    crate::safe_fs::open_append(&dir.join(format!("{role}.log")))
 }
 
 /// A listener with mm-vmm's connection already queued, and that connection.
@@ -215,8 +232,8 @@ pub fn spawn_vmm(
     // the snapshot.
     let snapshot_files = match &record.resume_from {
         Some(snapshot) => {
-            let state = File::open(snapshot.join(crate::snapshot::STATE_FILE))?;
-            let memory = File::open(snapshot.join(crate::snapshot::MEMORY_FILE))?;
+            let state = crate::safe_fs::open_read(&snapshot.join(crate::snapshot::STATE_FILE))?;
+            let memory = crate::safe_fs::open_read(&snapshot.join(crate::snapshot::MEMORY_FILE))?;
             let (state_fd, memory_fd) = (FIRST_FD + devices.len() as RawFd + 1, FIRST_FD + devices.len() as RawFd + 2);
             cmd.arg("--restore-state").arg(format!("fd:{state_fd}"));
             cmd.arg("--restore-memory").arg(format!("fd:{memory_fd}"));
@@ -243,7 +260,7 @@ pub fn spawn_vmm(
     if snapshot_files.is_none() && record.warm_template.is_none() {
         cmd.arg("--").args(&record.command);
     }
-    let console = OpenOptions::new().create(true).append(true).open(dir.join(CONSOLE_LOG))?;
+    let console = crate::safe_fs::open_append(&dir.join(CONSOLE_LOG))?;
     cmd.stdin(Stdio::null()).stdout(console).stderr(log_file(dir, "vmm")?);
     inherit_fds(&mut cmd, fds);
     let child = cmd.spawn()?;
@@ -288,38 +305,144 @@ fn guest_cmdline(config: &BrokerConfig, record: &VmRecord) -> String {
 /// ` PARAM=<base64url JSON list>`: how mm-init takes values that may hold
 /// spaces or quotes (guest/init/src/settings.rs).
 fn push_string_list(line: &mut String, param: &str, items: &[String]) {
-    // The encoding whose size the broker and the controller check at create.
-    line.push_str(&format!(" {param}={}", mm_protocols::spec_rules::encode_string_list(items)));
+    let json = serde_json::to_vec(items).expect("strings always serialise");
+    line.push_str(&format!(" {param}={}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)));
 }
 
-/// Makes the microVM's own disk (an empty, sparse ext4 that mm-init lays
-/// over the shared base) unless it exists (a restart keeps it), and hands
-/// the directory and disk to the microVM's uid: its jailed block process
-/// opens the disk, and its vsock process makes its sockets in the directory.
+/// Lays out the microVM's directory for a start: the directory itself is
+/// the broker's, 0700 (taken back if an older layout gave it away); the
+/// vsock device's subdirectory is the microVM's uid's; and the microVM's
+/// own disk (an empty, sparse ext4 that mm-init lays over the shared base,
+/// or a copy of a snapshot's) is made unless it exists (a restart keeps
+/// it), then opened here without following a link and handed to that uid
+/// through the fd: its jailed block process opens it by path.
 pub fn prepare_vm_dir(dir: &Path, uid: u32, resume_from: Option<&Path>) -> std::io::Result<()> {
+    use crate::safe_fs;
+    let (own_uid, own_gid) = safe_fs::own_ids();
+    safe_fs::own_dir(dir, own_uid, own_gid)?;
+    safe_fs::own_dir(&dir.join(VSOCK_DIR), uid, uid)?;
     let target = dir.join(WRITABLE_DISK);
-    if !target.exists()
-        && let Some(snapshot) = resume_from
-    {
-        // A new microVM restored from a snapshot starts with a copy of the
-        // snapshot's disk (reflinked where the filesystem can).
+    let exists = match std::fs::symlink_metadata(&target) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    if !exists {
         let tmp = dir.join(format!("{WRITABLE_DISK}.tmp"));
-        crate::snapshot::copy_disk(&snapshot.join(WRITABLE_DISK), &tmp)?;
-        std::fs::rename(&tmp, &target)?;
-    }
-    if !target.exists() {
-        let tmp = dir.join(format!("{WRITABLE_DISK}.tmp"));
-        std::fs::File::create(&tmp)?.set_len(WRITABLE_DISK_BYTES)?;
-        let status = Command::new("mke2fs")
-            .args(["-q", "-F", "-t", "ext4", "-L", "mm-rw", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
-            .arg(&tmp)
-            .stdin(Stdio::null())
-            .status()?;
-        if !status.success() {
-            return Err(std::io::Error::other(format!("mke2fs {} failed: {status}", tmp.display())));
+        let file = safe_fs::create_new(&tmp)?;
+        match resume_from {
+            // A new microVM restored from a snapshot starts with a copy of
+            // the snapshot's disk (reflinked where the filesystem can),
+            // written into the file just made.
+            Some(snapshot) => {
+                drop(file);
+                crate::snapshot::copy_disk(&snapshot.join(WRITABLE_DISK), &tmp)?;
+            }
+            None => {
+                file.set_len(WRITABLE_DISK_BYTES)?;
+                drop(file);
+                let status = Command::new("mke2fs")
+                    .args(["-q", "-F", "-t", "ext4", "-L", "mm-rw", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+                    .arg(&tmp)
+                    .stdin(Stdio::null())
+                    .status()?;
+                if !status.success() {
+                    return Err(std::io::Error::other(format!("mke2fs {} failed: {status}", tmp.display())));
+                }
+            }
         }
         std::fs::rename(&tmp, &target)?;
     }
-    std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
-    std::os::unix::fs::chown(&target, Some(uid), Some(uid))
+    safe_fs::hand_over(&target, uid, uid).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::safe_fs::testing::{Scratch, Target, assert_refused, planted};
+    use crate::safe_fs::{DIR_MODE, FILE_MODE, own_ids};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// The microVM's uid in these tests: another one if we may chown.
+    fn vm_uid() -> u32 {
+        if own_ids().0 == 0 { 4242 } else { own_ids().0 }
+    }
+
+    #[test]
+    fn a_link_at_any_name_the_broker_writes_is_refused_and_its_target_untouched() {
+        let scratch = Scratch::new("launch-links");
+        let target = Target::new(&scratch);
+        let vm = scratch.0.join("vm");
+        for name in [CONSOLE_LOG, "vmm.log", "block-rw.log"] {
+            let link = planted(&scratch, name, &target.path);
+            let role = name.trim_end_matches(".log");
+            let opened = if name == CONSOLE_LOG { crate::safe_fs::open_append(&link) } else { log_file(&vm, role) };
+            assert_refused(opened, &link);
+        }
+        // The disk: neither chowned, nor made, nor copied over.
+        let disk = planted(&scratch, WRITABLE_DISK, &target.path);
+        assert_refused(prepare_vm_dir(&vm, vm_uid(), None), &disk);
+        std::fs::remove_file(&disk).unwrap();
+        let tmp = planted(&scratch, &format!("{WRITABLE_DISK}.tmp"), &target.path);
+        assert_refused(prepare_vm_dir(&vm, vm_uid(), None), &tmp);
+        assert_refused(prepare_vm_dir(&vm, vm_uid(), Some(&scratch.0)), &tmp);
+        assert!(std::fs::symlink_metadata(&disk).is_err(), "no disk was made beside the refusal");
+        target.untouched();
+    }
+
+    #[test]
+    fn a_link_in_place_of_the_vsock_directory_or_the_microvm_directory_is_refused() {
+        let scratch = Scratch::new("launch-dirs");
+        let outside = scratch.0.join("outside-dir");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = planted(&scratch, VSOCK_DIR, &outside);
+        assert_refused(prepare_vm_dir(&scratch.0.join("vm"), vm_uid(), None), &link);
+        let whole = scratch.0.join("vm-link");
+        std::os::unix::fs::symlink(&outside, &whole).unwrap();
+        assert_refused(prepare_vm_dir(&whole, vm_uid(), None), &whole);
+        let meta = std::fs::metadata(&outside).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o7777), (own_ids().0, 0o755), "the target directory was changed");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "something was made in the target directory");
+    }
+
+    #[test]
+    fn the_microvm_owns_its_disk_and_vsock_directory_and_nothing_else() {
+        if own_ids().0 != 0 || Command::new("mke2fs").arg("-V").stderr(Stdio::null()).status().is_err() {
+            eprintln!("skipped: needs root and mke2fs");
+            return;
+        }
+        let scratch = Scratch::new("launch-layout");
+        let vm = scratch.0.join("vm");
+        // An older layout's directory, the microVM's own and open to all.
+        std::fs::create_dir(&vm).unwrap();
+        std::os::unix::fs::chown(&vm, Some(4242), Some(4242)).unwrap();
+        std::fs::set_permissions(&vm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_vm_dir(&vm, 4242, None).unwrap();
+        let ids = |path: &Path| {
+            let meta = std::fs::symlink_metadata(path).unwrap();
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777)
+        };
+        assert_eq!(ids(&vm), (0, 0, DIR_MODE));
+        assert_eq!(ids(&vm.join(VSOCK_DIR)), (4242, 4242, DIR_MODE));
+        assert_eq!(ids(&vm.join(WRITABLE_DISK)), (4242, 4242, FILE_MODE));
+        assert_eq!(std::fs::metadata(vm.join(WRITABLE_DISK)).unwrap().len(), WRITABLE_DISK_BYTES);
+        // A restart keeps the disk and the layout.
+        std::fs::OpenOptions::new().write(true).open(vm.join(WRITABLE_DISK)).unwrap().set_len(4096).unwrap();
+        prepare_vm_dir(&vm, 4242, None).unwrap();
+        assert_eq!(std::fs::metadata(vm.join(WRITABLE_DISK)).unwrap().len(), 4096);
+        assert_eq!(ids(&vm), (0, 0, DIR_MODE));
+        let mut names: Vec<_> = std::fs::read_dir(&vm).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, [WRITABLE_DISK, VSOCK_DIR], "nothing else is left, the temporary disk included");
+        // A snapshot's disk is copied into the file the broker made.
+        let snapshot = scratch.0.join("snapshot");
+        std::fs::create_dir(&snapshot).unwrap();
+        std::fs::write(snapshot.join(WRITABLE_DISK), b"the snapshot's disk").unwrap();
+        let restored = scratch.0.join("restored");
+        std::fs::create_dir(&restored).unwrap();
+        prepare_vm_dir(&restored, 4243, Some(&snapshot)).unwrap();
+        assert_eq!(std::fs::read(restored.join(WRITABLE_DISK)).unwrap(), b"the snapshot's disk");
+        assert_eq!(ids(&restored.join(WRITABLE_DISK)), (4243, 4243, FILE_MODE));
+    }
 }

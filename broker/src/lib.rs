@@ -18,6 +18,7 @@ pub mod process;
 pub mod record;
 pub mod registry;
 pub mod rpc;
+pub mod safe_fs;
 pub mod snapshot;
 pub mod stats;
 pub mod vm;

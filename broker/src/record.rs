@@ -1,6 +1,7 @@
 //! What the broker remembers about a microVM, on disk in
 //! `vms/<id>/record.json` (written to a temporary file and renamed, so a
-//! crash leaves the old record or the new one, never half of one). After a
+//! crash leaves the old record or the new one, never half of one; neither
+//! name is ever followed if it is a link: see `safe_fs`). After a
 //! restart the broker reads every record and re-adopts or reports what the
 //! records say was running.
 
@@ -109,15 +110,15 @@ impl VmRecord {
     }
 
     pub fn load(dir: &Path) -> std::io::Result<VmRecord> {
-        let text = std::fs::read_to_string(dir.join("record.json"))?;
+        let text = crate::safe_fs::read_to_string(&dir.join("record.json"))?;
         serde_json::from_str(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
+    /// Writes `record.json.tmp` (never through a link) and renames it
+    /// over `record.json`, in the microVM's own directory.
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join("record.json.tmp");
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, dir.join("record.json"))
+        crate::safe_fs::replace(dir, "record.json", text.as_bytes())
     }
 }
 
@@ -129,10 +130,12 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// A valid microVM name: what `mmctl` and DNS-ish tooling can both carry
-/// (the rule `mmctl` checks what it is sent against).
+/// A valid microVM name: what `mmctl` and DNS-ish tooling can both carry.
 pub fn valid_name(name: &str) -> bool {
-    mm_protocols::spec_rules::is_vm_name(name)
+    let mut chars = name.chars();
+    name.len() <= 63
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 #[cfg(test)]
@@ -187,5 +190,31 @@ mod tests {
         record.save(&dir).unwrap();
         assert_eq!(VmRecord::load(&dir).unwrap(), record);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_linked_record_is_neither_written_through_nor_read() {
+        use crate::safe_fs::testing::{Scratch, Target, assert_refused, planted};
+        let scratch = Scratch::new("record-links");
+        let target = Target::new(&scratch);
+        let record: VmRecord = serde_json::from_value(serde_json::json!({
+            "id": "abc", "name": "web", "image": "builtin", "cpus": 1, "memory_mib": 128, "command": ["sh"],
+            "env": [], "auto_remove": false, "state": "running", "reason": "", "exit_code": null,
+            "created_at": "2026-01-01T00:00:00.000Z", "guest_cid": 3, "processes": []
+        }))
+        .unwrap();
+        let vm = scratch.0.join("vm");
+        let tmp = planted(&scratch, "record.json.tmp", &target.path);
+        assert_refused(record.save(&vm), &tmp);
+        let link = planted(&scratch, "record.json", &target.path);
+        assert_refused(VmRecord::load(&vm), &link);
+        target.untouched();
+        // Once the temporary name is free again, the save replaces the
+        // link at record.json itself, not what it points at.
+        std::fs::remove_file(&tmp).unwrap();
+        record.save(&vm).unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_file());
+        assert_eq!(VmRecord::load(&vm).unwrap(), record);
+        target.untouched();
     }
 }

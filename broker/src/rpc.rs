@@ -395,7 +395,8 @@ async fn stream_console(vm: &Rc<Vm>, follow: bool, sink: byte_sink::Client) -> R
     loop {
         let live = vm.state().is_live();
         let mut chunk = Vec::new();
-        if let Ok(mut file) = tokio::fs::File::open(&path).await {
+        if let Ok(file) = crate::safe_fs::open_read(&path) {
+            let mut file = tokio::fs::File::from_std(file);
             use tokio::io::AsyncSeekExt;
             file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| capnp::Error::failed(e.to_string()))?;
             file.take(64 * 1024).read_to_end(&mut chunk).await.map_err(|e| capnp::Error::failed(e.to_string()))?;

@@ -172,7 +172,7 @@ impl Vm {
             r.exit_code = None;
             r.processes.clear();
         });
-        let console_start = std::fs::metadata(self.dir.join(launch::CONSOLE_LOG)).map_or(0, |m| m.len());
+        let console_start = std::fs::symlink_metadata(self.dir.join(launch::CONSOLE_LOG)).map_or(0, |m| m.len());
         match self.spawn_all() {
             Ok((vmm, devices, control)) => {
                 self.set_state(VmState::Running, "");
@@ -509,7 +509,7 @@ fn logged_workload_status(path: &std::path::Path) -> Option<i32> {
 
 /// The last line of a log file containing `needle`.
 fn last_line_containing(path: &std::path::Path, needle: &str) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = crate::safe_fs::read_to_string(path).ok()?;
     text.lines().rev().find(|l| l.contains(needle) && !l.trim().is_empty()).map(|l| l.trim().to_string())
 }
 

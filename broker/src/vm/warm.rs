@@ -10,7 +10,7 @@ use mm_exec_protocol::{ExecClient, ExecError, Workload};
 use serde_json::json;
 
 use super::Vm;
-use crate::launch::{CONSOLE_LOG, VSOCK_SOCKET};
+use crate::launch::CONSOLE_LOG;
 use crate::record::VmState;
 use crate::snapshot::{self, SnapshotKind};
 use crate::warm::WarmCache;
@@ -35,15 +35,12 @@ impl Vm {
         timeout: Duration,
         call: impl Fn(ExecClient) -> Result<(), ExecError> + Send + Sync + Clone + 'static,
     ) -> Result<(), ExecError> {
-        let uds = self.dir.join(VSOCK_SOCKET);
         let began = Instant::now();
         loop {
-            let (uds, call) = (uds.clone(), call.clone());
-            let attempt = tokio::task::spawn_blocking(move || {
-                call(ExecClient::connect_hybrid_vsock(&uds, mm_exec_protocol::EXEC_PORT)?)
-            })
-            .await
-            .unwrap_or_else(|e| Err(ExecError::Io(std::io::Error::other(e.to_string()))));
+            let (dir, call) = (self.dir.clone(), call.clone());
+            let attempt = tokio::task::spawn_blocking(move || call(crate::exec::connect_agent(&dir)?))
+                .await
+                .unwrap_or_else(|e| Err(ExecError::Io(std::io::Error::other(e.to_string()))));
             let retry = match &attempt {
                 Ok(()) => return Ok(()),
                 Err(ExecError::Refused { .. } | ExecError::Connect { .. }) => true,
@@ -89,7 +86,7 @@ impl Vm {
         let skip = console_start as usize;
         let began = Instant::now();
         while self.state() == VmState::Running {
-            let log = std::fs::read(&path).unwrap_or_default();
+            let log = crate::safe_fs::read(&path).unwrap_or_default();
             if log.get(skip..).is_some_and(|new| String::from_utf8_lossy(new).contains(line)) {
                 return true;
             }
