@@ -19,6 +19,10 @@ const QUICK: Duration = Duration::from_secs(120);
 /// process cannot exit under a cleanup.
 pub static CLEANUP: Mutex<()> = Mutex::new(());
 
+/// Network namespaces a benchmark made besides the broker's (`mm-bench
+/// memory`'s peers'), deleted by the cleanup after a signal too.
+pub static EXTRA_NETNS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
 /// SIGINT, SIGTERM and SIGHUP are taken by a thread (blocked everywhere
 /// else; `Command` clears the mask for children), which removes the
 /// microVMs, ends the broker and deletes its scratch directory and
@@ -73,6 +77,9 @@ pub fn cleanup_on_signal(bench: &'static str, set: libc::sigset_t, broker: Weak<
         }
         if let Some(netns) = &broker.netns {
             let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        }
+        for netns in EXTRA_NETNS.lock().map(|l| l.clone()).unwrap_or_default() {
+            let _ = Command::new("ip").args(["netns", "del", &netns]).status();
         }
         let _ = std::fs::remove_dir_all(&broker.dir.0);
         std::process::exit(130);

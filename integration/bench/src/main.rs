@@ -10,7 +10,10 @@
 //! `mm-bench api [--machines N] [--json]` (the controller's REST API on a
 //! throw-away PostgreSQL),
 //! `mm-bench snapshot [--runs N] [--memory-mib M] [--firecracker PATH]
-//! [--json]` (snapshot and restore vs QEMU and Firecracker): see README.md.
+//! [--json]` (snapshot and restore vs QEMU and Firecracker),
+//! `mm-bench memory [--runs N] [--firecracker PATH] [--json]` (a whole
+//! microVM's host memory, every process counted, vs QEMU and Firecracker
+//! with the same devices): see README.md.
 
 mod api;
 mod apibroker;
@@ -21,6 +24,7 @@ mod brokered;
 mod devbench;
 mod exec;
 mod machine;
+mod memory;
 mod mmvmm;
 mod net;
 mod netbroker;
@@ -74,6 +78,11 @@ enum Bench {
     /// Snapshot and restore of a running guest: snapshot time, pause, size on disk, restore → vCPUs
     /// running and → the guest answering, vs QEMU migrate-to-file and (with --firecracker) Firecracker.
     Snapshot(snapshot::SnapshotArgs),
+    /// Host memory of one idle microVM with its devices (root disk, writable disk, vsock, net), every
+    /// process counted (mm: the broker's mm-vmm and device processes, both halves of each jail), vs QEMU
+    /// and (with --firecracker) Firecracker with the same devices; Pss split into guest RAM, anonymous +
+    /// shmem and file-backed.
+    Memory(memory::MemoryArgs),
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +150,7 @@ fn main() -> Result<()> {
         Bench::Exec(args) => exec::run(args),
         Bench::Api(args) => api::run(args),
         Bench::Snapshot(args) => snapshot::run(args),
+        Bench::Memory(args) => memory::run(args),
     }
 }
 

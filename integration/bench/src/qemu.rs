@@ -80,6 +80,47 @@ pub fn root_disk_command(config: &BootConfig, kernel: &Path, image: &Path, cmdli
     cmd
 }
 
+/// What [`full_command`] gives the guest: the microVM shape the broker
+/// makes (a read-only root, a writable disk, vsock, net).
+pub struct FullDevices<'a> {
+    /// The read-only root image (`/dev/vda`).
+    pub root: &'a Path,
+    /// The writable disk (`/dev/vdb`).
+    pub rw: &'a Path,
+    /// A vhost-user vsock back end's socket (QEMU 7.2's
+    /// `vhost-user-vsock-device`; the in-kernel `vhost-vsock-device` needs
+    /// /dev/vhost-vsock).
+    pub vsock_backend: &'a Path,
+    /// The TAP, inherited as this fd number.
+    pub tap_fd: i32,
+    pub mac: &'a str,
+}
+
+/// microvm with the devices of a broker-made microVM, in the broker's
+/// order. Guest RAM is a shared memfd (`memory-backend-memfd,share=on`),
+/// which vhost-user needs (the back end maps it), so it shows in smaps as
+/// `/memfd:memory-backend-memfd (deleted)`. Block and net are QEMU's own
+/// in-process devices (`vhost=off`: no vhost-net here either).
+pub fn full_command(config: &BootConfig, kernel: &Path, cmdline: &str, devices: &FullDevices) -> Command {
+    let machine = format!("{MACHINE},acpi=off,memory-backend=mem");
+    let mut cmd = base_command(&machine, config, kernel, cmdline);
+    cmd.arg("-object").arg(format!("memory-backend-memfd,id=mem,size={}M,share=on", config.memory_mib));
+    cmd.arg("-drive")
+        .arg(format!("id=root,file={},format=raw,if=none,readonly=on", devices.root.display()))
+        .args(["-device", "virtio-blk-device,drive=root,serial=root"]);
+    cmd.arg("-drive")
+        .arg(format!("id=rw,file={},format=raw,if=none", devices.rw.display()))
+        .args(["-device", "virtio-blk-device,drive=rw,serial=rw"]);
+    cmd.arg("-chardev")
+        .arg(format!("socket,id=vsock,path={}", devices.vsock_backend.display()))
+        .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+    cmd.arg("-netdev")
+        .arg(format!("tap,id=net0,fd={},vhost=off", devices.tap_fd))
+        .arg("-device")
+        .arg(format!("virtio-net-device,netdev=net0,mac={}", devices.mac));
+    cmd
+}
+
 fn command_on(machine: &str, config: &BootConfig, kernel: &Path, initrd: &Path, cmdline: &str) -> Command {
     let mut cmd = base_command(machine, config, kernel, cmdline);
     cmd.arg("-initrd").arg(initrd);
@@ -114,5 +155,31 @@ mod tests {
         assert_eq!(after("-kernel"), "/k");
         assert_eq!(after("-initrd"), "/i");
         assert_eq!(after("-append"), "console=ttyS0 a=b");
+    }
+
+    #[test]
+    fn full_command_has_the_brokers_devices_and_shared_ram() {
+        let config =
+            BootConfig { cpus: 1, memory_mib: 128, extra_cmdline: String::new(), workload: vec!["true".into()] };
+        let devices = FullDevices {
+            root: Path::new("/r.ext4"),
+            rw: Path::new("/w.ext4"),
+            vsock_backend: Path::new("/v.sock"),
+            tap_fd: 3,
+            mac: "02:00:00:00:00:01",
+        };
+        let cmd = full_command(&config, Path::new("/k"), "console=ttyS0", &devices);
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let line = args.join(" ");
+        assert!(line.contains("acpi=off,memory-backend=mem"), "{line}");
+        assert!(line.contains("memory-backend-memfd,id=mem,size=128M,share=on"), "{line}");
+        let root = line.find("file=/r.ext4,format=raw,if=none,readonly=on").unwrap();
+        let rw = line.find("file=/w.ext4,format=raw,if=none ").unwrap();
+        assert!(root < rw, "the root disk must come first: {line}");
+        assert!(line.contains("socket,id=vsock,path=/v.sock -device vhost-user-vsock-device,chardev=vsock"));
+        assert!(
+            line.contains("tap,id=net0,fd=3,vhost=off -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01")
+        );
+        assert!(!args.contains(&"-initrd".to_string()));
     }
 }

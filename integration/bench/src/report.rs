@@ -283,7 +283,9 @@ mod tests {
                 total_pss_shmem_kib: 40_000,
                 guest_ram_pss_kib: 40_000,
                 guest_ram_rss_kib: 40_000,
+                guest_ram_pss_shmem_kib: 40_000,
                 guest_ram_mappings: 1,
+                ..Sample::default()
             },
             total_ms: boot + 5_000.0,
             ending: "exit status: 0".into(),

@@ -13,10 +13,10 @@
 //! What each figure means and how it is taken: README.md, "Snapshot and
 //! restore".
 
-mod fclaunch;
+pub mod fclaunch;
 mod firecracker;
 mod mm;
-mod probe;
+pub mod probe;
 mod qemu;
 mod report;
 

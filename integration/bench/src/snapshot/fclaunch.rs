@@ -16,8 +16,8 @@ use crate::vm::Vm;
 
 /// The unprivileged ids a jailed Firecracker runs as (its jailer's docs
 /// advise one per microVM; one for all is enough here).
-const JAIL_UID: u32 = 52_000;
-const JAIL_GID: u32 = 52_000;
+pub const JAIL_UID: u32 = 52_000;
+pub const JAIL_GID: u32 = 52_000;
 /// Where Firecracker's jailer puts its cgroups (v1, as on these hosts).
 const MEMORY_CGROUP: &str = "/sys/fs/cgroup/memory/firecracker";
 
@@ -86,11 +86,21 @@ impl Launcher {
     /// the jailer execs Firecracker in its own process (no `--new-pid-ns`,
     /// no `--daemonize`), so the pid and the console pipe stay ours.
     pub fn spawn(&self, place: &Place, name: &str, log: PathBuf) -> Result<Vm> {
+        self.spawn_in(place, name, log, None)
+    }
+
+    /// [`Launcher::spawn`] in the network namespace `netns` (a name under
+    /// /run/netns), where Firecracker opens its TAP by name: joined by the
+    /// jailer's `--netns`, or before exec when unjailed.
+    pub fn spawn_in(&self, place: &Place, name: &str, log: PathBuf, netns: Option<&str>) -> Result<Vm> {
         let fc_args = ["--api-sock", &place.api("api.sock"), "--level", "Warning"];
         let cmd = match &self.jailer {
             None => {
                 let mut cmd = Command::new(&self.binary);
                 cmd.args(fc_args).args(["--id", &place.id]);
+                if let Some(netns) = netns {
+                    mm_integration::netns::enter_before_exec(&mut cmd, netns)?;
+                }
                 cmd
             }
             Some(jailer) => {
@@ -104,9 +114,11 @@ impl Launcher {
                     .arg(base)
                     .args(["--cgroup-version", "1"])
                     .arg("--cgroup")
-                    .arg(format!("memory.limit_in_bytes={}", self.memory_limit_bytes))
-                    .arg("--")
-                    .args(fc_args);
+                    .arg(format!("memory.limit_in_bytes={}", self.memory_limit_bytes));
+                if let Some(netns) = netns {
+                    cmd.arg("--netns").arg(format!("/run/netns/{netns}"));
+                }
+                cmd.arg("--").args(fc_args);
                 cmd
             }
         };

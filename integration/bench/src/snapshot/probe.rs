@@ -45,6 +45,13 @@ pub fn workload(tick_ms: u64) -> Vec<String> {
 
 /// One exec of `true`, each step bounded by `timeout`.
 fn exec_once(uds: &Path, timeout: Duration) -> Result<()> {
+    exec_output(uds, &["true"], timeout).map(drop)
+}
+
+/// Runs `argv` in the guest through the exec agent behind the hybrid vsock
+/// socket `uds`, each step bounded by `timeout`; its stdout. A non-zero
+/// exit is an error.
+pub fn exec_output(uds: &Path, argv: &[&str], timeout: Duration) -> Result<String> {
     let mut stream = UnixStream::connect(uds)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
@@ -58,16 +65,17 @@ fn exec_once(uds: &Path, timeout: Duration) -> Result<()> {
     if !answer.starts_with(b"OK ") {
         bail!("refused: {:?}", String::from_utf8_lossy(&answer));
     }
+    let mut stdout = Vec::new();
     let status = ExecClient::from_stream(stream).run(
-        &ExecRequest::new(["true"]),
+        &ExecRequest::new(argv.iter().copied()),
         std::io::empty(),
-        std::io::sink(),
+        &mut stdout,
         std::io::sink(),
     )?;
     if status != ExitStatus::Exited(0) {
-        bail!("`true` ended with {status}");
+        bail!("`{}` ended with {status}", argv.join(" "));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
 }
 
 /// Execs `true` through `uds` until it succeeds or `deadline` passes,
