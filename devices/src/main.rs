@@ -62,7 +62,8 @@ struct Confinement {
     #[arg(long, global = true)]
     jail_gid: Option<u32>,
     /// Tests only: make escape attempts instead of serving
-    /// (`jail=OTHER_DISK`, `socket`, `ptrace` or `userns`).
+    /// (`jail=other=PATH,dir=PATH,pid=N`, `socket`, `ptrace` or `userns`).
+    #[cfg(feature = "test-hooks")]
     #[arg(long, global = true, hide = true)]
     test_escape: Option<String>,
 }
@@ -211,9 +212,12 @@ fn confine(confinement: &Confinement, policy: Policy) -> Result<()> {
     } else {
         mm_policies::install(policy)?;
     }
+    #[cfg(feature = "test-hooks")]
     if let Some(probe) = &confinement.test_escape {
         match probe.strip_prefix("jail=") {
-            Some(other_disk) => mm_jailer::probes::jail(Path::new(other_disk)),
+            Some(targets) => {
+                mm_jailer::probes::jail(&mm_jailer::probes::Targets::parse(targets).map_err(anyhow::Error::msg)?)
+            }
             None => mm_jailer::probes::seccomp(probe).map_err(anyhow::Error::msg)?,
         }
         std::process::exit(0);

@@ -1,7 +1,7 @@
 //! Shared plumbing for the end-to-end tests and the benchmarks: where the
 //! guest kernel, the initramfs and our binaries are, building the first two
-//! on demand (cached in the state directory), and the KVM gate that makes a
-//! test fail loudly in CI but skip with a message elsewhere.
+//! on demand (cached in the state directory), and the KVM and root gates
+//! that make a test fail loudly in CI but skip with a message elsewhere.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -14,6 +14,7 @@ pub mod broker;
 pub mod devices;
 pub mod guest;
 pub mod netns;
+pub mod proc_status;
 pub mod pty;
 
 /// The repository root (this crate lives in `integration/`).
@@ -101,6 +102,22 @@ pub fn kvm_available(test: &str) -> bool {
         panic!("{test}: /dev/kvm is not usable, and CI is set: boot tests must run in CI");
     }
     eprintln!("SKIPPED {test}: /dev/kvm is not usable on this machine (needs KVM and root or the kvm group)");
+    false
+}
+
+/// True when this process runs as root, which building a jail, a network
+/// namespace or a TAP needs. Without it: panics when `CI` is set (a CI run
+/// that skipped the jail tests would prove nothing), else prints why the
+/// test is skipped and returns false.
+pub fn root_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: not running as root, and CI is set: tests that need root must run in CI");
+    }
+    eprintln!("SKIPPED {test}: needs root (run the tests as root)");
     false
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use mm_integration::{Run, kvm_available, run_with_timeout, workspace_binary};
+use mm_integration::{Run, kvm_available, root_available, run_with_timeout, workspace_binary};
 
 fn mm_vmm(args: &[&str]) -> Command {
     let mut cmd = Command::new(workspace_binary("mm-vmm").unwrap());
@@ -91,15 +91,10 @@ fn memory_too_small_and_too_large() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn no_dev_kvm() {
-    if !is_root() {
-        eprintln!("SKIPPED no_dev_kvm: needs root to hide /dev/kvm in a private mount namespace");
+    // Root hides /dev/kvm in a private mount namespace.
+    if !root_available("no_dev_kvm") {
         return;
     }
     // A private mount namespace whose /dev is an empty tmpfs: the real
@@ -114,8 +109,8 @@ fn no_dev_kvm() {
 
 #[test]
 fn no_permission_on_dev_kvm() {
-    if !is_root() {
-        eprintln!("SKIPPED no_permission_on_dev_kvm: needs root to switch to an unprivileged user");
+    // Root switches to an unprivileged user.
+    if !root_available("no_permission_on_dev_kvm") {
         return;
     }
     let mut cmd = Command::new("setpriv");

@@ -224,13 +224,14 @@ fn exec_when_ready(broker: &TestBroker, vm: &str, args: &[&str]) -> mm_integrati
 }
 
 /// Host-side leftovers of a process the jailer ran: its jail root and its
-/// cgroups (named `<role>-<pid>`).
+/// cgroups (named `<role>-<pid>`) in every hierarchy the jailer detects
+/// (v1, v2 or both).
 fn jail_leftovers(pid: i64) -> Vec<std::path::PathBuf> {
     let suffix = format!("-{pid}");
     let mut dirs = vec![std::path::PathBuf::from(mm_jailer::DEFAULT_JAIL_BASE)];
-    for hierarchy in ["memory", "pids", "unified"] {
-        dirs.push(std::path::Path::new("/sys/fs/cgroup").join(hierarchy).join(mm_jailer::CGROUP_PARENT));
-    }
+    let hierarchies = mm_jailer::Hierarchies::detect().unwrap();
+    assert!(!hierarchies.jail_parents().is_empty(), "no cgroup hierarchy found: {hierarchies:?}");
+    dirs.extend(hierarchies.jail_parents());
     dirs.iter()
         .filter_map(|d| std::fs::read_dir(d).ok())
         .flatten()
@@ -278,6 +279,11 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
         assert_eq!(run.stdout.trim(), format!("{name} says hi"));
         assert_eq!(run.stderr.trim(), "to-stderr");
         pids.extend(super_pids(&broker, name));
+    }
+    // Every process of each microVM, seen from the host's /proc: seccomp
+    // on every thread, no privileges, namespaces and files of its own.
+    for name in names {
+        assert_confined(&broker, name);
     }
     // stdin reaches the command, byte for byte.
     let mut cmd = std::process::Command::new(mm_integration::workspace_binary("mmctl").unwrap());
@@ -347,6 +353,31 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
         for want in expected {
             assert!(rest.any(|k| k == want), "{name}: no {want} in order in {kinds:?}");
         }
+    }
+}
+
+/// Checks each process of `vm` with `mm_integration::proc_status`. What
+/// the broker starts (the pid `inspect` reports) jails itself: it stays
+/// outside, as the supervisor of one jailed copy, which is the process
+/// that serves the microVM; that copy and every thread of it are checked
+/// against the broker (outside every jail) and against the mounts its
+/// arguments call for.
+fn assert_confined(broker: &TestBroker, vm: &str) {
+    use mm_integration::proc_status;
+    let outside = broker.pid().unwrap() as i32;
+    for (role, pid, _) in pids(&broker.inspect(vm).unwrap()) {
+        let jailed = proc_status::descendants(pid as i32);
+        assert_eq!(jailed.len(), 1, "{vm}/{role}: the supervisor {pid} has {jailed:?} below it, not one jailed copy");
+        let jailed = jailed[0];
+        let args = proc_status::cmdline(jailed).unwrap();
+        let exec = std::path::PathBuf::from(&args[0]);
+        let mut mounts: std::collections::BTreeSet<_> = mm_jailer::libraries(&exec).unwrap().into_iter().collect();
+        mounts.insert(exec);
+        mounts.extend(proc_status::mounts_for_args(&args));
+        let problems = proc_status::confinement_problems(jailed, outside, &mounts);
+        assert!(problems.is_empty(), "{vm}/{role} (pid {jailed}, {args:?}) is not confined:\n{}", problems.join("\n"));
+        let threads = proc_status::threads(jailed).map_or(0, |t| t.len());
+        eprintln!("{vm}/{role}: pid {jailed} (below {pid}) confined: {threads} threads, {} mounts", mounts.len());
     }
 }
 

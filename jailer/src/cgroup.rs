@@ -59,6 +59,26 @@ impl Hierarchies {
         Ok(found)
     }
 
+    /// `<hierarchy>/micromachines` for the unified hierarchy and each v1
+    /// one: where every jail's cgroups are made, whichever version the host
+    /// mounts (for leak checks and the sweep of stale jails).
+    pub fn jail_parents(&self) -> Vec<PathBuf> {
+        let mut parents: Vec<PathBuf> = self
+            .unified
+            .iter()
+            .chain(self.v1.iter().map(|(_, mount)| mount))
+            .map(|mount| mount.join(CGROUP_PARENT))
+            .collect();
+        parents.sort();
+        parents.dedup();
+        parents
+    }
+
+    /// Every directory a cgroup of the jail `name` may have, existing or not.
+    pub fn jail_cgroups(&self, name: &str) -> Vec<PathBuf> {
+        self.jail_parents().into_iter().map(|parent| parent.join(name)).collect()
+    }
+
     fn v1_mount(&self, controller: &str) -> Option<&Path> {
         self.v1.iter().find(|(c, _)| c == controller).map(|(_, p)| p.as_path())
     }

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 pub use cgroup::{Cgroups, Hierarchies};
 pub use error::{ChildStep, JailError};
 pub use handle::{ExitReason, JailedChild, describe};
+pub use libraries::libraries;
 pub use selfjail::{SelfJail, can_jail, exit_code, is_jailed};
 pub use spec::{BindMount, CGROUP_PARENT, DEFAULT_JAIL_BASE, JailSpec, Limits, REPORT_FD};
 

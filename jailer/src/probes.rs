@@ -1,16 +1,27 @@
 //! Escape attempts, run from inside a jailed process by the tests (through
-//! the hidden `mm-device block --test-escape` flag). Each prints one line,
+//! the hidden `mm-device block --test-escape` flag, built with the
+//! `test-hooks` feature only). Each prints one line,
 //! `PROBE <name> blocked: <why>` or `PROBE <name> ESCAPED: <what worked>`,
 //! so a test can check every layer separately.
 //!
-//! [`jail`] tries what the jail alone must stop. Creating sockets, ptrace
-//! and new user namespaces are stopped by the seccomp layer, so they are
-//! separate probes that a test runs with the filter on and expects to end
-//! in SIGSYS.
+//! [`jail`] tries what the jail alone (no seccomp filter) must stop, and is
+//! meant to run as uid 0 in the jail (as the tests and the benchmark jail
+//! themselves) against targets that file permissions would let it reach,
+//! so that each attempt is stopped by a layer of the jail and not by the
+//! uid: a root-owned, mode 0666 file and a mode 0777 directory outside the
+//! jail's root, and a process outside the jail of the same uid holding no
+//! capabilities. The layer that stops each attempt is named in the probe's
+//! comment; switching that layer off in `child.rs` (or `lib.rs`'s clone
+//! flags) makes the probe say ESCAPED.
+//!
+//! Creating sockets, ptrace and new user namespaces are stopped by the
+//! seccomp layer as well, so [`seccomp`] makes one such call each, which a
+//! test runs with the filter on and expects to end in SIGSYS.
 
 use std::ffi::CString;
 use std::io::Error;
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 fn report(name: &str, result: Result<String, String>) {
     match result {
@@ -24,18 +35,58 @@ fn outcome(rc: libc::c_long, what: &str) -> Result<String, String> {
     if rc >= 0 { Ok(format!("{what} succeeded")) } else { Err(format!("{what}: {}", Error::last_os_error())) }
 }
 
-/// What the jail alone must stop; `other_disk` is a host file the jail does
-/// not hold (another microVM's disk).
-pub fn jail(other_disk: &Path) {
-    report(
-        "open-other-disk",
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(other_disk)
-            .map(|_| format!("opened {}", other_disk.display()))
-            .map_err(|e| format!("{}: {e}", other_disk.display())),
-    );
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+/// What [`jail`] aims at, all outside the jail: `KEY=VALUE` pairs separated
+/// by commas (`other=PATH,dir=PATH,pid=N`).
+#[derive(Debug, Default)]
+pub struct Targets {
+    /// A file the jail does not hold (another microVM's disk), that its uid
+    /// may read and write: root-owned with mode 0666, or any owner as uid 0.
+    pub other: Option<PathBuf>,
+    /// A directory outside the jail its uid may write (mode 0777).
+    pub dir: Option<PathBuf>,
+    /// A process outside the jail (its pid on the host) that the jail's uid
+    /// could trace and signal if it could name it: same uid, no capabilities.
+    pub pid: Option<libc::pid_t>,
+}
+
+impl Targets {
+    /// Parses `other=PATH,dir=PATH,pid=N` (any subset; a bare `PATH` is
+    /// `other=PATH`).
+    pub fn parse(text: &str) -> Result<Targets, String> {
+        let mut targets = Targets::default();
+        for item in text.split(',').filter(|s| !s.is_empty()) {
+            match item.split_once('=') {
+                Some(("other", path)) => targets.other = Some(path.into()),
+                Some(("dir", path)) => targets.dir = Some(path.into()),
+                Some(("pid", pid)) => targets.pid = Some(pid.parse().map_err(|_| format!("pid={pid}: not a pid"))?),
+                Some((key, _)) => return Err(format!("unknown escape target {key:?} (other, dir, pid)")),
+                None => targets.other = Some(item.into()),
+            }
+        }
+        Ok(targets)
+    }
+}
+
+/// What the jail alone must stop; see the module docs for the targets.
+pub fn jail(targets: &Targets) {
+    // Mount namespace + pivot_root: the host's tree is gone, so a path
+    // outside the jail names nothing (permissions would allow the open).
+    if let Some(other) = &targets.other {
+        report(
+            "open-other-disk",
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(other)
+                .map(|_| format!("opened {} read-write", other.display()))
+                .map_err(|e| format!("{}: {e}", other.display())),
+        );
+    }
+    // PID namespace (and no /proc): no other process can be named.
     report(
         "see-host-pids",
         match std::fs::read_dir("/proc") {
@@ -52,30 +103,147 @@ pub fn jail(other_disk: &Path) {
             },
         },
     );
-    let proc_dir = CString::new("/proc").expect("no NUL");
-    // SAFETY: mount(2) with valid C strings.
-    let rc = unsafe { libc::mount(c"proc".as_ptr(), proc_dir.as_ptr(), c"proc".as_ptr(), 0, std::ptr::null()) };
-    report("mount-proc", outcome(rc.into(), "mount proc"));
-    for path in ["/escape-test", "/tmp/escape-test", "/lib/escape-test"] {
-        report(
-            "write-outside-root",
-            std::fs::write(path, b"x").map(|_| format!("wrote {path}")).map_err(|e| format!("{path}: {e}")),
-        );
+    if let Some(pid) = targets.pid {
+        // PID namespace: the host pid names nothing here (the same uid may
+        // signal it otherwise).
+        // SAFETY: signal 0 only checks that the target exists and may be signalled.
+        let rc = unsafe { libc::kill(pid, 0) };
+        report("signal-outside", outcome(rc.into(), &format!("kill({pid}, 0)")));
     }
-    if let Some(dir) = other_disk.parent() {
-        let path = dir.join("escape-test");
-        report(
-            "write-beside-disk",
-            std::fs::write(&path, b"x").map(|_| format!("wrote {}", path.display())).map_err(|e| e.to_string()),
-        );
-    }
+    ptrace_attach(targets.pid);
+    write_outside(targets);
+    mount_proc();
+    // Capabilities: chroot needs CAP_SYS_CHROOT (and escaping a chroot is
+    // what it would be for).
     // SAFETY: chroot(2) with a valid C string.
     report("chroot", outcome(unsafe { libc::chroot(c"/".as_ptr()) }.into(), "chroot"));
-    // SAFETY: ptrace(2) attach to PID 1 (ourselves in this namespace) and
-    // to the host's init by its host pid, which this namespace cannot name.
-    let rc = unsafe { libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0) };
-    report("ptrace-attach", outcome(rc, "ptrace(PTRACE_ATTACH, 1)"));
+    open_by_handle();
     capabilities();
+}
+
+/// PID namespace: ptrace of the outside process by its host pid, of the
+/// jail's pid 1 (this process: always refused), and of a guess (the pid
+/// after the outside one). The uid and the (absent) capabilities match the
+/// target's, so only the namespace stops it; the seccomp filter would too.
+/// PTRACE_SEIZE, which the same checks guard as PTRACE_ATTACH, stops nobody
+/// if it works (the tracee is let go when this process exits).
+fn ptrace_attach(outside: Option<libc::pid_t>) {
+    let mut pids = vec![1];
+    if let Some(pid) = outside {
+        pids.extend([pid, pid + 1]);
+    }
+    for pid in pids {
+        // SAFETY: ptrace(2) with integer arguments.
+        let rc = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+        report("ptrace-attach", outcome(rc, &format!("ptrace(PTRACE_SEIZE, {pid})")));
+    }
+}
+
+/// pivot_root (the host's tree is gone) and the read-only root: writes to
+/// the root, to a world-writable host directory and beside the other disk.
+fn write_outside(targets: &Targets) {
+    let mut paths: Vec<PathBuf> = ["/escape-test", "/tmp/escape-test", "/lib/escape-test"].map(PathBuf::from).into();
+    paths.extend(targets.dir.iter().map(|d| d.join("escape-test")));
+    paths.extend(targets.other.iter().filter_map(|o| o.parent()).map(|d| d.join("escape-test")));
+    for path in paths {
+        report(
+            "write-outside-root",
+            std::fs::write(&path, b"x")
+                .map(|_| format!("wrote {}", path.display()))
+                .map_err(|e| format!("{}: {e}", path.display())),
+        );
+    }
+}
+
+/// Capabilities (CAP_SYS_ADMIN): mount a fresh proc, which would show the
+/// host's processes without the PID namespace, on a directory that exists
+/// in the jail (the one holding this binary: the root's own directories
+/// are all mount points or their parents).
+fn mount_proc() {
+    let exe = std::env::args_os().next().map(PathBuf::from).unwrap_or_default();
+    let dir = exe.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("/"));
+    let target = c_path(dir);
+    // SAFETY: mount(2) with valid C strings.
+    let rc = unsafe { libc::mount(c"proc".as_ptr(), target.as_ptr(), c"proc".as_ptr(), 0, std::ptr::null()) };
+    let result = outcome(rc.into(), &format!("mount proc on {}", dir.display()));
+    if result.is_ok() {
+        // SAFETY: umount2(2) of what we just mounted.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+    report("mount-proc", result);
+}
+
+/// Capabilities (CAP_DAC_READ_SEARCH): "shocker". A file handle is an
+/// inode number on a filesystem, not a path, so opening one ignores the
+/// mount namespace: take the handle of this binary (bound in from the
+/// host's filesystem) and, where the filesystem uses 32-bit inode handles
+/// (ext4), forge one for its root directory (inode 2).
+fn open_by_handle() {
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        data: [u8; 128],
+    }
+    let exe = std::env::args_os().next().unwrap_or_default();
+    let path = CString::new(exe.as_bytes()).unwrap_or_default();
+    let mut handle = Handle { bytes: 128, kind: 0, data: [0; 128] };
+    let mut mount_id = 0;
+    // SAFETY: name_to_handle_at fills the handle and mount id we own.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_name_to_handle_at, libc::AT_FDCWD, path.as_ptr(), &mut handle, &mut mount_id, 0)
+    };
+    if rc < 0 {
+        return report("open-by-handle", Err(format!("name_to_handle_at: {}", Error::last_os_error())));
+    }
+    // FILEID_INO32_GEN: (inode, generation); generation 0 is not checked.
+    let forged = handle.kind == 1 && handle.bytes == 8;
+    if forged {
+        handle.data[..8].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    // SAFETY: open(2) of our own binary, O_PATH.
+    let mount_fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    let flags = libc::O_RDONLY | libc::O_CLOEXEC | if forged { libc::O_DIRECTORY } else { 0 };
+    // SAFETY: open_by_handle_at reads the handle we own.
+    let fd = unsafe { libc::syscall(libc::SYS_open_by_handle_at, mount_fd, &handle, flags) };
+    let result = if fd < 0 {
+        Err(format!("open_by_handle_at: {}", Error::last_os_error()))
+    } else if forged {
+        Ok(format!(
+            "opened the host filesystem's root directory by a forged handle: {}",
+            list_dir(fd as libc::c_int).join(" ")
+        ))
+    } else {
+        Ok("opened a file by handle".into())
+    };
+    // SAFETY: closing fds we opened (a negative one is ignored).
+    unsafe {
+        libc::close(mount_fd);
+        libc::close(fd as libc::c_int);
+    }
+    report("open-by-handle", result);
+}
+
+/// The names in an open directory (getdents64: the jail has no /proc).
+fn list_dir(fd: libc::c_int) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: getdents64 writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            return names;
+        }
+        let mut at = 0;
+        while at + 19 < n as usize {
+            // struct linux_dirent64: ino u64, off i64, reclen u16, type u8, name.
+            let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+            let name = &buf[at + 19..at + reclen];
+            let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
+            names.push(String::from_utf8_lossy(name).into_owned());
+            at += reclen.max(1);
+        }
+    }
 }
 
 fn capabilities() {
@@ -93,13 +261,15 @@ fn capabilities() {
     }
     let header = Header { version: 0x2008_0522, pid: 0 };
     let mut data = [Data::default(); 2];
+    // The capability drop (bounding set emptied, capset to nothing,
+    // SECBIT_NOROOT so uid 0 gains nothing on exec).
     // SAFETY: capget fills the two data structs we own.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) };
     let any = data.iter().any(|d| d.effective | d.permitted | d.inheritable != 0);
     report(
         "capabilities-held",
         if rc == 0 && any {
-            Ok(format!("capget shows {:x?}", data.map(|d| d.permitted)))
+            Ok(format!("capget shows permitted {:x?}", data.map(|d| d.permitted)))
         } else {
             Err("none held".into())
         },
@@ -111,31 +281,31 @@ fn capabilities() {
     // SAFETY: prctl with integer arguments.
     let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, 21, 0, 0) };
     report("ambient-raise", outcome(rc.into(), "PR_CAP_AMBIENT_RAISE CAP_SYS_ADMIN"));
-    // SAFETY: setresuid with integer arguments; it fails without CAP_SETUID
-    // (and uid 0 with SECBIT_NOROOT grants nothing either).
-    let rc = unsafe { libc::setresuid(0, 0, 0) };
-    let uid_after = unsafe { libc::geteuid() };
+    // CAP_SETUID: a uid 0 jail cannot become another uid, nor an
+    // unprivileged one uid 0 (which, with SECBIT_NOROOT set and an empty
+    // bounding set, would grant nothing either).
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let other = if uid == 0 { 1 } else { 0 };
+    // SAFETY: setresuid with integer arguments.
+    let rc = unsafe { libc::setresuid(other, other, other) };
     report(
-        "setuid-root",
-        if rc == 0 && uid_after == 0 {
-            capabilities_after_setuid()
+        "setuid",
+        if rc == 0 {
+            Ok(format!("setresuid({other}) from uid {uid}{}", capabilities_after_setuid()))
         } else {
-            Err(format!("setresuid(0): {}", Error::last_os_error()))
+            Err(format!("setresuid({other}) from uid {uid}: {}", Error::last_os_error()))
         },
     );
 }
 
-/// Even as uid 0 (a jail run as root), no capability may come back.
-fn capabilities_after_setuid() -> Result<String, String> {
+/// What uid 0 would bring after a successful setuid.
+fn capabilities_after_setuid() -> String {
     // SAFETY: prctl(PR_CAPBSET_READ) only reads.
     let bounding = (0..=40).filter(|cap| unsafe { libc::prctl(libc::PR_CAPBSET_READ, *cap, 0, 0, 0) } == 1).count();
-    // SAFETY: prctl(PR_SET_KEEPCAPS / securebits read) only reads here.
+    // SAFETY: prctl(PR_GET_SECUREBITS) only reads.
     let securebits = unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) };
-    if bounding == 0 && securebits & 1 != 0 {
-        Err(format!("uid is 0 but the bounding set is empty and SECBIT_NOROOT is set (securebits {securebits:#x})"))
-    } else {
-        Ok(format!("uid 0 with {bounding} capabilities in the bounding set"))
-    }
+    format!(" ({bounding} capabilities in the bounding set, securebits {securebits:#x})")
 }
 
 /// Seccomp-layer probes: each makes one call the block policy forbids.

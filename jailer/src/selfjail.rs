@@ -77,12 +77,7 @@ pub fn can_jail() -> bool {
 fn sweep_stale(jail_base: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(jail_base) else { return };
     let hierarchies = crate::Hierarchies::detect().unwrap_or_default();
-    let cgroup_roots: Vec<std::path::PathBuf> = hierarchies
-        .unified
-        .iter()
-        .chain(hierarchies.v1.iter().map(|(_, p)| p))
-        .map(|p| p.join(crate::CGROUP_PARENT))
-        .collect();
+    let cgroup_roots = hierarchies.jail_parents();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         let Some(pid) = name.rsplit_once('-').and_then(|(_, pid)| pid.parse::<libc::pid_t>().ok()) else { continue };

@@ -22,11 +22,10 @@ fn ip(args: &[&str]) -> io::Result<()> {
 }
 
 impl TestNetns {
-    /// Creates `mmdev-<pid>-<tag>-<n>`; `None` (test skipped) when not root.
+    /// Creates `mmdev-<pid>-<tag>-<n>`; `None` (test skipped) when not root
+    /// (see [`root_available`]).
     pub fn new(tag: &str) -> Option<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipping: creating a network namespace needs root");
+        if !root_available(tag) {
             return None;
         }
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -80,6 +79,23 @@ impl Drop for TestNetns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
     }
+}
+
+/// True when running as root, which a network namespace and its TAPs
+/// need. Without it: panics when `CI` is set (a CI run that skipped the TAP
+/// tests would prove nothing), else says the test is skipped and returns
+/// false. (The same rule as `mm_integration::root_available`, which this
+/// crate cannot depend on.)
+pub fn root_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: not running as root, and CI is set: tests that need root must run in CI");
+    }
+    eprintln!("SKIPPED {test}: creating a network namespace and TAPs needs root");
+    false
 }
 
 fn open_tap(ifname: &str, vnet_hdr: bool) -> io::Result<OwnedFd> {
