@@ -108,13 +108,17 @@ async fn namespace_and_machine_crud() {
     assert_eq!(s.delete(&again_path, &root).await.body["state"], "destroyed");
 
     // Integers sent as integral floats (64.0: JSON Schema's integer, what
-    // Python writes) are taken; an argv item is limited in characters, not
-    // bytes (4096 two-byte characters fit).
+    // Python writes) are taken. An argv item within its own limit (4096
+    // characters) is still refused when the workload cannot fit the guest's
+    // kernel command line (as 4096 two-byte characters cannot).
     let float_host = json!({"name": "h2", "address": "h2.test:7000", "cpus": 2.0, "memory_mb": 1024.0});
     assert_eq!(s.post("/v1/hosts", &root, float_host).await.body["cpus"], 2);
     let mut float = spec("db");
     float["config"]["guest"] = json!({"cpus": 1.0, "memory_mb": 64.0});
     float["config"]["command"] = json!(["é".repeat(4096)]);
+    let too_long = s.post("/v1/namespaces/prod/machines", &root, float.clone()).await;
+    assert!(too_long.problem(422).contains("kernel command line"), "{:#}", too_long.body);
+    float["config"]["command"] = json!(["é".repeat(300)]);
     let db = s.machine(&root, "prod", float).await;
     assert_eq!(
         (db["config"]["guest"]["cpus"].as_i64(), db["config"]["guest"]["memory_mb"].as_i64()),

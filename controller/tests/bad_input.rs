@@ -123,6 +123,10 @@ async fn configs_that_cannot_boot_are_refused_at_create() {
     let size = WorkloadSize::of(&[], [("A", value.as_str())], &[]).total();
     assert!(detail.contains("kernel command line"), "{detail}");
     assert!(detail.contains(&size.to_string()) && detail.contains(&WORKLOAD_CMDLINE_MAX.to_string()), "{detail}");
+    // Checked before any database work, as the other rules are: also where
+    // the namespace does not exist.
+    let nowhere = s.request(Method::POST, "/v1/namespaces/nowhere/machines").bearer_auth(&root);
+    assert!(s.send(nowhere.json(&big)).await.problem(422).contains("kernel command line"));
     // The sum counts: command, env and keys that each fit alone.
     let mut sum = spec("sum");
     sum["config"]["command"] = json!(["sh", "-c", "y".repeat(400)]);

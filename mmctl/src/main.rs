@@ -60,7 +60,8 @@ enum Verb {
         image: String,
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, default_value_t = 1)]
+        /// vCPUs, at least 1.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
         cpus: u8,
         /// Guest memory, in MiB (suffixes M and G accepted).
         #[arg(long, default_value = "256M", value_parser = parse_memory)]
@@ -373,7 +374,8 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             let targets: Vec<_> =
                 vms.iter().map(|vm| tunnel::SshTarget { id: &vm.id, name: &vm.name, address: &vm.ip }).collect();
             let login = vm.is_some() && !print_config;
-            tunnel::ssh_verb(&targets, login, &route, &user, identity.as_deref(), &command)
+            let from = tunnel::Describer::Broker;
+            tunnel::ssh_verb(&targets, from, login, &route, &user, identity.as_deref(), &command)
         }
         Verb::PortForward { vm: name, ports } => {
             let vm = get_vm(&broker, &name).await?;

@@ -166,7 +166,8 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             let targets: Vec<_> =
                 machines.iter().map(|m| tunnel::SshTarget { id: &m.id, name: &m.name, address: "" }).collect();
             let login = vm.is_some() && !print_config;
-            tunnel::ssh_verb(&targets, login, &route, &user, identity.as_deref(), &command)
+            let from = tunnel::Describer::Controller;
+            tunnel::ssh_verb(&targets, from, login, &route, &user, identity.as_deref(), &command)
         }
         Verb::PortForward { vm, ports } => {
             let id = find(&api, &vm).await?.id;
