@@ -82,10 +82,8 @@ fn sweep_stale(jail_base: &std::path::Path) {
         let name = entry.file_name().to_string_lossy().to_string();
         let Some(pid) = name.rsplit_once('-').and_then(|(_, pid)| pid.parse::<libc::pid_t>().ok()) else { continue };
         // SAFETY: kill with signal 0 only checks whether the pid exists.
-        if pid <= 0
-            || unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-        {
+        let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+        if pid <= 0 || alive || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
             continue;
         }
         let cgroups: Vec<std::path::PathBuf> =
