@@ -149,6 +149,8 @@ struct ProcessStats {
   systemCpuMs @6 :UInt64;
   maxRssKib @7 :UInt64;
   reconnects @8 :UInt32; # devices: back ends mm-vmm was handed for it
+  resubmitted @9 :UInt64; # block: requests its predecessor left in flight
+                          # that this process ran again
 }
 
 interface ByteSink {

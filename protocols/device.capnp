@@ -22,6 +22,8 @@ struct DeviceResponse {
 struct DeviceStatus {
   kind @0 :Text;          # block | net | vsock
   usage @1 :ProcessUsage;
+  resubmitted @2 :UInt64; # block: requests a killed predecessor left in
+                          # flight that this process ran again (0 for others)
 }
 
 struct ProcessUsage {

@@ -13,7 +13,8 @@ bash guest/kernel/build.sh >/dev/null
 bash guest/rootfs/build-initramfs.sh >/dev/null
 cargo build --workspace --bins --quiet
 bash scripts/fuzz.sh
-# Real block processes SIGKILLed at random moments under a simulated driver
-# (no KVM; needs the binaries built above).
-STRESS_KILLS=200 cargo test -p mm-devices --lib block::tests::stress -- --ignored
+# Real block processes SIGKILLed at random moments under a simulated driver,
+# completing in order and out of order (no KVM; needs the binaries built
+# above, whose mm-device has the test-hooks flags the tests use).
+STRESS_KILLS=200 cargo test -p mm-devices --features test-hooks --lib block::tests::stress -- --ignored
 cargo test --workspace --no-fail-fast

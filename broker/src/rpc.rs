@@ -326,6 +326,7 @@ impl vm::Server for VmServer {
             out.set_pid(process.pid);
             out.set_restarts(process.restarts);
             out.set_reconnects(process.reconnects);
+            out.set_resubmitted(process.resubmitted);
             match &process.usage {
                 Ok(usage) => {
                     out.set_uptime_ms(usage.uptime_ms);

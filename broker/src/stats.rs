@@ -1,7 +1,8 @@
 //! `Vm.stats`: every process of a running microVM, asked over its own
 //! control channel: mm-vmm over protocols/vmm.capnp (its usage, and how
 //! many back ends each device has had), each device over
-//! protocols/device.capnp (its usage).
+//! protocols/device.capnp (its usage, and for block the requests it
+//! resubmitted for a killed predecessor).
 //!
 //! A process that does not answer within [`ANSWER_TIMEOUT`] is reported
 //! with the error, not waited for: a stuck device must not stall the
@@ -26,6 +27,7 @@ pub struct ProcessStats {
     pub restarts: u32,
     pub usage: Result<ProcessUsage, String>,
     pub reconnects: u32,
+    pub resubmitted: u64,
 }
 
 pub async fn gather(vm: &Vm) -> Vec<ProcessStats> {
@@ -43,6 +45,7 @@ pub async fn gather(vm: &Vm) -> Vec<ProcessStats> {
             restarts: process.restarts,
             usage: Err(String::new()),
             reconnects: 0,
+            resubmitted: 0,
         };
         if process.role == "vmm" {
             stats.usage = vmm_status.as_ref().map(|s| s.usage).map_err(Clone::clone);
@@ -57,7 +60,10 @@ pub async fn gather(vm: &Vm) -> Vec<ProcessStats> {
             })
             .await;
             stats.usage = match asked {
-                Ok(Ok(status)) => Ok(status.usage),
+                Ok(Ok(status)) => {
+                    stats.resubmitted = status.resubmitted;
+                    Ok(status.usage)
+                }
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(e.to_string()),
             };

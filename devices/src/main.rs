@@ -92,10 +92,8 @@ enum Device {
         /// Device serial (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
         #[arg(long)]
         serial: Option<String>,
-        /// Testing only: sleep this long before running each request, so a
-        /// test's SIGKILL finds requests in flight.
-        #[arg(long, hide = true)]
-        test_request_delay_ms: Option<u64>,
+        #[command(flatten)]
+        test: mm_devices::block::TestHookFlags,
     },
     /// A network interface on a TAP fd the broker opened.
     Net {
@@ -170,34 +168,33 @@ fn main() -> Result<()> {
         .transpose()?;
     let started = std::time::Instant::now();
     // Started after the device's filter is installed, so it runs under it.
-    let answer_control = |kind: &'static str| {
+    let answer_control = |kind: &'static str, resubmitted: fn() -> u64| {
         if let Some(listener) = control {
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || device_control::serve(listener, kind, started))
+                .spawn(move || device_control::serve(listener, kind, started, resubmitted))
                 .context("starting the control thread")?;
         }
         Ok::<(), anyhow::Error>(())
     };
     match cli.device {
-        Device::Block { endpoint, image, read_only, serial, test_request_delay_ms } => {
+        Device::Block { endpoint, image, read_only, serial, test } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Block)?;
-            answer_control("block")?;
-            let test_request_delay = test_request_delay_ms.map(std::time::Duration::from_millis);
-            serve_block(BlockConfig { image, read_only, serial, test_request_delay }, listener)?;
+            answer_control("block", mm_devices::block::resubmitted)?;
+            serve_block(BlockConfig { image, read_only, serial, test }, listener)?;
         }
         Device::Net { endpoint, tap_fd, mac } => {
             let listener = endpoint.listener()?;
             let tap = inherited(tap_fd, "--tap-fd")?;
             confine(&confinement, Policy::Net)?;
-            answer_control("net")?;
+            answer_control("net", || 0)?;
             serve_net(NetConfig { tap, mac }, listener)?;
         }
         Device::Vsock { endpoint, guest_cid, uds, transport_reset } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Vsock)?;
-            answer_control("vsock")?;
+            answer_control("vsock", || 0)?;
             serve_vsock(VsockConfig { guest_cid, uds_path: uds, transport_reset }, listener)?;
         }
     }

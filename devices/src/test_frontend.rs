@@ -205,6 +205,8 @@ pub struct TestFrontend {
     /// The in-flight table, once GET_INFLIGHT_FD answered.
     pub inflight: Option<(VhostUserInflight, File)>,
     acked_features: u64,
+    /// Protocol features asked for when offered (on every reconnect too).
+    wanted_protocol: VhostUserProtocolFeatures,
 }
 
 /// Protocol features the test front end asks for when offered.
@@ -217,6 +219,18 @@ impl TestFrontend {
     /// Opens a session over `stream` (SET_OWNER, GET_FEATURES and the
     /// protocol-feature handshake) for a device with `num_queues` queues.
     pub fn connect(stream: UnixStream, memory: TestMemory, num_queues: usize) -> Result<Self> {
+        Self::connect_wanting(stream, memory, num_queues, TEST_PROTOCOL_FEATURES)
+    }
+
+    /// [`TestFrontend::connect`], asking only for the protocol features in
+    /// `wanted` (e.g. without INFLIGHT_SHMFD, to show what a test would
+    /// miss without in-flight tracking).
+    pub fn connect_wanting(
+        stream: UnixStream,
+        memory: TestMemory,
+        num_queues: usize,
+        wanted: VhostUserProtocolFeatures,
+    ) -> Result<Self> {
         let frontend = Frontend::from_stream(stream, num_queues as u64);
         let mut fe = TestFrontend {
             frontend,
@@ -226,6 +240,7 @@ impl TestFrontend {
             protocol: VhostUserProtocolFeatures::empty(),
             inflight: None,
             acked_features: 0,
+            wanted_protocol: wanted,
         };
         fe.handshake()?;
         Ok(fe)
@@ -236,7 +251,7 @@ impl TestFrontend {
         self.offered_features = self.frontend.get_features()?;
         if self.offered_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let offered = self.frontend.get_protocol_features()?;
-            self.protocol = offered & TEST_PROTOCOL_FEATURES;
+            self.protocol = offered & self.wanted_protocol;
             self.frontend.set_protocol_features(self.protocol)?;
             if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // The vhost crate only asks for acks when told to; without

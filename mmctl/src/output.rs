@@ -129,8 +129,8 @@ pub fn print_stats(processes: &[ProcessStats], format: Format) {
         Format::Json => println!("{}", serde_json::to_string_pretty(processes).expect("serialisable")),
         Format::Table => {
             println!(
-                "{:<11} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                "ROLE", "PID", "RESTARTS", "UPTIME_S", "USER_MS", "SYS_MS", "MAXRSS_KB", "RECONNECTS"
+                "{:<11} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11}",
+                "ROLE", "PID", "RESTARTS", "UPTIME_S", "USER_MS", "SYS_MS", "MAXRSS_KB", "RECONNECTS", "RESUBMITTED"
             );
             for p in processes {
                 if !p.error.is_empty() {
@@ -138,7 +138,7 @@ pub fn print_stats(processes: &[ProcessStats], format: Format) {
                     continue;
                 }
                 println!(
-                    "{:<11} {:>8} {:>8} {:>10.1} {:>10} {:>10} {:>10} {:>10}",
+                    "{:<11} {:>8} {:>8} {:>10.1} {:>10} {:>10} {:>10} {:>10} {:>11}",
                     p.role,
                     p.pid,
                     p.restarts,
@@ -146,7 +146,8 @@ pub fn print_stats(processes: &[ProcessStats], format: Format) {
                     p.user_cpu_ms,
                     p.system_cpu_ms,
                     p.max_rss_kib,
-                    if p.role == "vmm" { "-".to_string() } else { p.reconnects.to_string() }
+                    if p.role == "vmm" { "-".to_string() } else { p.reconnects.to_string() },
+                    if p.role.starts_with("block") { p.resubmitted.to_string() } else { "-".to_string() }
                 );
             }
         }

@@ -26,6 +26,9 @@ pub enum Response {
 pub struct DeviceStatus {
     pub kind: String,
     pub usage: ProcessUsage,
+    /// Block: requests a killed predecessor left in flight that this
+    /// process ran again (found in the in-flight table); 0 for the others.
+    pub resubmitted: u64,
 }
 
 /// What a process has used: `getrusage(RUSAGE_SELF)` and its age.
@@ -97,6 +100,7 @@ impl Response {
             Response::Status(status) => {
                 let mut out = response.init_status();
                 out.set_kind(&status.kind);
+                out.set_resubmitted(status.resubmitted);
                 status.usage.write(out.init_usage());
             }
         }
@@ -112,6 +116,7 @@ impl Response {
                 Ok(Response::Status(DeviceStatus {
                     kind: text(status.get_kind()?)?,
                     usage: ProcessUsage::read(status.get_usage()?),
+                    resubmitted: status.get_resubmitted(),
                 }))
             }
         }
@@ -119,8 +124,9 @@ impl Response {
 }
 
 /// Answers status requests on `listener`, one connection at a time, for
-/// ever (a device runs this on a thread of its own).
-pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant) -> ! {
+/// ever (a device runs this on a thread of its own); `resubmitted` reads
+/// the device's count of that name (see [`DeviceStatus`]).
+pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant, resubmitted: fn() -> u64) -> ! {
     loop {
         let connection = match listener.accept() {
             Ok(connection) => connection,
@@ -132,9 +138,11 @@ pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant) 
         // A peer that sends what is no packet of ours loses its connection.
         while let Ok(Some((bytes, _))) = connection.recv() {
             let response = match Request::decode(&bytes) {
-                Ok(Request::Status) => {
-                    Response::Status(DeviceStatus { kind: kind.into(), usage: ProcessUsage::of_self(started) })
-                }
+                Ok(Request::Status) => Response::Status(DeviceStatus {
+                    kind: kind.into(),
+                    usage: ProcessUsage::of_self(started),
+                    resubmitted: resubmitted(),
+                }),
                 Err(e) => Response::Error(e.to_string()),
             };
             if connection.send(&response.encode(), &[]).is_err() {
@@ -179,10 +187,11 @@ mod tests {
         let path = dir.join("control.sock");
         let listener = SeqPacketListener::bind(&path).unwrap();
         let started = Instant::now();
-        std::thread::spawn(move || serve(listener, "block", started));
+        std::thread::spawn(move || serve(listener, "block", started, || 7));
         let client = DeviceClient::connect(&path, Duration::from_secs(5)).unwrap();
         let status = client.status().unwrap();
         assert_eq!(status.kind, "block");
+        assert_eq!(status.resubmitted, 7);
         assert!(status.usage.max_rss_kib > 0);
         // The same connection answers again; a second client waits its turn.
         assert!(client.status().unwrap().usage.uptime_ms >= status.usage.uptime_ms);
@@ -197,6 +206,7 @@ mod tests {
         let status = DeviceStatus {
             kind: "net".into(),
             usage: ProcessUsage { uptime_ms: 1, user_cpu_ms: 2, system_cpu_ms: 3, max_rss_kib: 4 },
+            resubmitted: 5,
         };
         for response in [Response::Status(status), Response::Error("x".into())] {
             assert_eq!(Response::decode(&response.encode()).unwrap(), response);

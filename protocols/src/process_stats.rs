@@ -22,6 +22,10 @@ pub struct ProcessStats {
     pub max_rss_kib: u64,
     /// For a device: back ends mm-vmm was handed for it after the first.
     pub reconnects: u32,
+    /// For a block device: requests its killed predecessor left in flight
+    /// that this process ran again.
+    #[serde(default)]
+    pub resubmitted: u64,
 }
 
 impl ProcessStats {
@@ -39,6 +43,7 @@ impl ProcessStats {
             system_cpu_ms: p.get_system_cpu_ms(),
             max_rss_kib: p.get_max_rss_kib(),
             reconnects: p.get_reconnects(),
+            resubmitted: p.get_resubmitted(),
         })
     }
 }
@@ -59,6 +64,7 @@ mod tests {
         p.set_system_cpu_ms(7);
         p.set_max_rss_kib(8);
         p.set_reconnects(2);
+        p.set_resubmitted(3);
         let read = ProcessStats::read(p.into_reader()).unwrap();
         let want = ProcessStats {
             role: "block-rw".into(),
@@ -70,6 +76,7 @@ mod tests {
             system_cpu_ms: 7,
             max_rss_kib: 8,
             reconnects: 2,
+            resubmitted: 3,
         };
         assert_eq!(read, want);
     }

@@ -18,6 +18,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 
+use super::BlockStats;
 use super::config::{self, MAX_QUEUE_SIZE, NUM_QUEUES};
 use super::execute::BlockDisk;
 use super::inflight::InflightTable;
@@ -40,10 +41,11 @@ pub struct BlockHandler {
     vrings: Vec<Vring>,
     worker: Option<Worker>,
     hooks: Hooks,
+    stats: Arc<BlockStats>,
 }
 
 impl BlockHandler {
-    pub fn new(disk: Arc<BlockDisk>, hooks: Hooks) -> Self {
+    pub fn new(disk: Arc<BlockDisk>, hooks: Hooks, stats: Arc<BlockStats>) -> Self {
         BlockHandler {
             disk,
             acked_features: 0,
@@ -53,6 +55,7 @@ impl BlockHandler {
             vrings: (0..NUM_QUEUES).map(|_| Vring::new()).collect(),
             worker: None,
             hooks,
+            stats,
         }
     }
 
@@ -94,6 +97,7 @@ impl BlockHandler {
             indirect: config::indirect_enabled(self.acked_features),
             runnable,
             hooks: self.hooks.clone(),
+            stats: Arc::clone(&self.stats),
         };
         match Worker::spawn(std::mem::take(&mut self.vrings), ctx) {
             Ok(worker) => {
@@ -169,8 +173,8 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
 
     fn reset_owner(&mut self) -> VuResult<()> {
         self.stop_worker()?;
-        let (disk, hooks) = (Arc::clone(&self.disk), self.hooks.clone());
-        *self = BlockHandler::new(disk, hooks);
+        let (disk, hooks, stats) = (Arc::clone(&self.disk), self.hooks.clone(), Arc::clone(&self.stats));
+        *self = BlockHandler::new(disk, hooks, stats);
         Ok(())
     }
 

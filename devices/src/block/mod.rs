@@ -31,7 +31,8 @@ mod tests;
 use std::io::ErrorKind;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
@@ -58,18 +59,79 @@ pub struct BlockConfig {
     /// The serial the guest reads with VIRTIO_BLK_T_GET_ID (and sees as
     /// /dev/disk/by-id/virtio-<serial>); at most 20 bytes are used.
     pub serial: Option<String>,
-    /// Testing only: a pause before each request runs, so that a test's
-    /// SIGKILL lands while requests are in flight (see `Hooks`).
-    pub test_request_delay: Option<std::time::Duration>,
+    /// Testing only: see [`TestHookFlags`].
+    pub test: TestHookFlags,
+}
+
+/// `mm-device block`'s test-only flags. They exist only with the cargo
+/// feature `test-hooks` (which only the test crates turn on): without it
+/// this struct is empty and the command line has no such flags, so nothing
+/// a user runs can be slowed down or reordered by them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct TestHookFlags {
+    /// Testing only: sleep this long before running each request (and,
+    /// with --test-complete-out-of-order, before publishing each
+    /// completion), so a test's SIGKILL finds requests in flight.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long = "test-request-delay-ms", hide = true)]
+    pub request_delay_ms: Option<u64>,
+    /// Testing only: complete each batch of requests (all the avail ring
+    /// held when the worker looked) in reverse order of arrival, as a back
+    /// end doing I/O in parallel may, so a kill can land between the
+    /// completions of one batch.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long = "test-complete-out-of-order", hide = true)]
+    pub complete_out_of_order: bool,
 }
 
 impl BlockConfig {
+    #[cfg(feature = "test-hooks")]
     fn hooks(&self) -> Hooks {
-        if let Some(delay) = self.test_request_delay {
+        let request_delay = self.test.request_delay_ms.map(std::time::Duration::from_millis);
+        if let Some(delay) = request_delay {
             tracing::warn!(?delay, "block: TESTING ONLY: every request is delayed");
         }
-        Hooks::with_request_delay(self.test_request_delay)
+        if self.test.complete_out_of_order {
+            tracing::warn!("block: TESTING ONLY: requests complete in reverse order of arrival");
+        }
+        // The crash hook exists only in this crate's own tests.
+        #[allow(clippy::needless_update)]
+        Hooks { request_delay, out_of_order: self.test.complete_out_of_order, ..Hooks::default() }
     }
+
+    #[cfg(not(feature = "test-hooks"))]
+    fn hooks(&self) -> Hooks {
+        Hooks::default()
+    }
+}
+
+/// What a block back end reports on its control channel
+/// (protocols/device.capnp, `mmctl stats`).
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    resubmitted: AtomicU64,
+}
+
+impl BlockStats {
+    /// Requests a killed predecessor left in flight (found in the
+    /// in-flight table) that this back end ran again.
+    pub fn resubmitted(&self) -> u64 {
+        self.resubmitted.load(Ordering::Relaxed)
+    }
+
+    fn count_resubmitted(&self) {
+        self.resubmitted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The stats of the back ends [`serve_block`] and [`serve_block_stream`]
+/// run: one device per process, so the process's.
+static PROCESS_STATS: LazyLock<Arc<BlockStats>> = LazyLock::new(Arc::default);
+
+/// Requests this process resubmitted for a killed predecessor, for its
+/// control channel.
+pub fn resubmitted() -> u64 {
+    PROCESS_STATS.resubmitted()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,17 +171,22 @@ pub fn serve_block(config: BlockConfig, listener: UnixListener) -> Result<(), Bl
         }
     };
     drop(listener);
-    serve_disk(disk, stream, config.hooks())
+    serve_disk(disk, stream, config.hooks(), Arc::clone(&PROCESS_STATS))
 }
 
 /// Serves an already connected stream (a socketpair end) until the front
 /// end hangs up.
 pub fn serve_block_stream(config: BlockConfig, stream: UnixStream) -> Result<(), BlockError> {
-    serve_disk(open_disk(&config)?, stream, config.hooks())
+    serve_disk(open_disk(&config)?, stream, config.hooks(), Arc::clone(&PROCESS_STATS))
 }
 
-fn serve_disk(disk: Arc<BlockDisk>, stream: UnixStream, hooks: Hooks) -> Result<(), BlockError> {
-    let handler = Arc::new(Mutex::new(BlockHandler::new(disk, hooks)));
+fn serve_disk(
+    disk: Arc<BlockDisk>,
+    stream: UnixStream,
+    hooks: Hooks,
+    stats: Arc<BlockStats>,
+) -> Result<(), BlockError> {
+    let handler = Arc::new(Mutex::new(BlockHandler::new(disk, hooks, stats)));
     let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
     let result = loop {
         match requests.handle_request() {

@@ -13,9 +13,10 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::chain::DescTable;
 use super::config::MAX_QUEUE_SIZE;
-use super::execute::{BlockDisk, process_chain};
+use super::execute::process_chain;
 use super::inflight::QueueInflight;
 use super::memory::MemoryTable;
+use super::worker::WorkerContext;
 
 /// Ring addresses as the front end sent them (its virtual addresses).
 #[derive(Debug, Clone, Copy)]
@@ -156,18 +157,40 @@ impl Vring {
         tracing::debug!(head, len, next_used = self.queue.next_used(), "block: trace: done");
     }
 
+    /// Publishes a request's completion (where a test may simulate a kill
+    /// between publishing and clearing its in-flight mark).
+    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32, hooks: &Hooks) -> Flow {
+        if hooks.crash_at(CrashPoint::Published) {
+            if let Some(inflight) = &self.inflight {
+                inflight.pre_put(head);
+            }
+            let _ = self.queue.add_used(mem, head, len);
+            hooks.crash_now(CrashPoint::Published);
+            return Flow::Crashed;
+        }
+        self.complete(mem, head, len);
+        hooks.count();
+        Flow::Continue
+    }
+
     /// Runs everything the ring holds: leftovers of a predecessor first,
     /// then the avail ring until it is empty (re-checking after re-enabling
     /// notifications, with EVENT_IDX), then signals the driver once.
-    pub fn process(&mut self, mem: &GuestMemoryMmap, disk: &BlockDisk, indirect: bool, hooks: &Hooks) -> Flow {
-        let table = DescTable { addr: GuestAddress(self.queue.desc_table()), queue_size: self.size, indirect };
+    pub fn process(&mut self, ctx: &WorkerContext) -> Flow {
+        let (mem, disk, hooks) = (&*ctx.mem, &*ctx.disk, &ctx.hooks);
+        let table =
+            DescTable { addr: GuestAddress(self.queue.desc_table()), queue_size: self.size, indirect: ctx.indirect };
         let mut completed = 0usize;
         while let Some(head) = self.resubmit.pop_front() {
             tracing::debug!(head, "block: trace: resubmit");
             let len = process_chain(mem, table, head, disk);
             self.complete(mem, head, len);
+            ctx.stats.count_resubmitted();
             completed += 1;
         }
+        // Test hook (out of order): requests run as they come but are
+        // published at the end of the batch, newest first.
+        let mut held: Vec<(u16, u32)> = Vec::new();
         loop {
             if self.queue.event_idx_enabled() {
                 let _ = self.queue.disable_notification(mem);
@@ -185,23 +208,34 @@ impl Vring {
                 if hooks.crash_now(CrashPoint::Marked) {
                     return Flow::Crashed;
                 }
-                if let Some(delay) = hooks.request_delay {
+                if let Some(delay) = hooks.request_delay() {
                     std::thread::sleep(delay);
                 }
                 let len = process_chain(mem, table, head, disk);
                 if hooks.crash_now(CrashPoint::Executed) {
                     return Flow::Crashed;
                 }
-                if hooks.crash_at(CrashPoint::Published) {
-                    if let Some(inflight) = &self.inflight {
-                        inflight.pre_put(head);
-                    }
-                    let _ = self.queue.add_used(mem, head, len);
-                    hooks.crash_now(CrashPoint::Published);
+                if hooks.out_of_order() {
+                    held.push((head, len));
+                    continue;
+                }
+                if self.publish(mem, head, len, hooks) == Flow::Crashed {
                     return Flow::Crashed;
                 }
-                self.complete(mem, head, len);
-                hooks.count();
+                completed += 1;
+            }
+            while let Some((head, len)) = held.pop() {
+                // Run, not yet published: a kill here leaves newer requests
+                // of the batch completed and older ones not.
+                if let Some(delay) = hooks.request_delay() {
+                    std::thread::sleep(delay);
+                }
+                if hooks.crash_now(CrashPoint::Executed) {
+                    return Flow::Crashed;
+                }
+                if self.publish(mem, head, len, hooks) == Flow::Crashed {
+                    return Flow::Crashed;
+                }
                 completed += 1;
             }
             if !self.queue.event_idx_enabled() || !self.queue.enable_notification(mem).unwrap_or(false) {
@@ -235,15 +269,24 @@ pub enum CrashPoint {
     Published,
 }
 
-/// Test hooks; inert in production (`Hooks::default()`).
+/// Test hooks; inert in production, where (without the cargo feature
+/// `test-hooks`, outside this crate's tests) they have no fields at all.
 #[derive(Debug, Default, Clone)]
 pub struct Hooks {
     /// Sleep this long after marking each request in flight, before running
     /// it (`mm-device block --test-request-delay-ms`): the guest is far
     /// slower than this back end, so without it a SIGKILL at a random
     /// moment almost never finds a request in flight, and the kill test
-    /// would not test recovery.
+    /// would not test recovery. Out of order, the same pause comes before
+    /// publishing each completion too, so kills land between them.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub request_delay: Option<std::time::Duration>,
+    /// Publish each batch's completions newest first
+    /// (`--test-complete-out-of-order`): with in-order completion, the
+    /// requests in flight are exactly those past the used index, so a
+    /// restart at the used index would hide a broken in-flight table.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub out_of_order: bool,
     #[cfg(test)]
     pub crash: Option<std::sync::Arc<CrashHook>>,
 }
@@ -259,11 +302,18 @@ pub struct CrashHook {
 }
 
 impl Hooks {
-    /// Production hooks, but for the testing delay.
-    // The test-only fields exist only under cfg(test).
-    #[allow(clippy::needless_update)]
-    pub fn with_request_delay(request_delay: Option<std::time::Duration>) -> Self {
-        Hooks { request_delay, ..Hooks::default() }
+    fn request_delay(&self) -> Option<std::time::Duration> {
+        #[cfg(any(test, feature = "test-hooks"))]
+        return self.request_delay;
+        #[cfg(not(any(test, feature = "test-hooks")))]
+        None
+    }
+
+    fn out_of_order(&self) -> bool {
+        #[cfg(any(test, feature = "test-hooks"))]
+        return self.out_of_order;
+        #[cfg(not(any(test, feature = "test-hooks")))]
+        false
     }
 
     #[cfg(test)]

@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::BlockStats;
 use super::execute::BlockDisk;
 use super::vring::{Flow, Hooks, Vring};
 
@@ -36,6 +37,7 @@ pub struct WorkerContext {
     /// Per ring: started and enabled, so the worker may touch it.
     pub runnable: Vec<bool>,
     pub hooks: Hooks,
+    pub stats: Arc<BlockStats>,
 }
 
 pub struct Worker {
@@ -97,8 +99,7 @@ fn run(epoll: Epoll, exit: EventFd, mut vrings: Vec<Vring>, ctx: WorkerContext) 
     // Buffers may have been queued while no worker ran (a restart, or a
     // kick that arrived between workers): drain every ring once up front.
     for index in 0..vrings.len() {
-        if ctx.runnable[index] && vrings[index].process(&ctx.mem, &ctx.disk, ctx.indirect, &ctx.hooks) == Flow::Crashed
-        {
+        if ctx.runnable[index] && vrings[index].process(&ctx) == Flow::Crashed {
             return frozen(exit, vrings);
         }
     }
@@ -123,7 +124,7 @@ fn run(epoll: Epoll, exit: EventFd, mut vrings: Vec<Vring>, ctx: WorkerContext) 
             if let Some(kick) = &vring.kick {
                 drain(kick);
             }
-            if vring.process(&ctx.mem, &ctx.disk, ctx.indirect, &ctx.hooks) == Flow::Crashed {
+            if vring.process(&ctx) == Flow::Crashed {
                 return frozen(exit, vrings);
             }
         }

@@ -6,6 +6,8 @@ mod inflight;
 mod malformed;
 mod parse;
 mod requests;
+// Drives real `mm-device` processes with test-only flags.
+#[cfg(feature = "test-hooks")]
 mod stress;
 
 use std::os::unix::net::UnixStream;
@@ -15,12 +17,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::execute::{BlockDisk, Serial};
 use super::vring::Hooks;
-use super::{BlockError, disk::DiskImage, serve_disk};
-use crate::test_frontend::{Buf, TestFrontend, TestMemory};
+use super::{BlockError, BlockStats, disk::DiskImage, serve_disk};
+use crate::test_frontend::{Buf, TEST_PROTOCOL_FEATURES, TestFrontend, TestMemory};
 
 pub const QUEUE_SIZE: u16 = 64;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,9 +83,20 @@ pub fn open_disk(path: &Path, read_only: bool, serial: &str) -> Arc<BlockDisk> {
 
 /// Starts a back end on one end of a socketpair; returns the other end.
 pub fn spawn_backend(disk: Arc<BlockDisk>, hooks: Hooks) -> (UnixStream, JoinHandle<Result<(), BlockError>>) {
-    let (frontend, backend) = UnixStream::pair().unwrap();
-    let handle = std::thread::spawn(move || serve_disk(disk, backend, hooks));
+    let (frontend, handle, _) = spawn_counted_backend(disk, hooks);
     (frontend, handle)
+}
+
+/// [`spawn_backend`], and the back end's own stats.
+pub fn spawn_counted_backend(
+    disk: Arc<BlockDisk>,
+    hooks: Hooks,
+) -> (UnixStream, JoinHandle<Result<(), BlockError>>, Arc<BlockStats>) {
+    let (frontend, backend) = UnixStream::pair().unwrap();
+    let stats = Arc::new(BlockStats::default());
+    let backend_stats = Arc::clone(&stats);
+    let handle = std::thread::spawn(move || serve_disk(disk, backend, hooks, backend_stats));
+    (frontend, handle, stats)
 }
 
 /// A back end serving a scratch image, and a test front end driving it.
@@ -111,11 +125,21 @@ impl Rig {
 
     /// Connected (handshake done), not yet activated.
     pub fn connected(image_size: u64, read_only: bool, hooks: Hooks) -> Self {
+        Self::connected_wanting(image_size, read_only, hooks, TEST_PROTOCOL_FEATURES)
+    }
+
+    /// [`Rig::connected`], the front end asking only for `wanted`.
+    pub fn connected_wanting(
+        image_size: u64,
+        read_only: bool,
+        hooks: Hooks,
+        wanted: VhostUserProtocolFeatures,
+    ) -> Self {
         let image = TempImage::new(image_size);
         let disk = open_disk(&image.path, read_only, "mm-test-serial");
         let (stream, backend) = spawn_backend(disk, hooks);
         let memory = TestMemory::new(MEM_BASE, MEM_SIZE).unwrap();
-        let fe = TestFrontend::connect(stream, memory, 1).unwrap();
+        let fe = TestFrontend::connect_wanting(stream, memory, 1, wanted).unwrap();
         Rig { fe, image, backend: Some(backend) }
     }
 

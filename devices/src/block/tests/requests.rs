@@ -260,7 +260,7 @@ fn serve_block_accepts_the_queued_connection() {
         image: image.path.clone(),
         read_only: false,
         serial: Some("listen".into()),
-        test_request_delay: None,
+        test: Default::default(),
     };
     let backend = std::thread::spawn(move || crate::block::serve_block(config, listener));
     let memory = crate::test_frontend::TestMemory::new(MEM_BASE, MEM_SIZE).unwrap();
