@@ -104,6 +104,9 @@ fn a_microvm_lives_its_whole_life_through_mmctl() {
     // `exec -it` as a person runs it, on a terminal: raw mode, resizes.
     let exec_it = broker.mmctl_command(&["exec", "-it", "bg", "--"]).unwrap();
     mm_integration::pty::exec_it_behaves_like_a_terminal(exec_it, QUICK).unwrap();
+    // Every device was restarted into the same layout: the microVM's uid
+    // can write nothing of its directory but the vsock device's.
+    assert_vm_dir_layout(&broker, "bg");
 
     // The broker dies and comes back: the microVM is re-adopted, and the
     // new broker controls it (mm-vmm's control socket takes its
@@ -154,6 +157,7 @@ fn a_microvm_lives_its_whole_life_through_mmctl() {
     let run = broker.mmctl(&["start", "bg"], QUICK).unwrap();
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     let run = exec_when_ready(&broker, "bg", &["cat", "/probe"]);
+    assert_vm_dir_layout(&broker, "bg");
     assert_eq!(run.stdout.trim(), "after-kills", "the disk did not survive a stop and start: {}", run.stderr);
     let refused = broker.mmctl(&["rm", "bg"], QUICK).unwrap();
     assert_eq!(refused.status, Some(4), "rm of a running microVM needs -f: {}", refused.stderr);
@@ -219,6 +223,62 @@ fn mmctl_and_the_broker_refuse_bad_input_and_keep_serving() {
 }
 
 /// `mmctl exec`, retried while the guest is still booting.
+/// The microVM's directory (issue 17): the broker's (root, 0700), every
+/// file the broker wrote there root's 0600 (its sockets not writable by
+/// others), no link; the microVM's uid owns its disk and the vsock
+/// device's directory, the only one it may write, holding its socket. And
+/// that uid, trying from the host, cannot plant a link in the directory.
+fn assert_vm_dir_layout(broker: &TestBroker, vm: &str) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::process::CommandExt;
+    let id = broker.inspect(vm).unwrap()["id"].as_str().unwrap().to_string();
+    let dir = broker.dir.path("state/vms").join(&id);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("record.json")).unwrap()).unwrap();
+    let vm_uid = 200_000 + record["guest_cid"].as_u64().unwrap() as u32;
+    let meta = std::fs::symlink_metadata(&dir).unwrap();
+    assert!(meta.is_dir(), "{}", dir.display());
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (0, 0, 0o700), "{}", dir.display());
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        // Not followed: the entry itself.
+        let meta = entry.metadata().unwrap();
+        let what = format!("{name}: uid {} mode {:o}", meta.uid(), meta.mode());
+        assert!(!meta.file_type().is_symlink(), "{what} is a link");
+        assert_eq!(meta.mode() & 0o022, 0, "{what}: writable by group or others");
+        match name.as_str() {
+            "vsock" => assert!(meta.is_dir() && (meta.uid(), meta.mode() & 0o7777) == (vm_uid, 0o700), "{what}"),
+            "rw.ext4" => assert!(meta.is_file() && (meta.uid(), meta.mode() & 0o7777) == (vm_uid, 0o600), "{what}"),
+            _ => {
+                assert_eq!((meta.uid(), meta.gid()), (0, 0), "{what}: not the broker's");
+                if meta.is_file() {
+                    assert_eq!(meta.mode() & 0o7777, 0o600, "{what}");
+                }
+            }
+        }
+        names.push(name);
+    }
+    for expected in ["record.json", "audit.jsonl", "console.log", "vmm.log", "vsock.log", "block-rw.log", "rw.ext4"] {
+        assert!(names.iter().any(|n| n == expected), "no {expected} in {}: {names:?}", dir.display());
+    }
+    let socket = std::fs::symlink_metadata(dir.join("vsock/vsock.sock")).unwrap();
+    assert!(socket.file_type().is_socket() && socket.uid() == vm_uid, "vsock/vsock.sock: uid {}", socket.uid());
+    let planted = dir.join("planted-by-the-microvm");
+    let status = std::process::Command::new("ln")
+        .arg("-s")
+        .arg("/etc/hostname")
+        .arg(&planted)
+        .uid(vm_uid)
+        .gid(vm_uid)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "uid {vm_uid} planted a link in {}", dir.display());
+    assert!(std::fs::symlink_metadata(&planted).is_err());
+}
+
 fn exec_when_ready(broker: &TestBroker, vm: &str, args: &[&str]) -> mm_integration::Run {
     broker.exec_when_ready(vm, args, BOOT_TIMEOUT).unwrap()
 }
