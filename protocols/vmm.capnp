@@ -32,6 +32,16 @@ struct VmmRequest {
     # the memory file (guest RAM at its own offsets, sparse: never-touched
     # and zero pages are holes). Both are opened by the broker; the jailed
     # mm-vmm gets only the fds. Answered with `snapshotted`.
+    snapshotRunning @5 :Void;
+    # A snapshot of a RUNNING VM whose vCPUs stop only for the consistent
+    # cut, not for the whole copy. Same two files attached as `snapshot`.
+    # mm-vmm quiesces the devices first (so no back end writes guest memory
+    # any more) but lets the vCPUs run, turns on KVM dirty logging, copies
+    # guest RAM, then pauses the vCPUs, copies only the pages dirtied
+    # meanwhile, saves the vCPU, machine and device state, and lets the
+    # vCPUs run again. On `snapshotted` the guest runs, but its devices stay
+    # quiesced (its I/O waits), so that the broker can copy the disks at the
+    # same cut; `resume` then restarts them. `pausedUs` is the vCPU pause.
   }
 }
 
@@ -48,7 +58,9 @@ struct SnapshotReport {
   memoryBytes @0 :UInt64;     # guest RAM bytes written (non-zero pages)
   stateBytes @1 :UInt64;      # size of the state file
   saveUs @2 :UInt64;          # time to save state and memory (the VM is paused)
-  pausedUs @3 :UInt64;        # since `pause` took effect, so far
+  pausedUs @3 :UInt64;        # since `pause` took effect, so far; for
+                              # snapshotRunning, the vCPUs' pause (the cut)
+  dirtyPages @4 :UInt64;      # snapshotRunning: pages copied again in the cut
 }
 
 struct VmmStatus {

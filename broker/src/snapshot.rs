@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use mm_protocols::vmm_control::VmmClient;
+use mm_protocols::vmm_control::{ControlError, SnapshotReport, VmmClient};
 use serde::{Deserialize, Serialize};
 
 use crate::BrokerError;
@@ -66,9 +66,14 @@ pub struct SnapshotManifest {
     pub memory_bytes: u64,
     /// Disk space the snapshot takes (memory, state and disk, allocated).
     pub disk_bytes: u64,
-    /// How long the guest stood still, and the part of it spent saving.
+    /// How long the guest's vCPUs stood still (for a snapshot of a running
+    /// VM, only the cut), and the time mm-vmm spent saving.
     pub pause_us: u64,
     pub save_us: u64,
+    /// A running VM's snapshot: how long its I/O waited (devices quiesced
+    /// from the start of the copy until the disk copy was done).
+    #[serde(default)]
+    pub io_held_us: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +117,11 @@ pub fn copy_disk(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Pauses the VM, has mm-vmm write its state and memory, copies its disk,
-/// resumes it, and writes the manifest: all in `tmp`, which the caller
-/// renames into place. The VM is resumed whatever happens.
+/// A snapshot of a running VM, which runs on: mm-vmm writes its state and
+/// memory with the vCPUs paused only for the cut and the devices held
+/// (`snapshotRunning`), the disk is copied while they are still held, then
+/// everything resumes, and the manifest is written: all in `tmp`, which the
+/// caller renames into place. The VM is resumed whatever happens.
 pub fn take(
     control: &VmmClient,
     vm_dir: &Path,
@@ -122,13 +129,12 @@ pub fn take(
     manifest: SnapshotManifest,
 ) -> Result<SnapshotManifest, BrokerError> {
     let began = Instant::now();
-    control.pause().map_err(|e| SnapshotError::Vmm(format!("pause: {e}")))?;
-    let taken = take_paused(control, vm_dir, tmp, manifest);
+    let taken = take_with(control, vm_dir, tmp, manifest, |c, s, m| c.snapshot_running(s, m));
     let resumed = control.resume();
-    let pause_us = began.elapsed().as_micros() as u64;
+    let io_held_us = began.elapsed().as_micros() as u64;
     let mut manifest = taken?;
     resumed.map_err(|e| SnapshotError::Vmm(format!("resume: {e}")))?;
-    manifest.pause_us = pause_us;
+    manifest.io_held_us = io_held_us;
     write_manifest(tmp, &manifest).map_err(BrokerError::io("writing the snapshot manifest"))?;
     Ok(manifest)
 }
@@ -140,13 +146,25 @@ pub fn take_paused(
     control: &VmmClient,
     vm_dir: &Path,
     tmp: &Path,
+    manifest: SnapshotManifest,
+) -> Result<SnapshotManifest, BrokerError> {
+    take_with(control, vm_dir, tmp, manifest, |c, s, m| c.snapshot(s, m))
+}
+
+/// mm-vmm's files (by `snapshot`, one of the client's two snapshot calls)
+/// and the disk copy, while the devices are held either way.
+fn take_with(
+    control: &VmmClient,
+    vm_dir: &Path,
+    tmp: &Path,
     mut manifest: SnapshotManifest,
+    snapshot: impl Fn(&VmmClient, &File, &File) -> Result<SnapshotReport, ControlError>,
 ) -> Result<SnapshotManifest, BrokerError> {
     let io = |what: &str| BrokerError::io(format!("snapshot {}: {what}", manifest.id));
     std::fs::create_dir_all(tmp).map_err(io("creating its directory"))?;
     let state = create_for_vmm(&tmp.join(STATE_FILE)).map_err(io("creating the state file"))?;
     let memory = create_for_vmm(&tmp.join(MEMORY_FILE)).map_err(io("creating the memory file"))?;
-    let report = control.snapshot(&state, &memory).map_err(|e| SnapshotError::Vmm(format!("snapshot: {e}")))?;
+    let report = snapshot(control, &state, &memory).map_err(|e| SnapshotError::Vmm(format!("snapshot: {e}")))?;
     copy_disk(&vm_dir.join(WRITABLE_DISK), &tmp.join(WRITABLE_DISK)).map_err(io("copying the disk"))?;
     File::open(tmp.join(WRITABLE_DISK)).and_then(|f| f.sync_all()).map_err(io("syncing the disk copy"))?;
     manifest.memory_bytes = report.memory_bytes;
@@ -195,6 +213,7 @@ pub fn manifest_for(record: &VmRecord, id: String, name: String, kind: SnapshotK
         disk_bytes: 0,
         pause_us: 0,
         save_us: 0,
+        io_held_us: 0,
     }
 }
 

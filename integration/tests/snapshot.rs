@@ -4,7 +4,9 @@
 //! then a new mm-vmm with new device back ends resumes the saved guest
 //! without a boot. The counter goes on from where the snapshot cut it, the
 //! data's checksum matches, and the exec agent answers over a vsock device
-//! that told the restored guest its transport was reset. A pause with a
+//! that told the restored guest its transport was reset. A snapshot of the
+//! running guest (vCPUs paused only for the cut, under KVM dirty logging)
+//! restores at its cut with an in-guest writer's invariant intact. A pause with a
 //! dead device process fails, naming the device, and the source runs on.
 //! Then the restore
 //! is fed broken snapshots (truncated or corrupted memory, a damaged or
@@ -55,6 +57,14 @@ fn exec_when_ready(uds: &Path, script: &str) -> (ExitStatus, String) {
         }
     }
 }
+
+/// The writer of the running-snapshot check: detached from the exec
+/// session, printing to the console only if its invariant breaks; shell
+/// builtins only, so it rewrites its two tmpfs pages hundreds of times a
+/// second even under PVM.
+const WRITER: &str = "echo 0 > /run/m/b; setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/m/a; \
+                      read x < /run/m/b; [ \"$x\" = $((i-1)) ] || echo TORN i=$i b=$x; echo $i > /run/m/b; done' \
+                      </dev/null >/dev/console 2>&1 &";
 
 fn create(path: &Path) -> std::fs::File {
     OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap()
@@ -112,6 +122,29 @@ fn snapshot_and_restore_resume_the_guest_where_it_stood() {
     let (status, out) = exec(&uds, "echo source-alive");
     assert_eq!((status, out.trim()), (ExitStatus::Exited(0), "source-alive"));
 
+    // A snapshot of the running guest: the vCPUs stop only for the cut.
+    // A writer in the guest checks its own invariant on every round (file
+    // b holds the round before the one in its shell variable); a snapshot
+    // whose pages came from different moments breaks it in the restored
+    // guest, which then prints TORN. (Switching the cut's second copy off
+    // makes the restored writer print TORN.)
+    let (status, _) = exec(&uds, WRITER);
+    assert_eq!(status, ExitStatus::Exited(0));
+    std::thread::sleep(Duration::from_secs(3));
+    let before = last_tick(&mut source);
+    let (run_state, run_memory) = (dir.path("run.state"), dir.path("run.mem"));
+    let running = client.snapshot_running(&create(&run_state), &create(&run_memory)).unwrap();
+    // The disks are copied while the devices are still held at the cut.
+    std::fs::copy(&root, dir.path("root-run.ext4")).unwrap();
+    client.resume().unwrap();
+    let after = last_tick(&mut source);
+    eprintln!("running snapshot between ticks {before} and {after}: {running:?}");
+    assert!(running.dirty_pages > 0, "the guest wrote while the first copy ran: {running:?}");
+    assert!(running.paused_us < running.save_us, "the vCPUs paused for the cut only: {running:?}");
+    assert!(running.memory_bytes >= 16 << 20, "{running:?}");
+    source.wait_for(&format!("tick {}", after + 2), Duration::from_secs(120)).unwrap();
+    assert!(!source.has_printed("TORN"), "the source's writer: {:?}", source.console);
+
     // A device process that dies before the cut fails the snapshot with a
     // clear error, and the guest runs on (its console needs no disk).
     let mut root_device = root_device;
@@ -142,6 +175,27 @@ fn snapshot_and_restore_resume_the_guest_where_it_stood() {
     assert_eq!(status, ExitStatus::Exited(0));
     assert!(out.contains(&sum), "the 16 MiB in tmpfs survived: {out:?} vs {sum}");
     restored.wait_for(&format!("tick {}", paused_at + 3), Duration::from_secs(60)).unwrap();
+    drop(restored);
+
+    // The running snapshot restores too, at its cut, with its writer's
+    // invariant intact.
+    let root3_socket = dir.path("root3.sock");
+    let _root3 = DeviceProcess::block(&root3_socket, &dir.path("root-run.ext4")).unwrap();
+    let uds3 = dir.path("vsock3.uds");
+    let vsock3_socket = dir.path("vsock3.sock");
+    let uds3_arg = uds3.to_str().unwrap();
+    let _vsock3 =
+        DeviceProcess::spawn("vsock", &vsock3_socket, &["--guest-cid", "5", "--uds", uds3_arg, "--transport-reset"])
+            .unwrap();
+    let restore = Restore::new(&run_state, &run_memory).device("block", &root3_socket).device("vsock", &vsock3_socket);
+    let mut restored = restore.spawn().unwrap();
+    let first = tick(&restored.wait_for("tick", Duration::from_secs(120)).unwrap()).unwrap();
+    assert!((before + 1..=after + 1).contains(&first), "first tick {first}, cut between {before} and {after}");
+    let (status, out) = exec_when_ready(&uds3, "md5sum < /run/m/blob; read a < /run/m/a; echo rounds=$a");
+    assert_eq!(status, ExitStatus::Exited(0), "{out}");
+    assert!(out.contains(&sum), "the 16 MiB in tmpfs survived: {out:?} vs {sum}");
+    restored.wait_for(&format!("tick {}", first + 3), Duration::from_secs(60)).unwrap();
+    assert!(!restored.has_printed("TORN"), "the restored writer found a torn snapshot: {:?}", restored.console);
     drop(restored);
 
     bad_snapshots_are_refused(&dir, &state_path, &memory_path, &root2_socket, &vsock2_socket);

@@ -25,6 +25,9 @@ pub enum Request {
     Resume,
     /// Save the paused VM into the state and memory files attached.
     Snapshot,
+    /// Save a running VM (the vCPUs stop only for the cut; the devices stay
+    /// quiesced until `Resume`) into the state and memory files attached.
+    SnapshotRunning,
 }
 
 /// What mm-vmm answers.
@@ -43,6 +46,9 @@ pub struct SnapshotReport {
     pub state_bytes: u64,
     pub save_us: u64,
     pub paused_us: u64,
+    /// `SnapshotRunning`: pages dirtied while the first copy ran, copied
+    /// again while the vCPUs were paused.
+    pub dirty_pages: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -72,6 +78,7 @@ impl Request {
             Request::Pause => request.set_pause(()),
             Request::Resume => request.set_resume(()),
             Request::Snapshot => request.set_snapshot(()),
+            Request::SnapshotRunning => request.set_snapshot_running(()),
         }
         encode(&message)
     }
@@ -85,6 +92,7 @@ impl Request {
             vmm_request::Pause(()) => Ok(Request::Pause),
             vmm_request::Resume(()) => Ok(Request::Resume),
             vmm_request::Snapshot(()) => Ok(Request::Snapshot),
+            vmm_request::SnapshotRunning(()) => Ok(Request::SnapshotRunning),
         }
     }
 
@@ -95,6 +103,7 @@ impl Request {
             Request::Pause => "pause",
             Request::Resume => "resume",
             Request::Snapshot => "snapshot",
+            Request::SnapshotRunning => "snapshotRunning",
         }
     }
 }
@@ -138,6 +147,7 @@ fn write_report(report: &SnapshotReport, mut builder: snapshot_report::Builder<'
     builder.set_state_bytes(report.state_bytes);
     builder.set_save_us(report.save_us);
     builder.set_paused_us(report.paused_us);
+    builder.set_dirty_pages(report.dirty_pages);
 }
 
 fn read_report(reader: snapshot_report::Reader<'_>) -> SnapshotReport {
@@ -146,6 +156,7 @@ fn read_report(reader: snapshot_report::Reader<'_>) -> SnapshotReport {
         state_bytes: reader.get_state_bytes(),
         save_us: reader.get_save_us(),
         paused_us: reader.get_paused_us(),
+        dirty_pages: reader.get_dirty_pages(),
     }
 }
 
@@ -240,6 +251,20 @@ impl VmmClient {
         }
     }
 
+    /// Saves the running VM into `state` and `memory` with only a short
+    /// vCPU pause; its devices stay quiesced until [`Self::resume`] (see
+    /// `vmm.capnp`, `snapshotRunning`).
+    pub fn snapshot_running(
+        &self,
+        state: &impl AsRawFd,
+        memory: &impl AsRawFd,
+    ) -> Result<SnapshotReport, ControlError> {
+        match self.call(&Request::SnapshotRunning, &[state.as_raw_fd(), memory.as_raw_fd()])? {
+            Response::Snapshotted(report) => Ok(report),
+            other => Err(ControlError::Unexpected(other.name(), Request::SnapshotRunning.name())),
+        }
+    }
+
     fn expect_ok(&self, request: &Request, fds: &[RawFd]) -> Result<(), ControlError> {
         match self.call(request, fds)? {
             Response::Ok => Ok(()),
@@ -254,9 +279,14 @@ mod tests {
 
     #[test]
     fn requests_and_responses_round_trip() {
-        for request in
-            [Request::ReconnectDevice(3), Request::Status, Request::Pause, Request::Resume, Request::Snapshot]
-        {
+        for request in [
+            Request::ReconnectDevice(3),
+            Request::Status,
+            Request::Pause,
+            Request::Resume,
+            Request::Snapshot,
+            Request::SnapshotRunning,
+        ] {
             assert_eq!(Request::decode(&request.encode()).unwrap(), request);
         }
         let status = VmmStatus {
@@ -266,7 +296,8 @@ mod tests {
             devices: vec![DeviceStatus { index: 0, kind: "block".into(), reconnects: 5 }],
             usage: ProcessUsage { uptime_ms: 9, user_cpu_ms: 8, system_cpu_ms: 7, max_rss_kib: 6 },
         };
-        let report = SnapshotReport { memory_bytes: 1 << 20, state_bytes: 4096, save_us: 3, paused_us: 4 };
+        let report =
+            SnapshotReport { memory_bytes: 1 << 20, state_bytes: 4096, save_us: 3, paused_us: 4, dirty_pages: 5 };
         for response in [
             Response::Ok,
             Response::Error("no device 9".into()),

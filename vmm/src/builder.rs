@@ -11,9 +11,8 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -70,18 +69,7 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    for (slot, region) in ram.memory.iter().enumerate() {
-        let mem_region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is a live mapping owned by `ram`, which the
-        // Vm keeps for as long as the KVM VM exists.
-        unsafe { vm.set_user_memory_region(mem_region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
+    ram.register(&vm, 0).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     Ok(vm)
 }
 

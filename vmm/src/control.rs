@@ -83,6 +83,12 @@ fn handle(connection: &SeqPacket, live: &LiveVm, facts: VmFacts, reconnects: &mu
                 }
                 _ => Response::Error("snapshot needs its state and memory files attached (SCM_RIGHTS)".into()),
             },
+            Ok(Request::SnapshotRunning) => match (fds.next(), fds.next()) {
+                (Some(state), Some(memory)) => live
+                    .snapshot_running(state, memory)
+                    .map_or_else(|e| Response::Error(e.to_string()), Response::Snapshotted),
+                _ => Response::Error("snapshotRunning needs its state and memory files attached (SCM_RIGHTS)".into()),
+            },
             Err(e) => Response::Error(e.to_string()),
         };
         connection.send(&response.encode(), &[])?;

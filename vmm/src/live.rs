@@ -7,6 +7,14 @@
 //! its back end finishes what it holds and writes guest memory no more).
 //! Only then are guest memory, the KVM state and the ring indices still,
 //! and a snapshot of them consistent. Resuming undoes it in reverse.
+//!
+//! A snapshot of a running VM (`snapshot_running`) turns that around so the
+//! guest stands still only for the cut: the devices are quiesced first and
+//! the vCPUs run on while guest RAM is copied under KVM dirty logging
+//! (`snapshot/running.rs`); then the vCPUs pause just long enough for the
+//! pages dirtied meanwhile and the vCPU, machine and device state, and run
+//! again. The devices stay quiesced (the guest's I/O waits in its rings)
+//! until the broker has copied the disks at the same cut and says `resume`.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -19,9 +27,9 @@ use mm_protocols::vmm_control::SnapshotReport;
 use crate::devices::Bus;
 use crate::memory::GuestRam;
 use crate::snapshot::machine::MachineState;
-use crate::snapshot::{FORMAT, FORMAT_VERSION, HostCpu, Persist, SnapshotState, memory};
+use crate::snapshot::{FORMAT, FORMAT_VERSION, HostCpu, Persist, SnapshotState, memory, running};
 use crate::vcpu::control::VcpuHandle;
-use crate::vm::VmError;
+use crate::vm::{VmError, kvm_err};
 
 pub struct LiveVm {
     vm: VmFd,
@@ -32,8 +40,19 @@ pub struct LiveVm {
     pvm: bool,
     cpus: u8,
     memory_mib: u64,
-    /// When the current pause took effect; None while running.
-    paused_since: Mutex<Option<Instant>>,
+    /// What is stopped, and since when.
+    paused_since: Mutex<Stopped>,
+}
+
+/// What of the VM is stopped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stopped {
+    Nothing,
+    /// vCPUs parked and devices quiesced, since then (`pause`).
+    All(Instant),
+    /// Devices quiesced but vCPUs running, since then: after
+    /// `snapshot_running`, until the broker's `resume`.
+    Devices(Instant),
 }
 
 impl LiveVm {
@@ -46,7 +65,16 @@ impl LiveVm {
         cpus: u8,
         memory_mib: u64,
     ) -> LiveVm {
-        LiveVm { vm, ram, bus, vcpus: Mutex::new(vcpus), pvm, cpus, memory_mib, paused_since: Mutex::new(None) }
+        LiveVm {
+            vm,
+            ram,
+            bus,
+            vcpus: Mutex::new(vcpus),
+            pvm,
+            cpus,
+            memory_mib,
+            paused_since: Mutex::new(Stopped::Nothing),
+        }
     }
 
     pub fn bus(&self) -> &Bus {
@@ -56,39 +84,55 @@ impl LiveVm {
     /// Stops the vCPUs, then the device rings. On a failure part-way the
     /// VM is resumed again, so it is never left half paused.
     pub fn pause(&self) -> Result<(), VmError> {
-        let mut paused = self.paused_since.lock().expect("pause lock");
-        if paused.is_some() {
-            return Ok(());
+        let mut stopped = self.paused_since.lock().expect("pause lock");
+        match *stopped {
+            Stopped::All(_) => return Ok(()),
+            // Its devices are stopped already; stopping the vCPUs completes it.
+            Stopped::Devices(_) => {
+                if let Err(e) = self.pause_vcpus() {
+                    self.resume_vcpus();
+                    return Err(e);
+                }
+            }
+            Stopped::Nothing => {
+                let result = self.pause_vcpus().and_then(|()| self.quiesce_devices());
+                if let Err(e) = result {
+                    tracing::warn!("pause failed, resuming: {e}");
+                    self.resume_devices();
+                    self.resume_vcpus();
+                    return Err(e);
+                }
+            }
         }
-        let result = self.pause_all();
-        if let Err(e) = &result {
-            tracing::warn!("pause failed, resuming: {e}");
-            self.resume_all();
-            return result;
-        }
-        *paused = Some(Instant::now());
+        *stopped = Stopped::All(Instant::now());
         Ok(())
     }
 
-    fn pause_all(&self) -> Result<(), VmError> {
+    fn pause_vcpus(&self) -> Result<(), VmError> {
         for vcpu in self.vcpus.lock().expect("vcpus lock").iter() {
             vcpu.pause()?;
         }
+        Ok(())
+    }
+
+    fn quiesce_devices(&self) -> Result<(), VmError> {
         for (_, device) in &self.bus.virtio {
             device.lock().expect("virtio lock").quiesce()?;
         }
         Ok(())
     }
 
-    /// Best effort in reverse: every ring restarted, every vCPU resumed;
-    /// errors are logged (a back end that cannot restart is the broker's to
-    /// replace, as after a crash).
-    fn resume_all(&self) {
+    /// Best effort: every ring restarted; errors are logged (a back end
+    /// that cannot restart is the broker's to replace, as after a crash).
+    fn resume_devices(&self) {
         for (index, (_, device)) in self.bus.virtio.iter().enumerate() {
             if let Err(e) = device.lock().expect("virtio lock").resume() {
                 tracing::error!(index, "cannot restart the device's rings: {e}");
             }
         }
+    }
+
+    fn resume_vcpus(&self) {
         for vcpu in self.vcpus.lock().expect("vcpus lock").iter() {
             if let Err(e) = vcpu.resume() {
                 tracing::error!("{e}");
@@ -96,11 +140,20 @@ impl LiveVm {
         }
     }
 
+    /// Lets whatever is stopped run again: rings first, then vCPUs.
     pub fn resume(&self) -> Result<(), VmError> {
-        let mut paused = self.paused_since.lock().expect("pause lock");
-        if let Some(since) = paused.take() {
-            self.resume_all();
-            tracing::info!(paused_us = since.elapsed().as_micros() as u64, "resumed");
+        let mut stopped = self.paused_since.lock().expect("pause lock");
+        match std::mem::replace(&mut *stopped, Stopped::Nothing) {
+            Stopped::Nothing => {}
+            Stopped::All(since) => {
+                self.resume_devices();
+                self.resume_vcpus();
+                tracing::info!(paused_us = since.elapsed().as_micros() as u64, "resumed");
+            }
+            Stopped::Devices(since) => {
+                self.resume_devices();
+                tracing::info!(io_held_us = since.elapsed().as_micros() as u64, "devices resumed");
+            }
         }
         Ok(())
     }
@@ -109,18 +162,35 @@ impl LiveVm {
     /// extents go into the state), then the state file, both synced.
     pub fn snapshot(&self, state_fd: OwnedFd, memory_fd: OwnedFd) -> Result<SnapshotReport, VmError> {
         let paused = self.paused_since.lock().expect("pause lock");
-        let Some(since) = *paused else { return Err(VmError::NotPaused) };
+        let Stopped::All(since) = *paused else { return Err(VmError::NotPaused) };
         let began = Instant::now();
         let state_file = File::from(state_fd);
         let memory_file = File::from(memory_fd);
         let image = memory::save(&self.ram, &memory_file)?;
         memory_file.sync_data().map_err(|e| VmError::MemoryImage(memory::MemoryImageError::Write(e)))?;
+        let state = self.state(image)?;
+        let memory_bytes = state.memory.data_bytes();
+        let state_bytes = state.write(&state_file)?;
+        let report = SnapshotReport {
+            memory_bytes,
+            state_bytes,
+            save_us: began.elapsed().as_micros() as u64,
+            paused_us: since.elapsed().as_micros() as u64,
+            dirty_pages: 0,
+        };
+        tracing::info!(?report, "snapshot written");
+        Ok(report)
+    }
+
+    /// Everything but guest RAM, of a VM whose vCPUs are paused and whose
+    /// devices are quiesced; `memory` says where RAM is in the memory file.
+    fn state(&self, memory: memory::MemoryImage) -> Result<SnapshotState, VmError> {
         let mut vcpus = Vec::new();
         for vcpu in self.vcpus.lock().expect("vcpus lock").iter() {
             vcpus.push(vcpu.save_state()?);
         }
         let devices = self.bus.virtio.iter().map(|(_, d)| d.lock().expect("virtio lock").save()).collect();
-        let state = SnapshotState {
+        Ok(SnapshotState {
             format: FORMAT.to_string(),
             format_version: FORMAT_VERSION,
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -132,17 +202,76 @@ impl LiveVm {
             vcpus,
             serial: self.bus.serial.lock().expect("serial lock").state(),
             devices,
-            memory: image,
+            memory,
+        })
+    }
+
+    /// A snapshot of the running VM with the vCPUs paused only for the cut
+    /// (module doc). On success the devices stay quiesced until `resume`;
+    /// on failure everything runs again.
+    pub fn snapshot_running(&self, state_fd: OwnedFd, memory_fd: OwnedFd) -> Result<SnapshotReport, VmError> {
+        let mut stopped = self.paused_since.lock().expect("pause lock");
+        if *stopped != Stopped::Nothing {
+            return Err(VmError::NotRunning);
+        }
+        let began = Instant::now();
+        let state_file = File::from(state_fd);
+        let memory_file = File::from(memory_fd);
+        if let Err(e) = self.quiesce_devices() {
+            self.resume_devices();
+            return Err(e);
+        }
+        let cut = self.cut(&memory_file);
+        let (state, paused_us, dirty_pages) = match cut {
+            Ok(cut) => cut,
+            Err(e) => {
+                self.resume_devices();
+                return Err(e);
+            }
         };
-        let memory_bytes = state.memory.data_bytes();
-        let state_bytes = state.write(&state_file)?;
+        // The guest runs again; its I/O waits for the broker's `resume`.
+        *stopped = Stopped::Devices(began);
+        let finish = || -> Result<(u64, u64), VmError> {
+            memory_file.sync_data().map_err(|e| VmError::MemoryImage(memory::MemoryImageError::Write(e)))?;
+            let image = running::index(&memory_file, &self.ram)?;
+            let state = SnapshotState { memory: image, ..state };
+            Ok((state.memory.data_bytes(), state.write(&state_file)?))
+        };
+        let (memory_bytes, state_bytes) = finish()?;
         let report = SnapshotReport {
             memory_bytes,
             state_bytes,
             save_us: began.elapsed().as_micros() as u64,
-            paused_us: since.elapsed().as_micros() as u64,
+            paused_us,
+            dirty_pages,
         };
-        tracing::info!(?report, "snapshot written");
+        tracing::info!(?report, "snapshot of the running VM written");
         Ok(report)
+    }
+
+    /// The copy beside the running guest, then the cut: vCPUs paused, the
+    /// dirtied pages copied again, the state saved, vCPUs resumed. Returns
+    /// the state (its memory image still to be indexed), the vCPU pause in
+    /// µs, and how many pages the cut copied.
+    fn cut(&self, memory_file: &File) -> Result<(SnapshotState, u64, u64), VmError> {
+        let dirty_log =
+            running::DirtyLog::start(&self.vm, &self.ram).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
+        running::copy_all(&self.ram, memory_file)?;
+        let paused = Instant::now();
+        if let Err(e) = self.pause_vcpus() {
+            self.resume_vcpus();
+            return Err(e);
+        }
+        let saved = dirty_log.take().map_err(kvm_err("KVM_GET_DIRTY_LOG")).and_then(|pages| {
+            let count = pages.len() as u64;
+            running::copy_pages(&self.ram, memory_file, pages)?;
+            let empty = memory::MemoryImage { size: 0, extents: Vec::new() };
+            Ok((self.state(empty)?, count))
+        });
+        self.resume_vcpus();
+        let paused_us = paused.elapsed().as_micros() as u64;
+        drop(dirty_log);
+        let (state, count) = saved?;
+        Ok((state, paused_us, count))
     }
 }

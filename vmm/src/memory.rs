@@ -7,7 +7,9 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -83,6 +85,26 @@ impl GuestRam {
         }
         let memory = GuestMemoryMmap::from_ranges_with_files(regions)?;
         Ok(GuestRam { memory, memfd })
+    }
+
+    /// Registers (or re-registers) each region with KVM as memory slot N
+    /// for region N, with `flags` (0, or `KVM_MEM_LOG_DIRTY_PAGES` while a
+    /// running snapshot tracks the guest's writes).
+    pub fn register(&self, vm: &VmFd, flags: u32) -> Result<(), kvm_ioctls::Error> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags,
+            };
+            // SAFETY: the region is a live mapping owned by `self`, which the
+            // Vm keeps for as long as the KVM VM exists; re-registering the
+            // same slot with the same range changes only its flags.
+            unsafe { vm.set_user_memory_region(mem_region) }?;
+        }
+        Ok(())
     }
 }
 

@@ -139,6 +139,8 @@ pub enum VmError {
     BadSnapshot(String),
     #[error("the VM is not paused: pause it before a snapshot")]
     NotPaused,
+    #[error("the VM is paused (or its devices are): a running snapshot needs it running")]
+    NotRunning,
 }
 
 /// Whether [`Vm::run`] confines each thread with its seccomp policy

@@ -53,7 +53,13 @@ impl Vm {
         match &taken {
             Ok(m) => self.audit.record(
                 "snapshot",
-                json!({ "caller": caller, "id": m.id, "pause_us": m.pause_us, "memory_bytes": m.memory_bytes }),
+                json!({
+                    "caller": caller,
+                    "id": m.id,
+                    "pause_us": m.pause_us,
+                    "io_held_us": m.io_held_us,
+                    "memory_bytes": m.memory_bytes,
+                }),
             ),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);

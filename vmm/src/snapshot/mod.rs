@@ -17,6 +17,7 @@
 
 pub mod machine;
 pub mod memory;
+pub mod running;
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};

@@ -307,6 +307,17 @@ impl VhostUserDevice {
         }
         self.start(mem, memfd, &activation, events, |index, _| bases[index])?;
         let _ = events.call.write(1);
+        // And one kick per ring: the guest may have queued requests while
+        // the rings were stopped (a running snapshot lets its vCPUs run
+        // then) whose kick the stopped back end never read, or, restored,
+        // whose kick went to the old VM's eventfd. A spurious kick costs
+        // the back end a look at its avail ring; a lost one stalls the
+        // queue until the guest happens to kick again.
+        for (kick, queue) in events.kicks.iter().zip(&activation.queues) {
+            if queue.size != 0 {
+                let _ = kick.write(1);
+            }
+        }
         Ok(())
     }
 
