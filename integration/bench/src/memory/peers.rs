@@ -62,19 +62,33 @@ pub fn writable_disk(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// QEMU's vsock back end: `mm-device vsock` (jailed by itself, as root),
-/// serving the guest at `uds`; dies with the benchmark.
+/// The unprivileged ids QEMU's vsock back end is jailed as (the broker
+/// gives each microVM its own, from 200 000 up).
+const BACKEND_UID: u32 = 52_001;
+
+/// QEMU's vsock back end: `mm-device vsock`, jailed by itself as the
+/// broker's are (an unprivileged uid that owns only the directory of the
+/// guest's socket), serving the guest at `vsock/v.sock` in `dir`; dies
+/// with the benchmark.
 struct VsockBackend {
     guard: Guard,
     socket: PathBuf,
+    uds: PathBuf,
 }
 
 impl VsockBackend {
-    fn start(dir: &Path, uds: &Path, log: &Path) -> Result<VsockBackend> {
+    fn start(dir: &Path, log: &Path) -> Result<VsockBackend> {
         let socket = dir.join("vsock-backend.sock");
+        let uds_dir = dir.join("vsock");
+        std::fs::create_dir_all(&uds_dir)?;
+        std::os::unix::fs::chown(&uds_dir, Some(BACKEND_UID), Some(BACKEND_UID))
+            .with_context(|| format!("chown {}", uds_dir.display()))?;
+        let uds = uds_dir.join("v.sock");
         let log = std::fs::File::create(log)?;
+        let id = BACKEND_UID.to_string();
         let mut cmd = Command::new(mm_integration::workspace_binary("mm-device")?);
-        cmd.arg("vsock").arg("--socket").arg(&socket).args(["--guest-cid", GUEST_CID, "--uds"]).arg(uds);
+        cmd.arg("vsock").arg("--socket").arg(&socket).args(["--guest-cid", GUEST_CID, "--uds"]).arg(&uds);
+        cmd.args(["--jail-uid", &id, "--jail-gid", &id]);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         die_with_parent(&mut cmd);
         let mut guard = Guard(Some(cmd.spawn().context("spawning mm-device vsock")?));
@@ -88,7 +102,7 @@ impl VsockBackend {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(VsockBackend { guard, socket })
+        Ok(VsockBackend { guard, socket, uds })
     }
 
     fn pid(&mut self) -> u32 {
@@ -112,9 +126,9 @@ pub fn qemu(setup: &Setup, line: &GuestLine, network: &TestNetwork, run: usize) 
     std::fs::create_dir_all(&dir)?;
     let rw = dir.join("rw.ext4");
     writable_disk(&rw)?;
-    let uds = dir.join("v.sock");
     let log_base = setup.log_base(SYSTEM, run);
-    let mut backend = VsockBackend::start(&dir, &uds, &log_base.with_extension("vsock.log"))?;
+    let mut backend = VsockBackend::start(&dir, &log_base.with_extension("vsock.log"))?;
+    let uds = backend.uds.clone();
     let tap = network.tap(&format!("mmq{run}"))?;
     let config = BootConfig {
         cpus: setup.cpus,

@@ -275,8 +275,8 @@ impl MemoryReport {
             let Some(run) = self.runs.iter().find(|r| r.system == system.name()) else { continue };
             let _ = writeln!(
                 out,
-                "{} run {} by process (Pss, own anon+shmem, own file, guest RAM Pss):",
-                run.system, run.run
+                "{} run {} by process:\n  {:<14} {:<5} {:>7} {:>8} {:>8} {:>8} {:>8}",
+                run.system, run.run, "role", "half", "pid", "Pss", "anon+sh", "file", "RAM Pss"
             );
             for p in &run.processes {
                 let _ = writeln!(
