@@ -8,6 +8,9 @@ pub mod cpuid;
 pub mod devices;
 pub mod endpoint;
 pub mod fatal;
+/// Fuzz entry points for vmm/fuzz (cargo-fuzz) and their tests.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod gdt;
 pub mod layout;
 pub mod live;

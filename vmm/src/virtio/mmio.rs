@@ -204,7 +204,11 @@ impl MmioDevice {
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            reg::DRIVER_FEATURES => match self.driver_features_sel {
+            // Features are settled once FEATURES_OK is (virtio 1.2, 3.1.1):
+            // a later write would put features the device never accepted
+            // into the activation, and a snapshot of it would not restore
+            // (seen with the mmio_transport fuzz harness).
+            reg::DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_sel {
                 0 => set_half(&mut self.driver_features, false, value),
                 1 => set_half(&mut self.driver_features, true, value),
                 _ => {}
@@ -261,7 +265,11 @@ impl MmioDevice {
             return;
         }
         self.status = value;
-        if newly & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK != 0 {
+        // A driver that cleared DRIVER_OK (which it must not) and sets it
+        // again gets the device it has: activating again would reconfigure
+        // rings the back end is running (seen with the mmio_transport fuzz
+        // harness).
+        if newly & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK != 0 && self.backend.activation().is_none() {
             let queues: Vec<QueueSetup> =
                 self.queues.iter().map(|q| if q.ready { q.setup } else { QueueSetup::default() }).collect();
             let events = QueueEvents { kicks: &self.kicks, call: &self.call };
@@ -378,5 +386,72 @@ impl Persist for MmioDevice {
             device.backend.restore(activation.clone(), &state.ring_bases, &device.mem, &device.memfd, &events)?;
         }
         Ok(device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::{FakeBackend, Offer, guest_ram};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// A net transport in front of a fake back end, driven to DRIVER_OK
+    /// with both rings in guest RAM.
+    fn running_net() -> (MmioDevice, FakeBackend) {
+        let kind = DeviceKind::Net;
+        let mut offer = Offer::full(kind);
+        offer.features = 1 << 32 | 0xff | crate::fuzzing::PROTOCOL_FEATURES;
+        let (backend, stream) = FakeBackend::spawn(offer, kind.num_queues());
+        let vu = VhostUserDevice::connect(kind, stream).unwrap();
+        let (mem, memfd) = guest_ram();
+        let kicks = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let mut dev = MmioDevice::new(vu, mem.clone(), memfd.try_clone().unwrap(), kicks, EventFd::new(0).unwrap());
+        let mut w = |offset: u64, value: u32| dev.write(offset, &value.to_le_bytes());
+        w(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(reg::DRIVER_FEATURES_SEL, 0);
+        w(reg::DRIVER_FEATURES, 0xff);
+        w(reg::DRIVER_FEATURES_SEL, 1);
+        w(reg::DRIVER_FEATURES, 1);
+        w(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        for q in 0..2 {
+            w(reg::QUEUE_SEL, q);
+            w(reg::QUEUE_NUM, 256);
+            w(reg::QUEUE_DESC_LOW, 0x4000 * q);
+            w(reg::QUEUE_DRIVER_LOW, 0x4000 * q + 0x1000);
+            w(reg::QUEUE_DEVICE_LOW, 0x4000 * q + 0x2000);
+            w(reg::QUEUE_READY, 1);
+        }
+        w(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert!(dev.backend.activation().is_some());
+        assert_eq!(backend.settle().started, vec![true, true]);
+        (dev, backend)
+    }
+
+    /// Regression: clearing DRIVER_OK and setting it again re-sent the
+    /// rings' size, addresses and base to a back end running them (the
+    /// fake back end panics on that).
+    #[test]
+    fn driver_ok_again_leaves_running_rings_alone() {
+        let (mut dev, backend) = running_net();
+        dev.write(reg::STATUS, &(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK).to_le_bytes());
+        let all = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        dev.write(reg::STATUS, &all.to_le_bytes());
+        assert_eq!(backend.settle().started, vec![true, true]);
+        drop(dev);
+        backend.finish();
+    }
+
+    /// Regression: features written after FEATURES_OK went into the
+    /// activation unchecked, and the snapshot then refused to restore.
+    #[test]
+    fn driver_features_settle_at_features_ok() {
+        let (mut dev, backend) = running_net();
+        dev.write(reg::DRIVER_FEATURES_SEL, &1u32.to_le_bytes());
+        dev.write(reg::DRIVER_FEATURES, &u32::MAX.to_le_bytes());
+        assert_eq!(dev.save().driver_features, 1 << 32 | 0xff);
+        dev.write(reg::STATUS, &0u32.to_le_bytes());
+        assert_eq!(backend.settle().started, vec![false, false]);
+        drop(dev);
+        backend.finish();
     }
 }

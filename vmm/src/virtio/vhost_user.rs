@@ -226,9 +226,25 @@ impl VhostUserDevice {
         events: &QueueEvents,
     ) -> Result<(), FrontendError> {
         let activation = Activation { acked_features, queues: queues.to_vec() };
-        self.start(mem, memfd, &activation, events, |_, _| 0)?;
+        if let Err(e) = self.start(mem, memfd, &activation, events, |_, _| 0) {
+            // Rings set up before the failing step may be running, and with
+            // no activation recorded the guest's reset would not stop them:
+            // the back end would go on using rings in memory the guest has
+            // taken back (found by the mmio_transport fuzz target).
+            self.stop_rings(activation.queues.len());
+            return Err(e);
+        }
         self.activation = Some(activation);
         Ok(())
+    }
+
+    /// Stops rings `0..count` (GET_VRING_BASE stops a ring in vhost-user).
+    /// Errors are ignored: a ring never started answers too, and a back end
+    /// that is gone runs nothing.
+    fn stop_rings(&mut self, count: usize) {
+        for index in 0..count {
+            let _ = self.frontend.get_vring_base(index);
+        }
     }
 
     /// Replaces a back end that died: a fresh session over `stream`, then
@@ -342,9 +358,7 @@ impl VhostUserDevice {
     /// ring in vhost-user) and forget the activation.
     pub fn reset(&mut self) {
         if let Some(activation) = self.activation.take() {
-            for index in 0..activation.queues.len() {
-                let _ = self.frontend.get_vring_base(index);
-            }
+            self.stop_rings(activation.queues.len());
         }
         self.inflight = None;
     }
@@ -355,4 +369,33 @@ impl VhostUserDevice {
 fn used_index(mem: &GuestMemoryMmap, queue: &QueueSetup) -> u16 {
     use vm_memory::Bytes;
     mem.read_obj::<u16>(GuestAddress(queue.used + 2)).map(u16::from_le).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::{FakeBackend, Offer};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// Regression (found by the mmio_transport fuzz target): an activation
+    /// failing at its second ring left the first one running, and the
+    /// guest's reset then stopped nothing.
+    #[test]
+    fn failed_activation_stops_the_rings_it_started() {
+        let kind = DeviceKind::Net;
+        let (backend, stream) = FakeBackend::spawn(Offer::full(kind), kind.num_queues());
+        let mut dev = VhostUserDevice::connect(kind, stream).unwrap();
+        let (mem, memfd) = crate::fuzzing::guest_ram();
+        let kicks = [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()];
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        let events = QueueEvents { kicks: &kicks, call: &call };
+        let good = QueueSetup { size: 256, desc: 0, avail: 0x1000, used: 0x2000 };
+        let outside = QueueSetup { desc: 0x10_0000, ..good };
+        let err = dev.activate(mem, memfd, 0, &[good, outside], &events).unwrap_err();
+        assert!(matches!(err, FrontendError::BadRingAddress { .. }), "{err}");
+        assert_eq!(dev.activation(), None);
+        assert_eq!(backend.settle().started, vec![false, false], "ring 0 left running");
+        drop(dev);
+        backend.finish();
+    }
 }
