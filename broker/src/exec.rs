@@ -32,7 +32,11 @@ fn failed(message: impl std::fmt::Display) -> capnp::Error {
 /// write, so it is reached by its inode, never through a link planted in
 /// its place (`safe_fs::socket_ref`); errors name the real path.
 pub fn connect_agent(dir: &Path) -> Result<ExecClient, ExecError> {
-    let path = crate::launch::vsock_socket(dir);
+    let mut path = crate::launch::vsock_socket(dir);
+    let legacy = crate::launch::legacy_vsock_socket(dir);
+    if std::fs::symlink_metadata(&path).is_err() && std::fs::symlink_metadata(&legacy).is_ok() {
+        path = legacy;
+    }
     let socket =
         crate::safe_fs::socket_ref(&path).map_err(|source| ExecError::Connect { path: path.clone(), source })?;
     ExecClient::connect_hybrid_vsock(&socket.path, EXEC_PORT).map_err(|e| match e {
@@ -235,4 +239,56 @@ pub async fn run_simple(dir: &Path, argv: &[&str]) -> SimpleExec {
     })
     .await;
     outcome.unwrap_or_else(|e| SimpleExec::Unreachable(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::{VSOCK_DIR, legacy_vsock_socket, vsock_socket};
+    use crate::safe_fs::testing::Scratch;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A hybrid vsock socket that answers one CONNECT with OK.
+    fn agent(path: &Path) -> std::thread::JoinHandle<String> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            stream.write_all(b"OK 1\n").unwrap();
+            line
+        })
+    }
+
+    #[test]
+    fn the_agent_is_reached_in_the_vsock_directory_or_where_an_older_layout_put_it() {
+        let scratch = Scratch::new("exec-connect");
+        std::fs::create_dir(scratch.0.join(VSOCK_DIR)).unwrap();
+        let answered = agent(&vsock_socket(&scratch.0));
+        connect_agent(&scratch.0).unwrap();
+        assert_eq!(answered.join().unwrap(), format!("CONNECT {EXEC_PORT}\n"));
+        std::fs::remove_file(vsock_socket(&scratch.0)).unwrap();
+        let answered = agent(&legacy_vsock_socket(&scratch.0));
+        connect_agent(&scratch.0).unwrap();
+        assert_eq!(answered.join().unwrap(), format!("CONNECT {EXEC_PORT}\n"));
+    }
+
+    #[test]
+    fn a_link_in_place_of_the_vsock_socket_leads_nowhere() {
+        let scratch = Scratch::new("exec-link");
+        std::fs::create_dir(scratch.0.join(VSOCK_DIR)).unwrap();
+        // Another socket of the host (another microVM's agent, say).
+        let other = UnixListener::bind(scratch.0.join("other.sock")).unwrap();
+        other.set_nonblocking(true).unwrap();
+        let link = vsock_socket(&scratch.0);
+        std::os::unix::fs::symlink(scratch.0.join("other.sock"), &link).unwrap();
+        let Err(ExecError::Connect { path, source }) = connect_agent(&scratch.0) else {
+            panic!("the link was followed")
+        };
+        assert_eq!(path, link);
+        assert!(source.to_string().contains("symbolic link"), "{source}");
+        let accepted = other.accept();
+        assert!(accepted.is_err(), "the other socket was connected to");
+    }
 }

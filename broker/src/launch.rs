@@ -76,6 +76,13 @@ pub fn vsock_socket(dir: &Path) -> PathBuf {
     dir.join(VSOCK_DIR).join(VSOCK_SOCKET)
 }
 
+/// Where a vsock device started under the older layout (before
+/// [`VSOCK_DIR`]) made its socket: a re-adopted microVM's, until its vsock
+/// device is restarted or the microVM started again.
+pub fn legacy_vsock_socket(dir: &Path) -> PathBuf {
+    dir.join(VSOCK_SOCKET)
+}
+
 /// A device's control socket, bound by the broker in the microVM's
 /// directory and listened on by the device, so a restarted broker reaches
 /// it again.
@@ -309,6 +316,16 @@ fn push_string_list(line: &mut String, param: &str, items: &[String]) {
     line.push_str(&format!(" {param}={}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)));
 }
 
+/// The microVM's directory the broker's (root, 0700), its vsock
+/// directory `uid`'s: at every start, and when a broker re-adopts a
+/// microVM (one started under an older layout, whose directory belonged
+/// to `uid`, is taken back at once).
+pub fn own_vm_dirs(dir: &Path, uid: u32) -> std::io::Result<()> {
+    let (own_uid, own_gid) = crate::safe_fs::own_ids();
+    crate::safe_fs::own_dir(dir, own_uid, own_gid)?;
+    crate::safe_fs::own_dir(&dir.join(VSOCK_DIR), uid, uid).map(drop)
+}
+
 /// Lays out the microVM's directory for a start: the directory itself is
 /// the broker's, 0700 (taken back if an older layout gave it away); the
 /// vsock device's subdirectory is the microVM's uid's; and the microVM's
@@ -318,9 +335,7 @@ fn push_string_list(line: &mut String, param: &str, items: &[String]) {
 /// through the fd: its jailed block process opens it by path.
 pub fn prepare_vm_dir(dir: &Path, uid: u32, resume_from: Option<&Path>) -> std::io::Result<()> {
     use crate::safe_fs;
-    let (own_uid, own_gid) = safe_fs::own_ids();
-    safe_fs::own_dir(dir, own_uid, own_gid)?;
-    safe_fs::own_dir(&dir.join(VSOCK_DIR), uid, uid)?;
+    own_vm_dirs(dir, uid)?;
     let target = dir.join(WRITABLE_DISK);
     let exists = match std::fs::symlink_metadata(&target) {
         Ok(_) => true,

@@ -453,6 +453,10 @@ impl Vm {
         if !record.state.is_live() {
             return;
         }
+        // The directory is the broker's whatever layout it was made under.
+        if let Err(e) = launch::own_vm_dirs(&self.dir, record.uid()) {
+            tracing::warn!(vm = %record.name, "cannot secure {}: {e}", self.dir.display());
+        }
         let find = |role: &str| record.processes.iter().find(|p| p.role == role);
         let vmm = find("vmm").and_then(|p| Process::adopt("vmm", p.pid, p.start_time));
         let specs = launch::devices_for(&self.config, &self.dir, &record);
