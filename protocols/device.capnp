@@ -24,6 +24,7 @@ struct DeviceStatus {
   usage @1 :ProcessUsage;
   resubmitted @2 :UInt64; # block: requests a killed predecessor left in
                           # flight that this process ran again (0 for others)
+  inFlight @3 :UInt64;    # block: requests taken and not yet completed, now
 }
 
 struct ProcessUsage {

@@ -61,7 +61,7 @@ pub async fn gather(vm: &Vm) -> Vec<ProcessStats> {
             .await;
             stats.usage = match asked {
                 Ok(Ok(status)) => {
-                    stats.resubmitted = status.resubmitted;
+                    stats.resubmitted = status.counters.resubmitted;
                     Ok(status.usage)
                 }
                 Ok(Err(e)) => Err(e.to_string()),

@@ -24,7 +24,7 @@ use mm_devices::net::{MacAddr, NetConfig, serve_net};
 use mm_devices::vsock::{VsockConfig, serve_vsock};
 use mm_jailer::{BindMount, SelfJail};
 use mm_policies::Policy;
-use mm_protocols::device_control::{self, SeqPacketListener};
+use mm_protocols::device_control::{self, DeviceCounters, SeqPacketListener};
 use mm_protocols::socket_path;
 
 /// Where the jailed copy finds the listening socket and the TAP.
@@ -168,11 +168,11 @@ fn main() -> Result<()> {
         .transpose()?;
     let started = std::time::Instant::now();
     // Started after the device's filter is installed, so it runs under it.
-    let answer_control = |kind: &'static str, resubmitted: fn() -> u64| {
+    let answer_control = |kind: &'static str, counters: fn() -> DeviceCounters| {
         if let Some(listener) = control {
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || device_control::serve(listener, kind, started, resubmitted))
+                .spawn(move || device_control::serve(listener, kind, started, counters))
                 .context("starting the control thread")?;
         }
         Ok::<(), anyhow::Error>(())
@@ -181,20 +181,20 @@ fn main() -> Result<()> {
         Device::Block { endpoint, image, read_only, serial, test } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Block)?;
-            answer_control("block", mm_devices::block::resubmitted)?;
+            answer_control("block", mm_devices::block::counters)?;
             serve_block(BlockConfig { image, read_only, serial, test }, listener)?;
         }
         Device::Net { endpoint, tap_fd, mac } => {
             let listener = endpoint.listener()?;
             let tap = inherited(tap_fd, "--tap-fd")?;
             confine(&confinement, Policy::Net)?;
-            answer_control("net", || 0)?;
+            answer_control("net", DeviceCounters::default)?;
             serve_net(NetConfig { tap, mac }, listener)?;
         }
         Device::Vsock { endpoint, guest_cid, uds, transport_reset } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Vsock)?;
-            answer_control("vsock", || 0)?;
+            answer_control("vsock", DeviceCounters::default)?;
             serve_vsock(VsockConfig { guest_cid, uds_path: uds, transport_reset }, listener)?;
         }
     }

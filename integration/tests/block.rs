@@ -1,13 +1,16 @@
 //! The root filesystem and a data disk on virtio-blk, served by
 //! `mm-device block` processes through mm-vmm's vhost-user front end.
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mm_integration::devices::{DeviceProcess, Scratch, rootfs_copy};
 use mm_integration::guest::{BOOT_TIMEOUT, Boot};
 use mm_integration::kvm_available;
+use mm_protocols::device_control::{DeviceClient, DeviceCounters, SeqPacketListener};
 use mm_protocols::vmm_control::VmmClient;
 
 #[test]
@@ -42,7 +45,7 @@ const CONTROL_OFFSET: u64 = COPIES * (4 << 20);
 
 /// The guest builds a 4 MiB pattern of 64 distinct 64 KiB blocks in
 /// tmpfs, then writes copy after copy of it to the data disk with O_DIRECT
-/// (requests back to back, so a kill almost always lands on one in flight)
+/// (requests back to back; each kill waits until the back end holds one)
 /// until the host writes STOP into the control sector after the last kill;
 /// then it reads every copy back with O_DIRECT and compares checksums.
 /// No copy is written twice, so a lost or torn request shows.
@@ -72,6 +75,41 @@ fn reconnect(control: &std::path::Path, index: u32, socket: &std::path::Path) {
     client.reconnect_device(index, &backend).unwrap();
 }
 
+/// The fd number a device's control listener is inherited at.
+const CONTROL_FD: i32 = 10;
+
+/// A data-disk back end slowed down to 20 ms a request (so a kill finds one
+/// in flight), with its control channel at `control`.
+fn slow_block_device(image: &Path, socket: &Path, control: &Path) -> DeviceProcess {
+    let listener = SeqPacketListener::bind(control).unwrap();
+    let fd = listener.as_fd().try_clone_to_owned().unwrap();
+    let fd_arg = CONTROL_FD.to_string();
+    let args = ["--image", image.to_str().unwrap(), "--test-request-delay-ms", "20", "--control-fd", &fd_arg];
+    DeviceProcess::spawn_with_fds("block", socket, &args, &[(&fd, CONTROL_FD)]).unwrap()
+}
+
+/// What the back end at `control` counts: requests it resubmitted for its
+/// killed predecessor, requests it holds now.
+fn counters(control: &Path) -> DeviceCounters {
+    DeviceClient::connect(control, Duration::from_secs(5)).unwrap().status().unwrap().counters
+}
+
+/// Waits (up to 5 s) until the back end at `control` holds a request, so
+/// that a kill right after finds it in flight: the guest may think for far
+/// longer between requests than the back end's delay (on a loaded PVM host,
+/// 5 of 5 kills at random moments found nothing in flight).
+fn wait_for_a_request_in_flight(control: &Path) -> DeviceCounters {
+    let client = DeviceClient::connect(control, Duration::from_secs(5)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let counters = client.status().unwrap().counters;
+        if counters.in_flight > 0 || std::time::Instant::now() > deadline {
+            return counters;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A pseudo-random delay in [100, 700) ms, different each kill.
 fn kill_delay(round: u64) -> Duration {
     let seed = (std::process::id() as u64)
@@ -93,11 +131,11 @@ fn block_backend_killed_mid_write_loses_nothing() {
 
     let root_socket = dir.path("root.sock");
     let _root_device = DeviceProcess::block(&root_socket, &root).unwrap();
-    let data_device = |socket: &std::path::Path| {
-        let image = data.to_str().unwrap();
-        DeviceProcess::spawn("block", socket, &["--image", image, "--test-request-delay-ms", "20"]).unwrap()
+    let paths = |n: u64| -> (PathBuf, PathBuf) {
+        (dir.path(&format!("data-{n}.sock")), dir.path(&format!("data-{n}-control.sock")))
     };
-    let mut data_device_process = data_device(&dir.path("data-0.sock"));
+    let (socket, mut control) = paths(0);
+    let mut data_device_process = slow_block_device(&data, &socket, &control);
     let control_socket = dir.path("control.sock");
     let boot = Boot::new(&["sh", "-c", WRITE_THEN_VERIFY])
         .root_on_block(&root_socket)
@@ -107,17 +145,26 @@ fn block_backend_killed_mid_write_loses_nothing() {
     guest.wait_for("WRITING", BOOT_TIMEOUT).unwrap();
 
     let mut kills = 0;
+    // Requests found in the in-flight table and run again, over all the
+    // back ends: each is asked just before it is killed, once it holds a
+    // request.
+    let mut resubmissions = 0;
     for round in 1..=5u64 {
         std::thread::sleep(kill_delay(round));
         if guest.has_printed("WRITES-DONE") {
             break;
         }
+        resubmissions += wait_for_a_request_in_flight(&control).resubmitted;
         data_device_process.kill().unwrap();
         kills += 1;
-        let socket = dir.path(&format!("data-{round}.sock"));
-        data_device_process = data_device(&socket);
+        let (socket, next_control) = paths(round);
+        control = next_control;
+        data_device_process = slow_block_device(&data, &socket, &control);
         reconnect(&control_socket, 1, &socket);
     }
+    std::thread::sleep(Duration::from_millis(500));
+    resubmissions += counters(&control).resubmitted;
+    eprintln!("{kills} kills, {resubmissions} requests resubmitted from the in-flight table");
     let status = VmmClient::connect(&control_socket).unwrap().status().unwrap();
     assert_eq!(
         status.devices.iter().map(|d| (d.kind.as_str(), d.reconnects)).collect::<Vec<_>>(),
@@ -135,4 +182,8 @@ fn block_backend_killed_mid_write_loses_nothing() {
     assert!(!run.stdout.contains("WRITE-FAILED"), "{context}");
     assert!(!run.stdout.contains("IO-ERROR-LOGGED"), "the guest kernel logged an I/O error\n{context}");
     assert_eq!(run.status, Some(0), "{context}");
+    // The kills found requests in flight and the in-flight table brought
+    // them back (restarting at the used index alone would have passed the
+    // checks above too: the back end completes in order).
+    assert!(resubmissions > 0, "{kills} kills and nothing resubmitted from the in-flight table\n{context}");
 }

@@ -26,9 +26,19 @@ pub enum Response {
 pub struct DeviceStatus {
     pub kind: String,
     pub usage: ProcessUsage,
+    pub counters: DeviceCounters,
+}
+
+/// What a device counts of its own work (block only, so far: zero for the
+/// others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceCounters {
     /// Block: requests a killed predecessor left in flight that this
-    /// process ran again (found in the in-flight table); 0 for the others.
+    /// process ran again (found in the in-flight table).
     pub resubmitted: u64,
+    /// Block: requests taken from the ring and not yet completed, now (a
+    /// kill test waits for one before it kills).
+    pub in_flight: u64,
 }
 
 /// What a process has used: `getrusage(RUSAGE_SELF)` and its age.
@@ -100,7 +110,8 @@ impl Response {
             Response::Status(status) => {
                 let mut out = response.init_status();
                 out.set_kind(&status.kind);
-                out.set_resubmitted(status.resubmitted);
+                out.set_resubmitted(status.counters.resubmitted);
+                out.set_in_flight(status.counters.in_flight);
                 status.usage.write(out.init_usage());
             }
         }
@@ -116,7 +127,10 @@ impl Response {
                 Ok(Response::Status(DeviceStatus {
                     kind: text(status.get_kind()?)?,
                     usage: ProcessUsage::read(status.get_usage()?),
-                    resubmitted: status.get_resubmitted(),
+                    counters: DeviceCounters {
+                        resubmitted: status.get_resubmitted(),
+                        in_flight: status.get_in_flight(),
+                    },
                 }))
             }
         }
@@ -124,9 +138,9 @@ impl Response {
 }
 
 /// Answers status requests on `listener`, one connection at a time, for
-/// ever (a device runs this on a thread of its own); `resubmitted` reads
-/// the device's count of that name (see [`DeviceStatus`]).
-pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant, resubmitted: fn() -> u64) -> ! {
+/// ever (a device runs this on a thread of its own); `counters` reads the
+/// device's own counts.
+pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant, counters: fn() -> DeviceCounters) -> ! {
     loop {
         let connection = match listener.accept() {
             Ok(connection) => connection,
@@ -141,7 +155,7 @@ pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant, 
                 Ok(Request::Status) => Response::Status(DeviceStatus {
                     kind: kind.into(),
                     usage: ProcessUsage::of_self(started),
-                    resubmitted: resubmitted(),
+                    counters: counters(),
                 }),
                 Err(e) => Response::Error(e.to_string()),
             };
@@ -187,11 +201,12 @@ mod tests {
         let path = dir.join("control.sock");
         let listener = SeqPacketListener::bind(&path).unwrap();
         let started = Instant::now();
-        std::thread::spawn(move || serve(listener, "block", started, || 7));
+        let counters = || DeviceCounters { resubmitted: 7, in_flight: 2 };
+        std::thread::spawn(move || serve(listener, "block", started, counters));
         let client = DeviceClient::connect(&path, Duration::from_secs(5)).unwrap();
         let status = client.status().unwrap();
         assert_eq!(status.kind, "block");
-        assert_eq!(status.resubmitted, 7);
+        assert_eq!(status.counters, DeviceCounters { resubmitted: 7, in_flight: 2 });
         assert!(status.usage.max_rss_kib > 0);
         // The same connection answers again; a second client waits its turn.
         assert!(client.status().unwrap().usage.uptime_ms >= status.usage.uptime_ms);
@@ -206,7 +221,7 @@ mod tests {
         let status = DeviceStatus {
             kind: "net".into(),
             usage: ProcessUsage { uptime_ms: 1, user_cpu_ms: 2, system_cpu_ms: 3, max_rss_kib: 4 },
-            resubmitted: 5,
+            counters: DeviceCounters { resubmitted: 5, in_flight: 6 },
         };
         for response in [Response::Status(status), Response::Error("x".into())] {
             assert_eq!(Response::decode(&response.encode()).unwrap(), response);

@@ -110,6 +110,7 @@ impl BlockConfig {
 #[derive(Debug, Default)]
 pub struct BlockStats {
     resubmitted: AtomicU64,
+    in_flight: AtomicU64,
 }
 
 impl BlockStats {
@@ -119,8 +120,22 @@ impl BlockStats {
         self.resubmitted.load(Ordering::Relaxed)
     }
 
+    /// Requests taken from the ring (or the table) and not yet completed,
+    /// now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     fn count_resubmitted(&self) {
         self.resubmitted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn taken(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn completed(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -128,10 +143,12 @@ impl BlockStats {
 /// run: one device per process, so the process's.
 static PROCESS_STATS: LazyLock<Arc<BlockStats>> = LazyLock::new(Arc::default);
 
-/// Requests this process resubmitted for a killed predecessor, for its
-/// control channel.
-pub fn resubmitted() -> u64 {
-    PROCESS_STATS.resubmitted()
+/// This process's counts, for its control channel (`mm-device --control-fd`).
+pub fn counters() -> mm_protocols::device_control::DeviceCounters {
+    mm_protocols::device_control::DeviceCounters {
+        resubmitted: PROCESS_STATS.resubmitted(),
+        in_flight: PROCESS_STATS.in_flight(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -183,8 +183,10 @@ impl Vring {
         let mut completed = 0usize;
         while let Some(head) = self.resubmit.pop_front() {
             tracing::debug!(head, "block: trace: resubmit");
+            ctx.stats.taken();
             let len = process_chain(mem, table, head, disk);
             self.complete(mem, head, len);
+            ctx.stats.completed();
             ctx.stats.count_resubmitted();
             completed += 1;
         }
@@ -205,6 +207,7 @@ impl Vring {
                 if let Some(inflight) = &mut self.inflight {
                     inflight.mark(head);
                 }
+                ctx.stats.taken();
                 if hooks.crash_now(CrashPoint::Marked) {
                     return Flow::Crashed;
                 }
@@ -222,6 +225,7 @@ impl Vring {
                 if self.publish(mem, head, len, hooks) == Flow::Crashed {
                     return Flow::Crashed;
                 }
+                ctx.stats.completed();
                 completed += 1;
             }
             while let Some((head, len)) = held.pop() {
@@ -236,6 +240,7 @@ impl Vring {
                 if self.publish(mem, head, len, hooks) == Flow::Crashed {
                     return Flow::Crashed;
                 }
+                ctx.stats.completed();
                 completed += 1;
             }
             if !self.queue.event_idx_enabled() || !self.queue.enable_notification(mem).unwrap_or(false) {

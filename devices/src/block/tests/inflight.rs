@@ -69,6 +69,7 @@ fn crash_and_recover(point: CrashPoint, get_only: bool, base: Option<u16>) {
     // published (the successor then only clears the mark).
     let in_flight = if point == CrashPoint::Published { 0 } else { 1 };
     assert_eq!(stats.resubmitted(), in_flight, "resubmitted by the successor");
+    assert_eq!(stats.in_flight(), 0, "nothing held once all completed");
     rig.assert_still_serving();
 }
 
@@ -122,6 +123,7 @@ fn out_of_order_kill(tracking: bool) -> (Vec<u32>, Vec<u32>, u64) {
     }
     rig.assert_still_serving();
     heads.sort_unstable();
+    assert_eq!(stats.in_flight(), 0, "nothing held once all completed");
     (heads, ids, stats.resubmitted())
 }
 

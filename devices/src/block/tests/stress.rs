@@ -84,7 +84,7 @@ impl Device {
     /// Requests this process resubmitted for its predecessor.
     fn resubmitted(&self) -> u64 {
         let client = DeviceClient::connect(&self.control, TIMEOUT).expect("the device's control socket");
-        client.status().expect("the device's status").resubmitted
+        client.status().expect("the device's status").counters.resubmitted
     }
 
     /// SIGKILLs the process that serves: the jailed copy our child runs
