@@ -418,6 +418,10 @@ pub struct MemRun {
     pub vmm_pss_kib: u64,
     pub vmm_anon_shmem_kib: u64,
     pub vmm_file_kib: u64,
+    /// What the microVM holds on the host: `vmm_pss_kib` plus
+    /// `guest_ram_resident_kib` (for mm more than `pss_kib`: memfd pages
+    /// that no process maps are in no Pss).
+    pub host_kib: u64,
     pub processes: Vec<ProcessMem>,
     /// Spawn (or `mmctl run -d`) → the first exec answered.
     pub ready_ms: f64,
@@ -449,6 +453,7 @@ impl MemRun {
         self.vmm_pss_kib = t.vmm_kib();
         self.vmm_anon_shmem_kib = t.own_anon_shmem_kib();
         self.vmm_file_kib = t.own_file_kib();
+        self.host_kib = self.vmm_pss_kib + self.guest_ram_resident_kib;
         self.processes = measured.processes;
         self.settle = settle;
     }
@@ -627,6 +632,38 @@ mod tests {
         assert_eq!(line.gateway, Some(("10.100.0.1".to_string(), 24)));
         assert!(GuestLine::from_vmm_argv(&argv[..5], &config, "").is_err());
         assert_eq!(gateway("mm.ip=10.0.0.2/16"), None);
+    }
+
+    #[test]
+    fn a_run_takes_its_figures_from_the_sum() {
+        let sample = Sample {
+            total_pss_kib: 30_000,
+            total_pss_anon_kib: 1_000,
+            total_pss_shmem_kib: 21_000,
+            total_pss_file_kib: 8_000,
+            guest_ram_pss_kib: 20_000,
+            guest_ram_pss_shmem_kib: 20_000,
+            guest_ram_mappings: 1,
+            ..Sample::default()
+        };
+        let process = ProcessMem {
+            role: "vmm".into(),
+            pid: 1,
+            half: "inner",
+            comm: "mm-vmm".into(),
+            pss_kib: 30_000,
+            own_anon_shmem_kib: 2_000,
+            own_file_kib: 8_000,
+            guest_ram_pss_kib: 20_000,
+            sample,
+        };
+        let measured = Measured { processes: vec![process], total: sample, guest_ram_resident_kib: 23_000 };
+        let mut run = MemRun::new(SnapSystem::Mm, 1, "v".into());
+        run.set_memory(measured, Settle::default());
+        assert_eq!((run.process_count, run.pss_kib, run.guest_ram_pss_kib), (1, 30_000, 20_000));
+        assert_eq!((run.vmm_pss_kib, run.vmm_anon_shmem_kib, run.vmm_file_kib), (10_000, 2_000, 8_000));
+        // Resident guest RAM beyond its Pss (unmapped memfd pages) counts.
+        assert_eq!((run.guest_ram_resident_kib, run.host_kib), (23_000, 33_000));
     }
 
     #[test]

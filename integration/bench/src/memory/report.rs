@@ -30,6 +30,7 @@ const ROWS: &[Row] = &[
     Row { name: "    anonymous + shmem", key: "vmm_anon_shmem_kib", of: |r| r.vmm_anon_shmem_kib as f64 },
     Row { name: "    file-backed", key: "vmm_file_kib", of: |r| r.vmm_file_kib as f64 },
     Row { name: "guest RAM resident", key: "guest_ram_resident_kib", of: |r| r.guest_ram_resident_kib as f64 },
+    Row { name: "VMM + guest RAM resident", key: "host_kib", of: |r| r.host_kib as f64 },
 ];
 
 /// The rows mm is compared with each peer on.
@@ -183,6 +184,9 @@ impl MemoryReport {
             "VMM = Pss less guest RAM's Pss; anonymous + shmem = Pss_Anon + Pss_Shmem less guest RAM \
              (each further microVM costs it in full); file-backed = Pss_File (binaries and libraries, shared \
              by further processes of the same binaries)"
+                .into(),
+            "VMM + guest RAM resident: what the microVM holds on the host (for mm more than the Pss sum: \
+             memfd pages that no process maps are in no Pss)"
                 .into(),
             "the broker (one per host, not per microVM) is not counted; its Pss is in mm's runs \
              (broker_pss_kib)"
