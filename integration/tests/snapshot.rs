@@ -189,7 +189,8 @@ fn snapshot_and_restore_resume_the_guest_where_it_stood() {
             .unwrap();
     let restore = Restore::new(&run_state, &run_memory).device("block", &root3_socket).device("vsock", &vsock3_socket);
     let mut restored = restore.spawn().unwrap();
-    let first = tick(&restored.wait_for("tick", Duration::from_secs(120)).unwrap()).unwrap();
+    let line = restored.wait_for("tick", Duration::from_secs(120)).unwrap();
+    let first = tick(&line).unwrap_or_else(|| panic!("not a tick: {line:?}; console: {:?}", restored.console));
     assert!((before + 1..=after + 1).contains(&first), "first tick {first}, cut between {before} and {after}");
     let (status, out) = exec_when_ready(&uds3, "md5sum < /run/m/blob; read a < /run/m/a; echo rounds=$a");
     assert_eq!(status, ExitStatus::Exited(0), "{out}");
