@@ -14,9 +14,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestRam;
 
-const PAGE: usize = 4096;
+pub(super) const PAGE: usize = 4096;
 /// Longest run written (and checksummed) as one extent.
-const MAX_EXTENT: usize = 8 << 20;
+pub(super) const MAX_EXTENT: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryImageError {
@@ -59,7 +59,7 @@ impl MemoryImage {
 }
 
 /// The memfd's data ranges (pages ever touched) from `start` to `end`.
-fn data_ranges(memfd: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, MemoryImageError> {
+pub(super) fn data_ranges(memfd: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, MemoryImageError> {
     let fd = memfd.as_raw_fd();
     let mut ranges = Vec::new();
     let mut pos = start;
@@ -89,7 +89,7 @@ fn data_ranges(memfd: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, Me
     Ok(ranges)
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(super) fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: reinterpreting initialised bytes as u64s is sound for any
         // bit pattern; align_to gives the unaligned ends separately.
