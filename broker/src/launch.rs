@@ -27,8 +27,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use base64::Engine;
-
 use mm_protocols::vmm_control::{SeqPacketListener, VmmClient};
 
 use crate::BrokerConfig;
@@ -312,8 +310,8 @@ fn guest_cmdline(config: &BrokerConfig, record: &VmRecord) -> String {
 /// ` PARAM=<base64url JSON list>`: how mm-init takes values that may hold
 /// spaces or quotes (guest/init/src/settings.rs).
 fn push_string_list(line: &mut String, param: &str, items: &[String]) {
-    let json = serde_json::to_vec(items).expect("strings always serialise");
-    line.push_str(&format!(" {param}={}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)));
+    // The encoding whose size the broker and the controller check at create.
+    line.push_str(&format!(" {param}={}", mm_protocols::spec_rules::encode_string_list(items)));
 }
 
 /// The microVM's directory the broker's (root, 0700), its vsock

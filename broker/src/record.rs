@@ -130,12 +130,10 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// A valid microVM name: what `mmctl` and DNS-ish tooling can both carry.
+/// A valid microVM name: what `mmctl` and DNS-ish tooling can both carry
+/// (the rule `mmctl` checks what it is sent against).
 pub fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    name.len() <= 63
-        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    mm_protocols::spec_rules::is_vm_name(name)
 }
 
 #[cfg(test)]
