@@ -1,12 +1,37 @@
 #!/usr/bin/env bash
-# Runs the fuzz targets briefly (libFuzzer through cargo-fuzz; stable Rust
-# with RUSTC_BOOTSTRAP for the sanitizer flags): the block back end's
-# request parsing, and the exec protocol's frame decoder. FUZZ_SECONDS sets
-# the duration of each (default 30).
+# Runs every fuzz target briefly (libFuzzer through cargo-fuzz; stable Rust
+# with RUSTC_BOOTSTRAP for the sanitizer flags), one after the other, each
+# for FUZZ_SECONDS (default 30) starting from its corpus in the repo:
+#
+#   devices/fuzz              block_request, vsock_packets, net_tx
+#   vmm/fuzz                  mmio_transport, vhost_user_frontend
+#   guest/exec-protocol/fuzz  exec_frame
+#
+# A crash, a leak, or one input running longer than FUZZ_TIMEOUT seconds
+# (default 10: a hang) fails the script. FUZZ_TARGETS="net_tx exec_frame"
+# runs only those.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
-cd "$repo/devices/fuzz"
-RUSTC_BOOTSTRAP=1 cargo fuzz run block_request -- -max_total_time="${FUZZ_SECONDS:-30}" 2>&1 | tail -n 5
-cd "$repo/guest/exec-protocol/fuzz"
-RUSTC_BOOTSTRAP=1 cargo fuzz run exec_frame -- -max_total_time="${FUZZ_SECONDS:-30}" -max_len=65536 2>&1 | tail -n 5
+
+# crate directory, target, extra libFuzzer flags
+targets=(
+  "devices/fuzz block_request"
+  "devices/fuzz vsock_packets"
+  "devices/fuzz net_tx -max_len=16384"
+  "vmm/fuzz mmio_transport"
+  "vmm/fuzz vhost_user_frontend -max_len=16384"
+  "guest/exec-protocol/fuzz exec_frame -max_len=65536"
+)
+
+for entry in "${targets[@]}"; do
+  read -r dir target flags <<<"$entry"
+  if [[ -n "${FUZZ_TARGETS:-}" && " $FUZZ_TARGETS " != *" $target "* ]]; then
+    continue
+  fi
+  echo "== $target ($dir)"
+  mkdir -p "$repo/$dir/corpus/$target"
+  # shellcheck disable=SC2086 # flags is a list of words
+  (cd "$repo/$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- \
+    -max_total_time="${FUZZ_SECONDS:-30}" -timeout="${FUZZ_TIMEOUT:-10}" $flags 2>&1 | tail -n 5)
+done
