@@ -15,6 +15,23 @@ use crate::block::vring::{CrashHook, CrashPoint};
 const MIB: u64 = 1 << 20;
 const REQUESTS: u64 = 4;
 
+/// Queues `REQUESTS` writes (request i: pattern i + 1 at sector 8 i),
+/// kicks, and waits until the crash hook has fired; returns their heads.
+fn write_until_crash(rig: &mut Rig, hook: &CrashHook) -> Vec<u16> {
+    let mut heads = Vec::new();
+    for i in 0..REQUESTS {
+        let (head, _, _) = rig.queue_request(T_OUT, 8 * i, &pattern(4096, i as u8 + 1), 0);
+        heads.push(head);
+    }
+    rig.fe.kick(0).unwrap();
+    let start = Instant::now();
+    while !hook.crashed.load(Ordering::SeqCst) {
+        assert!(start.elapsed() < TIMEOUT, "the crash hook never fired");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    heads
+}
+
 /// `base`: SET_VRING_BASE on reconnect (None: the guest's used index, as
 /// mm-vmm sends; Some(0): a stale value the in-flight table must override).
 fn crash_and_recover(point: CrashPoint, get_only: bool, base: Option<u16>) {
@@ -30,17 +47,7 @@ fn crash_and_recover(point: CrashPoint, get_only: bool, base: Option<u16>) {
         rig.fe.activate(u64::MAX, &[QUEUE_SIZE]).unwrap();
     }
 
-    let mut heads = Vec::new();
-    for i in 0..REQUESTS {
-        let (head, _, _) = rig.queue_request(T_OUT, 8 * i, &pattern(4096, i as u8 + 1), 0);
-        heads.push(head);
-    }
-    rig.fe.kick(0).unwrap();
-    let start = Instant::now();
-    while !hook.crashed.load(Ordering::SeqCst) {
-        assert!(start.elapsed() < TIMEOUT, "the crash hook never fired");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let heads = write_until_crash(&mut rig, &hook);
     let mut used = rig.fe.take_used(0).unwrap();
     let expected_before = if point == CrashPoint::Published { 2 } else { 1 };
     assert_eq!(used.len(), expected_before, "completions visible before the crash");
@@ -92,17 +99,7 @@ fn out_of_order_kill(tracking: bool) -> (Vec<u32>, Vec<u32>, u64) {
     }
     let mut rig = Rig::connected_wanting(MIB, false, hooks, wanted);
     rig.fe.activate(u64::MAX, &[QUEUE_SIZE]).unwrap();
-    let mut heads = Vec::new();
-    for i in 0..REQUESTS {
-        let (head, _, _) = rig.queue_request(T_OUT, 8 * i, &pattern(4096, i as u8 + 1), 0);
-        heads.push(u32::from(head));
-    }
-    rig.fe.kick(0).unwrap();
-    let start = Instant::now();
-    while !hook.crashed.load(Ordering::SeqCst) {
-        assert!(start.elapsed() < TIMEOUT, "the crash hook never fired");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let mut heads: Vec<u32> = write_until_crash(&mut rig, &hook).into_iter().map(u32::from).collect();
     let mut used = rig.fe.take_used(0).unwrap();
     assert_eq!(used.iter().map(|u| u.id).collect::<Vec<_>>(), [heads[3]], "the newest completed first");
 
