@@ -49,29 +49,8 @@ const STABLE_KIB: u64 = 256;
 
 #[derive(Debug, Args)]
 pub struct MemoryArgs {
-    /// Runs per system (each one cold boot); the systems alternate (mm,
-    /// qemu, firecracker, mm, …). Figures are medians.
-    #[arg(long, default_value_t = 2)]
-    pub runs: usize,
-    /// RAM of every guest, MiB.
-    #[arg(long, default_value_t = 128)]
-    pub memory_mib: u64,
-    /// vCPUs of every guest.
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u8,
-    /// A Firecracker binary (built outside this repository, see
-    /// integration/bench/README.md); without it that peer is skipped, saying so.
-    #[arg(long)]
-    pub firecracker: Option<PathBuf>,
-    /// Firecracker's jailer, built beside it: Firecracker then runs jailed,
-    /// as mm always does. Without it Firecracker runs unjailed (still
-    /// seccomp-filtered), which the result records.
-    #[arg(long, requires = "firecracker")]
-    pub firecracker_jailer: Option<PathBuf>,
-    /// The systems to run, in this order; mm must be among them and comes
-    /// first (the peers boot the command line its broker made).
-    #[arg(long, value_delimiter = ',', default_values = ["mm", "qemu", "firecracker"])]
-    pub systems: Vec<SnapSystem>,
+    #[command(flatten)]
+    pub compared: crate::snapshot::ComparedRuns,
     /// After the guest first answers, wait this long before sampling.
     #[arg(long, default_value_t = 20)]
     pub settle_secs: u64,
@@ -469,10 +448,10 @@ impl Drop for WorkDir {
 }
 
 pub fn run(args: MemoryArgs) -> Result<()> {
-    if args.runs == 0 {
+    if args.compared.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    if args.systems.first() != Some(&SnapSystem::Mm) {
+    if args.compared.systems.first() != Some(&SnapSystem::Mm) {
         bail!("--systems must start with mm: the peers boot the command line mm's broker made");
     }
     // Before any thread starts, so that all of them inherit the mask.
@@ -484,13 +463,13 @@ pub fn run(args: MemoryArgs) -> Result<()> {
     std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
 
     let mut warnings = Vec::new();
-    let mut systems = args.systems.clone();
+    let mut systems = args.compared.systems.clone();
     let absolute = |path: &Path| std::fs::canonicalize(path).with_context(|| format!("{}", path.display()));
-    let firecracker = match (&args.firecracker, systems.contains(&SnapSystem::Firecracker)) {
+    let firecracker = match (&args.compared.firecracker, systems.contains(&SnapSystem::Firecracker)) {
         (Some(path), true) => Some(Launcher {
             binary: absolute(path)?,
-            jailer: args.firecracker_jailer.as_deref().map(absolute).transpose()?,
-            memory_limit_bytes: (args.memory_mib + 256) << 20,
+            jailer: args.compared.firecracker_jailer.as_deref().map(absolute).transpose()?,
+            memory_limit_bytes: (args.compared.memory_mib + 256) << 20,
         }),
         (None, true) => {
             let msg = "firecracker skipped: no --firecracker PATH given (build it outside this repository, \
@@ -506,8 +485,8 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         crate::qemu::ensure_installed()?;
     }
     let setup = Setup {
-        cpus: args.cpus,
-        memory_mib: args.memory_mib,
+        cpus: args.compared.cpus,
+        memory_mib: args.compared.memory_mib,
         kernel: mm_integration::guest_kernel()?,
         rootfs: mm_integration::guest_rootfs()?,
         dir: work.0.clone(),
@@ -517,13 +496,17 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         settle_timeout: Duration::from_secs(args.settle_timeout_secs.max(args.settle_secs)),
     };
     let machine = Machine::detect();
-    eprintln!("mm-bench: memory: {} run(s) of {:?}, {} MiB, {} vCPU", args.runs, systems, args.memory_mib, args.cpus);
+    eprintln!(
+        "mm-bench: memory: {} run(s) of {:?}, {} MiB, {} vCPU",
+        args.compared.runs, systems, args.compared.memory_mib, args.compared.cpus
+    );
 
     let broker = Arc::new(brokered::start_broker("bench-mem", &["--no-warm-starts"])?);
     brokered::cleanup_on_signal("memory", signals, Arc::downgrade(&broker));
     eprintln!("mm-bench: memory: broker in {}", broker.dir.0.display());
     let mut line = None;
-    let measured = measure_all(&broker, &setup, &systems, firecracker.as_ref(), args.runs, &mut line, &mut warnings);
+    let measured =
+        measure_all(&broker, &setup, &systems, firecracker.as_ref(), args.compared.runs, &mut line, &mut warnings);
     let broker_log = setup.log_dir.join("broker.log");
     let _ = std::fs::write(&broker_log, broker.log());
     // Last reference (unless a signal's cleanup holds one): its Drop removes

@@ -32,31 +32,40 @@ use serde::Serialize;
 use crate::BootConfig;
 use crate::machine::{self, Machine};
 
+/// What a side-by-side benchmark runs (`snapshot`, `memory`): how many
+/// times, which guest, and which systems with which peer binaries.
 #[derive(Debug, Args)]
-pub struct SnapshotArgs {
-    /// Runs per system (each one cold boot, one snapshot, one restore); the
-    /// systems alternate. Figures are medians.
+pub struct ComparedRuns {
+    /// Runs per system (each one cold boot); the systems alternate (mm,
+    /// qemu, firecracker, mm, …). Figures are medians.
     #[arg(long, default_value_t = 2)]
     pub runs: usize,
-    /// RAM of every guest, MiB (try 1024 to see whether restore depends on it).
+    /// RAM of every guest, MiB (try 1024 to see what depends on it).
     #[arg(long, default_value_t = 128)]
     pub memory_mib: u64,
     /// vCPUs of every guest.
     #[arg(long, default_value_t = 1)]
     pub cpus: u8,
-    /// A Firecracker binary (built outside this repository, see README.md);
-    /// without it that peer is skipped, saying so.
+    /// A Firecracker binary (built outside this repository, see
+    /// integration/bench/README.md); without it that peer is skipped, saying so.
     #[arg(long)]
     pub firecracker: Option<PathBuf>,
     /// Firecracker's jailer, built beside it: Firecracker then runs jailed
     /// (chroot, mount namespace, memory cgroup, unprivileged ids) as in
-    /// production, as mm-vmm always does. Without it Firecracker runs
-    /// unjailed (still seccomp-filtered).
+    /// production, as mm always does. Without it Firecracker runs
+    /// unjailed (still seccomp-filtered), which the result records.
     #[arg(long, requires = "firecracker")]
     pub firecracker_jailer: Option<PathBuf>,
-    /// The systems to run, in this order (one alone for trying things out).
+    /// The systems to run, in this order (one alone for trying things out;
+    /// `memory` needs mm among them, first).
     #[arg(long, value_delimiter = ',', default_values = ["mm", "qemu", "firecracker"])]
     pub systems: Vec<SnapSystem>,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub compared: ComparedRuns,
     /// Where disk copies and snapshot files go: a real disk (tmpfs would
     /// make "durable" meaningless). A directory per benchmark inside it,
     /// removed at the end.
@@ -161,8 +170,13 @@ pub struct SnapRun {
     /// The VMM's own save step (mm: its `save_us`; qemu: `migrate` →
     /// `completed`; firecracker: `PUT /snapshot/create`).
     pub save_ms: Option<f64>,
-    /// Pause requested → resume answered: how long the guest stood still.
+    /// How long the guest stood still. Peers: pause requested → resume
+    /// answered. mm (a snapshot of the running guest): its vCPUs' pause for
+    /// the cut, as mm-vmm timed it around parking and restarting them.
     pub pause_ms: f64,
+    /// mm only: snapshot requested → resume answered, the time the guest's
+    /// devices were held (its I/O waited; its vCPUs ran but for the cut).
+    pub io_held_ms: Option<f64>,
     /// mm only: mm-vmm's own `paused_us` (pause took effect → snapshot
     /// written, without the resume request).
     pub reported_pause_ms: Option<f64>,
@@ -282,13 +296,13 @@ impl Drop for WorkDir {
 }
 
 pub fn run(args: SnapshotArgs) -> Result<()> {
-    if args.runs == 0 {
+    if args.compared.runs == 0 {
         bail!("--runs must be at least 1");
     }
     let extra = format!("root=/dev/vda rw init=/init {}", args.cmdline).trim().to_string();
     let config = BootConfig {
-        cpus: args.cpus,
-        memory_mib: args.memory_mib,
+        cpus: args.compared.cpus,
+        memory_mib: args.compared.memory_mib,
         extra_cmdline: extra,
         workload: probe::workload(args.tick_ms),
     };
@@ -299,13 +313,13 @@ pub fn run(args: SnapshotArgs) -> Result<()> {
     std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
 
     let mut warnings = Vec::new();
-    let mut systems = args.systems.clone();
+    let mut systems = args.compared.systems.clone();
     let absolute = |path: &Path| std::fs::canonicalize(path).with_context(|| format!("{}", path.display()));
-    let firecracker = match (&args.firecracker, systems.contains(&SnapSystem::Firecracker)) {
+    let firecracker = match (&args.compared.firecracker, systems.contains(&SnapSystem::Firecracker)) {
         (Some(path), true) => Some(fclaunch::Launcher {
             binary: absolute(path)?,
-            jailer: args.firecracker_jailer.as_deref().map(absolute).transpose()?,
-            memory_limit_bytes: (args.memory_mib + 256) << 20,
+            jailer: args.compared.firecracker_jailer.as_deref().map(absolute).transpose()?,
+            memory_limit_bytes: (args.compared.memory_mib + 256) << 20,
         }),
         (None, true) => {
             let msg = "firecracker skipped: no --firecracker PATH given (build it outside this repository, \
@@ -333,11 +347,11 @@ pub fn run(args: SnapshotArgs) -> Result<()> {
     // Built (or found) before the first clock starts.
     mm_integration::guest_rootfs()?;
     let machine = Machine::detect();
-    eprintln!("mm-bench: snapshot: {} run(s) of {:?}, {} MiB", args.runs, systems, args.memory_mib);
+    eprintln!("mm-bench: snapshot: {} run(s) of {:?}, {} MiB", args.compared.runs, systems, args.compared.memory_mib);
     eprintln!("mm-bench: kernel command line: {}", setup.cmdline);
 
     let mut runs = Vec::new();
-    for run in 1..=args.runs {
+    for run in 1..=args.compared.runs {
         for &system in &systems {
             let (others, loadavg) = host_state();
             eprintln!(

@@ -206,7 +206,7 @@ impl MemoryReport {
             "workload": line.workload,
         });
         let parameters = serde_json::json!({
-            "runs": args.runs,
+            "runs": args.compared.runs,
             "systems": present.iter().map(|s| s.name()).collect::<Vec<_>>(),
             "settle_secs": args.settle_secs,
             "settle_timeout_secs": args.settle_timeout_secs,

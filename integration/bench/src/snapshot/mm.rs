@@ -69,14 +69,16 @@ pub fn run(setup: &Setup, run: usize, warnings: &mut Vec<String>) -> Result<Snap
     record.boot_to_init_ms = source.boot_to_init.map(ms);
     record.touched_kib = Some(procmem::sample(&process_tree(source.pid()), &RAM)?.guest_ram_rss_kib);
 
-    // Pause → snapshot (mm-vmm writes and fsyncs both files) → resume.
+    // A snapshot of the running guest (as the broker takes one): mm-vmm
+    // holds the devices, copies RAM beside the running vCPUs, pauses them
+    // only for the cut, writes and fsyncs both files; resume then lets the
+    // devices run again.
     wait_for_path(&control, boot_deadline)?;
     let client = VmmClient::connect(&control).context("connecting to mm-vmm's control socket")?;
     let (state_path, memory_path) = (dir.join("vm.state"), dir.join("vm.mem"));
     let (state, memory) = (create(&state_path)?, create(&memory_path)?);
     let paused = Instant::now();
-    client.pause().context("pause")?;
-    let report = client.snapshot(&state, &memory).context("snapshot")?;
+    let report = client.snapshot_running(&state, &memory).context("snapshot")?;
     // Already synced by mm-vmm: for the same end point as the peers.
     state.sync_all()?;
     memory.sync_all()?;
@@ -84,7 +86,9 @@ pub fn run(setup: &Setup, run: usize, warnings: &mut Vec<String>) -> Result<Snap
     client.resume().context("resume")?;
     let resumed = Instant::now();
     record.snapshot_ms = ms_between(paused, durable);
-    record.pause_ms = ms_between(paused, resumed);
+    // The guest's vCPUs stood still only for the cut, as mm-vmm timed it.
+    record.pause_ms = report.paused_us as f64 / 1e3;
+    record.io_held_ms = Some(ms_between(paused, resumed));
     record.save_ms = Some(report.save_us as f64 / 1e3);
     record.reported_pause_ms = Some(report.paused_us as f64 / 1e3);
     record.memory_written_kib = Some(report.memory_bytes / 1024);

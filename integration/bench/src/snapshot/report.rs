@@ -42,6 +42,7 @@ const ROWS: &[Row] = &[
     Row { name: "  save step", unit: "ms", of: |r| r.save_ms },
     Row { name: "pause seen by guest", unit: "ms", of: |r| Some(r.pause_ms) },
     Row { name: "  mm-vmm paused_us", unit: "ms", of: |r| r.reported_pause_ms },
+    Row { name: "  mm: I/O held", unit: "ms", of: |r| r.io_held_ms },
     Row { name: "guest touched (RAM Rss)", unit: "KiB", of: |r| kib(r.touched_kib) },
     Row { name: "  mm-vmm memory written", unit: "KiB", of: |r| kib(r.memory_written_kib) },
     Row { name: "snapshot on disk", unit: "KiB", of: |r| Some(snapshot_disk_kib(r)) },
@@ -157,13 +158,13 @@ impl SnapshotReport {
             machine,
             guest,
             parameters: serde_json::json!({
-                "runs": args.runs,
-                "memory_mib": args.memory_mib,
+                "runs": args.compared.runs,
+                "memory_mib": args.compared.memory_mib,
                 "tick_ms": args.tick_ms,
                 "cold_cache": args.cold_cache,
                 "dir": args.dir,
-                "firecracker": args.firecracker,
-                "firecracker_jailer": args.firecracker_jailer,
+                "firecracker": args.compared.firecracker,
+                "firecracker_jailer": args.compared.firecracker_jailer,
                 "order": "alternating per run in --systems order",
             }),
             metrics,
@@ -246,7 +247,7 @@ fn notes(args: &SnapshotArgs) -> Vec<String> {
          seccomp-filtered, with its two back ends already started (their start is the `devices start` row); \
          qemu = `cont` answered; firecracker = `PATCH /vm Resumed` answered"
             .into(),
-        match &args.firecracker_jailer {
+        match &args.compared.firecracker_jailer {
             Some(_) => "firecracker ran behind its jailer (chroot, mount namespace, memory cgroup v1, \
                         unprivileged ids; no PID namespace) and its default seccomp filters"
                 .into(),
