@@ -901,25 +901,13 @@ mod tests {
         }
     }
 
-    /// xorshift64*: small, deterministic, good enough for test inputs.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
-
     #[test]
     fn mmio_on_deterministic_inputs() {
-        let mut rng = Rng(0x6d6d_6d6d_696f_2121);
+        let mut rng = fastrand::Rng::with_seed(0x6d6d_6d6d_696f_2121);
         for i in 0..60 {
-            let tail: Vec<u8> = (0..rng.next() % 200).map(|_| rng.next() as u8).collect();
+            let tail: Vec<u8> = (0..rng.u64(..) % 200).map(|_| rng.u64(..) as u8).collect();
             let kind = kinds()[i % 3];
-            let input = if i % 2 == 0 { tail } else { mmio_seed(kind, 0x1f, rng.next() & 0x3f00, &tail) };
+            let input = if i % 2 == 0 { tail } else { mmio_seed(kind, 0x1f, rng.u64(..) & 0x3f00, &tail) };
             fuzz_mmio(&input);
         }
     }

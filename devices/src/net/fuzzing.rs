@@ -115,21 +115,6 @@ pub fn fuzz_net_tx(data: &[u8]) {
 mod tests {
     use super::*;
 
-    /// xorshift64*: small, deterministic, good enough for test inputs.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     fn put(image: &mut Vec<u8>, at: u64, bytes: &[u8]) {
         let at = (at - MEM_BASE) as usize;
         if image.len() < at + bytes.len() {
@@ -141,48 +126,48 @@ mod tests {
     /// A ring with a few plausible chains: descriptors mostly in memory,
     /// mostly readable, some chained or indirect; an avail index usually
     /// within a ring's worth of the start.
-    fn ring_input(rng: &mut Rng) -> Vec<u8> {
-        let shift = rng.below(6) as u8;
+    fn ring_input(rng: &mut fastrand::Rng) -> Vec<u8> {
+        let shift = rng.u64(0..6) as u8;
         let size = 1u16 << shift;
-        let base = if rng.below(4) == 0 { rng.next() as u16 } else { 0 };
+        let base = if rng.u64(0..4) == 0 { rng.u64(..) as u16 } else { 0 };
         let (desc, avail, used) = ring_addresses(size);
         let buffers = used + 6 + 8 * u64::from(size) + 64;
         let mut image = Vec::new();
         for i in 0..u64::from(size) {
-            let addr = match rng.below(10) {
-                0 => rng.next(),
-                1 => MEM_BASE + MEM_SIZE as u64 - rng.below(64),
-                _ => buffers + rng.below(4096),
+            let addr = match rng.u64(0..10) {
+                0 => rng.u64(..),
+                1 => MEM_BASE + MEM_SIZE as u64 - rng.u64(0..64),
+                _ => buffers + rng.u64(0..4096),
             };
-            let len = match rng.below(4) {
+            let len = match rng.u64(0..4) {
                 0 => 12,
-                1 => 60 + rng.below(1500) as u32,
-                2 => rng.below(0x1_2000) as u32,
-                _ => rng.below(40) as u32,
+                1 => 60 + rng.u64(0..1500) as u32,
+                2 => rng.u64(0..0x1_2000) as u32,
+                _ => rng.u64(0..40) as u32,
             };
             let mut dflags = 0u16;
-            if rng.below(3) == 0 {
+            if rng.u64(0..3) == 0 {
                 dflags |= 1;
             }
-            if rng.below(8) == 0 {
+            if rng.u64(0..8) == 0 {
                 dflags |= 2;
             }
-            if rng.below(16) == 0 {
+            if rng.u64(0..16) == 0 {
                 dflags |= 4;
             }
-            let next = rng.below(u64::from(size) + 1) as u16;
+            let next = rng.u64(0..u64::from(size) + 1) as u16;
             let mut d = addr.to_le_bytes().to_vec();
             d.extend(len.to_le_bytes());
             d.extend(dflags.to_le_bytes());
             d.extend(next.to_le_bytes());
             put(&mut image, desc + 16 * i, &d);
         }
-        let count = rng.below(u64::from(size) + 2) as u16;
+        let count = rng.u64(0..u64::from(size) + 2) as u16;
         put(&mut image, avail + 2, &base.wrapping_add(count).to_le_bytes());
         for i in 0..u64::from(size) {
-            put(&mut image, avail + 4 + 2 * i, &(rng.below(u64::from(size)) as u16).to_le_bytes());
+            put(&mut image, avail + 4 + 2 * i, &(rng.u64(0..u64::from(size)) as u16).to_le_bytes());
         }
-        let mut input = vec![shift, rng.below(4) as u8];
+        let mut input = vec![shift, rng.u64(0..4) as u8];
         input.extend(base.to_le_bytes());
         input.extend((image.len() as u16).to_le_bytes());
         input.extend(image);
@@ -196,10 +181,13 @@ mod tests {
 
     #[test]
     fn fuzz_entry_point_on_deterministic_inputs() {
-        let mut rng = Rng(0x6d6d_6e65_7474_7821);
+        let mut rng = fastrand::Rng::with_seed(0x6d6d_6e65_7474_7821);
         for i in 0..400 {
-            let input =
-                if i % 4 == 0 { (0..rng.below(600)).map(|_| rng.next() as u8).collect() } else { ring_input(&mut rng) };
+            let input = if i % 4 == 0 {
+                (0..rng.u64(0..600)).map(|_| rng.u64(..) as u8).collect()
+            } else {
+                ring_input(&mut rng)
+            };
             fuzz_net_tx(&input);
         }
     }

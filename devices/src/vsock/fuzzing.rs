@@ -343,27 +343,12 @@ pub fn fuzz_vsock(data: &[u8]) {
 mod tests {
     use super::*;
 
-    /// xorshift64*: small, deterministic, good enough for test inputs.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     /// A script of plausible operations: mostly compact packets to known
     /// ports, host traffic, pumps and guest reads.
-    fn script(rng: &mut Rng) -> Vec<u8> {
+    fn script(rng: &mut fastrand::Rng) -> Vec<u8> {
         let mut v = Vec::new();
-        for _ in 0..rng.below(40) {
-            let op = rng.below(10) as u8;
+        for _ in 0..rng.u64(0..40) {
+            let op = rng.u64(0..10) as u8;
             v.push(op);
             match op {
                 0 => {
@@ -371,37 +356,37 @@ mod tests {
                         src_cid: GUEST_CID,
                         dst_cid: HOST_CID,
                         src_port: 1000,
-                        dst_port: HOST_PORTS[rng.below(2) as usize],
+                        dst_port: HOST_PORTS[rng.u64(0..2) as usize],
                         type_: TYPE_STREAM,
-                        op: rng.below(8) as u16,
-                        buf_alloc: rng.next() as u32,
-                        fwd_cnt: rng.below(3) as u32,
+                        op: rng.u64(0..8) as u16,
+                        buf_alloc: rng.u64(..) as u32,
+                        fwd_cnt: rng.u64(0..3) as u32,
                         ..Header::default()
                     };
-                    h.len = if h.op == Op::Rw as u16 { rng.below(64) as u32 } else { 0 };
+                    h.len = if h.op == Op::Rw as u16 { rng.u64(0..64) as u32 } else { 0 };
                     v.extend(h.to_bytes());
                     v.extend((0..h.len).map(|i| i as u8));
                 }
                 1 => {
-                    v.extend([rng.below(7) as u8, rng.next() as u8, rng.next() as u8 | 0x80]);
-                    v.extend((rng.below(1 << 20) as u32).to_le_bytes());
-                    v.extend((rng.next() as u32).to_le_bytes());
-                    v.extend((rng.below(3000) as u16).to_le_bytes());
+                    v.extend([rng.u64(0..7) as u8, rng.u64(..) as u8, rng.u64(..) as u8 | 0x80]);
+                    v.extend((rng.u64(0..1 << 20) as u32).to_le_bytes());
+                    v.extend((rng.u64(..) as u32).to_le_bytes());
+                    v.extend((rng.u64(0..3000) as u16).to_le_bytes());
                 }
-                2 => v.push(rng.below(8) as u8),
+                2 => v.push(rng.u64(0..8) as u8),
                 3 => {
                     let line = b"CONNECT 52\nxyz";
                     v.push(line.len() as u8);
                     v.extend(line);
                 }
                 4 | 5 => {
-                    v.push(rng.next() as u8);
-                    v.extend((rng.below(5000) as u16).to_le_bytes());
+                    v.push(rng.u64(..) as u8);
+                    v.extend((rng.u64(0..5000) as u16).to_le_bytes());
                 }
-                6 => v.extend([rng.next() as u8, rng.next() as u8]),
+                6 => v.extend([rng.u64(..) as u8, rng.u64(..) as u8]),
                 8 => {
-                    v.push(rng.below(8) as u8);
-                    v.extend((rng.below(4096) as u16).to_le_bytes());
+                    v.push(rng.u64(0..8) as u8);
+                    v.extend((rng.u64(0..4096) as u16).to_le_bytes());
                 }
                 _ => {}
             }
@@ -411,10 +396,10 @@ mod tests {
 
     #[test]
     fn fuzz_entry_point_on_deterministic_inputs() {
-        let mut rng = Rng(0x6d6d_7673_6f63_6b21);
+        let mut rng = fastrand::Rng::with_seed(0x6d6d_7673_6f63_6b21);
         for i in 0..300 {
             let input =
-                if i % 3 == 0 { (0..rng.below(300)).map(|_| rng.next() as u8).collect() } else { script(&mut rng) };
+                if i % 3 == 0 { (0..rng.u64(0..300)).map(|_| rng.u64(..) as u8).collect() } else { script(&mut rng) };
             fuzz_vsock(&input);
         }
     }
