@@ -462,28 +462,7 @@ pub fn run(args: MemoryArgs) -> Result<()> {
     let work = WorkDir(args.dir.join(format!("mm-bench-memory-{}", std::process::id())));
     std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
 
-    let mut warnings = Vec::new();
-    let mut systems = args.compared.systems.clone();
-    let absolute = |path: &Path| std::fs::canonicalize(path).with_context(|| format!("{}", path.display()));
-    let firecracker = match (&args.compared.firecracker, systems.contains(&SnapSystem::Firecracker)) {
-        (Some(path), true) => Some(Launcher {
-            binary: absolute(path)?,
-            jailer: args.compared.firecracker_jailer.as_deref().map(absolute).transpose()?,
-            memory_limit_bytes: (args.compared.memory_mib + 256) << 20,
-        }),
-        (None, true) => {
-            let msg = "firecracker skipped: no --firecracker PATH given (build it outside this repository, \
-                       see integration/bench/README.md)";
-            eprintln!("mm-bench: {msg}");
-            warnings.push(msg.to_string());
-            systems.retain(|s| *s != SnapSystem::Firecracker);
-            None
-        }
-        (_, false) => None,
-    };
-    if systems.contains(&SnapSystem::Qemu) {
-        crate::qemu::ensure_installed()?;
-    }
+    let (systems, firecracker, mut warnings) = args.compared.peers()?;
     let setup = Setup {
         cpus: args.compared.cpus,
         memory_mib: args.compared.memory_mib,

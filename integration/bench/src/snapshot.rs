@@ -62,6 +62,38 @@ pub struct ComparedRuns {
     pub systems: Vec<SnapSystem>,
 }
 
+impl ComparedRuns {
+    /// The systems to run, Firecracker's launcher (jailer paths made
+    /// absolute), and a warning for each system dropped: Firecracker is
+    /// skipped, saying so, without `--firecracker`; QEMU is installed if
+    /// asked for and missing.
+    pub fn peers(&self) -> Result<(Vec<SnapSystem>, Option<fclaunch::Launcher>, Vec<String>)> {
+        let mut warnings = Vec::new();
+        let mut systems = self.systems.clone();
+        let absolute = |path: &Path| std::fs::canonicalize(path).with_context(|| format!("{}", path.display()));
+        let firecracker = match (&self.firecracker, systems.contains(&SnapSystem::Firecracker)) {
+            (Some(path), true) => Some(fclaunch::Launcher {
+                binary: absolute(path)?,
+                jailer: self.firecracker_jailer.as_deref().map(absolute).transpose()?,
+                memory_limit_bytes: (self.memory_mib + 256) << 20,
+            }),
+            (None, true) => {
+                let msg = "firecracker skipped: no --firecracker PATH given (build it outside this repository, \
+                           see integration/bench/README.md)";
+                eprintln!("mm-bench: {msg}");
+                warnings.push(msg.to_string());
+                systems.retain(|s| *s != SnapSystem::Firecracker);
+                None
+            }
+            (_, false) => None,
+        };
+        if systems.contains(&SnapSystem::Qemu) {
+            crate::qemu::ensure_installed()?;
+        }
+        Ok((systems, firecracker, warnings))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
     #[command(flatten)]
@@ -312,28 +344,7 @@ pub fn run(args: SnapshotArgs) -> Result<()> {
     let work = WorkDir(args.dir.join(format!("mm-bench-snapshot-{}", std::process::id())));
     std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
 
-    let mut warnings = Vec::new();
-    let mut systems = args.compared.systems.clone();
-    let absolute = |path: &Path| std::fs::canonicalize(path).with_context(|| format!("{}", path.display()));
-    let firecracker = match (&args.compared.firecracker, systems.contains(&SnapSystem::Firecracker)) {
-        (Some(path), true) => Some(fclaunch::Launcher {
-            binary: absolute(path)?,
-            jailer: args.compared.firecracker_jailer.as_deref().map(absolute).transpose()?,
-            memory_limit_bytes: (args.compared.memory_mib + 256) << 20,
-        }),
-        (None, true) => {
-            let msg = "firecracker skipped: no --firecracker PATH given (build it outside this repository, \
-                       see integration/bench/README.md)";
-            eprintln!("mm-bench: {msg}");
-            warnings.push(msg.to_string());
-            systems.retain(|s| *s != SnapSystem::Firecracker);
-            None
-        }
-        (_, false) => None,
-    };
-    if systems.contains(&SnapSystem::Qemu) {
-        crate::qemu::ensure_installed()?;
-    }
+    let (systems, firecracker, mut warnings) = args.compared.peers()?;
     let setup = Setup {
         cmdline: crate::mmvmm::kernel_cmdline(&config)?,
         config,
