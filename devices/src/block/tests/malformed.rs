@@ -273,3 +273,21 @@ fn hostile_avail_index_does_not_wedge_the_back_end() {
     rig.fe.set_avail_idx(0, 0).unwrap();
     rig.assert_still_serving();
 }
+
+#[test]
+fn an_avail_index_left_beyond_the_ring_does_not_spin_the_worker() {
+    // EVENT_IDX is acked (Rig::new acks everything): re-enabling
+    // notifications says "more" while nothing can be popped. Believing it
+    // spun the worker forever; a spinning worker never sees the session end,
+    // so the back end's hang-up (Rig's drop joins it) would never return.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rig = Rig::new(MIB, false);
+        rig.fe.set_avail_idx(0, QUEUE_SIZE + 1).unwrap();
+        rig.fe.kick(0).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(rig);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the back end ended after the hang-up");
+}
