@@ -435,3 +435,17 @@ fn no_transport_reset_without_the_flag() {
     drop(fe);
     join_within(server, T).unwrap();
 }
+
+/// A tx avail index left more than a ring ahead: re-enabling notifications
+/// says "more" while nothing can be popped. Believing it spun the back end
+/// forever, so it never saw the session end (the join below would time out).
+#[test]
+fn an_avail_index_left_beyond_the_ring_does_not_spin() {
+    let mut rig = rig();
+    let fe = &mut rig.guest.fe;
+    fe.set_avail_idx(TX, QUEUE_SIZES[TX] + 1).unwrap();
+    fe.kick(TX).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(rig.guest);
+    join_within(rig.server, T).unwrap();
+}
