@@ -145,6 +145,10 @@ impl Endpoint {
     }
 }
 
+/// RLIMIT_FSIZE of a jailed device: the most its log file may grow to
+/// (appends past it fail), and the least a writable disk image's limit is.
+const LOG_FILE_LIMIT: u64 = 64 << 20;
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -262,8 +266,12 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
     spec.fds.push((listener.as_raw_fd(), JAILED_LISTEN_FD));
     spec.limits.memory_bytes = Some(512 << 20);
     spec.limits.pids = Some(64);
-    // Only a disk image is ever written, and never extended.
-    spec.limits.file_size = Some(0);
+    // Regular files this process writes: its log (stderr, a file the broker
+    // opened, appended to) and, for block, its disk image (below). A limit
+    // of 0, as this once was, made every log line fail with EFBIG: the
+    // net and vsock logs stayed empty, and a warning printed with
+    // `eprintln!` (as `--no-seccomp` does) ended the process (status 101).
+    spec.limits.file_size = Some(LOG_FILE_LIMIT);
     let mut tap = None;
     let control = cli.control_fd.map(|fd| inherited(fd, "--control-fd")).transpose()?;
     if let Some(fd) = &control {
@@ -274,8 +282,9 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
             let image = std::fs::canonicalize(image).with_context(|| format!("disk image {}", image.display()))?;
             spec.mounts.push(if *read_only { BindMount::read_only(&image) } else { BindMount::writable(&image) });
             let size = std::fs::metadata(&image)?.len();
-            // A block device reports 0: no file-size limit then.
-            spec.limits.file_size = (size > 0).then_some(size);
+            // A block device reports 0: no file-size limit then. (The log
+            // shares the limit; an image smaller than it keeps its size.)
+            spec.limits.file_size = (size > 0).then_some(size.max(LOG_FILE_LIMIT));
         }
         Device::Net { tap_fd, .. } => {
             let fd = inherited(*tap_fd, "--tap-fd")?;

@@ -294,3 +294,42 @@ fn a_failed_jail_names_its_step_and_leaves_nothing_behind() {
     assert!(error.to_string().contains("/nonexistent/program"), "{error}");
     assert!(!spec.jail_base.join(&spec.name).exists());
 }
+
+/// A self-jailed vsock device whose stderr is a regular file (as the
+/// broker's per-process logs are) keeps running and its log lines land
+/// there. Its RLIMIT_FSIZE was once 0: every log line failed with EFBIG,
+/// and the `--no-seccomp` warning (the first line it prints) ended it with
+/// status 101 and an empty log.
+#[test]
+fn a_jailed_device_logs_to_a_regular_file() {
+    if !root_available("a_jailed_device_logs_to_a_regular_file") {
+        return;
+    }
+    let dir = Scratch::new("jail-log").unwrap();
+    let vsock_dir = dir.path("vsock");
+    std::fs::create_dir(&vsock_dir).unwrap();
+    chown(&vsock_dir, Some(VM_UID), Some(VM_UID)).unwrap();
+    let listener = UnixListener::bind(dir.path("dev.sock")).unwrap();
+    // Inherited by the device (`--listen-fd`), as the broker passes it.
+    // SAFETY: fcntl on our own open fd, clearing FD_CLOEXEC only.
+    assert_eq!(unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+    let log_path = dir.path("vsock.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let uid = VM_UID.to_string();
+    let mut child = std::process::Command::new(workspace_binary("mm-device").unwrap())
+        .args(["vsock", "--listen-fd", &listener.as_raw_fd().to_string(), "--guest-cid", "9", "--uds"])
+        .arg(vsock_dir.join("v.sock"))
+        .args(["--jail-uid", &uid, "--jail-gid", &uid, "--no-seccomp"])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let ended = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(ended, None, "the device ended: log {logged:?}");
+    assert!(logged.contains("--no-seccomp"), "its warning is in its log: {logged:?}");
+}
