@@ -149,7 +149,21 @@ impl Endpoint {
 /// (appends past it fail), and the least a writable disk image's limit is.
 const LOG_FILE_LIMIT: u64 = 64 << 20;
 
-fn main() -> Result<()> {
+/// Errors are printed with their causes but without a backtrace: resolving
+/// one reads `/proc/self/exe` and the binary's debug info, which the
+/// device's seccomp filter does not allow, so an error after the filter is
+/// installed would end in SIGSYS instead of its message.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mm-device: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -306,25 +306,10 @@ fn a_jailed_device_logs_to_a_regular_file() {
         return;
     }
     let dir = Scratch::new("jail-log").unwrap();
-    let vsock_dir = dir.path("vsock");
-    std::fs::create_dir(&vsock_dir).unwrap();
-    chown(&vsock_dir, Some(VM_UID), Some(VM_UID)).unwrap();
-    let listener = UnixListener::bind(dir.path("dev.sock")).unwrap();
-    // Inherited by the device (`--listen-fd`), as the broker passes it.
-    // SAFETY: fcntl on our own open fd, clearing FD_CLOEXEC only.
-    assert_eq!(unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_SETFD, 0) }, 0);
     let log_path = dir.path("vsock.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let uid = VM_UID.to_string();
-    let mut child = std::process::Command::new(workspace_binary("mm-device").unwrap())
-        .args(["vsock", "--listen-fd", &listener.as_raw_fd().to_string(), "--guest-cid", "9", "--uds"])
-        .arg(vsock_dir.join("v.sock"))
-        .args(["--jail-uid", &uid, "--jail-gid", &uid, "--no-seccomp"])
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let (mut command, _listener) = jailed_vsock(&dir, &["--no-seccomp"]);
+    let mut child = command.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_secs(2));
     let ended = child.try_wait().unwrap();
     let _ = child.kill();
@@ -332,4 +317,43 @@ fn a_jailed_device_logs_to_a_regular_file() {
     let logged = std::fs::read_to_string(&log_path).unwrap();
     assert_eq!(ended, None, "the device ended: log {logged:?}");
     assert!(logged.contains("--no-seccomp"), "its warning is in its log: {logged:?}");
+}
+
+/// A jailed device that fails under its filter prints its error and exits
+/// 1, even with RUST_BACKTRACE set: resolving a backtrace would read
+/// /proc/self/exe, which the filter forbids (it once died by SIGSYS).
+#[test]
+fn a_jailed_device_failing_under_its_filter_prints_its_error() {
+    if !root_available("a_jailed_device_failing_under_its_filter_prints_its_error") {
+        return;
+    }
+    let dir = Scratch::new("jail-error").unwrap();
+    let (mut command, _listener) = jailed_vsock(&dir, &["--test-escape", "no-such-probe"]);
+    let out = command.env("RUST_BACKTRACE", "1").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("unknown probe \"no-such-probe\""), "{stderr}");
+    assert!(!stderr.contains("seccomp"), "{stderr}");
+}
+
+/// `mm-device vsock`, self-jailed as the microVM's uid with its socket
+/// directory in `dir`, as the broker starts it, plus `extra`; and the
+/// listener it inherits (kept open by the caller).
+fn jailed_vsock(dir: &Scratch, extra: &[&str]) -> (std::process::Command, UnixListener) {
+    let vsock_dir = dir.path("vsock");
+    std::fs::create_dir(&vsock_dir).unwrap();
+    chown(&vsock_dir, Some(VM_UID), Some(VM_UID)).unwrap();
+    let listener = UnixListener::bind(dir.path("dev.sock")).unwrap();
+    // Inherited by the device (`--listen-fd`), as the broker passes it.
+    // SAFETY: fcntl on our own open fd, clearing FD_CLOEXEC only.
+    assert_eq!(unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+    let uid = VM_UID.to_string();
+    let mut command = std::process::Command::new(workspace_binary("mm-device").unwrap());
+    command
+        .args(["vsock", "--listen-fd", &listener.as_raw_fd().to_string(), "--guest-cid", "9", "--uds"])
+        .arg(vsock_dir.join("v.sock"))
+        .args(["--jail-uid", &uid, "--jail-gid", &uid])
+        .args(extra)
+        .stdin(std::process::Stdio::null());
+    (command, listener)
 }
