@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod net;
+pub mod rearm;
 pub mod vsock;
 
 /// A vhost-user front end for device tests without KVM (see the module docs).

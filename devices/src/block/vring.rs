@@ -9,6 +9,8 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
+
+use crate::rearm::Rearm;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::chain::DescTable;
@@ -193,9 +195,9 @@ impl Vring {
         // Test hook (out of order): requests run as they come but are
         // published at the end of the batch, newest first.
         let mut held: Vec<(u16, u32)> = Vec::new();
-        let mut idle_rounds = 0;
+        let mut rearm = Rearm::default();
+        let mut popped = 0;
         loop {
-            let mut popped = 0;
             if self.queue.event_idx_enabled() {
                 let _ = self.queue.disable_notification(mem);
             }
@@ -246,15 +248,8 @@ impl Vring {
                 ctx.stats.completed();
                 completed += 1;
             }
-            // "More" with nothing popped twice running is a broken ring (an
-            // avail index more than a ring ahead), not a race: believing it
-            // would spin forever (as the net back end's fuzz target found
-            // there). The queue then waits for the guest's next kick.
-            idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
-            if !self.queue.event_idx_enabled()
-                || idle_rounds >= 2
-                || !self.queue.enable_notification(mem).unwrap_or(false)
-            {
+            // Not forever on a broken ring (crate::rearm).
+            if !self.queue.event_idx_enabled() || !rearm.again(&mut self.queue, mem, popped) {
                 break;
             }
         }

@@ -9,6 +9,8 @@
 use std::io::Read;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader};
+
+use crate::rearm::Rearm;
 use vm_memory::GuestMemoryMmap;
 
 use super::tap::{Tap, VNET_HDR_LEN};
@@ -50,23 +52,14 @@ pub fn process_tx(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &Tap, buf: &mut
 /// missed. Returns how many chains were used.
 pub fn drain_tx(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &Tap, buf: &mut Vec<u8>) -> usize {
     let mut used = 0;
-    let mut idle_rounds = 0;
+    let mut rearm = Rearm::default();
     loop {
         let _ = queue.disable_notification(mem);
-        let n = process_tx(queue, mem, tap, buf);
-        used += n;
-        idle_rounds = if n == 0 { idle_rounds + 1 } else { 0 };
-        // `enable_notification` says "more" whenever the avail index is not
-        // where we stopped, even when nothing can be popped (an index more
-        // than a ring ahead, a ring entry outside memory): believing it then
-        // spun forever (found by the `net_tx` fuzz target). A driver that
-        // added a chain just before we re-enabled notifications gets it
-        // popped in the next round, so two empty rounds in a row mean a
-        // broken ring, which stays stuck until the driver kicks again or
-        // resets the device.
-        match queue.enable_notification(mem) {
-            Ok(true) if idle_rounds < 2 => continue,
-            _ => break,
+        used += process_tx(queue, mem, tap, buf);
+        // Not forever on a broken ring (crate::rearm; found here by the
+        // `net_tx` fuzz target).
+        if !rearm.again(queue, mem, used) {
+            break;
         }
     }
     used

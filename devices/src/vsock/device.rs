@@ -23,6 +23,8 @@ use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
+
+use crate::rearm::Rearm;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
@@ -37,15 +39,6 @@ pub const NUM_QUEUES: usize = 3;
 /// Event id of the muxer's epoll fd (ids up to NUM_QUEUES are the daemon's).
 pub const MUXER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 pub const MAX_QUEUE_SIZE: usize = 1024;
-
-/// How many times in a row `enable_notification` may say "more" while
-/// nothing can be popped before a loop gives up. One is a race (the guest
-/// added a chain just as notifications came back on: the next pop gets it);
-/// twice is a broken ring (an avail index more than a ring ahead, an entry
-/// outside memory), on which believing it spins forever (found in the net
-/// back end by its fuzz target). The queue stays stuck until the guest kicks
-/// again or resets the device.
-const IDLE_ROUNDS: u32 = 2;
 
 pub struct VsockBackend {
     muxer: Muxer,
@@ -94,10 +87,9 @@ impl VsockBackend {
         let queue = state.get_queue_mut();
         let mut used = 0;
         self.tx_stalled = false;
-        let mut idle_rounds = 0;
+        let mut rearm = Rearm::default();
         'outer: loop {
             let _ = queue.disable_notification(&*mem);
-            let used_before = used;
             loop {
                 if self.muxer.resets_full() {
                     self.tx_stalled = true;
@@ -115,12 +107,8 @@ impl VsockBackend {
                 }
                 used += 1;
             }
-            idle_rounds = if used == used_before { idle_rounds + 1 } else { 0 };
-            // See `IDLE_ROUNDS`: "more" with nothing to pop twice running is
-            // a broken ring, not a race.
-            match queue.enable_notification(&*mem) {
-                Ok(true) if idle_rounds < IDLE_ROUNDS => continue,
-                _ => break,
+            if !rearm.again(queue, &*mem, used) {
+                break;
             }
         }
         if used > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
@@ -138,17 +126,15 @@ impl VsockBackend {
         }
         let queue = state.get_queue_mut();
         let mut used = 0;
-        let mut empty_pops = 0;
+        let mut rearm = Rearm::default();
         while self.muxer.has_packet() {
             let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
                 // Out of buffers: the guest kicks when it adds some.
-                empty_pops += 1;
-                match queue.enable_notification(&*mem) {
-                    Ok(true) if empty_pops < IDLE_ROUNDS => continue,
-                    _ => break,
+                if rearm.again(queue, &*mem, used) {
+                    continue;
                 }
+                break;
             };
-            empty_pops = 0;
             let head = chain.head_index();
             let len = match Writer::new(&*mem, chain) {
                 Ok(mut w) if w.available_bytes() >= HDR_LEN => {
@@ -188,16 +174,14 @@ impl VsockBackend {
         }
         let queue = state.get_queue_mut();
         let mut used = 0;
-        let mut empty_pops = 0;
+        let mut rearm = Rearm::default();
         while self.reset_pending {
             let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                empty_pops += 1;
-                match queue.enable_notification(&*mem) {
-                    Ok(true) if empty_pops < IDLE_ROUNDS => continue,
-                    _ => break,
+                if rearm.again(queue, &*mem, used) {
+                    continue;
                 }
+                break;
             };
-            empty_pops = 0;
             let head = chain.head_index();
             let written = match Writer::new(&*mem, chain) {
                 Ok(mut w) if w.available_bytes() >= EVENT_LEN => {
