@@ -97,10 +97,16 @@ pub fn inherit_fds(cmd: &mut Command, fds: &[(&OwnedFd, RawFd)]) {
 pub struct Scratch(pub PathBuf);
 
 impl Scratch {
+    /// `mm-NAME-PID` in the temporary directory.
     pub fn new(name: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("mm-{name}-{}", std::process::id()));
+        Self::new_in(&std::env::temp_dir(), name)
+    }
+
+    /// `mm-NAME-PID` in `parent` (a benchmark's `--dir`, on a real disk).
+    pub fn new_in(parent: &Path, name: &str) -> Result<Self> {
+        let dir = parent.join(format!("mm-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Scratch(dir))
     }
 

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use mm_integration::devices::Scratch;
 use mm_integration::netns::TestNetwork;
 use serde::Serialize;
 
@@ -438,15 +439,6 @@ impl MemRun {
     }
 }
 
-/// The benchmark's scratch directory, removed when dropped.
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn run(args: MemoryArgs) -> Result<()> {
     if args.compared.runs == 0 {
         bail!("--runs must be at least 1");
@@ -459,8 +451,8 @@ pub fn run(args: MemoryArgs) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| mm_integration::repo_root().join("target/bench/memory.json"));
     let log_dir = out.parent().unwrap_or(Path::new(".")).join("memory-logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
-    let work = WorkDir(args.dir.join(format!("mm-bench-memory-{}", std::process::id())));
-    std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
+    // Removed, with every disk copy and snapshot file in it, when dropped.
+    let work = Scratch::new_in(&args.dir, "bench-memory")?;
 
     let (systems, firecracker, mut warnings) = args.compared.peers()?;
     let setup = Setup {

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use mm_integration::devices::Scratch;
 use serde::Serialize;
 
 use crate::BootConfig;
@@ -209,9 +210,6 @@ pub struct SnapRun {
     /// mm only: snapshot requested → resume answered, the time the guest's
     /// devices were held (its I/O waited; its vCPUs ran but for the cut).
     pub io_held_ms: Option<f64>,
-    /// mm only: mm-vmm's own `paused_us` (pause took effect → snapshot
-    /// written, without the resume request).
-    pub reported_pause_ms: Option<f64>,
     /// mm only: guest RAM written (non-zero pages), from mm-vmm's report.
     pub memory_written_kib: Option<u64>,
     /// Allocated blocks (what the disk holds) of the memory and state files.
@@ -317,16 +315,6 @@ pub fn host_state() -> (usize, String) {
     (machine::other_vmms().len(), machine::loadavg())
 }
 
-/// The benchmark's scratch directory, removed (with every disk copy and
-/// snapshot file in it) when dropped.
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn run(args: SnapshotArgs) -> Result<()> {
     if args.compared.runs == 0 {
         bail!("--runs must be at least 1");
@@ -341,8 +329,8 @@ pub fn run(args: SnapshotArgs) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| mm_integration::repo_root().join("target/bench/snapshot.json"));
     let log_dir = out.parent().unwrap_or(Path::new(".")).join("snapshot-logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
-    let work = WorkDir(args.dir.join(format!("mm-bench-snapshot-{}", std::process::id())));
-    std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
+    // Removed, with every disk copy and snapshot file in it, when dropped.
+    let work = Scratch::new_in(&args.dir, "bench-snapshot")?;
 
     let (systems, firecracker, mut warnings) = args.compared.peers()?;
     let setup = Setup {

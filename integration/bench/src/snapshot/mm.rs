@@ -90,7 +90,6 @@ pub fn run(setup: &Setup, run: usize, warnings: &mut Vec<String>) -> Result<Snap
     record.pause_ms = report.paused_us as f64 / 1e3;
     record.io_held_ms = Some(ms_between(paused, resumed));
     record.save_ms = Some(report.save_us as f64 / 1e3);
-    record.reported_pause_ms = Some(report.paused_us as f64 / 1e3);
     record.memory_written_kib = Some(report.memory_bytes / 1024);
     (record.memory_file_disk_kib, record.memory_file_size_kib) = file_kib(&memory_path)?;
     (record.state_file_disk_kib, record.state_file_size_kib) = file_kib(&state_path)?;

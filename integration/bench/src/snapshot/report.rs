@@ -41,7 +41,6 @@ const ROWS: &[Row] = &[
     Row { name: "snapshot (pause→durable)", unit: "ms", of: |r| Some(r.snapshot_ms) },
     Row { name: "  save step", unit: "ms", of: |r| r.save_ms },
     Row { name: "pause seen by guest", unit: "ms", of: |r| Some(r.pause_ms) },
-    Row { name: "  mm-vmm paused_us", unit: "ms", of: |r| r.reported_pause_ms },
     Row { name: "  mm: I/O held", unit: "ms", of: |r| r.io_held_ms },
     Row { name: "guest touched (RAM Rss)", unit: "KiB", of: |r| kib(r.touched_kib) },
     Row { name: "  mm-vmm memory written", unit: "KiB", of: |r| kib(r.memory_written_kib) },
