@@ -117,6 +117,22 @@ mod tests {
         snapshot_names: RefCell<Vec<String>>,
     }
 
+    /// What the stand-in's `snapshot` answers, field for field.
+    fn served() -> SnapshotInfo {
+        SnapshotInfo {
+            id: "0123456789ab".into(),
+            kind: "snapshot".into(),
+            vm_name: "vm".into(),
+            created_at: "2027-01-05T10:00:00Z".into(),
+            cpus: 2,
+            memory_mib: 256,
+            memory_bytes: 12 << 20,
+            disk_bytes: 40 << 20,
+            pause_us: 1500,
+            ..SnapshotInfo::default()
+        }
+    }
+
     struct FakeVm(Rc<Seen>);
 
     impl vm::Server for FakeVm {
@@ -126,19 +142,7 @@ mod tests {
             mut results: vm::SnapshotResults,
         ) -> Result<(), capnp::Error> {
             self.0.snapshot_names.borrow_mut().push(params.get()?.get_name()?.to_string().unwrap());
-            SnapshotInfo {
-                id: "0123456789ab".into(),
-                kind: "snapshot".into(),
-                vm_name: "vm".into(),
-                created_at: "2027-01-05T10:00:00Z".into(),
-                cpus: 2,
-                memory_mib: 256,
-                memory_bytes: 12 << 20,
-                disk_bytes: 40 << 20,
-                pause_us: 1500,
-                ..SnapshotInfo::default()
-            }
-            .write(results.get().init_snapshot());
+            served().write(results.get().init_snapshot());
             Ok(())
         }
 
@@ -251,21 +255,7 @@ mod tests {
                 let broker = connect(&seen);
 
                 let info = snapshot(&broker, "vm").await.unwrap();
-                assert_eq!(
-                    info,
-                    SnapshotInfo {
-                        id: "0123456789ab".into(),
-                        kind: "snapshot".into(),
-                        vm_name: "vm".into(),
-                        created_at: "2027-01-05T10:00:00Z".into(),
-                        cpus: 2,
-                        memory_mib: 256,
-                        memory_bytes: 12 << 20,
-                        disk_bytes: 40 << 20,
-                        pause_us: 1500,
-                        ..SnapshotInfo::default()
-                    }
-                );
+                assert_eq!(info, served());
                 // Never a tenant's name: the broker's names are host-wide.
                 assert_eq!(*seen.snapshot_names.borrow(), [""]);
                 let refused = snapshot(&broker, "other").await.unwrap_err();
