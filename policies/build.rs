@@ -14,7 +14,7 @@ use seccompiler::{
 mod syntax;
 
 /// The policies compiled into the crate; the other files are includes.
-const POLICIES: &[&str] = &["vmm_main", "vmm_vcpu", "vmm_control", "block", "net", "vsock", "test_tiny"];
+const POLICIES: &[&str] = &["vmm_main", "vmm_vcpu", "vmm_control", "block", "net", "vsock", "test_tiny", "vmm_pages"];
 
 struct Dir(PathBuf);
 

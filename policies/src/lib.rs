@@ -43,10 +43,12 @@ pub enum Policy {
     Vsock = 5,
     /// A deliberately tiny policy for tests of the trap path.
     TestTiny = 6,
+    /// mm-vmm's page server thread: a lazy restore's guest-RAM faults.
+    VmmPages = 7,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 7] = [
+    pub const ALL: [Policy; 8] = [
         Policy::VmmMain,
         Policy::VmmVcpu,
         Policy::VmmControl,
@@ -54,6 +56,7 @@ impl Policy {
         Policy::Net,
         Policy::Vsock,
         Policy::TestTiny,
+        Policy::VmmPages,
     ];
 
     fn entry(self) -> &'static (&'static str, &'static [u8], &'static [&'static str]) {

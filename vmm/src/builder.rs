@@ -7,7 +7,6 @@
 //! the files it is handed, so an error at any step leaves nothing behind
 //! (and never a half-restored guest: a restore either runs or mm-vmm exits).
 
-use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -23,12 +22,15 @@ use crate::devices::serial::EventFdTrigger;
 use crate::layout::{BOOT_DEVICE_SIZE, BOOT_DEVICE_START, COM1_IRQ, KVM_TSS_ADDRESS};
 use crate::memory::GuestRam;
 use crate::pvm::PVM_CMDLINE;
+use crate::snapshot::lazy::PageServer;
 use crate::snapshot::{Persist, SnapshotState, memory};
 use crate::vcpu::Vcpu;
 use crate::vcpu::state::VcpuState;
 use crate::virtio::mmio::{MMIO_SIZE, MmioDevice, QUEUE_NOTIFY_OFFSET, TransportParts, TransportState};
 use crate::virtio::vhost_user::VhostUserDevice;
-use crate::vm::{BASE_CMDLINE, Boot, DeviceSpec, KernelBoot, MAX_CPUS, MAX_DEVICES, Vm, VmConfig, VmError, kvm_err};
+use crate::vm::{
+    BASE_CMDLINE, Boot, DeviceSpec, KernelBoot, MAX_CPUS, MAX_DEVICES, MemoryRestore, Vm, VmConfig, VmError, kvm_err,
+};
 
 /// IRQ of the first virtio device; the serial port has 4 and the IOAPIC
 /// has 24 pins, so up to 19 devices fit.
@@ -90,7 +92,8 @@ fn connect_device(
         socket: spec.socket.to_string(),
         source,
     })?;
-    let backend = VhostUserDevice::connect(spec.kind, stream)?;
+    let mut backend = VhostUserDevice::connect(spec.kind, stream)?;
+    backend.serve_faults_from(ram.pages.clone());
     let mut kicks = Vec::new();
     for queue in 0..spec.kind.num_queues() {
         let kick = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -194,16 +197,27 @@ pub fn build(config: &VmConfig, start: Instant) -> Result<Vm, VmError> {
         Some((state, _)) => (state.cpus, state.memory_mib),
         None => (config.cpus, config.memory_mib),
     };
-    let ram = GuestRam::new(memory_mib)?;
+    let mut ram = GuestRam::new(memory_mib)?;
     step("guest RAM mapped");
+    if let Some((state, memory_file)) = &restore {
+        match lazy_userfaultfd(config) {
+            Some(uffd) => {
+                let pages = PageServer::start(&ram, memory_file, &state.memory, uffd, crate::vm::seccomp_enabled())?;
+                ram.pages = Some(Arc::new(pages));
+                step("guest RAM checked; its pages will come in on first touch");
+            }
+            None => {
+                memory::restore(&ram, memory_file, &state.memory)?;
+                step("guest RAM restored");
+            }
+        }
+    }
     let msr_indices: Arc<[u32]> =
         kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?.as_slice().into();
 
     let (vm, bus, vcpus) = match (&config.boot, restore) {
         (Boot::Kernel(kernel), _) => boot_path(config, kernel, &kvm, &ram, pvm, start)?,
-        (Boot::Snapshot(_), Some((state, memory_file))) => {
-            restore_path(config, &state, &memory_file, &kvm, &ram, start)?
-        }
+        (Boot::Snapshot(_), Some((state, _))) => restore_path(config, &state, &kvm, &ram, start)?,
         (Boot::Snapshot(_), None) => unreachable!("a snapshot boot read its state above"),
     };
     step("VM ready");
@@ -249,7 +263,22 @@ fn boot_path(
     Ok((vm, bus, vcpus))
 }
 
-/// A restore: guest RAM from the memory file (checksums checked), the VM's
+/// The userfaultfd for a lazy restore, or None for an eager one (asked for,
+/// or no userfaultfd to be had here: said in the log).
+fn lazy_userfaultfd(config: &VmConfig) -> Option<userfaultfd::Uffd> {
+    if config.memory_restore == MemoryRestore::Eager {
+        return None;
+    }
+    match crate::snapshot::uffd::open(config.uffd_fd) {
+        Ok(uffd) => Some(uffd),
+        Err(e) => {
+            tracing::warn!("{e}: restoring guest RAM eagerly instead of lazily");
+            None
+        }
+    }
+}
+
+/// A restore (guest RAM is in, or comes in lazily, by now): the VM's
 /// KVM state, each vCPU with its saved state, and only then each device
 /// taken over by its new back end at the saved ring indices. The order
 /// matters: a back end may raise its interrupt as soon as its rings start
@@ -261,13 +290,10 @@ fn boot_path(
 fn restore_path(
     config: &VmConfig,
     state: &SnapshotState,
-    memory_file: &File,
     kvm: &Kvm,
     ram: &GuestRam,
     start: Instant,
 ) -> Result<(VmFd, Arc<Bus>, Vec<Vcpu>), VmError> {
-    memory::restore(ram, memory_file, &state.memory)?;
-    tracing::debug!(since_start_us = start.elapsed().as_micros() as u64, "guest RAM restored");
     let vm = create_vm(kvm, ram)?;
     state.machine.restore(&vm).map_err(|(what, source)| VmError::Kvm { what, source })?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());

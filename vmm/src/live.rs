@@ -166,6 +166,8 @@ impl LiveVm {
         let began = Instant::now();
         let state_file = File::from(state_fd);
         let memory_file = File::from(memory_fd);
+        // Pages a lazy restore has not brought in yet are holes too.
+        self.ram.complete_lazy_restore()?;
         let image = memory::save(&self.ram, &memory_file)?;
         memory_file.sync_data().map_err(|e| VmError::MemoryImage(memory::MemoryImageError::Write(e)))?;
         let state = self.state(image)?;
@@ -217,7 +219,7 @@ impl LiveVm {
         let began = Instant::now();
         let state_file = File::from(state_fd);
         let memory_file = File::from(memory_fd);
-        if let Err(e) = self.quiesce_devices() {
+        if let Err(e) = self.quiesce_devices().and_then(|()| Ok(self.ram.complete_lazy_restore()?)) {
             self.resume_devices();
             return Err(e);
         }

@@ -22,7 +22,7 @@ use mm_vmm::devices::serial::SerialOutput;
 use mm_vmm::endpoint::Endpoint;
 use mm_vmm::pvm::PvmMode;
 use mm_vmm::snapshot::{FileArg, SnapshotFiles};
-use mm_vmm::vm::{Boot, DeviceSpec, KernelBoot};
+use mm_vmm::vm::{Boot, DeviceSpec, KernelBoot, MemoryRestore};
 use mm_vmm::{Vm, VmConfig, VmOutcome};
 
 /// Status for "mm-vmm failed", as `docker run` uses 125 for its own errors.
@@ -89,6 +89,15 @@ struct Args {
     /// one the jail passes in: the jail has no /dev/kvm node).
     #[arg(long, value_name = "N")]
     kvm_fd: Option<std::os::fd::RawFd>,
+    /// How a restore brings guest RAM in: `lazy` (on first touch, through
+    /// userfaultfd, the device processes' touches included) or `eager`
+    /// (all of it before the vCPUs start).
+    #[arg(long, value_enum, default_value_t = MemoryRestore::Lazy)]
+    memory_restore: MemoryRestore,
+    /// An open /dev/userfaultfd for a lazy restore (the one the jail passes
+    /// in: the jail has no device nodes).
+    #[arg(long, value_name = "N")]
+    uffd_fd: Option<std::os::fd::RawFd>,
     /// The workload for mm-init to run, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -139,6 +148,8 @@ fn main() -> ExitCode {
         devices: args.devices,
         control_socket: args.control,
         kvm_fd: args.kvm_fd,
+        memory_restore: args.memory_restore,
+        uffd_fd: args.uffd_fd,
     };
     let outcome = Vm::build(&config, start).and_then(Vm::run);
     match outcome {
@@ -168,6 +179,8 @@ fn parent_dir(path: &Path) -> Option<PathBuf> {
 
 /// Where the jailed copy finds /dev/kvm (below the broker's first fd, 10).
 const JAILED_KVM_FD: std::os::fd::RawFd = 9;
+/// Where the jailed copy finds /dev/userfaultfd for a lazy restore.
+const JAILED_UFFD_FD: std::os::fd::RawFd = 8;
 
 /// Re-executes mm-vmm in a jail with only what this VM needs, waits for
 /// it and returns the status to exit with.
@@ -213,6 +226,21 @@ fn run_jailed(args: &Args) -> anyhow::Result<u8> {
         }
         (None, Err(_)) => {}
     }
+    // A lazy restore's userfaultfd comes in the same way (kernel-mode
+    // faults need /dev/userfaultfd, which only root may open); a host
+    // without it gets an eager restore, which the jailed copy reports.
+    let mut uffd_fd = args.uffd_fd;
+    let lazy = args.restore_memory.is_some() && args.memory_restore == MemoryRestore::Lazy;
+    match (args.uffd_fd, lazy) {
+        (Some(fd), _) => spec.fds.push((fd, fd)),
+        (None, true) => {
+            if let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+                spec.fds.push((std::os::fd::IntoRawFd::into_raw_fd(dev), JAILED_UFFD_FD));
+                uffd_fd = Some(JAILED_UFFD_FD);
+            }
+        }
+        (None, false) => {}
+    }
     // Inherited sockets keep their numbers; socket paths are bound in.
     for endpoint in args.devices.iter().map(|d| &d.socket).chain(args.control.iter()) {
         match endpoint {
@@ -242,6 +270,10 @@ fn run_jailed(args: &Args) -> anyhow::Result<u8> {
     if let (None, Some(fd)) = (args.kvm_fd, kvm_fd) {
         let at = spec.args.iter().position(|a| a == "--").unwrap_or(spec.args.len());
         spec.args.splice(at..at, ["--kvm-fd".into(), fd.to_string().into()]);
+    }
+    if let (None, Some(fd)) = (args.uffd_fd, uffd_fd) {
+        let at = spec.args.iter().position(|a| a == "--").unwrap_or(spec.args.len());
+        spec.args.splice(at..at, ["--uffd-fd".into(), fd.to_string().into()]);
     }
     Ok(mm_jailer::exit_code(&jail.run()?))
 }

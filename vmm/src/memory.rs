@@ -6,12 +6,14 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::snapshot::lazy::{LazyError, PageServer};
 
 /// Smallest guest we agree to boot: our kernel and an initramfs need ~24 MiB.
 pub const MIN_MEMORY_MIB: u64 = 32;
@@ -34,6 +36,8 @@ pub enum MemoryError {
 pub struct GuestRam {
     pub memory: GuestMemoryMmap,
     pub memfd: File,
+    /// Serves missing pages while a lazy restore lasts (snapshot/lazy.rs).
+    pub pages: Option<Arc<PageServer>>,
 }
 
 /// Total RAM of this host in MiB.
@@ -84,7 +88,14 @@ impl GuestRam {
             offset += len;
         }
         let memory = GuestMemoryMmap::from_ranges_with_files(regions)?;
-        Ok(GuestRam { memory, memfd })
+        Ok(GuestRam { memory, memfd, pages: None })
+    }
+
+    /// Ends a lazy restore, if one is under way: every page the snapshot
+    /// holds is then in the memfd, whose holes again mean "never touched"
+    /// (what a snapshot of this VM relies on).
+    pub fn complete_lazy_restore(&self) -> Result<(), LazyError> {
+        self.pages.as_ref().map_or(Ok(()), |pages| pages.complete())
     }
 
     /// Registers (or re-registers) each region with KVM as memory slot N

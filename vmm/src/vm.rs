@@ -53,6 +53,21 @@ pub struct VmConfig {
     pub control_socket: Option<Endpoint>,
     /// An already open /dev/kvm (`--kvm-fd`), taken over by the VM.
     pub kvm_fd: Option<std::os::fd::RawFd>,
+    /// How a restore brings guest RAM in.
+    pub memory_restore: MemoryRestore,
+    /// An open /dev/userfaultfd for a lazy restore (`--uffd-fd`).
+    pub uffd_fd: Option<std::os::fd::RawFd>,
+}
+
+/// How a restore brings guest RAM in from the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MemoryRestore {
+    /// On first touch, through userfaultfd (snapshot/lazy.rs); eagerly
+    /// where no userfaultfd can be had, saying so.
+    #[default]
+    Lazy,
+    /// All of it before the vCPUs start.
+    Eager,
 }
 
 /// Where the guest starts.
@@ -137,6 +152,8 @@ pub enum VmError {
     RestoreDevice { index: usize, source: TransportRestoreError },
     #[error("the snapshot cannot be restored: {0}")]
     BadSnapshot(String),
+    #[error("lazy restore: {0}")]
+    Lazy(#[from] crate::snapshot::lazy::LazyError),
     #[error("the VM is not paused: pause it before a snapshot")]
     NotPaused,
     #[error("the VM is paused (or its devices are): a running snapshot needs it running")]
@@ -156,7 +173,7 @@ pub fn enable_seccomp() {
     SECCOMP.store(true, Ordering::SeqCst);
 }
 
-fn seccomp_enabled() -> bool {
+pub(crate) fn seccomp_enabled() -> bool {
     SECCOMP.load(Ordering::SeqCst)
 }
 

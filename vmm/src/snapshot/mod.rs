@@ -15,9 +15,11 @@
 //! on their own, so a snapshot from another format version is refused by
 //! name, not by a parse error deep inside.
 
+pub mod lazy;
 pub mod machine;
 pub mod memory;
 pub mod running;
+pub mod uffd;
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};

@@ -3,11 +3,20 @@
 //! notifications and interrupts. After that the data path never touches
 //! mm-vmm. Everything set up here is remembered, so a restarted back end can
 //! be given the same state again (`reconnect`), in-flight table included.
+//!
+//! During a lazy restore (snapshot/lazy.rs) each back end that offers
+//! PAGEFAULT is set up in vhost-user's postcopy mode: it registers its
+//! mapping of guest RAM with a userfaultfd of its own and hands that over,
+//! and mm-vmm's page server answers its faults. A back end that does not
+//! offer it gets guest RAM only once the restore has been completed.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -17,14 +26,20 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::eventfd::EventFd;
 
 use super::DeviceKind;
+use crate::snapshot::lazy::{LazyError, Mapping, PageServer};
 
 /// Protocol features we can use: config space, acknowledged requests (so
-/// set-up errors surface at the step that caused them), and the in-flight
-/// table that makes a back-end restart lose nothing.
+/// set-up errors surface at the step that caused them), the in-flight
+/// table that makes a back-end restart lose nothing, and postcopy
+/// (PAGEFAULT) for lazy restores.
 const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-    .union(VhostUserProtocolFeatures::MQ);
+    .union(VhostUserProtocolFeatures::MQ)
+    .union(VhostUserProtocolFeatures::PAGEFAULT);
+
+/// Names each front end to the page server, across reconnects.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +54,10 @@ pub enum FrontendError {
     FeaturesMissing { device: &'static str, acked: u64 },
     #[error("vhost-user {device} back end: the snapshot has {saved} ring indices for {queues} queues")]
     BadRingBases { device: &'static str, saved: usize, queues: usize },
+    #[error("vhost-user {device} back end: postcopy SET_MEM_TABLE answered without its mapping addresses")]
+    NoPostcopyBases { device: &'static str },
+    #[error("vhost-user {device} back end: lazy restore: {source}")]
+    Lazy { device: &'static str, source: LazyError },
 }
 
 /// Where one queue lives, as the guest driver configured it
@@ -76,6 +95,12 @@ pub struct VhostUserDevice {
     config: Vec<u8>,
     inflight: Option<(VhostUserInflight, File)>,
     activation: Option<Activation>,
+    /// This front end's name to the page server.
+    id: u64,
+    /// The lazy restore's page server, while the VM has one.
+    pages: Option<Arc<PageServer>>,
+    /// The back end is in postcopy mode: its faults go to `pages`.
+    postcopy: bool,
 }
 
 impl VhostUserDevice {
@@ -96,6 +121,9 @@ impl VhostUserDevice {
             config: vec![0; kind.config_size()],
             inflight: None,
             activation: None,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            pages: None,
+            postcopy: false,
         };
         device.handshake()?;
         if device.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -128,6 +156,77 @@ impl VhostUserDevice {
 
     pub fn kind(&self) -> DeviceKind {
         self.kind
+    }
+
+    /// Guest RAM is being restored lazily by `pages`: this back end takes
+    /// part (postcopy) when it can, or waits for the restore to complete.
+    pub fn serve_faults_from(&mut self, pages: Option<Arc<PageServer>>) {
+        self.pages = pages;
+    }
+
+    /// Hands guest RAM over (SET_MEM_TABLE): in postcopy mode while a lazy
+    /// restore is under way and the back end can take part; otherwise the
+    /// restore is completed first, so the back end never sees a page the
+    /// snapshot holds as missing.
+    fn set_mem_table(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        regions: &[VhostUserMemoryRegionInfo],
+    ) -> Result<(), FrontendError> {
+        let device = self.kind.name();
+        let lazy = |source| FrontendError::Lazy { device, source };
+        let pages = self.pages.clone().filter(|p| !p.is_complete());
+        let Some(pages) = pages else {
+            self.frontend.set_mem_table(regions).map_err(self.err("SET_MEM_TABLE"))?;
+            return Ok(());
+        };
+        if !self.protocol.contains(VhostUserProtocolFeatures::PAGEFAULT) {
+            tracing::info!(
+                "the {device} back end does not offer PAGEFAULT: completing the lazy restore before it starts"
+            );
+            pages.complete().map_err(lazy)?;
+            self.frontend.set_mem_table(regions).map_err(self.err("SET_MEM_TABLE"))?;
+            return Ok(());
+        }
+        let uffd = self.frontend.postcopy_advise().map_err(self.err("POSTCOPY_ADVISE"))?;
+        self.frontend.postcopy_listen().map_err(self.err("POSTCOPY_LISTEN"))?;
+        let bases = self
+            .frontend
+            .set_mem_table(regions)
+            .map_err(self.err("SET_MEM_TABLE (postcopy)"))?
+            .filter(|b| b.len() == regions.len())
+            .ok_or(FrontendError::NoPostcopyBases { device })?;
+        let mappings = mem
+            .iter()
+            .zip(bases)
+            .map(|(region, base)| Mapping {
+                addr: base,
+                len: region.len(),
+                file_offset: region.file_offset().map_or(0, |f| f.start()),
+            })
+            .collect();
+        pages.add_device(self.id, device, uffd, mappings);
+        self.frontend.postcopy_ack_mem_regions(FrontendReq::SET_MEM_TABLE).map_err(self.err("postcopy ack"))?;
+        self.postcopy = true;
+        Ok(())
+    }
+
+    /// Ends postcopy for this back end once the lazy restore is complete:
+    /// its later set-ups are ordinary ones.
+    fn end_postcopy(&mut self) -> Result<(), FrontendError> {
+        if !self.postcopy {
+            return Ok(());
+        }
+        let device = self.kind.name();
+        if let Some(pages) = &self.pages {
+            pages.complete().map_err(|source| FrontendError::Lazy { device, source })?;
+        }
+        self.frontend.postcopy_end().map_err(self.err("POSTCOPY_END"))?;
+        if let Some(pages) = &self.pages {
+            pages.forget_device(self.id);
+        }
+        self.postcopy = false;
+        Ok(())
     }
 
     /// Features to offer the guest driver.
@@ -166,7 +265,7 @@ impl VhostUserDevice {
                 mmap_handle: memfd.as_raw_fd(),
             })
             .collect();
-        self.frontend.set_mem_table(&regions).map_err(self.err("SET_MEM_TABLE"))?;
+        self.set_mem_table(mem, &regions)?;
 
         if self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
             match &self.inflight {
@@ -260,6 +359,9 @@ impl VhostUserDevice {
     ) -> Result<(), FrontendError> {
         let old_features = self.device_features;
         self.frontend = Frontend::from_stream(stream, self.kind.num_queues() as u64);
+        // The dead back end's userfaultfd goes with it; the new one hands
+        // over its own (same id) if the restore is still lazy.
+        self.postcopy = false;
         self.handshake()?;
         if self.device_features != old_features {
             return Err(FrontendError::FeaturesChanged {
@@ -301,6 +403,9 @@ impl VhostUserDevice {
             let base = self.frontend.get_vring_base(index).map_err(self.err("GET_VRING_BASE"))?;
             bases.push(base as u16);
         }
+        // A snapshot reads the memfd's holes as never touched: every page
+        // must be in by then, and the back end out of postcopy.
+        self.end_postcopy()?;
         Ok(bases)
     }
 
