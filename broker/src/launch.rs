@@ -137,6 +137,14 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
             tap: Some(Network::tap_name(&record.id)),
         });
     }
+    // A restored guest's RAM comes in lazily (mm-vmm's page server): each
+    // back end registers its mapping with a userfaultfd of its own and
+    // hands it over (vhost-user postcopy), which its jail must allow.
+    if record.resume_from.is_some() {
+        for device in &mut devices {
+            device.args.push("--lazy-memory".into());
+        }
+    }
     devices
 }
 

@@ -252,6 +252,16 @@ impl RunningGuest {
     }
 }
 
+impl RunningGuest {
+    /// Ends the guest (SIGKILL to mm-vmm) and returns mm-vmm's stderr.
+    pub fn kill_for_log(mut self) -> String {
+        // SAFETY: kill(2) on our own, not yet reaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+        self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+    }
+}
+
 impl Drop for RunningGuest {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {

@@ -204,7 +204,8 @@ pub fn build(config: &VmConfig, start: Instant) -> Result<Vm, VmError> {
             Some(uffd) => {
                 let pages = PageServer::start(&ram, memory_file, &state.memory, uffd, crate::vm::seccomp_enabled())?;
                 ram.pages = Some(Arc::new(pages));
-                step("guest RAM checked; its pages will come in on first touch");
+                tracing::info!("lazy restore: guest RAM comes in on first touch (checksums checked)");
+                step("guest RAM checked");
             }
             None => {
                 memory::restore(&ram, memory_file, &state.memory)?;

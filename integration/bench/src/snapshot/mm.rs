@@ -2,7 +2,8 @@
 //! a block root and a vsock device served by `mm-device` processes; pause,
 //! snapshot and resume through its control socket; the restore is a new
 //! mm-vmm (`--restore-state`, `--restore-memory`) with new back ends, the
-//! vsock one with `--transport-reset`, as the broker does it.
+//! vsock one with `--transport-reset`, and guest RAM restored lazily with
+//! both back ends taking part (`--lazy-memory`), as the broker does it.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,11 +26,16 @@ const RAM: GuestRam = GuestRam::Named("mm-guest-ram");
 /// Starts the block and vsock back ends for one mm-vmm; the vsock one
 /// serves the guest at `uds`.
 fn devices(dir: &Path, tag: &str, disk: &Path, uds: &Path, reset: bool) -> Result<(DeviceProcess, DeviceProcess)> {
-    let block = DeviceProcess::block(&dir.join(format!("{tag}-block.sock")), disk)?;
+    let disk = disk.to_str().context("disk path is not UTF-8")?;
+    let block_args: &[&str] = if reset { &["--image", disk, "--lazy-memory"] } else { &["--image", disk] };
+    let block = DeviceProcess::spawn("block", &dir.join(format!("{tag}-block.sock")), block_args)?;
     let uds = uds.to_str().context("socket path is not UTF-8")?;
     let mut args = vec!["--guest-cid", "3", "--uds", uds];
     if reset {
+        // Restored: the vsock device says so to the guest, and both take
+        // part in the lazy restore (postcopy), as the broker runs them.
         args.push("--transport-reset");
+        args.push("--lazy-memory");
     }
     let vsock = DeviceProcess::spawn("vsock", &dir.join(format!("{tag}-vsock.sock")), &args)?;
     Ok((block, vsock))
