@@ -1,6 +1,8 @@
 //! The child's side of the jail: one linear sequence of steps from clone to
 //! exec, in the order Firecracker's jailer uses (`env.rs`): cgroups, mounts
-//! and pivot_root, rlimits, fds, identity, capabilities, no_new_privs, exec.
+//! (with the spec's `userfaultfd`, a `/dev` of the jail's own: see
+//! `make_dev`) and pivot_root, rlimits, fds, identity, capabilities,
+//! no_new_privs, exec.
 //!
 //! This runs in a copy of a possibly multi-threaded parent, so like the
 //! code between fork and exec in `std::process::Command` it may only make
@@ -100,6 +102,9 @@ unsafe fn steps(p: &Prepared, error_fd: &mut RawFd) -> Result<(), Failure> {
         let opts = c"size=1m,mode=0755";
         let rc = libc::mount(c"tmpfs".as_ptr(), p.root.as_ptr(), c"tmpfs".as_ptr(), tmpfs_flags, opts.as_ptr().cast());
         check_int(MountRoot, 0, rc)?;
+        if let Some(dev) = &p.userfaultfd {
+            make_dev(p, dev)?;
+        }
         for (i, dir) in p.dirs.iter().enumerate() {
             let rc = libc::mkdir(dir.as_ptr(), 0o755);
             if rc < 0 && errno() != libc::EEXIST {
@@ -115,6 +120,11 @@ unsafe fn steps(p: &Prepared, error_fd: &mut RawFd) -> Result<(), Failure> {
             let rc = libc::mount(m.source.as_ptr(), m.target.as_ptr(), null, libc::MS_BIND | libc::MS_REC, null.cast());
             check_int(BindMount, i, rc)?;
             check_int(RemountBind, i, libc::mount(null, m.target.as_ptr(), null, m.remount_flags, null.cast()))?;
+        }
+        // Read-only only now: mount points of binds under /dev were made in it.
+        if let Some(dev) = &p.userfaultfd {
+            let ro = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | DEV_FLAGS;
+            check_int(RemountDevReadOnly, 0, libc::mount(null, dev.dir.as_ptr(), null, ro, null.cast()))?;
         }
 
         // 4. pivot_root into it and let go of the host's tree.
@@ -175,10 +185,14 @@ unsafe fn steps(p: &Prepared, error_fd: &mut RawFd) -> Result<(), Failure> {
             | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
         check_int(Securebits, 0, libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0))?;
 
-        // 8. The microVM's own identity.
-        check_int(SetGroups, 0, libc::setgroups(0, std::ptr::null()))?;
-        check_int(SetGid, 0, libc::setresgid(p.gid, p.gid, p.gid))?;
-        check_int(SetUid, 0, libc::setresuid(p.uid, p.uid, p.uid))?;
+        // 8. The microVM's own identity, by raw syscalls: glibc's wrappers
+        //    apply a change to every thread of the process (setxid), and
+        //    this copy's glibc still lists the parent's threads, one of
+        //    which may have been in pthread_create at the clone: the
+        //    wrapper then waits forever for it to finish starting.
+        check(SetGroups, 0, libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()))?;
+        check(SetGid, 0, libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid))?;
+        check(SetUid, 0, libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid))?;
         let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
         let data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
         check(DropCapabilities, 0, libc::syscall(libc::SYS_capset, &header, data.as_ptr()))?;
@@ -199,6 +213,50 @@ unsafe fn steps(p: &Prepared, error_fd: &mut RawFd) -> Result<(), Failure> {
             libc::signal(signal, libc::SIG_DFL);
         }
         exec(p);
+    }
+    Ok(())
+}
+
+/// Mount flags of the jail's `/dev`: the root's, but device nodes work.
+const DEV_FLAGS: libc::c_ulong = libc::MS_NOSUID | libc::MS_NOEXEC;
+
+/// The jail's own `/dev` ([`crate::JailSpec::userfaultfd`]): a tiny tmpfs
+/// mounted over the root's (which is `MS_NODEV`, where no node would
+/// open), holding one node, `userfaultfd`, a character device with the
+/// host's device number, mode 0600, owned by the jail's uid and gid. It is
+/// remounted read-only after the binds.
+///
+/// Why a node: a lazily restored guest's device back ends create the
+/// userfaultfd their front end (mm-vmm) resolves their faults on, and it
+/// must catch faults the kernel takes on their behalf (block's
+/// `pread`/`pwrite` straight into guest pages). The userfaultfd(2) syscall
+/// grants that only with CAP_SYS_PTRACE while vm.unprivileged_userfaultfd
+/// is 0 (and the device's seccomp policy forbids it); opening
+/// `/dev/userfaultfd` grants it to whoever the node's permissions let in,
+/// which the `vhost-user-backend` crate's postcopy handler (and block's)
+/// tries first. Made (mknod, chown) rather than bound from the host, as
+/// Firecracker's jailer makes its `/dev/kvm`, `/dev/net/tun` and
+/// `/dev/userfaultfd`, so the jail's node belongs to the jail's uid and the
+/// host's keeps its owner and mode. The device number is the host node's
+/// (userfaultfd is a misc device: its minor is allocated at boot).
+///
+/// # Safety
+/// As [`steps`]: in the cloned child, still privileged, before pivot_root.
+unsafe fn make_dev(p: &Prepared, dev: &crate::prepare::PreparedDev) -> Result<(), Failure> {
+    use ChildStep::*;
+    // SAFETY: syscalls on NUL-terminated strings owned by `dev`.
+    unsafe {
+        let rc = libc::mkdir(dev.dir.as_ptr(), 0o755);
+        if rc < 0 && errno() != libc::EEXIST {
+            return Err((MountDev, 0, errno()));
+        }
+        let opts = c"size=4k,nr_inodes=32,mode=0755";
+        let rc = libc::mount(c"tmpfs".as_ptr(), dev.dir.as_ptr(), c"tmpfs".as_ptr(), DEV_FLAGS, opts.as_ptr().cast());
+        check_int(MountDev, 0, rc)?;
+        check_int(MakeDevNode, 0, libc::mknod(dev.node.as_ptr(), libc::S_IFCHR | 0o600, dev.rdev))?;
+        check_int(ChownDevNode, 0, libc::chown(dev.node.as_ptr(), p.uid, p.gid))?;
+        // The umask applied to mknod's mode; the node's mode is exactly this.
+        check_int(ChownDevNode, 0, libc::chmod(dev.node.as_ptr(), 0o600))?;
     }
     Ok(())
 }

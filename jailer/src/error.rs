@@ -12,9 +12,13 @@ pub enum ChildStep {
     JoinCgroup = 1,
     PrivateMounts,
     MountRoot,
+    MountDev,
+    MakeDevNode,
+    ChownDevNode,
     MakeMountPoint,
     BindMount,
     RemountBind,
+    RemountDevReadOnly,
     PivotRoot,
     UnmountOldRoot,
     RemountRootReadOnly,
@@ -36,13 +40,17 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 24] = [
+    const ALL: [ChildStep; 28] = [
         ChildStep::JoinCgroup,
         ChildStep::PrivateMounts,
         ChildStep::MountRoot,
+        ChildStep::MountDev,
+        ChildStep::MakeDevNode,
+        ChildStep::ChownDevNode,
         ChildStep::MakeMountPoint,
         ChildStep::BindMount,
         ChildStep::RemountBind,
+        ChildStep::RemountDevReadOnly,
         ChildStep::PivotRoot,
         ChildStep::UnmountOldRoot,
         ChildStep::RemountRootReadOnly,
@@ -76,6 +84,11 @@ pub enum JailError {
     Libraries { exec: PathBuf, detail: String },
     #[error("bind mount source {path}: {source}")]
     MountSource { path: PathBuf, source: io::Error },
+    #[error(
+        "the jail is to hold {path} (JailSpec::userfaultfd, for a lazily restored guest's devices), but the \
+         host's is unusable: {source} (Linux has the node from 6.1 on)"
+    )]
+    HostDevice { path: PathBuf, source: io::Error },
     #[error("creating the jail root directory {path}: {source}")]
     CreateRoot { path: PathBuf, source: io::Error },
     #[error("no cgroup hierarchy offers the {controller} controller")]
@@ -92,6 +105,14 @@ pub enum JailError {
     PrivateMounts(io::Error),
     #[error("mounting the tmpfs root at {path}: {source}")]
     MountRoot { path: PathBuf, source: io::Error },
+    #[error("mounting the jail's own /dev (a tmpfs) at {path}: {source}")]
+    MountDev { path: PathBuf, source: io::Error },
+    #[error("creating the device node {path} in the jail's /dev: {source}")]
+    MakeDevNode { path: PathBuf, source: io::Error },
+    #[error("giving the device node {path} to the jail's uid {uid} and gid {gid}: {source}")]
+    ChownDevNode { path: PathBuf, uid: u32, gid: u32, source: io::Error },
+    #[error("remounting the jail's /dev read-only: {0}")]
+    RemountDevReadOnly(io::Error),
     #[error("creating mount point {path} in the root: {source}")]
     MakeMountPoint { path: PathBuf, source: io::Error },
     #[error("bind mounting {path}: {source}")]

@@ -6,7 +6,8 @@
 //! cgroups, prepares everything the child will need, and clones the child
 //! into new mount, PID, IPC, UTS and (unless kept) network namespaces. The
 //! child side (`child.rs`) joins the cgroups, builds a tmpfs root holding
-//! only the spec's bind mounts, pivots into it, sets rlimits, keeps only the
+//! only the spec's bind mounts (and, with [`JailSpec::userfaultfd`], a
+//! `/dev` holding only that node), pivots into it, sets rlimits, keeps only the
 //! fds it was given, becomes the microVM's uid/gid with no capabilities and
 //! no_new_privs, and execs the target. The target installs its own seccomp
 //! filter (`mm-policies`) once its set-up is done, as Firecracker's VMM does
@@ -25,7 +26,13 @@ mod libraries;
 mod prepare;
 pub mod probes;
 mod selfjail;
+#[cfg(test)]
+mod spawn_tests;
 mod spec;
+#[cfg(test)]
+mod testutil;
+#[cfg(test)]
+mod userfaultfd_tests;
 
 use std::fs::File;
 use std::io::Read;
@@ -37,7 +44,7 @@ pub use error::{ChildStep, JailError};
 pub use handle::{ExitReason, JailedChild, describe};
 pub use libraries::libraries;
 pub use selfjail::{SelfJail, can_jail, exit_code, is_jailed};
-pub use spec::{BindMount, CGROUP_PARENT, DEFAULT_JAIL_BASE, JailSpec, Limits, REPORT_FD};
+pub use spec::{BindMount, CGROUP_PARENT, DEFAULT_JAIL_BASE, JailSpec, Limits, REPORT_FD, USERFAULTFD};
 
 /// Set in the jailed child's environment (to the jail's name), so a
 /// program that jails itself knows it already is.
@@ -182,6 +189,12 @@ fn child_error(
         S::JoinCgroup => JailError::JoinCgroup { index, source },
         S::PrivateMounts => JailError::PrivateMounts(source),
         S::MountRoot => JailError::MountRoot { path: root.to_path_buf(), source },
+        S::MountDev => JailError::MountDev { path: root.join("dev"), source },
+        S::MakeDevNode => JailError::MakeDevNode { path: spec::USERFAULTFD.into(), source },
+        S::ChownDevNode => {
+            JailError::ChownDevNode { path: spec::USERFAULTFD.into(), uid: spec.uid, gid: spec.gid, source }
+        }
+        S::RemountDevReadOnly => JailError::RemountDevReadOnly(source),
         S::MakeMountPoint => JailError::MakeMountPoint { path: point_path(index), source },
         S::BindMount => JailError::BindMount { path: mount_path(index), source },
         S::RemountBind => JailError::RemountBind { path: mount_path(index), source },

@@ -41,6 +41,10 @@ struct Args {
     /// Stay in the host network namespace.
     #[arg(long)]
     keep_net: bool,
+    /// Give the jail a /dev/userfaultfd of its own, owned by --uid (a lazily
+    /// restored guest's device back ends create their userfaultfd there).
+    #[arg(long)]
+    userfaultfd: bool,
     #[arg(long)]
     memory_mib: Option<u64>,
     #[arg(long)]
@@ -60,6 +64,7 @@ fn main() -> Result<ExitCode> {
     spec.args = args.command[1..].to_vec();
     spec.jail_base = args.jail_base;
     spec.keep_net = args.keep_net;
+    spec.userfaultfd = args.userfaultfd;
     spec.limits.memory_bytes = args.memory_mib.map(|m| m << 20);
     spec.limits.pids = args.pids;
     for (key, value) in std::env::vars_os().filter(|(k, _)| k == "MM_LOG" || k == "PATH") {

@@ -6,10 +6,11 @@ use std::collections::BTreeSet;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::JailError;
-use crate::spec::{BindMount, JailSpec, REPORT_FD};
+use crate::spec::{BindMount, DEV, JailSpec, REPORT_FD, USERFAULTFD};
 
 pub(crate) struct PreparedMount {
     /// Host path of the source.
@@ -20,9 +21,21 @@ pub(crate) struct PreparedMount {
     pub remount_flags: libc::c_ulong,
 }
 
+/// The jail's own `/dev` and the one device node in it.
+pub(crate) struct PreparedDev {
+    /// Host path of `/dev` under the new root (before pivot_root).
+    pub dir: CString,
+    /// Host path of the node under the new root.
+    pub node: CString,
+    /// The host node's device number, which the jail's node gets.
+    pub rdev: libc::dev_t,
+}
+
 /// Everything the child reads; built by [`prepare`].
 pub(crate) struct Prepared {
     pub root: CString,
+    /// With [`JailSpec::userfaultfd`].
+    pub userfaultfd: Option<PreparedDev>,
     pub hostname: CString,
     /// Directories to create under the new root, parents first.
     pub dirs: Vec<CString>,
@@ -68,6 +81,16 @@ fn cap_last() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(63)
 }
 
+/// The device number of the host's character device `path`.
+pub(crate) fn char_device(path: &Path) -> Result<libc::dev_t, JailError> {
+    let error = |source| JailError::HostDevice { path: path.to_path_buf(), source };
+    let meta = std::fs::metadata(path).map_err(error)?;
+    if !meta.file_type().is_char_device() {
+        return Err(error(std::io::Error::other("not a character device")));
+    }
+    Ok(meta.rdev())
+}
+
 pub(crate) fn prepare(
     spec: &JailSpec,
     root: &Path,
@@ -75,6 +98,15 @@ pub(crate) fn prepare(
     report_write: &OwnedFd,
     error_write: &OwnedFd,
 ) -> Result<Prepared, JailError> {
+    // A host without the node fails here, before the clone.
+    let userfaultfd = match spec.userfaultfd {
+        false => None,
+        true => Some(PreparedDev {
+            rdev: char_device(Path::new(USERFAULTFD))?,
+            dir: path_c(&under(root, Path::new(DEV)))?,
+            node: path_c(&under(root, Path::new(USERFAULTFD)))?,
+        }),
+    };
     let mut mounts: Vec<BindMount> = vec![BindMount::read_only(&spec.exec)];
     let libraries = crate::libraries::libraries(&spec.exec)
         .map_err(|detail| JailError::Libraries { exec: spec.exec.clone(), detail })?;
@@ -152,6 +184,7 @@ pub(crate) fn prepare(
 
     Ok(Prepared {
         root: path_c(root)?,
+        userfaultfd,
         hostname: cstring(spec.name.as_bytes())?,
         dirs,
         files,

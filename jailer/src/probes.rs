@@ -316,6 +316,100 @@ fn capabilities_after_setuid() -> String {
     format!(" ({bounding} capabilities in the bounding set, securebits {securebits:#x})")
 }
 
+/// `USERFAULTFD_IOC_NEW`, `UFFDIO_API` and `UFFD_API` (linux/userfaultfd.h).
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFD_API: u64 = 0xaa;
+
+/// What a lazily restored guest's device back end does first
+/// ([`crate::JailSpec::userfaultfd`]): open `/dev/userfaultfd`, create a
+/// userfaultfd that also catches kernel-mode faults (`USERFAULTFD_IOC_NEW`
+/// without `UFFD_USER_MODE_ONLY`) and negotiate its API (`UFFDIO_API`), as
+/// the `userfaultfd` crate does for `vhost-user-backend`. Prints `PROBE
+/// userfaultfd created: ...` or `PROBE userfaultfd failed: <step>: <why>`.
+/// Unlike [`seccomp`], nothing here may trap under the device policies.
+pub fn userfaultfd() {
+    let result = (|| {
+        let path = c"/dev/userfaultfd";
+        let mut stat: libc::stat = {
+            // SAFETY: all zeroes is a valid `struct stat`.
+            unsafe { std::mem::zeroed() }
+        };
+        // SAFETY: stat(2) with a C string and a struct we own.
+        if unsafe { libc::stat(path.as_ptr(), &mut stat) } != 0 {
+            return Err(format!("stat /dev/userfaultfd: {}", Error::last_os_error()));
+        }
+        // SAFETY: open(2) of a C string.
+        let dev = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if dev < 0 {
+            return Err(format!("open /dev/userfaultfd: {}", Error::last_os_error()));
+        }
+        // SAFETY: the ioctl takes the new fd's flags by value.
+        let uffd = unsafe { libc::ioctl(dev, USERFAULTFD_IOC_NEW as _, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let new_error = Error::last_os_error();
+        // SAFETY: closing the fd we opened.
+        unsafe { libc::close(dev) };
+        if uffd < 0 {
+            return Err(format!("USERFAULTFD_IOC_NEW: {new_error}"));
+        }
+        let mut api = [UFFD_API, 0, 0]; // struct uffdio_api: api, features, ioctls
+        // SAFETY: UFFDIO_API reads and writes the 24-byte struct we own.
+        let rc = unsafe { libc::ioctl(uffd, UFFDIO_API as _, api.as_mut_ptr()) };
+        let api_error = Error::last_os_error();
+        // SAFETY: closing the userfaultfd we created.
+        unsafe { libc::close(uffd) };
+        if rc < 0 {
+            return Err(format!("UFFDIO_API: {api_error}"));
+        }
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        Ok(format!(
+            "as uid {uid}: /dev/userfaultfd is {}:{} owned by {}:{} mode {:o}; UFFDIO_API ioctls {:#x}",
+            libc::major(stat.st_rdev),
+            libc::minor(stat.st_rdev),
+            stat.st_uid,
+            stat.st_gid,
+            stat.st_mode & 0o7777,
+            api[2]
+        ))
+    })();
+    match result {
+        Ok(what) => println!("PROBE userfaultfd created: {what}"),
+        Err(why) => println!("PROBE userfaultfd failed: {why}"),
+    }
+}
+
+/// The jail's `/dev` ([`crate::JailSpec::userfaultfd`]), seen from inside
+/// (run without the seccomp filter: listing a directory and the
+/// userfaultfd(2) syscall are not in the device policies): whether it
+/// takes a new file (`PROBE dev-write`, blocked by its read-only remount),
+/// what it lists (`PROBE dev-lists: NAMES`, or the error when the jail has
+/// no `/dev`), and whether the syscall gives a userfaultfd for kernel-mode
+/// faults instead (`PROBE userfaultfd-syscall`: it needs CAP_SYS_PTRACE
+/// while vm.unprivileged_userfaultfd is 0, and the jail holds none).
+pub fn dev() {
+    // SAFETY: userfaultfd(2) with integer flags; a returned fd is closed.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    report("userfaultfd-syscall", outcome(fd, "userfaultfd(2) for kernel-mode faults"));
+    if fd >= 0 {
+        // SAFETY: closing the fd just created.
+        unsafe { libc::close(fd as libc::c_int) };
+    }
+    report(
+        "dev-write",
+        std::fs::write("/dev/escape-test", b"x").map(|_| "wrote /dev/escape-test".into()).map_err(|e| e.to_string()),
+    );
+    let listed = match std::fs::read_dir("/dev") {
+        Ok(entries) => {
+            let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+            names.sort();
+            names.join(" ")
+        }
+        Err(e) => format!("({e})"),
+    };
+    println!("PROBE dev-lists: {listed}");
+}
+
 /// Seccomp-layer probes: each makes one call the block policy forbids.
 pub fn seccomp(name: &str) -> Result<(), String> {
     // SAFETY: each is a plain syscall with integer arguments; under the

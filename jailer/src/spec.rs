@@ -4,7 +4,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where per-process roots are made by default (one empty directory each on
 /// the host; the root itself is a tmpfs that exists only in the child's
@@ -14,6 +14,10 @@ pub const DEFAULT_JAIL_BASE: &str = "/run/micromachines/jail";
 pub const CGROUP_PARENT: &str = "micromachines";
 /// The fd number the seccomp report pipe is passed at.
 pub const REPORT_FD: RawFd = 3;
+/// The jail's `/dev` (a tmpfs of its own) and the node in it, at the same
+/// path as on the host, with [`JailSpec::userfaultfd`].
+pub(crate) const DEV: &str = "/dev";
+pub const USERFAULTFD: &str = "/dev/userfaultfd";
 
 /// A file or directory made visible inside the jail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +98,12 @@ pub struct JailSpec {
     pub limits: Limits,
     /// SIGKILL the child when the thread that spawned it exits.
     pub die_with_parent: bool,
+    /// Give the jail a `/dev/userfaultfd` its uid may open, on a read-only
+    /// tmpfs `/dev` holding nothing else: for the device back ends of a
+    /// lazily restored guest, which create the userfaultfd its front end
+    /// resolves their faults on (see `child.rs` for how, and why a node).
+    /// The host must have the node (Linux 6.1+): spawning fails otherwise.
+    pub userfaultfd: bool,
 }
 
 impl JailSpec {
@@ -114,6 +124,7 @@ impl JailSpec {
             keep_stdio: true,
             limits: Limits::default(),
             die_with_parent: false,
+            userfaultfd: false,
         }
     }
 
@@ -152,6 +163,11 @@ impl JailSpec {
             if !m.target.is_absolute() || m.target.components().any(|c| c == std::path::Component::ParentDir) {
                 return Err(format!("mount target {} must be absolute, without ..", m.target.display()));
             }
+        }
+        if self.userfaultfd
+            && let Some(m) = self.mounts.iter().find(|m| [DEV, USERFAULTFD].iter().any(|p| m.target == Path::new(p)))
+        {
+            return Err(format!("mount target {} would hide the jail's {USERFAULTFD}", m.target.display()));
         }
         let mut targets: Vec<RawFd> = self.fds.iter().map(|(_, t)| *t).collect();
         targets.sort_unstable();
