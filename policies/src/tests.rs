@@ -45,6 +45,74 @@ fn vcpu_policy_is_small_and_has_no_file_or_socket_creation() {
     }
 }
 
+/// One extra file, `probe`, on top of `policy/`.
+struct WithProbe(String);
+
+impl syntax::Loader for WithProbe {
+    fn load(&self, name: &str) -> Result<String, String> {
+        if name == "probe" { Ok(self.0.clone()) } else { syntax::Loader::load(&Dir, name) }
+    }
+}
+
+/// `_IOC(dir, type, nr, size)` (asm-generic/ioctl.h): dir 0 none, 3 read-write.
+const fn ioc(dir: u64, kind: u64, nr: u64, size: u64) -> u64 {
+    dir << 30 | size << 16 | kind << 8 | nr
+}
+
+/// The lazy-restore numbers of constants.policy, recomputed from
+/// linux/userfaultfd.h's definitions (and libc's).
+#[test]
+fn lazy_restore_constants_match_the_kernel_headers() {
+    let expected = [
+        // _IO(USERFAULTFD_IOC, 0x00)
+        ("USERFAULTFD_IOC_NEW", ioc(0, 0xaa, 0x00, 0)),
+        // _IOWR(UFFDIO, _UFFDIO_API, struct uffdio_api { __u64 api, features, ioctls; })
+        ("UFFDIO_API", ioc(3, 0xaa, 0x3f, 3 * 8)),
+        // _IOWR(UFFDIO, _UFFDIO_REGISTER, struct uffdio_register {
+        //     struct uffdio_range { __u64 start, len; } range; __u64 mode, ioctls; })
+        ("UFFDIO_REGISTER", ioc(3, 0xaa, 0x00, 4 * 8)),
+        ("MADV_HUGEPAGE", libc::MADV_HUGEPAGE as u64),
+        ("MADV_NOHUGEPAGE", libc::MADV_NOHUGEPAGE as u64),
+        ("O_RDWR", libc::O_RDWR as u64),
+        ("O_CLOEXEC", libc::O_CLOEXEC as u64),
+    ];
+    for (name, value) in expected {
+        let probe = WithProbe(format!("@include constants.policy\nread: arg0 == {name}"));
+        let parsed = syntax::parse("probe", &probe).unwrap();
+        assert_eq!(parsed.rules["read"].as_ref().unwrap()[0][0].value, value, "{name}");
+    }
+    assert_eq!(ioc(3, 0xaa, 0x3f, 24), 0xc018_aa3f, "the formula, against the header's value");
+}
+
+/// What a device process does for a lazy restore (vhost-user postcopy) is
+/// allowed by its policy, and the userfaultfd(2) syscall is not.
+#[test]
+fn device_policies_allow_a_lazy_restore_and_not_the_userfaultfd_syscall() {
+    let allows = |rules: &syntax::Policy, syscall: &str, arg: u8, value: u64| match rules.rules.get(syscall) {
+        Some(None) => true,
+        Some(Some(alternatives)) => alternatives
+            .iter()
+            .any(|all| all.len() == 1 && all[0] == syntax::Condition { arg, op: syntax::Op::Eq, value }),
+        None => false,
+    };
+    let (o_rdwr_cloexec, ioctls) = ((libc::O_RDWR | libc::O_CLOEXEC) as u64, [0xaa00, 0xc018_aa3f, 0xc020_aa00]);
+    for policy in [Policy::Block, Policy::Net, Policy::Vsock] {
+        let parsed = syntax::parse(&format!("{}.policy", policy.name()), &Dir).unwrap();
+        assert!(allows(&parsed, "openat", 2, o_rdwr_cloexec), "{policy}: opening /dev/userfaultfd");
+        for ioctl in ioctls {
+            assert!(allows(&parsed, "ioctl", 1, ioctl), "{policy}: ioctl {ioctl:#x}");
+        }
+        assert!(allows(&parsed, "madvise", 2, libc::MADV_NOHUGEPAGE as u64), "{policy}: MADV_NOHUGEPAGE");
+        assert!(!policy.syscalls().contains(&"userfaultfd"), "{policy} allows userfaultfd(2)");
+    }
+    // The vhost-user-backend crate's handler (net, vsock) besides.
+    for policy in [Policy::Net, Policy::Vsock] {
+        let parsed = syntax::parse(&format!("{}.policy", policy.name()), &Dir).unwrap();
+        assert!(policy.syscalls().contains(&"dup"), "{policy}: dup");
+        assert!(allows(&parsed, "madvise", 2, libc::MADV_HUGEPAGE as u64), "{policy}: MADV_HUGEPAGE");
+    }
+}
+
 #[test]
 fn syntax_reads_conditions_defines_and_includes() {
     let files = Text(BTreeMap::from([
