@@ -8,6 +8,7 @@
 //! * `vsock`: Firecracker's hybrid vsock over unix sockets.
 
 pub mod block;
+pub mod lazy_memory;
 pub mod net;
 pub mod rearm;
 pub mod vsock;

@@ -11,6 +11,12 @@
 //! directory bound in — waits for that copy and exits as it did. The jailed
 //! copy installs its device's seccomp policy before it serves.
 //! `--no-jail` and `--no-seccomp` exist for debugging only.
+//!
+//! `--lazy-memory` serves a lazily restored guest (`mm_devices::lazy_memory`):
+//! the back end offers PAGEFAULT and its jail holds `/dev/userfaultfd`,
+//! owned by the jail's uid (the `vhost-user-backend` crate and block's own
+//! handler open that path to create the userfaultfd mm-vmm serves faults
+//! on). Without it the jail has no such node and PAGEFAULT is not offered.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -43,6 +49,11 @@ struct Cli {
     /// listening SOCK_SEQPACKET socket, answered on a thread of its own.
     #[arg(long, global = true)]
     control_fd: Option<RawFd>,
+    /// Serve a lazily restored guest: the front end resolves this process's
+    /// faults on guest RAM (vhost-user postcopy, protocol feature
+    /// PAGEFAULT), and the jail holds /dev/userfaultfd.
+    #[arg(long, global = true)]
+    lazy_memory: bool,
 }
 
 /// How the process is confined (debugging escape hatches included).
@@ -62,7 +73,9 @@ struct Confinement {
     #[arg(long, global = true)]
     jail_gid: Option<u32>,
     /// Tests only: make escape attempts instead of serving
-    /// (`jail=other=PATH,dir=PATH,pid=N`, `socket`, `ptrace` or `userns`).
+    /// (`jail=other=PATH,dir=PATH,pid=N`, `socket`, `ptrace` or `userns`),
+    /// or try what a lazy restore needs (`userfaultfd`) and look at the
+    /// jail's /dev (`dev`, without the filter).
     #[cfg(feature = "test-hooks")]
     #[arg(long, global = true, hide = true)]
     test_escape: Option<String>,
@@ -180,6 +193,7 @@ fn run() -> Result<()> {
         tracing::warn!("mm-device: --no-jail: serving UNJAILED, with this process's full privileges (debugging only)");
     }
     let confinement = cli.confinement;
+    let lazy_memory = cli.lazy_memory;
     let control = cli
         .control_fd
         .map(|fd| inherited(fd, "--control-fd").and_then(|fd| Ok(SeqPacketListener::from_inherited(fd)?)))
@@ -200,20 +214,20 @@ fn run() -> Result<()> {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Block)?;
             answer_control("block", mm_devices::block::counters)?;
-            serve_block(BlockConfig { image, read_only, serial, test }, listener)?;
+            serve_block(BlockConfig { image, read_only, serial, lazy_memory, test }, listener)?;
         }
         Device::Net { endpoint, tap_fd, mac } => {
             let listener = endpoint.listener()?;
             let tap = inherited(tap_fd, "--tap-fd")?;
             confine(&confinement, Policy::Net)?;
             answer_control("net", DeviceCounters::default)?;
-            serve_net(NetConfig { tap, mac }, listener)?;
+            serve_net(NetConfig { tap, mac, lazy_memory }, listener)?;
         }
         Device::Vsock { endpoint, guest_cid, uds, transport_reset } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Vsock)?;
             answer_control("vsock", DeviceCounters::default)?;
-            serve_vsock(VsockConfig { guest_cid, uds_path: uds, transport_reset }, listener)?;
+            serve_vsock(VsockConfig { guest_cid, uds_path: uds, transport_reset, lazy_memory }, listener)?;
         }
     }
     Ok(())
@@ -233,6 +247,8 @@ fn confine(confinement: &Confinement, policy: Policy) -> Result<()> {
             Some(targets) => {
                 mm_jailer::probes::jail(&mm_jailer::probes::Targets::parse(targets).map_err(anyhow::Error::msg)?)
             }
+            None if probe == "userfaultfd" => mm_jailer::probes::userfaultfd(),
+            None if probe == "dev" => mm_jailer::probes::dev(),
             None => mm_jailer::probes::seccomp(probe).map_err(anyhow::Error::msg)?,
         }
         std::process::exit(0);
@@ -286,6 +302,8 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
     // net and vsock logs stayed empty, and a warning printed with
     // `eprintln!` (as `--no-seccomp` does) ended the process (status 101).
     spec.limits.file_size = Some(LOG_FILE_LIMIT);
+    // The node the postcopy handlers open to create their userfaultfd.
+    spec.userfaultfd = cli.lazy_memory;
     let mut tap = None;
     let control = cli.control_fd.map(|fd| inherited(fd, "--control-fd")).transpose()?;
     if let Some(fd) = &control {

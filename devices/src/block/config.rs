@@ -75,10 +75,14 @@ pub fn event_idx_enabled(acked: u64) -> bool {
     acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0
 }
 
-/// vhost-user protocol features: config space, acked requests, and the
-/// in-flight table that lets a restarted block process lose nothing.
-pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+/// vhost-user protocol features: config space, acked requests, the
+/// in-flight table that lets a restarted block process lose nothing, and,
+/// serving a lazily restored guest, PAGEFAULT (see `postcopy`).
+pub fn protocol_features(lazy_memory: bool) -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | crate::lazy_memory::protocol_features(lazy_memory)
 }
 
 /// The config space, as little-endian bytes at the offsets of `struct

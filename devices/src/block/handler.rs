@@ -23,6 +23,7 @@ use super::config::{self, MAX_QUEUE_SIZE, NUM_QUEUES};
 use super::execute::BlockDisk;
 use super::inflight::InflightTable;
 use super::memory::MemoryTable;
+use super::postcopy::Postcopy;
 use super::vring::{Hooks, RingAddrs, Vring};
 use super::worker::{Worker, WorkerContext};
 
@@ -42,10 +43,13 @@ pub struct BlockHandler {
     worker: Option<Worker>,
     hooks: Hooks,
     stats: Arc<BlockStats>,
+    /// `mm-device --lazy-memory`: PAGEFAULT is offered (see `postcopy`).
+    lazy_memory: bool,
+    postcopy: Postcopy,
 }
 
 impl BlockHandler {
-    pub fn new(disk: Arc<BlockDisk>, hooks: Hooks, stats: Arc<BlockStats>) -> Self {
+    pub fn new(disk: Arc<BlockDisk>, hooks: Hooks, stats: Arc<BlockStats>, lazy_memory: bool) -> Self {
         BlockHandler {
             disk,
             acked_features: 0,
@@ -56,6 +60,8 @@ impl BlockHandler {
             worker: None,
             hooks,
             stats,
+            lazy_memory,
+            postcopy: Postcopy::default(),
         }
     }
 
@@ -149,6 +155,19 @@ impl BlockHandler {
         })
     }
 
+    /// Makes `table` the memory the rings use, and starts every ring that
+    /// only waited for memory.
+    fn publish(&mut self, table: MemoryTable) -> VuResult<()> {
+        self.with_rings_stopped(|this| {
+            this.memory = Some(table);
+            this.resolve_started()?;
+            for index in 0..this.vrings.len() {
+                this.try_start(index)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Re-points running rings at a new memory table.
     fn resolve_started(&mut self) -> VuResult<()> {
         let event_idx = config::event_idx_enabled(self.acked_features);
@@ -174,7 +193,7 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
     fn reset_owner(&mut self) -> VuResult<()> {
         self.stop_worker()?;
         let (disk, hooks, stats) = (Arc::clone(&self.disk), self.hooks.clone(), Arc::clone(&self.stats));
-        *self = BlockHandler::new(disk, hooks, stats);
+        *self = BlockHandler::new(disk, hooks, stats, self.lazy_memory);
         Ok(())
     }
 
@@ -202,17 +221,17 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
         &mut self,
         regions: &[VhostUserMemoryRegion],
         files: Vec<File>,
-        _postcopy_listening: Option<bool>,
+        postcopy_listening: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening == Some(true) {
+            // Registered now, published (and the rings started) only at the
+            // front end's ack: see `postcopy`.
+            return self.postcopy.map_pending(regions, files).map(Some).map_err(io_err);
+        }
         let table = MemoryTable::map(regions, files).map_err(io_err)?;
-        self.with_rings_stopped(|this| {
-            this.memory = Some(table);
-            this.resolve_started()?;
-            for index in 0..this.vrings.len() {
-                this.try_start(index)?;
-            }
-            Ok(None)
-        })
+        self.postcopy.discard_pending();
+        self.publish(table)?;
+        Ok(None)
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
@@ -293,11 +312,12 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(config::protocol_features())
+        Ok(config::protocol_features(self.lazy_memory))
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        self.acked_protocol = VhostUserProtocolFeatures::from_bits_truncate(features) & config::protocol_features();
+        let offered = config::protocol_features(self.lazy_memory);
+        self.acked_protocol = VhostUserProtocolFeatures::from_bits_truncate(features) & offered;
         Ok(())
     }
 
@@ -387,5 +407,34 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
         Err(VuError::InvalidOperation("LOG_SHMFD not offered"))
+    }
+
+    fn postcopy_advice(&mut self) -> VuResult<File> {
+        // The vhost crate checks that the front end acked PAGEFAULT, but not
+        // that we offered it: without --lazy-memory the jail has no
+        // /dev/userfaultfd, and trying would end in the seccomp filter.
+        if !self.acked_protocol.contains(VhostUserProtocolFeatures::PAGEFAULT) {
+            return Err(VuError::InvalidOperation("PAGEFAULT not offered (mm-device runs without --lazy-memory)"));
+        }
+        self.postcopy.advise().map_err(|e| {
+            tracing::error!("block: POSTCOPY_ADVISE: {e}");
+            io_err(e)
+        })
+    }
+
+    fn postcopy_listen(&mut self) -> VuResult<()> {
+        self.postcopy.listen().map_err(io_err)
+    }
+
+    fn postcopy_end(&mut self) -> VuResult<()> {
+        match self.postcopy.end() {
+            Some(table) => self.publish(table),
+            None => Ok(()),
+        }
+    }
+
+    fn postcopy_ack_mem_regions(&mut self) -> VuResult<()> {
+        let table = self.postcopy.take_pending().map_err(io_err)?;
+        self.publish(table)
     }
 }

@@ -26,12 +26,24 @@ pub enum MemoryError {
     Stat(std::io::Error),
 }
 
-/// One region's front-end virtual address range and where it sits in the guest.
+/// One region's front-end virtual address range, where it sits in the
+/// guest, and where this process mapped it.
 #[derive(Debug, Clone, Copy)]
 struct VaRange {
     user_addr: u64,
     size: u64,
     gpa: u64,
+    /// This process's mapping of the region (what a lazy restore registers
+    /// with the userfaultfd and reports back to the front end).
+    local: u64,
+}
+
+/// Where this process mapped one region of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalMapping {
+    pub gpa: u64,
+    pub addr: u64,
+    pub size: u64,
 }
 
 /// The mapped guest memory and the front end's VA → guest address map.
@@ -59,11 +71,18 @@ impl MemoryTable {
             let file = FileOffset::new(file, region.mmap_offset);
             let mmap = GuestRegionMmap::from_range(GuestAddress(gpa), len, Some(file))
                 .map_err(|source| MemoryError::Map { gpa, size, source })?;
+            let local = mmap.as_ptr() as u64;
             mapped.push(mmap);
-            ranges.push(VaRange { user_addr: region.user_addr, size, gpa });
+            ranges.push(VaRange { user_addr: region.user_addr, size, gpa, local });
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(MemoryError::Layout)?;
         Ok(MemoryTable { mem: Arc::new(mem), ranges })
+    }
+
+    /// This process's mapping of each region, in the order of the
+    /// SET_MEM_TABLE message (the order a postcopy reply lists them in).
+    pub fn local_mappings(&self) -> impl Iterator<Item = LocalMapping> + '_ {
+        self.ranges.iter().map(|r| LocalMapping { gpa: r.gpa, addr: r.local, size: r.size })
     }
 
     /// The guest address behind front-end virtual address `va`, if a region

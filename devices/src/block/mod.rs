@@ -7,6 +7,8 @@
 //!   `vhost-user-backend` crate refuses GET/SET_INFLIGHT_FD);
 //! * `memory`, `inflight`: guest memory and the in-flight table, both
 //!   memfds from the front end;
+//! * `postcopy`: guest memory of a lazily restored guest, whose missing
+//!   pages the front end fills when this process touches them;
 //! * `worker`, `vring`: the data-path thread and its rings;
 //! * `chain`, `request`: walking and parsing guest-written descriptor
 //!   chains (pure, fuzzed);
@@ -19,6 +21,7 @@ mod execute;
 mod handler;
 mod inflight;
 mod memory;
+mod postcopy;
 mod request;
 mod vring;
 mod worker;
@@ -59,6 +62,10 @@ pub struct BlockConfig {
     /// The serial the guest reads with VIRTIO_BLK_T_GET_ID (and sees as
     /// /dev/disk/by-id/virtio-<serial>); at most 20 bytes are used.
     pub serial: Option<String>,
+    /// Serve a lazily restored guest (`--lazy-memory`): offer PAGEFAULT, so
+    /// the front end can resolve this process's faults on guest RAM (see
+    /// [`crate::lazy_memory`]).
+    pub lazy_memory: bool,
     /// Testing only: see [`TestHookFlags`].
     pub test: TestHookFlags,
 }
@@ -188,13 +195,13 @@ pub fn serve_block(config: BlockConfig, listener: UnixListener) -> Result<(), Bl
         }
     };
     drop(listener);
-    serve_disk(disk, stream, config.hooks(), Arc::clone(&PROCESS_STATS))
+    serve_disk(disk, stream, config.hooks(), Arc::clone(&PROCESS_STATS), config.lazy_memory)
 }
 
 /// Serves an already connected stream (a socketpair end) until the front
 /// end hangs up.
 pub fn serve_block_stream(config: BlockConfig, stream: UnixStream) -> Result<(), BlockError> {
-    serve_disk(open_disk(&config)?, stream, config.hooks(), Arc::clone(&PROCESS_STATS))
+    serve_disk(open_disk(&config)?, stream, config.hooks(), Arc::clone(&PROCESS_STATS), config.lazy_memory)
 }
 
 fn serve_disk(
@@ -202,8 +209,9 @@ fn serve_disk(
     stream: UnixStream,
     hooks: Hooks,
     stats: Arc<BlockStats>,
+    lazy_memory: bool,
 ) -> Result<(), BlockError> {
-    let handler = Arc::new(Mutex::new(BlockHandler::new(disk, hooks, stats)));
+    let handler = Arc::new(Mutex::new(BlockHandler::new(disk, hooks, stats, lazy_memory)));
     let mut requests = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
     let result = loop {
         match requests.handle_request() {

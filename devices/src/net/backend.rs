@@ -43,6 +43,8 @@ pub struct NetBackend {
     rx_pending: usize,
     tx_buf: Vec<u8>,
     exit: (EventConsumer, EventNotifier),
+    /// `--lazy-memory`: PAGEFAULT is offered.
+    lazy_memory: bool,
 }
 
 impl NetBackend {
@@ -60,6 +62,7 @@ impl NetBackend {
             rx_pending: 0,
             tx_buf: Vec::with_capacity(MAX_FRAME_LEN),
             exit,
+            lazy_memory: config.lazy_memory,
         })
     }
 
@@ -193,7 +196,10 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | crate::lazy_memory::protocol_features(self.lazy_memory)
     }
 
     fn reset_device(&mut self) {

@@ -38,7 +38,7 @@ fn rig(vnet_hdr: bool, acked: u64) -> Option<Rig> {
     let (tap, sock) = ns.create_tap("mmtap0", vnet_hdr);
     ns.ip(&["link", "set", "dev", "mmtap0", "mtu", "9000"]);
     let (listener, stream) = queued_listener();
-    let server = std::thread::spawn(move || serve_net(NetConfig { tap, mac: MAC }, listener));
+    let server = std::thread::spawn(move || serve_net(NetConfig { tap, mac: MAC, lazy_memory: false }, listener));
     let memory = TestMemory::new(0x1_0000_0000, 16 << 20).unwrap();
     let mut fe = TestFrontend::connect(stream, memory, 2).unwrap();
     fe.activate(acked, &[256, 256]).unwrap();

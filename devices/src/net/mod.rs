@@ -46,6 +46,10 @@ pub struct NetConfig {
     pub tap: OwnedFd,
     /// The guest's MAC address (config space, VIRTIO_NET_F_MAC).
     pub mac: MacAddr,
+    /// Serve a lazily restored guest (`--lazy-memory`): offer PAGEFAULT
+    /// (see [`crate::lazy_memory`]); the `vhost-user-backend` crate handles
+    /// the postcopy messages.
+    pub lazy_memory: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -51,12 +51,16 @@ pub struct VsockBackend {
     /// A TRANSPORT_RESET is owed to a restored guest and not yet posted.
     /// Cleared once posted and never set again: one per process lifetime.
     reset_pending: bool,
+    /// `--lazy-memory`: PAGEFAULT is offered.
+    lazy_memory: bool,
 }
 
 impl VsockBackend {
     /// `transport_reset`: the guest was restored from a snapshot and gets
-    /// one TRANSPORT_RESET event once its event queue runs.
-    pub fn new(guest_cid: u64, muxer: Muxer, transport_reset: bool) -> io::Result<Self> {
+    /// one TRANSPORT_RESET event once its event queue runs. `lazy_memory`:
+    /// the guest is restored lazily, PAGEFAULT is offered (see
+    /// [`crate::lazy_memory`]).
+    pub fn new(guest_cid: u64, muxer: Muxer, transport_reset: bool, lazy_memory: bool) -> io::Result<Self> {
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         Ok(VsockBackend {
             muxer,
@@ -66,6 +70,7 @@ impl VsockBackend {
             tx_stalled: false,
             exit,
             reset_pending: transport_reset,
+            lazy_memory,
         })
     }
 
@@ -255,7 +260,10 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | crate::lazy_memory::protocol_features(self.lazy_memory)
     }
 
     fn reset_device(&mut self) {

@@ -131,7 +131,7 @@ struct Rig {
 fn serve(transport_reset: bool) -> (TestFrontend, TempDir, JoinHandle<Result<(), VsockError>>) {
     let dir = TempDir::new("vsock");
     let (listener, stream) = queued_listener();
-    let config = VsockConfig { guest_cid: CID, uds_path: dir.path("v.sock"), transport_reset };
+    let config = VsockConfig { guest_cid: CID, uds_path: dir.path("v.sock"), transport_reset, lazy_memory: false };
     let server = std::thread::spawn(move || serve_vsock(config, listener));
     let memory = TestMemory::new(0x1_0000_0000, 32 << 20).unwrap();
     let mut fe = TestFrontend::connect(stream, memory, 3).unwrap();

@@ -57,6 +57,10 @@ pub struct VsockConfig {
     /// connections this fresh process never had (listeners stay) and
     /// re-reads its CID (`guest_cid`, possibly new) from config space.
     pub transport_reset: bool,
+    /// Serve a lazily restored guest (`--lazy-memory`): offer PAGEFAULT
+    /// (see [`crate::lazy_memory`]); the `vhost-user-backend` crate handles
+    /// the postcopy messages.
+    pub lazy_memory: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +82,8 @@ pub fn serve_vsock(config: VsockConfig, listener: UnixListener) -> Result<(), Vs
         return Err(VsockError::BadCid(config.guest_cid));
     }
     let muxer = muxer::Muxer::new(config.guest_cid, config.uds_path)?;
-    let backend = VsockBackend::new(config.guest_cid, muxer, config.transport_reset).map_err(VsockError::Event)?;
+    let backend = VsockBackend::new(config.guest_cid, muxer, config.transport_reset, config.lazy_memory)
+        .map_err(VsockError::Event)?;
     let muxer_fd = backend.muxer_fd();
     let exit = backend.exit_notifier().try_clone().map_err(VsockError::Event)?;
     let backend = Arc::new(RwLock::new(backend));

@@ -5,6 +5,7 @@ mod fuzz;
 mod inflight;
 mod malformed;
 mod parse;
+mod postcopy;
 mod requests;
 // Drives real `mm-device` processes with test-only flags.
 #[cfg(feature = "test-hooks")]
@@ -95,7 +96,7 @@ pub fn spawn_counted_backend(
     let (frontend, backend) = UnixStream::pair().unwrap();
     let stats = Arc::new(BlockStats::default());
     let backend_stats = Arc::clone(&stats);
-    let handle = std::thread::spawn(move || serve_disk(disk, backend, hooks, backend_stats));
+    let handle = std::thread::spawn(move || serve_disk(disk, backend, hooks, backend_stats, false));
     (frontend, handle, stats)
 }
 

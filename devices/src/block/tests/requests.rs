@@ -260,6 +260,7 @@ fn serve_block_accepts_the_queued_connection() {
         image: image.path.clone(),
         read_only: false,
         serial: Some("listen".into()),
+        lazy_memory: false,
         test: Default::default(),
     };
     let backend = std::thread::spawn(move || crate::block::serve_block(config, listener));
