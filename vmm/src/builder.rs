@@ -75,27 +75,32 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// Connects to a device's back end and wires its queue notifications
-/// (ioeventfds on QueueNotify) and interrupt (an irqfd) into KVM; with a
-/// saved transport state the new back end takes over the guest's device.
-fn connect_device(
-    vm: &VmFd,
-    ram: &GuestRam,
-    spec: &DeviceSpec,
-    index: usize,
-    saved: Option<&TransportState>,
-) -> Result<MmioDevice, VmError> {
-    let (base, irq) = device_slot(index);
+/// Connects to a device's back end and learns what it offers (needs no
+/// VM, so a restore does it while KVM's objects are made).
+fn open_backend(spec: &DeviceSpec) -> Result<VhostUserDevice, VmError> {
     let kind = spec.kind.name();
     let stream = spec.socket.connect().map_err(|source| VmError::DeviceConnect {
         kind,
         socket: spec.socket.to_string(),
         source,
     })?;
-    let mut backend = VhostUserDevice::connect(spec.kind, stream)?;
+    Ok(VhostUserDevice::connect(spec.kind, stream)?)
+}
+
+/// Wires a back end's queue notifications (ioeventfds on QueueNotify) and
+/// interrupt (an irqfd) into KVM; with a saved transport state the new back
+/// end takes over the guest's device.
+fn attach_device(
+    vm: &VmFd,
+    ram: &GuestRam,
+    mut backend: VhostUserDevice,
+    index: usize,
+    saved: Option<&TransportState>,
+) -> Result<MmioDevice, VmError> {
+    let (base, irq) = device_slot(index);
     backend.serve_faults_from(ram.pages.clone());
     let mut kicks = Vec::new();
-    for queue in 0..spec.kind.num_queues() {
+    for queue in 0..backend.kind().num_queues() {
         let kick = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm.register_ioevent(&kick, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), queue as u32)
             .map_err(kvm_err("KVM_IOEVENTFD"))?;
@@ -199,26 +204,14 @@ pub fn build(config: &VmConfig, start: Instant) -> Result<Vm, VmError> {
     };
     let mut ram = GuestRam::new(memory_mib)?;
     step("guest RAM mapped");
-    if let Some((state, memory_file)) = &restore {
-        match lazy_userfaultfd(config) {
-            Some(uffd) => {
-                let pages = PageServer::start(&ram, memory_file, &state.memory, uffd, crate::vm::seccomp_enabled())?;
-                ram.pages = Some(Arc::new(pages));
-                tracing::info!("lazy restore: guest RAM comes in on first touch (checksums checked)");
-                step("guest RAM checked");
-            }
-            None => {
-                memory::restore(&ram, memory_file, &state.memory)?;
-                step("guest RAM restored");
-            }
-        }
-    }
     let msr_indices: Arc<[u32]> =
         kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?.as_slice().into();
 
     let (vm, bus, vcpus) = match (&config.boot, restore) {
         (Boot::Kernel(kernel), _) => boot_path(config, kernel, &kvm, &ram, pvm, start)?,
-        (Boot::Snapshot(_), Some((state, _))) => restore_path(config, &state, &kvm, &ram, start)?,
+        (Boot::Snapshot(_), Some((state, memory_file))) => {
+            restore_path(config, &state, &memory_file, &kvm, &mut ram, start)?
+        }
         (Boot::Snapshot(_), None) => unreachable!("a snapshot boot read its state above"),
     };
     step("VM ready");
@@ -244,7 +237,7 @@ fn boot_path(
             let vm = create_vm(kvm, ram)?;
             let mut virtio = Vec::new();
             for (i, spec) in config.devices.iter().enumerate() {
-                virtio.push(connect_device(&vm, ram, spec, i, None)?);
+                virtio.push(attach_device(&vm, ram, open_backend(spec)?, i, None)?);
             }
             let bus = make_bus(&vm, config, virtio, None, start)?;
             Ok::<_, VmError>((vm, bus))
@@ -279,34 +272,78 @@ fn lazy_userfaultfd(config: &VmConfig) -> Option<userfaultfd::Uffd> {
     }
 }
 
-/// A restore (guest RAM is in, or comes in lazily, by now): the VM's
-/// KVM state, each vCPU with its saved state, and only then each device
-/// taken over by its new back end at the saved ring indices. The order
-/// matters: a back end may raise its interrupt as soon as its rings start
-/// (the vsock device posts its transport reset at once), and an interrupt
-/// that arrives before the vCPUs' LAPICs exist, or that KVM_SET_LAPIC then
-/// overwrites, is lost; with EVENT_IDX the guest, never having seen it,
-/// never asks for another, and the device is dead to it (seen: a resumed
-/// guest's vsock and net silent for good while its disks worked).
+/// A restore: guest RAM (checked, then lazily served or read in), the
+/// VM's KVM state, each vCPU with its saved state, and only then each
+/// device taken over by its new back end at the saved ring indices. What
+/// does not depend on the rest runs side by side: the back ends' handshakes
+/// and the memory file's check beside KVM's set-up, then the devices'
+/// take-overs beside each other.
+///
+/// The order matters: a back end may raise its interrupt as soon as its
+/// rings start (the vsock device posts its transport reset at once), and an
+/// interrupt that arrives before the vCPUs' LAPICs exist, or that
+/// KVM_SET_LAPIC then overwrites, is lost; with EVENT_IDX the guest, never
+/// having seen it, never asks for another, and the device is dead to it
+/// (seen: a resumed guest's vsock and net silent for good while its disks
+/// worked).
 fn restore_path(
     config: &VmConfig,
     state: &SnapshotState,
+    memory_file: &std::fs::File,
     kvm: &Kvm,
-    ram: &GuestRam,
+    ram: &mut GuestRam,
     start: Instant,
 ) -> Result<(VmFd, Arc<Bus>, Vec<Vcpu>), VmError> {
-    let vm = create_vm(kvm, ram)?;
-    state.machine.restore(&vm).map_err(|(what, source)| VmError::Kvm { what, source })?;
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for saved in &state.vcpus {
-        let fd = vm.create_vcpu(u64::from(saved.index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        VcpuState::restore(saved, &fd)?;
-        vcpus.push(Vcpu { index: saved.index, fd });
+    let step = |what: &str| tracing::debug!(since_start_us = start.elapsed().as_micros() as u64, "{what}");
+    let uffd = lazy_userfaultfd(config);
+    let seccomp = crate::vm::seccomp_enabled();
+    let shared_ram: &GuestRam = ram;
+    let (pages, machine, backends) = std::thread::scope(|scope| {
+        let backends: Vec<_> = config.devices.iter().map(|spec| scope.spawn(move || open_backend(spec))).collect();
+        let pages = uffd
+            .map(|uffd| scope.spawn(move || PageServer::start(shared_ram, memory_file, &state.memory, uffd, seccomp)));
+        let eager = pages.is_none();
+        let machine = (|| {
+            if eager {
+                memory::restore(shared_ram, memory_file, &state.memory)?;
+                step("guest RAM restored");
+            }
+            let vm = create_vm(kvm, shared_ram)?;
+            state.machine.restore(&vm).map_err(|(what, source)| VmError::Kvm { what, source })?;
+            step("VM and its interrupt controllers restored");
+            let mut vcpus = Vec::with_capacity(state.vcpus.len());
+            for saved in &state.vcpus {
+                let fd = vm.create_vcpu(u64::from(saved.index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+                VcpuState::restore(saved, &fd)?;
+                vcpus.push(Vcpu { index: saved.index, fd });
+            }
+            step("vCPUs restored");
+            Ok::<_, VmError>((vm, vcpus))
+        })();
+        let pages = pages.map(|h| h.join().expect("the page server's start panicked")).transpose();
+        let backends: Vec<_> = backends.into_iter().map(|h| h.join().expect("a back end handshake panicked")).collect();
+        (pages, machine, backends)
+    });
+    if let Some(pages) = pages? {
+        ram.pages = Some(Arc::new(pages));
+        tracing::info!("lazy restore: guest RAM comes in on first touch (checksums checked)");
     }
-    let mut virtio = Vec::new();
-    for (i, spec) in config.devices.iter().enumerate() {
-        virtio.push(connect_device(&vm, ram, spec, i, Some(&state.devices[i]))?);
-    }
+    let (vm, vcpus) = machine?;
+    let backends = backends.into_iter().collect::<Result<Vec<_>, _>>()?;
+    step("back ends connected");
+    let ram: &GuestRam = ram;
+    let virtio = std::thread::scope(|scope| {
+        let handles: Vec<_> = backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, backend)| {
+                let (vm, saved) = (&vm, &state.devices[i]);
+                scope.spawn(move || attach_device(vm, ram, backend, i, Some(saved)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a device take-over panicked")).collect::<Result<Vec<_>, _>>()
+    })?;
+    step("devices taken over");
     let bus = make_bus(&vm, config, virtio, Some(&state.serial), start)?;
     Ok((vm, bus, vcpus))
 }
