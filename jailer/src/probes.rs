@@ -327,7 +327,8 @@ const UFFD_API: u64 = 0xaa;
 /// without `UFFD_USER_MODE_ONLY`) and negotiate its API (`UFFDIO_API`), as
 /// the `userfaultfd` crate does for `vhost-user-backend`. Prints `PROBE
 /// userfaultfd created: ...` or `PROBE userfaultfd failed: <step>: <why>`.
-/// Unlike [`seccomp`], nothing here may trap under the device policies.
+/// Unlike [`seccomp`], nothing here may trap under the device policies
+/// (which is why it does not say its uid: [`dev`] does).
 pub fn userfaultfd() {
     let result = (|| {
         let path = c"/dev/userfaultfd";
@@ -361,10 +362,8 @@ pub fn userfaultfd() {
         if rc < 0 {
             return Err(format!("UFFDIO_API: {api_error}"));
         }
-        // SAFETY: geteuid cannot fail.
-        let uid = unsafe { libc::geteuid() };
         Ok(format!(
-            "as uid {uid}: /dev/userfaultfd is {}:{} owned by {}:{} mode {:o}; UFFDIO_API ioctls {:#x}",
+            "/dev/userfaultfd is {}:{} owned by {}:{} mode {:o}; UFFDIO_API ioctls {:#x}",
             libc::major(stat.st_rdev),
             libc::minor(stat.st_rdev),
             stat.st_uid,
@@ -386,8 +385,11 @@ pub fn userfaultfd() {
 /// what it lists (`PROBE dev-lists: NAMES`, or the error when the jail has
 /// no `/dev`), and whether the syscall gives a userfaultfd for kernel-mode
 /// faults instead (`PROBE userfaultfd-syscall`: it needs CAP_SYS_PTRACE
-/// while vm.unprivileged_userfaultfd is 0, and the jail holds none).
+/// while vm.unprivileged_userfaultfd is 0, and the jail holds none); first
+/// the uid it runs as (`PROBE uid: N`).
 pub fn dev() {
+    // SAFETY: geteuid cannot fail.
+    println!("PROBE uid: {}", unsafe { libc::geteuid() });
     // SAFETY: userfaultfd(2) with integer flags; a returned fd is closed.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     report("userfaultfd-syscall", outcome(fd, "userfaultfd(2) for kernel-mode faults"));

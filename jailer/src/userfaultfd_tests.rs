@@ -72,10 +72,9 @@ fn a_jail_with_the_option_creates_a_userfaultfd_as_its_uid() {
         let (reason, lines) = probe(uid, true);
         assert_eq!(reason, ExitReason::Exited(0), "{lines:#?}");
         let created = line(&lines, "userfaultfd");
-        let expected = format!(
-            "PROBE userfaultfd created: as uid {uid}: /dev/userfaultfd is {rdev} owned by {uid}:{uid} mode 600;"
-        );
+        let expected = format!("PROBE userfaultfd created: /dev/userfaultfd is {rdev} owned by {uid}:{uid} mode 600;");
         assert!(created.starts_with(&expected), "{created}\nwanted {expected}");
+        assert_eq!(line(&lines, "uid"), format!("PROBE uid: {uid}"), "created as another uid");
         assert!(line(&lines, "dev-write").contains("blocked: Read-only file system"), "{lines:#?}");
         assert_eq!(line(&lines, "dev-lists"), "PROBE dev-lists: userfaultfd");
     }
@@ -92,6 +91,7 @@ fn a_jail_without_the_option_has_no_userfaultfd() {
     for uid in [VM_UID, 0] {
         let (reason, lines) = probe(uid, false);
         assert_eq!(reason, ExitReason::Exited(0), "{lines:#?}");
+        assert_eq!(line(&lines, "uid"), format!("PROBE uid: {uid}"));
         let failed = line(&lines, "userfaultfd");
         assert!(failed.contains("failed: stat /dev/userfaultfd: No such file or directory"), "{failed}");
         assert!(line(&lines, "dev-lists").contains("No such file or directory"), "{lines:#?}");
