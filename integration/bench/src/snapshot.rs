@@ -254,6 +254,11 @@ pub struct SnapRun {
     pub restored_guest_ram_pss_kib: Option<u64>,
     /// mm only: the two device back ends' Pss minus guest RAM.
     pub restored_devices_kib: Option<u64>,
+    /// mm only: the same restore with guest RAM read in before the vCPUs
+    /// start (`--memory-restore eager`), for comparison with the lazy one
+    /// above: restore → vCPUs running, and guest RAM's Pss once answering.
+    pub restore_eager_to_vcpus_ms: Option<f64>,
+    pub restore_eager_guest_ram_pss_kib: Option<u64>,
     pub other_vms_running: usize,
     pub loadavg_at_start: String,
     pub loadavg_at_end: String,

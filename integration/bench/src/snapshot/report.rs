@@ -51,6 +51,7 @@ const ROWS: &[Row] = &[
     Row { name: "restore → vCPUs running", unit: "ms", of: |r| Some(r.restore_to_vcpus_ms) },
     Row { name: "  spawn + jail", unit: "ms", of: |r| r.restore_spawn_ms },
     Row { name: "  inside the VMM", unit: "ms", of: |r| r.restore_in_vmm_ms },
+    Row { name: "  mm eager: → vCPUs", unit: "ms", of: |r| r.restore_eager_to_vcpus_ms },
     Row { name: "  API ready", unit: "ms", of: |r| r.restore_api_ready_ms },
     Row { name: "  load", unit: "ms", of: |r| r.restore_load_ms },
     Row { name: "  resume", unit: "ms", of: |r| r.restore_resume_ms },
@@ -60,6 +61,7 @@ const ROWS: &[Row] = &[
     Row { name: "restored VMM memory", unit: "KiB", of: |r| kib(r.restored_host_kib) },
     Row { name: "  back ends' memory", unit: "KiB", of: |r| kib(r.restored_devices_kib) },
     Row { name: "  guest RAM Pss", unit: "KiB", of: |r| kib(r.restored_guest_ram_pss_kib) },
+    Row { name: "  mm eager: guest RAM Pss", unit: "KiB", of: |r| kib(r.restore_eager_guest_ram_pss_kib) },
 ];
 
 /// One metric across the systems.
