@@ -155,7 +155,11 @@ pub fn exec_it_behaves_like_a_terminal(mut mmctl_exec: Command, timeout: Duratio
         term.type_in(b"x\r")?;
         term.wait_for_count(" answer", answers + 1, timeout)?;
     }
+    // Ctrl-C, then a line: a shell blocked in `read` when SIGINT lands may
+    // run its trap only once `read` returns (seen with dash on a loaded
+    // host), and the line lets it. Without SIGINT no trap runs at all.
     term.type_in(b"\x03")?;
+    term.type_in(b"x\r")?;
     term.wait_for("interrupted", timeout)?;
     term.type_in(b"end\r")?;
     let (status, text) = term.finish(timeout)?;
@@ -205,5 +209,15 @@ mod tests {
         cmd.args(["-c", r#"stty() { echo 30 90; }; eval "$3""#, "wrapper"]);
         let e = exec_it_behaves_like_a_terminal(cmd, Duration::from_secs(3)).unwrap_err();
         assert!(e.to_string().contains("the resize never reached the command"), "{e:#}");
+    }
+
+    /// A Ctrl-C that never becomes SIGINT fails the check: here the
+    /// terminal's ISIG is off, so it reaches `read` as a character.
+    #[test]
+    fn a_ctrl_c_that_is_no_signal_fails_the_check() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"stty -isig; eval "$3""#, "wrapper"]);
+        let e = exec_it_behaves_like_a_terminal(cmd, Duration::from_secs(3)).unwrap_err();
+        assert!(e.to_string().contains("no \"interrupted\""), "{e:#}");
     }
 }
