@@ -149,9 +149,7 @@ impl Source {
         // Reading it mapped every page in: let those mappings go (the pages
         // stay in the page cache), so this process maps only what the
         // guest has asked for since and its memory shows what it uses.
-        // SAFETY: our own read-only private mapping, with nothing written
-        // to it: MADV_DONTNEED only drops page-table entries.
-        unsafe { libc::madvise(source.base as *mut libc::c_void, source.len, libc::MADV_DONTNEED) };
+        source.release(0, source.len as u64);
         Ok(source)
     }
 
@@ -160,6 +158,15 @@ impl Source {
         // SAFETY: inside the read-only mapping (asserted), which lives as
         // long as `self`.
         unsafe { std::slice::from_raw_parts(self.base.add(offset as usize), len as usize) }
+    }
+
+    /// Drops this process's mappings of the file's pages in `[from, to)`.
+    fn release(&self, from: u64, to: u64) {
+        // SAFETY: inside our own read-only private mapping, never written:
+        // MADV_DONTNEED only drops page-table entries.
+        unsafe {
+            libc::madvise(self.base.add(from as usize) as *mut libc::c_void, (to - from) as usize, libc::MADV_DONTNEED)
+        };
     }
 
     /// Whether the page at `offset` is in one of the extents.
@@ -506,6 +513,10 @@ impl Shared {
 
     fn copy(&self, mapping: &Mapping, from: u64, to: u64) -> Result<(), String> {
         self.place(mapping, from, to, true)?;
+        // The copy mapped those file pages into this process: let them go
+        // again (they stay in the page cache), or mm-vmm's own memory would
+        // grow by a second copy of everything the guest touched.
+        self.source.release(from, to);
         self.stats.pages_copied.fetch_add((to - from) / PAGE, Ordering::Relaxed);
         Ok(())
     }
