@@ -64,6 +64,9 @@ pub struct DeviceSpec {
     pub tap: Option<String>,
 }
 
+/// The device node a lazy restore's userfaultfds come from.
+const USERFAULTFD: &str = "/dev/userfaultfd";
+
 /// Where a net device finds its TAP (after the listener, [`FIRST_FD`]).
 const TAP_FD: RawFd = FIRST_FD + 1;
 /// Where a device finds its control listener (protocols/device.capnp).
@@ -139,8 +142,10 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
     }
     // A restored guest's RAM comes in lazily (mm-vmm's page server): each
     // back end registers its mapping with a userfaultfd of its own and
-    // hands it over (vhost-user postcopy), which its jail must allow.
-    if record.resume_from.is_some() {
+    // hands it over (vhost-user postcopy), which its jail must allow. A
+    // host without /dev/userfaultfd gets an eager restore (mm-vmm falls
+    // back by itself; a back end asked for it would fail to start).
+    if record.resume_from.is_some() && Path::new(USERFAULTFD).exists() {
         for device in &mut devices {
             device.args.push("--lazy-memory".into());
         }
