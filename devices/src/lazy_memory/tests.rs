@@ -12,26 +12,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use super::testutil::*;
 use crate::net::testnet::{TestNetns, queued_listener};
 use crate::test_frontend::{TestFrontend, TestMemory};
+use crate::vsock::testutil::TempDir;
 
 const T: Duration = Duration::from_secs(20);
-
-/// A scratch directory for the vsock socket, removed on drop.
-struct Dir(std::path::PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("mm-lazy-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path).unwrap();
-        Dir(path)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Drives the lazy set-up of a device served by `child` over `stream`
 /// (advise, listen, memory table, ack, end), checks the child's mapping is
@@ -56,9 +39,9 @@ fn vsock_serves_postcopy_under_its_policy() {
     if !userfaultfd_available("vsock_serves_postcopy_under_its_policy") {
         return;
     }
-    let dir = Dir::new("vsock");
+    let dir = TempDir::new("lazy-vsock");
     let (listener, stream) = queued_listener();
-    let uds = dir.0.join("v.sock");
+    let uds = dir.path("v.sock");
     let args = format!("vsock {} {}", listener.as_raw_fd(), uds.display());
     let child = serve_in_child(&args, &[listener.as_raw_fd()]);
     drop(listener);
@@ -82,11 +65,11 @@ fn net_serves_postcopy_under_its_policy() {
 #[test]
 fn vsock_offers_pagefault_only_with_lazy_memory() {
     for lazy_memory in [false, true] {
-        let dir = Dir::new(&format!("offer-{lazy_memory}"));
+        let dir = TempDir::new(&format!("lazy-offer-{lazy_memory}"));
         let (listener, stream) = queued_listener();
         let config = crate::vsock::VsockConfig {
             guest_cid: 3,
-            uds_path: dir.0.join("v.sock"),
+            uds_path: dir.path("v.sock"),
             transport_reset: false,
             lazy_memory,
         };

@@ -28,7 +28,7 @@ mod e2e_tests;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 use std::io;
 use std::os::unix::net::UnixListener;
