@@ -217,30 +217,12 @@ fn run_jailed(args: &Args) -> anyhow::Result<u8> {
     // KVM comes in as an fd opened here, before the jail drops to the
     // microVM's uid (which has no access to /dev/kvm): the jail holds no
     // device node at all. Without /dev/kvm the jailed copy reports it.
-    let mut kvm_fd = args.kvm_fd;
-    match (args.kvm_fd, std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm")) {
-        (Some(fd), _) => spec.fds.push((fd, fd)),
-        (None, Ok(kvm)) => {
-            spec.fds.push((std::os::fd::IntoRawFd::into_raw_fd(kvm), JAILED_KVM_FD));
-            kvm_fd = Some(JAILED_KVM_FD);
-        }
-        (None, Err(_)) => {}
-    }
+    let kvm_fd = pass_device_node(spec, args.kvm_fd, true, "/dev/kvm", JAILED_KVM_FD);
     // A lazy restore's userfaultfd comes in the same way (kernel-mode
     // faults need /dev/userfaultfd, which only root may open); a host
     // without it gets an eager restore, which the jailed copy reports.
-    let mut uffd_fd = args.uffd_fd;
     let lazy = args.restore_memory.is_some() && args.memory_restore == MemoryRestore::Lazy;
-    match (args.uffd_fd, lazy) {
-        (Some(fd), _) => spec.fds.push((fd, fd)),
-        (None, true) => {
-            if let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
-                spec.fds.push((std::os::fd::IntoRawFd::into_raw_fd(dev), JAILED_UFFD_FD));
-                uffd_fd = Some(JAILED_UFFD_FD);
-            }
-        }
-        (None, false) => {}
-    }
+    let uffd_fd = pass_device_node(spec, args.uffd_fd, lazy, "/dev/userfaultfd", JAILED_UFFD_FD);
     // Inherited sockets keep their numbers; socket paths are bound in.
     for endpoint in args.devices.iter().map(|d| &d.socket).chain(args.control.iter()) {
         match endpoint {
@@ -267,15 +249,36 @@ fn run_jailed(args: &Args) -> anyhow::Result<u8> {
     // The jail has no /sys: decide about PVM here.
     let pvm = if args.pvm.resolve() { "on" } else { "off" };
     spec.args = rewrite_args(&rewritten, pvm);
-    if let (None, Some(fd)) = (args.kvm_fd, kvm_fd) {
-        let at = spec.args.iter().position(|a| a == "--").unwrap_or(spec.args.len());
-        spec.args.splice(at..at, ["--kvm-fd".into(), fd.to_string().into()]);
-    }
-    if let (None, Some(fd)) = (args.uffd_fd, uffd_fd) {
-        let at = spec.args.iter().position(|a| a == "--").unwrap_or(spec.args.len());
-        spec.args.splice(at..at, ["--uffd-fd".into(), fd.to_string().into()]);
+    for (flag, fd) in [("--kvm-fd", kvm_fd), ("--uffd-fd", uffd_fd)] {
+        if let Some(fd) = fd {
+            let at = spec.args.iter().position(|a| a == "--").unwrap_or(spec.args.len());
+            spec.args.splice(at..at, [flag.into(), fd.to_string().into()]);
+        }
     }
     Ok(mm_jailer::exit_code(&jail.run()?))
+}
+
+/// A device node the jailed copy uses but may not hold: an fd the caller
+/// passed (`given`) keeps its number; else, when `wanted`, `path` is opened
+/// here, as root, and passed at `jailed`. Returns the number to name with
+/// a flag, if it is new; a node that cannot be opened is left out.
+fn pass_device_node(
+    spec: &mut mm_jailer::JailSpec,
+    given: Option<std::os::fd::RawFd>,
+    wanted: bool,
+    path: &str,
+    jailed: std::os::fd::RawFd,
+) -> Option<std::os::fd::RawFd> {
+    if let Some(fd) = given {
+        spec.fds.push((fd, fd));
+        return None;
+    }
+    if !wanted {
+        return None;
+    }
+    let node = std::fs::OpenOptions::new().read(true).write(true).open(path).ok()?;
+    spec.fds.push((std::os::fd::IntoRawFd::into_raw_fd(node), jailed));
+    Some(jailed)
 }
 
 /// Our command line for the jailed copy: absolute paths for the files that
