@@ -41,7 +41,7 @@ use userfaultfd::{Event, EventBuffer, Uffd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::memory::{MemoryImage, MemoryImageError};
+use super::memory::{self, MemoryImage, MemoryImageError};
 use crate::memory::GuestRam;
 
 /// The unit filled per fault: 16 pages.
@@ -72,6 +72,11 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// Where guest RAM's `region` is, mapped at `addr` by some process.
+    pub fn of_region(region: &vm_memory::GuestRegionMmap, addr: u64) -> Mapping {
+        Mapping { addr, len: region.len(), file_offset: region.file_offset().map_or(0, |f| f.start()) }
+    }
+
     fn offset_of(&self, addr: u64) -> Option<u64> {
         (addr >= self.addr && addr - self.addr < self.len).then(|| self.file_offset + (addr - self.addr))
     }
@@ -115,11 +120,8 @@ impl Drop for Source {
 impl Source {
     /// Maps `file` and checks it against `image`: long enough, every
     /// extent inside guest RAM (`ram`), every checksum right.
-    fn open(file: &File, image: &MemoryImage, ram: &[Mapping]) -> Result<Source, LazyError> {
-        let actual = file.metadata().map_err(|source| MemoryImageError::Read { offset: 0, source })?.len();
-        if actual < image.size {
-            return Err(MemoryImageError::Truncated { expected: image.size, actual }.into());
-        }
+    fn open(file: &File, image: &MemoryImage, ram: &GuestRam) -> Result<Source, LazyError> {
+        memory::checked_len(file, image)?;
         let len = image.size as usize;
         // SAFETY: a new read-only private mapping of our own fd; we check
         // the result before using it.
@@ -133,15 +135,12 @@ impl Source {
         // Owned from here: an error below unmaps it.
         let mut source = Source { base: base as *const u8, len: len.max(1), extents: Vec::new() };
         for extent in &image.extents {
-            let inside = ram.iter().any(|m| {
-                extent.offset >= m.file_offset && extent.offset.saturating_add(extent.len) <= m.file_offset + m.len
-            });
-            if !inside || extent.offset.saturating_add(extent.len) > image.size {
+            memory::region_of(ram, extent)?;
+            // Only the mapped part of the file may be read.
+            if extent.offset.saturating_add(extent.len) > image.size {
                 return Err(MemoryImageError::OutOfRange { offset: extent.offset, len: extent.len }.into());
             }
-            if crc32fast::hash(source.bytes(extent.offset, extent.len)) != extent.crc32 {
-                return Err(MemoryImageError::Checksum { offset: extent.offset, len: extent.len }.into());
-            }
+            extent.check(source.bytes(extent.offset, extent.len))?;
             extents.push((extent.offset, extent.len));
         }
         extents.sort_unstable();
@@ -232,16 +231,8 @@ impl PageServer {
         uffd: Uffd,
         seccomp: bool,
     ) -> Result<PageServer, LazyError> {
-        let mappings: Vec<Mapping> = ram
-            .memory
-            .iter()
-            .map(|r| Mapping {
-                addr: r.as_ptr() as u64,
-                len: r.len(),
-                file_offset: r.file_offset().map_or(0, |f| f.start()),
-            })
-            .collect();
-        let source = Source::open(file, image, &mappings)?;
+        let mappings: Vec<Mapping> = ram.memory.iter().map(|r| Mapping::of_region(r, r.as_ptr() as u64)).collect();
+        let source = Source::open(file, image, ram)?;
         for m in &mappings {
             uffd.register(m.addr as *mut libc::c_void, m.len as usize).map_err(LazyError::Register)?;
         }

@@ -153,35 +153,54 @@ fn write_run(
     Ok(MemoryExtent { offset, len, crc32: crc32fast::hash(bytes) })
 }
 
-/// Fills fresh guest RAM from `file`, checking each extent's checksum.
-pub fn restore(ram: &GuestRam, file: &File, image: &MemoryImage) -> Result<(), MemoryImageError> {
+/// The memory file's length, refused when shorter than `image` says.
+pub(super) fn checked_len(file: &File, image: &MemoryImage) -> Result<u64, MemoryImageError> {
     let actual = file.metadata().map_err(|source| MemoryImageError::Read { offset: 0, source })?.len();
     if actual < image.size {
         return Err(MemoryImageError::Truncated { expected: image.size, actual });
     }
+    Ok(actual)
+}
+
+/// The region of guest RAM that holds `extent` whole, and the extent's
+/// place in it.
+pub(super) fn region_of<'a>(
+    ram: &'a GuestRam,
+    extent: &MemoryExtent,
+) -> Result<(&'a vm_memory::GuestRegionMmap, usize), MemoryImageError> {
+    ram.memory
+        .iter()
+        .find_map(|r| {
+            let start = r.file_offset().map_or(0, |f| f.start());
+            (extent.offset >= start && extent.offset.saturating_add(extent.len) <= start + r.len())
+                .then(|| (r, (extent.offset - start) as usize))
+        })
+        .ok_or(MemoryImageError::OutOfRange { offset: extent.offset, len: extent.len })
+}
+
+impl MemoryExtent {
+    /// Refuses `bytes` (the extent as read back) unless its CRC matches.
+    pub(super) fn check(&self, bytes: &[u8]) -> Result<(), MemoryImageError> {
+        if crc32fast::hash(bytes) != self.crc32 {
+            return Err(MemoryImageError::Checksum { offset: self.offset, len: self.len });
+        }
+        Ok(())
+    }
+}
+
+/// Fills fresh guest RAM from `file`, checking each extent's checksum.
+pub fn restore(ram: &GuestRam, file: &File, image: &MemoryImage) -> Result<(), MemoryImageError> {
+    let actual = checked_len(file, image)?;
     for extent in &image.extents {
-        let out_of_range = MemoryImageError::OutOfRange { offset: extent.offset, len: extent.len };
-        let region = ram
-            .memory
-            .iter()
-            .find(|r| {
-                let start = r.file_offset().map_or(0, |f| f.start());
-                extent.offset >= start && extent.offset.saturating_add(extent.len) <= start + r.len()
-            })
-            .ok_or(out_of_range)?;
-        let start = region.file_offset().map_or(0, |f| f.start());
+        let (region, at) = region_of(ram, extent)?;
         // SAFETY: the extent lies inside this region's mapping (checked
         // above); the VM does not run yet, so nothing else touches it.
-        let dest = unsafe {
-            std::slice::from_raw_parts_mut(region.as_ptr().add((extent.offset - start) as usize), extent.len as usize)
-        };
+        let dest = unsafe { std::slice::from_raw_parts_mut(region.as_ptr().add(at), extent.len as usize) };
         file.read_exact_at(dest, extent.offset).map_err(|source| match source.kind() {
             std::io::ErrorKind::UnexpectedEof => MemoryImageError::Truncated { expected: image.size, actual },
             _ => MemoryImageError::Read { offset: extent.offset, source },
         })?;
-        if crc32fast::hash(dest) != extent.crc32 {
-            return Err(MemoryImageError::Checksum { offset: extent.offset, len: extent.len });
-        }
+        extent.check(dest)?;
     }
     Ok(())
 }

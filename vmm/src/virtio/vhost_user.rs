@@ -196,15 +196,7 @@ impl VhostUserDevice {
             .map_err(self.err("SET_MEM_TABLE (postcopy)"))?
             .filter(|b| b.len() == regions.len())
             .ok_or(FrontendError::NoPostcopyBases { device })?;
-        let mappings = mem
-            .iter()
-            .zip(bases)
-            .map(|(region, base)| Mapping {
-                addr: base,
-                len: region.len(),
-                file_offset: region.file_offset().map_or(0, |f| f.start()),
-            })
-            .collect();
+        let mappings = mem.iter().zip(bases).map(|(region, base)| Mapping::of_region(region, base)).collect();
         pages.add_device(self.id, device, uffd, mappings);
         self.frontend.postcopy_ack_mem_regions(FrontendReq::SET_MEM_TABLE).map_err(self.err("postcopy ack"))?;
         self.postcopy = true;
