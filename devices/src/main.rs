@@ -7,8 +7,9 @@
 //! By default it confines itself (DESIGN.md, "Jails and policies"): unless
 //! already inside a jail (the broker's, or its own), it re-executes itself
 //! through `mm-jailer` with only what its device needs — the listening
-//! socket as fd 4, the TAP as fd 5, the disk image or the vsock socket
-//! directory bound in — waits for that copy and exits as it did. The jailed
+//! socket as fd 4, the TAP as fd 5, the disk image (for a copy-on-write
+//! disk, `--base` read-only and `--map` too) or the vsock socket directory
+//! bound in — waits for that copy and exits as it did. The jailed
 //! copy installs its device's seccomp policy before it serves.
 //! `--no-jail` and `--no-seccomp` exist for debugging only.
 //!
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use mm_devices::block::{BlockConfig, serve_block};
+use mm_devices::block::{BlockConfig, OverlayFiles, serve_block};
 use mm_devices::net::{MacAddr, NetConfig, serve_net};
 use mm_devices::vsock::{VsockConfig, serve_vsock};
 use mm_jailer::{BindMount, SelfJail};
@@ -94,14 +95,24 @@ struct Endpoint {
 
 #[derive(Debug, Subcommand)]
 enum Device {
-    /// A raw disk image.
+    /// A raw disk image, or a copy-on-write disk over a read-only base.
     Block {
         #[command(flatten)]
         endpoint: Endpoint,
+        /// The raw image; with --base, the copy-on-write upper file (the
+        /// one written, as long as the base).
         #[arg(long)]
         image: PathBuf,
         #[arg(long)]
         read_only: bool,
+        /// Serve --image as a copy-on-write overlay of this raw image
+        /// (opened read-only, never written). Needs --map.
+        #[arg(long, requires = "map", conflicts_with = "read_only")]
+        base: Option<PathBuf>,
+        /// The overlay's allocation bitmap (one bit per 4 KiB cluster of
+        /// --image). Needs --base.
+        #[arg(long, requires = "base")]
+        map: Option<PathBuf>,
         /// Device serial (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
         #[arg(long)]
         serial: Option<String>,
@@ -210,11 +221,12 @@ fn run() -> Result<()> {
         Ok::<(), anyhow::Error>(())
     };
     match cli.device {
-        Device::Block { endpoint, image, read_only, serial, test } => {
+        Device::Block { endpoint, image, read_only, base, map, serial, test } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Block)?;
             answer_control("block", mm_devices::block::counters)?;
-            serve_block(BlockConfig { image, read_only, serial, lazy_memory, test }, listener)?;
+            let overlay = base.zip(map).map(|(base, map)| OverlayFiles { base, map });
+            serve_block(BlockConfig { image, overlay, read_only, serial, lazy_memory, test }, listener)?;
         }
         Device::Net { endpoint, tap_fd, mac } => {
             let listener = endpoint.listener()?;
@@ -310,13 +322,24 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
         spec.fds.push((fd.as_raw_fd(), JAILED_CONTROL_FD));
     }
     match &cli.device {
-        Device::Block { image, read_only, .. } => {
+        Device::Block { image, read_only, base, map, .. } => {
             let image = std::fs::canonicalize(image).with_context(|| format!("disk image {}", image.display()))?;
             spec.mounts.push(if *read_only { BindMount::read_only(&image) } else { BindMount::writable(&image) });
             let size = std::fs::metadata(&image)?.len();
             // A block device reports 0: no file-size limit then. (The log
             // shares the limit; an image smaller than it keeps its size.)
             spec.limits.file_size = (size > 0).then_some(size.max(LOG_FILE_LIMIT));
+            // A copy-on-write disk: the base read-only, the map writable
+            // (it is far smaller than the upper, which is as long as the
+            // base, so the limit above covers it).
+            if let (Some(base), Some(map)) = (base, map) {
+                let base = std::fs::canonicalize(base).with_context(|| format!("base image {}", base.display()))?;
+                let map = std::fs::canonicalize(map).with_context(|| format!("overlay map {}", map.display()))?;
+                spec.mounts.push(BindMount::read_only(&base));
+                spec.mounts.push(BindMount::writable(&map));
+                let map_size = std::fs::metadata(&map)?.len();
+                spec.limits.file_size = spec.limits.file_size.map(|limit| limit.max(map_size));
+            }
         }
         Device::Net { tap_fd, .. } => {
             let fd = inherited(*tap_fd, "--tap-fd")?;
@@ -332,7 +355,7 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
         "--socket" | "--listen-fd" => Some(format!("{JAILED_LISTEN_FD}")),
         "--tap-fd" => Some(format!("{JAILED_TAP_FD}")),
         "--control-fd" => Some(format!("{JAILED_CONTROL_FD}")),
-        "--image" | "--uds" => absolute(Path::new(value)).ok().map(|p| p.display().to_string()),
+        "--image" | "--base" | "--map" | "--uds" => absolute(Path::new(value)).ok().map(|p| p.display().to_string()),
         _ => None,
     })
     .into_iter()
@@ -345,4 +368,24 @@ fn run_jailed(cli: &Cli) -> Result<u8> {
     let reason = jail.run()?;
     drop((listener, tap, control));
     Ok(mm_jailer::exit_code(&reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mm-device").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn block_overlay_flags_come_together_and_not_read_only() {
+        let cli = parse("block --socket s --image u --base b --map m").unwrap();
+        let Device::Block { image, base, map, read_only, .. } = cli.device else { panic!("not block") };
+        assert_eq!((image, base, map, read_only), ("u".into(), Some("b".into()), Some("m".into()), false));
+        assert!(parse("block --socket s --image u --base b").is_err(), "--base without --map");
+        assert!(parse("block --socket s --image u --map m").is_err(), "--map without --base");
+        assert!(parse("block --socket s --image u --base b --map m --read-only").is_err(), "read-only overlay");
+        assert!(parse("block --socket s --image u --read-only").is_ok());
+    }
 }

@@ -1,11 +1,18 @@
 //! The raw image file, and moving bytes between it and guest memory without
 //! a bounce buffer: `pread`/`pwrite` straight into the guest's pages.
+//!
+//! The image may be a copy-on-write overlay ([`mm_overlay`]: a forked
+//! microVM's disk over its snapshot's): reads then come from the base or
+//! the upper file per cluster, still straight into guest memory, and
+//! writes, discards and write-zeroes go to upper only, so the base is never
+//! written and never shows through a range the guest wrote or zeroed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use mm_overlay::{Overlay, OverlayError};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::fallocate::{FallocateMode, fallocate};
 
@@ -20,6 +27,8 @@ pub enum DiskError {
     Size { path: String, source: std::io::Error },
     #[error("disk I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("overlay: {0}")]
+    Overlay(#[from] OverlayError),
     #[error("guest buffer is not in guest memory")]
     GuestMemory,
     #[error("unexpected end of the image file")]
@@ -30,9 +39,18 @@ pub enum DiskError {
 /// trailing partial sector is not exposed).
 #[derive(Debug)]
 pub struct DiskImage {
-    file: File,
+    backing: Backing,
     capacity_sectors: u64,
     read_only: bool,
+}
+
+#[derive(Debug)]
+enum Backing {
+    /// One raw image (or block device).
+    Raw(File),
+    /// A copy-on-write overlay: a read-only base, the upper file written,
+    /// and the map of which clusters are in upper.
+    Overlay(Overlay),
 }
 
 impl DiskImage {
@@ -54,7 +72,19 @@ impl DiskImage {
     /// size comes from seeking to the end, which works for both).
     pub fn from_file(mut file: File, read_only: bool) -> Result<Self, DiskError> {
         let size = file.seek(SeekFrom::End(0))?;
-        Ok(DiskImage { file, capacity_sectors: size / SECTOR_SIZE, read_only })
+        Ok(DiskImage { backing: Backing::Raw(file), capacity_sectors: size / SECTOR_SIZE, read_only })
+    }
+
+    /// Opens an overlay: `base` read-only, `upper` (what `--image` names)
+    /// and `map` read-write. The capacity is the base's.
+    pub fn open_overlay(base: &Path, upper: &Path, map: &Path) -> Result<Self, DiskError> {
+        Ok(Self::from_overlay(Overlay::open_paths(base, upper, map, true)?))
+    }
+
+    /// Wraps an open overlay (always writable: a read-only disk needs none).
+    pub fn from_overlay(overlay: Overlay) -> Self {
+        let capacity_sectors = overlay.len() / SECTOR_SIZE;
+        DiskImage { backing: Backing::Overlay(overlay), capacity_sectors, read_only: false }
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -65,19 +95,35 @@ impl DiskImage {
         self.read_only
     }
 
-    /// The image file (for tests and the fuzzer's checks).
+    /// The file written: the image, or an overlay's upper (for tests and
+    /// the fuzzer's checks).
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn file(&self) -> &File {
-        &self.file
+        match &self.backing {
+            Backing::Raw(file) => file,
+            Backing::Overlay(overlay) => overlay.upper_file(),
+        }
     }
 
-    /// Reads the image at `offset` into the guest buffers `data`.
+    /// Reads the image at `offset` into the guest buffers `data`. From an
+    /// overlay, each guest slice is split into runs of one layer, each read
+    /// straight from its file.
     pub fn read_to_guest(&self, mem: &GuestMemoryMmap, data: &[Segment], mut offset: u64) -> Result<u64, DiskError> {
         let mut done = 0;
         for seg in data {
             for slice in mem.get_slices(seg.addr, seg.len as usize) {
                 let slice = slice.map_err(|_| DiskError::GuestMemory)?;
-                self.pread_exact(&slice, offset)?;
+                match &self.backing {
+                    Backing::Raw(file) => pread_exact(file, &slice, offset)?,
+                    Backing::Overlay(overlay) => {
+                        for run in overlay.read_runs(offset, slice.len() as u64)? {
+                            let part = slice
+                                .subslice((run.offset - offset) as usize, run.len as usize)
+                                .map_err(|_| DiskError::GuestMemory)?;
+                            pread_exact(overlay.file(run.layer), &part, run.offset)?;
+                        }
+                    }
+                }
                 offset += slice.len() as u64;
                 done += slice.len() as u64;
             }
@@ -85,53 +131,41 @@ impl DiskImage {
         Ok(done)
     }
 
-    /// Writes the guest buffers `data` to the image at `offset`.
-    pub fn write_from_guest(&self, mem: &GuestMemoryMmap, data: &[Segment], mut offset: u64) -> Result<(), DiskError> {
-        for seg in data {
-            for slice in mem.get_slices(seg.addr, seg.len as usize) {
-                let slice = slice.map_err(|_| DiskError::GuestMemory)?;
-                self.pwrite_all(&slice, offset)?;
-                offset += slice.len() as u64;
+    /// Writes the guest buffers `data` to the image at `offset`. To an
+    /// overlay: the partly covered clusters are copied up first, the data
+    /// goes straight into upper, then the touched clusters are mapped.
+    pub fn write_from_guest(&self, mem: &GuestMemoryMmap, data: &[Segment], offset: u64) -> Result<(), DiskError> {
+        match &self.backing {
+            Backing::Raw(file) => write_segments(file, mem, data, offset),
+            Backing::Overlay(overlay) => {
+                let len = data.iter().map(|seg| u64::from(seg.len)).sum();
+                let write = overlay.prepare_write(offset, len)?;
+                write_segments(overlay.upper_file(), mem, data, offset)?;
+                Ok(write.commit()?)
             }
         }
-        Ok(())
-    }
-
-    fn pread_exact(&self, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
-        let guard = slice.ptr_guard_mut();
-        let fd = self.file.as_raw_fd();
-        // SAFETY: the pointer and length come from a VolatileSlice of mapped
-        // guest memory that `guard` keeps alive; pread writes at most
-        // `len - done` bytes inside it. Guest memory is shared with the guest
-        // anyway, so concurrent changes are no UB hazard for a raw syscall.
-        retry_io(guard.len(), offset, |done, off| unsafe {
-            libc::pread64(fd, guard.as_ptr().add(done).cast(), guard.len() - done, off)
-        })
-    }
-
-    fn pwrite_all(&self, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
-        let guard = slice.ptr_guard();
-        let fd = self.file.as_raw_fd();
-        // SAFETY: as in pread_exact; pwrite only reads the buffer.
-        retry_io(guard.len(), offset, |done, off| unsafe {
-            libc::pwrite64(fd, guard.as_ptr().add(done).cast(), guard.len() - done, off)
-        })
     }
 
     /// Makes every completed write durable: a guest `sync` that returned
-    /// means the data is on the host's disk.
+    /// means the data is on the host's disk (an overlay's upper, then its
+    /// map).
     pub fn flush(&self) -> Result<(), DiskError> {
-        if self.read_only {
-            return Ok(());
+        match &self.backing {
+            _ if self.read_only => Ok(()),
+            Backing::Raw(file) => Ok(file.sync_data()?),
+            Backing::Overlay(overlay) => Ok(overlay.sync()?),
         }
-        self.file.sync_data()?;
-        Ok(())
     }
 
     /// Deallocates a range. Discard is a hint, so a file system that cannot
-    /// punch holes is not an error.
+    /// punch holes is not an error. On an overlay the range is zeroed for
+    /// good instead: a discard must not make the base's data reappear.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
+        let file = match &self.backing {
+            Backing::Raw(file) => file,
+            Backing::Overlay(overlay) => return Ok(overlay.zero(offset, len, true)?),
+        };
+        match fallocate(file, FallocateMode::PunchHole, true, offset, len) {
             Ok(()) => Ok(()),
             Err(e) if unsupported(e.errno()) => Ok(()),
             Err(e) => Err(std::io::Error::from_raw_os_error(e.errno()).into()),
@@ -142,31 +176,68 @@ impl DiskImage {
     /// allows deallocation, else zero the range in place; fall back to
     /// writing zeroes where the file system supports neither.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        let file = match &self.backing {
+            Backing::Raw(file) => file,
+            Backing::Overlay(overlay) => return Ok(overlay.zero(offset, len, unmap)?),
+        };
         // true: punch a hole; false: zero in place.
         let attempts: &[bool] = if unmap { &[true, false] } else { &[false] };
         for &punch in attempts {
             let mode = if punch { FallocateMode::PunchHole } else { FallocateMode::ZeroRange };
-            match fallocate(&self.file, mode, true, offset, len) {
+            match fallocate(file, mode, true, offset, len) {
                 Ok(()) => return Ok(()),
                 Err(e) if unsupported(e.errno()) => continue,
                 Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno()).into()),
             }
         }
-        self.write_zero_bytes(offset, len)
+        write_zero_bytes(file, offset, len)
     }
+}
 
-    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        use std::os::unix::fs::FileExt;
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done) as usize;
-            self.file.write_all_at(&zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+fn write_zero_bytes(file: &File, offset: u64, len: u64) -> Result<(), DiskError> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        file.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
     }
+    Ok(())
+}
+
+/// Writes the guest buffers `data` to `file` at `offset`.
+fn write_segments(file: &File, mem: &GuestMemoryMmap, data: &[Segment], mut offset: u64) -> Result<(), DiskError> {
+    for seg in data {
+        for slice in mem.get_slices(seg.addr, seg.len as usize) {
+            let slice = slice.map_err(|_| DiskError::GuestMemory)?;
+            pwrite_all(file, &slice, offset)?;
+            offset += slice.len() as u64;
+        }
+    }
+    Ok(())
+}
+
+fn pread_exact(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
+    let guard = slice.ptr_guard_mut();
+    let fd = file.as_raw_fd();
+    // SAFETY: the pointer and length come from a VolatileSlice of mapped
+    // guest memory that `guard` keeps alive; pread writes at most
+    // `len - done` bytes inside it. Guest memory is shared with the guest
+    // anyway, so concurrent changes are no UB hazard for a raw syscall.
+    retry_io(guard.len(), offset, |done, off| unsafe {
+        libc::pread64(fd, guard.as_ptr().add(done).cast(), guard.len() - done, off)
+    })
+}
+
+fn pwrite_all(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
+    let guard = slice.ptr_guard();
+    let fd = file.as_raw_fd();
+    // SAFETY: as in pread_exact; pwrite only reads the buffer.
+    retry_io(guard.len(), offset, |done, off| unsafe {
+        libc::pwrite64(fd, guard.as_ptr().add(done).cast(), guard.len() - done, off)
+    })
 }
 
 fn unsupported(errno: i32) -> bool {

@@ -1,6 +1,8 @@
-//! The block device: a vhost-user back end serving one raw disk image
-//! (DESIGN.md, "Processes on one host"), with in-flight request tracking so
-//! a replacement process picks up exactly where a killed one stopped.
+//! The block device: a vhost-user back end serving one raw disk image, or a
+//! copy-on-write disk over a read-only base ([`mm_overlay`], for microVMs
+//! forked from one snapshot) (DESIGN.md, "Processes on one host"), with
+//! in-flight request tracking so a replacement process picks up exactly
+//! where a killed one stopped.
 //!
 //! Layout, from the wire inwards:
 //! * `handler`: the vhost-user requests (our own handler, because the
@@ -48,13 +50,19 @@ use handler::BlockHandler;
 use vring::Hooks;
 
 /// How to serve one disk: what `mm-device block` takes on its command line
-/// (`--image PATH [--read-only] [--serial ID]`), filled in by the broker
-/// from the microVM's device spec.
+/// (`--image PATH [--read-only] [--serial ID]`, or `--image UPPER --base
+/// BASE --map MAP [--serial ID]`), filled in by the broker from the
+/// microVM's device spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
     /// The raw image: a regular file (usually sparse) or a block device.
     /// Its size, rounded down to 512-byte sectors, is the disk's capacity.
+    /// With `overlay`, the overlay's upper file (the one written).
     pub image: PathBuf,
+    /// Serve `image` as the copy-on-write upper of this base (a forked
+    /// microVM's disk over its snapshot's, see [`mm_overlay`]). Never
+    /// together with `read_only`.
+    pub overlay: Option<OverlayFiles>,
     /// Open the image read-only and offer VIRTIO_BLK_F_RO; writes, discards
     /// and write-zeroes then fail with VIRTIO_BLK_S_IOERR. Shared base
     /// images are served this way.
@@ -68,6 +76,16 @@ pub struct BlockConfig {
     pub lazy_memory: bool,
     /// Testing only: see [`TestHookFlags`].
     pub test: TestHookFlags,
+}
+
+/// The other two files of a copy-on-write disk (`--base`, `--map`); the
+/// upper is [`BlockConfig::image`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayFiles {
+    /// The snapshot's raw image: opened read-only, never written.
+    pub base: PathBuf,
+    /// The allocation bitmap: which clusters live in the upper file.
+    pub map: PathBuf,
 }
 
 /// `mm-device block`'s test-only flags. They exist only with the cargo
@@ -162,6 +180,8 @@ pub fn counters() -> mm_protocols::device_control::DeviceCounters {
 pub enum BlockError {
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error("a copy-on-write disk (--base) cannot be served read-only: serve its base read-only instead")]
+    ReadOnlyOverlay,
     #[error("cannot accept the front end's connection: {0}")]
     Accept(std::io::Error),
     #[error("vhost-user session failed: {0}")]
@@ -170,10 +190,15 @@ pub enum BlockError {
 
 /// Opens the image `config` names.
 fn open_disk(config: &BlockConfig) -> Result<Arc<BlockDisk>, BlockError> {
-    let image = disk::DiskImage::open(&config.image, config.read_only)?;
+    let image = match &config.overlay {
+        None => disk::DiskImage::open(&config.image, config.read_only)?,
+        Some(_) if config.read_only => return Err(BlockError::ReadOnlyOverlay),
+        Some(OverlayFiles { base, map }) => disk::DiskImage::open_overlay(base, &config.image, map)?,
+    };
     let serial = Serial::new(config.serial.as_deref().unwrap_or(""));
     tracing::info!(
         image = %config.image.display(),
+        base = ?config.overlay.as_ref().map(|o| o.base.display().to_string()),
         sectors = image.capacity_sectors(),
         read_only = config.read_only,
         "block: image opened",

@@ -4,6 +4,7 @@
 mod fuzz;
 mod inflight;
 mod malformed;
+mod overlay;
 mod parse;
 mod postcopy;
 mod requests;

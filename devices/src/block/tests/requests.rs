@@ -258,6 +258,7 @@ fn serve_block_accepts_the_queued_connection() {
     std::fs::remove_file(&path).unwrap();
     let config = crate::block::BlockConfig {
         image: image.path.clone(),
+        overlay: None,
         read_only: false,
         serial: Some("listen".into()),
         lazy_memory: false,
