@@ -248,6 +248,7 @@ fn serve_child(args: &str) -> Result<(), String> {
         "block" => {
             let config = crate::block::BlockConfig {
                 image: extra.into(),
+                overlay: None,
                 read_only: false,
                 serial: None,
                 lazy_memory: true,
