@@ -31,7 +31,18 @@ for entry in "${targets[@]}"; do
   fi
   echo "== $target ($dir)"
   mkdir -p "$repo/$dir/corpus/$target"
+  log="$(mktemp)"
   # shellcheck disable=SC2086 # flags is a list of words
-  (cd "$repo/$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- \
-    -max_total_time="${FUZZ_SECONDS:-30}" -timeout="${FUZZ_TIMEOUT:-10}" $flags 2>&1 | tail -n 5)
+  if ! (cd "$repo/$dir" && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- \
+    -max_total_time="${FUZZ_SECONDS:-30}" -timeout="${FUZZ_TIMEOUT:-10}" $flags >"$log" 2>&1); then
+    # The report, not just the tail: what broke, where, and the input
+    # (libFuzzer prints small ones as Base64) so it can be replayed.
+    grep -v -E '^#[0-9]+|^ +Compiling ' "$log" | grep -A 40 -m 1 -E 'panicked|==[0-9]+==|ERROR:|error(\[|:)' || tail -n 60 "$log"
+    grep -E 'Base64:|Test unit written|artifact_prefix' "$log" || true
+    rm -f "$log"
+    echo "fuzz target $target failed" >&2
+    exit 1
+  fi
+  tail -n 5 "$log"
+  rm -f "$log"
 done

@@ -39,8 +39,16 @@ use crate::record::VmRecord;
 pub const VSOCK_DIR: &str = "vsock";
 /// The hybrid vsock socket's name (in [`VSOCK_DIR`]).
 pub const VSOCK_SOCKET: &str = "vsock.sock";
-/// Each microVM's own disk: the upper layer of its root overlay.
+/// Each microVM's own disk: the upper layer of its root overlay. For a
+/// microVM restored from a snapshot, the copy-on-write layer over
+/// [`BASE_DISK`] (with [`DISK_MAP`]; the format is `mm_overlay`'s).
 pub const WRITABLE_DISK: &str = "rw.ext4";
+/// A restored microVM's disk underneath its own: a hard link to the
+/// snapshot's disk, read-only, so the snapshot can be removed while its
+/// clones run and no clone pays for a copy.
+pub const BASE_DISK: &str = "base.ext4";
+/// Which clusters of a layered disk the microVM has written.
+pub const DISK_MAP: &str = "rw.map";
 /// Its size (sparse: it takes only what the guest writes).
 const WRITABLE_DISK_BYTES: u64 = 1 << 30;
 /// The serial console, appended by mm-vmm.
@@ -109,12 +117,7 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
             ],
             tap: None,
         },
-        DeviceSpec {
-            role: "block-rw".into(),
-            kind: "block",
-            args: vec!["--image".into(), dir.join(WRITABLE_DISK).into(), "--serial".into(), "rw".into()],
-            tap: None,
-        },
+        DeviceSpec { role: "block-rw".into(), kind: "block", args: writable_disk_args(dir), tap: None },
         DeviceSpec {
             role: "vsock".into(),
             kind: "vsock",
@@ -337,13 +340,25 @@ pub fn own_vm_dirs(dir: &Path, uid: u32) -> std::io::Result<()> {
     crate::safe_fs::own_dir(&dir.join(VSOCK_DIR), uid, uid).map(drop)
 }
 
+/// The writable disk's back-end flags: the file, and for a layered disk
+/// its read-only base and map too.
+fn writable_disk_args(dir: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["--image".into(), dir.join(WRITABLE_DISK).into()];
+    if std::fs::symlink_metadata(dir.join(BASE_DISK)).is_ok() {
+        args.extend(["--base".into(), dir.join(BASE_DISK).into(), "--map".into(), dir.join(DISK_MAP).into()]);
+    }
+    args.extend(["--serial".into(), "rw".into()]);
+    args
+}
+
 /// Lays out the microVM's directory for a start: the directory itself is
 /// the broker's, 0700 (taken back if an older layout gave it away); the
 /// vsock device's subdirectory is the microVM's uid's; and the microVM's
 /// own disk (an empty, sparse ext4 that mm-init lays over the shared base,
-/// or a copy of a snapshot's) is made unless it exists (a restart keeps
-/// it), then opened here without following a link and handed to that uid
-/// through the fd: its jailed block process opens it by path.
+/// or a copy-on-write layer over a snapshot's) is made unless it exists (a
+/// restart keeps it), then opened here without following a link and
+/// handed to that uid through the fd: its jailed block process opens it by
+/// path.
 pub fn prepare_vm_dir(dir: &Path, uid: u32, resume_from: Option<&Path>) -> std::io::Result<()> {
     use crate::safe_fs;
     own_vm_dirs(dir, uid)?;
@@ -355,14 +370,24 @@ pub fn prepare_vm_dir(dir: &Path, uid: u32, resume_from: Option<&Path>) -> std::
     };
     if !exists {
         let tmp = dir.join(format!("{WRITABLE_DISK}.tmp"));
+        // A layered disk's leftovers of a start that did not finish (a
+        // leftover temporary file is refused, as it may be a link).
+        for stale in [&dir.join(BASE_DISK), &dir.join(DISK_MAP)] {
+            match std::fs::remove_file(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        // Made (never followed) here, whatever fills it.
         let file = safe_fs::create_new(&tmp)?;
         match resume_from {
-            // A new microVM restored from a snapshot starts with a copy of
-            // the snapshot's disk (reflinked where the filesystem can),
-            // written into the file just made.
+            // A new microVM restored from a snapshot: its disk is a
+            // copy-on-write layer over the snapshot's (a full copy only
+            // where the two are on different filesystems).
             Some(snapshot) => {
                 drop(file);
-                crate::snapshot::copy_disk(&snapshot.join(WRITABLE_DISK), &tmp)?;
+                std::fs::remove_file(&tmp)?;
+                layer_over(&snapshot.join(WRITABLE_DISK), dir, &tmp)?;
             }
             None => {
                 file.set_len(WRITABLE_DISK_BYTES)?;
@@ -379,7 +404,29 @@ pub fn prepare_vm_dir(dir: &Path, uid: u32, resume_from: Option<&Path>) -> std::
         }
         std::fs::rename(&tmp, &target)?;
     }
+    if std::fs::symlink_metadata(dir.join(BASE_DISK)).is_ok() {
+        safe_fs::hand_over(&dir.join(DISK_MAP), uid, uid)?;
+    }
     safe_fs::hand_over(&target, uid, uid).map(drop)
+}
+
+/// Makes `upper` (and the map beside it) a copy-on-write layer over the
+/// snapshot's disk `snapshot_disk`, linked in as [`BASE_DISK`]: the link
+/// keeps the bits alive if the snapshot is removed, and the base is made
+/// read-only for everyone, since every clone reads it. Where no link can be
+/// made (another filesystem), `upper` becomes a full copy instead.
+fn layer_over(snapshot_disk: &Path, dir: &Path, upper: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // The snapshot store is the broker's own (root, 0700): its files are
+    // taken as they are.
+    let snapshot = File::open(snapshot_disk)?;
+    snapshot.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+    let size = snapshot.metadata()?.len();
+    match std::fs::hard_link(snapshot_disk, dir.join(BASE_DISK)) {
+        Ok(()) => mm_overlay::Overlay::create(upper, &dir.join(DISK_MAP), size).map_err(std::io::Error::other),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => crate::snapshot::copy_disk(snapshot_disk, upper),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -461,14 +508,28 @@ mod tests {
         let mut names: Vec<_> = std::fs::read_dir(&vm).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, [WRITABLE_DISK, VSOCK_DIR], "nothing else is left, the temporary disk included");
-        // A snapshot's disk is copied into the file the broker made.
+        // A restored microVM's disk is a layer over the snapshot's: the
+        // base a read-only link to it (no copy), the layer and its map
+        // the microVM's, the layer empty.
         let snapshot = scratch.0.join("snapshot");
         std::fs::create_dir(&snapshot).unwrap();
-        std::fs::write(snapshot.join(WRITABLE_DISK), b"the snapshot's disk").unwrap();
+        std::fs::write(snapshot.join(WRITABLE_DISK), vec![7u8; 3 * 4096]).unwrap();
         let restored = scratch.0.join("restored");
         std::fs::create_dir(&restored).unwrap();
         prepare_vm_dir(&restored, 4243, Some(&snapshot)).unwrap();
-        assert_eq!(std::fs::read(restored.join(WRITABLE_DISK)).unwrap(), b"the snapshot's disk");
+        let inode = |path: &Path| std::fs::metadata(path).unwrap().ino();
+        assert_eq!(inode(&restored.join(BASE_DISK)), inode(&snapshot.join(WRITABLE_DISK)));
+        assert_eq!(ids(&restored.join(BASE_DISK)), (0, 0, 0o444));
         assert_eq!(ids(&restored.join(WRITABLE_DISK)), (4243, 4243, FILE_MODE));
+        assert_eq!(ids(&restored.join(DISK_MAP)).0, 4243);
+        let upper = std::fs::metadata(restored.join(WRITABLE_DISK)).unwrap();
+        assert_eq!((upper.len(), upper.blocks()), (3 * 4096, 0), "an empty, sparse layer");
+        let args: Vec<String> =
+            writable_disk_args(&restored).iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.windows(2).any(|w| w[0] == "--base" && w[1].ends_with(BASE_DISK)), "{args:?}");
+        // Once removed, the snapshot's disk lives on in its clone.
+        std::fs::remove_dir_all(&snapshot).unwrap();
+        prepare_vm_dir(&restored, 4243, None).unwrap();
+        assert_eq!(std::fs::read(restored.join(BASE_DISK)).unwrap(), vec![7u8; 3 * 4096]);
     }
 }

@@ -25,7 +25,7 @@ use mm_protocols::vmm_control::{ControlError, SnapshotReport, VmmClient};
 use serde::{Deserialize, Serialize};
 
 use crate::BrokerError;
-use crate::launch::WRITABLE_DISK;
+use crate::launch::{BASE_DISK, DISK_MAP, WRITABLE_DISK};
 use crate::record::VmRecord;
 
 pub const STATE_FILE: &str = "vm.state";
@@ -117,6 +117,19 @@ pub fn copy_disk(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Saves the microVM's disk as one flat image at `to`: a copy of its own
+/// disk, or, for a layered one (a restored microVM), its base with its
+/// layer applied, so no snapshot depends on another.
+fn save_disk(vm_dir: &Path, to: &Path) -> std::io::Result<()> {
+    let base = vm_dir.join(BASE_DISK);
+    if std::fs::symlink_metadata(&base).is_err() {
+        return copy_disk(&vm_dir.join(WRITABLE_DISK), to);
+    }
+    mm_overlay::flatten(&base, &vm_dir.join(WRITABLE_DISK), &vm_dir.join(DISK_MAP), to)
+        .map(drop)
+        .map_err(std::io::Error::other)
+}
+
 /// A snapshot of a running VM, which runs on: mm-vmm writes its state and
 /// memory with the vCPUs paused only for the cut and the devices held
 /// (`snapshotRunning`), the disk is copied while they are still held, then
@@ -165,7 +178,7 @@ fn take_with(
     let state = create_for_vmm(&tmp.join(STATE_FILE)).map_err(io("creating the state file"))?;
     let memory = create_for_vmm(&tmp.join(MEMORY_FILE)).map_err(io("creating the memory file"))?;
     let report = snapshot(control, &state, &memory).map_err(|e| SnapshotError::Vmm(format!("snapshot: {e}")))?;
-    copy_disk(&vm_dir.join(WRITABLE_DISK), &tmp.join(WRITABLE_DISK)).map_err(io("copying the disk"))?;
+    save_disk(vm_dir, &tmp.join(WRITABLE_DISK)).map_err(io("copying the disk"))?;
     File::open(tmp.join(WRITABLE_DISK)).and_then(|f| f.sync_all()).map_err(io("syncing the disk copy"))?;
     manifest.memory_bytes = report.memory_bytes;
     manifest.save_us = report.save_us;

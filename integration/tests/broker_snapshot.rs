@@ -4,7 +4,10 @@
 //! byte costs here, as the guest kernel is emulated on PVM); two `restore`s as new microVMs (the counter goes
 //! on, the data's checksum and the disk's writes are there, the disk copy
 //! is a clean filesystem; each has its own address, MAC, hostname, SSH host
-//! key and random stream; exec and ssh answer); `suspend` (every process
+//! key and random stream; exec and ssh answer); `fork --count 4` (four
+//! clones, each its own identity, random stream, memory and disk, the disk
+//! a copy-on-write layer over the snapshot's, which stays unchanged; a
+//! snapshot of a clone is flat, clean and restores); `suspend` (every process
 //! gone) and `start` (the workload goes on), across a broker restart too;
 //! a snapshot with a corrupted memory file, which fails the new microVM
 //! with a clear reason and leaves no process behind; and warm starts: the
@@ -67,6 +70,100 @@ fn alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// A file's bytes, hashed (to see that nothing wrote it).
+fn digest(path: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(path).unwrap().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Bytes a file takes on disk.
+fn allocated(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap()) * 512
+}
+
+/// `mmctl fork` of snapshot `id` (made from `web`, whose tmpfs data hash
+/// to `sum`): four running microVMs, each with its own identity (distinct
+/// from each other and from `others`), random stream, memory and disk;
+/// each disk a copy-on-write layer over the snapshot's, which none writes;
+/// a snapshot of a clone is one flat, clean disk that restores.
+fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String, String, String)]) {
+    let snapshot_disk = broker.dir.path(&format!("state/snapshots/{id}/rw.ext4"));
+    let disk_before = digest(&snapshot_disk);
+    let clones = json(broker, &["fork", "s1", "--count", "4", "--name-prefix", "clone", "-o", "json"]);
+    let names: Vec<String> = clones.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().into()).collect();
+    assert_eq!(names, ["clone-1", "clone-2", "clone-3", "clone-4"], "{clones}");
+    let mut identities: Vec<(String, String, String)> = others.iter().map(|o| (*o).clone()).collect();
+    let mut draws = Vec::new();
+    for (name, clone) in names.iter().zip(clones.as_array().unwrap()) {
+        wait_identity(broker, name);
+        let me = whoami(broker, name);
+        assert_eq!(me.0, *name, "hostname");
+        for other in &identities {
+            assert!(me.1 != other.1 && me.2 != other.2 && me.0 != other.0, "{name} {me:?} shares with {other:?}");
+        }
+        identities.push(me);
+        draws.push(sh(broker, name, "head -c16 /dev/urandom | md5sum"));
+        assert_eq!(sh(broker, name, "md5sum < /run/m/blob"), sum, "{name}: the snapshot's memory");
+        assert!(sh(broker, name, "cat /root/lines").starts_with("line 1\n"), "{name}: the snapshot's disk");
+        // Its own writes, to memory and to disk.
+        sh(broker, name, "hostname > /run/m/mine && hostname > /root/mine && sync");
+        // The disk is a layer over the snapshot's: no copy was made.
+        let dir = broker.dir.path(&format!("state/vms/{}", clone["id"].as_str().unwrap()));
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        assert_eq!(inode(&dir.join("base.ext4")), inode(&snapshot_disk), "{name}'s base is the snapshot's disk");
+        let (own, shared) = (allocated(&dir.join("rw.ext4")), allocated(&snapshot_disk));
+        eprintln!("{name}: its own disk layer takes {own} bytes over the snapshot's {shared}");
+        assert!(own < shared, "{name}'s layer ({own} bytes) is no smaller than a copy ({shared})");
+    }
+    draws.sort();
+    draws.dedup();
+    assert_eq!(draws.len(), 4, "every clone's random stream is its own");
+    // Nobody sees another's writes.
+    for name in &names {
+        let mine = sh(broker, name, "cat /run/m/mine /root/mine");
+        assert_eq!(mine, format!("{name}\n{name}\n"), "{name} sees only its own writes");
+    }
+    for vm in ["web", "web2"] {
+        sh(broker, vm, "test ! -e /run/m/mine && test ! -e /root/mine");
+    }
+    assert_eq!(digest(&snapshot_disk), disk_before, "a clone wrote the snapshot's disk");
+
+    // A snapshot of a clone: one flat, clean disk, whose restore sees the
+    // clone's write.
+    mmctl_ok(broker, &["snapshot", "create", "clone-1", "--name", "s-clone"]);
+    let flat = json(broker, &["snapshot", "ls", "clone-1", "-o", "json"]);
+    let flat_id = flat[0]["id"].as_str().unwrap();
+    let flat_dir = broker.dir.path(&format!("state/snapshots/{flat_id}"));
+    let files: Vec<String> =
+        std::fs::read_dir(&flat_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!files.iter().any(|f| f.contains("base") || f.contains("map")), "a flat snapshot: {files:?}");
+    fsck_clean(&flat_dir.join("rw.ext4"), &broker.dir.path("fsck-clone.ext4"));
+    for name in &names[1..] {
+        mmctl_ok(broker, &["rm", "-f", name]);
+    }
+    mmctl_ok(broker, &["restore", "s-clone", "--name", "clone-again"]);
+    wait_identity(broker, "clone-again");
+    assert_eq!(sh(broker, "clone-again", "cat /root/mine"), "clone-1\n");
+    mmctl_ok(broker, &["rm", "-f", "clone-again"]);
+}
+
+/// A disk image is a clean filesystem once its journal is replayed:
+/// preen mode fixes only what a mounted ext4 always leaves (summary
+/// counters) and fails on real damage; a second look finds nothing. Works
+/// on a copy at `scratch`.
+fn fsck_clean(disk: &Path, scratch: &Path) {
+    std::fs::copy(disk, scratch).unwrap();
+    for (flags, allowed) in [("-fp", &[0, 1][..]), ("-fn", &[0][..])] {
+        let mut fsck = std::process::Command::new("e2fsck");
+        fsck.arg(flags).arg(scratch);
+        let fsck = run_with_timeout(fsck, QUICK).unwrap();
+        assert!(fsck.status.is_some_and(|c| allowed.contains(&c)), "e2fsck {flags} {}: {fsck:?}", disk.display());
+    }
+    std::fs::remove_file(scratch).unwrap();
+}
+
 /// What a guest says about itself.
 fn whoami(broker: &TestBroker, vm: &str) -> (String, String, String) {
     let out = sh(broker, vm, "hostname; cat /sys/class/net/eth0/address; ip -4 -o addr show eth0");
@@ -114,19 +211,8 @@ fn snapshot_restore_and_suspend_through_the_broker() {
     assert_eq!(listed[0]["id"], snap["id"]);
     broker.wait_for_log("web", &format!("tick {}", after + 2), QUICK).unwrap();
 
-    // The snapshot's disk is a clean filesystem once its journal is
-    // replayed: preen mode fixes only what a mounted ext4 always leaves
-    // (summary counters) and fails on real damage; a second look finds
-    // nothing.
-    let disk = broker.dir.path(&format!("state/snapshots/{id}/rw.ext4"));
-    let copy = keys.path("fsck.ext4");
-    std::fs::copy(&disk, &copy).unwrap();
-    for (flags, allowed) in [("-fp", &[0, 1][..]), ("-fn", &[0][..])] {
-        let mut fsck = std::process::Command::new("e2fsck");
-        fsck.arg(flags).arg(&copy);
-        let fsck = run_with_timeout(fsck, QUICK).unwrap();
-        assert!(fsck.status.is_some_and(|c| allowed.contains(&c)), "e2fsck {flags}: {fsck:?}");
-    }
+    // The snapshot's disk is a clean filesystem.
+    fsck_clean(&broker.dir.path(&format!("state/snapshots/{id}/rw.ext4")), &keys.path("fsck.ext4"));
 
     // Two new microVMs from it, each with its own identity.
     mmctl_ok(&broker, &["restore", "s1", "--name", "web2"]);
@@ -169,6 +255,8 @@ fn snapshot_restore_and_suspend_through_the_broker() {
     ssh.env("HOME", keys.path(""));
     let ssh = run_with_timeout(ssh, QUICK).unwrap();
     assert_eq!((ssh.status, ssh.stdout.trim()), (Some(0), "web2"), "ssh: {}", ssh.stderr);
+
+    fork_four_clones(&broker, &id, &sum, &[&source, &whoami(&broker, "web2"), &whoami(&broker, "web3")]);
 
     // Suspend: every process gone; start: the workload goes on.
     let running = json(&broker, &["inspect", "web", "-o", "json"]);

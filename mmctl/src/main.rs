@@ -190,6 +190,20 @@ enum Verb {
         #[arg(long = "ssh-key")]
         ssh_keys: Vec<PathBuf>,
     },
+    /// Start COUNT new microVMs from one snapshot: each is a restore of
+    /// its own (own name, address, MAC, CID, entropy; its disk a
+    /// copy-on-write child of the snapshot's), named PREFIX-1..PREFIX-COUNT.
+    Fork {
+        snapshot: String,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        count: u32,
+        /// Names are PREFIX-1 ... PREFIX-COUNT (default: the snapshot's
+        /// name or id, then "-fork").
+        #[arg(long)]
+        name_prefix: Option<String>,
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<PathBuf>,
+    },
     /// Save a running microVM to disk and end its processes (it holds no
     /// host memory); `start` resumes it where it was.
     Suspend { vm: String },
@@ -391,6 +405,10 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         Verb::Restore { snapshot, name, ssh_keys } => {
             let keys = tunnel::read_ssh_keys(&ssh_keys)?;
             snapshots::restore(&broker, &snapshot, name.as_deref(), &keys, format).await
+        }
+        Verb::Fork { snapshot, count, name_prefix, ssh_keys } => {
+            let keys = tunnel::read_ssh_keys(&ssh_keys)?;
+            snapshots::fork(&broker, &snapshot, count, name_prefix.as_deref(), &keys, format).await
         }
         Verb::Suspend { vm } => snapshots::suspend(&broker, &vm, format).await,
         Verb::Stats { vm } => {

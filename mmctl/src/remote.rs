@@ -189,6 +189,7 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             snapshots::restore(&api, &snapshot, name, keys, format).await
         }
         Verb::Suspend { vm } => snapshots::suspend(&api, &vm, format).await,
+        Verb::Fork { .. } => Err(unsupported("fork (run it on the snapshot's host, or restore once per clone)")),
     }
 }
 

@@ -133,18 +133,63 @@ pub async fn restore(
     keys: &[String],
     format: Format,
 ) -> Result<i32, CliError> {
+    let info = restore_one(broker, snapshot, name.unwrap_or(""), keys).await?;
+    match format {
+        Format::Json => output::print_one(&info, format),
+        Format::Table => println!("{}", info.name),
+    }
+    Ok(0)
+}
+
+async fn restore_one(broker: &broker::Client, snapshot: &str, name: &str, keys: &[String]) -> Result<VmInfo, CliError> {
     let mut request = broker.restore_vm_request();
     request.get().set_snapshot(snapshot);
-    request.get().set_name(name.unwrap_or(""));
+    request.get().set_name(name);
     let mut list = request.get().init_ssh_keys(keys.len() as u32);
     for (i, key) in keys.iter().enumerate() {
         list.set(i as u32, key);
     }
     let vm = request.send().promise.await?.get()?.get_vm()?;
-    let info = crate::info(&vm).await?;
+    crate::info(&vm).await
+}
+
+/// `mmctl fork SNAPSHOT --count N`: N restores of one snapshot, named
+/// PREFIX-1..PREFIX-N. The broker serves them one after the other (a
+/// restore is tens of milliseconds); the first refusal stops the fork and
+/// says how many clones were made, which keep running.
+pub async fn fork(
+    broker: &broker::Client,
+    snapshot: &str,
+    count: u32,
+    prefix: Option<&str>,
+    keys: &[String],
+    format: Format,
+) -> Result<i32, CliError> {
+    let prefix = match prefix {
+        Some(p) => p.to_string(),
+        None => {
+            let manifest =
+                list(broker, "").await?.into_iter().find(|s| s.name == snapshot || s.id.starts_with(snapshot));
+            let stem = manifest
+                .map_or(snapshot.to_string(), |s| if s.name.is_empty() { s.id[..6].to_string() } else { s.name });
+            format!("{stem}-fork")
+        }
+    };
+    let mut clones = Vec::new();
+    for i in 1..=count {
+        match restore_one(broker, snapshot, &format!("{prefix}-{i}"), keys).await {
+            Ok(info) => clones.push(info),
+            Err(e) if clones.is_empty() => return Err(e),
+            Err(e) => {
+                let made: Vec<&str> = clones.iter().map(|c| c.name.as_str()).collect();
+                let message = format!("clone {i} of {count}: {} (made and running: {})", e.message, made.join(", "));
+                return Err(CliError::new(e.code, message));
+            }
+        }
+    }
     match format {
-        Format::Json => output::print_one(&info, format),
-        Format::Table => println!("{}", info.name),
+        Format::Json => output::print_list(&clones, format),
+        Format::Table => clones.iter().for_each(|c| println!("{}", c.name)),
     }
     Ok(0)
 }
