@@ -137,6 +137,13 @@ interface Vm {
   suspend @11 () -> (info :VmInfo);
   # Saves the running microVM to disk and ends its processes (state
   # `suspended`, no host memory held); `start` resumes it where it was.
+
+  branch @12 (name :Text) -> (vm :Vm);
+  # A NEW microVM that is a live copy of this running one: a snapshot
+  # taken while it runs on (vCPUs paused only for the cut), restored at
+  # once with its own identity (as `restoreVm`; name empty: `NAME-branch`,
+  # then `-2`, ...), its disk a copy-on-write layer; the snapshot is
+  # removed once the copy has taken its identity.
 }
 
 struct ProcessStats {

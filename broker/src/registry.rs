@@ -115,19 +115,37 @@ impl Registry {
             }
             .into());
         }
-        let request = CreateRequest {
-            name,
-            image: manifest.image.clone(),
-            cpus: manifest.cpus,
-            memory_mib: manifest.memory_mib,
-            command: manifest.command.clone(),
-            env: manifest.env.clone(),
-            auto_remove: false,
-            ssh_keys: if ssh_keys.is_empty() { manifest.ssh_keys.clone() } else { ssh_keys },
-            cold: true,
-        };
         self.audit.record("restore", json!({ "caller": caller, "snapshot": manifest.id }));
-        self.create_from(request, Some(&manifest), caller)
+        self.create_from(restore_request(&manifest, name, ssh_keys), Some(&manifest), caller)
+    }
+
+    /// A live copy of the running `source` (see `branch` in broker.capnp):
+    /// a snapshot of it while it runs on (its vCPUs pause only for the
+    /// cut), restored at once as a new microVM with its own identity; the
+    /// snapshot is removed once the copy has taken that identity.
+    pub fn branch(&self, source: &Rc<Vm>, name: String, caller: &str) -> Result<Rc<Vm>, BrokerError> {
+        let name = if name.is_empty() {
+            let stem = format!("{}-branch", source.name());
+            (1..)
+                .map(|n| if n == 1 { stem.clone() } else { format!("{stem}-{n}") })
+                .find(|candidate| self.find(candidate).is_err())
+                .unwrap_or(stem)
+        } else {
+            name
+        };
+        if !valid_name(&name) {
+            return Err(BrokerError::BadName(name));
+        }
+        if self.find(&name).is_ok_and(|vm| vm.name() == name) {
+            return Err(BrokerError::DuplicateName(name));
+        }
+        let manifest = source.snapshot(&self.snapshots, random_id()?, String::new(), SnapshotKind::Branch, caller)?;
+        self.audit.record("branch", json!({ "caller": caller, "source": manifest.vm_id, "snapshot": manifest.id }));
+        let created = self.create_from(restore_request(&manifest, name, Vec::new()), Some(&manifest), caller);
+        if created.is_err() {
+            let _ = self.snapshots.remove(&manifest.id);
+        }
+        created
     }
 
     /// Snapshots `vm` into the store under a fresh id.
@@ -135,7 +153,7 @@ impl Registry {
         if !name.is_empty() && (!valid_name(&name) || self.snapshots.find(&name).is_ok()) {
             return Err(BrokerError::BadSpec(format!("snapshot name {name:?}: invalid or taken")));
         }
-        vm.snapshot(&self.snapshots, random_id()?, name, caller)
+        vm.snapshot(&self.snapshots, random_id()?, name, SnapshotKind::Snapshot, caller)
     }
 
     /// Deletes a snapshot of the store.
@@ -226,7 +244,7 @@ impl Registry {
             ssh_keys: request.ssh_keys,
             resume_from: match (&warm, snapshot) {
                 (Some((found, _)), _) => found.clone(),
-                (None, Some(m)) if m.kind == SnapshotKind::Snapshot => Some(self.snapshots.dir_of(&m.id)),
+                (None, Some(m)) if m.kind != SnapshotKind::Suspend => Some(self.snapshots.dir_of(&m.id)),
                 (None, _) => None,
             },
             hand_workload: warm.is_some(),
@@ -279,6 +297,22 @@ impl Registry {
     fn free_cid(&self) -> u32 {
         let used: Vec<u32> = self.vms.borrow().values().map(|vm| vm.record().guest_cid).collect();
         (3..).find(|cid| !used.contains(cid)).unwrap_or(3)
+    }
+}
+
+/// The spec of a new microVM restored from `manifest`: the snapshot's
+/// shape and workload, its SSH keys unless others are given.
+fn restore_request(manifest: &SnapshotManifest, name: String, ssh_keys: Vec<String>) -> CreateRequest {
+    CreateRequest {
+        name,
+        image: manifest.image.clone(),
+        cpus: manifest.cpus,
+        memory_mib: manifest.memory_mib,
+        command: manifest.command.clone(),
+        env: manifest.env.clone(),
+        auto_remove: false,
+        ssh_keys: if ssh_keys.is_empty() { manifest.ssh_keys.clone() } else { ssh_keys },
+        cold: true,
     }
 }
 

@@ -210,6 +210,7 @@ pub fn fill_snapshot(manifest: &SnapshotManifest, info: snapshot_info::Builder<'
     let kind = match manifest.kind {
         SnapshotKind::Snapshot => "snapshot",
         SnapshotKind::Suspend => "suspend",
+        SnapshotKind::Branch => "branch",
     };
     mm_protocols::snapshot_info::SnapshotInfo {
         id: manifest.id.clone(),
@@ -348,6 +349,21 @@ impl vm::Server for VmServer {
         let name = text(params.get()?.get_name()?)?;
         let manifest = self.registry.snapshot(&self.vm, name, &self.caller).map_err(rpc_err)?;
         fill_snapshot(&manifest, results.get().init_snapshot());
+        Ok(())
+    }
+
+    async fn branch(
+        self: Rc<Self>,
+        params: vm::BranchParams,
+        mut results: vm::BranchResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name()?)?;
+        let copy = self.registry.branch(&self.vm, name, &self.caller).map_err(rpc_err)?;
+        results.get().set_vm(capnp_rpc::new_client(VmServer {
+            registry: Rc::clone(&self.registry),
+            vm: copy,
+            caller: self.caller.clone(),
+        }));
         Ok(())
     }
 

@@ -41,6 +41,9 @@ pub enum SnapshotKind {
     Snapshot,
     /// `mmctl suspend`: the VM's own, resumed by `start`.
     Suspend,
+    /// `mmctl branch`: taken for one new VM, a live copy of the running
+    /// one; removed once that copy has its own identity.
+    Branch,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

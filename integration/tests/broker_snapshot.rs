@@ -7,7 +7,8 @@
 //! key and random stream; exec and ssh answer); `fork --count 4` (four
 //! clones, each its own identity, random stream, memory and disk, the disk
 //! a copy-on-write layer over the snapshot's, which stays unchanged; a
-//! snapshot of a clone is flat, clean and restores); `suspend` (every process
+//! snapshot of a clone is flat, clean and restores); `branch` (a live copy
+//! of the running VM, which counts on); `suspend` (every process
 //! gone) and `start` (the workload goes on), across a broker restart too;
 //! a snapshot with a corrupted memory file, which fails the new microVM
 //! with a clear reason and leaves no process behind; and warm starts: the
@@ -91,6 +92,7 @@ fn allocated(path: &Path) -> u64 {
 fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String, String, String)]) {
     let snapshot_disk = broker.dir.path(&format!("state/snapshots/{id}/rw.ext4"));
     let disk_before = digest(&snapshot_disk);
+    let big = sh(broker, "web", "md5sum < /root/big");
     let clones = json(broker, &["fork", "s1", "--count", "4", "--name-prefix", "clone", "-o", "json"]);
     let names: Vec<String> = clones.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().into()).collect();
     assert_eq!(names, ["clone-1", "clone-2", "clone-3", "clone-4"], "{clones}");
@@ -107,6 +109,7 @@ fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String
         draws.push(sh(broker, name, "head -c16 /dev/urandom | md5sum"));
         assert_eq!(sh(broker, name, "md5sum < /run/m/blob"), sum, "{name}: the snapshot's memory");
         assert!(sh(broker, name, "cat /root/lines").starts_with("line 1\n"), "{name}: the snapshot's disk");
+        assert_eq!(sh(broker, name, "md5sum < /root/big"), big, "{name}: the snapshot's disk, read through its layer");
         // Its own writes, to memory and to disk.
         sh(broker, name, "hostname > /run/m/mine && hostname > /root/mine && sync");
         // The disk is a layer over the snapshot's: no copy was made.
@@ -149,6 +152,38 @@ fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String
     mmctl_ok(broker, &["rm", "-f", "clone-again"]);
 }
 
+/// `mmctl branch web`: a live copy of the running `web` (identity
+/// `source`): web counts on, the copy resumes the count from the cut with
+/// web's memory and disk and its own identity, and the branch's snapshot
+/// is gone once the copy has taken that identity.
+fn branch_web(broker: &TestBroker, source: &(String, String, String)) {
+    let before = *ticks(&mmctl_ok(broker, &["logs", "web"])).last().unwrap();
+    sh(broker, "web", "echo before-branch > /run/m/branch && echo before-branch > /root/branch && sync");
+    let copy = json(broker, &["branch", "web", "-o", "json"]);
+    assert_eq!(copy["name"], "web-branch", "{copy}");
+    let after = *ticks(&mmctl_ok(broker, &["logs", "web"])).last().unwrap();
+    broker.wait_for_log("web", &format!("tick {}", after + 2), QUICK).unwrap();
+    wait_identity(broker, "web-branch");
+    let me = whoami(broker, "web-branch");
+    assert_eq!(me.0, "web-branch");
+    assert!(me.1 != source.1 && me.2 != source.2, "the copy has its own MAC and address: {me:?} {source:?}");
+    assert_eq!(sh(broker, "web-branch", "cat /run/m/branch /root/branch"), "before-branch\nbefore-branch\n");
+    let log = mmctl_ok(broker, &["logs", "web-branch"]);
+    let first = *ticks(&log).first().unwrap_or_else(|| panic!("the copy prints no ticks:\n{log}"));
+    assert!(before < first && first <= after + 1, "the copy resumed at {first}, cut between {before}-{after}");
+    // The copy's writes are its own.
+    sh(broker, "web-branch", "echo copy > /root/branch && sync");
+    assert_eq!(sh(broker, "web", "cat /root/branch"), "before-branch\n");
+    let audit = mmctl_ok(broker, &["audit", "web"]);
+    let line =
+        audit.lines().find(|l| l.contains("\"branch\"")).unwrap_or_else(|| panic!("no branch snapshot:\n{audit}"));
+    let pause_us = serde_json::from_str::<Value>(line).unwrap()["pause_us"].as_u64().unwrap();
+    eprintln!("branch: web's vCPUs paused {pause_us} us");
+    let snapshots = json(broker, &["snapshot", "ls", "-o", "json"]);
+    assert!(snapshots.as_array().unwrap().iter().all(|s| s["kind"] != "branch"), "left behind: {snapshots}");
+    mmctl_ok(broker, &["rm", "-f", "web-branch"]);
+}
+
 /// A disk image is a clean filesystem once its journal is replayed:
 /// preen mode fixes only what a mounted ext4 always leaves (summary
 /// counters) and fails on real damage; a second look finds nothing. Works
@@ -182,7 +217,10 @@ fn snapshot_restore_and_suspend_through_the_broker() {
     let mut broker = TestBroker::start("snapbroker", &["--warm-cache", warm_cache.to_str().unwrap()]).unwrap();
     let key = mm_integration::ssh_keygen(&keys, "id").unwrap();
     let public = format!("{}.pub", key.display());
-    let workload = "mkdir -p /run/m && mount -t tmpfs m /run/m && \
+    // 15 MB on its disk, so a clone's layer (a few hundred KiB written)
+    // and a copy of the disk cannot be mistaken for each other.
+    let workload = "seq 1 2000000 > /root/big && sync && \
+        mkdir -p /run/m && mount -t tmpfs m /run/m && \
         seq 1 600000 > /run/m/blob && md5sum < /run/m/blob > /run/m/sum && \
         i=0; while true; do i=$((i+1)); echo line $i >> /root/lines; sync; echo tick $i; sleep 1; done";
     mmctl_ok(
@@ -257,6 +295,7 @@ fn snapshot_restore_and_suspend_through_the_broker() {
     assert_eq!((ssh.status, ssh.stdout.trim()), (Some(0), "web2"), "ssh: {}", ssh.stderr);
 
     fork_four_clones(&broker, &id, &sum, &[&source, &whoami(&broker, "web2"), &whoami(&broker, "web3")]);
+    branch_web(&broker, &source);
 
     // Suspend: every process gone; start: the workload goes on.
     let running = json(&broker, &["inspect", "web", "-o", "json"]);

@@ -207,6 +207,15 @@ enum Verb {
     /// Save a running microVM to disk and end its processes (it holds no
     /// host memory); `start` resumes it where it was.
     Suspend { vm: String },
+    /// A NEW microVM that is a live copy of a running one (its memory,
+    /// processes and disk at one instant, its own identity); the source
+    /// pauses only for the cut and runs on. Prints the copy's name.
+    Branch {
+        vm: String,
+        /// The copy's name (default: VM-branch, then VM-branch-2, ...).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 fn parse_memory(s: &str) -> Result<u32, String> {
@@ -411,6 +420,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             snapshots::fork(&broker, &snapshot, count, name_prefix.as_deref(), &keys, format).await
         }
         Verb::Suspend { vm } => snapshots::suspend(&broker, &vm, format).await,
+        Verb::Branch { vm, name } => snapshots::branch(&broker, &vm, name.as_deref(), format).await,
         Verb::Stats { vm } => {
             let vm = get_vm(&broker, &vm).await?;
             let reply = vm.stats_request().send().promise.await?;

@@ -190,6 +190,7 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
         }
         Verb::Suspend { vm } => snapshots::suspend(&api, &vm, format).await,
         Verb::Fork { .. } => Err(unsupported("fork (run it on the snapshot's host, or restore once per clone)")),
+        Verb::Branch { .. } => Err(unsupported("branch (run it on the machine's host)")),
     }
 }
 

@@ -194,6 +194,20 @@ pub async fn fork(
     Ok(0)
 }
 
+/// `mmctl branch VM [--name COPY]`.
+pub async fn branch(broker: &broker::Client, vm: &str, name: Option<&str>, format: Format) -> Result<i32, CliError> {
+    let source = crate::get_vm(broker, vm).await?;
+    let mut request = source.branch_request();
+    request.get().set_name(name.unwrap_or(""));
+    let copy = request.send().promise.await?.get()?.get_vm()?;
+    let info = crate::info(&copy).await?;
+    match format {
+        Format::Json => output::print_one(&info, format),
+        Format::Table => println!("{}", info.name),
+    }
+    Ok(0)
+}
+
 /// `mmctl suspend VM`.
 pub async fn suspend(broker: &broker::Client, vm: &str, format: Format) -> Result<i32, CliError> {
     let vm = crate::get_vm(broker, vm).await?;

@@ -36,17 +36,12 @@ impl Vm {
         store: &SnapshotStore,
         id: String,
         name: String,
+        kind: SnapshotKind,
         caller: &str,
     ) -> Result<SnapshotManifest, BrokerError> {
         let control = self.running_control("only a running microVM can be snapshotted")?;
         store.ensure().map_err(BrokerError::io("creating the snapshot store"))?;
-        let manifest = snapshot::manifest_for(
-            &self.record(),
-            id.clone(),
-            name,
-            SnapshotKind::Snapshot,
-            &self.config.builtin_image,
-        );
+        let manifest = snapshot::manifest_for(&self.record(), id.clone(), name, kind, &self.config.builtin_image);
         let tmp = store.temporary_dir(&id);
         let taken = snapshot::take(&control, &self.dir, &tmp, manifest)
             .and_then(|m| store.commit(&id).map(|()| m).map_err(BrokerError::io("publishing the snapshot")));
@@ -56,6 +51,7 @@ impl Vm {
                 json!({
                     "caller": caller,
                     "id": m.id,
+                    "kind": m.kind,
                     "pause_us": m.pause_us,
                     "io_held_us": m.io_held_us,
                     "memory_bytes": m.memory_bytes,
@@ -134,8 +130,15 @@ impl Vm {
                 return false;
             }
         };
+        // A branch's snapshot serves this one start: gone once it is over
+        // either way (the memory file stays open in mm-vmm, and the disk
+        // is linked into this microVM's directory).
+        let branch = snapshot::read_manifest(&resumed_from).is_ok_and(|m| m.kind == SnapshotKind::Branch);
         let began = Instant::now();
         let result = self.with_agent(IDENTITY_TIMEOUT, move |client| client.apply_identity(&identity)).await;
+        if branch {
+            let _ = std::fs::remove_dir_all(&resumed_from);
+        }
         match result {
             Ok(()) => {
                 let after_ms = began.elapsed().as_millis() as u64;

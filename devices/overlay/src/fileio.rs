@@ -47,7 +47,7 @@ fn unsupported(errno: i32) -> bool {
 /// Makes `len` bytes at `offset` read back as zeroes: a punched hole when
 /// `punch` is asked for, else (or where punching is not supported) a zeroed
 /// range, and written zeroes where the file system supports neither.
-pub(crate) fn zero_range(file: &File, offset: u64, len: u64, punch: bool) -> io::Result<()> {
+pub fn zero_range(file: &File, offset: u64, len: u64, punch: bool) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }

@@ -61,6 +61,7 @@ mod tests;
 
 use std::path::PathBuf;
 
+pub use fileio::zero_range;
 pub use flatten::flatten;
 pub use overlay::{Overlay, WriteGuard};
 

@@ -180,31 +180,8 @@ impl DiskImage {
             Backing::Raw(file) => file,
             Backing::Overlay(overlay) => return Ok(overlay.zero(offset, len, unmap)?),
         };
-        // true: punch a hole; false: zero in place.
-        let attempts: &[bool] = if unmap { &[true, false] } else { &[false] };
-        for &punch in attempts {
-            let mode = if punch { FallocateMode::PunchHole } else { FallocateMode::ZeroRange };
-            match fallocate(file, mode, true, offset, len) {
-                Ok(()) => return Ok(()),
-                Err(e) if unsupported(e.errno()) => continue,
-                Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno()).into()),
-            }
-        }
-        write_zero_bytes(file, offset, len)
+        Ok(mm_overlay::zero_range(file, offset, len, unmap)?)
     }
-}
-
-fn write_zero_bytes(file: &File, offset: u64, len: u64) -> Result<(), DiskError> {
-    use std::os::unix::fs::FileExt;
-    const CHUNK: u64 = 1 << 20;
-    let zeroes = vec![0u8; CHUNK.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = CHUNK.min(len - done) as usize;
-        file.write_all_at(&zeroes[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }
 
 /// Writes the guest buffers `data` to `file` at `offset`.

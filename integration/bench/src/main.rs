@@ -23,6 +23,7 @@ mod boot;
 mod brokered;
 mod devbench;
 mod exec;
+mod fork;
 mod machine;
 mod memory;
 mod mmvmm;
@@ -83,6 +84,9 @@ enum Bench {
     /// and (with --firecracker) Firecracker with the same devices; Pss split into guest RAM, anonymous +
     /// shmem and file-backed.
     Memory(memory::MemoryArgs),
+    /// N clones of one snapshot through `mmctl fork`: time to all running and answering, each clone's
+    /// host memory (guest RAM resident and Pss) idle and after it read its working set, its own disk layer.
+    Fork(fork::ForkArgs),
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +155,7 @@ fn main() -> Result<()> {
         Bench::Api(args) => api::run(args),
         Bench::Snapshot(args) => snapshot::run(args),
         Bench::Memory(args) => memory::run(args),
+        Bench::Fork(args) => fork::run(args),
     }
 }
 

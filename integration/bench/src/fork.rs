@@ -1,0 +1,301 @@
+//! `mm-bench fork`: what N clones of one snapshot cost, through a real
+//! `mm-broker` and `mmctl fork`.
+//!
+//! A source microVM fills `--touch-mib` of tmpfs with random bytes (its
+//! working set), is snapshotted and removed; then `mmctl fork --count N`
+//! starts N clones. Per clone: how long until its exec agent answers, and
+//! its host memory twice — idle after the fork, and after it has read its
+//! whole working set (`md5sum` of the data: every page of it faults in) —
+//! as guest RAM resident on the host (the memfd's allocated size, which is
+//! what the clone costs whoever maps it) and as the Pss of all of its
+//! processes; its own disk layer's allocated bytes against the snapshot's
+//! disk. The host's MemAvailable is read before the fork and after the
+//! reads, so the per-clone cost is also seen from outside the processes.
+//!
+//! What it shows: a clone's memory is the pages it touches, not its RAM
+//! size, and its disk is what it writes. What it cannot show: clean pages
+//! shared between clones — each clone's guest RAM is a memfd of its own
+//! (the device processes map it), so a page read from the snapshot is
+//! copied into it (README, "Fork and copy-on-write disks").
+//!
+//! No peer runs here: QEMU has no fork of a snapshot, and Firecracker's
+//! restore maps the memory file privately (clean pages shared through the
+//! page cache), which no vhost-user VMM can do; see the README.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use mm_integration::broker::TestBroker;
+use serde::Serialize;
+
+use crate::brokered;
+use crate::devbench::{unix_time, write_and_print};
+use crate::machine::{self, Machine};
+use crate::procmem::{self, GuestRam, process_tree};
+
+/// Guest RAM's memfd name in mm-vmm.
+const RAM: GuestRam = GuestRam::Named("mm-guest-ram");
+/// One `mmctl` call that is not a boot.
+const QUICK: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// Clones forked from the one snapshot.
+    #[arg(long, default_value_t = 4)]
+    pub count: u32,
+    /// RAM of the source (and so of every clone), MiB.
+    #[arg(long, default_value_t = 128)]
+    pub memory_mib: u32,
+    /// The source's working set: MiB of random data it writes to tmpfs
+    /// before the snapshot, which every clone reads back.
+    #[arg(long, default_value_t = 32)]
+    pub touch_mib: u32,
+    /// Also print the JSON result on stdout (the table then goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Where to write the JSON result [default: <workspace>/target/bench/fork.json].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// How long the source may take to boot and fill its data.
+    #[arg(long, default_value_t = 900)]
+    pub timeout_secs: u64,
+}
+
+/// One clone's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Clone {
+    pub name: String,
+    /// `mmctl fork` spawned → this clone's first `exec … true` answered
+    /// (the clones are polled in order, so later ones include waiting).
+    pub ready_ms: f64,
+    /// Guest RAM resident on the host (its memfd's allocated KiB), idle
+    /// after the fork, then after reading its working set.
+    pub ram_idle_kib: u64,
+    pub ram_after_read_kib: u64,
+    /// Pss of all of its processes (mm-vmm and each device process, jails
+    /// included), idle and after the read.
+    pub pss_idle_kib: u64,
+    pub pss_after_read_kib: u64,
+    /// Its own disk layer (rw.ext4 + rw.map), allocated KiB, after the read.
+    pub disk_layer_kib: u64,
+    /// Its disk's base is the snapshot's disk (same inode): no copy made.
+    pub disk_base_shared: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForkReport {
+    pub benchmark: &'static str,
+    pub unix_time: u64,
+    pub source: String,
+    pub machine: Machine,
+    pub parameters: serde_json::Value,
+    /// The snapshot: vCPU pause, guest RAM saved, disk allocated (KiB).
+    pub snapshot_pause_us: u64,
+    pub snapshot_memory_kib: u64,
+    pub snapshot_disk_kib: u64,
+    /// `mmctl fork --count N`: spawn → exit (every clone restored and running).
+    pub fork_ms: f64,
+    pub clones: Vec<Clone>,
+    /// Host MemAvailable before the fork minus after every clone read its
+    /// data, divided by the clones (KiB): the cost seen from outside.
+    pub mem_available_drop_per_clone_kib: i64,
+    pub loadavg_at_end: String,
+    pub warnings: Vec<String>,
+}
+
+impl ForkReport {
+    fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(out, "fork benchmark: {}", self.parameters);
+        let _ = writeln!(out, "{}, load {} -> {}", self.machine, self.machine.loadavg_at_start, self.loadavg_at_end);
+        let _ = writeln!(
+            out,
+            "snapshot: vCPUs paused {:.2} ms, guest RAM saved {:.1} MiB, disk {:.1} MiB; fork of {}: {:.0} ms",
+            self.snapshot_pause_us as f64 / 1e3,
+            mib(self.snapshot_memory_kib),
+            mib(self.snapshot_disk_kib),
+            self.clones.len(),
+            self.fork_ms
+        );
+        let _ = writeln!(
+            out,
+            "{:<10} {:>9} {:>12} {:>12} {:>11} {:>11} {:>10} {:>6}",
+            "clone", "ready ms", "RAM idle", "RAM read", "Pss idle", "Pss read", "disk own", "base"
+        );
+        for c in &self.clones {
+            let _ = writeln!(
+                out,
+                "{:<10} {:>9.0} {:>8.1} MiB {:>8.1} MiB {:>7.1} MiB {:>7.1} MiB {:>6.1} MiB {:>6}",
+                c.name,
+                c.ready_ms,
+                mib(c.ram_idle_kib),
+                mib(c.ram_after_read_kib),
+                mib(c.pss_idle_kib),
+                mib(c.pss_after_read_kib),
+                mib(c.disk_layer_kib),
+                if c.disk_base_shared { "shared" } else { "COPY" }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "host MemAvailable drop per clone: {:.1} MiB",
+            self.mem_available_drop_per_clone_kib as f64 / 1024.0
+        );
+        for w in &self.warnings {
+            let _ = writeln!(out, "warning: {w}");
+        }
+        out
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn mmctl_ok(broker: &TestBroker, args: &[&str]) -> Result<String> {
+    let run = broker.mmctl(args, QUICK).with_context(|| format!("mmctl {}", args.join(" ")))?;
+    if run.status != Some(0) {
+        bail!("mmctl {} exited with {:?}: {}", args.join(" "), run.status, run.stderr.trim());
+    }
+    Ok(run.stdout)
+}
+
+fn json(broker: &TestBroker, args: &[&str]) -> Result<serde_json::Value> {
+    let text = mmctl_ok(broker, args)?;
+    serde_json::from_str(&text).with_context(|| format!("mmctl {}: not JSON: {text}", args.join(" ")))
+}
+
+fn mem_available_kib() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:")?.split_whitespace().next()?.parse().ok())
+        .context("no MemAvailable in /proc/meminfo")
+}
+
+fn allocated_kib(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) / 2).unwrap_or(0)
+}
+
+/// (guest RAM resident KiB, Pss KiB of every process) of microVM `name`.
+fn memory_of(broker: &TestBroker, name: &str) -> Result<(u64, u64)> {
+    let info = broker.inspect(name)?;
+    let pids: Vec<u32> = info["processes"]
+        .as_array()
+        .context("no processes in mmctl inspect")?
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .flat_map(|pid| process_tree(pid as u32))
+        .collect();
+    let mut pss = 0;
+    let mut ram = Vec::new();
+    for pid in pids {
+        let (sample, mappings) = procmem::sample_process(pid, &RAM, false)?;
+        pss += sample.total_pss_kib;
+        ram.push((pid, mappings));
+    }
+    Ok((procmem::guest_ram_resident_kib(&ram, procmem::mapped_file)?, pss))
+}
+
+pub fn run(args: ForkArgs) -> Result<()> {
+    if args.count == 0 || args.touch_mib >= args.memory_mib {
+        bail!("--count must be at least 1, and --touch-mib less than --memory-mib");
+    }
+    let out = args.out.clone().unwrap_or_else(|| mm_integration::repo_root().join("target/bench/fork.json"));
+    let signals = brokered::block_signals()?;
+    let machine = Machine::detect();
+    let broker = Arc::new(brokered::start_broker("bench-fork", &[])?);
+    brokered::cleanup_on_signal("fork", signals, Arc::downgrade(&broker));
+    eprintln!("mm-bench: fork: broker in {}", broker.dir.0.display());
+    let measured = measure(&broker, &args, machine);
+    let log = out.with_extension("broker.log");
+    let _ = std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")));
+    let _ = std::fs::write(&log, broker.log());
+    drop(broker);
+    let _guard = brokered::CLEANUP.lock();
+    let report = measured.with_context(|| format!("broker log: {}", log.display()))?;
+    write_and_print(&report, &report.table(), &out, args.json)
+}
+
+fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<ForkReport> {
+    let memory = format!("{}M", args.memory_mib);
+    let fill = format!(
+        "mkdir -p /run/m && mount -t tmpfs m /run/m && head -c {}M /dev/urandom > /run/m/data && \
+         echo data-ready && while true; do sleep 5; done",
+        args.touch_mib
+    );
+    mmctl_ok(broker, &["run", "-d", "--name", "source", "--memory", &memory, "--", "sh", "-c", &fill])?;
+    broker.wait_for_log("source", "data-ready", Duration::from_secs(args.timeout_secs))?;
+    let snapshot = json(broker, &["snapshot", "create", "source", "--name", "base", "-o", "json"])?;
+    let id = snapshot["id"].as_str().context("no snapshot id")?.to_string();
+    mmctl_ok(broker, &["rm", "-f", "source"])?;
+    let snapshot_disk = broker.dir.path(&format!("state/snapshots/{id}/rw.ext4"));
+
+    let available_before = mem_available_kib()?;
+    let count = args.count.to_string();
+    let started = Instant::now();
+    let clones = json(broker, &["fork", "base", "--count", &count, "--name-prefix", "clone", "-o", "json"])?;
+    let fork_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut report = ForkReport {
+        benchmark: "fork",
+        unix_time: unix_time(),
+        source: crate::source_revision(),
+        machine,
+        parameters: serde_json::json!({
+            "count": args.count, "memory_mib": args.memory_mib, "touch_mib": args.touch_mib,
+        }),
+        snapshot_pause_us: snapshot["pause_us"].as_u64().unwrap_or(0),
+        snapshot_memory_kib: snapshot["memory_bytes"].as_u64().unwrap_or(0) / 1024,
+        snapshot_disk_kib: allocated_kib(&snapshot_disk),
+        fork_ms,
+        clones: Vec::new(),
+        mem_available_drop_per_clone_kib: 0,
+        loadavg_at_end: String::new(),
+        warnings: Vec::new(),
+    };
+    let clones = clones.as_array().context("mmctl fork -o json is not a list")?;
+    for clone in clones {
+        let name = clone["name"].as_str().context("a clone without a name")?.to_string();
+        let answered = broker.exec_when_ready(&name, &["true"], Duration::from_secs(args.timeout_secs))?;
+        if answered.status != Some(0) {
+            bail!("{name} never answered an exec: {}", answered.stderr);
+        }
+        let dir = broker.dir.path(&format!("state/vms/{}", clone["id"].as_str().unwrap_or_default()));
+        let inode = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+        report.clones.push(Clone {
+            name,
+            ready_ms: started.elapsed().as_secs_f64() * 1e3,
+            disk_base_shared: inode(&dir.join("base.ext4")).is_some()
+                && inode(&dir.join("base.ext4")) == inode(&snapshot_disk),
+            ..Clone::default()
+        });
+    }
+    // Settled: the restores' own activity is over.
+    std::thread::sleep(Duration::from_secs(2));
+    for c in &mut report.clones {
+        (c.ram_idle_kib, c.pss_idle_kib) = memory_of(broker, &c.name)?;
+    }
+    for c in &mut report.clones {
+        let read = broker.mmctl(&["exec", &c.name, "--", "md5sum", "/run/m/data"], QUICK)?;
+        if read.status != Some(0) {
+            bail!("{}: reading its data failed: {}", c.name, read.stderr);
+        }
+    }
+    for (c, clone) in report.clones.iter_mut().zip(clones) {
+        (c.ram_after_read_kib, c.pss_after_read_kib) = memory_of(broker, &c.name)?;
+        let dir = broker.dir.path(&format!("state/vms/{}", clone["id"].as_str().unwrap_or_default()));
+        c.disk_layer_kib = allocated_kib(&dir.join("rw.ext4")) + allocated_kib(&dir.join("rw.map"));
+    }
+    let available_after = mem_available_kib()?;
+    report.mem_available_drop_per_clone_kib =
+        (available_before as i64 - available_after as i64) / i64::from(args.count.max(1));
+    let others = machine::other_vmms().len().saturating_sub(clones.len() * 2);
+    if others > 0 {
+        report.warnings.push(format!("about {others} other VMM process(es) ran on this host"));
+    }
+    report.loadavg_at_end = machine::loadavg();
+    Ok(report)
+}
