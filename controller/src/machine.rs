@@ -185,6 +185,22 @@ pub fn next_state(state: MachineState, action: Action) -> Result<Option<MachineS
     }
 }
 
+/// Whether a machine in `state` can be branched (copied live into a new
+/// machine, `Vm.branch`): only a started one has a running guest to copy.
+pub fn can_branch(state: MachineState) -> Result<(), TransitionError> {
+    use MachineState::*;
+    let refuse = |hint| Err(TransitionError { action: "branch", state, hint });
+    match state {
+        Started => Ok(()),
+        Starting => refuse("wait until it is started (a branch copies a running guest)"),
+        Created | Stopped | Failed => refuse("it is not running (a branch copies a running guest; start it first)"),
+        Suspending => refuse("it is being suspended"),
+        Suspended => refuse("it is suspended (start it first: a branch copies a running guest)"),
+        Stopping => refuse("it is stopping"),
+        Destroying | Destroyed => refuse("it is being destroyed"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::MachineState::*;
@@ -250,6 +266,18 @@ mod tests {
         // A broker's suspend finishing, or one a host admin made.
         assert_eq!(next_state(Suspending, Action::Observed(Suspended)), Ok(Some(Suspended)));
         assert_eq!(next_state(Started, Action::Observed(Suspended)), Ok(Some(Suspended)));
+    }
+
+    #[test]
+    fn only_a_started_machine_is_branched() {
+        for state in MachineState::ALL {
+            assert_eq!(can_branch(state).is_ok(), state == Started, "{state}");
+        }
+        let refused = can_branch(Stopped).unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            "cannot branch a machine that is stopped: it is not running (a branch copies a running guest; start it first)"
+        );
     }
 
     #[test]

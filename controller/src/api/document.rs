@@ -75,6 +75,18 @@ const LINK_SOURCES: &[(&str, &[(&str, &str)])] = &[
         "machines_create",
         &[("namespace", "$response.body#/namespace"), ("id", "$response.body#/id"), ("name", "$response.body#/host")],
     ),
+    (
+        "machines_branch",
+        &[("namespace", "$response.body#/namespace"), ("id", "$response.body#/id"), ("name", "$response.body#/host")],
+    ),
+    (
+        "snapshots_fork",
+        &[
+            ("namespace", "$response.body#/machines/0/namespace"),
+            ("id", "$response.body#/machines/0/id"),
+            ("name", "$response.body#/machines/0/host"),
+        ],
+    ),
     ("hosts_register", &[("name", "$response.body#/name")]),
     (
         "snapshots_create",

@@ -135,6 +135,11 @@ pub struct Machine {
     /// another host, where it boots from its image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// The machine it is a branch of: its broker made its microVM as a
+    /// live copy of that machine's (until it moves to another host, where
+    /// it boots from its image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_of: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -200,6 +205,7 @@ pub fn view(row: MachineRow) -> Result<Machine, ApiError> {
         placement: Placement { host_labels: string_map(&row.host_labels) },
         lease,
         from_snapshot: row.from_snapshot,
+        branch_of: row.branch_of,
         created_at: row.created_at,
         updated_at: row.updated_at,
     })
@@ -291,6 +297,12 @@ pub async fn create(
         idempotency,
     };
     let created = state.db.run(move |c| store::create(c, request)).await?;
+    created_response(&state, created)
+}
+
+/// 201 with the new machine and its Location, or 200 with the one an
+/// earlier request with the same `Idempotency-Key` made.
+fn created_response(state: &AppState, created: Created) -> Result<Response, ApiError> {
     Ok(match created {
         Created::New(row) => {
             state.notify_change();
@@ -305,6 +317,58 @@ pub async fn create(
             (StatusCode::OK, headers, Json(view(row)?)).into_response()
         }
     })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BranchMachine {
+    /// The branch's name, unique among the namespace's machines that are
+    /// not destroyed; by default the machine's name with `-branch`, then
+    /// `-branch-2`, `-branch-3`, … whichever is free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    pub name: Option<String>,
+}
+
+/// Makes a branch of a started machine: a NEW machine whose microVM its
+/// host's broker makes as a live copy of this one's (`Vm.branch`: memory,
+/// processes and disk at one instant, the source paused only for the cut
+/// and running on), with an identity of its own (address, MAC, hostname,
+/// SSH host key). It is placed on the same host and nowhere else (409
+/// `insufficient-capacity` when that host cannot take it), and has the
+/// source's config, labels and placement; it answers 201 in `created` and
+/// is then started like any machine (`.../wait`), and stopped, snapshotted
+/// or deleted like any. 409 `invalid-state` unless the machine is
+/// `started`. With an `Idempotency-Key` (shared with creates), the same
+/// request again answers 200 with the same branch.
+#[utoipa::path(post, operation_id = "machines_branch", path = "/v1/namespaces/{namespace}/machines/{id}/branch", tag = "machines",
+    security(("bearer" = [])),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
+            description = "Makes retries of this branch safe")),
+    request_body = BranchMachine,
+    responses((status = 201, body = Machine), (status = 200, description = "Replayed by Idempotency-Key", body = Machine),
+        (status = 404, body = Problem),
+        (status = 409, description = "Not started (invalid-state), name taken, or its host cannot take the branch (insufficient-capacity)", body = Problem)))]
+pub async fn branch(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, id)): Path<(String, Uuid)>,
+    IdempotencyKey(key): IdempotencyKey,
+    Json(body): Json<BranchMachine>,
+) -> Result<Response, ApiError> {
+    caller.require(&namespace, Role::Operator)?;
+    if let Some(name) = &body.name {
+        validate::name("machine name", name)?;
+    }
+    // The key is shared with creates; the digest says what it was for.
+    let idempotency = key.map(|key| {
+        let canonical = serde_json::to_vec(&body).expect("a parsed request serialises");
+        (key, format!("{:x}", Sha256::digest([format!("branch {id} ").as_bytes(), &canonical].concat())))
+    });
+    let request = store::Branch { namespace, source: id, name: body.name, idempotency };
+    let created = state.db.run(move |c| store::branch(c, request)).await?;
+    created_response(&state, created)
 }
 
 const DEFAULT_PAGE_SIZE: i64 = 50;

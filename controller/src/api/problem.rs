@@ -106,7 +106,7 @@ impl From<StoreError> for ApiError {
             StoreError::LeaseHeld { .. } => ApiError::new(StatusCode::CONFLICT, "lease-held", detail),
             // Not a 5xx: the controller is fine, the cluster is full (or
             // the constraints match no host), and 5xx would page operators.
-            StoreError::NoCapacity(_) | StoreError::SnapshotHost { .. } => {
+            StoreError::NoCapacity(_) | StoreError::SnapshotHost { .. } | StoreError::BranchHost { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "insufficient-capacity", detail)
             }
             StoreError::KeyInFlight(_) => {
@@ -115,6 +115,8 @@ impl From<StoreError> for ApiError {
                 e
             }
             StoreError::Invalid(_) => ApiError::invalid(detail),
+            // As the clone's own error, saying which clone it was.
+            StoreError::Forking { error, .. } => ApiError { detail, ..ApiError::from(*error) },
             StoreError::IdempotencyMismatch(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused", detail)
             }

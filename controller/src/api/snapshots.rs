@@ -4,7 +4,8 @@
 //! .../snapshots/{sid}` list them from Postgres (no broker round trip, and
 //! a namespace sees only its own); `DELETE .../snapshots/{sid}` has the
 //! broker delete the files, then forgets the row. A new machine is made
-//! from one with `POST .../machines {"from_snapshot": sid}` (`machines`).
+//! from one with `POST .../machines {"from_snapshot": sid}` (`machines`),
+//! several at once with `POST .../snapshots/{sid}/fork`.
 //!
 //! Taking and deleting go through the session of the host holding the
 //! snapshot, as exec and stats do: a controller without that session
@@ -25,7 +26,7 @@ use uuid::Uuid;
 
 use super::exec::session_error;
 use super::extract::{Caller, IdempotencyKey};
-use super::machines::{decode_cursor, encode_cursor};
+use super::machines::{Machine, decode_cursor, encode_cursor};
 use super::problem::{ApiError, Problem, empty};
 use super::{AppState, forward, validate};
 use crate::auth::Role;
@@ -33,6 +34,7 @@ use crate::db::models::NewSnapshot;
 use crate::machine::MachineState;
 use crate::session::{SessionError, SnapshotInfo};
 use crate::store::machines as machines_store;
+use crate::store::machines::{Fork, Forked, MAX_FORK};
 use crate::store::snapshots::{self as store, Begun, Named};
 
 const DEFAULT_PAGE_SIZE: i64 = 50;
@@ -80,6 +82,33 @@ pub struct CreateSnapshot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSnapshot {
+    /// How many machines to make, 1 to 64.
+    #[schema(minimum = 1, maximum = 64)]
+    #[serde(deserialize_with = "super::integer::exact")]
+    pub count: i64,
+    /// They are named PREFIX-1 … PREFIX-count; by default the snapshot's
+    /// name (else the first 6 characters of its id) with `-fork`. Each
+    /// name must be a valid machine name (at most 63 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    pub name_prefix: Option<String>,
+    /// authorized_keys lines that replace the snapshot's in every machine
+    /// (absent or empty: the snapshot's stay), as a create's
+    /// `config.ssh_keys` does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = super::document::ssh_keys_schema)]
+    pub ssh_keys: Vec<String>,
+}
+
+/// The machines a fork made, in name order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ForkedMachines {
+    pub machines: Vec<Machine>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -250,6 +279,68 @@ async fn take(
             Err(e.into())
         }
     }
+}
+
+/// Makes `count` machines from the snapshot at once, each exactly as
+/// `POST .../machines {"from_snapshot": sid, "name": "PREFIX-i"}` would:
+/// the same checks, the snapshot's workload and size, placed on the host
+/// holding the snapshot and nowhere else. All or none: if any name is
+/// taken (409), the request is invalid (422) or the snapshot's host
+/// cannot take them all (409 `insufficient-capacity`, naming the host),
+/// nothing is created. Answers 201 with the machines (`created`; their
+/// host's broker restores each, `.../wait` for `started`). With an
+/// `Idempotency-Key`, the same request again answers 200 with the same
+/// machines (`Idempotent-Replayed: true`), the key with another request 422.
+#[utoipa::path(post, operation_id = "snapshots_fork", path = "/v1/namespaces/{namespace}/snapshots/{sid}/fork", tag = "snapshots",
+    security(("bearer" = [])),
+    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"),
+        ("sid" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
+            description = "Makes retries of this fork safe")),
+    request_body = ForkSnapshot,
+    responses((status = 201, body = ForkedMachines), (status = 200, description = "Replayed by Idempotency-Key", body = ForkedMachines),
+        (status = 404, description = "No such namespace, or no such snapshot in it", body = Problem),
+        (status = 409, description = "A name taken, or the snapshot's host has no room for them all (insufficient-capacity)", body = Problem)))]
+pub async fn fork(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((namespace, sid)): Path<(String, String)>,
+    IdempotencyKey(key): IdempotencyKey,
+    Json(body): Json<ForkSnapshot>,
+) -> Result<Response, ApiError> {
+    caller.require(&namespace, Role::Operator)?;
+    if !validate::is_snapshot_id(&sid) {
+        return Err(not_found(&sid));
+    }
+    let count = u32::try_from(body.count)
+        .ok()
+        .filter(|n| (1..=MAX_FORK).contains(n))
+        .ok_or_else(|| ApiError::invalid(format!("count must be 1 to {MAX_FORK}")))?;
+    if let Some(prefix) = &body.name_prefix {
+        validate::name("name_prefix", prefix)?;
+    }
+    validate::ssh_keys(&body.ssh_keys)
+        .map_err(|e| ApiError { detail: e.detail.replace("config.ssh_keys", "ssh_keys"), ..e })?;
+    let idempotency = key.map(|key| {
+        let canonical = serde_json::to_vec(&body).expect("a plain struct serializes");
+        (key, format!("{:x}", Sha256::digest([format!("fork {sid} ").as_bytes(), &canonical].concat())))
+    });
+    let request =
+        Fork { namespace, snapshot: sid, count, name_prefix: body.name_prefix, ssh_keys: body.ssh_keys, idempotency };
+    let forked = state.db.run(move |c| machines_store::fork(c, request)).await?;
+    let (status, rows) = match forked {
+        Forked::New(rows) => {
+            state.notify_change();
+            (StatusCode::CREATED, rows)
+        }
+        Forked::Replayed(rows) => (StatusCode::OK, rows),
+    };
+    let machines = rows.into_iter().map(super::machines::view).collect::<Result<_, _>>()?;
+    let mut headers = HeaderMap::new();
+    if status == StatusCode::OK {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok((status, headers, Json(ForkedMachines { machines })).into_response())
 }
 
 fn page(query: &ListQuery) -> Result<(i64, Option<i64>), ApiError> {

@@ -71,6 +71,9 @@ pub struct MachineRow {
     pub ssh_keys: serde_json::Value,
     /// The snapshot its broker restores it from instead of booting it.
     pub from_snapshot: Option<String>,
+    /// The running machine whose microVM its broker copies (`Vm.branch`)
+    /// instead of booting it.
+    pub branch_of: Option<Uuid>,
 }
 
 impl MachineRow {
@@ -100,6 +103,7 @@ pub struct NewMachine {
     pub command: serde_json::Value,
     pub ssh_keys: serde_json::Value,
     pub from_snapshot: Option<String>,
+    pub branch_of: Option<Uuid>,
 }
 
 /// A snapshot a broker took of a machine (the files are on `host_name`).

@@ -51,6 +51,7 @@ diesel::table! {
         drain_restart -> Bool,
         ssh_keys -> Jsonb,
         from_snapshot -> Nullable<Text>,
+        branch_of -> Nullable<Uuid>,
     }
 }
 
@@ -104,6 +105,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    fork_idempotency_keys (namespace, key) {
+        namespace -> Text,
+        key -> Text,
+        request_sha256 -> Text,
+        machine_ids -> Array<Uuid>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     api_tokens (jti) {
         jti -> Text,
         subject -> Text,
@@ -136,6 +147,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     snapshots,
     snapshot_idempotency_keys,
     idempotency_keys,
+    fork_idempotency_keys,
     api_tokens,
     revoked_tokens
 );

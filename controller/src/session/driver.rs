@@ -8,7 +8,8 @@
 //! table) and either records what the broker observes (through
 //! `store::machines::observe_because`, the same transition rules as every
 //! other report) or calls the broker: `createVm` with the machine's id as
-//! the microVM's name (`restoreVm` for a machine made from a snapshot),
+//! the microVM's name (`restoreVm` for a machine made from a snapshot,
+//! `Vm.branch` on its source's microVM for a branch),
 //! `Vm.start` (which also resumes a suspended microVM), `Vm.stop`,
 //! `Vm.suspend`, `Vm.remove`. Calls run as their own tasks; a machine
 //! with one in flight is left alone until it ends.
@@ -225,9 +226,10 @@ async fn execute(local: &Rc<Local>, link: &HostLink, name: &str, op: Op) {
         Op::Create(row) => match create(link, &row).await {
             Ok(()) => {
                 set_observed(link, name, Some("running"));
-                let reason = match &row.from_snapshot {
-                    Some(snapshot) => format!("host {host} restored its microVM from snapshot {snapshot}"),
-                    None => format!("host {host} started its microVM"),
+                let reason = match (&row.from_snapshot, row.branch_of) {
+                    (Some(snapshot), _) => format!("host {host} restored its microVM from snapshot {snapshot}"),
+                    (None, Some(source)) => format!("host {host} branched machine {source}'s microVM into its own"),
+                    (None, None) => format!("host {host} started its microVM"),
                 };
                 observe(local, link, row.id, MachineState::Started, reason).await;
             }
@@ -310,6 +312,9 @@ async fn execute(local: &Rc<Local>, link: &HostLink, name: &str, op: Op) {
 async fn create(link: &HostLink, row: &MachineRow) -> Result<(), SessionError> {
     if let Some(snapshot) = &row.from_snapshot {
         return super::snapshots::restore(&link.broker, row, snapshot).await;
+    }
+    if let Some(source) = row.branch_of {
+        return super::snapshots::branch(&link.broker, row, source).await;
     }
     let mut request = link.broker.create_vm_request();
     {

@@ -1,8 +1,10 @@
 //! Snapshots through a host's broker (`protocols/broker.capnp`): taking
 //! and removing one for the REST API (`Vm.snapshot`,
 //! `Broker.removeSnapshot`), and for the driver suspending a machine
-//! (`Vm.suspend`) and restoring a new one from a snapshot
-//! (`Broker.restoreVm`, in place of `createVm`).
+//! (`Vm.suspend`), restoring a new one from a snapshot
+//! (`Broker.restoreVm`, in place of `createVm`) and making a branch, a live
+//! copy of a running machine (`Vm.branch` on the source, in place of
+//! `createVm`).
 //!
 //! The broker's snapshot names are host-wide, so the controller never
 //! sends one: a tenant's name lives in Postgres, where it is unique per
@@ -92,6 +94,19 @@ pub(super) async fn restore(broker: &broker::Client, row: &MachineRow, snapshot:
     Ok(())
 }
 
+/// Creates branch `row`'s microVM as a live copy of machine `source`'s
+/// running one (instead of `createVm`): the broker snapshots the source
+/// while it runs on and restores that at once under the new name (the
+/// machine's id) with an identity of its own; its workload, size and keys
+/// are the source's, which the row copied (`store::machines::branch`).
+pub(super) async fn branch(broker: &broker::Client, row: &MachineRow, source: uuid::Uuid) -> Result<(), SessionError> {
+    let vm = get_vm(broker, &source.to_string()).await?;
+    let mut request = vm.branch_request();
+    request.get().set_name(row.id.to_string());
+    request.send().promise.await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     //! Against a stand-in broker over a real two-party connection, as
@@ -115,6 +130,8 @@ mod tests {
         removed: RefCell<Vec<String>>,
         /// Names sent with Vm.snapshot.
         snapshot_names: RefCell<Vec<String>>,
+        /// Names sent with Vm.branch.
+        branches: RefCell<Vec<String>>,
     }
 
     /// What the stand-in's `snapshot` answers, field for field.
@@ -155,6 +172,16 @@ mod tests {
             info.set_state("suspended");
             Ok(())
         }
+
+        async fn branch(
+            self: Rc<Self>,
+            params: vm::BranchParams,
+            mut results: vm::BranchResults,
+        ) -> Result<(), capnp::Error> {
+            self.0.branches.borrow_mut().push(params.get()?.get_name()?.to_string().unwrap());
+            results.get().set_vm(capnp_rpc::new_client(FakeVm(Rc::clone(&self.0))));
+            Ok(())
+        }
     }
 
     struct FakeBroker(Rc<Seen>);
@@ -165,7 +192,8 @@ mod tests {
             params: broker::GetVmParams,
             mut results: broker::GetVmResults,
         ) -> Result<(), capnp::Error> {
-            if params.get()?.get_name()? != "vm" {
+            let name = params.get()?.get_name()?.to_string().unwrap();
+            if name != "vm" && name != uuid::Uuid::max().to_string() {
                 return Err(capnp::Error::failed("not-found: no microVM \"other\"".into()));
             }
             results.get().set_vm(capnp_rpc::new_client(FakeVm(Rc::clone(&self.0))));
@@ -244,11 +272,12 @@ mod tests {
             drain_restart: false,
             ssh_keys: serde_json::json!(keys),
             from_snapshot: Some("0123456789ab".into()),
+            branch_of: None,
         }
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn snapshot_remove_suspend_and_restore_reach_the_broker() {
+    async fn snapshot_remove_suspend_restore_and_branch_reach_the_broker() {
         tokio::task::LocalSet::new()
             .run_until(async {
                 let seen = Rc::new(Seen::default());
@@ -273,6 +302,15 @@ mod tests {
                 restore(&broker, &row, "0123456789ab").await.unwrap();
                 let missing = restore(&broker, &row, "missing").await.unwrap_err();
                 assert!(matches!(&missing, SessionError::Broker { kind, .. } if kind == "not-found"), "{missing:?}");
+                // A branch asks the source's microVM, naming the copy
+                // after the new machine.
+                branch(&broker, &row, uuid::Uuid::max()).await.unwrap();
+                let no_source = branch(&broker, &row, uuid::Uuid::from_u128(7)).await.unwrap_err();
+                assert!(
+                    matches!(&no_source, SessionError::Broker { kind, .. } if kind == "not-found"),
+                    "{no_source:?}"
+                );
+                assert_eq!(*seen.branches.borrow(), [uuid::Uuid::nil().to_string()]);
                 assert_eq!(
                     *seen.restores.borrow(),
                     [(

@@ -45,6 +45,12 @@ pub enum StoreError {
     /// files are.
     #[error("a machine from snapshot {snapshot} can only be placed on host {host}, which holds the snapshot: {why}")]
     SnapshotHost { snapshot: String, host: String, why: Box<NoFit> },
+    /// A branch runs where its source runs, or not at all.
+    #[error("a branch of machine {machine} can only be placed on host {host}, where the machine runs: {why}")]
+    BranchHost { machine: String, host: String, why: Box<NoFit> },
+    /// Clone `clone` of a fork of `count` could not be made, so none was.
+    #[error("fork of {count}: clone {clone}: {error}; nothing was created")]
+    Forking { clone: u32, count: u32, error: Box<StoreError> },
     /// The request breaks a rule only the stored data can tell (422).
     #[error("{0}")]
     Invalid(String),

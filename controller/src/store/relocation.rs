@@ -6,8 +6,9 @@
 //! new host's broker creates the microVM when the machine should run, and
 //! the old host's broker, when its controller sees a microVM named like a
 //! machine no longer placed there, removes it (`session::driver`). For the
-//! same reason a machine made from a snapshot is booted from its image
-//! where it lands (the snapshot's files stay on their host), and a
+//! same reason a machine made from a snapshot, or a branch of another, is
+//! booted from its image where it lands (the snapshot's files stay on
+//! their host, the source runs on its own), and a
 //! suspended one arrives `stopped`: its saved state stays behind.
 //!
 //! Both callers hold the placement lock, so the room found here is still
@@ -50,6 +51,7 @@ pub(super) fn move_to(
             machines::host_name.eq(to),
             machines::drain_restart.eq(false),
             machines::from_snapshot.eq(None::<String>),
+            machines::branch_of.eq(None::<uuid::Uuid>),
             machines::updated_at.eq(Utc::now()),
         ))
         .returning(MachineRow::as_returning())

@@ -3,7 +3,7 @@
 //! registers its host with its own `Broker` capability, heart-beats every
 //! microVM it has, and serves `createVm`, `getVm`, `restoreVm`,
 //! `listSnapshots`, `removeSnapshot` and `Vm.info/start/stop/remove/
-//! snapshot/suspend` from memory. So the controller's session code, its
+//! snapshot/suspend/branch` from memory. So the controller's session code, its
 //! driver and the snapshot routes run for real, without KVM (the real
 //! brokers are `e2e_brokers.rs`'s).
 //!
@@ -41,6 +41,8 @@ pub struct FakeVm {
     pub ssh_keys: Vec<String>,
     /// Times `start` resumed it from `suspended`.
     pub resumed: u32,
+    /// The microVM it is a live copy of (`Vm.branch`).
+    pub branched_from: Option<String>,
 }
 
 /// A snapshot the stand-in holds.
@@ -60,6 +62,8 @@ pub struct World {
     pub fail_snapshot: Option<String>,
     /// The next `Vm.suspend` fails with this.
     pub fail_suspend: Option<String>,
+    /// Every `Vm.branch`: (the source microVM, the name asked for).
+    pub branches: Vec<(String, String)>,
 }
 
 /// Snapshot ids, unique in the test binary (several stand-ins may share a
@@ -287,7 +291,7 @@ impl broker::Server for Broker {
         if !self.0.lock().unwrap().snapshots.contains_key(&snapshot) {
             return Err(failed(format!("not-found: no snapshot {snapshot:?}")));
         }
-        let vm = FakeVm { state: "running".into(), restored_from: Some(snapshot), ssh_keys: keys, resumed: 0 };
+        let vm = FakeVm { state: "running".into(), restored_from: Some(snapshot), ssh_keys: keys, ..FakeVm::default() };
         results.get().set_vm(add_vm(&self.0, &text(params.get_name())?, vm)?);
         Ok(())
     }
@@ -381,6 +385,35 @@ impl vm::Server for Vm {
             ..Default::default()
         }
         .write(results.get().init_snapshot());
+        Ok(())
+    }
+
+    /// As `restoreVm` of a snapshot taken there and then (the broker's
+    /// running snapshot of kind branch, removed once the copy runs): a new
+    /// running microVM with the source's keys.
+    async fn branch(
+        self: Rc<Self>,
+        params: vm::BranchParams,
+        mut results: vm::BranchResults,
+    ) -> Result<(), capnp::Error> {
+        let name = text(params.get()?.get_name())?;
+        let keys = {
+            let mut w = self.world.lock().unwrap();
+            w.branches.push((self.name.clone(), name.clone()));
+            let source =
+                w.vms.get(&self.name).ok_or_else(|| failed(format!("not-found: no microVM {:?}", self.name)))?;
+            if source.state != "running" {
+                return Err(failed("conflict: only a running microVM can be branched"));
+            }
+            source.ssh_keys.clone()
+        };
+        let vm = FakeVm {
+            state: "running".into(),
+            ssh_keys: keys,
+            branched_from: Some(self.name.clone()),
+            ..FakeVm::default()
+        };
+        results.get().set_vm(add_vm(&self.world, &name, vm)?);
         Ok(())
     }
 

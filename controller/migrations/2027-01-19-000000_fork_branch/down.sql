@@ -1,0 +1,2 @@
+DROP TABLE fork_idempotency_keys;
+ALTER TABLE machines DROP COLUMN branch_of;
