@@ -25,11 +25,13 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/start"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/stop"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/suspend"),
+    ("POST", "/v1/namespaces/{namespace}/machines/{id}/branch"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/snapshots"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/snapshots"),
     ("GET", "/v1/namespaces/{namespace}/snapshots"),
     ("GET", "/v1/namespaces/{namespace}/snapshots/{sid}"),
     ("DELETE", "/v1/namespaces/{namespace}/snapshots/{sid}"),
+    ("POST", "/v1/namespaces/{namespace}/snapshots/{sid}/fork"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/wait"),
     ("GET", "/v1/namespaces/{namespace}/machines/{id}/events"),
     ("POST", "/v1/namespaces/{namespace}/machines/{id}/exec"),
@@ -165,6 +167,19 @@ async fn the_document_matches_the_router() {
             "parameters": {"namespace": "$response.body#/namespace", "sid": "$response.body#/id"}})
     );
     assert_eq!(snapshot_links["machines_suspend"]["parameters"]["id"], "$response.body#/machine_id");
+    // A branch and a fork link to their machines (a fork's first).
+    let branch_links =
+        &doc["paths"]["/v1/namespaces/{namespace}/machines/{id}/branch"]["post"]["responses"]["201"]["links"];
+    assert_eq!(branch_links["machines_get"]["parameters"]["id"], "$response.body#/id");
+    let fork_links =
+        &doc["paths"]["/v1/namespaces/{namespace}/snapshots/{sid}/fork"]["post"]["responses"]["201"]["links"];
+    assert_eq!(fork_links["machines_get"]["parameters"]["id"], "$response.body#/machines/0/id");
+    let fork_body = &doc["components"]["schemas"]["ForkSnapshot"];
+    assert_eq!(
+        (fork_body["properties"]["count"]["minimum"].as_i64(), fork_body["properties"]["count"]["maximum"].as_i64()),
+        (Some(1), Some(64)),
+        "{fork_body:#}"
+    );
     // The new states are in the machine state's enum and the list filter.
     let states = &doc["components"]["schemas"]["MachineState"];
     assert!(states.to_string().contains("suspended") && states.to_string().contains("suspending"), "{states:#}");

@@ -84,6 +84,15 @@ fn routes() -> Vec<Route> {
         r(Method::POST, "/v1/namespaces/{ns}/machines/{id}/start", None, InNamespace(Operator), Prep::Machine, 200),
         r(Method::POST, "/v1/namespaces/{ns}/machines/{id}/stop", None, InNamespace(Operator), Prep::Starting, 200),
         r(Method::POST, "/v1/namespaces/{ns}/machines/{id}/suspend", None, InNamespace(Operator), Prep::Started, 200),
+        // A branch is a create: operator, and the record needs no broker.
+        r(
+            Method::POST,
+            "/v1/namespaces/{ns}/machines/{id}/branch",
+            Some(|_| json!({})),
+            InNamespace(Operator),
+            Prep::Started,
+            201,
+        ),
         // Allowed, but a created machine has nothing to snapshot: 409.
         r(
             Method::POST,
@@ -102,6 +111,14 @@ fn routes() -> Vec<Route> {
             Method::POST,
             "/v1/namespaces/{ns}/machines",
             Some(|u| json!({"name": format!("r{u}"), "from_snapshot": "{sid}"})),
+            InNamespace(Operator),
+            Prep::Snapshot,
+            201,
+        ),
+        r(
+            Method::POST,
+            "/v1/namespaces/{ns}/snapshots/{sid}/fork",
+            Some(|u| json!({"count": 2, "name_prefix": format!("f{u}")})),
             InNamespace(Operator),
             Prep::Snapshot,
             201,
