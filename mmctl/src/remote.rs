@@ -6,7 +6,7 @@
 //! namespace's machines that are not destroyed; the API addresses ids, so a
 //! name is looked up in the list). `run` sends an `Idempotency-Key`, so the
 //! one retry after a lost connection cannot create a second machine (as
-//! do `restore` and `snapshot create`, in `snapshots`).
+//! do `restore`, `fork`, `branch` and `snapshot create`, in `snapshots`).
 
 mod exec_ws;
 mod http;
@@ -189,8 +189,12 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             snapshots::restore(&api, &snapshot, name, keys, format).await
         }
         Verb::Suspend { vm } => snapshots::suspend(&api, &vm, format).await,
-        Verb::Fork { .. } => Err(unsupported("fork (run it on the snapshot's host, or restore once per clone)")),
-        Verb::Branch { .. } => Err(unsupported("branch (run it on the machine's host)")),
+        Verb::Fork { snapshot, count, name_prefix, ssh_keys } => {
+            // As locally: without --ssh-key the snapshot's keys stay.
+            let keys = tunnel::read_ssh_keys(&ssh_keys)?;
+            snapshots::fork(&api, &snapshot, count, name_prefix, keys, format).await
+        }
+        Verb::Branch { vm, name } => snapshots::branch(&api, &vm, name, format).await,
     }
 }
 

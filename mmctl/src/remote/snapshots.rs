@@ -1,12 +1,14 @@
-//! `snapshot create|ls|rm|gc`, `restore` and `suspend` through the
-//! controller (`.../machines/{id}/snapshots`, `.../snapshots[/{sid}]`,
-//! `POST .../machines {"from_snapshot"}`, `.../machines/{id}/suspend`),
-//! printed as the local verbs print them (`crate::snapshots`).
+//! `snapshot create|ls|rm|gc`, `restore`, `fork`, `branch` and `suspend`
+//! through the controller (`.../machines/{id}/snapshots`,
+//! `.../snapshots[/{sid}]`, `POST .../machines {"from_snapshot"}`,
+//! `.../snapshots/{sid}/fork`, `.../machines/{id}/branch`,
+//! `.../machines/{id}/suspend`), printed as the local verbs print them
+//! (`crate::snapshots`).
 //!
 //! A snapshot is named as locally: by its id, a unique prefix of it, or
 //! its name (the API addresses ids, so the rest is looked up in the
-//! namespace's list). `restore` is a machine create, so it carries an
-//! `Idempotency-Key` like `run`; so does `snapshot create`.
+//! namespace's list). `restore`, `fork` and `branch` create machines, so
+//! they carry an `Idempotency-Key` like `run`; so does `snapshot create`.
 
 use std::time::{Duration, Instant};
 
@@ -230,6 +232,80 @@ pub async fn restore(
         body.insert("config".into(), json!({ "image": source.config.image, "guest": guest, "ssh_keys": ssh_keys }));
     }
     let machine = super::create(api, &Value::Object(body)).await?;
+    let machine = wait_started(api, machine, RESTORE_TIMEOUT).await?;
+    match format {
+        Format::Json => view::print_one(&machine, format),
+        Format::Table => println!("{}", machine.name),
+    }
+    Ok(0)
+}
+
+/// `fork SNAPSHOT --count N [--name-prefix P]`: N machines from the
+/// snapshot in one request (the controller makes all or none, on the
+/// snapshot's host), named P-1..P-N (by default the snapshot's name or id,
+/// then `-fork`); returns once every one runs, printing their names (their
+/// JSON with `-o json`), as the local verb does.
+pub async fn fork(
+    api: &Api,
+    key: &str,
+    count: u32,
+    prefix: Option<String>,
+    ssh_keys: Vec<String>,
+    format: Format,
+) -> Result<i32, CliError> {
+    #[derive(Deserialize)]
+    struct Forked {
+        machines: Vec<Machine>,
+    }
+    let snapshot = resolve(api, key).await?;
+    let mut body = json!({ "count": count });
+    if let Some(prefix) = prefix {
+        body["name_prefix"] = Value::String(prefix);
+    }
+    if !ssh_keys.is_empty() {
+        body["ssh_keys"] = json!(ssh_keys);
+    }
+    let idempotency = uuid::Uuid::new_v4().to_string();
+    let url = snapshots_url(api, &[&snapshot.id, "fork"]);
+    let build = || api.request(Method::POST, url.clone()).header("Idempotency-Key", &idempotency).json(&body);
+    let forked: Forked = decode(api.send(true, build).await?).await?;
+    let deadline = Instant::now() + RESTORE_TIMEOUT;
+    let mut clones = Vec::with_capacity(forked.machines.len());
+    for machine in forked.machines {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        match wait_started(api, machine, left).await {
+            Ok(machine) => clones.push(machine),
+            Err(e) => {
+                let running: Vec<&str> = clones.iter().map(|c: &Machine| c.name.as_str()).collect();
+                let message = format!(
+                    "{} (started: {})",
+                    e.message,
+                    if running.is_empty() { "none".to_owned() } else { running.join(", ") }
+                );
+                return Err(CliError::new(e.code, message));
+            }
+        }
+    }
+    match format {
+        Format::Json => view::print_list(&clones, format),
+        Format::Table => clones.iter().for_each(|c| println!("{}", c.name)),
+    }
+    Ok(0)
+}
+
+/// `branch VM [--name COPY]`: a new machine that is a live copy of running
+/// machine `vm`, on its host; returns once it runs, printing its name (its
+/// JSON with `-o json`), as the local verb does.
+pub async fn branch(api: &Api, vm: &str, name: Option<String>, format: Format) -> Result<i32, CliError> {
+    let id = find(api, vm).await?.id;
+    let body = match name {
+        Some(name) => json!({ "name": name }),
+        None => json!({}),
+    };
+    let idempotency = uuid::Uuid::new_v4().to_string();
+    let url = api.machines_url(&[&id, "branch"]);
+    let build = || api.request(Method::POST, url.clone()).header("Idempotency-Key", &idempotency).json(&body);
+    let machine: Machine = decode(api.send(true, build).await?).await?;
     let machine = wait_started(api, machine, RESTORE_TIMEOUT).await?;
     match format {
         Format::Json => view::print_one(&machine, format),
