@@ -2,7 +2,9 @@
 //! `mm-broker` and `mmctl fork`.
 //!
 //! A source microVM fills `--touch-mib` of tmpfs with random bytes (its
-//! working set), is snapshotted and removed; then `mmctl fork --count N`
+//! working set), is snapshotted, branched once (`mmctl branch`: the
+//! source's vCPU pause and held I/O from its audit line, the time until the
+//! copy answers) and removed; then `mmctl fork --count N`
 //! starts N clones. Per clone: how long until its exec agent answers, and
 //! its host memory twice — idle after the fork, and after it has read its
 //! whole working set (`md5sum` of the data: every page of it faults in) —
@@ -85,6 +87,19 @@ pub struct Clone {
     pub disk_base_shared: bool,
 }
 
+/// `mmctl branch source`: the live copy of the running source.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Branch {
+    /// The source's vCPUs paused for the cut (its audit line).
+    pub pause_us: u64,
+    /// The source's I/O held for the capture and the disk copy.
+    pub io_held_us: u64,
+    /// `mmctl branch` spawned → exit (the copy restored and running).
+    pub branch_ms: f64,
+    /// → the copy's first `exec … true` answered.
+    pub ready_ms: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ForkReport {
     pub benchmark: &'static str,
@@ -96,6 +111,7 @@ pub struct ForkReport {
     pub snapshot_pause_us: u64,
     pub snapshot_memory_kib: u64,
     pub snapshot_disk_kib: u64,
+    pub branch: Branch,
     /// `mmctl fork --count N`: spawn → exit (every clone restored and running).
     pub fork_ms: f64,
     pub clones: Vec<Clone>,
@@ -120,6 +136,16 @@ impl ForkReport {
             mib(self.snapshot_disk_kib),
             self.clones.len(),
             self.fork_ms
+        );
+        let b = &self.branch;
+        let _ = writeln!(
+            out,
+            "branch of the running source: vCPUs paused {:.2} ms, I/O held {:.1} ms, copy running after {:.0} ms, \
+             answering after {:.0} ms",
+            b.pause_us as f64 / 1e3,
+            b.io_held_us as f64 / 1e3,
+            b.branch_ms,
+            b.ready_ms
         );
         let _ = writeln!(
             out,
@@ -200,6 +226,31 @@ fn memory_of(broker: &TestBroker, name: &str) -> Result<(u64, u64)> {
     Ok((procmem::guest_ram_resident_kib(&ram, procmem::mapped_file)?, pss))
 }
 
+/// Branches the running `source` into `copy` and times it; the pause
+/// comes from the source's audit line for the branch's snapshot.
+fn measure_branch(broker: &TestBroker, args: &ForkArgs) -> Result<Branch> {
+    let started = Instant::now();
+    mmctl_ok(broker, &["branch", "source", "--name", "copy"])?;
+    let branch_ms = started.elapsed().as_secs_f64() * 1e3;
+    let answered = broker.exec_when_ready("copy", &["true"], Duration::from_secs(args.timeout_secs))?;
+    if answered.status != Some(0) {
+        bail!("the branch never answered an exec: {}", answered.stderr);
+    }
+    let ready_ms = started.elapsed().as_secs_f64() * 1e3;
+    let audit = mmctl_ok(broker, &["audit", "source"])?;
+    let line = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["event"] == "snapshot" && l["kind"] == "branch")
+        .context("no branch snapshot in the source's audit log")?;
+    Ok(Branch {
+        pause_us: line["pause_us"].as_u64().unwrap_or(0),
+        io_held_us: line["io_held_us"].as_u64().unwrap_or(0),
+        branch_ms,
+        ready_ms,
+    })
+}
+
 pub fn run(args: ForkArgs) -> Result<()> {
     if args.count == 0 || args.touch_mib >= args.memory_mib {
         bail!("--count must be at least 1, and --touch-mib less than --memory-mib");
@@ -231,7 +282,8 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
     broker.wait_for_log("source", "data-ready", Duration::from_secs(args.timeout_secs))?;
     let snapshot = json(broker, &["snapshot", "create", "source", "--name", "base", "-o", "json"])?;
     let id = snapshot["id"].as_str().context("no snapshot id")?.to_string();
-    mmctl_ok(broker, &["rm", "-f", "source"])?;
+    let branch = measure_branch(broker, args)?;
+    mmctl_ok(broker, &["rm", "-f", "source", "copy"])?;
     let snapshot_disk = broker.dir.path(&format!("state/snapshots/{id}/rw.ext4"));
 
     let available_before = mem_available_kib()?;
@@ -248,6 +300,7 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
             "count": args.count, "memory_mib": args.memory_mib, "touch_mib": args.touch_mib,
         }),
         snapshot_pause_us: snapshot["pause_us"].as_u64().unwrap_or(0),
+        branch,
         snapshot_memory_kib: snapshot["memory_bytes"].as_u64().unwrap_or(0) / 1024,
         snapshot_disk_kib: allocated_kib(&snapshot_disk),
         fork_ms,
