@@ -39,6 +39,7 @@ for entry in "${targets[@]}"; do
     # (libFuzzer prints small ones as Base64) so it can be replayed.
     grep -v -E '^#[0-9]+|^ +Compiling ' "$log" | grep -A 40 -m 1 -E 'panicked|==[0-9]+==|ERROR:|error(\[|:)' || tail -n 60 "$log"
     grep -E 'Base64:|Test unit written|artifact_prefix' "$log" || true
+    df -h "$repo" || true
     rm -f "$log"
     echo "fuzz target $target failed" >&2
     exit 1
