@@ -117,12 +117,21 @@ async fn schemathesis_finds_nothing() {
     // What the path parameters of schemathesis.toml name.
     let seed = Seeder { client, base: base.clone(), token: token.clone() };
     seed.post("/v1/namespaces", json!({"name": "st"})).await;
-    let host = json!({"name": "st-host", "address": "127.0.0.1:1", "cpus": 64, "memory_mb": 1_048_576});
+    // Room for every machine the fuzzer's creates, forks and branches make
+    // (a fork makes up to 64 at once): a full host would answer them all
+    // 409, which says nothing about the data sent.
+    let host = json!({"name": "st-host", "address": "127.0.0.1:1", "cpus": 1_000_000, "memory_mb": 1_i64 << 40});
     seed.post("/v1/hosts", host).await;
     let machine = seed.machine().await;
     let doomed_machine = seed.machine().await;
     let leased_machine = seed.machine().await;
     seed.post(&format!("/v1/namespaces/st/machines/{leased_machine}/lease"), json!({"ttl": 3600})).await;
+    // A started machine to branch (as its broker would report it): only a
+    // running machine can be branched, any other is 409.
+    let running_machine = seed.machine().await;
+    let report = format!("{base}/v1/hosts/st-host/machines/{running_machine}/state");
+    let reported = seed.client.post(report).bearer_auth(&token).json(&json!({"state": "started"})).send().await;
+    assert_eq!(reported.unwrap().status(), StatusCode::OK, "reporting the machine started");
     let doomed_token = seed.post("/v1/tokens", json!({"subject": "victim", "roles": {"st": "viewer"}})).await;
     // A snapshot of the machine, recorded as its broker would have (no
     // broker dials this controller, so none can be taken here).
@@ -142,6 +151,7 @@ async fn schemathesis_finds_nothing() {
         .env("MM_ST_MACHINE", &machine)
         .env("MM_ST_DOOMED_MACHINE", &doomed_machine)
         .env("MM_ST_LEASED_MACHINE", &leased_machine)
+        .env("MM_ST_RUNNING_MACHINE", &running_machine)
         .env("MM_ST_DOOMED_TOKEN", doomed_token["jti"].as_str().unwrap())
         .env("MM_ST_SNAPSHOT", SNAPSHOT)
         .current_dir(&work)

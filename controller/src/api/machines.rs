@@ -326,7 +326,7 @@ pub struct BranchMachine {
     /// not destroyed; by default the machine's name with `-branch`, then
     /// `-branch-2`, `-branch-3`, … whichever is free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
 }
 

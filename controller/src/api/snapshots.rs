@@ -92,10 +92,10 @@ pub struct ForkSnapshot {
     #[serde(deserialize_with = "super::integer::exact")]
     pub count: i64,
     /// They are named PREFIX-1 … PREFIX-count; by default the snapshot's
-    /// name (else the first 6 characters of its id) with `-fork`. Each
-    /// name must be a valid machine name (at most 63 characters).
+    /// name (else the first 6 characters of its id) with `-fork`. At most
+    /// 60 characters, so that every name is a machine name (63 at most).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    #[schema(max_length = 60, pattern = "^[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?$")]
     pub name_prefix: Option<String>,
     /// authorized_keys lines that replace the snapshot's in every machine
     /// (absent or empty: the snapshot's stay), as a create's
@@ -318,6 +318,11 @@ pub async fn fork(
         .ok_or_else(|| ApiError::invalid(format!("count must be 1 to {MAX_FORK}")))?;
     if let Some(prefix) = &body.name_prefix {
         validate::name("name_prefix", prefix)?;
+        if prefix.len() > 60 {
+            return Err(ApiError::invalid(
+                "name_prefix must be at most 60 characters (names are PREFIX-1 … PREFIX-64)",
+            ));
+        }
     }
     validate::ssh_keys(&body.ssh_keys)
         .map_err(|e| ApiError { detail: e.detail.replace("config.ssh_keys", "ssh_keys"), ..e })?;
