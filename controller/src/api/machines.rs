@@ -1,6 +1,7 @@
 //! `/v1/namespaces/{namespace}/machines`: the machine lifecycle, shaped
 //! after Fly's Machines API (same state names, `previous_state`, a wait
-//! endpoint, leases, idempotent create).
+//! endpoint, leases, idempotent create). Branching a running machine is
+//! `branch`'s, forking a snapshot `snapshots`', paging `paging`'s.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,8 +11,6 @@ use axum::Json;
 use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -19,6 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extract::{Caller, IdempotencyKey, LeaseNonce};
+use super::paging::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor};
 use super::problem::{ApiError, Problem};
 use super::{AppState, Woken, validate};
 use crate::auth::Role;
@@ -302,7 +302,7 @@ pub async fn create(
 
 /// 201 with the new machine and its Location, or 200 with the one an
 /// earlier request with the same `Idempotency-Key` made.
-fn created_response(state: &AppState, created: Created) -> Result<Response, ApiError> {
+pub(super) fn created_response(state: &AppState, created: Created) -> Result<Response, ApiError> {
     Ok(match created {
         Created::New(row) => {
             state.notify_change();
@@ -317,74 +317,6 @@ fn created_response(state: &AppState, created: Created) -> Result<Response, ApiE
             (StatusCode::OK, headers, Json(view(row)?)).into_response()
         }
     })
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BranchMachine {
-    /// The branch's name, unique among the namespace's machines that are
-    /// not destroyed; by default the machine's name with `-branch`, then
-    /// `-branch-2`, `-branch-3`, … whichever is free.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
-    pub name: Option<String>,
-}
-
-/// Makes a branch of a started machine: a NEW machine whose microVM its
-/// host's broker makes as a live copy of this one's (`Vm.branch`: memory,
-/// processes and disk at one instant, the source paused only for the cut
-/// and running on), with an identity of its own (address, MAC, hostname,
-/// SSH host key). It is placed on the same host and nowhere else (409
-/// `insufficient-capacity` when that host cannot take it), and has the
-/// source's config, labels and placement; it answers 201 in `created` and
-/// is then started like any machine (`.../wait`), and stopped, snapshotted
-/// or deleted like any. 409 `invalid-state` unless the machine is
-/// `started`. With an `Idempotency-Key` (shared with creates), the same
-/// request again answers 200 with the same branch.
-#[utoipa::path(post, operation_id = "machines_branch", path = "/v1/namespaces/{namespace}/machines/{id}/branch", tag = "machines",
-    security(("bearer" = [])),
-    params(("namespace" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("id" = Uuid, Path),
-        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
-            description = "Makes retries of this branch safe")),
-    request_body = BranchMachine,
-    responses((status = 201, body = Machine), (status = 200, description = "Replayed by Idempotency-Key", body = Machine),
-        (status = 404, body = Problem),
-        (status = 409, description = "Not started (invalid-state), name taken, or its host cannot take the branch (insufficient-capacity)", body = Problem)))]
-pub async fn branch(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    Path((namespace, id)): Path<(String, Uuid)>,
-    IdempotencyKey(key): IdempotencyKey,
-    Json(body): Json<BranchMachine>,
-) -> Result<Response, ApiError> {
-    caller.require(&namespace, Role::Operator)?;
-    if let Some(name) = &body.name {
-        validate::name("machine name", name)?;
-    }
-    // The key is shared with creates; the digest says what it was for.
-    let idempotency = key.map(|key| {
-        let canonical = serde_json::to_vec(&body).expect("a parsed request serialises");
-        (key, format!("{:x}", Sha256::digest([format!("branch {id} ").as_bytes(), &canonical].concat())))
-    });
-    let request = store::Branch { namespace, source: id, name: body.name, idempotency };
-    let created = state.db.run(move |c| store::branch(c, request)).await?;
-    created_response(&state, created)
-}
-
-const DEFAULT_PAGE_SIZE: i64 = 50;
-const MAX_PAGE_SIZE: i64 = 500;
-
-/// A page token: the `seq` of the last row of the page before (machines'
-/// and snapshots' alike).
-pub(super) fn encode_cursor(seq: i64) -> String {
-    URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
-}
-
-pub(super) fn decode_cursor(token: &str) -> Result<i64, ApiError> {
-    let bad = || ApiError::bad_request("page_token is not a token this API returned");
-    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    text.strip_prefix("seq:").and_then(|n| n.parse().ok()).ok_or_else(bad)
 }
 
 /// Parsed by hand rather than with `Query<T>` because `state` and `label`
@@ -639,13 +571,6 @@ pub async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cursor_round_trip_and_garbage() {
-        assert_eq!(decode_cursor(&encode_cursor(42)).unwrap(), 42);
-        assert!(decode_cursor("!!").is_err());
-        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("seq:x")).is_err());
-    }
 
     #[test]
     fn list_query() {

@@ -5,6 +5,7 @@
 //! the OpenAPI document are built from the same declarations, so the
 //! document cannot miss a route (the integration tests check both ways).
 
+pub mod branch;
 pub mod document;
 pub mod events;
 pub mod exec;
@@ -16,6 +17,7 @@ pub mod integer;
 pub mod leases;
 pub mod machines;
 pub mod namespaces;
+mod paging;
 pub mod problem;
 pub mod snapshots;
 pub mod stats;
@@ -145,7 +147,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(machines::start))
         .routes(routes!(machines::stop))
         .routes(routes!(machines::suspend))
-        .routes(routes!(machines::branch))
+        .routes(routes!(branch::branch))
         .routes(routes!(snapshots::create, snapshots::list_machine))
         .routes(routes!(snapshots::list))
         .routes(routes!(snapshots::get, snapshots::delete))

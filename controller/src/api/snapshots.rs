@@ -26,19 +26,17 @@ use uuid::Uuid;
 
 use super::exec::session_error;
 use super::extract::{Caller, IdempotencyKey};
-use super::machines::{Machine, decode_cursor, encode_cursor};
+use super::machines::Machine;
+use super::paging::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor};
 use super::problem::{ApiError, Problem, empty};
 use super::{AppState, forward, validate};
 use crate::auth::Role;
 use crate::db::models::NewSnapshot;
 use crate::machine::MachineState;
 use crate::session::{SessionError, SnapshotInfo};
+use crate::store::fork::{self as fork_store, Fork, Forked, MAX_FORK};
 use crate::store::machines as machines_store;
-use crate::store::machines::{Fork, Forked, MAX_FORK};
 use crate::store::snapshots::{self as store, Begun, Named};
-
-const DEFAULT_PAGE_SIZE: i64 = 50;
-const MAX_PAGE_SIZE: i64 = 500;
 
 /// A snapshot of a machine.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -332,7 +330,7 @@ pub async fn fork(
     });
     let request =
         Fork { namespace, snapshot: sid, count, name_prefix: body.name_prefix, ssh_keys: body.ssh_keys, idempotency };
-    let forked = state.db.run(move |c| machines_store::fork(c, request)).await?;
+    let forked = state.db.run(move |c| fork_store::fork(c, request)).await?;
     let (status, rows) = match forked {
         Forked::New(rows) => {
             state.notify_change();

@@ -98,7 +98,7 @@ pub(super) async fn restore(broker: &broker::Client, row: &MachineRow, snapshot:
 /// running one (instead of `createVm`): the broker snapshots the source
 /// while it runs on and restores that at once under the new name (the
 /// machine's id) with an identity of its own; its workload, size and keys
-/// are the source's, which the row copied (`store::machines::branch`).
+/// are the source's, which the row copied (`store::fork::branch`).
 pub(super) async fn branch(broker: &broker::Client, row: &MachineRow, source: uuid::Uuid) -> Result<(), SessionError> {
     let vm = get_vm(broker, &source.to_string()).await?;
     let mut request = vm.branch_request();

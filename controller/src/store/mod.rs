@@ -8,6 +8,7 @@
 //! checking first in one statement and writing in another.
 
 pub mod drain;
+pub mod fork;
 pub mod hosts;
 pub mod machines;
 pub mod namespaces;
