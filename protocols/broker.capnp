@@ -34,6 +34,12 @@ interface Broker {
   # name (empty: the broker picks one), vsock CID, MAC and address, a copy
   # of the snapshot's disk, a reseeded RNG, the wall clock set, a new SSH
   # host key; `sshKeys` replace the snapshot's authorized keys if given.
+
+  forkVm @8 (snapshot :Text, count :UInt32, namePrefix :Text, sshKeys :List(Text)) -> (vms :List(Vm));
+  # `count` (1 to 64) NEW microVMs from `snapshot`, each as `restoreVm`
+  # makes one, named PREFIX-1..PREFIX-count (prefix empty: the snapshot's
+  # name, else its id's first 6 characters, then "-fork"). Refused before
+  # any starts when a name is taken or the host has no room for all.
 }
 
 struct SnapshotInfo {

@@ -106,7 +106,14 @@ impl Registry {
         ssh_keys: Vec<String>,
         caller: &str,
     ) -> Result<Rc<Vm>, BrokerError> {
-        let manifest = self.snapshots.find(snapshot)?;
+        let manifest = self.restorable(snapshot)?;
+        self.audit.record("restore", json!({ "caller": caller, "snapshot": manifest.id }));
+        self.create_from(restore_request(&manifest, name, ssh_keys), Some(&manifest), caller)
+    }
+
+    /// The snapshot `key` names, if this broker can restore it.
+    fn restorable(&self, key: &str) -> Result<SnapshotManifest, BrokerError> {
+        let manifest = self.snapshots.find(key)?;
         if manifest.base_image != self.config.builtin_image {
             return Err(SnapshotError::OtherBase {
                 id: manifest.id,
@@ -115,8 +122,65 @@ impl Registry {
             }
             .into());
         }
-        self.audit.record("restore", json!({ "caller": caller, "snapshot": manifest.id }));
-        self.create_from(restore_request(&manifest, name, ssh_keys), Some(&manifest), caller)
+        Ok(manifest)
+    }
+
+    /// `count` new microVMs from `snapshot` (see `forkVm` in
+    /// broker.capnp): every name and the memory for all of them are
+    /// checked first, so a fork that cannot be whole starts nothing.
+    pub fn fork(
+        &self,
+        snapshot: &str,
+        count: u32,
+        prefix: String,
+        ssh_keys: Vec<String>,
+        caller: &str,
+    ) -> Result<Vec<Rc<Vm>>, BrokerError> {
+        let manifest = self.restorable(snapshot)?;
+        if !(1..=MAX_FORK).contains(&count) {
+            return Err(BrokerError::BadSpec(format!("fork count {count}: must be 1 to {MAX_FORK}")));
+        }
+        let prefix = match prefix {
+            p if !p.is_empty() => p,
+            _ if !manifest.name.is_empty() => format!("{}-fork", manifest.name),
+            _ => format!("{}-fork", &manifest.id[..6.min(manifest.id.len())]),
+        };
+        let names: Vec<String> = (1..=count).map(|i| format!("{prefix}-{i}")).collect();
+        for name in &names {
+            if !valid_name(name) {
+                return Err(BrokerError::BadName(name.clone()));
+            }
+            if self.find(name).is_ok_and(|vm| vm.name() == *name) {
+                return Err(BrokerError::DuplicateName(name.clone()));
+            }
+        }
+        let wanted = u64::from(count) * u64::from(manifest.memory_mib);
+        let available = self.available_memory_mib();
+        if wanted > available {
+            return Err(BrokerError::NoMemory { wanted, available });
+        }
+        self.audit.record("fork", json!({ "caller": caller, "snapshot": manifest.id, "count": count }));
+        names
+            .into_iter()
+            .map(|name| self.create_from(restore_request(&manifest, name, ssh_keys.clone()), Some(&manifest), caller))
+            .collect()
+    }
+
+    /// Memory (MiB) a new microVM may still be given: guest RAM is touched
+    /// lazily, so MemAvailable alone would let microVMs promise more than
+    /// the host has; what running ones may still claim is counted against
+    /// MemTotal too.
+    fn available_memory_mib(&self) -> u64 {
+        let committed: u64 = self
+            .vms
+            .borrow()
+            .values()
+            .filter(|vm| vm.state().is_live())
+            .map(|vm| u64::from(vm.record().memory_mib))
+            .sum();
+        meminfo_mib("MemAvailable")
+            .min(meminfo_mib("MemTotal").saturating_sub(committed))
+            .saturating_sub(self.config.reserved_memory_mib)
     }
 
     /// A live copy of the running `source` (see `branch` in broker.capnp):
@@ -180,19 +244,7 @@ impl Registry {
             request.memory_mib = 256;
         }
         check_spec(&request)?;
-        // Guest RAM is touched lazily, so MemAvailable alone would let
-        // microVMs promise more than the host has: count what running
-        // ones may still claim against MemTotal too.
-        let committed: u64 = self
-            .vms
-            .borrow()
-            .values()
-            .filter(|vm| vm.state().is_live())
-            .map(|vm| u64::from(vm.record().memory_mib))
-            .sum();
-        let available = meminfo_mib("MemAvailable")
-            .min(meminfo_mib("MemTotal").saturating_sub(committed))
-            .saturating_sub(self.config.reserved_memory_mib);
+        let available = self.available_memory_mib();
         if u64::from(request.memory_mib) > available {
             return Err(BrokerError::NoMemory { wanted: request.memory_mib.into(), available });
         }
@@ -299,6 +351,9 @@ impl Registry {
         (3..).find(|cid| !used.contains(cid)).unwrap_or(3)
     }
 }
+
+/// Most clones one fork makes.
+pub const MAX_FORK: u32 = 64;
 
 /// The spec of a new microVM restored from `manifest`: the snapshot's
 /// shape and workload, its SSH keys unless others are given.

@@ -169,6 +169,26 @@ impl broker::Server for BrokerServer {
         Ok(())
     }
 
+    async fn fork_vm(
+        self: Rc<Self>,
+        params: broker::ForkVmParams,
+        mut results: broker::ForkVmResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let snapshot = text(params.get_snapshot()?)?;
+        let prefix = text(params.get_name_prefix()?)?;
+        let mut keys = Vec::new();
+        for key in params.get_ssh_keys()?.iter() {
+            keys.push(text(key?)?);
+        }
+        let vms = self.registry.fork(&snapshot, params.get_count(), prefix, keys, &self.caller).map_err(rpc_err)?;
+        let mut list = results.get().init_vms(vms.len() as u32);
+        for (i, vm) in vms.into_iter().enumerate() {
+            list.set(i as u32, capnp_rpc::new_client::<vm::Client, _>(VmServer::new(&self, vm)).client.hook);
+        }
+        Ok(())
+    }
+
     async fn version(
         self: Rc<Self>,
         _: broker::VersionParams,

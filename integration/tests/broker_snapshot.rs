@@ -92,6 +92,13 @@ fn allocated(path: &Path) -> u64 {
 fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String, String, String)]) {
     let snapshot_disk = broker.dir.path(&format!("state/snapshots/{id}/rw.ext4"));
     let disk_before = digest(&snapshot_disk);
+    // Refused before anything starts: a count of 0, an unknown snapshot.
+    let before = json(broker, &["ps", "-o", "json"]).as_array().unwrap().len();
+    let zero = broker.mmctl(&["fork", "s1", "--count", "0"], QUICK).unwrap();
+    assert_eq!(zero.status, Some(2), "count 0 is a usage error: {}", zero.stderr);
+    let unknown = broker.mmctl(&["fork", "no-such-snapshot", "--count", "2"], QUICK).unwrap();
+    assert_eq!(unknown.status, Some(3), "an unknown snapshot is not-found: {}", unknown.stderr);
+    assert_eq!(json(broker, &["ps", "-o", "json"]).as_array().unwrap().len(), before, "nothing was started");
     let clones = json(broker, &["fork", "s1", "--count", "4", "--name-prefix", "clone", "-o", "json"]);
     let names: Vec<String> = clones.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().into()).collect();
     assert_eq!(names, ["clone-1", "clone-2", "clone-3", "clone-4"], "{clones}");
@@ -124,6 +131,10 @@ fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String
     draws.sort();
     draws.dedup();
     assert_eq!(draws.len(), 4, "every clone's random stream is its own");
+    // A fork whose names are partly taken starts nothing.
+    let taken = broker.mmctl(&["fork", "s1", "--count", "6", "--name-prefix", "clone"], QUICK).unwrap();
+    assert_eq!(taken.status, Some(4), "a taken name is a conflict: {}", taken.stderr);
+    assert!(broker.mmctl(&["inspect", "clone-5"], QUICK).unwrap().status != Some(0), "clone-5 was started");
     // Nobody sees another's writes.
     for name in &names {
         let mine = sh(broker, name, "cat /run/m/mine /root/mine");
@@ -133,6 +144,25 @@ fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String
         sh(broker, vm, "test ! -e /run/m/mine && test ! -e /root/mine");
     }
     assert_eq!(digest(&snapshot_disk), disk_before, "a clone wrote the snapshot's disk");
+
+    // A clone's layered disk survives its back end's death: the broker
+    // starts a new one on the same base, layer and map, and the clone's
+    // writes before and after are there.
+    let rw_pid = |info: &Value| {
+        info["processes"].as_array().unwrap().iter().find(|p| p["role"] == "block-rw").unwrap()["pid"].as_i64().unwrap()
+    };
+    let killed = rw_pid(&json(broker, &["inspect", "clone-1", "-o", "json"]));
+    // SAFETY: kill(2) on a pid the broker reported as clone-1's disk
+    // process, which this test's broker started.
+    assert_eq!(unsafe { libc::kill(killed as i32, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + QUICK;
+    while rw_pid(&json(broker, &["inspect", "clone-1", "-o", "json"])) == killed {
+        assert!(std::time::Instant::now() < deadline, "clone-1's disk process was not replaced");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    sh(broker, "clone-1", "echo after-kill >> /root/mine && sync");
+    assert_eq!(sh(broker, "clone-1", "cat /root/mine"), "clone-1\nafter-kill\n");
+    assert_eq!(sh(broker, "clone-1", "tail -n 1 /root/big"), "2000000\n");
 
     // A snapshot of a clone: one flat, clean disk, whose restore sees the
     // clone's write.
@@ -149,7 +179,7 @@ fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String
     }
     mmctl_ok(broker, &["restore", "s-clone", "--name", "clone-again"]);
     wait_identity(broker, "clone-again");
-    assert_eq!(sh(broker, "clone-again", "cat /root/mine"), "clone-1\n");
+    assert_eq!(sh(broker, "clone-again", "cat /root/mine"), "clone-1\nafter-kill\n");
     mmctl_ok(broker, &["rm", "-f", "clone-again"]);
 }
 
@@ -172,9 +202,11 @@ fn branch_web(broker: &TestBroker, source: &(String, String, String)) {
     let log = mmctl_ok(broker, &["logs", "web-branch"]);
     let first = *ticks(&log).first().unwrap_or_else(|| panic!("the copy prints no ticks:\n{log}"));
     assert!(before < first && first <= after + 1, "the copy resumed at {first}, cut between {before}-{after}");
-    // The copy's writes are its own.
+    // Each side's writes after the cut are its own.
     sh(broker, "web-branch", "echo copy > /root/branch && sync");
+    sh(broker, "web", "echo source-after > /root/after-branch && sync");
     assert_eq!(sh(broker, "web", "cat /root/branch"), "before-branch\n");
+    sh(broker, "web-branch", "test ! -e /root/after-branch");
     let audit = mmctl_ok(broker, &["audit", "web"]);
     let line =
         audit.lines().find(|l| l.contains("\"branch\"")).unwrap_or_else(|| panic!("no branch snapshot:\n{audit}"));
@@ -182,6 +214,11 @@ fn branch_web(broker: &TestBroker, source: &(String, String, String)) {
     eprintln!("branch: web's vCPUs paused {pause_us} us");
     let snapshots = json(broker, &["snapshot", "ls", "-o", "json"]);
     assert!(snapshots.as_array().unwrap().iter().all(|s| s["kind"] != "branch"), "left behind: {snapshots}");
+    // Only a running microVM can be branched.
+    mmctl_ok(broker, &["stop", "web-branch"]);
+    let refused = broker.mmctl(&["branch", "web-branch"], QUICK).unwrap();
+    assert_ne!(refused.status, Some(0), "a stopped microVM was branched");
+    assert!(refused.stderr.contains("running"), "{}", refused.stderr);
     mmctl_ok(broker, &["rm", "-f", "web-branch"]);
 }
 

@@ -193,6 +193,7 @@ enum Verb {
     /// Start COUNT new microVMs from one snapshot: each is a restore of
     /// its own (own name, address, MAC, CID, entropy; its disk a
     /// copy-on-write child of the snapshot's), named PREFIX-1..PREFIX-COUNT.
+    /// Every name and the memory for all are checked before any starts.
     Fork {
         snapshot: String,
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]

@@ -153,10 +153,8 @@ async fn restore_one(broker: &broker::Client, snapshot: &str, name: &str, keys: 
     crate::info(&vm).await
 }
 
-/// `mmctl fork SNAPSHOT --count N`: N restores of one snapshot, named
-/// PREFIX-1..PREFIX-N. The broker serves them one after the other (a
-/// restore is tens of milliseconds); the first refusal stops the fork and
-/// says how many clones were made, which keep running.
+/// `mmctl fork SNAPSHOT --count N`: one `forkVm` call; the broker checks
+/// every name and the memory for all clones before it starts any.
 pub async fn fork(
     broker: &broker::Client,
     snapshot: &str,
@@ -165,27 +163,18 @@ pub async fn fork(
     keys: &[String],
     format: Format,
 ) -> Result<i32, CliError> {
-    let prefix = match prefix {
-        Some(p) => p.to_string(),
-        None => {
-            let manifest =
-                list(broker, "").await?.into_iter().find(|s| s.name == snapshot || s.id.starts_with(snapshot));
-            let stem = manifest
-                .map_or(snapshot.to_string(), |s| if s.name.is_empty() { s.id[..6].to_string() } else { s.name });
-            format!("{stem}-fork")
-        }
-    };
+    let mut request = broker.fork_vm_request();
+    request.get().set_snapshot(snapshot);
+    request.get().set_count(count);
+    request.get().set_name_prefix(prefix.unwrap_or(""));
+    let mut list = request.get().init_ssh_keys(keys.len() as u32);
+    for (i, key) in keys.iter().enumerate() {
+        list.set(i as u32, key);
+    }
+    let reply = request.send().promise.await?;
     let mut clones = Vec::new();
-    for i in 1..=count {
-        match restore_one(broker, snapshot, &format!("{prefix}-{i}"), keys).await {
-            Ok(info) => clones.push(info),
-            Err(e) if clones.is_empty() => return Err(e),
-            Err(e) => {
-                let made: Vec<&str> = clones.iter().map(|c| c.name.as_str()).collect();
-                let message = format!("clone {i} of {count}: {} (made and running: {})", e.message, made.join(", "));
-                return Err(CliError::new(e.code, message));
-            }
-        }
+    for vm in reply.get()?.get_vms()?.iter() {
+        clones.push(crate::info(&vm?).await?);
     }
     match format {
         Format::Json => output::print_list(&clones, format),
