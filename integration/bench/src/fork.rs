@@ -45,8 +45,9 @@ const QUICK: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Args)]
 pub struct ForkArgs {
-    /// Clones forked from the one snapshot.
-    #[arg(long, default_value_t = 4)]
+    /// Clones forked from the one snapshot (then as many single restores,
+    /// one after another, for comparison).
+    #[arg(long, default_value_t = 10)]
     pub count: u32,
     /// RAM of the source (and so of every clone), MiB.
     #[arg(long, default_value_t = 128)]
@@ -117,6 +118,15 @@ pub struct ForkReport {
     pub branch: Branch,
     /// The same `md5sum` in the source before the snapshot (all resident).
     pub source_read_ms: f64,
+    /// The source's cold boot: `mmctl run -d` spawned → its first exec
+    /// answered (what N cold boots would cost, N times over).
+    pub source_boot_ms: f64,
+    /// N single `mmctl restore`s after the clones are gone, one after
+    /// another, each spawned → its first exec answered.
+    pub restore_ms: Vec<f64>,
+    /// Idle Pss of the first of them (all its processes): the clones'
+    /// idle Pss summed over this is what forking N costs against one.
+    pub restored_pss_idle_kib: u64,
     /// `mmctl fork --count N`: spawn → exit (every clone restored and running).
     pub fork_ms: f64,
     pub clones: Vec<Clone>,
@@ -173,6 +183,27 @@ impl ForkReport {
             );
         }
         let _ = writeln!(out, "the source's own read of its working set: {:.0} ms", self.source_read_ms);
+        let n = self.clones.len();
+        let last_ready = self.clones.iter().map(|c| c.ready_ms).fold(0.0, f64::max);
+        let restores: f64 = self.restore_ms.iter().sum();
+        let _ = writeln!(
+            out,
+            "{n} clones answering: fork {:.1} s; {} single restores one after another {:.1} s; {n} cold boots \
+             ~{:.0} s (one took {:.1} s)",
+            last_ready / 1e3,
+            self.restore_ms.len(),
+            restores / 1e3,
+            self.source_boot_ms * n as f64 / 1e3,
+            self.source_boot_ms / 1e3
+        );
+        let clones_pss: u64 = self.clones.iter().map(|c| c.pss_idle_kib).sum();
+        let _ = writeln!(
+            out,
+            "idle Pss: {n} clones {:.1} MiB, one restored VM {:.1} MiB ({:.1}x)",
+            mib(clones_pss),
+            mib(self.restored_pss_idle_kib),
+            clones_pss as f64 / self.restored_pss_idle_kib.max(1) as f64
+        );
         let _ = writeln!(
             out,
             "host MemAvailable drop per clone: {:.1} MiB",
@@ -287,7 +318,10 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
          echo data-ready $(wc -c < /run/m/data) && while true; do sleep 5; done",
         u64::from(args.touch_mib) * 150_000
     );
+    let boot = Instant::now();
     mmctl_ok(broker, &["run", "-d", "--name", "source", "--memory", &memory, "--", "sh", "-c", &fill])?;
+    ready(broker, "source", args)?;
+    let source_boot_ms = boot.elapsed().as_secs_f64() * 1e3;
     broker.wait_for_log("source", "data-ready", Duration::from_secs(args.timeout_secs))?;
     let read = Instant::now();
     mmctl_ok(broker, &["exec", "source", "--", "md5sum", "/run/m/data"])?;
@@ -314,6 +348,9 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
         snapshot_pause_us: snapshot["pause_us"].as_u64().unwrap_or(0),
         branch,
         source_read_ms,
+        source_boot_ms,
+        restore_ms: Vec::new(),
+        restored_pss_idle_kib: 0,
         snapshot_memory_kib: snapshot["memory_bytes"].as_u64().unwrap_or(0) / 1024,
         snapshot_disk_kib: allocated_kib(&snapshot_disk),
         fork_ms,
@@ -325,10 +362,7 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
     let clones = clones.as_array().context("mmctl fork -o json is not a list")?;
     for clone in clones {
         let name = clone["name"].as_str().context("a clone without a name")?.to_string();
-        let answered = broker.exec_when_ready(&name, &["true"], Duration::from_secs(args.timeout_secs))?;
-        if answered.status != Some(0) {
-            bail!("{name} never answered an exec: {}", answered.stderr);
-        }
+        ready(broker, &name, args)?;
         let dir = broker.dir.path(&format!("state/vms/{}", clone["id"].as_str().unwrap_or_default()));
         let inode = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
         report.clones.push(Clone {
@@ -364,6 +398,31 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
     if others > 0 {
         report.warnings.push(format!("about {others} other VMM process(es) ran on this host"));
     }
+    // The same number of single restores, after the clones are gone.
+    let names: Vec<&str> = report.clones.iter().map(|c| c.name.as_str()).collect();
+    let mut rm = vec!["rm", "-f"];
+    rm.extend(names);
+    mmctl_ok(broker, &rm)?;
+    for i in 1..=args.count {
+        let name = format!("single-{i}");
+        let started = Instant::now();
+        mmctl_ok(broker, &["restore", "base", "--name", &name])?;
+        ready(broker, &name, args)?;
+        report.restore_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        if i == 1 {
+            std::thread::sleep(Duration::from_secs(2));
+            report.restored_pss_idle_kib = memory_of(broker, &name)?.1;
+        }
+    }
     report.loadavg_at_end = machine::loadavg();
     Ok(report)
+}
+
+/// Waits until `name` answers `exec … true`.
+fn ready(broker: &TestBroker, name: &str, args: &ForkArgs) -> Result<()> {
+    let answered = broker.exec_when_ready(name, &["true"], Duration::from_secs(args.timeout_secs))?;
+    if answered.status != Some(0) {
+        bail!("{name} never answered an exec: {}", answered.stderr);
+    }
+    Ok(())
 }
