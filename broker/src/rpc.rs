@@ -45,6 +45,11 @@ pub(crate) fn text(reader: capnp::text::Reader<'_>) -> Result<String, capnp::Err
     reader.to_string().map_err(|e| capnp::Error::failed(format!("invalid: text is not UTF-8: {e}")))
 }
 
+/// A list of texts (argv, SSH keys), each checked as [`text`].
+fn texts(list: capnp::text_list::Reader<'_>) -> Result<Vec<String>, capnp::Error> {
+    list.iter().map(|t| text(t?)).collect()
+}
+
 /// The bootstrap capability of one client connection.
 pub struct BrokerServer {
     pub registry: Rc<Registry>,
@@ -68,15 +73,11 @@ impl broker::Server for BrokerServer {
             cold: spec.get_cold(),
             ..CreateRequest::default()
         };
-        for arg in spec.get_command()?.iter() {
-            request.command.push(text(arg?)?);
-        }
+        request.command = texts(spec.get_command()?)?;
         for var in spec.get_env()?.iter() {
             request.env.push((text(var.get_name()?)?, text(var.get_value()?)?));
         }
-        for key in spec.get_ssh_keys()?.iter() {
-            request.ssh_keys.push(text(key?)?);
-        }
+        request.ssh_keys = texts(spec.get_ssh_keys()?)?;
         let vm = self.registry.create(request, &self.caller).map_err(rpc_err)?;
         results.get().set_vm(capnp_rpc::new_client(VmServer::new(&self, vm)));
         Ok(())
@@ -160,10 +161,7 @@ impl broker::Server for BrokerServer {
         let params = params.get()?;
         let snapshot = text(params.get_snapshot()?)?;
         let name = text(params.get_name()?)?;
-        let mut keys = Vec::new();
-        for key in params.get_ssh_keys()?.iter() {
-            keys.push(text(key?)?);
-        }
+        let keys = texts(params.get_ssh_keys()?)?;
         let vm = self.registry.restore(&snapshot, name, keys, &self.caller).map_err(rpc_err)?;
         results.get().set_vm(capnp_rpc::new_client(VmServer::new(&self, vm)));
         Ok(())
@@ -177,10 +175,7 @@ impl broker::Server for BrokerServer {
         let params = params.get()?;
         let snapshot = text(params.get_snapshot()?)?;
         let prefix = text(params.get_name_prefix()?)?;
-        let mut keys = Vec::new();
-        for key in params.get_ssh_keys()?.iter() {
-            keys.push(text(key?)?);
-        }
+        let keys = texts(params.get_ssh_keys()?)?;
         let vms = self.registry.fork(&snapshot, params.get_count(), prefix, keys, &self.caller).map_err(rpc_err)?;
         let mut list = results.get().init_vms(vms.len() as u32);
         for (i, vm) in vms.into_iter().enumerate() {
