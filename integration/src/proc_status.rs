@@ -116,7 +116,7 @@ pub fn mounts_for_args(args: &[String]) -> Vec<PathBuf> {
     for pair in args.windows(2) {
         let real = || std::fs::canonicalize(&pair[1]).unwrap_or_else(|_| PathBuf::from(&pair[1]));
         match pair[0].as_str() {
-            "--image" | "--kernel" | "--initrd" | "--restore-state" | "--restore-memory"
+            "--image" | "--base" | "--map" | "--kernel" | "--initrd" | "--restore-state" | "--restore-memory"
                 if !pair[1].starts_with("fd:") =>
             {
                 mounts.push(real())

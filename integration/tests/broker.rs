@@ -250,7 +250,12 @@ fn assert_vm_dir_layout(broker: &TestBroker, vm: &str) {
         assert_eq!(meta.mode() & 0o022, 0, "{what}: writable by group or others");
         match name.as_str() {
             "vsock" => assert!(meta.is_dir() && (meta.uid(), meta.mode() & 0o7777) == (vm_uid, 0o700), "{what}"),
-            "rw.ext4" => assert!(meta.is_file() && (meta.uid(), meta.mode() & 0o7777) == (vm_uid, 0o600), "{what}"),
+            // rw.map and base.ext4: a restored (warm-started) microVM's
+            // layered disk, its map the microVM's, its base read-only.
+            "rw.ext4" | "rw.map" => {
+                assert!(meta.is_file() && (meta.uid(), meta.mode() & 0o7777) == (vm_uid, 0o600), "{what}")
+            }
+            "base.ext4" => assert!(meta.is_file() && (meta.uid(), meta.mode() & 0o7777) == (0, 0o444), "{what}"),
             _ => {
                 assert_eq!((meta.uid(), meta.gid()), (0, 0), "{what}: not the broker's");
                 if meta.is_file() {
