@@ -5,32 +5,13 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mm_controller::auth::Role;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::fake_broker::{Certs, FakeBroker};
-use support::{Reply, Server, cluster_admin, serve_for_brokers, spec, token};
-
-/// Polls `path` until `done` holds (10 s).
-async fn until(s: &Server, path: &str, who: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = s.get(path, who).await;
-        if r.status == StatusCode::OK && done(&r.body) {
-            return r.body;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {:#}", r.body);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn started(s: &Server, who: &str, path: &str) -> Value {
-    let r = s.get(&format!("{path}/wait?state=started&timeout=10"), who).await;
-    assert_eq!(r.status, StatusCode::OK, "{:#}", r.body);
-    r.body
-}
+use support::fake_broker::FakeBroker;
+use support::{Server, cluster_admin, mmctl, post_keyed, serve_with_brokers, spec, started, token, until};
 
 fn machine_path(m: &Value) -> String {
     format!("/v1/namespaces/{}/machines/{}", m["namespace"].as_str().unwrap(), m["id"].as_str().unwrap())
@@ -41,14 +22,6 @@ fn machine_path(m: &Value) -> String {
 async fn names(s: &Server, who: &str) -> Vec<String> {
     let list = s.get("/v1/namespaces/prod/machines?page_size=500", who).await;
     list.body["machines"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect()
-}
-
-async fn post_keyed(s: &Server, who: &str, path: &str, body: Value, key: Option<&str>) -> Reply {
-    let mut request = s.request(Method::POST, path).bearer_auth(who).json(&body);
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    s.send(request).await
 }
 
 /// Two brokers; a started machine `web` (on whichever host the scheduler
@@ -72,11 +45,8 @@ fn broker_of<'a>(host: &str, h1: &'a FakeBroker, h2: &'a FakeBroker) -> (&'a Fak
 /// the snapshot by its broker; the default prefix; Idempotency-Key replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_makes_machines_on_the_snapshots_host() {
-    let certs = Certs::make(&["h1", "h2"]);
-    let s = serve_for_brokers(&certs).await;
+    let (_certs, s, [h1, h2]) = serve_with_brokers(["h1", "h2"]).await;
     let root = cluster_admin();
-    let h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
-    let h2 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h2", 8, 8192);
     let (web, sid) = with_snapshot(&s, &root).await;
     let host = web["host"].as_str().unwrap();
     let (there, elsewhere) = broker_of(host, &h1, &h2);
@@ -121,11 +91,8 @@ async fn fork_makes_machines_on_the_snapshots_host() {
 /// an invalid request leave nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_that_cannot_be_made_whole_makes_nothing() {
-    let certs = Certs::make(&["h1", "h2"]);
-    let s = serve_for_brokers(&certs).await;
+    let (_certs, s, [h1, h2]) = serve_with_brokers(["h1", "h2"]).await;
     let root = cluster_admin();
-    let h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
-    let h2 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h2", 8, 8192);
     let (web, sid) = with_snapshot(&s, &root).await;
     let host = web["host"].as_str().unwrap().to_owned();
     let fork = format!("/v1/namespaces/prod/snapshots/{sid}/fork");
@@ -184,11 +151,8 @@ async fn a_fork_that_cannot_be_made_whole_makes_nothing() {
 /// machine; default names; Idempotency-Key; refusals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branch_of_a_running_machine() {
-    let certs = Certs::make(&["h1", "h2"]);
-    let s = serve_for_brokers(&certs).await;
+    let (_certs, s, [h1, h2]) = serve_with_brokers(["h1", "h2"]).await;
     let root = cluster_admin();
-    let h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
-    let h2 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h2", 8, 8192);
     s.namespace(&root, "prod").await;
     let operator = token("op", &[("prod", Role::Operator)], false);
     let mut body = spec("web");
@@ -274,10 +238,8 @@ async fn branch_of_a_running_machine() {
 /// or nowhere; a read-only token may neither fork nor branch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branch_and_fork_refusals() {
-    let certs = Certs::make(&["h1"]);
-    let s = serve_for_brokers(&certs).await;
+    let (_certs, s, [h1]) = serve_with_brokers(["h1"]).await;
     let root = cluster_admin();
-    let h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
     let (web, sid) = with_snapshot(&s, &root).await;
     let path = machine_path(&web);
     let viewer = token("v", &[("prod", Role::Viewer)], false);
@@ -324,26 +286,12 @@ async fn branch_and_fork_refusals() {
     assert_eq!(ok.status, StatusCode::CREATED, "{:#}", ok.body);
 }
 
-/// `mmctl --server ARGS` in namespace `prod` as `token`; (exit code,
-/// stdout, stderr).
-async fn mmctl(s: &Server, token: &str, args: &[&str]) -> (i32, String, String) {
-    let mut command = std::process::Command::new(support::mmctl_binary());
-    command.arg("--server").arg(&s.base).args(["-n", "prod"]).args(args);
-    command.env("MM_TOKEN", token).env_remove("MM_SERVER").env_remove("MM_NAMESPACE");
-    command.stdin(std::process::Stdio::null());
-    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
-    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
-    (out.status.code().expect("mmctl exited"), text(out.stdout), text(out.stderr))
-}
-
 /// `mmctl --server fork` and `branch`, printed as the local verbs print
 /// them, returning once the machines are started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mmctl_fork_and_branch_through_the_controller() {
-    let certs = Certs::make(&["h1"]);
-    let s = serve_for_brokers(&certs).await;
+    let (_certs, s, [h1]) = serve_with_brokers(["h1"]).await;
     let root = cluster_admin();
-    let h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
     let (web, sid) = with_snapshot(&s, &root).await;
 
     // By name, with a prefix; by id prefix without one.

@@ -7,34 +7,14 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mm_controller::auth::Role;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::fake_broker::{Certs, FakeBroker};
-use support::{Reply, Server, cluster_admin, serve_for_brokers, spec, token};
+use support::{Reply, Server, cluster_admin, mmctl, post_keyed, serve_with_brokers, spec, started, token, until};
 
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOriginal test@example";
-
-/// Polls `path` until `done` holds (10 s).
-async fn until(s: &Server, path: &str, who: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = s.get(path, who).await;
-        if r.status == StatusCode::OK && done(&r.body) {
-            return r.body;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {:#}", r.body);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn started(s: &Server, who: &str, path: &str) -> Value {
-    let r = s.get(&format!("{path}/wait?state=started&timeout=10"), who).await;
-    assert_eq!(r.status, StatusCode::OK, "{:#}", r.body);
-    r.body
-}
 
 /// Every reason in the machine's events.
 async fn reasons(s: &Server, who: &str, path: &str) -> Vec<String> {
@@ -42,20 +22,15 @@ async fn reasons(s: &Server, who: &str, path: &str) -> Vec<String> {
     events["events"].as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap().to_owned()).collect()
 }
 
+/// Takes a snapshot of the machine at `path`.
 async fn snapshot_request(s: &Server, who: &str, path: &str, body: Value, key: Option<&str>) -> Reply {
-    let mut request = s.request(Method::POST, &format!("{path}/snapshots")).bearer_auth(who).json(&body);
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    s.send(request).await
+    post_keyed(s, who, &format!("{path}/snapshots"), body, key).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_and_suspend_through_a_broker() {
-    let certs = Certs::make(&["h1"]);
-    let s = serve_for_brokers(&certs).await;
+    let (_certs, s, [h1]) = serve_with_brokers(["h1"]).await;
     let root = cluster_admin();
-    let h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
     s.namespace(&root, "prod").await;
     let operator = token("op", &[("prod", Role::Operator)], false);
     let viewer = token("v", &[("prod", Role::Viewer)], false);
@@ -208,10 +183,8 @@ async fn snapshot_restore_and_suspend_through_a_broker() {
 /// together, which is refused at create (422), not at boot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_whose_keys_overflow_the_kernel_command_line_is_refused() {
-    let certs = Certs::make(&["h1"]);
-    let s = serve_for_brokers(&certs).await;
+    let (_certs, s, [_h1]) = serve_with_brokers(["h1"]).await;
     let root = cluster_admin();
-    let _h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
     s.namespace(&root, "prod").await;
     let mut web = spec("web");
     web["config"]["env"] = json!({ "BIG": "x".repeat(900) });
@@ -239,11 +212,9 @@ async fn a_restore_whose_keys_overflow_the_kernel_command_line_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_through_another_controller() {
-    let certs = Certs::make(&["h1"]);
-    let home = serve_for_brokers(&certs).await;
+    let (_certs, home, [_h1]) = serve_with_brokers(["h1"]).await;
     let peer = support::serve_with(&home.database_url, |_| {}).await;
     let root = cluster_admin();
-    let _h1 = FakeBroker::start(home.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
     // What `--advertise-url` would have written at registration.
     let url = home.database_url.clone();
     let base = home.base.clone();
@@ -270,26 +241,12 @@ async fn snapshots_through_another_controller() {
     assert_eq!(home.get("/v1/namespaces/prod/snapshots", &root).await.body["snapshots"], json!([]));
 }
 
-/// `mmctl --server ARGS` in namespace `prod` as `token`; (exit code,
-/// stdout, stderr).
-async fn mmctl(s: &Server, token: &str, args: &[&str]) -> (i32, String, String) {
-    let mut command = std::process::Command::new(support::mmctl_binary());
-    command.arg("--server").arg(&s.base).args(["-n", "prod"]).args(args);
-    command.env("MM_TOKEN", token).env_remove("MM_SERVER").env_remove("MM_NAMESPACE");
-    command.stdin(std::process::Stdio::null());
-    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
-    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
-    (out.status.code().expect("mmctl exited"), text(out.stdout), text(out.stderr))
-}
-
 /// mmctl's snapshot verbs through the controller: `snapshot create|ls|rm|gc`,
 /// `restore` and `suspend`, printed as locally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mmctl_snapshot_verbs_through_the_controller() {
-    let certs = Certs::make(&["h1"]);
-    let s = serve_for_brokers(&certs).await;
+    let (certs, s, [h1]) = serve_with_brokers(["h1"]).await;
     let root = cluster_admin();
-    let h1 = FakeBroker::start(s.controller.broker_addr().unwrap(), &certs, "h1", 8, 8192);
     s.namespace(&root, "prod").await;
     let mut web = spec("web");
     web["config"]["ssh_keys"] = json!([KEY]);

@@ -13,11 +13,11 @@ use diesel::prelude::*;
 use uuid::Uuid;
 
 use super::machines::{
-    CreateMachine, Created, check_name_free, get, get_for_update, insert_new, lock_placement, namespace_exists, record,
-    remember_key, replay,
+    CreateMachine, Created, Made, Workload, check_name_free, get, get_for_update, insert_created, insert_new,
+    lock_placement, namespace_exists, remember_key, replay,
 };
 use super::{StoreError, hosts};
-use crate::db::models::{MachineRow, NewMachine, SnapshotRow, string_map};
+use crate::db::models::{MachineRow, SnapshotRow, string_list, string_map};
 use crate::db::schema::{fork_idempotency_keys, machines};
 use crate::machine::MachineState;
 use crate::scheduler::{self, Request};
@@ -206,32 +206,23 @@ pub fn branch(conn: &mut PgConnection, req: Branch) -> Result<Created, StoreErro
         if let Err(why) = scheduler::place(&there, request) {
             return Err(StoreError::BranchHost { machine: source.name, host, why: Box::new(why) });
         }
-        let id = Uuid::new_v4();
-        let row = diesel::insert_into(machines::table)
-            .values(NewMachine {
-                id,
-                namespace: req.namespace.clone(),
-                name,
-                state: MachineState::Created.as_str().to_owned(),
-                image: source.image.clone(),
-                cpus: source.cpus,
-                memory_mb: source.memory_mb,
-                env: source.env.clone(),
-                labels: source.labels.clone(),
-                host_labels: source.host_labels.clone(),
-                host_name: Some(host.clone()),
-                command: source.command.clone(),
-                ssh_keys: source.ssh_keys.clone(),
-                from_snapshot: None,
-                branch_of: Some(source.id),
-            })
-            .returning(MachineRow::as_returning())
-            .get_result(conn)?;
         let reason =
             format!("branched from machine {} ({}); placed on host {host}, where it runs", source.name, source.id);
-        record(conn, id, "created", None, &reason)?;
+        let made = Made {
+            id: Uuid::new_v4(),
+            namespace: &req.namespace,
+            name,
+            host: &host,
+            workload: Workload::of(&source),
+            ssh_keys: string_list(&source.ssh_keys),
+            labels: &string_map(&source.labels),
+            host_labels: &host_labels,
+            from_snapshot: None,
+            branch_of: Some(source.id),
+        };
+        let row = insert_created(conn, made, &reason)?;
         if let Some((key, digest)) = &req.idempotency {
-            remember_key(conn, &req.namespace, key, digest, id)?;
+            remember_key(conn, &req.namespace, key, digest, row.id)?;
         }
         Ok(Created::New(row))
     })

@@ -31,6 +31,19 @@ pub struct Workload {
     pub command: Vec<String>,
 }
 
+impl Workload {
+    /// What machine `row` runs, as recorded.
+    pub fn of(row: &MachineRow) -> Workload {
+        Workload {
+            image: row.image.clone(),
+            cpus: row.cpus,
+            memory_mb: row.memory_mb,
+            env: string_map(&row.env),
+            command: string_list(&row.command),
+        }
+    }
+}
+
 /// A validated create request.
 #[derive(Debug, Clone)]
 pub struct CreateMachine {
@@ -192,31 +205,64 @@ pub(super) fn insert_new(conn: &mut PgConnection, req: &CreateMachine) -> Result
         }
         None => scheduler::place(&capacity, request)?.name.clone(),
     };
-    let row = diesel::insert_into(machines::table)
-        .values(NewMachine {
-            id,
-            namespace: req.namespace.clone(),
-            name,
-            state: MachineState::Created.as_str().to_owned(),
-            image: workload.image,
-            cpus: workload.cpus,
-            memory_mb: workload.memory_mb,
-            env: json_map(&workload.env),
-            labels: json_map(&req.labels),
-            host_labels: json_map(&req.host_labels),
-            host_name: Some(host.clone()),
-            command: serde_json::json!(workload.command),
-            ssh_keys: serde_json::json!(ssh_keys),
-            from_snapshot: req.from_snapshot.clone(),
-            branch_of: None,
-        })
-        .returning(MachineRow::as_returning())
-        .get_result(conn)?;
     let reason = match &req.from_snapshot {
         Some(snapshot) => format!("created from snapshot {snapshot}; placed on host {host}, which holds it"),
         None => format!("created; placed on host {host}"),
     };
-    record(conn, id, "created", None, &reason)?;
+    let made = Made {
+        id,
+        namespace: &req.namespace,
+        name,
+        host: &host,
+        workload,
+        ssh_keys,
+        labels: &req.labels,
+        host_labels: &req.host_labels,
+        from_snapshot: req.from_snapshot.clone(),
+        branch_of: None,
+    };
+    insert_created(conn, made, &reason)
+}
+
+/// A machine made and placed, about to be recorded (see `insert_created`).
+pub(super) struct Made<'a> {
+    pub id: Uuid,
+    pub namespace: &'a str,
+    pub name: String,
+    pub host: &'a str,
+    pub workload: Workload,
+    pub ssh_keys: Vec<String>,
+    pub labels: &'a BTreeMap<String, String>,
+    pub host_labels: &'a BTreeMap<String, String>,
+    pub from_snapshot: Option<String>,
+    pub branch_of: Option<Uuid>,
+}
+
+/// The end of every create (a boot, a restore, a fork's clone, a branch),
+/// inside the caller's transaction: the machine's row, in state `created`
+/// on its host, and its first event, `reason`.
+pub(super) fn insert_created(conn: &mut PgConnection, made: Made<'_>, reason: &str) -> Result<MachineRow, StoreError> {
+    let row = diesel::insert_into(machines::table)
+        .values(NewMachine {
+            id: made.id,
+            namespace: made.namespace.to_owned(),
+            name: made.name,
+            state: MachineState::Created.as_str().to_owned(),
+            image: made.workload.image,
+            cpus: made.workload.cpus,
+            memory_mb: made.workload.memory_mb,
+            env: json_map(&made.workload.env),
+            labels: json_map(made.labels),
+            host_labels: json_map(made.host_labels),
+            host_name: Some(made.host.to_owned()),
+            command: serde_json::json!(made.workload.command),
+            ssh_keys: serde_json::json!(made.ssh_keys),
+            from_snapshot: made.from_snapshot,
+            branch_of: made.branch_of,
+        })
+        .returning(MachineRow::as_returning())
+        .get_result(conn)?;
+    record(conn, made.id, "created", None, reason)?;
     Ok(row)
 }
 
@@ -236,13 +282,7 @@ pub fn restored_workload(
             snapshot.id, snapshot.kind
         )));
     }
-    let restored = Workload {
-        image: source.image.clone(),
-        cpus: snapshot.cpus,
-        memory_mb: snapshot.memory_mb,
-        env: string_map(&source.env),
-        command: string_list(&source.command),
-    };
+    let restored = Workload { cpus: snapshot.cpus, memory_mb: snapshot.memory_mb, ..Workload::of(source) };
     let Some(given) = config else { return Ok(restored) };
     let differs = |what: &str, theirs: String| {
         StoreError::Invalid(format!(

@@ -95,6 +95,19 @@ pub async fn serve_for_brokers(certs: &fake_broker::Certs) -> Server {
     serve_with(&url, |c| c.broker_listen = Some(certs.listen())).await
 }
 
+/// A controller on a fresh database and a stand-in broker (8 vCPUs,
+/// 8 GiB) registered for each of `hosts`; the certificates they share must
+/// outlive them, so they are returned too.
+pub async fn serve_with_brokers<const N: usize>(
+    hosts: [&str; N],
+) -> (fake_broker::Certs, Server, [fake_broker::FakeBroker; N]) {
+    let certs = fake_broker::Certs::make(&hosts);
+    let s = serve_for_brokers(&certs).await;
+    let addr = s.controller.broker_addr().unwrap();
+    let brokers = hosts.map(|host| fake_broker::FakeBroker::start(addr, &certs, host, 8, 8192));
+    (certs, s, brokers)
+}
+
 /// A controller on a fresh database.
 pub async fn serve() -> Server {
     let url = tokio::task::spawn_blocking(pg::fresh_database).await.unwrap();
@@ -200,6 +213,49 @@ pub async fn seed_snapshot(
     })
     .await
     .unwrap();
+}
+
+/// POSTs `body` to `path` as `who`, with `key` as its `Idempotency-Key`
+/// if any.
+pub async fn post_keyed(s: &Server, who: &str, path: &str, body: Value, key: Option<&str>) -> Reply {
+    let mut request = s.request(Method::POST, path).bearer_auth(who).json(&body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    s.send(request).await
+}
+
+/// Polls `path` until `done` holds (10 s).
+pub async fn until(s: &Server, path: &str, who: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = s.get(path, who).await;
+        if r.status == StatusCode::OK && done(&r.body) {
+            return r.body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: still {:#}", r.body);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (10 s) for the machine at `path` to be started, asserting it is;
+/// returns it.
+pub async fn started(s: &Server, who: &str, path: &str) -> Value {
+    let r = s.get(&format!("{path}/wait?state=started&timeout=10"), who).await;
+    assert_eq!(r.status, StatusCode::OK, "{:#}", r.body);
+    r.body
+}
+
+/// `mmctl --server ARGS` in namespace `prod` as `token`; (exit code,
+/// stdout, stderr).
+pub async fn mmctl(s: &Server, token: &str, args: &[&str]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(mmctl_binary());
+    command.arg("--server").arg(&s.base).args(["-n", "prod"]).args(args);
+    command.env("MM_TOKEN", token).env_remove("MM_SERVER").env_remove("MM_NAMESPACE");
+    command.stdin(std::process::Stdio::null());
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (out.status.code().expect("mmctl exited"), text(out.stdout), text(out.stderr))
 }
 
 /// A small machine spec.
