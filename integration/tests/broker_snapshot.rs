@@ -131,10 +131,15 @@ fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String
     draws.sort();
     draws.dedup();
     assert_eq!(draws.len(), 4, "every clone's random stream is its own");
-    // A fork whose names are partly taken starts nothing.
-    let taken = broker.mmctl(&["fork", "s1", "--count", "6", "--name-prefix", "clone"], QUICK).unwrap();
+    // A fork whose last name is taken starts nothing (without the
+    // broker's check up front, late-1 and late-2 would start first).
+    mmctl_ok(broker, &["restore", "s1", "--name", "late-3"]);
+    let taken = broker.mmctl(&["fork", "s1", "--count", "3", "--name-prefix", "late"], QUICK).unwrap();
     assert_eq!(taken.status, Some(4), "a taken name is a conflict: {}", taken.stderr);
-    assert!(broker.mmctl(&["inspect", "clone-5"], QUICK).unwrap().status != Some(0), "clone-5 was started");
+    for name in ["late-1", "late-2"] {
+        assert_ne!(broker.mmctl(&["inspect", name], QUICK).unwrap().status, Some(0), "{name} was started");
+    }
+    mmctl_ok(broker, &["rm", "-f", "late-3"]);
     // Nobody sees another's writes.
     for name in &names {
         let mine = sh(broker, name, "cat /run/m/mine /root/mine");
