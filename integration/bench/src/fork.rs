@@ -124,8 +124,9 @@ pub struct ForkReport {
     /// N single `mmctl restore`s after the clones are gone, one after
     /// another, each spawned → its first exec answered.
     pub restore_ms: Vec<f64>,
-    /// Idle Pss of the first of them (all its processes): the clones'
-    /// idle Pss summed over this is what forking N costs against one.
+    /// Idle Pss of the first of them (all its processes), sampled once all
+    /// are up, as the clones were: the clones' idle Pss summed over this
+    /// is what forking N costs against one.
     pub restored_pss_idle_kib: u64,
     /// `mmctl fork --count N`: spawn → exit (every clone restored and running).
     pub fork_ms: f64,
@@ -319,7 +320,8 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
         u64::from(args.touch_mib) * 150_000
     );
     let boot = Instant::now();
-    mmctl_ok(broker, &["run", "-d", "--name", "source", "--memory", &memory, "--", "sh", "-c", &fill])?;
+    // --cold: a boot, not a warm start from the broker's cache.
+    mmctl_ok(broker, &["run", "-d", "--cold", "--name", "source", "--memory", &memory, "--", "sh", "-c", &fill])?;
     ready(broker, "source", args)?;
     let source_boot_ms = boot.elapsed().as_secs_f64() * 1e3;
     broker.wait_for_log("source", "data-ready", Duration::from_secs(args.timeout_secs))?;
@@ -409,11 +411,10 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
         mmctl_ok(broker, &["restore", "base", "--name", &name])?;
         ready(broker, &name, args)?;
         report.restore_ms.push(started.elapsed().as_secs_f64() * 1e3);
-        if i == 1 {
-            std::thread::sleep(Duration::from_secs(2));
-            report.restored_pss_idle_kib = memory_of(broker, &name)?.1;
-        }
     }
+    // Sampled as the clones were: once all are up, after 2 s.
+    std::thread::sleep(Duration::from_secs(2));
+    report.restored_pss_idle_kib = memory_of(broker, "single-1")?.1;
     report.loadavg_at_end = machine::loadavg();
     Ok(report)
 }
