@@ -340,11 +340,17 @@ pub fn own_vm_dirs(dir: &Path, uid: u32) -> std::io::Result<()> {
     crate::safe_fs::own_dir(&dir.join(VSOCK_DIR), uid, uid).map(drop)
 }
 
+/// Whether the microVM in `dir` has a layered disk (restored from a
+/// snapshot: [`BASE_DISK`] under [`WRITABLE_DISK`], with [`DISK_MAP`]).
+pub fn has_layered_disk(dir: &Path) -> bool {
+    std::fs::symlink_metadata(dir.join(BASE_DISK)).is_ok()
+}
+
 /// The writable disk's back-end flags: the file, and for a layered disk
 /// its read-only base and map too.
 fn writable_disk_args(dir: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--image".into(), dir.join(WRITABLE_DISK).into()];
-    if std::fs::symlink_metadata(dir.join(BASE_DISK)).is_ok() {
+    if has_layered_disk(dir) {
         args.extend(["--base".into(), dir.join(BASE_DISK).into(), "--map".into(), dir.join(DISK_MAP).into()]);
     }
     args.extend(["--serial".into(), "rw".into()]);
@@ -404,7 +410,7 @@ pub fn prepare_vm_dir(dir: &Path, uid: u32, resume_from: Option<&Path>) -> std::
         }
         std::fs::rename(&tmp, &target)?;
     }
-    if std::fs::symlink_metadata(dir.join(BASE_DISK)).is_ok() {
+    if has_layered_disk(dir) {
         safe_fs::hand_over(&dir.join(DISK_MAP), uid, uid)?;
     }
     safe_fs::hand_over(&target, uid, uid).map(drop)

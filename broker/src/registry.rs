@@ -147,12 +147,7 @@ impl Registry {
         };
         let names: Vec<String> = (1..=count).map(|i| format!("{prefix}-{i}")).collect();
         for name in &names {
-            if !valid_name(name) {
-                return Err(BrokerError::BadName(name.clone()));
-            }
-            if self.find(name).is_ok_and(|vm| vm.name() == *name) {
-                return Err(BrokerError::DuplicateName(name.clone()));
-            }
+            self.check_new_name(name)?;
         }
         let wanted = u64::from(count) * u64::from(manifest.memory_mib);
         let available = self.available_memory_mib();
@@ -164,6 +159,18 @@ impl Registry {
             .into_iter()
             .map(|name| self.create_from(restore_request(&manifest, name, ssh_keys.clone()), Some(&manifest), caller))
             .collect()
+    }
+
+    /// Whether `name` may name a new microVM: well formed, and no microVM
+    /// has it (an id prefix that matches is no conflict).
+    fn check_new_name(&self, name: &str) -> Result<(), BrokerError> {
+        if !valid_name(name) {
+            return Err(BrokerError::BadName(name.to_string()));
+        }
+        if self.find(name).is_ok_and(|vm| vm.name() == name) {
+            return Err(BrokerError::DuplicateName(name.to_string()));
+        }
+        Ok(())
     }
 
     /// Memory (MiB) a new microVM may still be given: guest RAM is touched
@@ -197,12 +204,7 @@ impl Registry {
         } else {
             name
         };
-        if !valid_name(&name) {
-            return Err(BrokerError::BadName(name));
-        }
-        if self.find(&name).is_ok_and(|vm| vm.name() == name) {
-            return Err(BrokerError::DuplicateName(name));
-        }
+        self.check_new_name(&name)?;
         let manifest = source.snapshot(&self.snapshots, random_id()?, String::new(), SnapshotKind::Branch, caller)?;
         self.audit.record("branch", json!({ "caller": caller, "source": manifest.vm_id, "snapshot": manifest.id }));
         let created = self.create_from(restore_request(&manifest, name, Vec::new()), Some(&manifest), caller);
@@ -259,12 +261,7 @@ impl Registry {
         if request.name.is_empty() {
             request.name = format!("vm-{}", &id[..6]);
         }
-        if !valid_name(&request.name) {
-            return Err(BrokerError::BadName(request.name));
-        }
-        if self.find(&request.name).is_ok_and(|vm| vm.name() == request.name) {
-            return Err(BrokerError::DuplicateName(request.name));
-        }
+        self.check_new_name(&request.name)?;
         // Warm start: restore this image's post-boot snapshot, or become it.
         let warm = match (&self.config.warm_cache, snapshot, request.cold) {
             (Some(dir), None, false) => {

@@ -25,7 +25,7 @@ use mm_protocols::vmm_control::{ControlError, SnapshotReport, VmmClient};
 use serde::{Deserialize, Serialize};
 
 use crate::BrokerError;
-use crate::launch::{BASE_DISK, DISK_MAP, WRITABLE_DISK};
+use crate::launch::{BASE_DISK, DISK_MAP, WRITABLE_DISK, has_layered_disk};
 use crate::record::VmRecord;
 
 pub const STATE_FILE: &str = "vm.state";
@@ -124,11 +124,10 @@ pub fn copy_disk(from: &Path, to: &Path) -> std::io::Result<()> {
 /// disk, or, for a layered one (a restored microVM), its base with its
 /// layer applied, so no snapshot depends on another.
 fn save_disk(vm_dir: &Path, to: &Path) -> std::io::Result<()> {
-    let base = vm_dir.join(BASE_DISK);
-    if std::fs::symlink_metadata(&base).is_err() {
+    if !has_layered_disk(vm_dir) {
         return copy_disk(&vm_dir.join(WRITABLE_DISK), to);
     }
-    mm_overlay::flatten(&base, &vm_dir.join(WRITABLE_DISK), &vm_dir.join(DISK_MAP), to)
+    mm_overlay::flatten(&vm_dir.join(BASE_DISK), &vm_dir.join(WRITABLE_DISK), &vm_dir.join(DISK_MAP), to)
         .map(drop)
         .map_err(std::io::Error::other)
 }

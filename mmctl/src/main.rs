@@ -297,14 +297,8 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 spec.set_memory_mib(memory);
                 spec.set_auto_remove(rm);
                 spec.set_cold(cold);
-                let mut list = spec.reborrow().init_command(command.len() as u32);
-                for (i, arg) in command.iter().enumerate() {
-                    list.set(i as u32, arg);
-                }
-                let mut list = spec.reborrow().init_ssh_keys(keys.len() as u32);
-                for (i, key) in keys.iter().enumerate() {
-                    list.set(i as u32, key);
-                }
+                snapshots::fill_texts(spec.reborrow().init_command(command.len() as u32), &command);
+                snapshots::fill_texts(spec.reborrow().init_ssh_keys(keys.len() as u32), &keys);
                 let mut vars = spec.init_env(env.len() as u32);
                 for (i, (k, v)) in env.iter().enumerate() {
                     let mut var = vars.reborrow().get(i as u32);

@@ -133,7 +133,12 @@ pub async fn restore(
     keys: &[String],
     format: Format,
 ) -> Result<i32, CliError> {
-    let info = restore_one(broker, snapshot, name.unwrap_or(""), keys).await?;
+    let mut request = broker.restore_vm_request();
+    request.get().set_snapshot(snapshot);
+    request.get().set_name(name.unwrap_or(""));
+    fill_texts(request.get().init_ssh_keys(keys.len() as u32), keys);
+    let vm = request.send().promise.await?.get()?.get_vm()?;
+    let info = crate::info(&vm).await?;
     match format {
         Format::Json => output::print_one(&info, format),
         Format::Table => println!("{}", info.name),
@@ -141,16 +146,11 @@ pub async fn restore(
     Ok(0)
 }
 
-async fn restore_one(broker: &broker::Client, snapshot: &str, name: &str, keys: &[String]) -> Result<VmInfo, CliError> {
-    let mut request = broker.restore_vm_request();
-    request.get().set_snapshot(snapshot);
-    request.get().set_name(name);
-    let mut list = request.get().init_ssh_keys(keys.len() as u32);
-    for (i, key) in keys.iter().enumerate() {
-        list.set(i as u32, key);
+/// Fills a Cap'n Proto text list (sized for `texts`): argv, SSH keys.
+pub fn fill_texts(mut list: capnp::text_list::Builder<'_>, texts: &[String]) {
+    for (i, text) in texts.iter().enumerate() {
+        list.set(i as u32, text);
     }
-    let vm = request.send().promise.await?.get()?.get_vm()?;
-    crate::info(&vm).await
 }
 
 /// `mmctl fork SNAPSHOT --count N`: one `forkVm` call; the broker checks
@@ -167,10 +167,7 @@ pub async fn fork(
     request.get().set_snapshot(snapshot);
     request.get().set_count(count);
     request.get().set_name_prefix(prefix.unwrap_or(""));
-    let mut list = request.get().init_ssh_keys(keys.len() as u32);
-    for (i, key) in keys.iter().enumerate() {
-        list.set(i as u32, key);
-    }
+    fill_texts(request.get().init_ssh_keys(keys.len() as u32), keys);
     let reply = request.send().promise.await?;
     let mut clones = Vec::new();
     for vm in reply.get()?.get_vms()?.iter() {
