@@ -61,6 +61,11 @@ struct SnapshotReport {
   pausedUs @3 :UInt64;        # since `pause` took effect, so far; for
                               # snapshotRunning, the vCPUs' pause (the cut)
   dirtyPages @4 :UInt64;      # snapshotRunning: pages copied again in the cut
+  devicePages @5 :UInt64;     # snapshotRunning: of those, pages the device
+                              # back ends wrote (their vhost-user dirty log)
+  ioRunUs @6 :UInt64;         # snapshotRunning: how long the devices kept
+                              # serving the guest after the request (the copy
+                              # beside a logging back end); 0: held from the start
 }
 
 struct VmmStatus {

@@ -74,7 +74,8 @@ pub struct SnapshotManifest {
     pub pause_us: u64,
     pub save_us: u64,
     /// A running VM's snapshot: how long its I/O waited (devices quiesced
-    /// from the start of the copy until the disk copy was done).
+    /// until the disk copy was done: from the cut when their back ends log
+    /// their writes, else from the start of the memory copy).
     #[serde(default)]
     pub io_held_us: u64,
 }
@@ -146,10 +147,12 @@ pub fn take(
     let began = Instant::now();
     let taken = take_with(control, vm_dir, tmp, manifest, |c, s, m| c.snapshot_running(s, m));
     let resumed = control.resume();
-    let io_held_us = began.elapsed().as_micros() as u64;
-    let mut manifest = taken?;
+    let since_request_us = began.elapsed().as_micros() as u64;
+    let (mut manifest, report) = taken?;
     resumed.map_err(|e| SnapshotError::Vmm(format!("resume: {e}")))?;
-    manifest.io_held_us = io_held_us;
+    // Devices whose back ends logged their writes served the guest during
+    // mm-vmm's copy, and were held only from the cut.
+    manifest.io_held_us = since_request_us.saturating_sub(report.io_run_us);
     write_manifest(tmp, &manifest).map_err(BrokerError::io("writing the snapshot manifest"))?;
     Ok(manifest)
 }
@@ -163,18 +166,19 @@ pub fn take_paused(
     tmp: &Path,
     manifest: SnapshotManifest,
 ) -> Result<SnapshotManifest, BrokerError> {
-    take_with(control, vm_dir, tmp, manifest, |c, s, m| c.snapshot(s, m))
+    take_with(control, vm_dir, tmp, manifest, |c, s, m| c.snapshot(s, m)).map(|(manifest, _)| manifest)
 }
 
 /// mm-vmm's files (by `snapshot`, one of the client's two snapshot calls)
-/// and the disk copy, while the devices are held either way.
+/// and the disk copy, while the devices are held either way; with mm-vmm's
+/// report.
 fn take_with(
     control: &VmmClient,
     vm_dir: &Path,
     tmp: &Path,
     mut manifest: SnapshotManifest,
     snapshot: impl Fn(&VmmClient, &File, &File) -> Result<SnapshotReport, ControlError>,
-) -> Result<SnapshotManifest, BrokerError> {
+) -> Result<(SnapshotManifest, SnapshotReport), BrokerError> {
     let io = |what: &str| BrokerError::io(format!("snapshot {}: {what}", manifest.id));
     std::fs::create_dir_all(tmp).map_err(io("creating its directory"))?;
     let state = create_for_vmm(&tmp.join(STATE_FILE)).map_err(io("creating the state file"))?;
@@ -186,7 +190,7 @@ fn take_with(
     manifest.save_us = report.save_us;
     manifest.pause_us = report.paused_us;
     manifest.disk_bytes = [STATE_FILE, MEMORY_FILE, WRITABLE_DISK].iter().map(|f| allocated(&tmp.join(f))).sum();
-    Ok(manifest)
+    Ok((manifest, report))
 }
 
 pub fn write_manifest(dir: &Path, manifest: &SnapshotManifest) -> std::io::Result<()> {

@@ -7,8 +7,9 @@
 //! key and random stream; exec and ssh answer); `fork --count 4` (four
 //! clones, each its own identity, random stream, memory and disk, the disk
 //! a copy-on-write layer over the snapshot's, which stays unchanged; a
-//! snapshot of a clone is flat, clean and restores); `branch` (a live copy
-//! of the running VM, which counts on); `suspend` (every process
+//! snapshot of a clone is flat, clean and restores; a fork of a snapshot
+//! being deleted); `branch` (a live copy of the running VM, which counts
+//! on; both disks clean); `suspend` (every process
 //! gone) and `start` (the workload goes on), across a broker restart too;
 //! a snapshot with a corrupted memory file, which fails the new microVM
 //! with a clear reason and leaves no process behind; and warm starts: the
@@ -186,6 +187,42 @@ fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String
     wait_identity(broker, "clone-again");
     assert_eq!(sh(broker, "clone-again", "cat /root/mine"), "clone-1\nafter-kill\n");
     mmctl_ok(broker, &["rm", "-f", "clone-again"]);
+    fork_of_a_snapshot_being_deleted(broker, &flat_dir);
+}
+
+/// A snapshot deleted while its fork's clones are still starting (their
+/// memory comes in lazily from its file, their disks sit on its disk):
+/// the clones come up whole from what they hold open; and a fork racing
+/// the deletion either forks whole or is refused as not found, never half.
+fn fork_of_a_snapshot_being_deleted(broker: &TestBroker, snapshot_dir: &Path) {
+    mmctl_ok(broker, &["snapshot", "create", "clone-1", "--name", "doomed"]);
+    mmctl_ok(broker, &["fork", "doomed", "--count", "2", "--name-prefix", "orphan"]);
+    mmctl_ok(broker, &["snapshot", "rm", "doomed"]);
+    for name in ["orphan-1", "orphan-2"] {
+        wait_identity(broker, name);
+        assert_eq!(sh(broker, name, "cat /root/mine && tail -n 1 /root/big"), "clone-1\nafter-kill\n2000000\n");
+        assert_eq!(sh(broker, name, "md5sum < /run/m/blob | cut -c1-8").len(), 9, "{name}'s tmpfs");
+        mmctl_ok(broker, &["rm", "-f", name]);
+    }
+
+    let fork = broker.mmctl_command(&["fork", "s-clone", "--count", "1", "--name-prefix", "race"]).unwrap();
+    let fork = std::thread::spawn(move || run_with_timeout(fork, QUICK).unwrap());
+    let removed = broker.mmctl(&["snapshot", "rm", "s-clone"], QUICK).unwrap();
+    let fork = fork.join().unwrap();
+    assert_eq!(removed.status, Some(0), "{}", removed.stderr);
+    assert!(!snapshot_dir.exists(), "the snapshot's directory is gone");
+    match fork.status {
+        Some(0) => {
+            wait_identity(broker, "race-1");
+            assert_eq!(sh(broker, "race-1", "cat /root/mine"), "clone-1\nafter-kill\n");
+            mmctl_ok(broker, &["rm", "-f", "race-1"]);
+        }
+        Some(3) => {
+            assert!(fork.stderr.contains("no snapshot"), "{}", fork.stderr);
+            assert_ne!(broker.mmctl(&["inspect", "race-1"], QUICK).unwrap().status, Some(0), "half a fork");
+        }
+        other => panic!("a fork racing the snapshot's removal: {other:?}: {}", fork.stderr),
+    }
 }
 
 /// `mmctl branch web`: a live copy of the running `web` (identity
@@ -219,6 +256,15 @@ fn branch_web(broker: &TestBroker, source: &(String, String, String)) {
     eprintln!("branch: web's vCPUs paused {pause_us} us");
     let snapshots = json(broker, &["snapshot", "ls", "-o", "json"]);
     assert!(snapshots.as_array().unwrap().iter().all(|s| s["kind"] != "branch"), "left behind: {snapshots}");
+    // Both filesystems are clean: each side's disk, cut while it runs on
+    // (the source still writing every second), checks clean.
+    for vm in ["web", "web-branch"] {
+        let snap = json(broker, &["snapshot", "create", vm, "--name", &format!("fsck-{vm}"), "-o", "json"]);
+        let dir = broker.dir.path(&format!("state/snapshots/{}", snap["id"].as_str().unwrap()));
+        fsck_clean(&dir.join("rw.ext4"), &broker.dir.path("fsck-branch.ext4"));
+        eprintln!("{vm}'s snapshot after the branch: {snap}");
+        mmctl_ok(broker, &["snapshot", "rm", &format!("fsck-{vm}")]);
+    }
     // Only a running microVM can be branched.
     mmctl_ok(broker, &["stop", "web-branch"]);
     let refused = broker.mmctl(&["branch", "web-branch"], QUICK).unwrap();

@@ -8,8 +8,10 @@
 //! lazy (pages come in on first touch, the back ends' touches served too:
 //! vhost-user postcopy); the next one's back ends do not take part, and
 //! mm-vmm completes the restore before they get guest RAM. A snapshot of the
-//! running guest (vCPUs paused only for the cut, under KVM dirty logging)
-//! restores at its cut with an in-guest writer's invariant intact. A pause with a
+//! running guest (vCPUs paused only for the cut, under KVM dirty logging;
+//! the device back ends serving the guest during the copy, logging their
+//! writes) restores at its cut with an in-guest writer's invariant intact
+//! and a reader's page cache true to the disk. A pause with a
 //! dead device process fails, naming the device, and the source runs on.
 //! Then the restore
 //! is fed broken snapshots (truncated or corrupted memory, a damaged or
@@ -68,6 +70,15 @@ fn exec_when_ready(uds: &Path, script: &str) -> (ExitStatus, String) {
 const WRITER: &str = "echo 0 > /run/m/b; setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/m/a; \
                       read x < /run/m/b; [ \"$x\" = $((i-1)) ] || echo TORN i=$i b=$x; echo $i > /run/m/b; done' \
                       </dev/null >/dev/console 2>&1 &";
+
+/// A reader that keeps the block back end writing guest RAM: each round
+/// drops the page cache and reads a 230 KB file from the disk again into
+/// fresh pages, checking it against its sum. A snapshot that kept a page
+/// from before the back end filled it (its write not in the copy) leaves
+/// the restored guest a cached page with the wrong bytes: BADREAD.
+const READER: &str = "seq 1 40000 > /root/f && sync && md5sum < /root/f > /root/f.sum && \
+                      echo 'while :; do echo 3 > /proc/sys/vm/drop_caches; md5sum < /root/f | cmp -s - /root/f.sum || echo BADREAD; done' > /root/reader && \
+                      (setsid sh /root/reader </dev/null >/dev/console 2>&1 &)";
 
 fn create(path: &Path) -> std::fs::File {
     OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap()
@@ -131,8 +142,13 @@ fn snapshot_and_restore_resume_the_guest_where_it_stood() {
     // whose pages came from different moments breaks it in the restored
     // guest, which then prints TORN. (Switching the cut's second copy off
     // makes the restored writer print TORN.)
+    // The device back ends log their own writes to guest RAM meanwhile
+    // (vhost-user's dirty log), so they serve the guest during the copy;
+    // the reader keeps the block back end writing it.
     let (status, _) = exec(&uds, WRITER);
     assert_eq!(status, ExitStatus::Exited(0));
+    let (status, out) = exec(&uds, READER);
+    assert_eq!(status, ExitStatus::Exited(0), "{out}");
     std::thread::sleep(Duration::from_secs(3));
     let before = last_tick(&mut source);
     let (run_state, run_memory) = (dir.path("run.state"), dir.path("run.mem"));
@@ -143,10 +159,13 @@ fn snapshot_and_restore_resume_the_guest_where_it_stood() {
     let after = last_tick(&mut source);
     eprintln!("running snapshot between ticks {before} and {after}: {running:?}");
     assert!(running.dirty_pages > 0, "the guest wrote while the first copy ran: {running:?}");
+    assert!(running.device_pages > 0, "the block back end served the reader during the copy: {running:?}");
+    assert!(running.io_run_us > 0, "the devices ran during the copy: {running:?}");
     assert!(running.paused_us < running.save_us, "the vCPUs paused for the cut only: {running:?}");
     assert!(running.memory_bytes >= 16 << 20, "{running:?}");
     source.wait_for(&format!("tick {}", after + 2), Duration::from_secs(120)).unwrap();
     assert!(!source.has_printed("TORN"), "the source's writer: {:?}", source.console);
+    assert!(!source.has_printed("BADREAD"), "the source's reader: {:?}", source.console);
 
     // A device process that dies before the cut fails the snapshot with a
     // clear error, and the guest runs on (its console needs no disk).
@@ -206,6 +225,7 @@ fn snapshot_and_restore_resume_the_guest_where_it_stood() {
     assert!(out.contains(&sum), "the 16 MiB in tmpfs survived: {out:?} vs {sum}");
     restored.wait_for(&format!("tick {}", first + 3), Duration::from_secs(60)).unwrap();
     assert!(!restored.has_printed("TORN"), "the restored writer found a torn snapshot: {:?}", restored.console);
+    assert!(!restored.has_printed("BADREAD"), "the restored reader found a stale page: {:?}", restored.console);
     // These back ends were not told to take part in a lazy restore: mm-vmm
     // completed it before handing them guest RAM.
     let log = restored.kill_for_log();

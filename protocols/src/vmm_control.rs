@@ -49,6 +49,14 @@ pub struct SnapshotReport {
     /// `SnapshotRunning`: pages dirtied while the first copy ran, copied
     /// again while the vCPUs were paused.
     pub dirty_pages: u64,
+    /// `SnapshotRunning`: of `dirty_pages`, those the device back ends
+    /// wrote during the copy (their vhost-user dirty log).
+    pub device_pages: u64,
+    /// `SnapshotRunning`: how long after the request the devices were still
+    /// serving the guest (they log their writes while the first copy runs,
+    /// and are quiesced only for the cut); 0 when they were held from the
+    /// start. The broker counts the I/O hold from there.
+    pub io_run_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -148,6 +156,8 @@ fn write_report(report: &SnapshotReport, mut builder: snapshot_report::Builder<'
     builder.set_save_us(report.save_us);
     builder.set_paused_us(report.paused_us);
     builder.set_dirty_pages(report.dirty_pages);
+    builder.set_device_pages(report.device_pages);
+    builder.set_io_run_us(report.io_run_us);
 }
 
 fn read_report(reader: snapshot_report::Reader<'_>) -> SnapshotReport {
@@ -157,6 +167,8 @@ fn read_report(reader: snapshot_report::Reader<'_>) -> SnapshotReport {
         save_us: reader.get_save_us(),
         paused_us: reader.get_paused_us(),
         dirty_pages: reader.get_dirty_pages(),
+        device_pages: reader.get_device_pages(),
+        io_run_us: reader.get_io_run_us(),
     }
 }
 
@@ -296,8 +308,15 @@ mod tests {
             devices: vec![DeviceStatus { index: 0, kind: "block".into(), reconnects: 5 }],
             usage: ProcessUsage { uptime_ms: 9, user_cpu_ms: 8, system_cpu_ms: 7, max_rss_kib: 6 },
         };
-        let report =
-            SnapshotReport { memory_bytes: 1 << 20, state_bytes: 4096, save_us: 3, paused_us: 4, dirty_pages: 5 };
+        let report = SnapshotReport {
+            memory_bytes: 1 << 20,
+            state_bytes: 4096,
+            save_us: 3,
+            paused_us: 4,
+            dirty_pages: 5,
+            device_pages: 6,
+            io_run_us: 7,
+        };
         for response in [
             Response::Ok,
             Response::Error("no device 9".into()),

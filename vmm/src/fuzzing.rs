@@ -45,6 +45,7 @@ mod req {
     pub const SET_FEATURES: u32 = 2;
     pub const SET_OWNER: u32 = 3;
     pub const SET_MEM_TABLE: u32 = 5;
+    pub const SET_LOG_BASE: u32 = 6;
     pub const SET_VRING_NUM: u32 = 8;
     pub const SET_VRING_ADDR: u32 = 9;
     pub const SET_VRING_BASE: u32 = 10;
@@ -71,6 +72,9 @@ pub const PROTO_MQ: u64 = 1 << 0;
 pub const PROTO_REPLY_ACK: u64 = 1 << 3;
 pub const PROTO_CONFIG: u64 = 1 << 9;
 pub const PROTO_INFLIGHT_SHMFD: u64 = 1 << 12;
+pub const PROTO_LOG_SHMFD: u64 = 1 << 1;
+/// `VHOST_F_LOG_ALL`.
+pub const LOG_ALL: u64 = 1 << 26;
 
 /// Guest RAM for the devices: 64 KiB at guest address 0, in a memfd as
 /// mm-vmm's RAM is. Made once per process.
@@ -157,6 +161,12 @@ impl Offer {
             nack: 0,
         }
     }
+
+    /// [`Offer::full`], and a back end that logs its writes to guest RAM.
+    pub fn logging(kind: DeviceKind) -> Offer {
+        let full = Offer::full(kind);
+        Offer { features: full.features | LOG_ALL, protocol: full.protocol | PROTO_LOG_SHMFD, ..full }
+    }
 }
 
 /// One piece of a recorded back-end byte stream: bytes sent in one
@@ -180,10 +190,14 @@ pub struct Session {
     pub started: Vec<bool>,
     bases: Vec<u32>,
     owner: bool,
-    acked_features: u64,
+    pub acked_features: u64,
     acked_protocol: u64,
     mem_table: bool,
     pub messages: usize,
+    /// SET_LOG_BASE's `mmap_size`, once one came (after a memory table).
+    pub log_size: Option<u64>,
+    /// How many SET_LOG_BASE came.
+    pub log_bases: usize,
 }
 
 /// A vhost-user back end on a thread, answering one front-end session.
@@ -410,6 +424,18 @@ fn answer(
             reply.extend(size.to_le_bytes());
             reply.extend([0u8; 4]);
             return Some((reply, memfd(mmap_size)));
+        }
+        req::SET_LOG_BASE => {
+            negotiated(s, PROTO_LOG_SHMFD);
+            assert!(s.mem_table, "SET_LOG_BASE before a memory table: the log would cover no region");
+            assert_eq!(body.len(), 16, "SET_LOG_BASE body");
+            let size = le64(body, 0);
+            let len = file.as_ref().expect("SET_LOG_BASE without the log's file").metadata().map_or(0, |m| m.len());
+            assert!(size > 0 && size + le64(body, 8) <= len, "log of {size} bytes in a {len}-byte file");
+            s.log_size = Some(size);
+            s.log_bases += 1;
+            // Always answered, with the request's body (not an ack).
+            return Some((body.to_vec(), None));
         }
         req::SET_INFLIGHT_FD => {
             negotiated(s, PROTO_INFLIGHT_SHMFD);

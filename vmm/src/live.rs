@@ -9,11 +9,14 @@
 //! and a snapshot of them consistent. Resuming undoes it in reverse.
 //!
 //! A snapshot of a running VM (`snapshot_running`) turns that around so the
-//! guest stands still only for the cut: the devices are quiesced first and
-//! the vCPUs run on while guest RAM is copied under KVM dirty logging
-//! (`snapshot/running.rs`); then the vCPUs pause just long enough for the
-//! pages dirtied meanwhile and the vCPU, machine and device state, and run
-//! again. The devices stay quiesced (the guest's I/O waits in its rings)
+//! guest stands still only for the cut: the vCPUs, and the device back ends
+//! when they can log their own writes (vhost-user LOG_SHMFD, into
+//! `snapshot/device_log.rs`), run on while guest RAM is copied under KVM
+//! dirty logging (`snapshot/running.rs`); then the devices are quiesced and
+//! the vCPUs paused just long enough for the pages dirtied meanwhile (by
+//! either) and the vCPU, machine and device state, and run again. A back
+//! end that cannot log has every device held from the start of the copy
+//! instead. The devices stay quiesced (the guest's I/O waits in its rings)
 //! until the broker has copied the disks at the same cut and says `resume`.
 
 use std::fs::File;
@@ -178,7 +181,7 @@ impl LiveVm {
             state_bytes,
             save_us: began.elapsed().as_micros() as u64,
             paused_us: since.elapsed().as_micros() as u64,
-            dirty_pages: 0,
+            ..SnapshotReport::default()
         };
         tracing::info!(?report, "snapshot written");
         Ok(report)
@@ -219,12 +222,18 @@ impl LiveVm {
         let began = Instant::now();
         let state_file = File::from(state_fd);
         let memory_file = File::from(memory_fd);
-        if let Err(e) = self.quiesce_devices().and_then(|()| Ok(self.ram.complete_lazy_restore()?)) {
-            self.resume_devices();
-            return Err(e);
+        // Pages a lazy restore has not brought in yet are holes in the
+        // memfd, which the copy reads as never touched: bring them in first.
+        self.ram.complete_lazy_restore()?;
+        // Devices whose back ends all log their writes serve the guest
+        // during the copy; otherwise they are held from the start.
+        let devices_log = self.bus.virtio.iter().all(|(_, d)| d.lock().expect("virtio lock").can_log());
+        let ready = if devices_log { self.start_device_logging() } else { self.quiesce_devices() };
+        let cut = ready.and_then(|()| self.cut(&memory_file, devices_log));
+        if devices_log {
+            self.stop_device_logging();
         }
-        let cut = self.cut(&memory_file);
-        let (state, paused_us, dirty_pages) = match cut {
+        let cut = match cut {
             Ok(cut) => cut,
             Err(e) => {
                 self.resume_devices();
@@ -232,11 +241,12 @@ impl LiveVm {
             }
         };
         // The guest runs again; its I/O waits for the broker's `resume`.
-        *stopped = Stopped::Devices(began);
+        let quiesced = cut.quiesced.unwrap_or(began);
+        *stopped = Stopped::Devices(quiesced);
         let finish = || -> Result<(u64, u64), VmError> {
             memory_file.sync_data().map_err(|e| VmError::MemoryImage(memory::MemoryImageError::Write(e)))?;
             let image = running::index(&memory_file, &self.ram)?;
-            let state = SnapshotState { memory: image, ..state };
+            let state = SnapshotState { memory: image, ..cut.state };
             Ok((state.memory.data_bytes(), state.write(&state_file)?))
         };
         let (memory_bytes, state_bytes) = finish()?;
@@ -244,36 +254,84 @@ impl LiveVm {
             memory_bytes,
             state_bytes,
             save_us: began.elapsed().as_micros() as u64,
-            paused_us,
-            dirty_pages,
+            paused_us: cut.paused_us,
+            dirty_pages: cut.dirty_pages,
+            device_pages: cut.device_pages,
+            io_run_us: quiesced.saturating_duration_since(began).as_micros() as u64,
         };
-        tracing::info!(?report, "snapshot of the running VM written");
+        tracing::info!(?report, devices_log, "snapshot of the running VM written");
         Ok(report)
     }
 
-    /// The copy beside the running guest, then the cut: vCPUs paused, the
-    /// dirtied pages copied again, the state saved, vCPUs resumed. Returns
-    /// the state (its memory image still to be indexed), the vCPU pause in
-    /// µs, and how many pages the cut copied.
-    fn cut(&self, memory_file: &File) -> Result<(SnapshotState, u64, u64), VmError> {
+    /// Every device's back end logs its writes to guest RAM into the
+    /// device dirty log, cleared first. On an error none is left logging.
+    fn start_device_logging(&self) -> Result<(), VmError> {
+        let log = &self.ram.device_log;
+        log.clear();
+        for (_, device) in &self.bus.virtio {
+            if let Err(e) = device.lock().expect("virtio lock").start_logging(log.file(), log.size()) {
+                self.stop_device_logging();
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Best effort: a back end that cannot be told only logs on, harmlessly.
+    fn stop_device_logging(&self) {
+        for (index, (_, device)) in self.bus.virtio.iter().enumerate() {
+            if let Err(e) = device.lock().expect("virtio lock").stop_logging() {
+                tracing::warn!(index, "cannot turn the device's dirty log off: {e}");
+            }
+        }
+    }
+
+    /// The copy beside the running guest (and, when `devices_log`, its
+    /// running devices), then the cut: the devices quiesced if they still
+    /// run, the vCPUs paused, every page dirtied meanwhile (KVM's log and
+    /// the devices') copied again, the state saved, the vCPUs resumed.
+    fn cut(&self, memory_file: &File, devices_log: bool) -> Result<Cut, VmError> {
         let dirty_log =
             running::DirtyLog::start(&self.vm, &self.ram).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
         running::copy_all(&self.ram, memory_file)?;
+        let quiesced = Instant::now();
+        if devices_log {
+            // GET_VRING_BASE waits for what each back end holds, so every
+            // write of theirs is done, and logged, once this returns.
+            self.quiesce_devices()?;
+        }
         let paused = Instant::now();
         if let Err(e) = self.pause_vcpus() {
             self.resume_vcpus();
             return Err(e);
         }
-        let saved = dirty_log.take().map_err(kvm_err("KVM_GET_DIRTY_LOG")).and_then(|pages| {
+        let saved = dirty_log.take().map_err(kvm_err("KVM_GET_DIRTY_LOG")).and_then(|mut pages| {
+            let device_pages = running::memfd_offsets(&self.ram, &self.ram.device_log.take());
+            let device_count = device_pages.len() as u64;
+            pages.extend(device_pages);
+            pages.sort_unstable();
+            pages.dedup();
             let count = pages.len() as u64;
             running::copy_pages(&self.ram, memory_file, pages)?;
             let empty = memory::MemoryImage { size: 0, extents: Vec::new() };
-            Ok((self.state(empty)?, count))
+            Ok((self.state(empty)?, count, device_count))
         });
         self.resume_vcpus();
         let paused_us = paused.elapsed().as_micros() as u64;
         drop(dirty_log);
-        let (state, count) = saved?;
-        Ok((state, paused_us, count))
+        let (state, dirty_pages, device_pages) = saved?;
+        Ok(Cut { state, paused_us, dirty_pages, device_pages, quiesced: devices_log.then_some(quiesced) })
     }
+}
+
+/// What the cut of a running snapshot leaves: the state (its memory image
+/// still to be indexed), the vCPUs' pause, the pages copied again (and of
+/// those, the devices'), and when the cut quiesced the devices (`None`:
+/// they were held before the copy).
+struct Cut {
+    state: SnapshotState,
+    paused_us: u64,
+    dirty_pages: u64,
+    device_pages: u64,
+    quiesced: Option<Instant>,
 }

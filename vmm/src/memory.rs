@@ -13,6 +13,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::snapshot::device_log::{DeviceLog, DeviceLogError};
 use crate::snapshot::lazy::{LazyError, PageServer};
 
 /// Smallest guest we agree to boot: our kernel and an initramfs need ~24 MiB.
@@ -30,6 +31,8 @@ pub enum MemoryError {
     Resize { mib: u64, source: std::io::Error },
     #[error("cannot map guest RAM: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    DeviceLog(#[from] DeviceLogError),
 }
 
 /// Guest RAM and the memfd behind it.
@@ -38,6 +41,9 @@ pub struct GuestRam {
     pub memfd: File,
     /// Serves missing pages while a lazy restore lasts (snapshot/lazy.rs).
     pub pages: Option<Arc<PageServer>>,
+    /// Where the device back ends log their writes to guest RAM while a
+    /// running snapshot copies it (snapshot/device_log.rs).
+    pub device_log: DeviceLog,
 }
 
 /// Total RAM of this host in MiB.
@@ -87,8 +93,9 @@ impl GuestRam {
             regions.push((start, len as usize, Some(FileOffset::new(file, offset))));
             offset += len;
         }
+        let end = ram_ranges(mib).last().map_or(0, |(start, len)| start.0 + len);
         let memory = GuestMemoryMmap::from_ranges_with_files(regions)?;
-        Ok(GuestRam { memory, memfd, pages: None })
+        Ok(GuestRam { memory, memfd, pages: None, device_log: DeviceLog::new(end)? })
     }
 
     /// Ends a lazy restore, if one is under way: every page the snapshot

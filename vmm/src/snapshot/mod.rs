@@ -15,6 +15,7 @@
 //! on their own, so a snapshot from another format version is refused by
 //! name, not by a parse error deep inside.
 
+pub mod device_log;
 pub mod lazy;
 pub mod machine;
 pub mod memory;

@@ -144,6 +144,22 @@ pub fn copy_all(ram: &GuestRam, file: &File) -> Result<u64, MemoryImageError> {
     Ok(written)
 }
 
+/// The memfd offsets of guest-physical pages `pages` (from the devices'
+/// dirty log); a page outside guest RAM (a back end's stray mark) is left
+/// out, as nothing of it goes into the snapshot.
+pub fn memfd_offsets(ram: &GuestRam, pages: &[u64]) -> Vec<u64> {
+    pages
+        .iter()
+        .filter_map(|&gpa| {
+            ram.memory.iter().find_map(|region| {
+                let start = region.start_addr().0;
+                (gpa >= start && gpa < start + region.len())
+                    .then(|| region.file_offset().map_or(0, |f| f.start()) + (gpa - start))
+            })
+        })
+        .collect()
+}
+
 /// Each RAM region's span of memfd offsets: extents never cross one, as
 /// a restore fills each extent into one region.
 fn region_spans(ram: &GuestRam) -> Vec<(u64, u64)> {

@@ -312,6 +312,22 @@ impl MmioDevice {
         Ok(())
     }
 
+    /// Whether the back end can log its writes to guest RAM (see
+    /// [`VhostUserDevice::start_logging`]).
+    pub fn can_log(&self) -> bool {
+        self.backend.can_log()
+    }
+
+    /// The back end logs its writes to guest RAM into `log` until
+    /// [`Self::stop_logging`].
+    pub fn start_logging(&mut self, log: &File, size: u64) -> Result<(), FrontendError> {
+        self.backend.start_logging(log, size)
+    }
+
+    pub fn stop_logging(&mut self) -> Result<(), FrontendError> {
+        self.backend.stop_logging()
+    }
+
     /// Restarts the rings where [`Self::quiesce`] stopped them.
     pub fn resume(&mut self) -> Result<(), FrontendError> {
         let Some(bases) = self.quiesced.take() else { return Ok(()) };

@@ -9,6 +9,11 @@
 //! mapping of guest RAM with a userfaultfd of its own and hands that over,
 //! and mm-vmm's page server answers its faults. A back end that does not
 //! offer it gets guest RAM only once the restore has been completed.
+//!
+//! While a running snapshot copies guest RAM, each back end that offers
+//! it logs its own writes to guest RAM (LOG_SHMFD and `VHOST_F_LOG_ALL`)
+//! into mm-vmm's device dirty log (snapshot/device_log.rs), so it can keep
+//! serving the guest during the copy; one that does not is held instead.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -21,7 +26,7 @@ use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,16 +36,21 @@ use crate::snapshot::lazy::{LazyError, Mapping, PageServer};
 /// Protocol features we can use: config space, acknowledged requests (so
 /// set-up errors surface at the step that caused them), the in-flight
 /// table that makes a back-end restart lose nothing, and postcopy
-/// (PAGEFAULT) for lazy restores.
+/// (PAGEFAULT) for lazy restores, and a shared-memory dirty log
+/// (LOG_SHMFD) for snapshots of a running VM.
 const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     .union(VhostUserProtocolFeatures::MQ)
-    .union(VhostUserProtocolFeatures::PAGEFAULT);
+    .union(VhostUserProtocolFeatures::PAGEFAULT)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
 
 /// Names each front end to the page server, across reconnects.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+/// `VHOST_F_LOG_ALL`: offered by a back end that can log its writes, acked
+/// while it must. Like the protocol bit, vhost-user's own: never the guest's.
+const LOG_ALL_BIT: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
@@ -58,6 +68,10 @@ pub enum FrontendError {
     NoPostcopyBases { device: &'static str },
     #[error("vhost-user {device} back end: lazy restore: {source}")]
     Lazy { device: &'static str, source: LazyError },
+    #[error("vhost-user {device} back end: cannot log its writes (no LOG_SHMFD or VHOST_F_LOG_ALL)")]
+    NoDirtyLog { device: &'static str },
+    #[error("vhost-user {device} back end: cannot share the dirty log: {source}")]
+    LogFd { device: &'static str, source: std::io::Error },
 }
 
 /// Where one queue lives, as the guest driver configured it
@@ -101,6 +115,11 @@ pub struct VhostUserDevice {
     pages: Option<Arc<PageServer>>,
     /// The back end is in postcopy mode: its faults go to `pages`.
     postcopy: bool,
+    /// It offered `VHOST_F_LOG_ALL`.
+    offers_log: bool,
+    /// The device dirty log (memfd, size) while its writes must be logged;
+    /// replayed by every set-up, as a restarted back end must log too.
+    log: Option<(File, u64)>,
 }
 
 impl VhostUserDevice {
@@ -124,6 +143,8 @@ impl VhostUserDevice {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             pages: None,
             postcopy: false,
+            offers_log: false,
+            log: None,
         };
         device.handshake()?;
         if device.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -140,7 +161,8 @@ impl VhostUserDevice {
         self.frontend.set_owner().map_err(self.err("SET_OWNER"))?;
         let features = self.frontend.get_features().map_err(self.err("GET_FEATURES"))?;
         self.backend_speaks_protocol = features & PROTOCOL_FEATURES_BIT != 0;
-        self.device_features = features & !PROTOCOL_FEATURES_BIT;
+        self.offers_log = features & LOG_ALL_BIT != 0;
+        self.device_features = features & !(PROTOCOL_FEATURES_BIT | LOG_ALL_BIT);
         if self.backend_speaks_protocol {
             let offered = self.frontend.get_protocol_features().map_err(self.err("GET_PROTOCOL_FEATURES"))?;
             self.protocol = offered & WANTED_PROTOCOL;
@@ -241,10 +263,7 @@ impl VhostUserDevice {
         events: &QueueEvents,
         base: impl Fn(usize, &QueueSetup) -> u16,
     ) -> Result<(), FrontendError> {
-        let mut features = activation.acked_features & self.device_features;
-        if self.backend_speaks_protocol {
-            features |= PROTOCOL_FEATURES_BIT;
-        }
+        let features = self.backend_features(activation);
         self.frontend.set_features(features).map_err(self.err("SET_FEATURES"))?;
 
         let regions: Vec<VhostUserMemoryRegionInfo> = mem
@@ -258,6 +277,9 @@ impl VhostUserDevice {
             })
             .collect();
         self.set_mem_table(mem, &regions)?;
+        // After the memory table: a back end builds its log over the
+        // regions it has, and a new table drops the old log.
+        self.set_log_base()?;
 
         if self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
             match &self.inflight {
@@ -305,6 +327,66 @@ impl VhostUserDevice {
             }
         }
         Ok(())
+    }
+
+    /// What SET_FEATURES says: the driver's features this back end offers,
+    /// plus vhost-user's own bits (protocol features; LOG_ALL while its
+    /// writes are logged).
+    fn backend_features(&self, activation: &Activation) -> u64 {
+        let mut features = activation.acked_features & self.device_features;
+        if self.backend_speaks_protocol {
+            features |= PROTOCOL_FEATURES_BIT;
+        }
+        if self.log.is_some() {
+            features |= LOG_ALL_BIT;
+        }
+        features
+    }
+
+    fn set_log_base(&mut self) -> Result<(), FrontendError> {
+        let Some((file, size)) = &self.log else { return Ok(()) };
+        let region = VhostUserDirtyLogRegion { mmap_size: *size, mmap_offset: 0, mmap_handle: file.as_raw_fd() };
+        self.frontend.set_log_base(0, Some(region)).map_err(self.err("SET_LOG_BASE"))
+    }
+
+    /// Whether the back end can log its writes to guest RAM.
+    pub fn can_log(&self) -> bool {
+        self.offers_log && self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+    }
+
+    /// From now on the back end logs every page of guest RAM it writes
+    /// into `log` (`size` bytes, one bit per guest-physical page): the
+    /// log's memfd (SET_LOG_BASE), then `VHOST_F_LOG_ALL` (SET_FEATURES),
+    /// now if the device runs, else when it is started; and again after a
+    /// restart of the back end.
+    pub fn start_logging(&mut self, log: &File, size: u64) -> Result<(), FrontendError> {
+        let device = self.kind.name();
+        if !self.can_log() {
+            return Err(FrontendError::NoDirtyLog { device });
+        }
+        let file = log.try_clone().map_err(|source| FrontendError::LogFd { device, source })?;
+        self.log = Some((file, size));
+        let Some(activation) = self.activation.clone() else { return Ok(()) };
+        let result = self.set_log_base().and_then(|()| {
+            let features = self.backend_features(&activation);
+            self.frontend.set_features(features).map_err(self.err("SET_FEATURES (LOG_ALL)"))
+        });
+        if result.is_err() {
+            self.log = None;
+        }
+        result
+    }
+
+    /// The back end's writes need no logging any more: SET_FEATURES
+    /// without `VHOST_F_LOG_ALL` (vhost-user has no message that takes the
+    /// log back; a back end may go on marking it, which costs nothing).
+    pub fn stop_logging(&mut self) -> Result<(), FrontendError> {
+        if self.log.take().is_none() {
+            return Ok(());
+        }
+        let Some(activation) = self.activation.clone() else { return Ok(()) };
+        let features = self.backend_features(&activation);
+        self.frontend.set_features(features).map_err(self.err("SET_FEATURES (LOG_ALL off)"))
     }
 
     /// The guest driver set DRIVER_OK: start the device.
@@ -472,6 +554,8 @@ fn used_index(mem: &GuestMemoryMmap, queue: &QueueSetup) -> u16 {
 mod tests {
     use super::*;
     use crate::fuzzing::{FakeBackend, Offer};
+    use crate::snapshot::device_log::DeviceLog;
+    use crate::virtio::VIRTIO_F_VERSION_1;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// Regression (found by the mmio_transport fuzz target): an activation
@@ -492,6 +576,82 @@ mod tests {
         assert!(matches!(err, FrontendError::BadRingAddress { .. }), "{err}");
         assert_eq!(dev.activation(), None);
         assert_eq!(backend.settle().started, vec![false, false], "ring 0 left running");
+        drop(dev);
+        backend.finish();
+    }
+
+    fn events_for(kind: DeviceKind) -> (Vec<EventFd>, EventFd) {
+        let kicks = (0..kind.num_queues()).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        (kicks, EventFd::new(EFD_NONBLOCK).unwrap())
+    }
+
+    /// The device dirty log reaches a back end that can log after its
+    /// memory table (its log is built over the regions it has), with
+    /// LOG_ALL acked; a restarted back end is given it again, or its
+    /// writes during the copy would be lost; turning it off acks without
+    /// LOG_ALL; and LOG_ALL, vhost-user's own bit, never reaches the guest.
+    #[test]
+    fn a_logging_back_end_gets_the_log_after_its_memory_and_again_after_a_restart() {
+        let kind = DeviceKind::Block;
+        let (backend, stream) = FakeBackend::spawn(Offer::logging(kind), kind.num_queues());
+        let mut dev = VhostUserDevice::connect(kind, stream).unwrap();
+        assert!(dev.can_log());
+        assert_eq!(dev.device_features() & LOG_ALL_BIT, 0, "LOG_ALL offered to the guest driver");
+        let (mem, memfd) = crate::fuzzing::guest_ram();
+        let log = DeviceLog::new(0x1_0000).unwrap();
+        let (kicks, call) = events_for(kind);
+        let events = QueueEvents { kicks: &kicks, call: &call };
+        let queue = QueueSetup { size: 256, desc: 0, avail: 0x1000, used: 0x2000 };
+
+        // Logging asked for before the driver starts the device: the log
+        // goes with its set-up.
+        dev.start_logging(log.file(), log.size()).unwrap();
+        assert_eq!(backend.settle().log_bases, 0, "a log sent to a device with no memory table");
+        dev.activate(mem, memfd, VIRTIO_F_VERSION_1, &[queue], &events).unwrap();
+        {
+            let session = backend.settle();
+            assert_eq!((session.log_bases, session.log_size), (1, Some(log.size())));
+            assert_ne!(session.acked_features & LOG_ALL_BIT, 0, "LOG_ALL not acked while logging");
+        }
+
+        // The back end dies and a new one takes over while logging.
+        let (restarted, stream) = FakeBackend::spawn(Offer::logging(kind), kind.num_queues());
+        dev.reconnect(stream, mem, memfd, &events).unwrap();
+        {
+            let session = restarted.settle();
+            assert_eq!(session.log_bases, 1, "the restarted back end was not given the log");
+            assert_ne!(session.acked_features & LOG_ALL_BIT, 0);
+        }
+
+        dev.stop_logging().unwrap();
+        assert_eq!(restarted.settle().acked_features & LOG_ALL_BIT, 0, "LOG_ALL still acked");
+        // Started again on a running device: the log, then LOG_ALL.
+        dev.start_logging(log.file(), log.size()).unwrap();
+        {
+            let session = restarted.settle();
+            assert_eq!(session.log_bases, 2);
+            assert_ne!(session.acked_features & LOG_ALL_BIT, 0);
+        }
+        drop(dev);
+        backend.finish();
+        restarted.finish();
+    }
+
+    #[test]
+    fn a_back_end_that_cannot_log_is_never_sent_a_log() {
+        let kind = DeviceKind::Net;
+        let (backend, stream) = FakeBackend::spawn(Offer::full(kind), kind.num_queues());
+        let mut dev = VhostUserDevice::connect(kind, stream).unwrap();
+        assert!(!dev.can_log());
+        let log = DeviceLog::new(0x1_0000).unwrap();
+        let err = dev.start_logging(log.file(), log.size()).unwrap_err();
+        assert!(matches!(err, FrontendError::NoDirtyLog { .. }), "{err}");
+        let (mem, memfd) = crate::fuzzing::guest_ram();
+        let (kicks, call) = events_for(kind);
+        let events = QueueEvents { kicks: &kicks, call: &call };
+        let queue = QueueSetup { size: 256, desc: 0, avail: 0x1000, used: 0x2000 };
+        dev.activate(mem, memfd, VIRTIO_F_VERSION_1, &[queue, queue], &events).unwrap();
+        assert_eq!(backend.settle().log_bases, 0);
         drop(dev);
         backend.finish();
     }
