@@ -51,7 +51,10 @@ pub fn device_features(read_only: bool) -> u64 {
         | bit(VIRTIO_BLK_F_SEG_MAX)
         | bit(VIRTIO_BLK_F_BLK_SIZE)
         | bit(VIRTIO_BLK_F_FLUSH)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Dirty-page logging for live snapshots (see `dirty_log`): a
+        // vhost-user bit, never shown to the guest driver.
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     if read_only {
         features |= bit(VIRTIO_BLK_F_RO);
     } else {
@@ -76,12 +79,14 @@ pub fn event_idx_enabled(acked: u64) -> bool {
 }
 
 /// vhost-user protocol features: config space, acked requests, the
-/// in-flight table that lets a restarted block process lose nothing, and,
+/// in-flight table that lets a restarted block process lose nothing, the
+/// shared dirty log (SET_LOG_BASE with a memfd), and,
 /// serving a lazily restored guest, PAGEFAULT (see `postcopy`).
 pub fn protocol_features(lazy_memory: bool) -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD
         | crate::lazy_memory::protocol_features(lazy_memory)
 }
 

@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use mm_overlay::{Overlay, OverlayError};
+use vm_memory::bitmap::{Bitmap, BitmapSlice};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::fallocate::{FallocateMode, fallocate};
 
@@ -108,7 +109,7 @@ impl DiskImage {
     /// Reads the image at `offset` into the guest buffers `data`. From an
     /// overlay, each guest slice is split into runs of one layer, each read
     /// straight from its file.
-    pub fn read_to_guest(&self, mem: &GuestMemoryMmap, data: &[Segment], mut offset: u64) -> Result<u64, DiskError> {
+    pub fn read_to_guest<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>, data: &[Segment], mut offset: u64) -> Result<u64, DiskError> {
         let mut done = 0;
         for seg in data {
             for slice in mem.get_slices(seg.addr, seg.len as usize) {
@@ -134,7 +135,7 @@ impl DiskImage {
     /// Writes the guest buffers `data` to the image at `offset`. To an
     /// overlay: the partly covered clusters are copied up first, the data
     /// goes straight into upper, then the touched clusters are mapped.
-    pub fn write_from_guest(&self, mem: &GuestMemoryMmap, data: &[Segment], offset: u64) -> Result<(), DiskError> {
+    pub fn write_from_guest<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>, data: &[Segment], offset: u64) -> Result<(), DiskError> {
         match &self.backing {
             Backing::Raw(file) => write_segments(file, mem, data, offset),
             Backing::Overlay(overlay) => {
@@ -185,7 +186,7 @@ impl DiskImage {
 }
 
 /// Writes the guest buffers `data` to `file` at `offset`.
-fn write_segments(file: &File, mem: &GuestMemoryMmap, data: &[Segment], mut offset: u64) -> Result<(), DiskError> {
+fn write_segments<B: Bitmap>(file: &File, mem: &GuestMemoryMmap<B>, data: &[Segment], mut offset: u64) -> Result<(), DiskError> {
     for seg in data {
         for slice in mem.get_slices(seg.addr, seg.len as usize) {
             let slice = slice.map_err(|_| DiskError::GuestMemory)?;
@@ -196,7 +197,17 @@ fn write_segments(file: &File, mem: &GuestMemoryMmap, data: &[Segment], mut offs
     Ok(())
 }
 
-fn pread_exact(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
+/// Reads `slice.len()` bytes at `offset` straight into guest memory, then
+/// marks the slice in the dirty log: the kernel's write into the page is
+/// invisible to vm-memory. Marked even when the read fails part way, since
+/// some of the slice may have changed.
+fn pread_exact<B: BitmapSlice>(file: &File, slice: &VolatileSlice<'_, B>, offset: u64) -> Result<(), DiskError> {
+    let result = pread_raw(file, slice, offset);
+    slice.bitmap().mark_dirty(0, slice.len());
+    result
+}
+
+fn pread_raw<B: BitmapSlice>(file: &File, slice: &VolatileSlice<'_, B>, offset: u64) -> Result<(), DiskError> {
     let guard = slice.ptr_guard_mut();
     let fd = file.as_raw_fd();
     // SAFETY: the pointer and length come from a VolatileSlice of mapped
@@ -208,7 +219,7 @@ fn pread_exact(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> Resul
     })
 }
 
-fn pwrite_all(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> Result<(), DiskError> {
+fn pwrite_all<B: BitmapSlice>(file: &File, slice: &VolatileSlice<'_, B>, offset: u64) -> Result<(), DiskError> {
     let guard = slice.ptr_guard();
     let fd = file.as_raw_fd();
     // SAFETY: as in pread_exact; pwrite only reads the buffer.

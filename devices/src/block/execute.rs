@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::chain::{self, DescTable, Segment};
@@ -56,7 +57,7 @@ impl BlockDisk {
 /// Processes the chain at `head` and returns the used length to publish:
 /// bytes written to device-writable buffers, status byte included (0 when
 /// the chain is too broken to have a status byte).
-pub fn process_chain(mem: &GuestMemoryMmap, table: DescTable, head: u16, disk: &BlockDisk) -> u32 {
+pub fn process_chain<B: Bitmap>(mem: &GuestMemoryMmap<B>, table: DescTable, head: u16, disk: &BlockDisk) -> u32 {
     let segments = match chain::walk(mem, table, head) {
         Ok(segments) => segments,
         Err(e) => {
@@ -101,13 +102,14 @@ pub fn process_chain(mem: &GuestMemoryMmap, table: DescTable, head: u16, disk: &
     if write_status(mem, request.status, code) { (written + 1) as u32 } else { written as u32 }
 }
 
-fn write_status(mem: &GuestMemoryMmap, status: GuestAddress, code: u8) -> bool {
+/// Through vm-memory, so a dirty log sees it.
+fn write_status<B: Bitmap>(mem: &GuestMemoryMmap<B>, status: GuestAddress, code: u8) -> bool {
     mem.write_obj(code, status).is_ok()
 }
 
 /// Runs a parsed request; returns the bytes written to guest buffers.
 /// Data lengths were bounded by the parser (chain lengths fit in u32).
-pub fn execute(mem: &GuestMemoryMmap, request: &Request, disk: &BlockDisk) -> Result<u64, DiskError> {
+pub fn execute<B: Bitmap>(mem: &GuestMemoryMmap<B>, request: &Request, disk: &BlockDisk) -> Result<u64, DiskError> {
     match &request.kind {
         RequestKind::In { sector, data, len } => {
             let read = disk.image.read_to_guest(mem, data, sector * SECTOR_SIZE)?;
@@ -141,7 +143,7 @@ pub fn execute(mem: &GuestMemoryMmap, request: &Request, disk: &BlockDisk) -> Re
     }
 }
 
-fn write_serial(mem: &GuestMemoryMmap, data: &[Segment], len: u64, serial: &Serial) -> Result<u64, DiskError> {
+fn write_serial<B: Bitmap>(mem: &GuestMemoryMmap<B>, data: &[Segment], len: u64, serial: &Serial) -> Result<u64, DiskError> {
     let n = (serial.0.len() as u64).min(len);
     let mut done = 0usize;
     for piece in request::slice_segments(data, 0, n) {

@@ -6,6 +6,9 @@
 //! (getting the rings back), applies the change, then starts a worker again
 //! for whichever rings can run. Control messages are rare, so a thread
 //! restart each time costs nothing and keeps the data path lock-free.
+//! The exception is SET_FEATURES toggling only VHOST_F_LOG_ALL: logging is
+//! switched under the running worker (see `dirty_log`), because the front
+//! end turns it on while the guest runs and must not stall the disk.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostU
 
 use super::BlockStats;
 use super::config::{self, MAX_QUEUE_SIZE, NUM_QUEUES};
+use super::dirty_log::{DirtyLog, DirtyLogError, LogMap};
 use super::execute::BlockDisk;
 use super::inflight::InflightTable;
 use super::memory::MemoryTable;
@@ -46,6 +50,16 @@ pub struct BlockHandler {
     /// `mm-device --lazy-memory`: PAGEFAULT is offered (see `postcopy`).
     lazy_memory: bool,
     postcopy: Postcopy,
+    /// The log every region's bitmap marks (on while LOG_ALL is acked and
+    /// a log is mapped); shared with every memory table of the session.
+    log: Arc<DirtyLog>,
+    /// The last usable SET_LOG_BASE's log; dropped when LOG_ALL goes off.
+    log_map: Option<Arc<LogMap>>,
+    /// Why the last SET_LOG_BASE was refused, until a usable one arrives.
+    log_refused: Option<String>,
+    /// The message that just failed was refused without ending the
+    /// session (see [`BlockHandler::take_survivable`]).
+    survivable: bool,
 }
 
 impl BlockHandler {
@@ -62,7 +76,31 @@ impl BlockHandler {
             stats,
             lazy_memory,
             postcopy: Postcopy::default(),
+            log: Arc::default(),
+            log_map: None,
+            log_refused: None,
+            survivable: false,
         }
+    }
+
+    /// Whether the request that just failed was a refusal the front end
+    /// was told about (a NACK) and the session goes on: a LOG_ALL with no
+    /// usable log. Cleared by asking.
+    pub fn take_survivable(&mut self) -> bool {
+        std::mem::take(&mut self.survivable)
+    }
+
+    fn log_all(features: u64) -> bool {
+        features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
+    }
+
+    /// Maps SET_LOG_BASE's log and checks it covers all guest memory
+    /// mapped now (a postcopy table waiting for its ack included).
+    fn map_log(&self, log: &VhostUserLog, file: File) -> Result<Arc<LogMap>, DirtyLogError> {
+        let map = LogMap::map(log, file)?;
+        let tables = self.memory.iter().chain(self.postcopy.pending());
+        map.check_covers(tables.flat_map(|t| t.guest_ranges()))?;
+        Ok(Arc::new(map))
     }
 
     fn protocol_acked(&self) -> bool {
@@ -158,6 +196,14 @@ impl BlockHandler {
     /// Makes `table` the memory the rings use, and starts every ring that
     /// only waited for memory.
     fn publish(&mut self, table: MemoryTable) -> VuResult<()> {
+        // A log in place must cover the new memory, or writes there would
+        // go unlogged (a front end that grows RAM sends a larger log first).
+        if let Some(log) = &self.log_map {
+            log.check_covers(table.guest_ranges()).map_err(|e| {
+                tracing::error!("block: memory table refused: {e}");
+                io_err(e)
+            })?;
+        }
         self.with_rings_stopped(|this| {
             this.memory = Some(table);
             this.resolve_started()?;
@@ -193,6 +239,7 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
     fn reset_owner(&mut self) -> VuResult<()> {
         self.stop_worker()?;
         let (disk, hooks, stats) = (Arc::clone(&self.disk), self.hooks.clone(), Arc::clone(&self.stats));
+        self.log.set(None);
         *self = BlockHandler::new(disk, hooks, stats, self.lazy_memory);
         Ok(())
     }
@@ -209,10 +256,33 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
         if features & !config::device_features(self.disk.image.read_only()) != 0 {
             return Err(VuError::InvalidParam);
         }
+        let log_all = Self::log_all(features);
+        if log_all && self.log_map.is_none() {
+            // Acking LOG_ALL with nothing to log to would let the front end
+            // believe our writes are logged. REPLY_ACK tells it; the
+            // session goes on without logging.
+            let why = self.log_refused.as_deref().unwrap_or("no SET_LOG_BASE before it");
+            tracing::error!("block: SET_FEATURES with LOG_ALL refused: no usable dirty log ({why})");
+            self.survivable = true;
+            return Err(io_err(format!("LOG_ALL without a usable dirty log: {why}")));
+        }
+        // Logging on or off takes effect for every write that finishes from
+        // now on, the worker running or not.
+        self.log.set(if log_all { self.log_map.clone() } else { None });
+        if !log_all {
+            self.log_map = None;
+        }
+        let writethrough = !config::flush_enabled(features);
+        self.disk.writethrough.store(writethrough, std::sync::atomic::Ordering::Relaxed);
+        let log_bit = VhostUserVirtioFeatures::LOG_ALL.bits();
+        if (features ^ self.acked_features) & !log_bit == 0 {
+            // Only LOG_ALL changed (or nothing): the driver sees nothing of
+            // it, so the rings keep running.
+            self.acked_features = features;
+            return Ok(());
+        }
         self.with_rings_stopped(|this| {
             this.acked_features = features;
-            let writethrough = !config::flush_enabled(features);
-            this.disk.writethrough.store(writethrough, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         })
     }
@@ -226,9 +296,9 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
         if postcopy_listening == Some(true) {
             // Registered now, published (and the rings started) only at the
             // front end's ack: see `postcopy`.
-            return self.postcopy.map_pending(regions, files).map(Some).map_err(io_err);
+            return self.postcopy.map_pending(regions, files, &self.log).map(Some).map_err(io_err);
         }
-        let table = MemoryTable::map(regions, files).map_err(io_err)?;
+        let table = MemoryTable::map(regions, files, &self.log).map_err(io_err)?;
         self.postcopy.discard_pending();
         self.publish(table)?;
         Ok(None)
@@ -405,8 +475,31 @@ impl VhostUserBackendReqHandlerMut for BlockHandler {
         Err(VuError::InvalidOperation("SHMEM not offered"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("LOG_SHMFD not offered"))
+    /// SET_LOG_BASE (the vhost crate has checked LOG_SHMFD was acked and
+    /// replies once this returns Ok). The reply only says the message was
+    /// processed: the spec gives it no way to say "refused". So a log that
+    /// cannot be used (past the end of its file, too small for guest
+    /// memory, unmappable) is answered too, logged as an error, and
+    /// logging stops; the refusal reaches the front end as the NACK of its
+    /// next SET_FEATURES with LOG_ALL, and the session goes on.
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        match self.map_log(log, file) {
+            Ok(map) => {
+                tracing::info!(size = log.mmap_size, covered = map.covered(), "block: dirty log mapped");
+                if Self::log_all(self.acked_features) {
+                    self.log.set(Some(Arc::clone(&map)));
+                }
+                self.log_map = Some(map);
+                self.log_refused = None;
+            }
+            Err(e) => {
+                tracing::error!("block: SET_LOG_BASE refused, not logging: {e}");
+                self.log.set(None);
+                self.log_map = None;
+                self.log_refused = Some(e.to_string());
+            }
+        }
+        Ok(())
     }
 
     fn postcopy_advice(&mut self) -> VuResult<File> {

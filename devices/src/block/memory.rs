@@ -8,14 +8,23 @@ use std::fs::File;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use super::dirty_log::{DirtyLog, LogBitmap};
+
+/// Guest memory as this back end maps it: writes logged through
+/// [`LogBitmap`].
+pub type GuestMem = GuestMemoryMmap<LogBitmap>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     #[error("memory table has {regions} regions but {files} files")]
     FileCount { regions: usize, files: usize },
     #[error("cannot map guest memory region at {gpa:#x} (+{size:#x}): {source}")]
-    Map { gpa: u64, size: u64, source: vm_memory::mmap::FromRangesError },
+    Map { gpa: u64, size: u64, source: vm_memory::mmap::MmapRegionError },
+    #[error("guest memory region at {gpa:#x} wraps around the address space")]
+    Wraps { gpa: u64 },
     #[error("guest memory regions overlap or are invalid: {0}")]
     Layout(vm_memory::GuestRegionCollectionError),
     #[error("region size {0:#x} does not fit this host")]
@@ -49,13 +58,14 @@ pub struct LocalMapping {
 /// The mapped guest memory and the front end's VA → guest address map.
 #[derive(Debug, Clone)]
 pub struct MemoryTable {
-    pub mem: Arc<GuestMemoryMmap>,
+    pub mem: Arc<GuestMem>,
     ranges: Vec<VaRange>,
 }
 
 impl MemoryTable {
-    /// Maps every region of a SET_MEM_TABLE message.
-    pub fn map(regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<Self, MemoryError> {
+    /// Maps every region of a SET_MEM_TABLE message, each region's writes
+    /// logged to `log` (while it is on).
+    pub fn map(regions: &[VhostUserMemoryRegion], files: Vec<File>, log: &Arc<DirtyLog>) -> Result<Self, MemoryError> {
         if regions.len() != files.len() {
             return Err(MemoryError::FileCount { regions: regions.len(), files: files.len() });
         }
@@ -69,8 +79,15 @@ impl MemoryTable {
                 return Err(MemoryError::PastEof { gpa });
             }
             let file = FileOffset::new(file, region.mmap_offset);
-            let mmap = GuestRegionMmap::from_range(GuestAddress(gpa), len, Some(file))
+            // As `GuestRegionMmap::from_range` maps a file, with the
+            // session's bitmap instead of a fresh one.
+            let mapping = MmapRegionBuilder::new_with_bitmap(len, LogBitmap::new(Arc::clone(log), gpa))
+                .with_file_offset(file)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_SHARED)
+                .build()
                 .map_err(|source| MemoryError::Map { gpa, size, source })?;
+            let mmap = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemoryError::Wraps { gpa })?;
             let local = mmap.as_ptr() as u64;
             mapped.push(mmap);
             ranges.push(VaRange { user_addr: region.user_addr, size, gpa, local });
@@ -83,6 +100,12 @@ impl MemoryTable {
     /// SET_MEM_TABLE message (the order a postcopy reply lists them in).
     pub fn local_mappings(&self) -> impl Iterator<Item = LocalMapping> + '_ {
         self.ranges.iter().map(|r| LocalMapping { gpa: r.gpa, addr: r.local, size: r.size })
+    }
+
+    /// Each region's guest-physical start and size (what a dirty log must
+    /// cover).
+    pub fn guest_ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|r| (r.gpa, r.size))
     }
 
     /// The guest address behind front-end virtual address `va`, if a region

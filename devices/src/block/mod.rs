@@ -9,6 +9,8 @@
 //!   `vhost-user-backend` crate refuses GET/SET_INFLIGHT_FD);
 //! * `memory`, `inflight`: guest memory and the in-flight table, both
 //!   memfds from the front end;
+//! * `dirty_log`: the front end's dirty-page log (LOG_SHMFD, LOG_ALL),
+//!   where every write to guest memory is marked while it is on;
 //! * `postcopy`: guest memory of a lazily restored guest, whose missing
 //!   pages the front end fills when this process touches them;
 //! * `worker`, `vring`: the data-path thread and its rings;
@@ -18,6 +20,7 @@
 
 mod chain;
 mod config;
+mod dirty_log;
 mod disk;
 mod execute;
 mod handler;
@@ -39,6 +42,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 pub use config::device_features;
@@ -242,6 +246,16 @@ fn serve_disk(
         match requests.handle_request() {
             Ok(()) => {}
             Err(VuError::Disconnected) => break Ok(()),
+            // SET_LOG_BASE without LOG_SHMFD negotiated: the vhost crate
+            // refuses it before us, and such a message has no reply to miss.
+            Err(VuError::InactiveOperation(feature)) if feature == VhostUserProtocolFeatures::LOG_SHMFD => {
+                tracing::error!("block: SET_LOG_BASE refused: LOG_SHMFD was not negotiated");
+            }
+            // A refusal the front end got a NACK for, which leaves the
+            // session sound (see BlockHandler::take_survivable).
+            Err(e) if handler.lock().is_ok_and(|mut h| h.take_survivable()) => {
+                tracing::warn!("block: request refused, still serving: {e}");
+            }
             Err(VuError::SocketBroken(e) | VuError::SocketError(e))
                 if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) =>
             {

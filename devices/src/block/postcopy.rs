@@ -36,10 +36,12 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use userfaultfd::{Uffd, UffdBuilder};
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 
+use super::dirty_log::DirtyLog;
 use super::memory::{MemoryError, MemoryTable};
 
 #[derive(Debug, thiserror::Error)]
@@ -122,11 +124,12 @@ impl Postcopy {
         &mut self,
         regions: &[VhostUserMemoryRegion],
         files: Vec<File>,
+        log: &Arc<DirtyLog>,
     ) -> Result<Vec<u64>, PostcopyError> {
         let Some(uffd) = self.uffd.as_ref().filter(|_| self.listening) else {
             return Err(PostcopyError::NotListening);
         };
-        let table = MemoryTable::map(regions, files)?;
+        let table = MemoryTable::map(regions, files, log)?;
         for mapping in table.local_mappings() {
             let (addr, len) = (mapping.addr as *mut libc::c_void, mapping.size as usize);
             // SAFETY: madvise on a mapping this table owns; it changes how
@@ -152,6 +155,12 @@ impl Postcopy {
     /// The front end's ack: the table it acked, now safe to publish.
     pub fn take_pending(&mut self) -> Result<MemoryTable, PostcopyError> {
         self.pending.take().ok_or(PostcopyError::NothingPending)
+    }
+
+    /// The table waiting for the front end's ack, if any (a dirty log must
+    /// cover it too).
+    pub fn pending(&self) -> Option<&MemoryTable> {
+        self.pending.as_ref()
     }
 
     /// Drops a table still waiting for its ack (an ordinary SET_MEM_TABLE

@@ -11,13 +11,13 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};
 
 use crate::rearm::Rearm;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::chain::DescTable;
 use super::config::MAX_QUEUE_SIZE;
 use super::execute::process_chain;
 use super::inflight::QueueInflight;
-use super::memory::MemoryTable;
+use super::memory::{GuestMem, MemoryTable};
 use super::worker::WorkerContext;
 
 /// Ring addresses as the front end sent them (its virtual addresses).
@@ -145,7 +145,7 @@ impl Vring {
         }
     }
 
-    fn complete(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+    fn complete(&mut self, mem: &GuestMem, head: u16, len: u32) {
         if let Some(inflight) = &self.inflight {
             inflight.pre_put(head);
         }
@@ -161,7 +161,7 @@ impl Vring {
 
     /// Publishes a request's completion (where a test may simulate a kill
     /// between publishing and clearing its in-flight mark).
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32, hooks: &Hooks) -> Flow {
+    fn publish(&mut self, mem: &GuestMem, head: u16, len: u32, hooks: &Hooks) -> Flow {
         if hooks.crash_at(CrashPoint::Published) {
             if let Some(inflight) = &self.inflight {
                 inflight.pre_put(head);

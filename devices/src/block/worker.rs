@@ -9,12 +9,12 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::BlockStats;
 use super::execute::BlockDisk;
+use super::memory::GuestMem;
 use super::vring::{Flow, Hooks, Vring};
 
 const EXIT_TOKEN: u64 = u64::MAX;
@@ -31,7 +31,7 @@ pub enum WorkerError {
 
 /// What the worker needs besides the rings.
 pub struct WorkerContext {
-    pub mem: Arc<GuestMemoryMmap>,
+    pub mem: Arc<GuestMem>,
     pub disk: Arc<BlockDisk>,
     pub indirect: bool,
     /// Per ring: started and enabled, so the worker may touch it.

@@ -7,13 +7,15 @@
 //! (the guest adding buffers) resumes reading, so a full guest never makes
 //! us spin on a readable TAP.
 
+use crate::{LoggedMemory, LoggedVring};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io;
 use std::sync::atomic::{Ordering, fence};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
@@ -37,7 +39,7 @@ pub struct NetBackend {
     config: [u8; CONFIG_SIZE],
     features: u64,
     acked: u64,
-    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    mem: Option<GuestMemoryAtomic<LoggedMemory>>,
     /// A frame read from the TAP (header included) not yet in the rx queue.
     rx_frame: Vec<u8>,
     rx_pending: usize,
@@ -97,7 +99,7 @@ impl NetBackend {
         }
     }
 
-    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_rx(&mut self, vring: &LoggedVring) -> io::Result<()> {
         let Some(atomic) = &self.mem else { return Ok(()) };
         let mem = atomic.memory();
         let mut state = vring.get_mut();
@@ -135,7 +137,7 @@ impl NetBackend {
         Ok(())
     }
 
-    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_tx(&mut self, vring: &LoggedVring) -> io::Result<()> {
         let Some(atomic) = &self.mem else { return Ok(()) };
         let mem = atomic.memory();
         let mut state = vring.get_mut();
@@ -155,7 +157,7 @@ impl NetBackend {
 /// position, which lags behind when the guest has buffers out that are too
 /// few for the frame in hand; the guest would then never cross it. So set
 /// avail_event to the guest's current index instead.
-fn arm_kick(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+fn arm_kick(queue: &mut Queue, mem: &LoggedMemory) -> bool {
     let Ok(before) = queue.avail_idx(mem, Ordering::Acquire) else { return false };
     if queue.event_idx_enabled() {
         let avail_event = queue.used_ring() + 4 + 8 * u64::from(queue.size());
@@ -170,8 +172,8 @@ fn arm_kick(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
 }
 
 impl VhostUserBackendMut for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = LoggedVring;
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
@@ -199,6 +201,8 @@ impl VhostUserBackendMut for NetBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ
+            // The dirty log (SET_LOG_BASE), see `crate::LoggedMemory`.
+            | VhostUserProtocolFeatures::LOG_SHMFD
             | crate::lazy_memory::protocol_features(self.lazy_memory)
     }
 
@@ -215,7 +219,7 @@ impl VhostUserBackendMut for NetBackend {
         features::read_config(&self.config, offset, size)
     }
 
-    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<LoggedMemory>) -> io::Result<()> {
         self.mem = Some(mem);
         Ok(())
     }
@@ -228,7 +232,7 @@ impl VhostUserBackendMut for NetBackend {
         &mut self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[LoggedVring],
         _thread: usize,
     ) -> io::Result<()> {
         match device_event {

@@ -6,13 +6,15 @@
 //! queued on it; we accept it, serve it until the front end hangs up, and
 //! return. A restart is the broker's job (a fresh process).
 
+use crate::{LoggedMemory, LoggedVring};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, VhostUserBackendMut, VhostUserDaemon, VringEpollHandler, VringRwLock};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{Error as DaemonError, VhostUserBackendMut, VhostUserDaemon, VringEpollHandler};
+use vm_memory::{GuestMemoryAtomic};
 use vmm_sys_util::event::EventNotifier;
 
 /// Why serving stopped other than by the front end hanging up.
@@ -41,11 +43,11 @@ pub(crate) fn run<B>(
     exit: EventNotifier,
 ) -> Result<(), ServeError>
 where
-    B: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock> + 'static,
+    B: VhostUserBackendMut<Bitmap = BitmapMmapRegion, Vring = LoggedVring> + 'static,
 {
     // A non-blocking listener would make the daemon's accept loop spin.
     listener.set_nonblocking(false).map_err(ServeError::Listener)?;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(LoggedMemory::new());
     let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem).map_err(daemon_error)?;
     let handlers = daemon.get_epoll_handlers();
     let result = match handlers.first() {

@@ -38,6 +38,10 @@ pub fn base_features() -> u64 {
         | bit(VIRTIO_NET_F_STATUS)
         | bit(VIRTIO_NET_F_MRG_RXBUF)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Dirty-page logging for live snapshots (vhost-user-backend logs
+        // through `crate::LoggedMemory`); a vhost-user bit the guest
+        // driver never sees.
+        | VhostUserVirtioFeatures::LOG_ALL.bits()
 }
 
 /// Everything we offer, given whether the TAP has a virtio-net header and

@@ -19,10 +19,11 @@
 //! (`offset/2` u16, `len` u8, bytes) is written to guest memory, as a
 //! driver adding buffers would, and the queue drained again.
 
+use crate::LoggedMemory;
 use std::os::unix::net::UnixDatagram;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::tx::{MAX_FRAME_LEN, drain_tx};
@@ -53,7 +54,7 @@ pub fn fuzz_net_tx(data: &[u8]) {
     let image_len = usize::from(u16::from_le_bytes([*len0, *len1])).min(rest.len());
     let (image, mut patches) = rest.split_at(image_len);
 
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(MEM_BASE), MEM_SIZE)]) else { return };
+    let Ok(mem) = LoggedMemory::from_ranges(&[(GuestAddress(MEM_BASE), MEM_SIZE)]) else { return };
     if mem.write_slice(image, GuestAddress(MEM_BASE)).is_err() {
         return;
     }

@@ -6,10 +6,11 @@
 //! written, so a frame that does not fit yet consumes nothing and is retried
 //! when the guest adds buffers.
 
+use crate::LoggedMemory;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io::Write;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
-use vm_memory::GuestMemoryMmap;
 
 use super::tap::VNET_HDR_LEN;
 
@@ -38,9 +39,9 @@ impl RxOutcome {
 
 /// Places `frame` (header included; `num_buffers` is filled in here) in
 /// the rx queue.
-pub fn deliver_frame(queue: &mut Queue, mem: &GuestMemoryMmap, frame: &mut [u8], mergeable: bool) -> RxOutcome {
+pub fn deliver_frame(queue: &mut Queue, mem: &LoggedMemory, frame: &mut [u8], mergeable: bool) -> RxOutcome {
     debug_assert!(frame.len() >= VNET_HDR_LEN);
-    let mut writers: Vec<(u16, Writer<'_>)> = Vec::new();
+    let mut writers: Vec<(u16, Writer<'_, BitmapMmapRegion>)> = Vec::new();
     let mut capacity = 0usize;
     let mut popped = 0usize;
     while capacity < frame.len() {
@@ -95,7 +96,7 @@ pub fn deliver_frame(queue: &mut Queue, mem: &GuestMemoryMmap, frame: &mut [u8],
     RxOutcome::Delivered(count)
 }
 
-fn return_empty(queue: &mut Queue, mem: &GuestMemoryMmap, heads: impl IntoIterator<Item = u16>) -> RxOutcome {
+fn return_empty(queue: &mut Queue, mem: &LoggedMemory, heads: impl IntoIterator<Item = u16>) -> RxOutcome {
     let mut n = 0;
     for head in heads {
         if queue.add_used(mem, head, 0).is_ok() {

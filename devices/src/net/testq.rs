@@ -2,9 +2,10 @@
 //! driver's side, for unit tests of the queue-facing code without a front
 //! end. (End-to-end tests go through `crate::test_frontend`.)
 
+use crate::LoggedMemory;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Descriptor flag: device-writable.
 pub const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -16,7 +17,7 @@ const USED: u64 = 0x8000;
 const MEM_SIZE: usize = 4 << 20;
 
 pub struct TestQueue {
-    pub mem: GuestMemoryMmap,
+    pub mem: LoggedMemory,
     pub queue: Queue,
     size: u16,
     next_desc: u16,
@@ -25,7 +26,7 @@ pub struct TestQueue {
 
 impl TestQueue {
     pub fn new(size: u16) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = LoggedMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mut queue = Queue::new(size).unwrap();
         queue.set_size(size);
         queue.try_set_desc_table_address(GuestAddress(DESC)).unwrap();

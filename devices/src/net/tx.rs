@@ -6,12 +6,13 @@
 //! returned and its frame dropped; nothing a guest puts in a chain stops the
 //! queue.
 
+use crate::LoggedMemory;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io::Read;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader};
 
 use crate::rearm::Rearm;
-use vm_memory::GuestMemoryMmap;
 
 use super::tap::{Tap, VNET_HDR_LEN};
 
@@ -21,7 +22,7 @@ pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65536 + 14 + 4;
 
 /// Sends every frame the guest made available; returns how many chains
 /// were used (whether the guest needs an interrupt).
-pub fn process_tx(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &Tap, buf: &mut Vec<u8>) -> usize {
+pub fn process_tx(queue: &mut Queue, mem: &LoggedMemory, tap: &Tap, buf: &mut Vec<u8>) -> usize {
     let mut used = 0;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
@@ -50,7 +51,7 @@ pub fn process_tx(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &Tap, buf: &mut
 /// notifications off meanwhile (so it does not kick for each frame), and
 /// on again before the last look so a frame added at that moment is not
 /// missed. Returns how many chains were used.
-pub fn drain_tx(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &Tap, buf: &mut Vec<u8>) -> usize {
+pub fn drain_tx(queue: &mut Queue, mem: &LoggedMemory, tap: &Tap, buf: &mut Vec<u8>) -> usize {
     let mut used = 0;
     let mut rearm = Rearm::default();
     loop {
@@ -67,8 +68,8 @@ pub fn drain_tx(queue: &mut Queue, mem: &GuestMemoryMmap, tap: &Tap, buf: &mut V
 
 /// Copies a chain's readable bytes into `buf`; `None` when the chain is
 /// outside guest memory, too short for a header or too long for a frame.
-fn read_frame(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, buf: &mut Vec<u8>) -> Option<usize> {
-    let mut reader: Reader<'_> = Reader::new(mem, chain).ok()?;
+fn read_frame(mem: &LoggedMemory, chain: DescriptorChain<&LoggedMemory>, buf: &mut Vec<u8>) -> Option<usize> {
+    let mut reader: Reader<'_, BitmapMmapRegion> = Reader::new(mem, chain).ok()?;
     let len = reader.available_bytes();
     if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) {
         return None;

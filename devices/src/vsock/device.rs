@@ -16,16 +16,18 @@
 //! driver at probe, before the snapshot, so it goes out as soon as the
 //! restored event ring runs, without waiting for a guest kick.
 
+use crate::{LoggedMemory, LoggedVring};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io::{self, Read, Write};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 
 use crate::rearm::Rearm;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
@@ -43,7 +45,7 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 pub struct VsockBackend {
     muxer: Muxer,
     guest_cid: u64,
-    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    mem: Option<GuestMemoryAtomic<LoggedMemory>>,
     buf: Vec<u8>,
     /// We stopped reading tx because resets pile up; resume after rx.
     tx_stalled: bool,
@@ -82,7 +84,7 @@ impl VsockBackend {
         &self.exit.1
     }
 
-    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_tx(&mut self, vring: &LoggedVring) -> io::Result<()> {
         let Some(atomic) = &self.mem else { return Ok(()) };
         let mem = atomic.memory();
         let mut state = vring.get_mut();
@@ -122,7 +124,7 @@ impl VsockBackend {
         Ok(())
     }
 
-    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_rx(&mut self, vring: &LoggedVring) -> io::Result<()> {
         let Some(atomic) = &self.mem else { return Ok(()) };
         let mem = atomic.memory();
         let mut state = vring.get_mut();
@@ -170,7 +172,7 @@ impl VsockBackend {
     /// if the queue runs and holds one. Buffers too short for the event
     /// are returned empty (Linux ignores a used length other than 4). With
     /// no buffer, the guest is asked to kick when it adds one.
-    fn post_transport_reset(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn post_transport_reset(&mut self, vring: &LoggedVring) -> io::Result<()> {
         let Some(atomic) = &self.mem else { return Ok(()) };
         let mem = atomic.memory();
         let mut state = vring.get_mut();
@@ -210,7 +212,7 @@ impl VsockBackend {
         Ok(())
     }
 
-    fn process_rx_and_resume_tx(&mut self, vrings: &[VringRwLock]) -> io::Result<()> {
+    fn process_rx_and_resume_tx(&mut self, vrings: &[LoggedVring]) -> io::Result<()> {
         self.process_rx(&vrings[RX_QUEUE as usize])?;
         if self.tx_stalled && !self.muxer.resets_full() {
             self.process_tx(&vrings[TX_QUEUE as usize])?;
@@ -223,8 +225,8 @@ impl VsockBackend {
 /// Copies one guest packet out of a tx chain: the header, and for RW its
 /// payload into `buf` (cleared otherwise). `None` if the chain is too short,
 /// outside guest memory, or claims more payload than it holds or we allow.
-fn read_packet(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, buf: &mut Vec<u8>) -> Option<Header> {
-    let mut reader: Reader<'_> = Reader::new(mem, chain).ok()?;
+fn read_packet(mem: &LoggedMemory, chain: DescriptorChain<&LoggedMemory>, buf: &mut Vec<u8>) -> Option<Header> {
+    let mut reader: Reader<'_, BitmapMmapRegion> = Reader::new(mem, chain).ok()?;
     let mut raw = [0u8; HDR_LEN];
     reader.read_exact(&mut raw).ok()?;
     let hdr = Header::from_bytes(&raw);
@@ -241,8 +243,8 @@ fn read_packet(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, 
 }
 
 impl VhostUserBackendMut for VsockBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = LoggedVring;
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
@@ -257,12 +259,16 @@ impl VhostUserBackendMut for VsockBackend {
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Dirty-page logging for live snapshots, see `crate::LoggedMemory`.
+            | vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ
+            // The dirty log (SET_LOG_BASE), see `crate::LoggedMemory`.
+            | VhostUserProtocolFeatures::LOG_SHMFD
             | crate::lazy_memory::protocol_features(self.lazy_memory)
     }
 
@@ -289,7 +295,7 @@ impl VhostUserBackendMut for VsockBackend {
         crate::net::read_config(&self.guest_cid.to_le_bytes(), offset, size)
     }
 
-    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<LoggedMemory>) -> io::Result<()> {
         self.mem = Some(mem);
         Ok(())
     }
@@ -302,7 +308,7 @@ impl VhostUserBackendMut for VsockBackend {
         &mut self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[LoggedVring],
         _thread: usize,
     ) -> io::Result<()> {
         // When the owed reset goes out: vhost-user-backend 0.24 calls
