@@ -1,15 +1,20 @@
-//! What the benchmarks that drive a real `mm-broker` (`exec`, and the
-//! broker part of `net`) share: starting it so that the terminal's Ctrl-C
-//! does not take it down first, and cleaning up after a signal. mm-vmm
-//! outlives its broker by design, so an interrupted benchmark that simply
-//! died would leave microVMs running (and the broker's namespace behind).
+//! What the benchmarks that drive a real `mm-broker` (`exec`, `fork`,
+//! `density`, and the broker part of `net`) share: starting it so that the
+//! terminal's Ctrl-C does not take it down first, and cleaning up after a
+//! signal. mm-vmm outlives its broker by design, so an interrupted
+//! benchmark that simply died would leave microVMs running (and the
+//! broker's namespace behind). Also the `mmctl` calls, host figures and
+//! per-microVM memory sampling that `fork` and `density` both use.
 
+use std::path::Path;
 use std::process::Command;
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use mm_integration::broker::TestBroker;
+
+use crate::procmem::{self, GuestRam, process_tree};
 
 /// One `mmctl` call that is not a boot (ps, rm -f).
 const QUICK: Duration = Duration::from_secs(120);
@@ -101,4 +106,93 @@ pub fn start_broker(name: &str, args: &[&str]) -> Result<TestBroker> {
     let broker = TestBroker::start(name, args);
     set_ignored(libc::SIG_DFL);
     broker
+}
+
+/// Runs `measure` against a fresh broker (`bench-NAME`, `args` on its
+/// command line) that a signal cleans up, then keeps the broker's log
+/// beside `out` (`out` with the extension `broker.log`) and ends the
+/// broker: its Drop removes every microVM still there (`mmctl rm -f`),
+/// then kills it by its pid. Must be called before any other thread is
+/// started (see [`block_signals`]).
+pub fn with_broker<R>(
+    bench: &'static str,
+    args: &[&str],
+    out: &Path,
+    measure: impl FnOnce(&TestBroker) -> Result<R>,
+) -> Result<R> {
+    let signals = block_signals()?;
+    let broker = Arc::new(start_broker(&format!("bench-{bench}"), args)?);
+    cleanup_on_signal(bench, signals, Arc::downgrade(&broker));
+    eprintln!("mm-bench: {bench}: broker in {}", broker.dir.0.display());
+    let measured = measure(&broker);
+    let log = out.with_extension("broker.log");
+    let _ = std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")));
+    let _ = std::fs::write(&log, broker.log());
+    drop(broker);
+    // A cleanup a signal started before the drop finishes (and exits) first.
+    drop(CLEANUP.lock());
+    measured.with_context(|| format!("broker log: {}", log.display()))
+}
+
+/// `mmctl ARGS`, which must exit 0: its stdout.
+pub fn mmctl_ok(broker: &TestBroker, args: &[&str]) -> Result<String> {
+    let run = broker.mmctl(args, QUICK).with_context(|| format!("mmctl {}", args.join(" ")))?;
+    if run.status != Some(0) {
+        bail!("mmctl {} exited with {:?}: {}", args.join(" "), run.status, run.stderr.trim());
+    }
+    Ok(run.stdout)
+}
+
+/// `mmctl ARGS` (with `-o json` among them), parsed.
+pub fn mmctl_json(broker: &TestBroker, args: &[&str]) -> Result<serde_json::Value> {
+    let text = mmctl_ok(broker, args)?;
+    serde_json::from_str(&text).with_context(|| format!("mmctl {}: not JSON: {text}", args.join(" ")))
+}
+
+/// A /proc/meminfo field (`MemAvailable`, `MemTotal`), KiB.
+pub fn meminfo_kib(field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in /proc/meminfo"))
+}
+
+/// Waits until `name` answers `exec … true`.
+pub fn exec_ready(broker: &TestBroker, name: &str, timeout: Duration) -> Result<()> {
+    let answered = broker.exec_when_ready(name, &["true"], timeout)?;
+    if answered.status != Some(0) {
+        bail!("{name} never answered an exec: {}", answered.stderr);
+    }
+    Ok(())
+}
+
+/// The pids `mmctl ps`/`inspect -o json` lists for one microVM.
+pub fn listed_pids(info: &serde_json::Value) -> Result<Vec<u32>> {
+    Ok(info["processes"]
+        .as_array()
+        .context("no processes in mmctl's JSON")?
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .map(|pid| pid as u32)
+        .collect())
+}
+
+/// (guest RAM resident KiB, Pss KiB) of one microVM whose processes the
+/// broker lists as `pids`: every one and its descendants (both halves of
+/// every jail). Guest RAM is mm-vmm's memfd, counted once by its size.
+pub fn vm_memory(pids: &[u32]) -> Result<(u64, u64)> {
+    const RAM: GuestRam = GuestRam::Named("mm-guest-ram");
+    let mut pss = 0;
+    let mut ram = Vec::new();
+    for pid in pids.iter().flat_map(|pid| process_tree(*pid)) {
+        let (sample, mappings) = procmem::sample_process(pid, &RAM, false)?;
+        pss += sample.total_pss_kib;
+        ram.push((pid, mappings));
+    }
+    Ok((procmem::guest_ram_resident_kib(&ram, procmem::mapped_file)?, pss))
+}
+
+/// [`vm_memory`] of microVM `name`, its pids from `mmctl inspect`.
+pub fn memory_of(broker: &TestBroker, name: &str) -> Result<(u64, u64)> {
+    vm_memory(&listed_pids(&broker.inspect(name)?)?)
 }

@@ -25,7 +25,6 @@
 //! page cache), which no vhost-user VMM can do; see the README.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -33,15 +32,9 @@ use clap::Args;
 use mm_integration::broker::TestBroker;
 use serde::Serialize;
 
-use crate::brokered;
+use crate::brokered::{self, meminfo_kib, memory_of, mmctl_json as json, mmctl_ok};
 use crate::devbench::{unix_time, write_and_print};
 use crate::machine::{self, Machine};
-use crate::procmem::{self, GuestRam, process_tree};
-
-/// Guest RAM's memfd name in mm-vmm.
-const RAM: GuestRam = GuestRam::Named("mm-guest-ram");
-/// One `mmctl` call that is not a boot.
-const QUICK: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Args)]
 pub struct ForkArgs {
@@ -221,48 +214,8 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn mmctl_ok(broker: &TestBroker, args: &[&str]) -> Result<String> {
-    let run = broker.mmctl(args, QUICK).with_context(|| format!("mmctl {}", args.join(" ")))?;
-    if run.status != Some(0) {
-        bail!("mmctl {} exited with {:?}: {}", args.join(" "), run.status, run.stderr.trim());
-    }
-    Ok(run.stdout)
-}
-
-fn json(broker: &TestBroker, args: &[&str]) -> Result<serde_json::Value> {
-    let text = mmctl_ok(broker, args)?;
-    serde_json::from_str(&text).with_context(|| format!("mmctl {}: not JSON: {text}", args.join(" ")))
-}
-
-fn mem_available_kib() -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo")?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:")?.split_whitespace().next()?.parse().ok())
-        .context("no MemAvailable in /proc/meminfo")
-}
-
 fn allocated_kib(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) / 2).unwrap_or(0)
-}
-
-/// (guest RAM resident KiB, Pss KiB of every process) of microVM `name`.
-fn memory_of(broker: &TestBroker, name: &str) -> Result<(u64, u64)> {
-    let info = broker.inspect(name)?;
-    let pids: Vec<u32> = info["processes"]
-        .as_array()
-        .context("no processes in mmctl inspect")?
-        .iter()
-        .filter_map(|p| p["pid"].as_u64())
-        .flat_map(|pid| process_tree(pid as u32))
-        .collect();
-    let mut pss = 0;
-    let mut ram = Vec::new();
-    for pid in pids {
-        let (sample, mappings) = procmem::sample_process(pid, &RAM, false)?;
-        pss += sample.total_pss_kib;
-        ram.push((pid, mappings));
-    }
-    Ok((procmem::guest_ram_resident_kib(&ram, procmem::mapped_file)?, pss))
 }
 
 /// Branches the running `source` into `copy` and times it; the pause
@@ -295,18 +248,7 @@ pub fn run(args: ForkArgs) -> Result<()> {
         bail!("--count must be at least 1, and --touch-mib less than --memory-mib");
     }
     let out = args.out.clone().unwrap_or_else(|| mm_integration::repo_root().join("target/bench/fork.json"));
-    let signals = brokered::block_signals()?;
-    let machine = Machine::detect();
-    let broker = Arc::new(brokered::start_broker("bench-fork", &[])?);
-    brokered::cleanup_on_signal("fork", signals, Arc::downgrade(&broker));
-    eprintln!("mm-bench: fork: broker in {}", broker.dir.0.display());
-    let measured = measure(&broker, &args, machine);
-    let log = out.with_extension("broker.log");
-    let _ = std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")));
-    let _ = std::fs::write(&log, broker.log());
-    drop(broker);
-    let _guard = brokered::CLEANUP.lock();
-    let report = measured.with_context(|| format!("broker log: {}", log.display()))?;
+    let report = brokered::with_broker("fork", &[], &out, |broker| measure(broker, &args, Machine::detect()))?;
     write_and_print(&report, &report.table(), &out, args.json)
 }
 
@@ -334,7 +276,7 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
     mmctl_ok(broker, &["rm", "-f", "source", "copy"])?;
     let snapshot_disk = broker.dir.path(&format!("state/snapshots/{id}/rw.ext4"));
 
-    let available_before = mem_available_kib()?;
+    let available_before = meminfo_kib("MemAvailable")?;
     let count = args.count.to_string();
     let started = Instant::now();
     let clones = json(broker, &["fork", "base", "--count", &count, "--name-prefix", "clone", "-o", "json"])?;
@@ -393,7 +335,7 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
         let dir = broker.dir.path(&format!("state/vms/{}", clone["id"].as_str().unwrap_or_default()));
         c.disk_layer_kib = allocated_kib(&dir.join("rw.ext4")) + allocated_kib(&dir.join("rw.map"));
     }
-    let available_after = mem_available_kib()?;
+    let available_after = meminfo_kib("MemAvailable")?;
     report.mem_available_drop_per_clone_kib =
         (available_before as i64 - available_after as i64) / i64::from(args.count.max(1));
     let others = machine::other_vmms().len().saturating_sub(clones.len() * 2);
@@ -421,9 +363,5 @@ fn measure(broker: &TestBroker, args: &ForkArgs, machine: Machine) -> Result<For
 
 /// Waits until `name` answers `exec … true`.
 fn ready(broker: &TestBroker, name: &str, args: &ForkArgs) -> Result<()> {
-    let answered = broker.exec_when_ready(name, &["true"], Duration::from_secs(args.timeout_secs))?;
-    if answered.status != Some(0) {
-        bail!("{name} never answered an exec: {}", answered.stderr);
-    }
-    Ok(())
+    brokered::exec_ready(broker, name, Duration::from_secs(args.timeout_secs))
 }

@@ -13,7 +13,9 @@
 //! [--json]` (snapshot and restore vs QEMU and Firecracker),
 //! `mm-bench memory [--runs N] [--firecracker PATH] [--json]` (a whole
 //! microVM's host memory, every process counted, vs QEMU and Firecracker
-//! with the same devices): see README.md.
+//! with the same devices), `mm-bench fork [--count N] [--json]` (N clones of
+//! one snapshot), `mm-bench density [--batch B] [--max N] [--json]` (idle
+//! clones until the broker refuses): see README.md.
 
 mod api;
 mod apibroker;
@@ -21,6 +23,7 @@ mod apiload;
 mod block;
 mod boot;
 mod brokered;
+mod density;
 mod devbench;
 mod exec;
 mod fork;
@@ -87,6 +90,9 @@ enum Bench {
     /// N clones of one snapshot through `mmctl fork`: time to all running and answering, each clone's
     /// host memory (guest RAM resident and Pss) idle and after it read its working set, its own disk layer.
     Fork(fork::ForkArgs),
+    /// Idle clones of one snapshot forked in batches until the broker refuses: how many it holds, the start
+    /// rate (clones/s) per batch and at that scale, host memory per clone, exec in a sample at the limit.
+    Density(density::DensityArgs),
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +162,7 @@ fn main() -> Result<()> {
         Bench::Snapshot(args) => snapshot::run(args),
         Bench::Memory(args) => memory::run(args),
         Bench::Fork(args) => fork::run(args),
+        Bench::Density(args) => density::run(args),
     }
 }
 
