@@ -11,10 +11,16 @@
 //! Ring addresses are sent as this process's virtual addresses, as mm-vmm
 //! does (DESIGN.md, "Wire protocols"), so back ends exercise their
 //! address translation.
+//!
+//! It also plays the front end of a live snapshot: a dirty log in a memfd
+//! (SET_LOG_BASE, LOG_ALL; [`TestFrontend::start_logging`]) that tests read
+//! and clear ([`TestFrontend::take_dirty`]) to see which guest pages a back
+//! end wrote.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -23,7 +29,7 @@ use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -53,6 +59,27 @@ pub enum TestFrontendError {
     OutOfDescriptors(usize, usize),
     #[error("queue {0} was not set up")]
     NoQueue(usize),
+    #[error("dirty log: {0}")]
+    Log(std::io::Error),
+    #[error("no dirty log: SET_LOG_BASE was not sent")]
+    NoLog,
+}
+
+/// The page size of the vhost-user dirty log (VHOST_LOG_PAGE).
+pub const LOG_PAGE: u64 = 4096;
+
+/// A new memfd of `len` bytes.
+pub fn memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<File> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; the
+    // returned fd is checked and then owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
 }
 
 pub type Result<T> = std::result::Result<T, TestFrontendError>;
@@ -106,15 +133,7 @@ impl TestMemory {
     /// Guest RAM of `size` bytes at guest-physical `base` (a nonzero base
     /// catches back ends that confuse guest-physical and virtual addresses).
     pub fn new(base: u64, size: usize) -> Result<Self> {
-        // SAFETY: memfd_create takes a NUL-terminated name and flags; the
-        // returned fd is checked and then owned by the File.
-        let fd = unsafe { libc::memfd_create(c"mm-test-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(TestFrontendError::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a freshly created descriptor nothing else owns.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(size as u64).map_err(TestFrontendError::Memfd)?;
+        let memfd = memfd(c"mm-test-guest-ram", size as u64).map_err(TestFrontendError::Memfd)?;
         let file = memfd.try_clone().map_err(TestFrontendError::Memfd)?;
         let mem =
             GuestMemoryMmap::from_ranges_with_files([(GuestAddress(base), size, Some(FileOffset::new(file, 0)))])?;
@@ -207,13 +226,16 @@ pub struct TestFrontend {
     acked_features: u64,
     /// Protocol features asked for when offered (on every reconnect too).
     wanted_protocol: VhostUserProtocolFeatures,
+    /// The dirty log sent with SET_LOG_BASE (the file and its size).
+    log: Option<(File, u64)>,
 }
 
 /// Protocol features the test front end asks for when offered.
 pub const TEST_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-    .union(VhostUserProtocolFeatures::MQ);
+    .union(VhostUserProtocolFeatures::MQ)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
 
 impl TestFrontend {
     /// Opens a session over `stream` (SET_OWNER, GET_FEATURES and the
@@ -241,6 +263,7 @@ impl TestFrontend {
             inflight: None,
             acked_features: 0,
             wanted_protocol: wanted,
+            log: None,
         };
         fe.handshake()?;
         Ok(fe)
@@ -276,8 +299,17 @@ impl TestFrontend {
     pub fn reconnect_at(&mut self, stream: UnixStream, base: Option<u16>) -> Result<()> {
         self.frontend = Frontend::from_stream(stream, self.queues.len() as u64);
         self.handshake()?;
-        self.set_features(self.acked_features)?;
+        // LOG_ALL only once the new back end has the log to write to.
+        let acked = self.acked_features;
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        self.send_features(acked & !log_all)?;
         self.set_mem_table()?;
+        if acked & log_all != 0
+            && let Some((file, size)) = &self.log
+        {
+            self.send_log_base(file, *size, 0)?;
+            self.send_features(acked)?;
+        }
         if self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
             && let Some((info, file)) = &self.inflight
         {
@@ -295,8 +327,16 @@ impl TestFrontend {
         Ok(())
     }
 
-    /// SET_FEATURES with `features` (the vhost-user bit is added when offered).
+    /// SET_FEATURES with `features` (the vhost-user bit is added when
+    /// offered). LOG_ALL is not taken from `features`: it stays as
+    /// [`TestFrontend::set_logging`] last set it, so tests acking "every
+    /// offered feature" do not turn logging on without a log.
     pub fn set_features(&mut self, features: u64) -> Result<()> {
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        self.send_features((features & !log_all) | (self.acked_features & log_all))
+    }
+
+    fn send_features(&mut self, features: u64) -> Result<()> {
         let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let features = (features & self.offered_features) | (self.offered_features & proto);
         self.acked_features = features;
@@ -557,6 +597,59 @@ impl TestFrontend {
             out.extend(self.take_used(q)?);
         }
         Ok(out)
+    }
+
+    /// SET_LOG_BASE with a fresh, zeroed log covering all guest RAM, then
+    /// SET_FEATURES with LOG_ALL added: what a front end does before
+    /// copying RAM of a running guest.
+    pub fn start_logging(&mut self) -> Result<()> {
+        let pages = self.memory.end().div_ceil(LOG_PAGE);
+        let size = pages.div_ceil(8);
+        let file = memfd(c"mm-test-dirty-log", size).map_err(TestFrontendError::Log)?;
+        self.send_log_base(&file, size, 0)?;
+        self.log = Some((file, size));
+        self.set_logging(true)
+    }
+
+    /// SET_LOG_BASE with any log (for hostile-input tests), kept by the
+    /// caller.
+    pub fn send_log_base(&self, file: &File, mmap_size: u64, mmap_offset: u64) -> Result<()> {
+        let region = VhostUserDirtyLogRegion { mmap_size, mmap_offset, mmap_handle: file.as_raw_fd() };
+        self.frontend.set_log_base(0, Some(region))?;
+        Ok(())
+    }
+
+    /// SET_FEATURES with the acked features plus or minus LOG_ALL (sent
+    /// whether or not a log was, for tests of a front end that forgets).
+    pub fn set_logging(&mut self, on: bool) -> Result<()> {
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        let features = if on { self.acked_features | log_all } else { self.acked_features & !log_all };
+        self.send_features(features)
+    }
+
+    /// The acked features (LOG_ALL included when logging).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// The guest-physical addresses of the pages marked in the log since
+    /// the last call, which clears them (as a front end does between copy
+    /// passes; our clear is not atomic, so call it while the back end is
+    /// idle).
+    pub fn take_dirty(&self) -> Result<Vec<u64>> {
+        let (file, size) = self.log.as_ref().ok_or(TestFrontendError::NoLog)?;
+        let mut bitmap = vec![0u8; *size as usize];
+        file.read_exact_at(&mut bitmap, 0).map_err(TestFrontendError::Log)?;
+        file.write_all_at(&vec![0u8; *size as usize], 0).map_err(TestFrontendError::Log)?;
+        let mut pages = Vec::new();
+        for (i, byte) in bitmap.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    pages.push((i as u64 * 8 + bit) * LOG_PAGE);
+                }
+            }
+        }
+        Ok(pages)
     }
 
     /// The used index up to which [`TestFrontend::take_used`] has read.

@@ -2,6 +2,7 @@
 //! (no KVM): requests, hostile chains, and crash recovery.
 
 mod fuzz;
+mod dirty_log;
 mod inflight;
 mod malformed;
 mod overlay;
