@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::testnet::{TestNetns, join_within, queued_listener, recv_frame, send_frame};
 use super::{MacAddr, NetConfig, NetError, serve_net};
@@ -165,6 +165,49 @@ fn frame_waits_for_rx_buffers() {
         })
     });
     assert!(found, "the waiting frame was not delivered");
+    drop(rig.fe);
+    join_within(rig.server, T).unwrap();
+}
+
+/// Dirty-page logging (LOG_SHMFD, LOG_ALL): a frame from the TAP marks the
+/// pages of the rx buffers it went into and the used ring's page in the
+/// front end's log, and nothing else the device did not write.
+#[test]
+fn rx_frame_is_logged() {
+    use crate::test_frontend::LOG_PAGE;
+    let acked = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_MRG_RXBUF);
+    let Some(mut rig) = rig(true, acked) else { return };
+    let fe = &mut rig.fe;
+    fe.start_logging().unwrap();
+    // Each buffer on a page of its own, starting mid-page so a buffer
+    // spans two.
+    let mut bufs = HashMap::new();
+    for _ in 0..4 {
+        let b = fe.memory.alloc(3 * LOG_PAGE, LOG_PAGE).unwrap().unchecked_add(LOG_PAGE / 2);
+        bufs.insert(u32::from(fe.add_chain(RX, &[Buf::input(b, 4096)]).unwrap()), b);
+    }
+    let untouched = fe.memory.alloc(LOG_PAGE, LOG_PAGE).unwrap().0;
+    fe.kick(RX).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(fe.take_used(RX).unwrap().is_empty());
+    fe.take_dirty().unwrap();
+    let frame = test_frame(3000, 4);
+    send_frame(&rig.sock, &frame).unwrap();
+    let mut ours_at = None;
+    while ours_at.is_none() {
+        let used = fe.wait_used(RX, 1, T).unwrap();
+        assert!(!used.is_empty(), "no rx");
+        ours_at = used.into_iter().find(|&e| ours(&read_used(fe, &bufs, e)[12..])).map(|e| (bufs[&e.id], e.len));
+    }
+    let (addr, len) = ours_at.unwrap();
+    assert_eq!(len as usize, 12 + frame.len());
+    let dirty = fe.take_dirty().unwrap();
+    let used_page = fe.queues[RX].as_ref().unwrap().used.0 & !(LOG_PAGE - 1);
+    let first = addr.0 & !(LOG_PAGE - 1);
+    for page in [first, first + LOG_PAGE, used_page] {
+        assert!(dirty.contains(&page), "page {page:#x} not marked; marked: {dirty:x?}");
+    }
+    assert!(!dirty.contains(&untouched), "a page the device never wrote is marked");
     drop(rig.fe);
     join_within(rig.server, T).unwrap();
 }

@@ -449,3 +449,38 @@ fn an_avail_index_left_beyond_the_ring_does_not_spin() {
     drop(rig.guest);
     join_within(rig.server, T).unwrap();
 }
+
+/// Dirty-page logging (LOG_SHMFD, LOG_ALL): a packet to the guest (the
+/// REQUEST of a host client's CONNECT) marks its rx buffer's page and the
+/// used ring's page in the front end's log, and no page the device did not
+/// write.
+#[test]
+fn packet_to_the_guest_is_logged() {
+    use crate::test_frontend::LOG_PAGE;
+    let (mut fe, dir, server) = serve(false);
+    fe.activate(1 << VIRTIO_F_VERSION_1, &QUEUE_SIZES).unwrap();
+    fe.start_logging().unwrap();
+    let buf = fe.memory.alloc(2 * LOG_PAGE, LOG_PAGE).unwrap();
+    let untouched = fe.memory.alloc(LOG_PAGE, LOG_PAGE).unwrap().0;
+    fe.add_chain(RX, &[Buf::input(buf, RX_BUF)]).unwrap();
+    fe.kick(RX).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    fe.take_dirty().unwrap();
+    let mut client = UnixStream::connect(dir.path("v.sock")).unwrap();
+    client.write_all(b"CONNECT 1234\n").unwrap();
+    let used = fe.wait_used(RX, 1, T).unwrap();
+    assert_eq!(used.len(), 1, "no REQUEST for the guest");
+    assert_eq!(used[0].len as usize, HDR_LEN);
+    let mut raw = [0u8; HDR_LEN];
+    fe.mem().read_slice(&mut raw, buf).unwrap();
+    assert_eq!(Header::from_bytes(&raw).op(), Some(Op::Request));
+    let dirty = fe.take_dirty().unwrap();
+    let used_page = fe.queues[RX].as_ref().unwrap().used.0 & !(LOG_PAGE - 1);
+    for page in [buf.0, used_page] {
+        assert!(dirty.contains(&page), "page {page:#x} not marked; marked: {dirty:x?}");
+    }
+    assert!(!dirty.contains(&untouched), "a page the device never wrote is marked");
+    drop(client);
+    drop(fe);
+    join_within(server, T).unwrap();
+}
