@@ -40,7 +40,9 @@ pub enum DirtyLogError {
     Empty,
     #[error("cannot inspect the dirty log's file: {0}")]
     Stat(std::io::Error),
-    #[error("dirty log {offset:#x}+{size:#x} goes past the end of its file ({file_len:#x} bytes; a touch would SIGBUS)")]
+    #[error(
+        "dirty log {offset:#x}+{size:#x} goes past the end of its file ({file_len:#x} bytes; a touch would SIGBUS)"
+    )]
     PastEof { offset: u64, size: u64, file_len: u64 },
     #[error("dirty log size {0:#x} does not fit this host")]
     TooLarge(u64),
@@ -146,7 +148,6 @@ impl DirtyLog {
         *self.active.write().unwrap_or_else(PoisonError::into_inner) = log;
     }
 
-
     fn mark(&self, gpa: u64, len: usize) {
         if let Some(log) = &*self.active.read().unwrap_or_else(PoisonError::into_inner) {
             log.mark(gpa, len);
@@ -230,7 +231,10 @@ mod tests {
         assert_eq!(set, vec![1, 2, 127]);
         assert_eq!(log.covered(), 128 * LOG_PAGE_SIZE);
         assert!(log.check_covers([(0, 128 * LOG_PAGE_SIZE)]).is_ok());
-        assert!(matches!(log.check_covers([(LOG_PAGE_SIZE, 128 * LOG_PAGE_SIZE)]), Err(DirtyLogError::TooSmall { .. })));
+        assert!(matches!(
+            log.check_covers([(LOG_PAGE_SIZE, 128 * LOG_PAGE_SIZE)]),
+            Err(DirtyLogError::TooSmall { .. })
+        ));
     }
 
     #[test]

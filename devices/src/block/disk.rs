@@ -109,7 +109,12 @@ impl DiskImage {
     /// Reads the image at `offset` into the guest buffers `data`. From an
     /// overlay, each guest slice is split into runs of one layer, each read
     /// straight from its file.
-    pub fn read_to_guest<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>, data: &[Segment], mut offset: u64) -> Result<u64, DiskError> {
+    pub fn read_to_guest<B: Bitmap>(
+        &self,
+        mem: &GuestMemoryMmap<B>,
+        data: &[Segment],
+        mut offset: u64,
+    ) -> Result<u64, DiskError> {
         let mut done = 0;
         for seg in data {
             for slice in mem.get_slices(seg.addr, seg.len as usize) {
@@ -135,7 +140,12 @@ impl DiskImage {
     /// Writes the guest buffers `data` to the image at `offset`. To an
     /// overlay: the partly covered clusters are copied up first, the data
     /// goes straight into upper, then the touched clusters are mapped.
-    pub fn write_from_guest<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>, data: &[Segment], offset: u64) -> Result<(), DiskError> {
+    pub fn write_from_guest<B: Bitmap>(
+        &self,
+        mem: &GuestMemoryMmap<B>,
+        data: &[Segment],
+        offset: u64,
+    ) -> Result<(), DiskError> {
         match &self.backing {
             Backing::Raw(file) => write_segments(file, mem, data, offset),
             Backing::Overlay(overlay) => {
@@ -186,7 +196,12 @@ impl DiskImage {
 }
 
 /// Writes the guest buffers `data` to `file` at `offset`.
-fn write_segments<B: Bitmap>(file: &File, mem: &GuestMemoryMmap<B>, data: &[Segment], mut offset: u64) -> Result<(), DiskError> {
+fn write_segments<B: Bitmap>(
+    file: &File,
+    mem: &GuestMemoryMmap<B>,
+    data: &[Segment],
+    mut offset: u64,
+) -> Result<(), DiskError> {
     for seg in data {
         for slice in mem.get_slices(seg.addr, seg.len as usize) {
             let slice = slice.map_err(|_| DiskError::GuestMemory)?;

@@ -143,7 +143,12 @@ pub fn execute<B: Bitmap>(mem: &GuestMemoryMmap<B>, request: &Request, disk: &Bl
     }
 }
 
-fn write_serial<B: Bitmap>(mem: &GuestMemoryMmap<B>, data: &[Segment], len: u64, serial: &Serial) -> Result<u64, DiskError> {
+fn write_serial<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
+    data: &[Segment],
+    len: u64,
+    serial: &Serial,
+) -> Result<u64, DiskError> {
     let n = (serial.0.len() as u64).min(len);
     let mut done = 0usize;
     for piece in request::slice_segments(data, 0, n) {

@@ -7,17 +7,18 @@
 //! (the guest adding buffers) resumes reading, so a full guest never makes
 //! us spin on a readable TAP.
 
-use crate::{LoggedMemory, LoggedVring};
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io;
 use std::sync::atomic::{Ordering, fence};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackendMut, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+
+use crate::{LoggedMemory, LoggedVring};
 
 use super::NetConfig;
 use super::features::{self, CONFIG_SIZE};

@@ -6,16 +6,17 @@
 //! queued on it; we accept it, serve it until the front end hangs up, and
 //! return. A restart is the broker's job (a fresh process).
 
-use crate::{LoggedMemory, LoggedVring};
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{Error as DaemonError, VhostUserBackendMut, VhostUserDaemon, VringEpollHandler};
-use vm_memory::{GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::event::EventNotifier;
+
+use crate::{LoggedMemory, LoggedVring};
 
 /// Why serving stopped other than by the front end hanging up.
 #[derive(Debug, thiserror::Error)]

@@ -19,11 +19,12 @@
 //! (`offset/2` u16, `len` u8, bytes) is written to guest memory, as a
 //! driver adding buffers would, and the queue drained again.
 
-use crate::LoggedMemory;
 use std::os::unix::net::UnixDatagram;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+
+use crate::LoggedMemory;
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::tx::{MAX_FRAME_LEN, drain_tx};

@@ -6,11 +6,12 @@
 //! written, so a frame that does not fit yet consumes nothing and is retried
 //! when the guest adds buffers.
 
-use crate::LoggedMemory;
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io::Write;
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
+
+use crate::LoggedMemory;
 
 use super::tap::VNET_HDR_LEN;
 

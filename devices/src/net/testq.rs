@@ -2,10 +2,11 @@
 //! driver's side, for unit tests of the queue-facing code without a front
 //! end. (End-to-end tests go through `crate::test_frontend`.)
 
-use crate::LoggedMemory;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+
+use crate::LoggedMemory;
 
 /// Descriptor flag: device-writable.
 pub const W: u16 = VRING_DESC_F_WRITE as u16;

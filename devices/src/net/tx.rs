@@ -6,12 +6,12 @@
 //! returned and its frame dropped; nothing a guest puts in a chain stops the
 //! queue.
 
-use crate::LoggedMemory;
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io::Read;
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader};
 
+use crate::LoggedMemory;
 use crate::rearm::Rearm;
 
 use super::tap::{Tap, VNET_HDR_LEN};

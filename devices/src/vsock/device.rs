@@ -16,17 +16,17 @@
 //! driver at probe, before the snapshot, so it goes out as soon as the
 //! restored event ring runs, without waiting for a guest kick.
 
-use crate::{LoggedMemory, LoggedVring};
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use std::io::{self, Read, Write};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackendMut, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 
 use crate::rearm::Rearm;
+use crate::{LoggedMemory, LoggedVring};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};

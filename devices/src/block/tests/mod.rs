@@ -1,8 +1,8 @@
 //! Tests of the block back end, end to end through the test front end
 //! (no KVM): requests, hostile chains, and crash recovery.
 
-mod fuzz;
 mod dirty_log;
+mod fuzz;
 mod inflight;
 mod malformed;
 mod overlay;

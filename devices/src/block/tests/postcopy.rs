@@ -191,7 +191,10 @@ fn postcopy_state_refuses_messages_out_of_order() {
     assert!(matches!(postcopy.listen(), Err(PostcopyError::NotAdvised)));
     let region = VhostUserMemoryRegion::new(MEM_BASE, PAGE as u64, 0x7000_0000, 0);
     let memfd = TestMemory::new(MEM_BASE, PAGE).unwrap().memfd;
-    assert!(matches!(postcopy.map_pending(&[region], vec![memfd], &Default::default()), Err(PostcopyError::NotListening)));
+    assert!(matches!(
+        postcopy.map_pending(&[region], vec![memfd], &Default::default()),
+        Err(PostcopyError::NotListening)
+    ));
     assert!(matches!(postcopy.take_pending(), Err(PostcopyError::NothingPending)));
     assert!(postcopy.end().is_none());
     if !userfaultfd_available("postcopy_state_refuses_messages_out_of_order") {
@@ -200,7 +203,10 @@ fn postcopy_state_refuses_messages_out_of_order() {
     let _copy = postcopy.advise().unwrap();
     assert!(matches!(postcopy.advise(), Err(PostcopyError::AlreadyAdvised)));
     let memfd = TestMemory::new(MEM_BASE, PAGE).unwrap().memfd;
-    assert!(matches!(postcopy.map_pending(&[region], vec![memfd], &Default::default()), Err(PostcopyError::NotListening)));
+    assert!(matches!(
+        postcopy.map_pending(&[region], vec![memfd], &Default::default()),
+        Err(PostcopyError::NotListening)
+    ));
     postcopy.listen().unwrap();
     let memfd = TestMemory::new(MEM_BASE, PAGE).unwrap().memfd;
     let bases = postcopy.map_pending(&[region], vec![memfd], &Default::default()).unwrap();
