@@ -30,7 +30,7 @@ use std::process::{Command, Stdio};
 use mm_protocols::vmm_control::{SeqPacketListener, VmmClient};
 
 use crate::BrokerConfig;
-use crate::network::Network;
+use crate::network::{Network, Tap};
 use crate::process::Process;
 use crate::record::VmRecord;
 
@@ -68,8 +68,9 @@ pub struct DeviceSpec {
     /// `block`, `net` or `vsock`: mm-device's subcommand and mm-vmm's KIND.
     pub kind: &'static str,
     pub args: Vec<OsString>,
-    /// For `net`: the TAP the broker opens and hands over as [`TAP_FD`].
-    pub tap: Option<String>,
+    /// For `net`: the TAP the broker opens and hands over as [`TAP_FD`],
+    /// with the only MAC and address it may send from.
+    pub tap: Option<Tap>,
 }
 
 /// The device node a lazy restore's userfaultfds come from.
@@ -135,12 +136,12 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
     if record.resume_from.is_some() {
         devices[2].args.push("--transport-reset".into());
     }
-    if let (Some(_), Some(mac)) = (&config.network, &record.mac) {
+    if let Some(tap) = tap_for(config, record) {
         devices.push(DeviceSpec {
             role: "net".into(),
             kind: "net",
-            args: vec!["--tap-fd".into(), TAP_FD.to_string().into(), "--mac".into(), mac.into()],
-            tap: Some(Network::tap_name(&record.id)),
+            args: vec!["--tap-fd".into(), TAP_FD.to_string().into(), "--mac".into(), tap.mac.clone().into()],
+            tap: Some(tap),
         });
     }
     // A restored guest's RAM comes in lazily (mm-vmm's page server): each
@@ -154,6 +155,14 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
         }
     }
     devices
+}
+
+/// The microVM's TAP, MAC and address, if it has a network interface.
+pub fn tap_for(config: &BrokerConfig, record: &VmRecord) -> Option<Tap> {
+    match (&config.network, &record.mac, record.ip) {
+        (Some(_), Some(mac), Some(ip)) => Some(Tap { name: Network::tap_name(&record.id), mac: mac.clone(), ip }),
+        _ => None,
+    }
 }
 
 /// Makes `fds[i].0` appear as `fds[i].1` in the child, and nothing else
@@ -216,8 +225,10 @@ pub fn spawn_device(
     let control = SeqPacketListener::bind(&control_path).map_err(std::io::Error::other)?;
     let mut fds = vec![(listener.as_raw_fd(), FIRST_FD), (control.as_fd().as_raw_fd(), DEVICE_CONTROL_FD)];
     let tap = match (&spec.tap, &config.network) {
-        (Some(name), Some(network)) => Some(network.open_tap(name).map_err(std::io::Error::other)?),
-        (Some(name), None) => return Err(std::io::Error::other(format!("TAP {name} but the broker has no network"))),
+        (Some(tap), Some(network)) => Some(network.open_tap(tap).map_err(std::io::Error::other)?),
+        (Some(tap), None) => {
+            return Err(std::io::Error::other(format!("TAP {} but the broker has no network", tap.name)));
+        }
         (None, _) => None,
     };
     if let Some(tap) = &tap {

@@ -71,6 +71,13 @@ impl Registry {
                 Err(e) => tracing::warn!("ignoring {}: unreadable record: {e}", dir.display()),
             }
         }
+        // Only the re-adopted microVMs' TAPs may send (stale elements go).
+        if let Some(network) = &config.network {
+            let vms = registry.vms.borrow();
+            let live = vms.values().filter(|vm| vm.state().is_live()).map(|vm| vm.record());
+            let taps: Vec<_> = live.filter_map(|record| crate::launch::tap_for(&config, &record)).collect();
+            network.sync_guards(&taps).map_err(std::io::Error::other)?;
+        }
         Ok(registry)
     }
 

@@ -17,10 +17,15 @@
 //! an input rule on the host drops anything from the transit link that is
 //! not a reply, so egress does not open the host itself to guests.
 //!
+//! Every TAP is guarded ([`guard`]): a guest sends only from its own MAC
+//! and IPv4 address, so it cannot take a neighbour's address (and the
+//! connections the broker opens to it).
+//!
 //! Interfaces and rules are made with `ip` and `nft`, as an admin would
 //! type them, and every step is idempotent: a restarted broker runs the
 //! same set-up over what the last one left.
 
+pub mod guard;
 pub mod ipam;
 pub mod netns;
 
@@ -29,6 +34,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 
+pub use guard::Tap;
 use ipam::Ipv4Net;
 use netns::Namespace;
 
@@ -45,6 +51,8 @@ pub enum NetworkError {
     Io { what: String, source: std::io::Error },
     #[error("no free address left in {0}")]
     Full(Ipv4Net),
+    #[error("not a valid {what}: {value:?}")]
+    Invalid { what: &'static str, value: String },
 }
 
 /// How the host wants its microVM network (mm-broker's `--network-*` flags).
@@ -114,8 +122,11 @@ impl Network {
             }
             None => Namespace::own(),
         };
+        guard::check_ifname(&config.bridge)?;
         let network = Network { config, namespace };
         network.ip(&["link", "set", "lo", "up"])?;
+        // Before any port can join the bridge (a restart keeps the elements).
+        network.setup_guard()?;
         let bridge = network.config.bridge.as_str();
         if network.ip(&["link", "show", bridge]).is_err() {
             network.ip(&["link", "add", bridge, "type", "bridge"])?;
@@ -157,6 +168,26 @@ impl Network {
             _ => run(args[0], &args[1..], None),
         }
         .map(drop)
+    }
+
+    fn guard_table(&self) -> String {
+        guard::table_name(self.config.netns.as_deref(), &self.config.bridge)
+    }
+
+    /// The anti-spoofing table: chains replaced, elements kept; made anew
+    /// if what is there cannot be kept.
+    fn setup_guard(&self) -> Result<(), NetworkError> {
+        let (table, every_port) = (self.guard_table(), self.config.netns.is_some());
+        self.nft(true, &guard::table_script(&table, every_port)).or_else(|e| {
+            tracing::warn!("replacing the anti-spoofing table {table}: {e}");
+            self.nft(true, &guard::replace_table_script(&table, every_port))
+        })
+    }
+
+    /// Makes `taps` (the microVMs a restarted broker re-adopted) the only
+    /// ones the anti-spoofing table lets send, in one transaction.
+    pub fn sync_guards(&self, taps: &[Tap]) -> Result<(), NetworkError> {
+        self.nft(true, &guard::sync_script(&self.guard_table(), taps)?)
     }
 
     /// The table in the broker's namespace, one per network so two brokers
@@ -201,13 +232,17 @@ impl Network {
         format!("mm{}", &vm_id[..vm_id.len().min(12)])
     }
 
-    /// Opens the microVM's TAP (creating it on first use), on the bridge and up.
+    /// Opens the microVM's TAP (creating it on first use), lets it send from
+    /// its own MAC and address only ([`guard`]), then puts it on the bridge
+    /// and up.
     ///
     /// A single-queue TAP takes one fd at a time (EBUSY otherwise). When a
     /// net device process is killed, its jailed half (which holds the TAP)
     /// dies a moment after the process the broker watches, so a restart
     /// waits up to [`TAP_BUSY_WAIT`] for the old fd to go.
-    pub fn open_tap(&self, name: &str) -> Result<OwnedFd, NetworkError> {
+    pub fn open_tap(&self, tap: &Tap) -> Result<OwnedFd, NetworkError> {
+        let script = guard::add_script(&self.guard_table(), std::slice::from_ref(tap))?;
+        let name = tap.name.as_str();
         let deadline = std::time::Instant::now() + TAP_BUSY_WAIT;
         let fd = loop {
             match self.namespace.open_tap(name) {
@@ -218,15 +253,20 @@ impl Network {
             }
         }
         .map_err(|source| NetworkError::Io { what: format!("opening TAP {name}"), source })?;
+        self.nft(true, &script)?;
         self.ip(&["link", "set", name, "master", &self.config.bridge])?;
         self.ip(&["link", "set", name, "up"])?;
         Ok(fd)
     }
 
-    /// Deletes a microVM's TAP (when it stops: a new start makes a new one).
-    pub fn remove_tap(&self, name: &str) {
-        if let Err(e) = self.ip(&["link", "del", name]) {
-            tracing::debug!("removing TAP {name}: {e}");
+    /// Deletes a microVM's TAP (when it stops: a new start makes a new one)
+    /// and then its anti-spoofing element.
+    pub fn remove_tap(&self, tap: &Tap) {
+        if let Err(e) = self.ip(&["link", "del", &tap.name]) {
+            tracing::debug!("removing TAP {}: {e}", tap.name);
+        }
+        if let Err(e) = guard::remove_script(&self.guard_table(), tap).and_then(|script| self.nft(true, &script)) {
+            tracing::warn!("removing TAP {}'s anti-spoofing element: {e}", tap.name);
         }
     }
 

@@ -329,7 +329,7 @@ impl Vm {
         // The TAP is persistent (it outlives a restarted net device); the
         // next start makes a fresh one.
         if let Some(network) = &self.config.network {
-            for tap in devices.iter().filter_map(|(spec, _)| spec.tap.as_deref()) {
+            for tap in devices.iter().filter_map(|(spec, _)| spec.tap.as_ref()) {
                 network.remove_tap(tap);
             }
         }
