@@ -198,6 +198,8 @@ pub struct Session {
     pub log_size: Option<u64>,
     /// How many SET_LOG_BASE came.
     pub log_bases: usize,
+    /// A log came since the last memory table (a new table drops it).
+    log_current: bool,
 }
 
 /// A vhost-user back end on a thread, answering one front-end session.
@@ -348,6 +350,7 @@ fn answer(
         req::SET_FEATURES => {
             let features = le64(body, 0);
             assert_eq!(features & !offer.features, 0, "acked features {features:#x} never offered");
+            assert!(features & LOG_ALL == 0 || s.log_current, "LOG_ALL acked without a log for the memory table");
             s.acked_features = features;
         }
         req::GET_PROTOCOL_FEATURES => {
@@ -368,6 +371,7 @@ fn answer(
             assert!(regions > 0 && body.len() == 8 + 32 * regions, "SET_MEM_TABLE of {} bytes", body.len());
             assert!(file.is_some(), "SET_MEM_TABLE without the memory's file");
             s.mem_table = true;
+            s.log_current = false;
         }
         req::SET_VRING_NUM => {
             let index = ring(le32(body, 0));
@@ -434,6 +438,7 @@ fn answer(
             assert!(size > 0 && size + le64(body, 8) <= len, "log of {size} bytes in a {len}-byte file");
             s.log_size = Some(size);
             s.log_bases += 1;
+            s.log_current = true;
             // Always answered, with the request's body (not an ack).
             return Some((body.to_vec(), None));
         }

@@ -264,7 +264,7 @@ impl VhostUserDevice {
         base: impl Fn(usize, &QueueSetup) -> u16,
     ) -> Result<(), FrontendError> {
         let features = self.backend_features(activation);
-        self.frontend.set_features(features).map_err(self.err("SET_FEATURES"))?;
+        self.frontend.set_features(features & !LOG_ALL_BIT).map_err(self.err("SET_FEATURES"))?;
 
         let regions: Vec<VhostUserMemoryRegionInfo> = mem
             .iter()
@@ -278,8 +278,12 @@ impl VhostUserDevice {
             .collect();
         self.set_mem_table(mem, &regions)?;
         // After the memory table: a back end builds its log over the
-        // regions it has, and a new table drops the old log.
-        self.set_log_base()?;
+        // regions it has, and a new table drops the old log. LOG_ALL only
+        // once it has the log (a back end refuses it without one).
+        if self.log.is_some() {
+            self.set_log_base()?;
+            self.frontend.set_features(features).map_err(self.err("SET_FEATURES (LOG_ALL)"))?;
+        }
 
         if self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
             match &self.inflight {
