@@ -159,6 +159,9 @@ pub struct DensityReport {
     pub mem_available_after_teardown_mib: u64,
     pub capacity_at_limit_mib: u64,
     pub processes_per_clone: f64,
+    /// CPU time of every process of every clone over 10 s idle at the
+    /// limit, in percent of one CPU (all clones together).
+    pub idle_cpu_percent: f64,
     pub threads_total: u64,
     pub broker_fds_at_limit: u64,
     pub broker_max_open_files: String,
@@ -251,8 +254,13 @@ impl DensityReport {
         );
         let _ = writeln!(
             out,
-            "processes per clone {:.1}, threads in all {}; broker fds {} (Max open files {})",
-            self.processes_per_clone, self.threads_total, self.broker_fds_at_limit, self.broker_max_open_files
+            "processes per clone {:.1}, threads in all {}, idle CPU of all clones {:.1} % of a CPU; broker fds {} \
+             (Max open files {})",
+            self.processes_per_clone,
+            self.threads_total,
+            self.idle_cpu_percent,
+            self.broker_fds_at_limit,
+            self.broker_max_open_files
         );
         let execs: Vec<String> = self.exec_sample.iter().map(|e| format!("{} {:.1} s", e.name, e.ms / 1e3)).collect();
         let _ = writeln!(out, "exec -- true at the limit: {}", execs.join(", "));
@@ -387,6 +395,16 @@ fn fds_of(pid: Option<u32>) -> (u64, String) {
     (count, max.split_whitespace().next().unwrap_or_default().to_string())
 }
 
+/// utime + stime of `pids` so far, in clock ticks (a vCPU's guest time is in it).
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    let ticks = |pid: &u32| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    };
+    pids.iter().filter_map(ticks).sum()
+}
+
 fn threads_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()).unwrap_or(0)
@@ -497,7 +515,7 @@ fn measure(broker: &TestBroker, args: &DensityArgs, machine: Machine) -> Result<
     let loadavg_at_limit = machine::loadavg();
     let sampling = Instant::now();
     let vms = ps(broker)?;
-    let (mut pss, mut ram, mut processes, mut threads_total) = (Vec::new(), 0, 0, 0);
+    let (mut pss, mut ram, mut all_pids, mut threads_total) = (Vec::new(), 0, Vec::new(), 0);
     for name in &names {
         let (_, vm) = vms.iter().find(|(n, _)| n == name).with_context(|| format!("clone {name} is gone"))?;
         if vm.state != "running" {
@@ -507,10 +525,17 @@ fn measure(broker: &TestBroker, args: &DensityArgs, machine: Machine) -> Result<
         ram += r;
         pss.push(p);
         let tree: Vec<u32> = vm.pids.iter().flat_map(|pid| process_tree(*pid)).collect();
-        processes += tree.len();
         threads_total += tree.iter().map(|pid| threads_of(*pid)).sum::<u64>();
+        all_pids.extend(tree);
     }
     let sample_secs = sampling.elapsed().as_secs_f64();
+    // What the idle clones cost in CPU: all their processes over 10 s.
+    let (ticks, window) = (cpu_ticks(&all_pids), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let idle_cpu_percent =
+        cpu_ticks(&all_pids).saturating_sub(ticks) as f64 / hz / window.elapsed().as_secs_f64() * 100.0;
     let used_at_limit = used()?;
     let mem_available_at_limit_mib = meminfo_kib("MemAvailable")? / 1024;
     let capacity_at_limit_mib = capacity_mib(&vms, args.reserved_memory_mib)?;
@@ -580,7 +605,8 @@ fn measure(broker: &TestBroker, args: &DensityArgs, machine: Machine) -> Result<
         mem_available_at_limit_mib,
         mem_available_after_teardown_mib: meminfo_kib("MemAvailable")? / 1024,
         capacity_at_limit_mib,
-        processes_per_clone: processes as f64 / n as f64,
+        processes_per_clone: all_pids.len() as f64 / n as f64,
+        idle_cpu_percent,
         threads_total,
         broker_fds_at_limit,
         broker_max_open_files,
