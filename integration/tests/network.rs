@@ -1,7 +1,8 @@
 //! The microVM network end to end, through a real broker: addresses, SSH
 //! with a real OpenSSH client, guest-to-guest traffic, port-forwarding,
-//! address reuse across `rm` and a broker restart, egress NAT, and the
-//! host kept out of reach unless it opts in.
+//! address reuse across `rm` and a broker restart, anti-spoofing (a guest
+//! that forges its address, MAC or ARP gets nothing through), egress NAT,
+//! and the host kept out of reach unless it opts in.
 //!
 //! Traffic goes only to loopback and to addresses inside namespaces these
 //! tests (or their brokers) create: the "host" and "internet" of the
@@ -80,6 +81,34 @@ fn mmctl_ssh_when_ready(
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+}
+
+/// A command's stdout and stderr, run in the broker's network namespace.
+fn in_broker_netns(broker: &TestBroker, args: &[&str]) -> String {
+    let ns = broker.netns.as_deref().expect("a broker with its own namespace");
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The broker's anti-spoofing table (broker/src/network/guard.rs), with counters.
+fn guard_table(broker: &TestBroker) -> String {
+    in_broker_netns(broker, &["nft", "list", "table", "bridge", "micromachines_guard"])
+}
+
+fn mac_of(broker: &TestBroker, vm: &str) -> String {
+    broker.inspect(vm).unwrap()["mac"].as_str().unwrap().to_string()
+}
+
+fn tap_of(broker: &TestBroker, vm: &str) -> String {
+    format!("mm{}", &broker.inspect(vm).unwrap()["id"].as_str().unwrap()[..12])
+}
+
+/// The SSH host keys that answer at `ip`, as the gateway reaches it.
+fn host_keys(broker: &TestBroker, ip: Ipv4Addr) -> Vec<String> {
+    let out = in_broker_netns(broker, &["ssh-keyscan", "-T", "30", &ip.to_string()]);
+    let mut keys: Vec<String> = out.lines().filter(|l| l.starts_with(&ip.to_string())).map(str::to_string).collect();
+    keys.sort();
+    keys
 }
 
 #[test]
@@ -174,6 +203,60 @@ fn microvms_get_addresses_reach_each_other_and_take_ssh_and_port_forwards() {
     unsafe { libc::kill(forward.id() as i32, libc::SIGTERM) };
     let _ = forward.wait();
 
+    // Anti-spoofing (issue 16): each TAP sends only from its microVM's own
+    // MAC and address. a takes b's address (ARP claims, pings from it),
+    // then a MAC of its own choosing; nothing of it gets through, and b
+    // stays b for the gateway and for `mmctl ssh`.
+    let guard = guard_table(&broker);
+    eprintln!("the anti-spoofing table with a and b running:\n{guard}");
+    let (mac_a, mac_b) = (mac_of(&broker, "a"), mac_of(&broker, "b"));
+    for (vm, ip, mac) in [("a", ip_a, &mac_a), ("b", ip_b, &mac_b)] {
+        let element = format!("\"{}\" . {mac} . {ip}", tap_of(&broker, vm));
+        assert!(guard.contains(&element), "{vm}'s element {element} is missing:\n{guard}");
+    }
+    let key_b = host_keys(&broker, ip_b);
+    assert!(!key_b.is_empty(), "ssh-keyscan of b found no key");
+    let neigh_b = || in_broker_netns(&broker, &["ip", "neigh", "show", &ip_b.to_string()]);
+    assert!(neigh_b().contains(&mac_b), "the gateway should know b after the keyscan: {}", neigh_b());
+    let forged = sh(
+        &broker,
+        "a",
+        &format!(
+            "ip addr add {ip_b}/32 dev eth0 && arping -U -c 2 -I eth0 -s {ip_b} {ip_b}; \
+             arping -A -c 2 -I eth0 -s {ip_b} {ip_b}; \
+             if ping -c 2 -W 3 -I {ip_b} 10.123.0.1 >/dev/null 2>&1; then echo FORGED-IP-ANSWERED; fi; true"
+        ),
+    );
+    assert!(!forged.contains("FORGED-IP-ANSWERED"), "a ping from b's address got an answer: {forged}");
+    // While a still holds b's address: the gateway's entry for b, b's host
+    // key, and who answers `mmctl ssh b` are all unchanged.
+    let neigh = neigh_b();
+    assert!(neigh.contains(&mac_b) && !neigh.contains(&mac_a), "a's forged ARP reached the gateway: {neigh}");
+    assert_eq!(host_keys(&broker, ip_b), key_b, "b's address answers with another host key");
+    let run = mmctl_ssh_when_ready(&broker, &home, &good, "b", &["hostname"]);
+    assert_eq!((run.status, run.stdout.trim()), (Some(0), "b"), "mmctl ssh b: {}", run.stderr);
+    // A MAC of a's own choosing: its ARP for b is dropped, so no answer;
+    // then a gets its own back and reaches b again.
+    let forged = sh(
+        &broker,
+        "a",
+        &format!(
+            "ip addr del {ip_b}/32 dev eth0; ip link set eth0 down; ip link set eth0 address 02:00:00:00:00:99; \
+             ip link set eth0 up; if ping -c 2 -W 3 {ip_b} >/dev/null 2>&1; then echo FORGED-MAC-ANSWERED; fi; \
+             ip link set eth0 down; ip link set eth0 address {mac_a}; ip link set eth0 up; \
+             ip route replace default via 10.123.0.1; \
+             i=0; until ping -c 1 -W 5 {ip_b} >/dev/null 2>&1; do i=$((i+1)); \
+             [ $i -gt 20 ] && echo RESTORED-NO-ANSWER && break; done; true"
+        ),
+    );
+    assert!(!forged.contains("FORGED-MAC-ANSWERED"), "a ping from a forged MAC got an answer: {forged}");
+    assert!(!forged.contains("RESTORED-NO-ANSWER"), "a does not reach b with its own MAC again: {forged}");
+    let guard = guard_table(&broker);
+    for dropped in ["spoofed MAC or IPv4 source", "spoofed ARP"] {
+        let line = guard.lines().find(|l| l.contains(dropped)).unwrap_or_default();
+        assert!(!line.contains("counter packets 0 "), "nothing counted as {dropped}:\n{guard}");
+    }
+
     // Addresses are held while stopped, survive a broker restart, and are
     // given out again only after `rm`.
     assert_eq!(broker.mmctl(&["stop", "-t", "20", "b"], QUICK).unwrap().status, Some(0));
@@ -181,6 +264,11 @@ fn microvms_get_addresses_reach_each_other_and_take_ssh_and_port_forwards() {
     assert_eq!((ip_of(&broker, "a"), ip_of(&broker, "b")), (ip_a, ip_b));
     let run = mmctl_ssh_when_ready(&broker, &home, &good, "a", &["echo after-restart"]);
     assert_eq!((run.status, run.stdout.trim()), (Some(0), "after-restart"), "{}", run.stderr);
+    // The guard survived the restart: a's element is there (a is reachable
+    // above), b's went with its TAP when b stopped.
+    let guard = guard_table(&broker);
+    assert!(guard.contains(&format!(". {mac_a} . {ip_a}")), "{guard}");
+    assert!(!guard.contains(&mac_b), "stopped b keeps its element:\n{guard}");
     run_detached(&broker, "c", &[]);
     assert_eq!(ip_of(&broker, "c"), Ipv4Addr::new(10, 123, 0, 4), "b is stopped, not removed: its address is kept");
     for vm in ["a", "c"] {
@@ -189,6 +277,8 @@ fn microvms_get_addresses_reach_each_other_and_take_ssh_and_port_forwards() {
     run_detached(&broker, "d", &[]);
     assert_eq!(ip_of(&broker, "d"), ip_a, "a's address is free once a is removed");
     assert_eq!(broker.mmctl(&["rm", "-f", "d", "b"], QUICK).unwrap().status, Some(0));
+    let guard = guard_table(&broker);
+    assert!(!guard.contains("\"mm"), "elements left after every microVM is gone:\n{guard}");
 }
 
 /// Accepts on `listener` for the test's lifetime and reports each peer.
