@@ -17,6 +17,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/namespaces"),
     ("GET", "/v1/namespaces/{namespace}"),
     ("DELETE", "/v1/namespaces/{namespace}"),
+    ("GET", "/v1/namespaces/{namespace}/quota"),
+    ("PUT", "/v1/namespaces/{namespace}/quota"),
     ("GET", "/v1/namespaces/{namespace}/events"),
     ("GET", "/v1/namespaces/{namespace}/machines"),
     ("POST", "/v1/namespaces/{namespace}/machines"),

@@ -69,6 +69,9 @@ fn routes() -> Vec<Route> {
         // Past the checks a namespace with machines is refused: still proof
         // the caller got through.
         r(Method::DELETE, "/v1/namespaces/{ns}", None, ClusterAdminInNamespace, Prep::None, 409),
+        r(Method::GET, "/v1/namespaces/{ns}/quota", None, InNamespace(Viewer), Prep::None, 200),
+        // Setting a quota is the cluster admin's, also in one's own namespace.
+        r(Method::PUT, "/v1/namespaces/{ns}/quota", Some(|_| json!({})), ClusterAdminInNamespace, Prep::None, 200),
         r(Method::GET, "/v1/namespaces/{ns}/machines", None, InNamespace(Viewer), Prep::None, 200),
         r(Method::GET, "/v1/namespaces/{ns}/events?after=0", None, InNamespace(Viewer), Prep::None, 200),
         r(

@@ -208,6 +208,15 @@ enum Verb {
     /// Save a running microVM to disk and end its processes (it holds no
     /// host memory); `start` resumes it where it was.
     Suspend { vm: String },
+    /// --server only: the namespace's usage against its quota (-n NS, or
+    /// --all namespaces the token sees); `quota set` for cluster admins.
+    Quota {
+        #[command(subcommand)]
+        verb: Option<remote::quota::QuotaVerb>,
+        /// Every namespace the token has a role in.
+        #[arg(long)]
+        all: bool,
+    },
     /// A NEW microVM that is a live copy of a running one (its memory,
     /// processes and disk at one instant, its own identity); the source
     /// pauses only for the cut and runs on. Prints the copy's name.
@@ -277,6 +286,9 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
     if let Some(server) = cli.server {
         let target = remote::Target { server, token: cli.token, namespace: cli.namespace };
         return remote::run(target, cli.output, cli.command).await;
+    }
+    if let Some(verb) = remote::server_only(&cli.command) {
+        return Err(CliError::new(exit::INVALID, format!("{verb} needs --server (it is the controller's)")));
     }
     if let Verb::Run { no_wait: true, .. } = cli.command {
         return Err(CliError::new(exit::INVALID, "--no-wait needs --server (a local run -d returns once started)"));
@@ -415,6 +427,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             snapshots::fork(&broker, &snapshot, count, name_prefix.as_deref(), &keys, format).await
         }
         Verb::Suspend { vm } => snapshots::suspend(&broker, &vm, format).await,
+        Verb::Quota { .. } => unreachable!("refused above without --server"),
         Verb::Branch { vm, name } => snapshots::branch(&broker, &vm, name.as_deref(), format).await,
         Verb::Stats { vm } => {
             let vm = get_vm(&broker, &vm).await?;

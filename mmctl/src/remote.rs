@@ -10,6 +10,7 @@
 
 mod exec_ws;
 mod http;
+pub mod quota;
 mod snapshots;
 mod streams;
 mod tunnel_ws;
@@ -42,6 +43,15 @@ pub struct Target {
 
 fn unsupported(what: &str) -> CliError {
     CliError::new(exit::UNSUPPORTED, format!("the controller does not offer {what} yet"))
+}
+
+/// The verbs only the controller offers (no broker has namespaces,
+/// tokens or quotas), by name, for local mode's refusal.
+pub fn server_only(verb: &Verb) -> Option<&'static str> {
+    match verb {
+        Verb::Quota { .. } => Some("quota"),
+        _ => None,
+    }
 }
 
 pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliError> {
@@ -195,6 +205,7 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             snapshots::fork(&api, &snapshot, count, name_prefix, keys, format).await
         }
         Verb::Branch { vm, name } => snapshots::branch(&api, &vm, name, format).await,
+        Verb::Quota { verb, all } => quota::run(&api, verb, all, format).await,
     }
 }
 

@@ -52,6 +52,7 @@ pub struct BranchMachine {
             description = "Makes retries of this branch safe")),
     request_body = BranchMachine,
     responses((status = 201, body = Machine), (status = 200, description = "Replayed by Idempotency-Key", body = Machine),
+        (status = 403, description = "A role too small, or the namespace's quota would be exceeded (quota-exceeded, naming the limit)", body = Problem),
         (status = 404, body = Problem),
         (status = 409, description = "Not started (invalid-state), name taken, or its host cannot take the branch (insufficient-capacity)", body = Problem)))]
 pub async fn branch(

@@ -263,6 +263,7 @@ fn check_config(config: &MachineConfig) -> Result<(), ApiError> {
             description = "Makes retries of this create safe")),
     request_body = CreateMachine,
     responses((status = 201, body = Machine), (status = 200, description = "Replayed by Idempotency-Key", body = Machine),
+        (status = 403, description = "A role too small, or the namespace's quota would be exceeded (quota-exceeded, naming the limit)", body = Problem),
         (status = 404, description = "No such namespace, or no such snapshot in it", body = Problem), (status = 422, body = Problem),
         (status = 409, description = "Name taken, or no host has room (insufficient-capacity; with from_snapshot: the snapshot's host has none)", body = Problem)))]
 pub async fn create(

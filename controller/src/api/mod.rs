@@ -19,6 +19,7 @@ pub mod machines;
 pub mod namespaces;
 mod paging;
 pub mod problem;
+pub mod quota;
 pub mod snapshots;
 pub mod stats;
 pub mod tokens;
@@ -142,6 +143,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(namespaces::list, namespaces::create))
         .routes(routes!(namespaces::get, namespaces::delete))
+        .routes(routes!(quota::get, quota::set))
         .routes(routes!(machines::list, machines::create))
         .routes(routes!(machines::get, machines::delete))
         .routes(routes!(machines::start))

@@ -35,6 +35,11 @@ pub struct Problem {
     pub instance: String,
     /// Also in the `X-Request-Id` header.
     pub request_id: String,
+    /// With `quota-exceeded`: the limit the request would break
+    /// (`machines`, `vcpus`, `memory_mb` or `snapshot_bytes`), for clients
+    /// that act on it without parsing the detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -56,11 +61,13 @@ pub struct ApiError {
     pub kind: &'static str,
     pub detail: String,
     pub retry_after: Option<u64>,
+    /// The problem's `limit` member (`quota-exceeded` only).
+    pub limit: Option<&'static str>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> ApiError {
-        ApiError { status, kind, detail: detail.into(), retry_after: None }
+        ApiError { status, kind, detail: detail.into(), retry_after: None, limit: None }
     }
 
     pub fn bad_request(detail: impl Into<String>) -> ApiError {
@@ -115,6 +122,13 @@ impl From<StoreError> for ApiError {
                 e
             }
             StoreError::Invalid(_) => ApiError::invalid(detail),
+            // 403 as the issue asks: the caller may do this in general, but
+            // not now, and retrying will not help until usage drops or
+            // the quota is raised (a 409 would read as a race to retry).
+            StoreError::Quota(e) => ApiError {
+                limit: Some(e.limit.as_str()),
+                ..ApiError::new(StatusCode::FORBIDDEN, "quota-exceeded", detail)
+            },
             // As the clone's own error, saying which clone it was.
             StoreError::Forking { error, .. } => ApiError { detail, ..ApiError::from(*error) },
             StoreError::IdempotencyMismatch(_) => {
@@ -164,6 +178,7 @@ impl IntoResponse for ApiError {
             detail: self.detail,
             instance: path,
             request_id,
+            limit: self.limit.map(str::to_owned),
         };
         let body = serde_json::to_vec(&problem).expect("a problem always serialises");
         let mut response = (self.status, body).into_response();

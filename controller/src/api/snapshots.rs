@@ -198,6 +198,7 @@ fn created(named: Named, status: StatusCode) -> Response {
             description = "Makes retries of this create safe")),
     request_body = CreateSnapshot,
     responses((status = 201, body = Snapshot), (status = 200, description = "Replayed by Idempotency-Key", body = Snapshot),
+        (status = 403, description = "A role too small, or the namespace is at its snapshot quota or this snapshot does not fit in it (quota-exceeded)", body = Problem),
         (status = 404, body = Problem),
         (status = 409, description = "Not started, name taken, or the key's first request is still running", body = Problem),
         (status = 502, description = "The broker failed", body = Problem),
@@ -297,6 +298,7 @@ async fn take(
             description = "Makes retries of this fork safe")),
     request_body = ForkSnapshot,
     responses((status = 201, body = ForkedMachines), (status = 200, description = "Replayed by Idempotency-Key", body = ForkedMachines),
+        (status = 403, description = "A role too small, or the namespace's quota would be exceeded (quota-exceeded, naming the limit)", body = Problem),
         (status = 404, description = "No such namespace, or no such snapshot in it", body = Problem),
         (status = 409, description = "A name taken, or the snapshot's host has no room for them all (insufficient-capacity)", body = Problem)))]
 pub async fn fork(

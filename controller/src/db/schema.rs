@@ -135,12 +135,24 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    namespace_quotas (namespace) {
+        namespace -> Text,
+        machines -> Nullable<Int8>,
+        vcpus -> Nullable<Int8>,
+        memory_mb -> Nullable<Int8>,
+        snapshot_bytes -> Nullable<Int8>,
+        updated_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(machines -> namespaces (namespace));
 diesel::joinable!(machines -> hosts (host_name));
 diesel::joinable!(machine_events -> machines (machine_id));
 diesel::joinable!(snapshots -> machines (machine_id));
 diesel::allow_tables_to_appear_in_same_query!(
     namespaces,
+    namespace_quotas,
     hosts,
     machines,
     machine_events,

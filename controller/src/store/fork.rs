@@ -16,7 +16,7 @@ use super::machines::{
     CreateMachine, Created, Made, Workload, check_name_free, get, get_for_update, insert_created, insert_new,
     lock_placement, namespace_exists, remember_key, replay,
 };
-use super::{StoreError, hosts};
+use super::{StoreError, hosts, quota};
 use crate::db::models::{MachineRow, SnapshotRow, string_list, string_map};
 use crate::db::schema::{fork_idempotency_keys, machines};
 use crate::machine::MachineState;
@@ -111,6 +111,16 @@ pub fn fork(conn: &mut PgConnection, req: Fork) -> Result<Forked, StoreError> {
                 taken.join(", ")
             )));
         }
+        // All clones at once, for a message about the fork rather than
+        // about whichever clone would have been one too many (each clone's
+        // own check in `insert_created` stays the guarantee).
+        let count = i64::from(req.count);
+        let adding = quota::Adding {
+            machines: count,
+            vcpus: count * i64::from(snapshot.cpus),
+            memory_mb: count.saturating_mul(snapshot.memory_mb),
+        };
+        quota::check_machines(conn, &req.namespace, adding)?;
         let mut rows = Vec::with_capacity(names.len());
         for (i, name) in names.into_iter().enumerate() {
             let one = CreateMachine {

@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use uuid::Uuid;
 
-use super::{StoreError, hosts};
+use super::{StoreError, hosts, quota};
 use crate::db::lock_keys;
 use crate::db::models::{
     IdempotencyRow, MachineEventRow, MachineRow, NewMachine, NewMachineEvent, SnapshotRow, json_map, string_list,
@@ -239,9 +239,13 @@ pub(super) struct Made<'a> {
 }
 
 /// The end of every create (a boot, a restore, a fork's clone, a branch),
-/// inside the caller's transaction: the machine's row, in state `created`
-/// on its host, and its first event, `reason`.
+/// inside the caller's transaction: the quota check, the machine's row, in
+/// state `created` on its host, and its first event, `reason`. The check is
+/// here, where every path that makes a machine passes, so none can skip it.
 pub(super) fn insert_created(conn: &mut PgConnection, made: Made<'_>, reason: &str) -> Result<MachineRow, StoreError> {
+    let adding =
+        quota::Adding { machines: 1, vcpus: i64::from(made.workload.cpus), memory_mb: made.workload.memory_mb };
+    quota::check_machines(conn, made.namespace, adding)?;
     let row = diesel::insert_into(machines::table)
         .values(NewMachine {
             id: made.id,

@@ -12,6 +12,7 @@ pub mod fork;
 pub mod hosts;
 pub mod machines;
 pub mod namespaces;
+pub mod quota;
 pub mod recovery;
 mod relocation;
 pub mod snapshots;
@@ -52,6 +53,9 @@ pub enum StoreError {
     /// Clone `clone` of a fork of `count` could not be made, so none was.
     #[error("fork of {count}: clone {clone}: {error}; nothing was created")]
     Forking { clone: u32, count: u32, error: Box<StoreError> },
+    /// A create would take its namespace over a quota (403).
+    #[error(transparent)]
+    Quota(#[from] quota::Exceeded),
     /// The request breaks a rule only the stored data can tell (422).
     #[error("{0}")]
     Invalid(String),

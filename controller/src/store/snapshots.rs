@@ -135,6 +135,9 @@ pub fn begin(
         if let Some(name) = name {
             name_taken(conn, namespace, name)?;
         }
+        // Its size is not known before the broker takes it: refuse only a
+        // namespace already at its limit here; `record` checks the size.
+        super::quota::check_snapshot(conn, namespace, 0)?;
         Ok(Begun::Proceed)
     })
 }
@@ -146,10 +149,15 @@ pub fn abandon(conn: &mut PgConnection, namespace: &str, key: &str) -> Result<()
     Ok(())
 }
 
-/// Records a snapshot the broker took, and answers its key with it.
+/// Records a snapshot the broker took, and answers its key with it; one
+/// that would take its namespace over its snapshot quota is refused (the
+/// caller has the broker delete it again).
 pub fn record(conn: &mut PgConnection, snapshot: NewSnapshot, key: Option<&str>) -> Result<Named, StoreError> {
     conn.transaction(|conn| {
         let (namespace, id, name) = (snapshot.namespace.clone(), snapshot.id.clone(), snapshot.name.clone());
+        // Under the namespace's lock, so two snapshots recorded at once
+        // cannot both fit into the same room.
+        super::quota::check_snapshot(conn, &namespace, snapshot.disk_bytes.max(1))?;
         diesel::insert_into(snapshots::table).values(snapshot).execute(conn).map_err(|e| {
             if is_unique_violation(&e) {
                 match &name {

@@ -97,6 +97,8 @@ impl From<ApiError> for CliError {
         };
         let message = match p.status {
             401 => format!("not authorized: {}", p.detail),
+            // Says what it is ("quota exceeded: machines: ...").
+            403 if p.short_kind() == "quota-exceeded" => p.detail,
             403 => format!("not allowed: {}", p.detail),
             // A server error is the operator's to look into: the request id
             // finds the controller's log line.
