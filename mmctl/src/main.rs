@@ -217,6 +217,22 @@ enum Verb {
         #[arg(long)]
         all: bool,
     },
+    /// --server only: namespaces (create, ls, rm).
+    #[command(alias = "ns")]
+    Namespace {
+        #[command(subcommand)]
+        verb: remote::admin::NamespaceVerb,
+    },
+    /// --server only: API tokens (create, ls, revoke).
+    Token {
+        #[command(subcommand)]
+        verb: remote::admin::TokenVerb,
+    },
+    /// --server only: the cluster's hosts (ls, cordon, drain, uncordon).
+    Host {
+        #[command(subcommand)]
+        verb: remote::admin::HostVerb,
+    },
     /// A NEW microVM that is a live copy of a running one (its memory,
     /// processes and disk at one instant, its own identity); the source
     /// pauses only for the cut and runs on. Prints the copy's name.
@@ -427,7 +443,9 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             snapshots::fork(&broker, &snapshot, count, name_prefix.as_deref(), &keys, format).await
         }
         Verb::Suspend { vm } => snapshots::suspend(&broker, &vm, format).await,
-        Verb::Quota { .. } => unreachable!("refused above without --server"),
+        Verb::Quota { .. } | Verb::Namespace { .. } | Verb::Token { .. } | Verb::Host { .. } => {
+            unreachable!("refused above without --server")
+        }
         Verb::Branch { vm, name } => snapshots::branch(&broker, &vm, name.as_deref(), format).await,
         Verb::Stats { vm } => {
             let vm = get_vm(&broker, &vm).await?;

@@ -8,6 +8,7 @@
 //! one retry after a lost connection cannot create a second machine (as
 //! do `restore`, `fork`, `branch` and `snapshot create`, in `snapshots`).
 
+pub mod admin;
 mod exec_ws;
 mod http;
 pub mod quota;
@@ -50,6 +51,9 @@ fn unsupported(what: &str) -> CliError {
 pub fn server_only(verb: &Verb) -> Option<&'static str> {
     match verb {
         Verb::Quota { .. } => Some("quota"),
+        Verb::Namespace { .. } => Some("namespace"),
+        Verb::Token { .. } => Some("token"),
+        Verb::Host { .. } => Some("host"),
         _ => None,
     }
 }
@@ -206,6 +210,9 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
         }
         Verb::Branch { vm, name } => snapshots::branch(&api, &vm, name, format).await,
         Verb::Quota { verb, all } => quota::run(&api, verb, all, format).await,
+        Verb::Namespace { verb } => admin::namespace(&api, verb, format).await,
+        Verb::Token { verb } => admin::token(&api, verb, format).await,
+        Verb::Host { verb } => admin::host(&api, verb, format).await,
     }
 }
 
