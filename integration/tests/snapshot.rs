@@ -71,14 +71,21 @@ const WRITER: &str = "echo 0 > /run/m/b; setsid sh -c 'i=0; while :; do i=$((i+1
                       read x < /run/m/b; [ \"$x\" = $((i-1)) ] || echo TORN i=$i b=$x; echo $i > /run/m/b; done' \
                       </dev/null >/dev/console 2>&1 &";
 
-/// A reader that keeps the block back end writing guest RAM: each round
-/// drops the page cache and reads a 230 KB file from the disk again into
-/// fresh pages, checking it against its sum. A snapshot that kept a page
-/// from before the back end filled it (its write not in the copy) leaves
-/// the restored guest a cached page with the wrong bytes: BADREAD.
-const READER: &str = "seq 1 40000 > /root/f && sync && md5sum < /root/f > /root/f.sum && \
+/// Readers that keep the block back end writing guest RAM: four stream
+/// the disk with direct I/O without pause (so requests are in flight
+/// whenever the snapshot's copy runs: a guest under PVM spends most of a
+/// page-cache read in its emulated kernel, and the device would mostly
+/// idle), the other drops the page
+/// cache and reads a 230 KB file from the disk again into fresh pages each
+/// round, checking it against its sum. A snapshot that kept a page from
+/// before the back end filled it (its write not in the copy) leaves the
+/// restored guest a cached page with the wrong bytes: BADREAD.
+const READER: &str = "dd if=/dev/vda of=/dev/null bs=256k count=1 iflag=direct && \
+                      seq 1 40000 > /root/f && sync && md5sum < /root/f > /root/f.sum && \
                       echo 'while :; do echo 3 > /proc/sys/vm/drop_caches; md5sum < /root/f | cmp -s - /root/f.sum || echo BADREAD; done' > /root/reader && \
-                      (setsid sh /root/reader </dev/null >/dev/console 2>&1 &)";
+                      echo 'while :; do dd if=/dev/vda of=/dev/null bs=256k skip=$1 iflag=direct 2>/dev/null; done' > /root/streamer && \
+                      (setsid sh /root/reader </dev/null >/dev/console 2>&1 &) && \
+                      for at in 0 1000 2000 3000; do (setsid sh /root/streamer $at </dev/null >/dev/null 2>&1 &); done";
 
 fn create(path: &Path) -> std::fs::File {
     OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap()
