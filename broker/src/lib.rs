@@ -13,6 +13,7 @@ pub mod events;
 pub mod exec;
 pub mod forward;
 pub mod launch;
+pub mod metrics;
 pub mod network;
 pub mod process;
 pub mod record;

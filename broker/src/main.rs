@@ -59,6 +59,19 @@ struct Args {
     network: NetworkArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+    /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics (default:
+    /// off). Unauthenticated: bind loopback or a monitoring-only address.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Joining a cluster (controller/README.md): the broker dials the
@@ -185,13 +198,8 @@ fn parse_transit(text: &str) -> Result<Ipv4Net> {
 const TRAVERSAL_LIMIT_WORDS: usize = 128 * 1024;
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MM_LOG").unwrap_or_else(|_| "mm_broker=info".into()),
-        )
-        .init();
     let args = Args::parse();
+    init_logging(args.log_format);
     let bin_dir = match args.bin_dir {
         Some(dir) => dir,
         None => std::env::current_exe()?.parent().context("mm-broker has no directory")?.to_path_buf(),
@@ -224,11 +232,34 @@ fn main() -> Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, serve(config, args.socket, cluster))
+    local.block_on(&runtime, serve(config, args.socket, cluster, args.metrics_listen))
 }
 
-async fn serve(config: Rc<BrokerConfig>, socket: PathBuf, cluster: Option<Cluster>) -> Result<()> {
+/// Text (colours only on a terminal) or JSON lines on stderr; `MM_LOG`
+/// filters.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MM_LOG").unwrap_or_else(|_| "mm_broker=info".into());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
+}
+
+async fn serve(
+    config: Rc<BrokerConfig>,
+    socket: PathBuf,
+    cluster: Option<Cluster>,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let registry = Registry::load(Rc::clone(&config)).context("loading the state directory")?;
+    if let Some(addr) = metrics_listen {
+        let host = mm_broker::metrics::gather::host_name(cluster.as_ref().map(|c| c.host_name()));
+        let bound =
+            mm_broker::metrics::start(addr, &registry, host).with_context(|| format!("--metrics-listen {addr}"))?;
+        tracing::info!(%bound, "serving metrics at /metrics");
+    }
     if let Some(cluster) = cluster {
         tracing::info!(host = cluster.host_name(), "joining the cluster");
         tokio::task::spawn_local(cluster.run(Rc::clone(&registry)));

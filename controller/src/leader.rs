@@ -68,6 +68,11 @@ impl Leader {
     pub fn is_leader(&self) -> bool {
         self.leading.load(Ordering::SeqCst)
     }
+
+    /// The flag behind [`Leader::is_leader`], for the metrics.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.leading)
+    }
 }
 
 impl Drop for Leader {
@@ -173,6 +178,7 @@ fn reconcile(
     if let Some(timeout) = heartbeat_timeout {
         for host in hosts::mark_lost(conn, timeout)? {
             tracing::warn!(%host, "host lost: no heartbeat from its broker for {} s", timeout.num_seconds());
+            crate::metrics::LOST_HOSTS.inc();
         }
     }
     let recovered = recovery::recover_lost(conn, MOVES_PER_PASS)?;

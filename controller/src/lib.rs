@@ -21,6 +21,7 @@ pub mod auth;
 pub mod db;
 pub mod leader;
 pub mod machine;
+pub mod metrics;
 pub mod ratelimit;
 pub mod scheduler;
 pub mod session;
@@ -138,7 +139,9 @@ impl Controller {
             None => Hub::disabled(),
         };
         let leader = Leader::spawn(db.clone(), config.reconcile_interval, config.heartbeat_timeout, changes.clone());
+        let metrics = Arc::new(metrics::Metrics::new(db.clone(), leader.flag()));
         let state = Arc::new(AppState {
+            metrics,
             db,
             keys,
             limiter: Limiter::new(config.rate_limit),

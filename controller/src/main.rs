@@ -51,6 +51,28 @@ struct Args {
     max_body_bytes: usize,
     #[command(flatten)]
     brokers: BrokerArgs,
+    /// Log lines as `text` or `json` (one object per line, with the
+    /// request id of the request being served).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Text (colours only on a terminal) or JSON lines on stderr; `RUST_LOG`
+/// filters.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 /// Where brokers dial in (mutual TLS; scripts/dev-ca.sh makes dev certs).
@@ -136,10 +158,8 @@ fn mint(secret: Vec<u8>, subject: String, roles: Vec<String>, cluster_admin: boo
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
     let args = Args::parse();
+    init_logging(args.log_format);
     match args.command {
         Some(Command::MintToken { secret: s, subject, roles, cluster_admin, ttl }) => {
             return mint(secret(s)?, subject, roles, cluster_admin, ttl);

@@ -121,7 +121,7 @@ pub fn place<'h>(hosts: &'h [HostCapacity], request: Request<'_>) -> Result<&'h 
             candidates.push(host);
         }
     }
-    candidates
+    let placed = candidates
         .into_iter()
         .min_by(|a, b| {
             a.namespace_machines
@@ -129,7 +129,9 @@ pub fn place<'h>(hosts: &'h [HostCapacity], request: Request<'_>) -> Result<&'h 
                 .then_with(|| free_share(b).total_cmp(&free_share(a)))
                 .then_with(|| a.name.cmp(&b.name))
         })
-        .ok_or(no_fit)
+        .ok_or(no_fit);
+    crate::metrics::scheduled(placed.is_ok());
+    placed
 }
 
 /// The share of a host left free after placement so far, CPU and memory

@@ -55,6 +55,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/tokens"),
     ("DELETE", "/v1/tokens/{jti}"),
     ("GET", "/v1/openapi.json"),
+    ("GET", "/metrics"),
 ];
 
 fn collect_refs(value: &Value, out: &mut Vec<String>) {

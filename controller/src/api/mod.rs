@@ -43,6 +43,8 @@ use crate::ratelimit::Limiter;
 
 /// What every handler shares.
 pub struct AppState {
+    /// The registry `/metrics` serves; the request middleware feeds it.
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub db: Db,
     pub keys: Keys,
     pub limiter: Limiter,
@@ -172,6 +174,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(tokens::list, tokens::create))
         .routes(routes!(tokens::revoke))
         .routes(routes!(openapi_json))
+        .routes(routes!(metrics_text))
 }
 
 /// The OpenAPI document, without a database (for `mm-controller openapi`).
@@ -182,12 +185,29 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The API's router.
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> axum::Router {
     let (router, api) = routes().split_for_parts();
+    let metrics = Arc::clone(&state.metrics);
     let router = router.with_state(state);
     router
         .layer(axum::Extension(Arc::new(document::finish(api))))
         .fallback(problem::no_route)
+        .layer(axum::middleware::from_fn_with_state(metrics, crate::metrics::track))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(problem::request_context))
+}
+
+/// Prometheus/OpenMetrics text: HTTP requests by route, the database
+/// pool, leadership, broker sessions, scheduling and lost hosts
+/// (controller/README.md, "Metrics"). Cluster admins only, as `/v1/hosts`:
+/// give Prometheus a cluster-admin token (`authorization: credentials`).
+#[utoipa::path(get, operation_id = "metrics", path = "/metrics", tag = "meta", security(("bearer" = [])),
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text"),
+        (status = 401, body = problem::Problem), (status = 403, body = problem::Problem)))]
+async fn metrics_text(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    caller: extract::Caller,
+) -> Result<axum::response::Response, problem::ApiError> {
+    caller.require_cluster_admin()?;
+    Ok(crate::metrics::respond(&state.metrics))
 }
 
 /// This document. The one route that needs no token: it describes the API,

@@ -194,11 +194,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A client's own request id is kept if it is short and plain; anything
-/// else is replaced, so the id is always safe to log and echo.
-fn accept_request_id(value: Option<&HeaderValue>) -> Option<String> {
+/// A client's own request id is kept if it is 1-64 of `[A-Za-z0-9-]`
+/// (a UUID, a trace id); anything else is replaced, so the id is always
+/// safe to log, echo and put in a header.
+pub fn accept_request_id(value: Option<&HeaderValue>) -> Option<String> {
     let value = value?.to_str().ok()?;
-    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '-';
     (!value.is_empty() && value.len() <= 64 && value.chars().all(plain)).then(|| value.to_owned())
 }
 
@@ -224,25 +225,33 @@ pub async fn request_context(request: Request, next: Next) -> Response {
     let context = RequestContext { id: id.clone(), path: request.uri().path().to_owned() };
     let method = request.method().clone();
     let started = std::time::Instant::now();
+    // Every line logged while serving the request carries its id.
+    let span = tracing::info_span!("request", request_id = %id);
     let mut response = REQUEST
-        .scope(context.clone(), async move {
-            let response = next.run(request).await;
-            let status = response.status();
-            let is_problem = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == PROBLEM_JSON);
-            if !(status.is_client_error() || status.is_server_error()) || is_problem {
-                return response;
-            }
-            let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
-            // axum's own rejections explain themselves in a short text body.
-            let text = axum::body::to_bytes(response.into_body(), 4096).await.unwrap_or_default();
-            let detail = String::from_utf8_lossy(&text).trim().to_owned();
-            let detail = if detail.is_empty() { title(status).to_owned() } else { detail };
-            let mut rewritten = ApiError::new(status, kind_for(status), detail).into_response();
-            if let Some(value) = retry_after {
-                rewritten.headers_mut().insert(header::RETRY_AFTER, value);
-            }
-            rewritten
-        })
+        .scope(
+            context.clone(),
+            tracing::Instrument::instrument(
+                async move {
+                    let response = next.run(request).await;
+                    let status = response.status();
+                    let is_problem = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == PROBLEM_JSON);
+                    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+                        return response;
+                    }
+                    let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+                    // axum's own rejections explain themselves in a short text body.
+                    let text = axum::body::to_bytes(response.into_body(), 4096).await.unwrap_or_default();
+                    let detail = String::from_utf8_lossy(&text).trim().to_owned();
+                    let detail = if detail.is_empty() { title(status).to_owned() } else { detail };
+                    let mut rewritten = ApiError::new(status, kind_for(status), detail).into_response();
+                    if let Some(value) = retry_after {
+                        rewritten.headers_mut().insert(header::RETRY_AFTER, value);
+                    }
+                    rewritten
+                },
+                span,
+            ),
+        )
         .await;
     // The access log: one line per request, findable by the id users see.
     tracing::info!(
@@ -266,4 +275,30 @@ pub async fn no_route() -> ApiError {
 /// An empty body with a status (the body limit is enforced on it too).
 pub fn empty(status: StatusCode) -> Response {
     (status, Body::empty()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepted(value: &str) -> Option<String> {
+        accept_request_id(Some(&HeaderValue::from_str(value).unwrap()))
+    }
+
+    #[test]
+    fn only_plain_short_request_ids_are_echoed() {
+        assert_eq!(accepted("client-123").as_deref(), Some("client-123"));
+        assert_eq!(
+            accepted("0b8a2f5e-6c4d-4e8f-9a1b-2c3d4e5f6a7b").as_deref(),
+            Some("0b8a2f5e-6c4d-4e8f-9a1b-2c3d4e5f6a7b")
+        );
+        assert_eq!(accepted(&"a".repeat(64)).as_deref(), Some("a".repeat(64).as_str()));
+        for bad in ["", "a b", "a\"b", "a_b", "a.b", "x;y", "%41", "é"] {
+            if let Ok(value) = HeaderValue::from_str(bad) {
+                assert_eq!(accept_request_id(Some(&value)), None, "{bad:?}");
+            }
+        }
+        assert_eq!(accepted(&"a".repeat(65)), None);
+        assert_eq!(accept_request_id(None), None);
+    }
 }

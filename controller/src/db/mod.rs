@@ -55,6 +55,14 @@ pub enum DbError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// Connections of the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolState {
+    pub connections: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
 /// The pool, cheap to clone.
 #[derive(Clone)]
 pub struct Db {
@@ -89,6 +97,12 @@ impl Db {
         let unlock = format!("SELECT pg_advisory_unlock({})", lock_keys::MIGRATIONS);
         conn.batch_execute(&unlock)?;
         result
+    }
+
+    /// The pool's connections now (for the metrics).
+    pub fn pool_state(&self) -> PoolState {
+        let state = self.pool.state();
+        PoolState { connections: state.connections, idle: state.idle_connections, max: self.pool.max_size() }
     }
 
     /// Runs `work` with a pooled connection on the blocking pool.

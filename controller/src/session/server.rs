@@ -100,6 +100,8 @@ impl Local {
         });
         if let Some(old) = self.links.borrow_mut().insert(name, Rc::clone(&link)) {
             old.kick.notify_one(); // its driver sees it is superseded and ends
+        } else {
+            crate::metrics::SESSIONS.inc();
         }
         link
     }
@@ -112,6 +114,7 @@ impl Local {
             && let Some(link) = links.remove(name)
         {
             link.kick.notify_one();
+            crate::metrics::SESSIONS.dec();
             return true;
         }
         false
