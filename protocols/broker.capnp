@@ -68,6 +68,9 @@ struct VmSpec {
   autoRemove @6 :Bool;    # remove once stopped (`mmctl run --rm`)
   sshKeys @7 :List(Text); # authorized_keys lines for the guest's SSH server
   cold @8 :Bool;          # boot, even when a warm (post-boot) snapshot of the image exists
+  cpuQuotaMillis @9 :UInt32; # mm-vmm's CPU time cap, in thousandths of a core (500: half
+                             # a core); 0: one core per vCPU
+  cpuWeight @10 :UInt16;  # mm-vmm's share under contention, 1 to 10000; 0: 100
 }
 
 struct EnvVar {
@@ -89,6 +92,11 @@ struct VmInfo {
   ip @10 :Text;          # the guest's address on the microVM network; empty if none
   command @11 :List(Text);
   mac @12 :Text;
+  cpuQuotaMillis @13 :UInt32;       # mm-vmm's CPU time cap (thousandths of a core)
+  cpuWeight @14 :UInt16;            # mm-vmm's CPU weight (1 to 10000)
+  vmmMemoryMaxBytes @15 :UInt64;    # mm-vmm's host memory limit (guest RAM + overhead)
+  deviceMemoryMaxBytes @16 :UInt64; # each device process's host memory limit
+  consoleLogMaxBytes @17 :UInt64;   # console.log is rotated (one console.log.1) at this size
 }
 
 struct Process {

@@ -56,6 +56,27 @@ pub const CONSOLE_LOG: &str = "console.log";
 /// mm-vmm's control socket (listened on by mm-vmm, bound by the broker).
 pub const VMM_CONTROL_SOCKET: &str = "vmm-control.sock";
 
+/// How the broker sets the cgroup limits of a process that jails itself
+/// (mm-vmm, mm-device): these variables, read by the jailer
+/// (`mm_jailer::CPU_MAX_ENV` and its neighbours; the names must match),
+/// override the binary's own defaults. The period of the CPU cap is the
+/// kernel's default, 100 ms.
+const JAIL_CPU_MAX_ENV: &str = "MM_JAIL_CPU_MAX";
+const JAIL_CPU_WEIGHT_ENV: &str = "MM_JAIL_CPU_WEIGHT";
+const JAIL_MEMORY_MAX_ENV: &str = "MM_JAIL_MEMORY_MAX";
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// mm-vmm's cgroup limits, as the jailer reads them: the CPU cap
+/// (`QUOTA_US PERIOD_US`), weight and memory limit.
+pub fn vmm_limits_env(record: &VmRecord) -> [(&'static str, String); 3] {
+    let quota_us = u64::from(record.effective_cpu_quota_millis()) * CPU_PERIOD_US / 1000;
+    [
+        (JAIL_CPU_MAX_ENV, format!("{quota_us} {CPU_PERIOD_US}")),
+        (JAIL_CPU_WEIGHT_ENV, record.effective_cpu_weight().to_string()),
+        (JAIL_MEMORY_MAX_ENV, record.vmm_memory_max_bytes().to_string()),
+    ]
+}
+
 /// The first fd number handed to a child: 3 is the jail's seccomp report
 /// pipe (`mm_jailer::REPORT_FD`), the rest of the low numbers are kept free.
 const FIRST_FD: RawFd = 10;
@@ -219,6 +240,8 @@ pub fn spawn_device(
     cmd.arg(spec.kind).args(["--listen-fd", &FIRST_FD.to_string()]).args(&spec.args);
     cmd.args(["--control-fd", &DEVICE_CONTROL_FD.to_string()]);
     cmd.args(jail_args(config, record_uid));
+    cmd.env(JAIL_MEMORY_MAX_ENV, crate::record::DEVICE_MEMORY_MAX_BYTES.to_string());
+    cmd.env_remove(JAIL_CPU_MAX_ENV).env_remove(JAIL_CPU_WEIGHT_ENV);
     cmd.stdin(Stdio::null()).stdout(log_file(dir, &spec.role)?).stderr(log_file(dir, &spec.role)?);
     let control_path = device_control_socket(dir, &spec.role);
     let _ = std::fs::remove_file(&control_path);
@@ -255,6 +278,7 @@ pub fn spawn_vmm(
     let control = VmmClient::connect(&path).map_err(std::io::Error::other)?;
     let mut cmd = Command::new(config.bin_dir.join("mm-vmm"));
     cmd.args(jail_args(config, record.uid()));
+    cmd.envs(vmm_limits_env(record));
     // The console goes to mm-vmm's stdout, a file opened here in append
     // mode: mm-vmm needs no path for it, and a restart adds to the log.
     cmd.args(["--serial", "stdout"]);
@@ -456,6 +480,21 @@ mod tests {
     /// The microVM's uid in these tests: another one if we may chown.
     fn vm_uid() -> u32 {
         if own_ids().0 == 0 { 4242 } else { own_ids().0 }
+    }
+
+    #[test]
+    fn mm_vmm_gets_its_cpu_cap_weight_and_memory_limit() {
+        let mut record: VmRecord = serde_json::from_value(serde_json::json!({
+            "id": "abc", "name": "web", "image": "builtin", "cpus": 2, "memory_mib": 512, "command": ["sh"],
+            "env": [], "auto_remove": false, "state": "running", "reason": "", "exit_code": null,
+            "created_at": "2026-01-01T00:00:00.000Z", "guest_cid": 3, "processes": []
+        }))
+        .unwrap();
+        let env = |record: &VmRecord| vmm_limits_env(record).map(|(_, value)| value);
+        assert_eq!(env(&record), ["200000 100000", "100", &((512u64 + 256) << 20).to_string()]);
+        record.cpu_quota_millis = 200;
+        record.cpu_weight = 50;
+        assert_eq!(env(&record)[..2], ["20000 100000", "50"]);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct BrokerConfig {
     /// Post-boot snapshots for warm starts (`--warm-cache`); None: every
     /// run boots (`--no-warm-starts`).
     pub warm_cache: Option<PathBuf>,
+    /// Each microVM's console.log is rotated (one `console.log.1` kept)
+    /// once it reaches this many bytes (`--console-log-max`).
+    pub console_log_max: u64,
 }
 
 impl BrokerConfig {

@@ -49,6 +49,11 @@ struct Args {
     /// Boot every microVM; never restore a post-boot snapshot.
     #[arg(long)]
     no_warm_starts: bool,
+    /// Each microVM's console log is rotated at this size (bytes; suffixes
+    /// K, M, G), one older file kept: a guest printing forever takes at
+    /// most twice this much of the host's disk.
+    #[arg(long, default_value = "4M", value_parser = parse_console_log_max)]
+    console_log_max: u64,
     /// DEBUGGING ONLY: run every microVM process without its seccomp filter.
     #[arg(long)]
     no_seccomp: bool,
@@ -223,6 +228,7 @@ fn main() -> Result<()> {
         no_seccomp: args.no_seccomp,
         no_jail: args.no_jail,
         network: args.network.setup()?,
+        console_log_max: args.console_log_max,
     });
     if config.no_jail {
         tracing::warn!("--no-jail: DEBUGGING ONLY, microVM processes run UNJAILED with the broker's privileges");
@@ -308,4 +314,10 @@ async fn serve(
             }
         });
     }
+}
+
+/// `--console-log-max`: a byte count with an optional K, M or G suffix,
+/// 4 KiB to 1 GiB.
+fn parse_console_log_max(text: &str) -> Result<u64, String> {
+    mm_broker::vm::console::parse_size(text)
 }

@@ -97,7 +97,28 @@ pub struct VmRecord {
     /// this cache key before it is handed its workload.
     #[serde(default)]
     pub warm_template: Option<String>,
+    /// mm-vmm's CPU time cap in thousandths of a core, and its weight
+    /// (cgroup `cpu.max`/`cpu.weight`); 0 (a record from before limits):
+    /// one core per vCPU, weight 100.
+    #[serde(default)]
+    pub cpu_quota_millis: u32,
+    #[serde(default)]
+    pub cpu_weight: u16,
+    /// The console log's cap when it last started (the broker's
+    /// `--console-log-max`), for `inspect`.
+    #[serde(default)]
+    pub console_log_max: u64,
 }
+
+/// mm-vmm's host memory beyond guest RAM: its own heap, thread stacks and
+/// the kernel's per-VM structures (what mm-vmm itself allowed before the
+/// broker set its limit).
+pub const VMM_MEMORY_OVERHEAD_MIB: u64 = 256;
+/// Each device process's host memory limit: buffers for its queues and,
+/// for a lazily restored guest, the pages it resolves faults with.
+pub const DEVICE_MEMORY_MAX_BYTES: u64 = 512 << 20;
+/// The default CPU weight (cgroup v2's).
+pub const DEFAULT_CPU_WEIGHT: u16 = 100;
 
 /// The first uid/gid given to microVMs: each gets `FIRST_VM_UID + guest_cid`,
 /// unique on this host and far above regular users.
@@ -107,6 +128,26 @@ impl VmRecord {
     /// The unprivileged uid and gid this microVM's processes run as.
     pub fn uid(&self) -> u32 {
         FIRST_VM_UID + self.guest_cid
+    }
+
+    /// mm-vmm's CPU cap in thousandths of a core (default: its vCPUs).
+    pub fn effective_cpu_quota_millis(&self) -> u32 {
+        match self.cpu_quota_millis {
+            0 => u32::from(self.cpus) * 1000,
+            millis => millis,
+        }
+    }
+
+    pub fn effective_cpu_weight(&self) -> u16 {
+        match self.cpu_weight {
+            0 => DEFAULT_CPU_WEIGHT,
+            weight => weight,
+        }
+    }
+
+    /// mm-vmm's host memory limit: guest RAM plus its overhead.
+    pub fn vmm_memory_max_bytes(&self) -> u64 {
+        (u64::from(self.memory_mib) + VMM_MEMORY_OVERHEAD_MIB) << 20
     }
 
     pub fn load(dir: &Path) -> std::io::Result<VmRecord> {
@@ -184,6 +225,9 @@ mod tests {
             hand_workload: true,
             warm_template: Some("0123456789abcdef".into()),
             ssh_keys: vec!["ssh-ed25519 AAAA test".into()],
+            cpu_quota_millis: 500,
+            cpu_weight: 300,
+            console_log_max: 4 << 20,
         };
         record.save(&dir).unwrap();
         assert_eq!(VmRecord::load(&dir).unwrap(), record);
@@ -201,6 +245,8 @@ mod tests {
             "created_at": "2026-01-01T00:00:00.000Z", "guest_cid": 3, "processes": []
         }))
         .unwrap();
+        assert_eq!((record.effective_cpu_quota_millis(), record.effective_cpu_weight()), (1000, 100));
+        assert_eq!(record.vmm_memory_max_bytes(), (128 + VMM_MEMORY_OVERHEAD_MIB) << 20);
         let vm = scratch.0.join("vm");
         let tmp = planted(&scratch, "record.json.tmp", &target.path);
         assert_refused(record.save(&vm), &tmp);

@@ -35,6 +35,10 @@ pub struct CreateRequest {
     pub ssh_keys: Vec<String>,
     /// Boot even when a warm snapshot exists (`mmctl run --cold`).
     pub cold: bool,
+    /// mm-vmm's CPU cap in thousandths of a core (0: one core per vCPU)
+    /// and weight (0: 100).
+    pub cpu_quota_millis: u32,
+    pub cpu_weight: u16,
 }
 
 pub struct Registry {
@@ -305,6 +309,9 @@ impl Registry {
             },
             hand_workload: warm.is_some(),
             warm_template: warm.and_then(|(_, template)| template),
+            cpu_quota_millis: request.cpu_quota_millis,
+            cpu_weight: request.cpu_weight,
+            console_log_max: self.config.console_log_max,
         };
         let dir = self.config.vms_dir().join(&id);
         create_private_dir(&dir).map_err(BrokerError::io(format!("creating {}", dir.display())))?;
@@ -315,6 +322,7 @@ impl Registry {
             "create",
             json!({ "caller": caller, "spec": {
                 "cpus": record.cpus, "memory_mib": record.memory_mib, "command": record.command, "image": record.image,
+                "cpu_quota_millis": record.effective_cpu_quota_millis(), "cpu_weight": record.effective_cpu_weight(),
                 "ip": record.ip, "ssh_keys": record.ssh_keys.len(),
                 "snapshot": snapshot.map(|m| m.id.clone()),
                 "warm": record.resume_from.is_some() && snapshot.is_none(),
@@ -372,6 +380,9 @@ fn restore_request(manifest: &SnapshotManifest, name: String, ssh_keys: Vec<Stri
         auto_remove: false,
         ssh_keys: if ssh_keys.is_empty() { manifest.ssh_keys.clone() } else { ssh_keys },
         cold: true,
+        // The source's limits (0 in a manifest from before limits: defaults).
+        cpu_quota_millis: manifest.cpu_quota_millis,
+        cpu_weight: manifest.cpu_weight,
     }
 }
 
@@ -394,10 +405,38 @@ fn check_spec(request: &CreateRequest) -> Result<(), BrokerError> {
         return Err(BrokerError::BadSpec(format!("bad environment variable name {key:?}")));
     }
     validate_ssh_keys(&request.ssh_keys)?;
+    check_cpu_limits(request, host_cpus())?;
     let env = request.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     spec_rules::check_workload(&request.command, env, &request.ssh_keys)
         .map_err(|e| BrokerError::BadSpec(e.to_string()))?;
     Ok(())
+}
+
+/// The smallest CPU cap: the kernel's minimum quota, 1 ms per 100 ms period.
+const MIN_CPU_QUOTA_MILLIS: u32 = 10;
+
+/// CPU limits in range: a cap of at least [`MIN_CPU_QUOTA_MILLIS`] and at
+/// most the host's CPUs (more would limit nothing), a weight of 1 to
+/// 10000 (cgroup v2's range). 0 is each one's default.
+fn check_cpu_limits(request: &CreateRequest, host_cpus: u32) -> Result<(), BrokerError> {
+    let quota = request.cpu_quota_millis;
+    if quota != 0 && !(MIN_CPU_QUOTA_MILLIS..=host_cpus * 1000).contains(&quota) {
+        return Err(BrokerError::BadSpec(format!(
+            "cpu quota {}: must be between 0.01 and {host_cpus} cores (this host's CPUs)",
+            f64::from(quota) / 1000.0
+        )));
+    }
+    if request.cpu_weight > 10_000 {
+        return Err(BrokerError::BadSpec(format!("cpu weight {}: must be 1 to 10000", request.cpu_weight)));
+    }
+    Ok(())
+}
+
+/// The CPUs this host has online.
+fn host_cpus() -> u32 {
+    // SAFETY: sysconf reads a system value and has no side effects.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(online).unwrap_or(1).max(1)
 }
 
 /// Public keys only, one per line, of a type OpenSSH knows. A bad one is
@@ -487,6 +526,21 @@ mod tests {
         assert!(check_spec(&CreateRequest { command: argv, ..spec() }).is_err());
         let fits = CreateRequest { env: vec![("A".into(), "x".repeat(900))], ..spec() };
         assert!(check_spec(&fits).is_ok());
+    }
+
+    #[test]
+    fn cpu_limits_are_checked() {
+        let ok = |quota, weight| {
+            check_cpu_limits(&CreateRequest { cpu_quota_millis: quota, cpu_weight: weight, ..spec() }, 4)
+        };
+        assert!(ok(0, 0).is_ok(), "the defaults");
+        assert!(ok(10, 1).is_ok() && ok(4000, 10_000).is_ok() && ok(500, 100).is_ok());
+        let e = ok(9, 0).unwrap_err().to_string();
+        assert!(e.contains("cpu quota 0.009") && e.contains("between 0.01 and 4 cores"), "{e}");
+        assert!(ok(4001, 0).is_err(), "more than the host's CPUs");
+        let e = ok(0, 10_001).unwrap_err().to_string();
+        assert!(e.contains("cpu weight 10001"), "{e}");
+        assert!(host_cpus() >= 1);
     }
 
     #[test]

@@ -71,6 +71,8 @@ impl broker::Server for BrokerServer {
             memory_mib: spec.get_memory_mib(),
             auto_remove: spec.get_auto_remove(),
             cold: spec.get_cold(),
+            cpu_quota_millis: spec.get_cpu_quota_millis(),
+            cpu_weight: spec.get_cpu_weight(),
             ..CreateRequest::default()
         };
         request.command = texts(spec.get_command()?)?;
@@ -206,6 +208,11 @@ pub fn fill_info(record: &VmRecord, mut info: vm_info::Builder<'_>) {
     info.set_created_at(&record.created_at);
     info.set_ip(record.ip.map(|ip| ip.to_string()).unwrap_or_default());
     info.set_mac(record.mac.as_deref().unwrap_or_default());
+    info.set_cpu_quota_millis(record.effective_cpu_quota_millis());
+    info.set_cpu_weight(record.effective_cpu_weight());
+    info.set_vmm_memory_max_bytes(record.vmm_memory_max_bytes());
+    info.set_device_memory_max_bytes(crate::record::DEVICE_MEMORY_MAX_BYTES);
+    info.set_console_log_max_bytes(record.console_log_max);
     {
         let mut command = info.reborrow().init_command(record.command.len() as u32);
         for (i, arg) in record.command.iter().enumerate() {
@@ -418,13 +425,25 @@ impl vm::Server for VmServer {
     }
 }
 
-/// Sends the console log to `sink` in chunks; with `follow`, keeps going
-/// until the microVM is no longer running and everything is sent.
+/// Sends the console log to `sink` in chunks, the rotated-out older part
+/// (`console.log.1`) first; with `follow`, keeps going until the microVM
+/// is no longer running and everything is sent. A rotation while
+/// following starts over at the new log's beginning.
 async fn stream_console(vm: &Rc<Vm>, follow: bool, sink: byte_sink::Client) -> Result<(), capnp::Error> {
     use tokio::io::AsyncReadExt;
+    if let Ok(older) = crate::safe_fs::read(&vm.dir.join(crate::vm::console::CONSOLE_LOG_OLD)) {
+        for chunk in older.chunks(64 * 1024) {
+            let mut request = sink.write_request();
+            request.get().set_data(chunk);
+            request.send().promise.await?;
+        }
+    }
     let path = vm.dir.join(CONSOLE_LOG);
     let mut offset = 0u64;
     loop {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() < offset) {
+            offset = 0;
+        }
         let live = vm.state().is_live();
         let mut chunk = Vec::new();
         if let Ok(file) = crate::safe_fs::open_read(&path) {

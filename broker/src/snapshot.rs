@@ -78,6 +78,12 @@ pub struct SnapshotManifest {
     /// their writes, else from the start of the memory copy).
     #[serde(default)]
     pub io_held_us: u64,
+    /// The source's CPU limits (its record's), inherited by restores,
+    /// forks and branches; 0 (older manifests): the defaults.
+    #[serde(default)]
+    pub cpu_quota_millis: u32,
+    #[serde(default)]
+    pub cpu_weight: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +239,8 @@ pub fn manifest_for(record: &VmRecord, id: String, name: String, kind: SnapshotK
         pause_us: 0,
         save_us: 0,
         io_held_us: 0,
+        cpu_quota_millis: record.cpu_quota_millis,
+        cpu_weight: record.cpu_weight,
     }
 }
 

@@ -311,7 +311,11 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
     if !kvm_available("three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind") {
         return;
     }
-    let broker = start_broker("broker-three");
+    // A small console cap, so that a guest printing fast rotates it in seconds.
+    let mut args = broker_args();
+    args.extend(["--console-log-max".to_string(), "64K".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let broker = TestBroker::start("broker-three", &args).unwrap();
     // `mmctl events` sees everything that follows, live.
     let mut events = broker.mmctl_command(&["events", "-o", "json"]).unwrap();
     let mut events = events
@@ -329,12 +333,15 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
     assert!(said.contains("following events"), "mmctl events: {said:?}");
     let names = ["one", "two", "three"];
     for name in names {
-        let run = broker
-            .mmctl(
-                &["run", "-d", "--name", name, "--memory", "128M", "--", "sh", "-c", "while true; do sleep 5; done"],
-                QUICK,
-            )
-            .unwrap();
+        // `one` spins its only vCPU under a cap of a fifth of a core.
+        let (limits, workload): (&[&str], _) = match name {
+            "one" => (&["--cpus", "1", "--cpu-quota", "0.2"], "while :; do :; done"),
+            _ => (&[], "while true; do sleep 5; done"),
+        };
+        let mut args = vec!["run", "-d", "--name", name, "--memory", "128M"];
+        args.extend(limits);
+        args.extend(["--", "sh", "-c", workload]);
+        let run = broker.mmctl(&args, QUICK).unwrap();
         assert_eq!(run.status, Some(0), "{}\n{}", run.stderr, broker.log());
     }
     let mut pids = Vec::new();
@@ -345,6 +352,8 @@ fn three_microvms_at_once_are_exec_d_into_stopped_and_leave_nothing_behind() {
         assert_eq!(run.stderr.trim(), "to-stderr");
         pids.extend(super_pids(&broker, name));
     }
+    assert_cpu_capped(&broker, "one", 0.2);
+    assert_console_capped(&broker, "three", 64 << 10);
     // Every process of each microVM, seen from the host's /proc: seccomp
     // on every thread, no privileges, namespaces and files of its own.
     for name in names {
@@ -444,6 +453,94 @@ fn assert_confined(broker: &TestBroker, vm: &str) {
         let threads = proc_status::threads(jailed).map_or(0, |t| t.len());
         eprintln!("{vm}/{role}: pid {jailed} (below {pid}) confined: {threads} threads, {} mounts", mounts.len());
     }
+}
+
+/// The jail cgroups of `vm`'s process `role`: the jailer names them
+/// `<kind>-<pid of the process the broker started>`.
+fn jail_cgroups(broker: &TestBroker, vm: &str, role: &str) -> Vec<std::path::PathBuf> {
+    let info = broker.inspect(vm).unwrap();
+    let (_, pid, _) = pids(&info).into_iter().find(|(r, _, _)| r == role).unwrap();
+    let kind = if role == "vmm" { "vmm" } else { role.split('-').next().unwrap() };
+    let hierarchies = mm_jailer::Hierarchies::detect().unwrap();
+    hierarchies.jail_cgroups(&format!("{kind}-{pid}")).into_iter().filter(|d| d.is_dir()).collect()
+}
+
+/// mm-vmm's CPU time so far, in microseconds, from its jail's cgroup: v2
+/// `cpu.stat` `usage_usec`, or v1 `cpuacct.usage` (nanoseconds).
+fn cgroup_cpu_usec(cgroups: &[std::path::PathBuf]) -> u64 {
+    for dir in cgroups {
+        if let Ok(ns) = std::fs::read_to_string(dir.join("cpuacct.usage")) {
+            return ns.trim().parse::<u64>().unwrap() / 1000;
+        }
+        let stat = std::fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+        if let Some(usec) = stat.lines().find_map(|l| l.strip_prefix("usage_usec ")) {
+            return usec.trim().parse().unwrap();
+        }
+    }
+    panic!("no CPU accounting in {cgroups:?}");
+}
+
+/// A guest spinning its vCPU under `--cpu-quota QUOTA` takes no more than
+/// that (15% slack) over 10 s, measured by the host's cgroup accounting;
+/// the cap, the weight and the memory limits are where inspect says.
+fn assert_cpu_capped(broker: &TestBroker, vm: &str, quota: f64) {
+    let info = broker.inspect(vm).unwrap();
+    let limits = &info["limits"];
+    assert_eq!((limits["cpu_quota"].as_f64(), limits["cpu_weight"].as_u64()), (Some(quota), Some(100)), "{info:#}");
+    assert_eq!(limits["vmm_memory_max_bytes"], (128u64 + 256) << 20, "{info:#}");
+    let cgroups = jail_cgroups(broker, vm, "vmm");
+    let read = |file: &str| cgroups.iter().find_map(|d| std::fs::read_to_string(d.join(file)).ok());
+    let quota_us = (quota * 100_000.0) as u64;
+    match (read("cpu.max"), read("cpu.cfs_quota_us")) {
+        (Some(max), _) => assert_eq!(max.trim(), format!("{quota_us} 100000")),
+        (None, Some(v1)) => assert_eq!(v1.trim(), quota_us.to_string()),
+        _ => panic!("no CPU limit in {cgroups:?}"),
+    }
+    let memory = read("memory.max").or_else(|| read("memory.limit_in_bytes")).unwrap();
+    assert_eq!(memory.trim(), ((128u64 + 256) << 20).to_string());
+    let device = jail_cgroups(broker, vm, "block-rw");
+    let device_memory = device.iter().find_map(|d| {
+        std::fs::read_to_string(d.join("memory.max"))
+            .or_else(|_| std::fs::read_to_string(d.join("memory.limit_in_bytes")))
+            .ok()
+    });
+    assert_eq!(device_memory.unwrap().trim(), (512u64 << 20).to_string());
+    let window = Duration::from_secs(10);
+    let before = cgroup_cpu_usec(&cgroups);
+    let began = std::time::Instant::now();
+    std::thread::sleep(window);
+    let used = cgroup_cpu_usec(&cgroups) - before;
+    let elapsed = began.elapsed().as_micros() as f64;
+    let share = used as f64 / elapsed;
+    eprintln!("{vm}: mm-vmm used {used} us of CPU in {elapsed:.0} us: {share:.3} cores (quota {quota})");
+    assert!(share <= quota * 1.15, "{vm} took {share:.3} cores under a quota of {quota}");
+    assert!(share >= quota * 0.5, "{vm} is not spinning ({share:.3} cores): the test would prove nothing");
+}
+
+/// A guest printing fast to its console: the broker rotates console.log
+/// at `cap`, keeping one older file; both stay within the cap, `logs`
+/// reads them in order, and inspect shows the cap.
+fn assert_console_capped(broker: &TestBroker, vm: &str, cap: u64) {
+    let info = broker.inspect(vm).unwrap();
+    assert_eq!(info["limits"]["console_log_max_bytes"], cap, "{info:#}");
+    let run = broker
+        .mmctl(
+            &["exec", vm, "--", "sh", "-c", "yes 0123456789abcdef | head -c 300000 > /dev/console; echo done"],
+            BOOT_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!((run.status, run.stdout.trim()), (Some(0), "done"), "{}", run.stderr);
+    // The broker checks every 100 ms.
+    std::thread::sleep(Duration::from_secs(1));
+    let dir = broker.dir.path("state/vms").join(info["id"].as_str().unwrap());
+    let size = |name: &str| std::fs::symlink_metadata(dir.join(name)).map(|m| m.len());
+    let (log, old) = (size("console.log").unwrap(), size("console.log.1").expect("no console.log.1: never rotated"));
+    eprintln!("{vm}: console.log {log} bytes, console.log.1 {old} bytes (cap {cap})");
+    assert!(log <= cap && old <= cap, "console.log {log}, console.log.1 {old}: over the cap {cap}");
+    let logs = broker.mmctl(&["logs", vm], QUICK).unwrap();
+    assert_eq!(logs.status, Some(0), "{}", logs.stderr);
+    assert!(logs.stdout.len() as u64 <= 2 * cap, "logs printed {} bytes", logs.stdout.len());
+    assert!(logs.stdout.contains("0123456789abcdef"), "logs lost the recent output");
 }
 
 fn super_pids(broker: &TestBroker, vm: &str) -> Vec<i64> {

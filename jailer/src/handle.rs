@@ -47,6 +47,11 @@ pub fn describe(name: &str, pid: libc::pid_t, reason: &ExitReason) -> String {
     }
 }
 
+/// What [`JailedChild::describe`] adds when the kernel's OOM killer ended
+/// the child for its cgroup's memory limit: a supervisor that only sees a
+/// self-jailed process's status and log (the broker) looks for it there.
+pub const OUT_OF_MEMORY: &str = "out of memory";
+
 /// A running jailed child. Dropping it kills the child (SIGKILL), reaps it
 /// and removes its jail.
 #[derive(Debug)]
@@ -56,11 +61,13 @@ pub struct JailedChild {
     report: File,
     residue: Residue,
     reason: Option<ExitReason>,
+    /// OOM kills in its cgroups, read once it ended (before their removal).
+    oom_kills: u64,
 }
 
 impl JailedChild {
     pub(crate) fn new(name: String, pid: libc::pid_t, report: File, residue: Residue) -> Self {
-        JailedChild { name, pid, report, residue, reason: None }
+        JailedChild { name, pid, report, residue, reason: None, oom_kills: 0 }
     }
 
     /// The child's pid in our PID namespace.
@@ -94,9 +101,16 @@ impl JailedChild {
             }
         }
         let reason = self.reason_for(status);
+        self.oom_kills = self.residue.cgroups.oom_kills();
         self.residue.remove();
         self.reason = Some(reason.clone());
         Ok(reason)
+    }
+
+    /// Whether the kernel's OOM killer killed a process of the jail for its
+    /// memory limit (known once it ended).
+    pub fn out_of_memory(&self) -> bool {
+        self.oom_kills > 0
     }
 
     /// Like `wait` without blocking: `None` while the child runs.
@@ -111,6 +125,7 @@ impl JailedChild {
             n if n < 0 => Err(JailError::Wait(std::io::Error::last_os_error())),
             _ => {
                 let reason = self.reason_for(status);
+                self.oom_kills = self.residue.cgroups.oom_kills();
                 self.residue.remove();
                 self.reason = Some(reason.clone());
                 Ok(Some(reason))
@@ -129,7 +144,11 @@ impl JailedChild {
 
     /// One line saying how the child ended.
     pub fn describe(&self, reason: &ExitReason) -> String {
-        describe(&self.name, self.pid, reason)
+        let line = describe(&self.name, self.pid, reason);
+        match self.out_of_memory() {
+            true => format!("{line}: {OUT_OF_MEMORY} (killed by the kernel at its cgroup's memory limit)"),
+            false => line,
+        }
     }
 
     fn reason_for(&mut self, status: libc::c_int) -> ExitReason {

@@ -41,10 +41,13 @@ use std::path::{Path, PathBuf};
 
 pub use cgroup::{Cgroups, Hierarchies};
 pub use error::{ChildStep, JailError};
-pub use handle::{ExitReason, JailedChild, describe};
+pub use handle::{ExitReason, JailedChild, OUT_OF_MEMORY, describe};
 pub use libraries::libraries;
 pub use selfjail::{SelfJail, can_jail, exit_code, is_jailed};
-pub use spec::{BindMount, CGROUP_PARENT, DEFAULT_JAIL_BASE, JailSpec, Limits, REPORT_FD, USERFAULTFD};
+pub use spec::{
+    BindMount, CGROUP_PARENT, CPU_MAX_ENV, CPU_PERIOD_US, CPU_WEIGHT_DEFAULT, CPU_WEIGHT_ENV, CPU_WEIGHT_MAX,
+    CPU_WEIGHT_MIN, CpuMax, DEFAULT_JAIL_BASE, JailSpec, Limits, MEMORY_MAX_ENV, REPORT_FD, USERFAULTFD,
+};
 
 /// Set in the jailed child's environment (to the jail's name), so a
 /// program that jails itself knows it already is.

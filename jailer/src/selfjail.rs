@@ -54,7 +54,10 @@ impl SelfJail {
             );
         }
         sweep_stale(&self.spec.jail_base);
-        let mut child: JailedChild = crate::spawn(&self.spec)?;
+        let mut spec = self.spec;
+        // The supervisor's limits (the microVM's size) win over the binary's.
+        spec.limits.apply_supervisor_env(|key| std::env::var(key).ok()).map_err(JailError::Spec)?;
+        let mut child: JailedChild = crate::spawn(&spec)?;
         let reason = child.wait()?;
         if !matches!(reason, ExitReason::Exited(_)) {
             eprintln!("{}", child.describe(&reason));

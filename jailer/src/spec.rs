@@ -50,6 +50,31 @@ impl BindMount {
     }
 }
 
+/// A CPU bandwidth limit: `quota_us` of CPU time per `period_us` of wall
+/// time, across all the jail's threads (so `quota_us / period_us` cores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuMax {
+    pub quota_us: u64,
+    pub period_us: u64,
+}
+
+/// The period the kernel uses by default (100 ms): short enough that a
+/// throttled guest stalls in small slices, not for seconds.
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// cgroup v2's `cpu.weight` range and default (v1's `cpu.shares` 1024).
+pub const CPU_WEIGHT_MIN: u64 = 1;
+pub const CPU_WEIGHT_MAX: u64 = 10_000;
+pub const CPU_WEIGHT_DEFAULT: u64 = 100;
+
+/// Limits a supervisor (the broker) sets for a binary that jails itself:
+/// they win over the binary's own defaults ([`Limits::apply_supervisor_env`]),
+/// since only the supervisor knows the microVM's size and its operator's
+/// limits. `MM_JAIL_CPU_MAX` is `QUOTA_US PERIOD_US` (cgroup v2's
+/// `cpu.max` syntax), the others one decimal number.
+pub const CPU_MAX_ENV: &str = "MM_JAIL_CPU_MAX";
+pub const CPU_WEIGHT_ENV: &str = "MM_JAIL_CPU_WEIGHT";
+pub const MEMORY_MAX_ENV: &str = "MM_JAIL_MEMORY_MAX";
+
 /// Resource limits: cgroup limits and rlimits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -57,6 +82,11 @@ pub struct Limits {
     pub memory_bytes: Option<u64>,
     /// cgroup limit on processes and threads.
     pub pids: Option<u64>,
+    /// cgroup CPU bandwidth limit (v2 `cpu.max`, v1 CFS quota and period).
+    pub cpu_max: Option<CpuMax>,
+    /// cgroup CPU weight, [`CPU_WEIGHT_MIN`] to [`CPU_WEIGHT_MAX`] (v2
+    /// `cpu.weight`; v1 `cpu.shares`, scaled so 100 is 1024).
+    pub cpu_weight: Option<u64>,
     /// RLIMIT_NOFILE.
     pub open_files: u64,
     /// RLIMIT_FSIZE in bytes (None: leave as inherited).
@@ -65,7 +95,45 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_bytes: None, pids: None, open_files: 1024, file_size: None }
+        Limits { memory_bytes: None, pids: None, cpu_max: None, cpu_weight: None, open_files: 1024, file_size: None }
+    }
+}
+
+impl Limits {
+    /// Overrides the cgroup limits with the supervisor's (see
+    /// [`CPU_MAX_ENV`]), read through `var`; a malformed value is an error,
+    /// not ignored, so a typo cannot silently leave a guest unlimited.
+    pub fn apply_supervisor_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        let number = |name: &str, text: &str| {
+            text.trim().parse::<u64>().map_err(|_| format!("{name}={text:?}: not a non-negative integer"))
+        };
+        if let Some(text) = var(CPU_MAX_ENV) {
+            let mut parts = text.split_whitespace();
+            let (Some(quota), Some(period), None) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(format!("{CPU_MAX_ENV}={text:?}: want \"QUOTA_US PERIOD_US\""));
+            };
+            let cpu = CpuMax { quota_us: number(CPU_MAX_ENV, quota)?, period_us: number(CPU_MAX_ENV, period)? };
+            // The kernel's bounds: 1 ms to 1 s periods, at least 1 ms quota.
+            if !(1_000..=1_000_000).contains(&cpu.period_us) || cpu.quota_us < 1_000 {
+                return Err(format!("{CPU_MAX_ENV}={text:?}: period 1000-1000000 us, quota at least 1000 us"));
+            }
+            self.cpu_max = Some(cpu);
+        }
+        if let Some(text) = var(CPU_WEIGHT_ENV) {
+            let weight = number(CPU_WEIGHT_ENV, &text)?;
+            if !(CPU_WEIGHT_MIN..=CPU_WEIGHT_MAX).contains(&weight) {
+                return Err(format!("{CPU_WEIGHT_ENV}={text:?}: must be {CPU_WEIGHT_MIN} to {CPU_WEIGHT_MAX}"));
+            }
+            self.cpu_weight = Some(weight);
+        }
+        if let Some(text) = var(MEMORY_MAX_ENV) {
+            let bytes = number(MEMORY_MAX_ENV, &text)?;
+            if bytes < 1 << 20 {
+                return Err(format!("{MEMORY_MAX_ENV}={text:?}: at least 1 MiB"));
+            }
+            self.memory_bytes = Some(bytes);
+        }
+        Ok(())
     }
 }
 

@@ -66,6 +66,14 @@ enum Verb {
         /// Guest memory, in MiB (suffixes M and G accepted).
         #[arg(long, default_value = "256M", value_parser = parse_memory)]
         memory: u32,
+        /// Most CPU time the microVM may take, in cores (e.g. 0.5; default:
+        /// --cpus): a cgroup quota on mm-vmm, so a guest spinning all its
+        /// vCPUs gets no more.
+        #[arg(long, value_parser = parse_cpu_quota)]
+        cpu_quota: Option<u32>,
+        /// Its share of CPU time when the host is busy, 1 to 10000 (default 100).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=10000))]
+        cpu_weight: Option<u16>,
         /// KEY=VALUE for the workload; repeatable.
         #[arg(long = "env", short = 'e', value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -257,6 +265,17 @@ fn parse_memory(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not a memory size (e.g. 256M, 1G)"))
 }
 
+/// `--cpu-quota`: cores, fractional, sent in thousandths of a core (the
+/// broker checks the range against its host).
+fn parse_cpu_quota(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<f64>() {
+        Ok(cores) if cores.is_finite() && cores > 0.0 && cores <= 4096.0 => {
+            Ok(((cores * 1000.0).round() as u32).max(1))
+        }
+        _ => Err(format!("{s:?} is not a number of cores above 0 (e.g. 0.5, 2)")),
+    }
+}
+
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -313,7 +332,21 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
     let broker = client::connect(&socket).await?;
     let format = cli.output;
     match cli.command {
-        Verb::Run { image, name, cpus, memory, env, detach, rm, cold, ssh_keys, command, .. } => {
+        Verb::Run {
+            image,
+            name,
+            cpus,
+            memory,
+            cpu_quota,
+            cpu_weight,
+            env,
+            detach,
+            rm,
+            cold,
+            ssh_keys,
+            command,
+            ..
+        } => {
             let key_files = if ssh_keys.is_empty() { tunnel::default_ssh_keys() } else { ssh_keys };
             let keys = tunnel::read_ssh_keys(&key_files)?;
             let mut request = broker.create_vm_request();
@@ -325,6 +358,8 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 spec.set_memory_mib(memory);
                 spec.set_auto_remove(rm);
                 spec.set_cold(cold);
+                spec.set_cpu_quota_millis(cpu_quota.unwrap_or(0));
+                spec.set_cpu_weight(cpu_weight.unwrap_or(0));
                 snapshots::fill_texts(spec.reborrow().init_command(command.len() as u32), &command);
                 snapshots::fill_texts(spec.reborrow().init_ssh_keys(keys.len() as u32), &keys);
                 let mut vars = spec.init_env(env.len() as u32);

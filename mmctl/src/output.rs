@@ -32,6 +32,20 @@ pub struct VmInfo {
     pub mac: String,
     pub command: Vec<String>,
     pub processes: Vec<ProcessInfo>,
+    pub limits: Limits,
+}
+
+/// What the host enforces on the microVM (broker.capnp's `VmInfo`).
+#[derive(Debug, Serialize)]
+pub struct Limits {
+    /// mm-vmm's CPU time cap, in cores (cgroup `cpu.max`).
+    pub cpu_quota: f64,
+    pub cpu_weight: u16,
+    /// Host memory limits: mm-vmm's (guest RAM + overhead), each device's.
+    pub vmm_memory_max_bytes: u64,
+    pub device_memory_max_bytes: u64,
+    /// console.log is rotated at this size (one older file kept).
+    pub console_log_max_bytes: u64,
 }
 
 fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
@@ -62,6 +76,13 @@ impl VmInfo {
             mac: text(info.get_mac())?,
             command,
             processes,
+            limits: Limits {
+                cpu_quota: f64::from(info.get_cpu_quota_millis()) / 1000.0,
+                cpu_weight: info.get_cpu_weight(),
+                vmm_memory_max_bytes: info.get_vmm_memory_max_bytes(),
+                device_memory_max_bytes: info.get_device_memory_max_bytes(),
+                console_log_max_bytes: info.get_console_log_max_bytes(),
+            },
         })
     }
 }
@@ -111,6 +132,14 @@ pub fn print_one(vm: &VmInfo, format: Format) {
             println!("mac:       {}", if vm.mac.is_empty() { "-" } else { &vm.mac });
             println!("created:   {}", vm.created_at);
             println!("command:   {}", vm.command.join(" "));
+            let l = &vm.limits;
+            println!("cpu quota: {} cores (weight {})", l.cpu_quota, l.cpu_weight);
+            println!(
+                "mem limit: {} MiB mm-vmm, {} MiB each device",
+                l.vmm_memory_max_bytes >> 20,
+                l.device_memory_max_bytes >> 20
+            );
+            println!("console:   rotated at {} KiB (one older file kept)", l.console_log_max_bytes >> 10);
             if let Some(code) = vm.exit_code {
                 println!("exit code: {code}");
             }

@@ -4,6 +4,7 @@
 //! saved to the record and published to waiters; every process event goes
 //! to the audit log.
 
+pub mod console;
 mod snapshot;
 mod warm;
 
@@ -27,6 +28,12 @@ use crate::{BrokerConfig, BrokerError};
 const VMM_FAILURE: i32 = 125;
 /// How a self-jailed process reports that its jailed half died by SIGSYS.
 const SIGSYS_EXIT: i32 = 128 + libc::SIGSYS;
+/// How a self-jailed process reports that its jailed half was SIGKILLed
+/// (the kernel's OOM killer among others).
+const SIGKILL_EXIT: i32 = 128 + libc::SIGKILL;
+/// What the jailer's last line in a process's log says when the OOM
+/// killer ended it (`mm_jailer::OUT_OF_MEMORY`; the words must match).
+const OUT_OF_MEMORY: &str = "out of memory";
 
 /// What the supervisor task can be told.
 #[derive(Debug)]
@@ -171,6 +178,7 @@ impl Vm {
             r.reason.clear();
             r.exit_code = None;
             r.processes.clear();
+            r.console_log_max = self.config.console_log_max;
         });
         let console_start = std::fs::symlink_metadata(self.dir.join(launch::CONSOLE_LOG)).map_or(0, |m| m.len());
         match self.spawn_all() {
@@ -185,6 +193,7 @@ impl Vm {
                 let control = Rc::new(control);
                 *self.control.borrow_mut() = Some(Rc::clone(&control));
                 tokio::task::spawn_local(Rc::clone(self).supervise(vmm, devices, Some(control), rx));
+                tokio::task::spawn_local(Rc::clone(self).cap_console());
                 Ok(())
             }
             Err(e) => {
@@ -249,7 +258,34 @@ impl Vm {
         if let Some(report) = self.seccomp_report(&process.role, exit) {
             fields["seccomp"] = json!(report);
         }
+        let oom = self.out_of_memory(&process.role, exit);
+        if oom.is_some() {
+            fields["oom"] = json!(true);
+        }
         self.audit.record("exit", fields);
+        if let Some(why) = oom {
+            self.audit.record("oom", json!({ "role": process.role, "pid": process.pid, "reason": why }));
+        }
+    }
+
+    /// For a process the kernel's OOM killer ended at its cgroup's memory
+    /// limit, what happened, named after the process and its limit. The
+    /// jailer reads the cgroup's `oom_kill` counter when its jailed half
+    /// dies (before it removes the cgroup) and says so as the last line
+    /// of the process's log; the broker only sees a SIGKILL status.
+    fn out_of_memory(&self, role: &str, exit: Exit) -> Option<String> {
+        if !matches!(exit, Exit::Signal(libc::SIGKILL) | Exit::Code(SIGKILL_EXIT)) {
+            return None;
+        }
+        let last = last_line_containing(&self.dir.join(format!("{role}.log")), "")?;
+        if !last.contains(OUT_OF_MEMORY) {
+            return None;
+        }
+        let limit = match role {
+            "vmm" => self.record.borrow().vmm_memory_max_bytes(),
+            _ => crate::record::DEVICE_MEMORY_MAX_BYTES,
+        };
+        Some(format!("the {role} process was killed: {OUT_OF_MEMORY} (its host memory limit is {} MiB)", limit >> 20))
     }
 
     /// For a process killed by its seccomp filter, the jail's report (it
@@ -363,6 +399,9 @@ impl Vm {
             && let Some(report) = self.seccomp_report("vmm", vmm_exit)
         {
             return (VmState::Failed, report, None);
+        }
+        if let Some(why) = self.out_of_memory("vmm", vmm_exit) {
+            return (VmState::Failed, why, None);
         }
         match vmm_exit {
             Exit::Code(VMM_FAILURE) => {
@@ -485,6 +524,7 @@ impl Vm {
                 };
                 self.control.replace(control.clone());
                 tokio::task::spawn_local(Rc::clone(self).supervise(vmm, devices, control, rx));
+                tokio::task::spawn_local(Rc::clone(self).cap_console());
             }
             vmm => {
                 let reason = match &vmm {

@@ -83,10 +83,14 @@ impl Vm {
     /// goes on across restarts), while the microVM runs.
     async fn wait_for_console(&self, line: &str, console_start: u64, timeout: Duration) -> bool {
         let path = self.dir.join(CONSOLE_LOG);
-        let skip = console_start as usize;
+        let mut skip = console_start as usize;
         let began = Instant::now();
         while self.state() == VmState::Running {
             let log = crate::safe_fs::read(&path).unwrap_or_default();
+            // Rotated (vm/console.rs) since: the new log is all new.
+            if log.len() < skip {
+                skip = 0;
+            }
             if log.get(skip..).is_some_and(|new| String::from_utf8_lossy(new).contains(line)) {
                 return true;
             }
