@@ -130,24 +130,46 @@ pub async fn gather(registry: &Rc<Registry>, host: &str, timeout: Duration) -> S
 /// channel for devices (`control`).
 fn ask(process: &ProcessRecord, control: Option<&Path>, timeout: Duration) -> ProcessSample {
     let mut sample = ProcessSample { role: process.role.clone(), restarts: process.restarts, ..Default::default() };
-    let proc_dir = PathBuf::from(format!("/proc/{}", process.pid));
-    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok();
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", process.pid)).ok();
     let stat = stat.as_deref().and_then(parse_stat);
     // A pid that is not ours any more (re-used after an exit) says nothing.
     let ours = stat.is_some_and(|s| s.start_time == process.start_time);
-    if ours {
-        let (rss, pss) =
-            std::fs::read_to_string(proc_dir.join("smaps_rollup")).map_or((None, None), |t| parse_rollup(&t));
-        sample.rss_bytes = rss;
-        sample.pss_bytes = pss;
-        sample.io = std::fs::read_to_string(proc_dir.join("io")).ok().map(|t| parse_io(&t));
+    // The recorded pid is the jailer's outer half; the jailed process that
+    // does the work (vCPU threads, a device's I/O) is its descendant, so
+    // the figures are summed over the tree.
+    let tree = if ours { descendants(process.pid) } else { Vec::new() };
+    let mut cpu_ticks = (0u64, 0u64);
+    let (mut rss, mut pss, mut io) = (None::<u64>, None::<u64>, None::<ProcessIo>);
+    for pid in &tree {
+        let dir = PathBuf::from(format!("/proc/{pid}"));
+        if let Some(s) = std::fs::read_to_string(dir.join("stat")).ok().as_deref().and_then(parse_stat) {
+            cpu_ticks = (cpu_ticks.0 + s.utime, cpu_ticks.1 + s.stime);
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("smaps_rollup")) {
+            let (r, p) = parse_rollup(&text);
+            rss = Some(rss.unwrap_or(0) + r.unwrap_or(0));
+            pss = Some(pss.unwrap_or(0) + p.unwrap_or(0));
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("io")) {
+            let add = parse_io(&text);
+            let sum = io.get_or_insert_with(ProcessIo::default);
+            sum.rchar += add.rchar;
+            sum.wchar += add.wchar;
+            sum.syscr += add.syscr;
+            sum.syscw += add.syscw;
+            sum.read_bytes += add.read_bytes;
+            sum.write_bytes += add.write_bytes;
+        }
     }
+    sample.rss_bytes = rss;
+    sample.pss_bytes = pss;
+    sample.io = io;
     match control {
         None => {
-            if let (true, Some(stat)) = (ours, stat) {
+            if ours {
                 let ticks = clock_ticks();
-                sample.cpu_user_seconds = stat.utime as f64 / ticks;
-                sample.cpu_system_seconds = stat.stime as f64 / ticks;
+                sample.cpu_user_seconds = cpu_ticks.0 as f64 / ticks;
+                sample.cpu_system_seconds = cpu_ticks.1 as f64 / ticks;
                 sample.up = true;
             }
         }
@@ -167,6 +189,23 @@ fn ask(process: &ProcessRecord, control: Option<&Path>, timeout: Duration) -> Pr
         }
     }
     sample
+}
+
+/// `pid` and every process below it (`/proc/PID/task/TID/children`),
+/// bounded so a fork bomb cannot make a scrape walk forever.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut next = 0;
+    while next < out.len() && out.len() < 64 {
+        let parent = out[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else { continue };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+        }
+    }
+    out
 }
 
 fn clock_ticks() -> f64 {

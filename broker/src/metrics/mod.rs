@@ -148,6 +148,9 @@ fn with(mut labels: Labels, key: &'static str, value: &str) -> Labels {
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
+/// Reads one counter out of a sample struct.
+type Field<T> = fn(&T) -> u64;
+
 /// A family of gauges built for one encode.
 struct Fresh {
     name: &'static str,
@@ -258,7 +261,7 @@ fn encode_snapshot(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> Resu
         "CPU time of a microVM process by mode; role=vmm is the vCPU threads' (and mm-vmm's own).",
     );
     let mut restarts = Counters::new("mm_vm_process_restarts", "Times the broker restarted the process.");
-    let mut io: [(Counters, fn(&ProcessIo) -> u64); 6] = [
+    let mut io: [(Counters, Field<ProcessIo>); 6] = [
         (Counters::new("mm_vm_process_io_read_bytes", "Bytes through read syscalls (/proc/PID/io rchar)."), |i| {
             i.rchar
         }),
@@ -276,7 +279,7 @@ fn encode_snapshot(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> Resu
         "mm_vm_block_resubmitted",
         "Block requests a killed predecessor left that this device ran again.",
     );
-    let mut net: [(Counters, fn(&NetCounters) -> u64); 6] = [
+    let mut net: [(Counters, Field<NetCounters>); 6] = [
         (Counters::new("mm_vm_net_receive_bytes", "Bytes the guest received."), |n| n.rx_bytes),
         (Counters::new("mm_vm_net_receive_packets", "Packets the guest received."), |n| n.rx_packets),
         (Counters::new("mm_vm_net_receive_dropped", "Packets for the guest dropped on the host."), |n| n.rx_dropped),
