@@ -61,9 +61,24 @@ fn metrics_addr(broker: &TestBroker) -> String {
     }
 }
 
+/// Signals `pid` (the jailer's outer half the broker reports) and every
+/// process under it (the jailed process that does the work).
 fn signal(pid: i64, signal: i32) {
-    // SAFETY: kill(2) on a pid the broker reported as this microVM's.
-    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill {pid}");
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while next < tree.len() {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", tree[next])).into_iter().flatten().flatten();
+        next += 1;
+        for task in tasks {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            tree.extend(children.split_whitespace().filter_map(|c| c.parse::<i64>().ok()));
+        }
+    }
+    for pid in tree {
+        // SAFETY: kill(2) on this microVM's processes, found from the pid
+        // the broker reported.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill {pid}");
+    }
 }
 
 #[test]
