@@ -305,12 +305,8 @@ impl LiveVm {
             self.resume_vcpus();
             return Err(e);
         }
-        let saved = dirty_log.take().map_err(kvm_err("KVM_GET_DIRTY_LOG")).and_then(|mut pages| {
-            let device_pages = running::memfd_offsets(&self.ram, &self.ram.device_log.take());
-            let device_count = device_pages.len() as u64;
-            pages.extend(device_pages);
-            pages.sort_unstable();
-            pages.dedup();
+        let saved = dirty_log.take().map_err(kvm_err("KVM_GET_DIRTY_LOG")).and_then(|vcpu_pages| {
+            let (pages, device_count) = running::pages_for_cut(&self.ram, vcpu_pages, &self.ram.device_log.take());
             let count = pages.len() as u64;
             running::copy_pages(&self.ram, memory_file, pages)?;
             let empty = memory::MemoryImage { size: 0, extents: Vec::new() };

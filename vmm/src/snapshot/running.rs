@@ -160,6 +160,18 @@ pub fn memfd_offsets(ram: &GuestRam, pages: &[u64]) -> Vec<u64> {
         .collect()
 }
 
+/// The pages the cut copies again: every page in KVM's dirty log (memfd
+/// offsets) and every page the device back ends logged (guest-physical),
+/// once each, in order; with how many of them the devices named.
+pub fn pages_for_cut(ram: &GuestRam, mut vcpu_pages: Vec<u64>, device_pages: &[u64]) -> (Vec<u64>, u64) {
+    let device_pages = memfd_offsets(ram, device_pages);
+    let device_count = device_pages.len() as u64;
+    vcpu_pages.extend(device_pages);
+    vcpu_pages.sort_unstable();
+    vcpu_pages.dedup();
+    (vcpu_pages, device_count)
+}
+
 /// Each RAM region's span of memfd offsets: extents never cross one, as
 /// a restore fills each extent into one region.
 fn region_spans(ram: &GuestRam) -> Vec<(u64, u64)> {
@@ -290,6 +302,39 @@ mod tests {
         assert!(page.iter().all(|&b| b == 0xcd));
         fresh.memory.read_slice(&mut page, GuestAddress(0x10_2000)).unwrap();
         assert!(page.iter().all(|&b| b == 0));
+    }
+
+    /// A page a device back end wrote after the first copy passed it is
+    /// in its dirty log only (KVM's sees vCPU writes): the cut copies it
+    /// from there, and without it the file would hold the stale page.
+    #[test]
+    fn the_cut_copies_what_the_devices_logged() {
+        let ram = GuestRam::new(64).unwrap();
+        fill(&ram);
+        let file = temp_file("devices");
+        copy_all(&ram, &file).unwrap();
+        ram.memory.write_slice(&[0xee; PAGE], GuestAddress(0x30_0000)).unwrap(); // the back end's write
+        mark_as_a_back_end(&ram, 0x30_0000);
+        let (pages, from_devices) = pages_for_cut(&ram, Vec::new(), &ram.device_log.take());
+        assert_eq!((pages.len(), from_devices), (1, 1));
+        let without = temp_file("without-devices");
+        std::io::copy(&mut &file, &mut &without).unwrap();
+        copy_pages(&ram, &file, pages).unwrap();
+        assert_eq!(index(&file, &ram).unwrap(), save(&ram, &temp_file("devices-truth")).unwrap());
+        copy_pages(&ram, &without, Vec::new()).unwrap();
+        assert_ne!(index(&without, &ram).unwrap(), save(&ram, &temp_file("devices-truth2")).unwrap());
+    }
+
+    /// Sets the page's bit through a mapping of the log's memfd of its own,
+    /// as a device process does.
+    fn mark_as_a_back_end(ram: &GuestRam, gpa: u64) {
+        use vm_memory::VolatileMemory;
+        let log = &ram.device_log;
+        let file = vm_memory::FileOffset::new(log.file().try_clone().unwrap(), 0);
+        let theirs = vm_memory::mmap::MmapRegion::<()>::from_file(file, log.size() as usize).unwrap();
+        let page = gpa / PAGE as u64;
+        let byte = theirs.get_atomic_ref::<std::sync::atomic::AtomicU8>((page / 8) as usize).unwrap();
+        byte.fetch_or(1 << (page % 8), std::sync::atomic::Ordering::SeqCst);
     }
 
     #[test]
