@@ -9,7 +9,19 @@ struct DeviceRequest {
   command @0 :Command;
   enum Command {
     status @0;
+    setRateLimit @1;   # replace the limits with `rateLimit`; answered
+                       # with the status (the limits now in force)
   }
+  rateLimit @1 :RateLimit;
+}
+
+# A device's rate limiter (block: each request; net: each frame, both
+# directions). 0 = unlimited. Token buckets holding 100 ms of each rate,
+# plus an optional one-time burst of bytes used before the bucket.
+struct RateLimit {
+  bytesPerSec @0 :UInt64;
+  opsPerSec @1 :UInt64;
+  burstBytes @2 :UInt64;
 }
 
 struct DeviceResponse {
@@ -25,6 +37,8 @@ struct DeviceStatus {
   resubmitted @2 :UInt64; # block: requests a killed predecessor left in
                           # flight that this process ran again (0 for others)
   inFlight @3 :UInt64;    # block: requests taken and not yet completed, now
+  rateLimit @4 :RateLimit;     # the limits in force (all 0: none)
+  throttledTotal @5 :UInt64;   # requests/frames that had to wait for tokens
 }
 
 struct ProcessUsage {

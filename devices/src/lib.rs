@@ -10,6 +10,7 @@
 pub mod block;
 pub mod lazy_memory;
 pub mod net;
+pub mod rate_limiter;
 pub mod rearm;
 pub mod vsock;
 

@@ -28,10 +28,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use mm_devices::block::{BlockConfig, OverlayFiles, serve_block};
 use mm_devices::net::{MacAddr, NetConfig, serve_net};
+use mm_devices::rate_limiter::RateLimitFlags;
 use mm_devices::vsock::{VsockConfig, serve_vsock};
 use mm_jailer::{BindMount, SelfJail};
 use mm_policies::Policy;
-use mm_protocols::device_control::{self, DeviceCounters, SeqPacketListener};
+use mm_protocols::device_control::{self, DeviceCounters, RateLimit, SeqPacketListener};
 use mm_protocols::socket_path;
 
 /// Where the jailed copy finds the listening socket and the TAP.
@@ -116,6 +117,8 @@ enum Device {
         /// Device serial (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
         #[arg(long)]
         serial: Option<String>,
+        #[command(flatten)]
+        rate: RateLimitFlags,
         #[command(flatten)]
         test: mm_devices::block::TestHookFlags,
     },
@@ -211,38 +214,46 @@ fn run() -> Result<()> {
         .transpose()?;
     let started = std::time::Instant::now();
     // Started after the device's filter is installed, so it runs under it.
-    let answer_control = |kind: &'static str, counters: fn() -> DeviceCounters| {
+    let answer_control = |kind: &'static str, counters: fn() -> DeviceCounters, set: SetRateLimit| {
         if let Some(listener) = control {
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || device_control::serve(listener, kind, started, counters))
+                .spawn(move || device_control::serve_with(listener, kind, started, counters, set))
                 .context("starting the control thread")?;
         }
         Ok::<(), anyhow::Error>(())
     };
     match cli.device {
-        Device::Block { endpoint, image, read_only, base, map, serial, test } => {
+        Device::Block { endpoint, image, read_only, base, map, serial, rate, test } => {
+            let rate_limit = rate.limit()?;
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Block)?;
-            answer_control("block", mm_devices::block::counters)?;
+            answer_control("block", mm_devices::block::counters, mm_devices::block::set_rate_limit)?;
             let overlay = base.zip(map).map(|(base, map)| OverlayFiles { base, map });
-            serve_block(BlockConfig { image, overlay, read_only, serial, lazy_memory, test }, listener)?;
+            serve_block(BlockConfig { image, overlay, read_only, serial, lazy_memory, rate_limit, test }, listener)?;
         }
         Device::Net { endpoint, tap_fd, mac } => {
             let listener = endpoint.listener()?;
             let tap = inherited(tap_fd, "--tap-fd")?;
             confine(&confinement, Policy::Net)?;
-            answer_control("net", DeviceCounters::default)?;
+            answer_control("net", DeviceCounters::default, no_rate_limiter)?;
             serve_net(NetConfig { tap, mac, lazy_memory }, listener)?;
         }
         Device::Vsock { endpoint, guest_cid, uds, transport_reset } => {
             let listener = endpoint.listener()?;
             confine(&confinement, Policy::Vsock)?;
-            answer_control("vsock", DeviceCounters::default)?;
+            answer_control("vsock", DeviceCounters::default, no_rate_limiter)?;
             serve_vsock(VsockConfig { guest_cid, uds_path: uds, transport_reset, lazy_memory }, listener)?;
         }
     }
     Ok(())
+}
+
+/// How the control channel changes a device's rate limits.
+type SetRateLimit = fn(RateLimit) -> Result<(), String>;
+
+fn no_rate_limiter(_: RateLimit) -> Result<(), String> {
+    Err("this device has no rate limiter".into())
 }
 
 /// Installs the device's policy (unless --no-seccomp), then runs the escape

@@ -7,13 +7,66 @@ use std::time::{Duration, Instant};
 
 use capnp::message::Builder;
 
-use crate::device_capnp::{device_request, device_response, process_usage};
+use crate::device_capnp::{device_request, device_response, process_usage, rate_limit};
 pub use crate::packet::{ControlError, SeqPacket, SeqPacketListener};
 use crate::packet::{encode, reader_options, text};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Status,
+    /// Replace the device's rate limits (answered with the status).
+    SetRateLimit(RateLimit),
+}
+
+/// The most a limit may say: beyond these no device gets anywhere near,
+/// so a larger number is a typo (or a unit mix-up), refused rather than
+/// silently meaning "unlimited".
+pub const MAX_BYTES_PER_SEC: u64 = 100 << 30;
+pub const MAX_OPS_PER_SEC: u64 = 10_000_000;
+
+/// A device's rate limits (`device.capnp` RateLimit): 0 = unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimit {
+    pub bytes_per_sec: u64,
+    pub ops_per_sec: u64,
+    /// One-time burst of bytes, spent before the bucket (0 = none).
+    pub burst_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateLimitError {
+    #[error("{what} of {value} is more than the most allowed, {max} (0 means unlimited)")]
+    TooLarge { what: &'static str, value: u64, max: u64 },
+}
+
+impl RateLimit {
+    /// Refuses absurd sizes (0 is fine: unlimited).
+    pub fn validate(&self) -> Result<(), RateLimitError> {
+        let check = |what, value: u64, max| {
+            if value > max { Err(RateLimitError::TooLarge { what, value, max }) } else { Ok(()) }
+        };
+        check("a bandwidth limit (bytes/s)", self.bytes_per_sec, MAX_BYTES_PER_SEC)?;
+        check("an operations limit (ops/s)", self.ops_per_sec, MAX_OPS_PER_SEC)?;
+        check("a burst (bytes)", self.burst_bytes, MAX_BYTES_PER_SEC)
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        self.bytes_per_sec == 0 && self.ops_per_sec == 0
+    }
+
+    fn write(&self, mut builder: rate_limit::Builder<'_>) {
+        builder.set_bytes_per_sec(self.bytes_per_sec);
+        builder.set_ops_per_sec(self.ops_per_sec);
+        builder.set_burst_bytes(self.burst_bytes);
+    }
+
+    fn read(reader: rate_limit::Reader<'_>) -> RateLimit {
+        RateLimit {
+            bytes_per_sec: reader.get_bytes_per_sec(),
+            ops_per_sec: reader.get_ops_per_sec(),
+            burst_bytes: reader.get_burst_bytes(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +92,10 @@ pub struct DeviceCounters {
     /// Block: requests taken from the ring and not yet completed, now (a
     /// kill test waits for one before it kills).
     pub in_flight: u64,
+    /// The rate limits in force (block and net).
+    pub rate_limit: RateLimit,
+    /// Requests (block) or frames (net) that had to wait for tokens.
+    pub throttled_total: u64,
 }
 
 /// What a process has used: `getrusage(RUSAGE_SELF)` and its age.
@@ -89,14 +146,20 @@ impl Request {
         let mut request = message.init_root::<device_request::Builder>();
         match self {
             Request::Status => request.set_command(device_request::Command::Status),
+            Request::SetRateLimit(limit) => {
+                request.set_command(device_request::Command::SetRateLimit);
+                limit.write(request.init_rate_limit());
+            }
         }
         encode(&message)
     }
 
     pub fn decode(mut bytes: &[u8]) -> Result<Request, ControlError> {
         let message = capnp::serialize::read_message_from_flat_slice(&mut bytes, reader_options())?;
-        match message.get_root::<device_request::Reader>()?.get_command().map_err(|_| ControlError::UnknownKind)? {
+        let root = message.get_root::<device_request::Reader>()?;
+        match root.get_command().map_err(|_| ControlError::UnknownKind)? {
             device_request::Command::Status => Ok(Request::Status),
+            device_request::Command::SetRateLimit => Ok(Request::SetRateLimit(RateLimit::read(root.get_rate_limit()?))),
         }
     }
 }
@@ -112,6 +175,8 @@ impl Response {
                 out.set_kind(&status.kind);
                 out.set_resubmitted(status.counters.resubmitted);
                 out.set_in_flight(status.counters.in_flight);
+                out.set_throttled_total(status.counters.throttled_total);
+                status.counters.rate_limit.write(out.reborrow().init_rate_limit());
                 status.usage.write(out.init_usage());
             }
         }
@@ -130,6 +195,12 @@ impl Response {
                     counters: DeviceCounters {
                         resubmitted: status.get_resubmitted(),
                         in_flight: status.get_in_flight(),
+                        rate_limit: if status.has_rate_limit() {
+                            RateLimit::read(status.get_rate_limit()?)
+                        } else {
+                            RateLimit::default()
+                        },
+                        throttled_total: status.get_throttled_total(),
                     },
                 }))
             }
@@ -141,6 +212,25 @@ impl Response {
 /// ever (a device runs this on a thread of its own); `counters` reads the
 /// device's own counts.
 pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant, counters: fn() -> DeviceCounters) -> ! {
+    serve_with(listener, kind, started, counters, |_| Err("this device has no rate limiter".into()))
+}
+
+/// [`serve`] for a device with a rate limiter: `set_rate_limit` applies
+/// new limits (already validated here) or says why not.
+pub fn serve_with(
+    listener: SeqPacketListener,
+    kind: &'static str,
+    started: Instant,
+    counters: impl Fn() -> DeviceCounters,
+    set_rate_limit: impl Fn(RateLimit) -> Result<(), String>,
+) -> ! {
+    let status = || {
+        Response::Status(DeviceStatus {
+            kind: kind.into(),
+            usage: ProcessUsage::of_self(started),
+            counters: counters(),
+        })
+    };
     loop {
         let connection = match listener.accept() {
             Ok(connection) => connection,
@@ -152,11 +242,13 @@ pub fn serve(listener: SeqPacketListener, kind: &'static str, started: Instant, 
         // A peer that sends what is no packet of ours loses its connection.
         while let Ok(Some((bytes, _))) = connection.recv() {
             let response = match Request::decode(&bytes) {
-                Ok(Request::Status) => Response::Status(DeviceStatus {
-                    kind: kind.into(),
-                    usage: ProcessUsage::of_self(started),
-                    counters: counters(),
-                }),
+                Ok(Request::Status) => status(),
+                Ok(Request::SetRateLimit(limit)) => {
+                    match limit.validate().map_err(|e| e.to_string()).and_then(|()| set_rate_limit(limit)) {
+                        Ok(()) => status(),
+                        Err(e) => Response::Error(e),
+                    }
+                }
                 Err(e) => Response::Error(e.to_string()),
             };
             if connection.send(&response.encode(), &[]).is_err() {
@@ -188,6 +280,16 @@ impl DeviceClient {
             Response::Error(e) => Err(ControlError::Refused(e)),
         }
     }
+
+    /// Replaces the device's rate limits; answers the status after.
+    pub fn set_rate_limit(&self, limit: RateLimit) -> Result<DeviceStatus, ControlError> {
+        self.socket.send(&Request::SetRateLimit(limit).encode(), &[])?;
+        let (bytes, _) = self.socket.recv()?.ok_or(ControlError::HungUp)?;
+        match Response::decode(&bytes)? {
+            Response::Status(status) => Ok(status),
+            Response::Error(e) => Err(ControlError::Refused(e)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -201,12 +303,15 @@ mod tests {
         let path = dir.join("control.sock");
         let listener = SeqPacketListener::bind(&path).unwrap();
         let started = Instant::now();
-        let counters = || DeviceCounters { resubmitted: 7, in_flight: 2 };
+        let counters = || DeviceCounters { resubmitted: 7, in_flight: 2, ..Default::default() };
         std::thread::spawn(move || serve(listener, "block", started, counters));
         let client = DeviceClient::connect(&path, Duration::from_secs(5)).unwrap();
         let status = client.status().unwrap();
         assert_eq!(status.kind, "block");
-        assert_eq!(status.counters, DeviceCounters { resubmitted: 7, in_flight: 2 });
+        assert_eq!(status.counters, DeviceCounters { resubmitted: 7, in_flight: 2, ..Default::default() });
+        // A device without a limiter refuses new limits, and says so.
+        let limit = RateLimit { bytes_per_sec: 1 << 20, ..Default::default() };
+        assert!(matches!(client.set_rate_limit(limit), Err(ControlError::Refused(e)) if e.contains("no rate limiter")));
         assert!(status.usage.max_rss_kib > 0);
         // The same connection answers again; a second client waits its turn.
         assert!(client.status().unwrap().usage.uptime_ms >= status.usage.uptime_ms);
@@ -221,11 +326,27 @@ mod tests {
         let status = DeviceStatus {
             kind: "net".into(),
             usage: ProcessUsage { uptime_ms: 1, user_cpu_ms: 2, system_cpu_ms: 3, max_rss_kib: 4 },
-            counters: DeviceCounters { resubmitted: 5, in_flight: 6 },
+            counters: DeviceCounters {
+                resubmitted: 5,
+                in_flight: 6,
+                rate_limit: RateLimit { bytes_per_sec: 7, ops_per_sec: 8, burst_bytes: 9 },
+                throttled_total: 10,
+            },
         };
+        let set = Request::SetRateLimit(RateLimit { bytes_per_sec: 1, ops_per_sec: 2, burst_bytes: 3 });
+        assert_eq!(Request::decode(&set.encode()).unwrap(), set);
         for response in [Response::Status(status), Response::Error("x".into())] {
             assert_eq!(Response::decode(&response.encode()).unwrap(), response);
         }
+        assert!(RateLimit::default().validate().is_ok());
+        assert!(
+            RateLimit { bytes_per_sec: MAX_BYTES_PER_SEC, ops_per_sec: MAX_OPS_PER_SEC, burst_bytes: 0 }
+                .validate()
+                .is_ok()
+        );
+        let e = RateLimit { bytes_per_sec: MAX_BYTES_PER_SEC + 1, ..Default::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("bytes/s"), "{e}");
+        assert!(RateLimit { ops_per_sec: u64::MAX, ..Default::default() }.validate().is_err());
         assert!(Request::decode(b"\\x00\\x00\\x00\\x00\\xff\\xff\\xff\\x7f").is_err());
     }
 }

@@ -54,6 +54,18 @@ impl BlockDisk {
     }
 }
 
+/// What the request at `head` costs the rate limiter in bytes: the data
+/// of a read or write (0 for anything else, and for a malformed chain,
+/// which is answered without touching the disk). Parses the chain without
+/// running it (so it is parsed twice; cheap next to the I/O).
+pub fn request_bytes<B: Bitmap>(mem: &GuestMemoryMmap<B>, table: DescTable, head: u16, disk: &BlockDisk) -> u64 {
+    let Ok(segments) = chain::walk(mem, table, head) else { return 0 };
+    match request::parse(mem, &segments, &disk.geometry()) {
+        Ok(Request { kind: RequestKind::In { len, .. } | RequestKind::Out { len, .. }, .. }) => len,
+        _ => 0,
+    }
+}
+
 /// Processes the chain at `head` and returns the used length to publish:
 /// bytes written to device-writable buffers, status byte included (0 when
 /// the chain is too broken to have a status byte).

@@ -53,6 +53,9 @@ use execute::BlockDisk;
 use handler::BlockHandler;
 use vring::Hooks;
 
+use crate::rate_limiter::Limiter;
+use mm_protocols::device_control::RateLimit;
+
 /// How to serve one disk: what `mm-device block` takes on its command line
 /// (`--image PATH [--read-only] [--serial ID]`, or `--image UPPER --base
 /// BASE --map MAP [--serial ID]`), filled in by the broker from the
@@ -78,6 +81,10 @@ pub struct BlockConfig {
     /// the front end can resolve this process's faults on guest RAM (see
     /// [`crate::lazy_memory`]).
     pub lazy_memory: bool,
+    /// The rate limits to start with (`--rate-bps`, `--rate-ops`,
+    /// `--rate-burst-bytes`; all 0: none), changeable later over the
+    /// control channel.
+    pub rate_limit: RateLimit,
     /// Testing only: see [`TestHookFlags`].
     pub test: TestHookFlags,
 }
@@ -134,12 +141,14 @@ impl BlockConfig {
     }
 }
 
-/// What a block back end reports on its control channel
-/// (protocols/device.capnp, `mmctl stats`).
+/// What a block back end shares with its control channel
+/// (protocols/device.capnp, `mmctl stats`): its counts, and its rate
+/// limiter, which the control channel may change while requests run.
 #[derive(Debug, Default)]
 pub struct BlockStats {
     resubmitted: AtomicU64,
     in_flight: AtomicU64,
+    pub limiter: Limiter,
 }
 
 impl BlockStats {
@@ -177,7 +186,18 @@ pub fn counters() -> mm_protocols::device_control::DeviceCounters {
     mm_protocols::device_control::DeviceCounters {
         resubmitted: PROCESS_STATS.resubmitted(),
         in_flight: PROCESS_STATS.in_flight(),
+        rate_limit: PROCESS_STATS.limiter.limit(),
+        throttled_total: PROCESS_STATS.limiter.throttled_total(),
     }
+}
+
+/// Replaces this process's rate limits (`setRateLimit` on the control
+/// channel); the worker sees them from its next request on.
+pub fn set_rate_limit(limit: RateLimit) -> Result<(), String> {
+    limit.validate().map_err(|e| e.to_string())?;
+    PROCESS_STATS.limiter.set(limit);
+    tracing::info!(?limit, "block: rate limit changed");
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,12 +244,14 @@ pub fn serve_block(config: BlockConfig, listener: UnixListener) -> Result<(), Bl
         }
     };
     drop(listener);
+    PROCESS_STATS.limiter.set(config.rate_limit);
     serve_disk(disk, stream, config.hooks(), Arc::clone(&PROCESS_STATS), config.lazy_memory)
 }
 
 /// Serves an already connected stream (a socketpair end) until the front
 /// end hangs up.
 pub fn serve_block_stream(config: BlockConfig, stream: UnixStream) -> Result<(), BlockError> {
+    PROCESS_STATS.limiter.set(config.rate_limit);
     serve_disk(open_disk(&config)?, stream, config.hooks(), Arc::clone(&PROCESS_STATS), config.lazy_memory)
 }
 

@@ -7,15 +7,16 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use crate::rearm::Rearm;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::chain::DescTable;
 use super::config::MAX_QUEUE_SIZE;
-use super::execute::process_chain;
+use super::execute::{process_chain, request_bytes};
 use super::inflight::QueueInflight;
 use super::memory::{GuestMem, MemoryTable};
 use super::worker::WorkerContext;
@@ -56,6 +57,9 @@ pub struct Vring {
     pub inflight: Option<QueueInflight>,
     /// Requests a killed predecessor left in flight, oldest first.
     pub resubmit: VecDeque<u16>,
+    /// The request at the front is waiting for the rate limiter (counted
+    /// once, however many times it is retried).
+    waiting: bool,
 }
 
 impl Vring {
@@ -72,6 +76,7 @@ impl Vring {
             started: false,
             inflight: None,
             resubmit: VecDeque::new(),
+            waiting: false,
         }
     }
 
@@ -175,15 +180,50 @@ impl Vring {
         Flow::Continue
     }
 
+    /// Asks the rate limiter for the request at `head`: Err(how long to
+    /// wait) if it must wait, counting each waiting request once.
+    fn admit(&mut self, ctx: &WorkerContext, table: DescTable, head: u16) -> Result<(), Duration> {
+        let limiter = &ctx.stats.limiter;
+        if !limiter.limited() {
+            return Ok(());
+        }
+        match limiter.try_take(request_bytes(&ctx.mem, table, head, &ctx.disk), 1) {
+            Ok(()) => {
+                self.waiting = false;
+                Ok(())
+            }
+            Err(wait) => {
+                if !self.waiting {
+                    self.waiting = true;
+                    limiter.count_throttled();
+                }
+                Err(wait)
+            }
+        }
+    }
+
     /// Runs everything the ring holds: leftovers of a predecessor first,
     /// then the avail ring until it is empty (re-checking after re-enabling
     /// notifications, with EVENT_IDX), then signals the driver once.
+    ///
+    /// A request the rate limiter holds back is left where it was (a
+    /// predecessor's at the front of `resubmit`, a new one in the avail
+    /// ring: popped, costed, and the position moved back) and the ring
+    /// returns [`Flow::Throttled`]; the worker calls again after the wait,
+    /// and requests go on in order. Nothing waiting is in flight, so a
+    /// kill mid-wait leaves it for the successor like any unread request.
     pub fn process(&mut self, ctx: &WorkerContext) -> Flow {
         let (mem, disk, hooks) = (&*ctx.mem, &*ctx.disk, &ctx.hooks);
         let table =
             DescTable { addr: GuestAddress(self.queue.desc_table()), queue_size: self.size, indirect: ctx.indirect };
         let mut completed = 0usize;
-        while let Some(head) = self.resubmit.pop_front() {
+        let mut throttled = None;
+        while let Some(&head) = self.resubmit.front() {
+            if let Err(wait) = self.admit(ctx, table, head) {
+                throttled = Some(wait);
+                break;
+            }
+            self.resubmit.pop_front();
             tracing::debug!(head, "block: trace: resubmit");
             ctx.stats.taken();
             let len = process_chain(mem, table, head, disk);
@@ -197,13 +237,19 @@ impl Vring {
         let mut held: Vec<(u16, u32)> = Vec::new();
         let mut rearm = Rearm::default();
         let mut popped = 0;
-        loop {
+        while throttled.is_none() {
             if self.queue.event_idx_enabled() {
                 let _ = self.queue.disable_notification(mem);
             }
             while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
-                popped += 1;
                 let head = chain.head_index();
+                if let Err(wait) = self.admit(ctx, table, head) {
+                    // Not taken after all: it stays in the avail ring.
+                    self.queue.go_to_previous_position();
+                    throttled = Some(wait);
+                    break;
+                }
+                popped += 1;
                 tracing::debug!(head, next_avail = self.queue.next_avail(), "block: trace: pop");
                 if head >= self.size {
                     tracing::debug!(head, "block: avail ring names a descriptor outside the table");
@@ -248,15 +294,19 @@ impl Vring {
                 ctx.stats.completed();
                 completed += 1;
             }
-            // Not forever on a broken ring (crate::rearm).
-            if !self.queue.event_idx_enabled() || !rearm.again(&mut self.queue, mem, popped) {
+            // Not forever on a broken ring (crate::rearm). A throttled ring
+            // keeps notifications off: the worker's timer wakes it.
+            if throttled.is_some() || !self.queue.event_idx_enabled() || !rearm.again(&mut self.queue, mem, popped) {
                 break;
             }
         }
         if completed > 0 && self.queue.needs_notification(mem).unwrap_or(true) {
             self.signal();
         }
-        Flow::Continue
+        match throttled {
+            Some(wait) => Flow::Throttled(wait),
+            None => Flow::Continue,
+        }
     }
 }
 
@@ -264,6 +314,8 @@ impl Vring {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
     Continue,
+    /// The rate limiter holds the next request back this long.
+    Throttled(Duration),
     /// A test hook simulated SIGKILL: stop touching anything.
     Crashed,
 }

@@ -8,6 +8,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -18,6 +19,8 @@ use super::memory::GuestMem;
 use super::vring::{Flow, Hooks, Vring};
 
 const EXIT_TOKEN: u64 = u64::MAX;
+/// The rate limiter's limits changed: rings parked on it retry at once.
+const LIMIT_TOKEN: u64 = u64::MAX - 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -55,6 +58,9 @@ impl Worker {
                 epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).map_err(WorkerError::Epoll)
             };
             add(exit.as_raw_fd(), EXIT_TOKEN)?;
+            if let Some(changed) = ctx.stats.limiter.changed() {
+                add(changed.as_raw_fd(), LIMIT_TOKEN)?;
+            }
             for (index, vring) in vrings.iter().enumerate() {
                 if let (true, Some(kick)) = (ctx.runnable[index], &vring.kick) {
                     add(kick.as_raw_fd(), index as u64)?;
@@ -95,17 +101,45 @@ impl Worker {
     }
 }
 
+/// Drains one ring; a ring the rate limiter holds back gets a deadline to
+/// be drained again at (kicks before it only wake us). True if a test
+/// hook "killed" the worker.
+fn step(vring: &mut Vring, ctx: &WorkerContext, deadline: &mut Option<Instant>) -> bool {
+    *deadline = None;
+    match vring.process(ctx) {
+        Flow::Continue => false,
+        Flow::Throttled(wait) => {
+            *deadline = Some(Instant::now() + wait);
+            false
+        }
+        Flow::Crashed => true,
+    }
+}
+
+/// epoll's timeout until the earliest deadline: whole milliseconds,
+/// rounded up (waking late costs nothing: the bucket keeps filling).
+fn timeout_ms(deadlines: &[Option<Instant>]) -> i32 {
+    match deadlines.iter().flatten().min() {
+        None => -1,
+        Some(deadline) => {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            i32::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+        }
+    }
+}
+
 fn run(epoll: Epoll, exit: EventFd, mut vrings: Vec<Vring>, ctx: WorkerContext) -> Vec<Vring> {
+    let mut deadlines: Vec<Option<Instant>> = vec![None; vrings.len()];
     // Buffers may have been queued while no worker ran (a restart, or a
     // kick that arrived between workers): drain every ring once up front.
     for index in 0..vrings.len() {
-        if ctx.runnable[index] && vrings[index].process(&ctx) == Flow::Crashed {
+        if ctx.runnable[index] && step(&mut vrings[index], &ctx, &mut deadlines[index]) {
             return frozen(exit, vrings);
         }
     }
-    let mut events = vec![EpollEvent::default(); vrings.len() + 1];
+    let mut events = vec![EpollEvent::default(); vrings.len() + 2];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match epoll.wait(timeout_ms(&deadlines), &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -119,12 +153,31 @@ fn run(epoll: Epoll, exit: EventFd, mut vrings: Vec<Vring>, ctx: WorkerContext) 
             if token == EXIT_TOKEN {
                 return vrings;
             }
+            if token == LIMIT_TOKEN {
+                if let Some(changed) = ctx.stats.limiter.changed() {
+                    let _ = changed.read();
+                }
+                for deadline in deadlines.iter_mut().filter(|d| d.is_some()) {
+                    *deadline = Some(Instant::now());
+                }
+                continue;
+            }
             let index = token as usize;
             let Some(vring) = vrings.get_mut(index) else { continue };
             if let Some(kick) = &vring.kick {
                 drain(kick);
             }
-            if vring.process(&ctx) == Flow::Crashed {
+            // Throttled: the new request waits behind the held one.
+            if deadlines[index].is_some() {
+                continue;
+            }
+            if step(vring, &ctx, &mut deadlines[index]) {
+                return frozen(exit, vrings);
+            }
+        }
+        let now = Instant::now();
+        for index in 0..vrings.len() {
+            if deadlines[index].is_some_and(|d| d <= now) && step(&mut vrings[index], &ctx, &mut deadlines[index]) {
                 return frozen(exit, vrings);
             }
         }

@@ -252,6 +252,7 @@ fn serve_child(args: &str) -> Result<(), String> {
                 read_only: false,
                 serial: None,
                 lazy_memory: true,
+                rate_limit: Default::default(),
                 test: Default::default(),
             };
             crate::block::serve_block(config, listener).map_err(|e| e.to_string())

@@ -8,6 +8,7 @@ mod malformed;
 mod overlay;
 mod parse;
 mod postcopy;
+mod rate_limit;
 mod requests;
 // Drives real `mm-device` processes with test-only flags.
 #[cfg(feature = "test-hooks")]

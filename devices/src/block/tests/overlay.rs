@@ -137,6 +137,7 @@ fn an_overlay_is_never_served_read_only() {
         read_only: true,
         serial: None,
         lazy_memory: false,
+        rate_limit: Default::default(),
         test: Default::default(),
     };
     assert!(matches!(open_config(&config), Err(BlockError::ReadOnlyOverlay)));

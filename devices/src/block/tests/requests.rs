@@ -262,6 +262,7 @@ fn serve_block_accepts_the_queued_connection() {
         read_only: false,
         serial: Some("listen".into()),
         lazy_memory: false,
+        rate_limit: Default::default(),
         test: Default::default(),
     };
     let backend = std::thread::spawn(move || crate::block::serve_block(config, listener));
