@@ -71,6 +71,17 @@ struct VmSpec {
   cpuQuotaMillis @9 :UInt32; # mm-vmm's CPU time cap, in thousandths of a core (500: half
                              # a core); 0: one core per vCPU
   cpuWeight @10 :UInt16;  # mm-vmm's share under contention, 1 to 10000; 0: 100
+  limits @11 :IoLimits;   # disk and network rate limits (absent or 0: none)
+}
+
+# Rate limits of a microVM's device back ends (token buckets holding
+# 100 ms of each rate); 0 = unlimited. Disk limits apply to each disk.
+# More than 100 GiB/s or 10M ops/s is refused.
+struct IoLimits {
+  diskBps @0 :UInt64;    # bytes/s read + written
+  diskIops @1 :UInt64;   # requests/s
+  netBps @2 :UInt64;     # bytes/s, each direction
+  netPps @3 :UInt64;     # frames/s, each direction
 }
 
 struct EnvVar {
@@ -97,6 +108,7 @@ struct VmInfo {
   vmmMemoryMaxBytes @15 :UInt64;    # mm-vmm's host memory limit (guest RAM + overhead)
   deviceMemoryMaxBytes @16 :UInt64; # each device process's host memory limit
   consoleLogMaxBytes @17 :UInt64;   # console.log is rotated (one console.log.1) at this size
+  limits @18 :IoLimits;             # the device back ends' rate limits
 }
 
 struct Process {
@@ -158,6 +170,12 @@ interface Vm {
   # once with its own identity (as `restoreVm`; name empty: `NAME-branch`,
   # then `-2`, ...), its disk a copy-on-write layer; the snapshot is
   # removed once the copy has taken its identity.
+
+  update @13 (limits :IoLimits) -> (info :VmInfo);
+  # Replaces the microVM's rate limits (all four; 0 = unlimited): recorded
+  # (restarted devices keep them), and applied at once to a running
+  # microVM's devices over their control channels, between two requests
+  # (nothing is dropped or failed).
 }
 
 struct ProcessStats {
@@ -172,6 +190,8 @@ struct ProcessStats {
   reconnects @8 :UInt32; # devices: back ends mm-vmm was handed for it
   resubmitted @9 :UInt64; # block: requests its predecessor left in flight
                           # that this process ran again
+  throttledTotal @10 :UInt64; # block, net: requests/frames its rate limiter
+                              # made wait
 }
 
 interface ByteSink {

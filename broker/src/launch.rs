@@ -27,6 +27,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use mm_protocols::device_control::RateLimit;
 use mm_protocols::vmm_control::{SeqPacketListener, VmmClient};
 
 use crate::BrokerConfig;
@@ -164,6 +165,17 @@ pub fn devices_for(config: &BrokerConfig, dir: &Path, record: &VmRecord) -> Vec<
             args: vec!["--tap-fd".into(), TAP_FD.to_string().into(), "--mac".into(), tap.mac.clone().into()],
             tap: Some(tap),
         });
+    }
+    // The disks' rate limits, from the record: a restarted device keeps
+    // them, including those `mmctl update` changed after the start. (Net
+    // limits are refused by IoLimits::validate until mm-device net has a
+    // limiter.)
+    for device in &mut devices {
+        let limit = match device.kind {
+            "block" => record.io_limits.disk(),
+            _ => continue,
+        };
+        device.args.extend(rate_limit_args(limit));
     }
     // A restored guest's RAM comes in lazily (mm-vmm's page server): each
     // back end registers its mapping with a userfaultfd of its own and
@@ -383,6 +395,17 @@ pub fn has_layered_disk(dir: &Path) -> bool {
 
 /// The writable disk's back-end flags: the file, and for a layered disk
 /// its read-only base and map too.
+/// `mm-device`'s flags for `limit` (none for what is unlimited).
+fn rate_limit_args(limit: RateLimit) -> Vec<OsString> {
+    let mut args = Vec::new();
+    for (flag, value) in [("--rate-bps", limit.bytes_per_sec), ("--rate-ops", limit.ops_per_sec)] {
+        if value != 0 {
+            args.extend([flag.into(), value.to_string().into()]);
+        }
+    }
+    args
+}
+
 fn writable_disk_args(dir: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--image".into(), dir.join(WRITABLE_DISK).into()];
     if has_layered_disk(dir) {
@@ -480,6 +503,15 @@ mod tests {
     /// The microVM's uid in these tests: another one if we may chown.
     fn vm_uid() -> u32 {
         if own_ids().0 == 0 { 4242 } else { own_ids().0 }
+    }
+
+    #[test]
+    fn rate_limits_become_device_flags_and_unlimited_none() {
+        assert!(rate_limit_args(RateLimit::default()).is_empty());
+        let args = rate_limit_args(RateLimit { bytes_per_sec: 1 << 20, ops_per_sec: 0, burst_bytes: 0 });
+        assert_eq!(args, ["--rate-bps", "1048576"]);
+        let limits = crate::record::IoLimits { disk_iops: 50, ..Default::default() };
+        assert_eq!(rate_limit_args(limits.disk()), ["--rate-ops", "50"]);
     }
 
     #[test]

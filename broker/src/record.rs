@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use mm_protocols::device_control::{MAX_BYTES_PER_SEC, MAX_OPS_PER_SEC, RateLimit};
 use serde::{Deserialize, Serialize};
 
 /// Lifecycle states, named as Fly's Machines API names them where they
@@ -108,6 +109,53 @@ pub struct VmRecord {
     /// `--console-log-max`), for `inspect`.
     #[serde(default)]
     pub console_log_max: u64,
+    /// The device back ends' rate limits (`mmctl run --disk-bps …`,
+    /// `mmctl update`): kept here so restarted devices and a restarted
+    /// broker keep them.
+    #[serde(default)]
+    pub io_limits: IoLimits,
+}
+
+/// A microVM's rate limits (broker.capnp IoLimits); 0 = unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoLimits {
+    pub disk_bps: u64,
+    pub disk_iops: u64,
+    pub net_bps: u64,
+    pub net_pps: u64,
+}
+
+impl IoLimits {
+    /// Each disk's limiter.
+    pub fn disk(&self) -> RateLimit {
+        RateLimit { bytes_per_sec: self.disk_bps, ops_per_sec: self.disk_iops, burst_bytes: 0 }
+    }
+
+    /// The network interface's limiter (each direction).
+    pub fn net(&self) -> RateLimit {
+        RateLimit { bytes_per_sec: self.net_bps, ops_per_sec: self.net_pps, burst_bytes: 0 }
+    }
+
+    /// Refuses absurd limits, naming the one (0 is fine: unlimited).
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |flag: &str, value: u64, max: u64, unit: &str| {
+            if value > max {
+                Err(format!("{flag} {value}: more than the most allowed, {max} {unit} (0 means unlimited)"))
+            } else {
+                Ok(())
+            }
+        };
+        check("disk-bps", self.disk_bps, MAX_BYTES_PER_SEC, "bytes/s")?;
+        check("disk-iops", self.disk_iops, MAX_OPS_PER_SEC, "requests/s")?;
+        check("net-bps", self.net_bps, MAX_BYTES_PER_SEC, "bytes/s")?;
+        check("net-pps", self.net_pps, MAX_OPS_PER_SEC, "packets/s")?;
+        // The protocol has room for them, mm-device net not yet a limiter:
+        // refused rather than accepted and not enforced.
+        if self.net_bps != 0 || self.net_pps != 0 {
+            return Err("net-bps/net-pps: the network back end has no rate limiter yet (only disk limits work)".into());
+        }
+        Ok(())
+    }
 }
 
 /// mm-vmm's host memory beyond guest RAM: its own heap, thread stacks and
@@ -228,6 +276,7 @@ mod tests {
             cpu_quota_millis: 500,
             cpu_weight: 300,
             console_log_max: 4 << 20,
+            io_limits: IoLimits::default(),
         };
         record.save(&dir).unwrap();
         assert_eq!(VmRecord::load(&dir).unwrap(), record);

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::audit::{AuditLog, now_rfc3339};
 use crate::events::EventHub;
-use crate::record::{VmRecord, VmState, valid_name};
+use crate::record::{IoLimits, VmRecord, VmState, valid_name};
 use crate::snapshot::{SnapshotError, SnapshotKind, SnapshotManifest, SnapshotStore};
 use crate::vm::Vm;
 use crate::warm::WarmCache;
@@ -39,6 +39,8 @@ pub struct CreateRequest {
     /// and weight (0: 100).
     pub cpu_quota_millis: u32,
     pub cpu_weight: u16,
+    /// The device back ends' rate limits (0: none).
+    pub io_limits: IoLimits,
 }
 
 pub struct Registry {
@@ -312,6 +314,7 @@ impl Registry {
             cpu_quota_millis: request.cpu_quota_millis,
             cpu_weight: request.cpu_weight,
             console_log_max: self.config.console_log_max,
+            io_limits: request.io_limits,
         };
         let dir = self.config.vms_dir().join(&id);
         create_private_dir(&dir).map_err(BrokerError::io(format!("creating {}", dir.display())))?;
@@ -323,6 +326,7 @@ impl Registry {
             json!({ "caller": caller, "spec": {
                 "cpus": record.cpus, "memory_mib": record.memory_mib, "command": record.command, "image": record.image,
                 "cpu_quota_millis": record.effective_cpu_quota_millis(), "cpu_weight": record.effective_cpu_weight(),
+                "io_limits": record.io_limits,
                 "ip": record.ip, "ssh_keys": record.ssh_keys.len(),
                 "snapshot": snapshot.map(|m| m.id.clone()),
                 "warm": record.resume_from.is_some() && snapshot.is_none(),
@@ -383,6 +387,9 @@ fn restore_request(manifest: &SnapshotManifest, name: String, ssh_keys: Vec<Stri
         // The source's limits (0 in a manifest from before limits: defaults).
         cpu_quota_millis: manifest.cpu_quota_millis,
         cpu_weight: manifest.cpu_weight,
+        // Rate limits are not in the manifest: a restored copy has none
+        // until `mmctl update` gives it some.
+        io_limits: IoLimits::default(),
     }
 }
 
@@ -406,6 +413,7 @@ fn check_spec(request: &CreateRequest) -> Result<(), BrokerError> {
     }
     validate_ssh_keys(&request.ssh_keys)?;
     check_cpu_limits(request, host_cpus())?;
+    request.io_limits.validate().map_err(BrokerError::BadSpec)?;
     let env = request.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     spec_rules::check_workload(&request.command, env, &request.ssh_keys)
         .map_err(|e| BrokerError::BadSpec(e.to_string()))?;
@@ -541,6 +549,19 @@ mod tests {
         let e = ok(0, 10_001).unwrap_err().to_string();
         assert!(e.contains("cpu weight 10001"), "{e}");
         assert!(host_cpus() >= 1);
+    }
+
+    #[test]
+    fn io_limits_are_checked() {
+        let with = |io_limits| check_spec(&CreateRequest { io_limits, ..spec() });
+        assert!(with(IoLimits::default()).is_ok(), "0: unlimited");
+        assert!(with(IoLimits { disk_bps: 100 << 30, disk_iops: 10_000_000, ..IoLimits::default() }).is_ok());
+        let e = with(IoLimits { net_bps: 1 << 20, ..IoLimits::default() }).unwrap_err().to_string();
+        assert!(e.contains("no rate limiter yet"), "{e}");
+        let e = with(IoLimits { disk_bps: (100 << 30) + 1, ..IoLimits::default() }).unwrap_err().to_string();
+        assert!(e.contains("disk-bps 107374182401") && e.contains("most allowed"), "{e}");
+        let e = with(IoLimits { net_pps: u64::MAX, ..IoLimits::default() }).unwrap_err().to_string();
+        assert!(e.contains("net-pps"), "{e}");
     }
 
     #[test]

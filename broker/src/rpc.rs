@@ -9,12 +9,12 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use mm_protocols::broker_capnp::{broker, byte_sink, snapshot_info, vm, vm_info};
+use mm_protocols::broker_capnp::{broker, byte_sink, io_limits, snapshot_info, vm, vm_info};
 use serde_json::json;
 
 use crate::BrokerError;
 use crate::launch::CONSOLE_LOG;
-use crate::record::VmRecord;
+use crate::record::{IoLimits, VmRecord};
 use crate::registry::{CreateRequest, Registry};
 use crate::snapshot::{SnapshotError, SnapshotKind, SnapshotManifest};
 use crate::vm::Vm;
@@ -80,6 +80,9 @@ impl broker::Server for BrokerServer {
             request.env.push((text(var.get_name()?)?, text(var.get_value()?)?));
         }
         request.ssh_keys = texts(spec.get_ssh_keys()?)?;
+        if spec.has_limits() {
+            request.io_limits = read_io_limits(spec.get_limits()?);
+        }
         let vm = self.registry.create(request, &self.caller).map_err(rpc_err)?;
         results.get().set_vm(capnp_rpc::new_client(VmServer::new(&self, vm)));
         Ok(())
@@ -196,6 +199,15 @@ impl broker::Server for BrokerServer {
     }
 }
 
+fn read_io_limits(limits: io_limits::Reader<'_>) -> IoLimits {
+    IoLimits {
+        disk_bps: limits.get_disk_bps(),
+        disk_iops: limits.get_disk_iops(),
+        net_bps: limits.get_net_bps(),
+        net_pps: limits.get_net_pps(),
+    }
+}
+
 pub fn fill_info(record: &VmRecord, mut info: vm_info::Builder<'_>) {
     info.set_id(&record.id);
     info.set_name(&record.name);
@@ -213,6 +225,13 @@ pub fn fill_info(record: &VmRecord, mut info: vm_info::Builder<'_>) {
     info.set_vmm_memory_max_bytes(record.vmm_memory_max_bytes());
     info.set_device_memory_max_bytes(crate::record::DEVICE_MEMORY_MAX_BYTES);
     info.set_console_log_max_bytes(record.console_log_max);
+    {
+        let mut limits = info.reborrow().init_limits();
+        limits.set_disk_bps(record.io_limits.disk_bps);
+        limits.set_disk_iops(record.io_limits.disk_iops);
+        limits.set_net_bps(record.io_limits.net_bps);
+        limits.set_net_pps(record.io_limits.net_pps);
+    }
     {
         let mut command = info.reborrow().init_command(record.command.len() as u32);
         for (i, arg) in record.command.iter().enumerate() {
@@ -350,6 +369,7 @@ impl vm::Server for VmServer {
             out.set_restarts(process.restarts);
             out.set_reconnects(process.reconnects);
             out.set_resubmitted(process.resubmitted);
+            out.set_throttled_total(process.throttled_total);
             match &process.usage {
                 Ok(usage) => {
                     out.set_uptime_ms(usage.uptime_ms);
@@ -360,6 +380,19 @@ impl vm::Server for VmServer {
                 Err(e) => out.set_error(e),
             }
         }
+        Ok(())
+    }
+
+    async fn update(
+        self: Rc<Self>,
+        params: vm::UpdateParams,
+        mut results: vm::UpdateResults,
+    ) -> Result<(), capnp::Error> {
+        let limits = read_io_limits(params.get()?.get_limits()?);
+        limits.validate().map_err(|e| rpc_err(BrokerError::BadSpec(e)))?;
+        self.vm.audit.record("update", json!({ "caller": self.caller, "io_limits": limits }));
+        crate::stats::set_io_limits(&self.vm, limits).await.map_err(rpc_err)?;
+        fill_info(&self.vm.record(), results.get().init_info());
         Ok(())
     }
 

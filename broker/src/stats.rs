@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use mm_protocols::device_control::{DeviceClient, ProcessUsage};
 
+use crate::BrokerError;
 use crate::launch::{self, device_control_socket};
+use crate::record::IoLimits;
 use crate::vm::Vm;
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -28,6 +30,8 @@ pub struct ProcessStats {
     pub usage: Result<ProcessUsage, String>,
     pub reconnects: u32,
     pub resubmitted: u64,
+    /// Requests (block) or frames (net) its rate limiter made wait.
+    pub throttled_total: u64,
 }
 
 pub async fn gather(vm: &Vm) -> Vec<ProcessStats> {
@@ -46,6 +50,7 @@ pub async fn gather(vm: &Vm) -> Vec<ProcessStats> {
             usage: Err(String::new()),
             reconnects: 0,
             resubmitted: 0,
+            throttled_total: 0,
         };
         if process.role == "vmm" {
             stats.usage = vmm_status.as_ref().map(|s| s.usage).map_err(Clone::clone);
@@ -62,6 +67,7 @@ pub async fn gather(vm: &Vm) -> Vec<ProcessStats> {
             stats.usage = match asked {
                 Ok(Ok(status)) => {
                     stats.resubmitted = status.counters.resubmitted;
+                    stats.throttled_total = status.counters.throttled_total;
                     Ok(status.usage)
                 }
                 Ok(Err(e)) => Err(e.to_string()),
@@ -71,4 +77,42 @@ pub async fn gather(vm: &Vm) -> Vec<ProcessStats> {
         out.push(stats);
     }
     out
+}
+
+/// `Vm.update`: records the new limits first (so a device restarted from
+/// now on starts with them), then hands them to each running disk and
+/// network device over its control channel, which applies them between
+/// two requests. A device that does not take them is an error naming it
+/// (it keeps the recorded limits from its next restart on).
+pub async fn set_io_limits(vm: &Vm, limits: IoLimits) -> Result<(), BrokerError> {
+    vm.set_io_limits(limits);
+    if !vm.state().is_live() {
+        return Ok(());
+    }
+    let record = vm.record();
+    for spec in launch::devices_for(vm.config(), &vm.dir, &record) {
+        let limit = match spec.kind {
+            "block" => limits.disk(),
+            _ => continue,
+        };
+        if !record.processes.iter().any(|p| p.role == spec.role) {
+            continue;
+        }
+        let path = device_control_socket(&vm.dir, &spec.role);
+        let asked = tokio::task::spawn_blocking(move || {
+            DeviceClient::connect(&path, ANSWER_TIMEOUT).and_then(|client| client.set_rate_limit(limit))
+        })
+        .await;
+        let failed = |why: String| BrokerError::Io {
+            what: format!("changing the rate limits of {}", spec.role),
+            source: std::io::Error::other(why),
+        };
+        match asked {
+            Ok(Ok(status)) if status.counters.rate_limit == limit => {}
+            Ok(Ok(status)) => return Err(failed(format!("it reports {:?}", status.counters.rate_limit))),
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+    Ok(())
 }

@@ -86,3 +86,85 @@ pub async fn connect(path: &std::path::Path) -> Result<broker::Client, CliError>
     tokio::task::spawn_local(rpc);
     Ok(client)
 }
+
+/// `--disk-bps`, `--disk-iops`, `--net-bps`, `--net-pps` (`mmctl run`,
+/// `mmctl update`): the device back ends' token-bucket rate limits.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct IoLimitFlags {
+    /// Disk bandwidth per disk, bytes/s (suffixes K, M, G: binary), or
+    /// `unlimited`.
+    #[arg(long, value_parser = parse_rate)]
+    pub disk_bps: Option<u64>,
+    /// Disk requests per second per disk, or `unlimited`.
+    #[arg(long, value_parser = parse_rate)]
+    pub disk_iops: Option<u64>,
+    /// Network bandwidth each direction, bytes/s (not enforced yet: the
+    /// broker refuses it).
+    #[arg(long, value_parser = parse_rate)]
+    pub net_bps: Option<u64>,
+    /// Network packets per second each direction (as --net-bps).
+    #[arg(long, value_parser = parse_rate)]
+    pub net_pps: Option<u64>,
+}
+
+impl IoLimitFlags {
+    /// The limits with these flags over `current` (0 = unlimited).
+    pub fn over(&self, current: [u64; 4]) -> [u64; 4] {
+        let given = [self.disk_bps, self.disk_iops, self.net_bps, self.net_pps];
+        std::array::from_fn(|i| given[i].unwrap_or(current[i]))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.over([1; 4]) == [1; 4] && self.over([2; 4]) == [2; 4]
+    }
+
+    pub fn write(limits: [u64; 4], mut out: mm_protocols::broker_capnp::io_limits::Builder<'_>) {
+        out.set_disk_bps(limits[0]);
+        out.set_disk_iops(limits[1]);
+        out.set_net_bps(limits[2]);
+        out.set_net_pps(limits[3]);
+    }
+}
+
+/// A rate: a positive number with an optional binary suffix (K, M, G), or
+/// `unlimited` (sent as 0). A bare 0 is refused: it reads like "stop all
+/// I/O", which no limit means.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("unlimited") || t.eq_ignore_ascii_case("none") {
+        return Ok(0);
+    }
+    let (digits, factor) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    match digits.parse::<u64>().ok().map(|v| v.checked_mul(factor)) {
+        Some(Some(0)) => Err(format!("{s:?}: a limit of 0 would stop all I/O; to lift a limit say `unlimited`")),
+        Some(Some(v)) => Ok(v),
+        Some(None) => Err(format!("{s:?} is absurdly large (more than 2^64)")),
+        None => Err(format!("{s:?} is not a rate (e.g. 1M, 50, 10G, unlimited)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_with_suffixes_and_refuse_zero_and_nonsense() {
+        assert_eq!(parse_rate("1M"), Ok(1 << 20));
+        assert_eq!(parse_rate("50"), Ok(50));
+        assert_eq!(parse_rate("2k"), Ok(2048));
+        assert_eq!(parse_rate("10G"), Ok(10 << 30));
+        assert_eq!(parse_rate("unlimited"), Ok(0));
+        assert!(parse_rate("0").unwrap_err().contains("unlimited"));
+        assert!(parse_rate("0M").is_err());
+        assert!(parse_rate("99999999999G").unwrap_err().contains("absurdly"));
+        assert!(parse_rate("-1").is_err() && parse_rate("1.5M").is_err() && parse_rate("").is_err());
+        let flags = IoLimitFlags { disk_bps: Some(7), ..Default::default() };
+        assert_eq!(flags.over([1, 2, 3, 4]), [7, 2, 3, 4]);
+        assert!(!flags.is_empty() && IoLimitFlags::default().is_empty());
+    }
+}

@@ -74,6 +74,8 @@ enum Verb {
         /// Its share of CPU time when the host is busy, 1 to 10000 (default 100).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=10000))]
         cpu_weight: Option<u16>,
+        #[command(flatten)]
+        io_limits: client::IoLimitFlags,
         /// KEY=VALUE for the workload; repeatable.
         #[arg(long = "env", short = 'e', value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -153,6 +155,13 @@ enum Verb {
     /// Ask each process of a running microVM how it is doing (CPU time,
     /// peak memory, uptime; back ends replaced per device).
     Stats { vm: String },
+    /// Change a microVM's rate limits (--disk-bps, --disk-iops; the others
+    /// are kept), live if it runs: applied between two requests, none lost.
+    Update {
+        vm: String,
+        #[command(flatten)]
+        io_limits: client::IoLimitFlags,
+    },
     /// Stream every microVM's events (audit lines, state changes) as they
     /// happen, until interrupted.
     Events,
@@ -339,6 +348,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             memory,
             cpu_quota,
             cpu_weight,
+            io_limits,
             env,
             detach,
             rm,
@@ -360,6 +370,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 spec.set_cold(cold);
                 spec.set_cpu_quota_millis(cpu_quota.unwrap_or(0));
                 spec.set_cpu_weight(cpu_weight.unwrap_or(0));
+                client::IoLimitFlags::write(io_limits.over([0; 4]), spec.reborrow().init_limits());
                 snapshots::fill_texts(spec.reborrow().init_command(command.len() as u32), &command);
                 snapshots::fill_texts(spec.reborrow().init_ssh_keys(keys.len() as u32), &keys);
                 let mut vars = spec.init_env(env.len() as u32);
@@ -405,6 +416,19 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             let vm = get_vm(&broker, &vm).await?;
             let options = streams::ExecOptions { interactive, tty, env, workdir, user, command };
             streams::exec(&vm, options).await
+        }
+        Verb::Update { vm, io_limits } => {
+            if io_limits.is_empty() {
+                return Err(CliError::new(exit::INVALID, "nothing to update: give --disk-bps, --disk-iops, ..."));
+            }
+            let vm = get_vm(&broker, &vm).await?;
+            let current = info(&vm).await?.limits.io;
+            let mut request = vm.update_request();
+            let now = [current.disk_bps, current.disk_iops, current.net_bps, current.net_pps];
+            client::IoLimitFlags::write(io_limits.over(now), request.get().init_limits());
+            let reply = request.send().promise.await?;
+            output::print_one(&VmInfo::read(reply.get()?.get_info()?)?, format);
+            Ok(0)
         }
         Verb::Stop { vm, time } => {
             let vm = get_vm(&broker, &vm).await?;

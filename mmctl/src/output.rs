@@ -46,6 +46,28 @@ pub struct Limits {
     pub device_memory_max_bytes: u64,
     /// console.log is rotated at this size (one older file kept).
     pub console_log_max_bytes: u64,
+    /// The device back ends' rate limits (0: unlimited).
+    pub io: IoLimits,
+}
+
+/// broker.capnp's `IoLimits`: per disk, and the network interface.
+#[derive(Debug, Default, Serialize)]
+pub struct IoLimits {
+    pub disk_bps: u64,
+    pub disk_iops: u64,
+    pub net_bps: u64,
+    pub net_pps: u64,
+}
+
+impl IoLimits {
+    fn describe(bps: u64, ops: u64, unit: &str) -> String {
+        match (bps, ops) {
+            (0, 0) => "unlimited".into(),
+            (b, 0) => format!("{} KiB/s", b >> 10),
+            (0, o) => format!("{o} {unit}"),
+            (b, o) => format!("{} KiB/s, {o} {unit}", b >> 10),
+        }
+    }
 }
 
 fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> capnp::Result<String> {
@@ -82,6 +104,18 @@ impl VmInfo {
                 vmm_memory_max_bytes: info.get_vmm_memory_max_bytes(),
                 device_memory_max_bytes: info.get_device_memory_max_bytes(),
                 console_log_max_bytes: info.get_console_log_max_bytes(),
+                io: match info.has_limits() {
+                    false => IoLimits::default(),
+                    true => {
+                        let l = info.get_limits()?;
+                        IoLimits {
+                            disk_bps: l.get_disk_bps(),
+                            disk_iops: l.get_disk_iops(),
+                            net_bps: l.get_net_bps(),
+                            net_pps: l.get_net_pps(),
+                        }
+                    }
+                },
             },
         })
     }
@@ -140,6 +174,8 @@ pub fn print_one(vm: &VmInfo, format: Format) {
                 l.device_memory_max_bytes >> 20
             );
             println!("console:   rotated at {} KiB (one older file kept)", l.console_log_max_bytes >> 10);
+            println!("disk io:   {} (each disk)", IoLimits::describe(l.io.disk_bps, l.io.disk_iops, "IOPS"));
+            println!("net io:    {}", IoLimits::describe(l.io.net_bps, l.io.net_pps, "packets/s"));
             if let Some(code) = vm.exit_code {
                 println!("exit code: {code}");
             }

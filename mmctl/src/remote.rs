@@ -61,9 +61,26 @@ pub fn server_only(verb: &Verb) -> Option<&'static str> {
 pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliError> {
     let api = Api::new(&target.server, target.token, target.namespace)?;
     match verb {
-        Verb::Run { image, name, cpus, memory, env, detach, rm, ssh_keys, command, no_wait, wait_timeout, .. } => {
+        Verb::Run {
+            image,
+            name,
+            cpus,
+            memory,
+            env,
+            detach,
+            rm,
+            ssh_keys,
+            command,
+            no_wait,
+            wait_timeout,
+            io_limits,
+            ..
+        } => {
             if rm {
                 return Err(unsupported("--rm (removing a machine once it stops)"));
+            }
+            if !io_limits.is_empty() {
+                return Err(unsupported("rate limits (--disk-bps, ...)"));
             }
             let mut config = json!({ "image": image, "guest": { "cpus": cpus, "memory_mb": memory } });
             if !env.is_empty() {
@@ -159,6 +176,7 @@ pub async fn run(target: Target, format: Format, verb: Verb) -> Result<i32, CliE
             }
             Ok(0)
         }
+        Verb::Update { .. } => Err(unsupported("update (rate limits)")),
         Verb::Stats { vm } => {
             #[derive(serde::Deserialize)]
             struct Stats {

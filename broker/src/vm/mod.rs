@@ -140,6 +140,12 @@ impl Vm {
         }
     }
 
+    /// Records new rate limits (`Vm.update`); the caller applies them to
+    /// running devices (stats::set_io_limits).
+    pub fn set_io_limits(&self, limits: crate::record::IoLimits) {
+        self.update(|r| r.io_limits = limits);
+    }
+
     fn set_state(&self, state: VmState, reason: &str) {
         self.update(|r| {
             r.state = state;
