@@ -26,6 +26,7 @@ pub mod ratelimit;
 pub mod scheduler;
 pub mod session;
 pub mod store;
+pub mod ui;
 
 use std::future::Future;
 use std::sync::Arc;

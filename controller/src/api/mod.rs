@@ -186,13 +186,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> axum::Router {
     let (router, api) = routes().split_for_parts();
     let metrics = Arc::clone(&state.metrics);
-    let router = router.with_state(state);
+    let router = router.with_state(state.clone());
     router
         .layer(axum::Extension(Arc::new(document::finish(api))))
         .fallback(problem::no_route)
         .layer(axum::middleware::from_fn_with_state(metrics, crate::metrics::track))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(problem::request_context))
+        .merge(crate::ui::router(state))
 }
 
 /// Prometheus/OpenMetrics text: HTTP requests by route, the database
