@@ -99,6 +99,10 @@ fn fork_four_clones(broker: &TestBroker, id: &str, sum: &str, others: &[&(String
     assert_eq!(zero.status, Some(2), "count 0 is a usage error: {}", zero.stderr);
     let unknown = broker.mmctl(&["fork", "no-such-snapshot", "--count", "2"], QUICK).unwrap();
     assert_eq!(unknown.status, Some(3), "an unknown snapshot is not-found: {}", unknown.stderr);
+    // 64 clones of 128 MiB (8 GiB) are more than the host has room for.
+    let big = broker.mmctl(&["fork", "s1", "--count", "64", "--name-prefix", "big"], QUICK).unwrap();
+    assert_eq!(big.status, Some(5), "over the host's capacity is no-memory: {}", big.stderr);
+    assert!(big.stderr.contains("memory"), "{}", big.stderr);
     assert_eq!(json(broker, &["ps", "-o", "json"]).as_array().unwrap().len(), before, "nothing was started");
     let clones = json(broker, &["fork", "s1", "--count", "4", "--name-prefix", "clone", "-o", "json"]);
     let names: Vec<String> = clones.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().into()).collect();
@@ -288,6 +292,13 @@ fn fsck_clean(disk: &Path, scratch: &Path) {
     std::fs::remove_file(scratch).unwrap();
 }
 
+/// The host's MemAvailable in MiB.
+fn mem_available_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
 /// What a guest says about itself.
 fn whoami(broker: &TestBroker, vm: &str) -> (String, String, String) {
     let out = sh(broker, vm, "hostname; cat /sys/class/net/eth0/address; ip -4 -o addr show eth0");
@@ -303,7 +314,12 @@ fn snapshot_restore_and_suspend_through_the_broker() {
     }
     let keys = Scratch::new("snapbroker-keys").unwrap();
     let warm_cache = keys.path("warm");
-    let mut broker = TestBroker::start("snapbroker", &["--warm-cache", warm_cache.to_str().unwrap()]).unwrap();
+    // The host's capacity, as the broker sees it, made small enough for a
+    // fork to exceed it: about 4 GiB more than this test's microVMs will
+    // take (MemAvailable now, less a reserve of all but 4 GiB of it).
+    let reserved = (mem_available_mib() - 4096).to_string();
+    let args = ["--warm-cache", warm_cache.to_str().unwrap(), "--reserved-memory-mib", &reserved];
+    let mut broker = TestBroker::start("snapbroker", &args).unwrap();
     let key = mm_integration::ssh_keygen(&keys, "id").unwrap();
     let public = format!("{}.pub", key.display());
     // 15 MB on its disk, so a clone's layer (a few hundred KiB written)
