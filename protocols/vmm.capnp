@@ -35,13 +35,17 @@ struct VmmRequest {
     snapshotRunning @5 :Void;
     # A snapshot of a RUNNING VM whose vCPUs stop only for the consistent
     # cut, not for the whole copy. Same two files attached as `snapshot`.
-    # mm-vmm quiesces the devices first (so no back end writes guest memory
-    # any more) but lets the vCPUs run, turns on KVM dirty logging, copies
-    # guest RAM, then pauses the vCPUs, copies only the pages dirtied
-    # meanwhile, saves the vCPU, machine and device state, and lets the
-    # vCPUs run again. On `snapshotted` the guest runs, but its devices stay
-    # quiesced (its I/O waits), so that the broker can copy the disks at the
-    # same cut; `resume` then restarts them. `pausedUs` is the vCPU pause.
+    # mm-vmm has the device back ends log their writes to guest RAM
+    # (vhost-user LOG_SHMFD; a back end that cannot has every device
+    # quiesced from the start instead), turns on KVM dirty logging, copies
+    # guest RAM while the vCPUs and devices run, then quiesces the devices,
+    # pauses the vCPUs, copies the pages either log names, saves the vCPU,
+    # machine and device state, and lets the vCPUs run again. On
+    # `snapshotted` the guest runs, but its devices stay quiesced (its I/O
+    # waits), so that the broker can copy the disks at the same cut;
+    # `resume` then restarts them. `pausedUs` is the vCPU pause. The two
+    # files are written but not synced: the broker syncs them after
+    # `resume`, so the guest's I/O does not wait for the fsync.
   }
 }
 

@@ -156,6 +156,8 @@ pub fn take(
     let since_request_us = began.elapsed().as_micros() as u64;
     let (mut manifest, report) = taken?;
     resumed.map_err(|e| SnapshotError::Vmm(format!("resume: {e}")))?;
+    // Durable only now, with the guest's I/O running again.
+    sync_files(tmp).map_err(BrokerError::io(format!("snapshot {}: syncing its files", manifest.id)))?;
     // Devices whose back ends logged their writes served the guest during
     // mm-vmm's copy, and were held only from the cut.
     manifest.io_held_us = since_request_us.saturating_sub(report.io_run_us);
@@ -172,12 +174,23 @@ pub fn take_paused(
     tmp: &Path,
     manifest: SnapshotManifest,
 ) -> Result<SnapshotManifest, BrokerError> {
-    take_with(control, vm_dir, tmp, manifest, |c, s, m| c.snapshot(s, m)).map(|(manifest, _)| manifest)
+    let (manifest, _) = take_with(control, vm_dir, tmp, manifest, |c, s, m| c.snapshot(s, m))?;
+    sync_files(tmp).map_err(BrokerError::io(format!("snapshot {}: syncing its files", manifest.id)))?;
+    Ok(manifest)
+}
+
+/// Makes a snapshot's files durable: mm-vmm's two (a running snapshot's
+/// are written unsynced) and the disk copy.
+fn sync_files(tmp: &Path) -> std::io::Result<()> {
+    for name in [STATE_FILE, MEMORY_FILE, WRITABLE_DISK] {
+        File::open(tmp.join(name))?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// mm-vmm's files (by `snapshot`, one of the client's two snapshot calls)
 /// and the disk copy, while the devices are held either way; with mm-vmm's
-/// report.
+/// report. Nothing is synced yet: see [`sync_files`].
 fn take_with(
     control: &VmmClient,
     vm_dir: &Path,
@@ -191,7 +204,6 @@ fn take_with(
     let memory = create_for_vmm(&tmp.join(MEMORY_FILE)).map_err(io("creating the memory file"))?;
     let report = snapshot(control, &state, &memory).map_err(|e| SnapshotError::Vmm(format!("snapshot: {e}")))?;
     save_disk(vm_dir, &tmp.join(WRITABLE_DISK)).map_err(io("copying the disk"))?;
-    File::open(tmp.join(WRITABLE_DISK)).and_then(|f| f.sync_all()).map_err(io("syncing the disk copy"))?;
     manifest.memory_bytes = report.memory_bytes;
     manifest.save_us = report.save_us;
     manifest.pause_us = report.paused_us;

@@ -243,11 +243,12 @@ impl LiveVm {
         // The guest runs again; its I/O waits for the broker's `resume`.
         let quiesced = cut.quiesced.unwrap_or(began);
         *stopped = Stopped::Devices(quiesced);
+        // Not synced here: the devices wait for the broker's `resume`, and
+        // the broker syncs both files (and its disk copy) after it.
         let finish = || -> Result<(u64, u64), VmError> {
-            memory_file.sync_data().map_err(|e| VmError::MemoryImage(memory::MemoryImageError::Write(e)))?;
             let image = running::index(&memory_file, &self.ram)?;
             let state = SnapshotState { memory: image, ..cut.state };
-            Ok((state.memory.data_bytes(), state.write(&state_file)?))
+            Ok((state.memory.data_bytes(), state.write_unsynced(&state_file)?))
         };
         let (memory_bytes, state_bytes) = finish()?;
         let report = SnapshotReport {

@@ -95,16 +95,19 @@ pub fn run(setup: &Setup, run: usize, warnings: &mut Vec<String>) -> Result<Snap
     let (state, memory) = (create(&state_path)?, create(&memory_path)?);
     let paused = Instant::now();
     let report = client.snapshot_running(&state, &memory).context("snapshot")?;
-    // Already synced by mm-vmm: for the same end point as the peers.
+    // The devices wait from the cut until `resume` (the broker copies the
+    // disk in between; here there is none); the files are synced after,
+    // as the broker does, for the same end point as the peers.
+    client.resume().context("resume")?;
+    let resumed = Instant::now();
     state.sync_all()?;
     memory.sync_all()?;
     let durable = Instant::now();
-    client.resume().context("resume")?;
-    let resumed = Instant::now();
     record.snapshot_ms = ms_between(paused, durable);
-    // The guest's vCPUs stood still only for the cut, as mm-vmm timed it.
+    // The guest's vCPUs stood still only for the cut, as mm-vmm timed it;
+    // its I/O from the cut (the devices ran, logging, during the copy).
     record.pause_ms = report.paused_us as f64 / 1e3;
-    record.io_held_ms = Some(ms_between(paused, resumed));
+    record.io_held_ms = Some(ms_between(paused, resumed) - report.io_run_us as f64 / 1e3);
     record.save_ms = Some(report.save_us as f64 / 1e3);
     record.memory_written_kib = Some(report.memory_bytes / 1024);
     (record.memory_file_disk_kib, record.memory_file_size_kib) = file_kib(&memory_path)?;
