@@ -198,9 +198,7 @@ impl Registry {
             .filter(|vm| vm.state().is_live())
             .map(|vm| u64::from(vm.record().memory_mib))
             .sum();
-        meminfo_mib("MemAvailable")
-            .min(meminfo_mib("MemTotal").saturating_sub(committed))
-            .saturating_sub(self.config.reserved_memory_mib)
+        memory_headroom_mib(committed, self.config.reserved_memory_mib)
     }
 
     /// A live copy of the running `source` (see `branch` in broker.capnp):
@@ -473,6 +471,13 @@ fn random_id() -> Result<String, BrokerError> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(BrokerError::io("reading /dev/urandom"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What new microVMs may still be given, in MiB, with `committed` MiB
+/// promised to the live ones and `reserved` kept back (see
+/// `Registry::available_memory_mib`; the metrics report the same figure).
+pub(crate) fn memory_headroom_mib(committed: u64, reserved: u64) -> u64 {
+    meminfo_mib("MemAvailable").min(meminfo_mib("MemTotal").saturating_sub(committed)).saturating_sub(reserved)
 }
 
 /// A /proc/meminfo field (`MemTotal`, `MemAvailable`), in MiB; 0 if absent.

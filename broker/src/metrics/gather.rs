@@ -110,9 +110,7 @@ pub async fn gather(registry: &Rc<Registry>, host: &str, timeout: Duration) -> S
         out.push(sample);
     }
     let reserved_mib = config.reserved_memory_mib;
-    let available_mib = meminfo_mib("MemAvailable")
-        .min(meminfo_mib("MemTotal").saturating_sub(committed_mib))
-        .saturating_sub(reserved_mib);
+    let available_mib = crate::registry::memory_headroom_mib(committed_mib, reserved_mib);
     Snapshot {
         broker: BrokerSample {
             host: host.to_owned(),
@@ -280,16 +278,6 @@ pub fn parse_net_dev(text: &str) -> HashMap<String, NetCounters> {
         out.insert(name.trim().to_owned(), counters);
     }
     out
-}
-
-/// A /proc/meminfo field in MiB; 0 if absent (as the registry reads it).
-fn meminfo_mib(field: &str) -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib / 1024)
 }
 
 /// The name series carry as `host`: the cluster's name for this host if
