@@ -125,6 +125,12 @@ pub fn mounts_for_args(args: &[String]) -> Vec<PathBuf> {
             _ => {}
         }
     }
+    // A lazily restored microVM's back ends get a /dev of their own
+    // holding only userfaultfd (`JailSpec::userfaultfd`; what it holds is
+    // checked by jail_userfaultfd.rs).
+    if args.iter().any(|a| a == "--lazy-memory") {
+        mounts.push(PathBuf::from("/dev"));
+    }
     mounts
 }
 
