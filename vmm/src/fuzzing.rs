@@ -24,7 +24,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -89,14 +89,7 @@ pub(crate) fn guest_ram() -> &'static (GuestMemoryMmap, File) {
 }
 
 fn memfd(size: u64) -> Option<File> {
-    // SAFETY: memfd_create takes a NUL-terminated name and flags; the
-    // result is checked before use.
-    let fd = unsafe { libc::memfd_create(c"mm-vmm-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = crate::memory::new_memfd(c"mm-vmm-fuzz").ok()?;
     file.set_len(size).ok()?;
     Some(file)
 }

@@ -46,6 +46,19 @@ pub struct GuestRam {
     pub device_log: DeviceLog,
 }
 
+/// A new, empty, close-on-exec memfd named `name` (guest RAM, the device
+/// dirty log, test memory): one place for the unsafe call.
+pub(crate) fn new_memfd(name: &std::ffi::CStr) -> std::io::Result<File> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags and
+    // returns a new fd or -1; we check before wrapping it.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 /// Total RAM of this host in MiB.
 fn host_memory_mib() -> u64 {
     // SAFETY: sysinfo only writes into the struct we pass it.
@@ -76,14 +89,7 @@ impl GuestRam {
         if mib > host {
             return Err(MemoryError::TooLarge { requested: mib, host });
         }
-        // SAFETY: memfd_create takes a NUL-terminated name and flags and
-        // returns a new fd or -1; we check before wrapping it.
-        let fd = unsafe { libc::memfd_create(c"mm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let memfd = unsafe { File::from_raw_fd(fd) };
+        let memfd = new_memfd(c"mm-guest-ram").map_err(MemoryError::Memfd)?;
         memfd.set_len(mib << 20).map_err(|source| MemoryError::Resize { mib, source })?;
 
         let mut offset = 0;

@@ -13,7 +13,6 @@
 //! and mapped here once: taking a snapshot needs no new syscall.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::mmap::MmapRegion;
@@ -48,14 +47,7 @@ fn bitmap_bytes(end: u64) -> u64 {
 impl DeviceLog {
     /// A zeroed log for guest RAM that ends at guest-physical `end`.
     pub fn new(end: u64) -> Result<DeviceLog, DeviceLogError> {
-        // SAFETY: memfd_create takes a NUL-terminated name and flags and
-        // returns a new fd or -1; we check before wrapping it.
-        let fd = unsafe { libc::memfd_create(c"mm-device-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(DeviceLogError::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = crate::memory::new_memfd(c"mm-device-dirty-log").map_err(DeviceLogError::Memfd)?;
         let bytes = bitmap_bytes(end);
         file.set_len(bytes).map_err(|source| DeviceLogError::Resize { bytes, source })?;
         let clone = file.try_clone().map_err(DeviceLogError::Memfd)?;

@@ -280,10 +280,7 @@ impl VhostUserDevice {
         // After the memory table: a back end builds its log over the
         // regions it has, and a new table drops the old log. LOG_ALL only
         // once it has the log (a back end refuses it without one).
-        if self.log.is_some() {
-            self.set_log_base()?;
-            self.frontend.set_features(features).map_err(self.err("SET_FEATURES (LOG_ALL)"))?;
-        }
+        self.hand_over_log(activation)?;
 
         if self.protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
             match &self.inflight {
@@ -347,10 +344,15 @@ impl VhostUserDevice {
         features
     }
 
-    fn set_log_base(&mut self) -> Result<(), FrontendError> {
+    /// While logging: the log (SET_LOG_BASE), then `LOG_ALL` acked with
+    /// the activation's features — in that order, as a back end refuses
+    /// `LOG_ALL` without a log for its memory table. Nothing otherwise.
+    fn hand_over_log(&mut self, activation: &Activation) -> Result<(), FrontendError> {
         let Some((file, size)) = &self.log else { return Ok(()) };
         let region = VhostUserDirtyLogRegion { mmap_size: *size, mmap_offset: 0, mmap_handle: file.as_raw_fd() };
-        self.frontend.set_log_base(0, Some(region)).map_err(self.err("SET_LOG_BASE"))
+        self.frontend.set_log_base(0, Some(region)).map_err(self.err("SET_LOG_BASE"))?;
+        let features = self.backend_features(activation);
+        self.frontend.set_features(features).map_err(self.err("SET_FEATURES (LOG_ALL)"))
     }
 
     /// Whether the back end can log its writes to guest RAM.
@@ -371,10 +373,7 @@ impl VhostUserDevice {
         let file = log.try_clone().map_err(|source| FrontendError::LogFd { device, source })?;
         self.log = Some((file, size));
         let Some(activation) = self.activation.clone() else { return Ok(()) };
-        let result = self.set_log_base().and_then(|()| {
-            let features = self.backend_features(&activation);
-            self.frontend.set_features(features).map_err(self.err("SET_FEATURES (LOG_ALL)"))
-        });
+        let result = self.hand_over_log(&activation);
         if result.is_err() {
             self.log = None;
         }
